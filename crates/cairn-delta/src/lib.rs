@@ -1,0 +1,23 @@
+//! The block-diff engine.
+//!
+//! A [`BlockSource`] is a disk: a size, positional reads, which ranges are allocated, and (later)
+//! hints of which ranges changed. [`scan`] cuts it into fixed-size blocks, skips holes without
+//! reading them, recognises zero blocks, hashes the rest with SHA-256 on all cores, compares
+//! each block with the previous point's index entry for the same block, and hands the caller,
+//! in block order, one [`BlockEvent`] per block; changed blocks come with the output of the
+//! caller's [`BlockEncoder`] (in Cairn: the compressed chunk frame), computed on the worker
+//! threads so that compression scales with hashing.
+//!
+//! The engine is synchronous and does no I/O beyond the block source it is handed: the previous
+//! index arrives through the [`PreviousIndex`] trait and the results leave through a callback.
+//! Memory is bounded by a fixed pool of read buffers, so it is flat in disk size.
+
+mod engine;
+mod error;
+mod source;
+
+pub use engine::{
+    Batch, BlockEncoder, BlockEvent, EngineConfig, NoPrevious, PreviousIndex, ScanSummary, scan,
+};
+pub use error::Error;
+pub use source::{BlockSource, Extent, MemSource, RawFile};

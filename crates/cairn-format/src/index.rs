@@ -1,0 +1,481 @@
+//! The disk index: which content each block of a disk had at a recovery point.
+//!
+//! An index is paged and content-addressed. A *page* lists the blocks of a fixed run of
+//! `blocks_per_page` blocks (the last page may be shorter), with runs of holes and zero blocks
+//! run-length encoded; each page is stored as an ordinary chunk, named by the SHA-256 of its
+//! bytes. A page holds no position, so a page whose blocks did not change since the previous
+//! point has the same bytes, the same name, and is not stored again; all-hole pages of a sparse
+//! disk are one chunk. The *root* names the pages in order, with repeated pages run-length
+//! encoded, and is itself a chunk, referenced from the manifest.
+//!
+//! Writing is a stream ([`IndexWriter`]: one page in memory), and so is reading (one page at a
+//! time), so memory stays flat in disk size.
+//!
+//! Page bytes:
+//! ```text
+//!  0  4  magic "CIXP"
+//!  4  1  version (1)
+//!  5  3  reserved, 0
+//!  8  4  blocks covered, u32 LE
+//! 12  4  item count, u32 LE
+//! 16  …  items: tag u8, then
+//!          0 hole run:  varint count (>= 1)
+//!          1 zero run:  varint count (>= 1)
+//!          2 data:      32-byte SHA-256 of the block's plaintext (one block)
+//!          3 patch:     reserved for blocks stored as a patch against an earlier block
+//! ```
+//! Root bytes:
+//! ```text
+//!  0  4  magic "CIXR"
+//!  4  1  version (1)
+//!  5  3  reserved, 0
+//!  8  8  disk size in bytes, u64 LE
+//! 16  4  block size, u32 LE
+//! 20  4  blocks per page, u32 LE
+//! 24  4  run count, u32 LE
+//! 28  …  runs: varint repeat (>= 1), 32-byte page digest
+//! ```
+
+use crate::codec::{Reader, put_varint};
+use crate::{Digest, Error, check_block_size};
+
+const PAGE_MAGIC: &[u8; 4] = b"CIXP";
+const ROOT_MAGIC: &[u8; 4] = b"CIXR";
+const VERSION: u8 = 1;
+const PAGE: &str = "index page";
+const ROOT: &str = "index root";
+/// Pages cover this many blocks unless the vault config says otherwise (64 MiB of disk at
+/// 64 KiB blocks, at most about 33 KiB of page).
+pub const DEFAULT_BLOCKS_PER_PAGE: u32 = 1024;
+/// The most blocks one page may cover.
+pub const MAX_BLOCKS_PER_PAGE: u32 = 65536;
+
+/// What one block of a disk held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockEntry {
+    /// Not allocated in the source (read as zeros); restored as a hole.
+    Hole,
+    /// Allocated but all zeros; never stored, restored as a hole.
+    Zero,
+    /// Stored as the chunk with this id (the SHA-256 of the block).
+    Data(Digest),
+}
+
+impl BlockEntry {
+    /// The chunk this block needs, if any.
+    pub fn digest(&self) -> Option<&Digest> {
+        match self {
+            BlockEntry::Data(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// One run of a page: either a run of identical hole/zero entries or a single data block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageItem {
+    /// `count` consecutive holes.
+    Holes(u64),
+    /// `count` consecutive zero blocks.
+    Zeros(u64),
+    /// One stored block.
+    Data(Digest),
+}
+
+impl PageItem {
+    fn blocks(&self) -> u64 {
+        match self {
+            PageItem::Holes(n) | PageItem::Zeros(n) => *n,
+            PageItem::Data(_) => 1,
+        }
+    }
+}
+
+/// A decoded page.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct IndexPage {
+    items: Vec<PageItem>,
+    blocks: u64,
+}
+
+impl IndexPage {
+    /// The runs, in block order.
+    pub fn items(&self) -> &[PageItem] {
+        &self.items
+    }
+
+    /// How many blocks the page covers.
+    pub fn block_count(&self) -> u64 {
+        self.blocks
+    }
+
+    /// Appends one block's entry, merging runs.
+    pub fn push(&mut self, entry: BlockEntry) {
+        self.blocks += 1;
+        match (entry, self.items.last_mut()) {
+            (BlockEntry::Hole, Some(PageItem::Holes(n))) => *n += 1,
+            (BlockEntry::Zero, Some(PageItem::Zeros(n))) => *n += 1,
+            (BlockEntry::Hole, _) => self.items.push(PageItem::Holes(1)),
+            (BlockEntry::Zero, _) => self.items.push(PageItem::Zeros(1)),
+            (BlockEntry::Data(d), _) => self.items.push(PageItem::Data(d)),
+        }
+    }
+
+    /// One entry per block, in order.
+    pub fn entries(&self) -> impl Iterator<Item = BlockEntry> + '_ {
+        self.items.iter().flat_map(|item| {
+            let (entry, n) = match item {
+                PageItem::Holes(n) => (BlockEntry::Hole, *n),
+                PageItem::Zeros(n) => (BlockEntry::Zero, *n),
+                PageItem::Data(d) => (BlockEntry::Data(*d), 1),
+            };
+            std::iter::repeat_n(entry, n as usize)
+        })
+    }
+
+    /// The page's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + self.items.len() * 33);
+        out.extend_from_slice(PAGE_MAGIC);
+        out.extend_from_slice(&[VERSION, 0, 0, 0]);
+        out.extend_from_slice(&(self.blocks as u32).to_le_bytes());
+        out.extend_from_slice(&(self.items.len() as u32).to_le_bytes());
+        for item in &self.items {
+            match item {
+                PageItem::Holes(n) => {
+                    out.push(0);
+                    put_varint(&mut out, *n);
+                }
+                PageItem::Zeros(n) => {
+                    out.push(1);
+                    put_varint(&mut out, *n);
+                }
+                PageItem::Data(d) => {
+                    out.push(2);
+                    out.extend_from_slice(d.as_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes and checks a page.
+    pub fn decode(bytes: &[u8]) -> Result<IndexPage, Error> {
+        let mut r = Reader::new(bytes, PAGE);
+        check_header(&mut r, PAGE_MAGIC, PAGE)?;
+        let blocks = u64::from(r.u32()?);
+        if blocks == 0 || blocks > u64::from(MAX_BLOCKS_PER_PAGE) {
+            return Err(Error::corrupt(PAGE, format!("covers {blocks} blocks")));
+        }
+        let count = r.u32()? as usize;
+        if count as u64 > blocks {
+            return Err(Error::corrupt(PAGE, format!("{count} items for {blocks} blocks")));
+        }
+        let mut items = Vec::with_capacity(count);
+        let mut seen: u64 = 0;
+        for _ in 0..count {
+            let item = match r.u8()? {
+                0 => PageItem::Holes(run_len(&mut r)?),
+                1 => PageItem::Zeros(run_len(&mut r)?),
+                2 => PageItem::Data(Digest(r.array()?)),
+                3 => {
+                    return Err(Error::Unsupported {
+                        what: PAGE,
+                        detail: "patch entries (sub-block deltas)".into(),
+                    });
+                }
+                tag => return Err(Error::corrupt(PAGE, format!("unknown item tag {tag}"))),
+            };
+            seen = seen.saturating_add(item.blocks());
+            if seen > blocks {
+                return Err(Error::corrupt(PAGE, format!("items cover more than {blocks} blocks")));
+            }
+            items.push(item);
+        }
+        r.expect_end()?;
+        if seen != blocks {
+            return Err(Error::corrupt(PAGE, format!("items cover {seen} of {blocks} blocks")));
+        }
+        Ok(IndexPage { items, blocks })
+    }
+}
+
+fn run_len(r: &mut Reader<'_>) -> Result<u64, Error> {
+    match r.varint()? {
+        0 => Err(Error::corrupt(PAGE, "empty run")),
+        n => Ok(n),
+    }
+}
+
+fn check_header(r: &mut Reader<'_>, magic: &[u8; 4], what: &'static str) -> Result<(), Error> {
+    if r.take(4)? != magic {
+        return Err(Error::corrupt(what, "bad magic"));
+    }
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(Error::Unsupported { what, detail: format!("version {version}") });
+    }
+    if r.take(3)? != [0, 0, 0] {
+        return Err(Error::corrupt(what, "reserved bytes are not zero"));
+    }
+    Ok(())
+}
+
+/// The root of one disk's index: its geometry and its pages in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexRoot {
+    /// Disk size in bytes.
+    pub disk_size: u64,
+    /// Block size in bytes (a power of two, 4 KiB to 4 MiB).
+    pub block_size: u32,
+    /// Blocks per page (the last page may have fewer).
+    pub blocks_per_page: u32,
+    /// `(page digest, how many times in a row)`, in disk order.
+    pub pages: Vec<(Digest, u64)>,
+}
+
+impl IndexRoot {
+    /// Number of blocks: the disk size divided by the block size, rounded up.
+    pub fn block_count(&self) -> u64 {
+        self.disk_size.div_ceil(u64::from(self.block_size))
+    }
+
+    /// Number of pages the geometry implies.
+    pub fn page_count(&self) -> u64 {
+        self.block_count().div_ceil(u64::from(self.blocks_per_page.max(1)))
+    }
+
+    /// Page digests in order, repeats expanded.
+    pub fn page_digests(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.pages.iter().flat_map(|(d, n)| std::iter::repeat_n(*d, *n as usize))
+    }
+
+    /// The blocks page `page` (0-based) must cover.
+    pub fn blocks_in_page(&self, page: u64) -> u64 {
+        let bpp = u64::from(self.blocks_per_page);
+        self.block_count().saturating_sub(page * bpp).min(bpp)
+    }
+
+    /// The root's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(28 + self.pages.len() * 34);
+        out.extend_from_slice(ROOT_MAGIC);
+        out.extend_from_slice(&[VERSION, 0, 0, 0]);
+        out.extend_from_slice(&self.disk_size.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        out.extend_from_slice(&self.blocks_per_page.to_le_bytes());
+        out.extend_from_slice(&(self.pages.len() as u32).to_le_bytes());
+        for (digest, repeat) in &self.pages {
+            put_varint(&mut out, *repeat);
+            out.extend_from_slice(digest.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes and checks a root.
+    pub fn decode(bytes: &[u8]) -> Result<IndexRoot, Error> {
+        let mut r = Reader::new(bytes, ROOT);
+        check_header(&mut r, ROOT_MAGIC, ROOT)?;
+        let disk_size = r.u64()?;
+        let block_size = r.u32()?;
+        check_block_size(block_size).map_err(|e| Error::corrupt(ROOT, e.to_string()))?;
+        let blocks_per_page = r.u32()?;
+        if blocks_per_page == 0 || blocks_per_page > MAX_BLOCKS_PER_PAGE {
+            return Err(Error::corrupt(ROOT, format!("{blocks_per_page} blocks per page")));
+        }
+        let runs = r.u32()? as usize;
+        // Each run takes at least 33 bytes: refuse counts the input cannot hold.
+        if runs > r.remaining() / 33 {
+            return Err(Error::corrupt(ROOT, format!("{runs} runs in {} bytes", r.remaining())));
+        }
+        let mut pages = Vec::with_capacity(runs);
+        let mut total: u64 = 0;
+        for _ in 0..runs {
+            let repeat = r.varint()?;
+            if repeat == 0 {
+                return Err(Error::corrupt(ROOT, "empty page run"));
+            }
+            total = total.saturating_add(repeat);
+            pages.push((Digest(r.array()?), repeat));
+        }
+        r.expect_end()?;
+        let root = IndexRoot { disk_size, block_size, blocks_per_page, pages };
+        if total != root.page_count() {
+            return Err(Error::corrupt(
+                ROOT,
+                format!("names {total} pages, the geometry needs {}", root.page_count()),
+            ));
+        }
+        Ok(root)
+    }
+}
+
+/// A page ready to be stored: its bytes and their digest.
+#[derive(Clone, Debug)]
+pub struct EncodedPage {
+    /// SHA-256 of `bytes`: the chunk id to store it under.
+    pub digest: Digest,
+    /// The page's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Builds an index as a stream: push one entry per block, in order; full pages come out as
+/// they fill, and [`IndexWriter::finish`] returns the last page and the root.
+#[derive(Debug)]
+pub struct IndexWriter {
+    disk_size: u64,
+    block_size: u32,
+    blocks_per_page: u32,
+    page: IndexPage,
+    pages: Vec<(Digest, u64)>,
+    pushed: u64,
+}
+
+impl IndexWriter {
+    /// A writer for a disk of `disk_size` bytes.
+    pub fn new(disk_size: u64, block_size: u32, blocks_per_page: u32) -> Result<Self, Error> {
+        check_block_size(block_size)?;
+        if blocks_per_page == 0 || blocks_per_page > MAX_BLOCKS_PER_PAGE {
+            return Err(Error::Invalid {
+                what: "blocks per page",
+                detail: format!("{blocks_per_page}; use 1 to {MAX_BLOCKS_PER_PAGE}"),
+            });
+        }
+        Ok(IndexWriter {
+            disk_size,
+            block_size,
+            blocks_per_page,
+            page: IndexPage::default(),
+            pages: Vec::new(),
+            pushed: 0,
+        })
+    }
+
+    /// Adds the next block's entry; returns a page when one fills up.
+    pub fn push(&mut self, entry: BlockEntry) -> Option<EncodedPage> {
+        self.page.push(entry);
+        self.pushed += 1;
+        if self.page.block_count() == u64::from(self.blocks_per_page) { self.flush() } else { None }
+    }
+
+    fn flush(&mut self) -> Option<EncodedPage> {
+        if self.page.block_count() == 0 {
+            return None;
+        }
+        let bytes = std::mem::take(&mut self.page).encode();
+        let digest = Digest::of(&bytes);
+        match self.pages.last_mut() {
+            Some((last, n)) if *last == digest => *n += 1,
+            _ => self.pages.push((digest, 1)),
+        }
+        Some(EncodedPage { digest, bytes })
+    }
+
+    /// Ends the index: the last partial page (if any) and the root, encoded.
+    pub fn finish(mut self) -> Result<(Option<EncodedPage>, EncodedPage), Error> {
+        let expected = self.disk_size.div_ceil(u64::from(self.block_size));
+        if self.pushed != expected {
+            return Err(Error::Invalid {
+                what: "index",
+                detail: format!("{} entries pushed for {expected} blocks", self.pushed),
+            });
+        }
+        let last = self.flush();
+        let root = IndexRoot {
+            disk_size: self.disk_size,
+            block_size: self.block_size,
+            blocks_per_page: self.blocks_per_page,
+            pages: self.pages,
+        };
+        let bytes = root.encode();
+        Ok((last, EncodedPage { digest: Digest::of(&bytes), bytes }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry() -> impl Strategy<Value = BlockEntry> {
+        prop_oneof![
+            Just(BlockEntry::Hole),
+            Just(BlockEntry::Zero),
+            any::<[u8; 32]>().prop_map(|d| BlockEntry::Data(Digest(d))),
+            // Repeated digests make realistic runs.
+            Just(BlockEntry::Data(Digest([7; 32]))),
+        ]
+    }
+
+    fn build(entries: &[BlockEntry], bpp: u32) -> (Vec<EncodedPage>, IndexRoot) {
+        let size = entries.len() as u64 * 4096;
+        let mut w = IndexWriter::new(size, 4096, bpp).unwrap();
+        let mut pages: Vec<EncodedPage> = entries.iter().filter_map(|e| w.push(*e)).collect();
+        let (last, root) = w.finish().unwrap();
+        pages.extend(last);
+        (pages, IndexRoot::decode(&root.bytes).unwrap())
+    }
+
+    #[test]
+    fn a_sparse_terabyte_has_a_tiny_root() {
+        let size = 1u64 << 40;
+        let mut w = IndexWriter::new(size, 65536, DEFAULT_BLOCKS_PER_PAGE).unwrap();
+        let mut distinct = std::collections::HashSet::new();
+        for _ in 0..size / 65536 {
+            if let Some(p) = w.push(BlockEntry::Hole) {
+                distinct.insert(p.digest);
+            }
+        }
+        let (last, root) = w.finish().unwrap();
+        assert!(last.is_none());
+        assert_eq!(distinct.len(), 1);
+        assert!(root.bytes.len() < 100, "{}", root.bytes.len());
+    }
+
+    #[test]
+    fn patch_entries_are_reserved() {
+        let mut page = IndexPage::default();
+        page.push(BlockEntry::Hole);
+        let mut bytes = page.encode();
+        bytes[16] = 3;
+        assert!(matches!(IndexPage::decode(&bytes), Err(Error::Unsupported { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn index_round_trips(entries in proptest::collection::vec(entry(), 0..300), bpp in 1u32..64) {
+            let (pages, root) = build(&entries, bpp);
+            let by_digest: std::collections::HashMap<_, _> =
+                pages.iter().map(|p| (p.digest, p.bytes.clone())).collect();
+            let mut back = Vec::new();
+            for (i, d) in root.page_digests().enumerate() {
+                let page = IndexPage::decode(&by_digest[&d]).unwrap();
+                prop_assert_eq!(page.block_count(), root.blocks_in_page(i as u64));
+                back.extend(page.entries());
+            }
+            prop_assert_eq!(back, entries);
+        }
+
+        #[test]
+        fn page_decode_never_panics(bytes: Vec<u8>) {
+            let _ = IndexPage::decode(&bytes);
+        }
+
+        #[test]
+        fn root_decode_never_panics(bytes: Vec<u8>) {
+            let _ = IndexRoot::decode(&bytes);
+        }
+
+        #[test]
+        fn mutated_pages_never_panic(entries in proptest::collection::vec(entry(), 1..50), pos: usize, byte: u8) {
+            let mut page = IndexPage::default();
+            entries.iter().for_each(|e| page.push(*e));
+            let mut bytes = page.encode();
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            let _ = IndexPage::decode(&bytes);
+            bytes.truncate(i);
+            prop_assert!(IndexPage::decode(&bytes).is_err());
+        }
+    }
+}
