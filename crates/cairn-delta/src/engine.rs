@@ -65,6 +65,14 @@ pub trait PreviousIndex: Send {
     ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>>;
 }
 
+impl<P: PreviousIndex + ?Sized> PreviousIndex for Box<P> {
+    fn next_entry(
+        &mut self,
+    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
+        (**self).next_entry()
+    }
+}
+
 /// No previous point: every allocated non-zero block is changed.
 #[derive(Debug, Default)]
 pub struct NoPrevious;

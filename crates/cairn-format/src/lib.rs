@@ -26,7 +26,8 @@ pub use config::{ChunkIdParams, CipherParams, CompressionParams, VaultConfig};
 pub use digest::Digest;
 pub use error::Error;
 pub use manifest::{
-    Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, PointManifest,
+    Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, MANIFEST_FORMAT,
+    PointManifest,
 };
 pub use name::Name;
 pub use point_id::PointId;

@@ -1,0 +1,165 @@
+//! Command-line syntax.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Cairn: block-level VM backup. Back up disks to a vault, sending only changed blocks.
+#[derive(Parser, Debug)]
+#[command(name = "cairn-agent", version, about, long_about = None)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Print one JSON document on stdout instead of tables and progress bars.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// VM configuration file (TOML). Reserved: arrives with snapshot providers.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a vault.
+    Init(InitArgs),
+    /// Back up a VM's disks into a vault.
+    Backup(BackupArgs),
+    /// List recovery points.
+    Points(PointsArgs),
+    /// Restore disks of a recovery point.
+    Restore(RestoreArgs),
+    /// Re-read every chunk of the chosen points and check it; exit 3 when anything is damaged.
+    Verify(VerifyArgs),
+    /// Try Cairn on generated sample disks: full backup, 1% change, incremental, restore, verify.
+    Quickstart(QuickstartArgs),
+    /// Generate or change seeded sample disks (for trials and benchmarks).
+    #[command(subcommand)]
+    Sample(SampleCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct VaultArg {
+    /// The vault: a path, file:///path, or memory:// (embedding only).
+    #[arg(long, value_name = "URL")]
+    pub vault: String,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// Block size of disk indexes (4K to 4M, a power of two).
+    #[arg(long, default_value = "64K", value_parser = crate::units::parse_size)]
+    pub block_size: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM's name.
+    #[arg(long)]
+    pub vm: String,
+    /// A disk: NAME=PATH, or PATH (named after its file name). Repeat for each disk.
+    #[arg(long = "disk", value_name = "[NAME=]PATH", required = true)]
+    pub disks: Vec<String>,
+    /// Hashing threads per disk (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct PointsArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// Only this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// One disk; without it every disk is restored into the folder --to.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Target file (with --disk) or folder.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Overwrite an existing non-empty target.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// Only this VM's points.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only this point.
+    #[arg(long)]
+    pub point: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct QuickstartArgs {
+    /// Size of the first sample disk; the second is half of it.
+    #[arg(long, default_value = "512M", value_parser = crate::units::parse_size)]
+    pub size: u64,
+    /// Work in this folder and keep it (default: a temporary folder, removed at the end).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Fraction of 4 KiB blocks changed between the two backups.
+    #[arg(long, default_value_t = 0.01)]
+    pub change: f64,
+    /// Seed of the sample data.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SampleCommand {
+    /// Write a seeded sample disk (holes, zeros, random and log-like data).
+    Create {
+        /// The image file to write (replaced if it exists).
+        path: PathBuf,
+        /// Its size, e.g. 4G.
+        #[arg(long, value_parser = crate::units::parse_size)]
+        size: u64,
+        /// The seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Overwrite random 4 KiB blocks, or one contiguous range, with random data.
+    Mutate {
+        /// The image file to change.
+        path: PathBuf,
+        /// Fraction of 4 KiB blocks to overwrite at random offsets.
+        #[arg(long, conflicts_with = "range")]
+        fraction: Option<f64>,
+        /// A contiguous range OFFSET:LENGTH (e.g. 1G:64M) to overwrite.
+        #[arg(long)]
+        range: Option<String>,
+        /// The seed.
+        #[arg(long, default_value_t = 2)]
+        seed: u64,
+    },
+}

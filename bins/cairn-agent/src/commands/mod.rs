@@ -1,0 +1,74 @@
+//! One module per subcommand; each takes its parsed arguments and returns an [`Exit`].
+
+mod backup;
+mod init;
+mod points;
+mod quickstart;
+mod restore;
+mod sample;
+mod verify;
+
+use anyhow::{Context, bail};
+use cairn_format::{Name, PointId};
+use cairn_vault::Vault;
+
+use crate::cli::{Cli, Command};
+use crate::output::Exit;
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
+    if let Some(config) = &cli.global.config {
+        bail!(
+            "--config {} was given, but VM configuration files arrive with snapshot support; \
+             name the VM and its disks with --vm and --disk for now",
+            config.display()
+        );
+    }
+    let json = cli.global.json;
+    match cli.command {
+        Command::Init(args) => init::run(args, json).await,
+        Command::Backup(args) => backup::run(args, json).await,
+        Command::Points(args) => points::run(args, json).await,
+        Command::Restore(args) => restore::run(args, json).await,
+        Command::Verify(args) => verify::run(args, json).await,
+        Command::Quickstart(args) => quickstart::run(args, json).await,
+        Command::Sample(cmd) => sample::run(cmd, json),
+    }
+}
+
+pub(crate) async fn open_vault(url: &str) -> anyhow::Result<Vault> {
+    Ok(Vault::open(url).await?)
+}
+
+pub(crate) fn vm_name(s: &str) -> anyhow::Result<Name> {
+    s.parse().with_context(|| format!("--vm {s:?}"))
+}
+
+pub(crate) fn point_id(s: &str) -> anyhow::Result<Option<PointId>> {
+    if s == "latest" {
+        return Ok(None);
+    }
+    Ok(Some(s.parse().with_context(|| {
+        format!("--point {s:?} (give a point id from `cairn-agent points`, or latest)")
+    })?))
+}
+
+/// Waits for ctrl-C or SIGTERM, then asks the job to stop.
+pub(crate) fn cancel_on_signal(cancel: cairn_backup::Cancel) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("interrupted: stopping; nothing will be committed");
+        cancel.cancel();
+    });
+}

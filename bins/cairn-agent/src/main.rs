@@ -1,0 +1,30 @@
+//! `cairn-agent`: the command line over `cairn-backup` and `cairn-vault`.
+//!
+//! Thin on purpose: parse arguments, set up logging and signals, call the libraries, print.
+//! Exit codes: 0 success, 1 failure, 2 usage error, 3 verify found damage, 130 interrupted.
+
+mod cli;
+mod commands;
+mod output;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    output::init_logging(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.global.json;
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => code.into(),
+        Err(error) => output::report_error(&error, json),
+    }
+}

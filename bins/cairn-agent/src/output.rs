@@ -1,0 +1,123 @@
+//! How the agent talks: logs, progress bars, tables, JSON, errors and exit codes.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use cairn_backup::{DiskProgress, Progress};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Exit status of a command that ran to its end.
+pub enum Exit {
+    /// Everything fine.
+    Ok,
+    /// Verify found damage.
+    Damaged,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        match e {
+            Exit::Ok => ExitCode::SUCCESS,
+            Exit::Damaged => ExitCode::from(3),
+        }
+    }
+}
+
+/// Logs go to stderr; `-v` raises the level, `RUST_LOG` overrides it.
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Prints the error (and, with `--json`, an error document) and picks the exit code.
+pub fn report_error(error: &anyhow::Error, json: bool) -> ExitCode {
+    let cancelled = error.chain().any(|e| {
+        matches!(e.downcast_ref::<cairn_backup::Error>(), Some(cairn_backup::Error::Cancelled))
+    });
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "error": format!("{error:#}"), "cancelled": cancelled })
+        );
+    }
+    eprintln!("error: {error:#}");
+    if cancelled { ExitCode::from(130) } else { ExitCode::FAILURE }
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+/// One progress bar per disk on a terminal; nothing otherwise.
+pub struct Bars {
+    multi: Option<MultiProgress>,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+    verb: &'static str,
+}
+
+impl Bars {
+    /// Bars labelled with `verb` ("backup", "restore"), shown only on a terminal without --json.
+    pub fn new(json: bool, verb: &'static str) -> Bars {
+        let show = !json && std::io::stderr().is_terminal();
+        let multi = show.then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Bars { multi, bars: Mutex::new(HashMap::new()), verb }
+    }
+}
+
+impl Progress for Bars {
+    fn disk(&self, u: &DiskProgress) {
+        let Some(multi) = &self.multi else { return };
+        let name = u.disk.as_ref().map(|d| d.to_string()).unwrap_or_default();
+        let Ok(mut bars) = self.bars.lock() else { return };
+        let bar = bars.entry(name.clone()).or_insert_with(|| {
+            let bar = multi.add(ProgressBar::new(u.size));
+            let style = ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(format!("{} {name}", self.verb));
+            bar
+        });
+        bar.set_position(u.position);
+        bar.set_message(format!(
+            "changed {} sent {}",
+            crate::units::bytes(u.bytes_changed),
+            crate::units::bytes(u.bytes_sent)
+        ));
+        if u.done {
+            bar.finish();
+        }
+    }
+}
+
+/// A plain text table, columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}

@@ -1,0 +1,319 @@
+//! The backup job.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use cairn_delta::{
+    Batch, BlockEncoder, BlockEvent, BlockSource, EngineConfig, NoPrevious, PreviousIndex,
+};
+use cairn_format::index::{EncodedPage, IndexWriter};
+use cairn_format::{
+    Consistency, Digest, DiskRecord, DiskStats, Evidence, Name, PointId, PointManifest,
+    encode_chunk,
+};
+use cairn_vault::{Stored, Vault};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use jiff::Timestamp;
+use tokio::sync::mpsc;
+
+use crate::previous::VaultPrevious;
+use crate::{Cancel, DiskProgress, Error, Progress};
+
+/// One disk to back up: its stable name within the VM, and where to read it.
+pub struct DiskInput {
+    /// The disk's identity in the VM (never derived from the path read).
+    pub name: Name,
+    /// What to read: an image file, a device, a snapshot view.
+    pub source: Arc<dyn BlockSource>,
+}
+
+/// A backup to run.
+pub struct BackupRequest {
+    /// The VM.
+    pub vm: Name,
+    /// Its disks.
+    pub disks: Vec<DiskInput>,
+    /// The consistency the caller reached before reading (`None` for a live read).
+    pub consistency: Consistency,
+    /// When the disks were captured, if earlier than the job start (a snapshot).
+    pub captured_at: Option<Timestamp>,
+    /// Evidence gathered before the read (scripts, freeze), recorded on the point.
+    pub evidence: Vec<Evidence>,
+    /// Hashing threads per disk (default: one per core).
+    pub threads: Option<usize>,
+}
+
+/// Chunks being uploaded at once, per disk.
+const UPLOADS_IN_FLIGHT: usize = 32;
+
+/// Runs a backup: every disk in parallel through the delta engine into `vault`, then the
+/// commit. On any error or cancellation nothing is committed and earlier points are untouched.
+pub async fn backup(
+    vault: &Vault,
+    request: BackupRequest,
+    progress: Arc<dyn Progress>,
+    cancel: &Cancel,
+) -> Result<PointManifest, Error> {
+    let names: BTreeSet<&Name> = request.disks.iter().map(|d| &d.name).collect();
+    if request.disks.is_empty() {
+        return Err(Error::InvalidRequest("a backup needs at least one disk".into()));
+    }
+    if names.len() != request.disks.len() {
+        return Err(Error::InvalidRequest(
+            "two disks have the same name; name them with NAME=PATH".into(),
+        ));
+    }
+    let started_at = Timestamp::now();
+    let (previous, mut evidence) = vault.previous_point(&request.vm).await?;
+    evidence.extend(request.evidence);
+    let writer = vault.begin_point(&request.vm, started_at).await?;
+    let point = writer.point().clone();
+    tracing::info!(vm = %request.vm, %point, disks = request.disks.len(), "backup started");
+
+    let jobs = request.disks.into_iter().map(|disk| {
+        let prev = previous
+            .as_ref()
+            .and_then(|p| p.disks.get(&disk.name).map(|d| (p.point.clone(), d.clone())));
+        backup_disk(vault, disk, prev, request.threads, Arc::clone(&progress), cancel)
+    });
+    let results = futures::future::join_all(jobs).await;
+    let mut disks = BTreeMap::new();
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok((name, record, mut ev)) => {
+                disks.insert(name, record);
+                evidence.append(&mut ev);
+            }
+            Err(e) => {
+                // Keep the most telling error: a real failure over the cancellations it caused.
+                if first_error.is_none() || matches!(first_error, Some(Error::Cancelled)) {
+                    first_error = Some(e);
+                }
+            }
+        }
+    }
+    if cancel.is_cancelled() && first_error.is_none() {
+        first_error = Some(Error::Cancelled);
+    }
+    if let Some(e) = first_error {
+        writer.abandon().await;
+        return Err(e);
+    }
+    let manifest = PointManifest {
+        format: cairn_format::MANIFEST_FORMAT,
+        point,
+        vm: request.vm,
+        started_at,
+        captured_at: request.captured_at.unwrap_or(started_at),
+        finished_at: Timestamp::now(),
+        consistency: request.consistency,
+        disks,
+        evidence,
+        writer: format!("cairn {}", env!("CARGO_PKG_VERSION")),
+    };
+    writer.commit(&manifest).await?;
+    tracing::info!(vm = %manifest.vm, point = %manifest.point, "recovery point committed");
+    Ok(manifest)
+}
+
+/// Compresses changed blocks into chunk frames on the engine's worker threads.
+struct FrameEncoder {
+    zstd_level: Option<i32>,
+}
+
+impl BlockEncoder for FrameEncoder {
+    type Output = Result<Bytes, cairn_format::Error>;
+    fn encode(&self, _: &Digest, block: &[u8]) -> Self::Output {
+        encode_chunk(block, self.zstd_level).map(Bytes::from)
+    }
+}
+
+async fn backup_disk(
+    vault: &Vault,
+    disk: DiskInput,
+    previous: Option<(PointId, DiskRecord)>,
+    threads: Option<usize>,
+    progress: Arc<dyn Progress>,
+    cancel: &Cancel,
+) -> Result<(Name, DiskRecord, Vec<Evidence>), Error> {
+    let clock = Instant::now();
+    let name = disk.name.clone();
+    let size = disk.source.size();
+    let block_size = vault.config().block_size;
+    let mut evidence = Vec::new();
+    let full = |why: String| Evidence::new("full_scan", Some(&name), why);
+    let base = match previous {
+        None => {
+            evidence.push(full("no earlier point of this VM has this disk".into()));
+            None
+        }
+        Some((point, rec)) if rec.size != size => {
+            evidence.push(full(format!(
+                "the disk's size changed from {} to {size} bytes since point {point}",
+                rec.size
+            )));
+            None
+        }
+        Some((point, rec)) if rec.block_size != block_size => {
+            evidence.push(full(format!(
+                "point {point} used {}-byte blocks, the vault now uses {block_size}",
+                rec.block_size
+            )));
+            None
+        }
+        Some(base) => Some(base),
+    };
+    let (prev_index, prev_failure): (Box<dyn PreviousIndex>, _) = match &base {
+        Some((point, rec)) => match VaultPrevious::start(vault, &rec.index_root).await {
+            Ok((p, failure)) => (Box::new(p), Some(failure)),
+            Err(e) => {
+                evidence.push(full(format!("the index of point {point} is unreadable ({e})")));
+                (Box::new(NoPrevious), None)
+            }
+        },
+        None => (Box::new(NoPrevious), None),
+    };
+
+    let mut config = EngineConfig::new(block_size);
+    if let Some(t) = threads {
+        config.threads = t.max(1);
+        config.buffers = config.threads * 2 + 2;
+    }
+    let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
+    let encoder = FrameEncoder { zstd_level: vault.config().zstd_level() };
+    let source = Arc::clone(&disk.source);
+    let scan_cancel = cancel.clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        cairn_delta::scan(source.as_ref(), prev_index, &encoder, &config, |batch| {
+            if scan_cancel.is_cancelled() {
+                return Err(cairn_delta::Error::Stopped);
+            }
+            tx.blocking_send(batch).map_err(|_| cairn_delta::Error::Stopped)
+        })
+    });
+
+    let mut state = DiskState {
+        vault,
+        progress: DiskProgress { disk: Some(name.clone()), size, ..Default::default() },
+        stats: DiskStats::default(),
+        block_size: u64::from(block_size),
+    };
+    let consumed = consume(&mut state, rx, size, progress.as_ref(), cancel).await;
+    let scanned = scan.await?;
+    let (index_root, summary) = match (consumed, scanned) {
+        (Err(e), _) => return Err(e),
+        (Ok(_), Err(cairn_delta::Error::Stopped)) => return Err(Error::Cancelled),
+        (Ok(_), Err(source)) => return Err(Error::Disk { disk: name, source }),
+        (Ok(root), Ok(summary)) => (root, summary),
+    };
+    if let Some(failure) = prev_failure.and_then(|f| f.lock().ok().and_then(|mut f| f.take())) {
+        evidence.push(full(failure));
+    }
+    let mut stats = state.stats;
+    stats.blocks = summary.blocks;
+    stats.bytes_scanned = summary.bytes_scanned;
+    stats.bytes_changed = summary.bytes_changed;
+    stats.hole_blocks = summary.holes;
+    stats.zero_blocks = summary.zeros;
+    stats.duration_ms = clock.elapsed().as_millis() as u64;
+    state.progress.done = true;
+    progress.disk(&state.progress);
+    let record = DiskRecord {
+        size,
+        block_size,
+        index_root,
+        previous_point: base.map(|(p, _)| p),
+        source: disk.source.describe(),
+        stats,
+    };
+    Ok((name, record, evidence))
+}
+
+struct DiskState<'a> {
+    vault: &'a Vault,
+    progress: DiskProgress,
+    stats: DiskStats,
+    block_size: u64,
+}
+
+type Upload = (u64, Result<Stored, cairn_vault::Error>);
+
+/// Takes the engine's batches in order: builds the index, uploads changed blocks (a bounded
+/// number at a time) and stores index pages; returns the index root's chunk id.
+async fn consume(
+    state: &mut DiskState<'_>,
+    mut rx: mpsc::Receiver<Batch<Result<Bytes, cairn_format::Error>>>,
+    size: u64,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<Digest, Error> {
+    let config = state.vault.config();
+    let mut index = IndexWriter::new(size, config.block_size, config.blocks_per_page)?;
+    let mut uploads = FuturesUnordered::new();
+    while let Some(batch) = rx.recv().await {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        state.progress.bytes_scanned += batch.bytes_scanned;
+        state.progress.position =
+            ((batch.first_block + batch.events.len() as u64) * state.block_size).min(size);
+        for event in batch.events {
+            if let Some(page) = index.push(event.entry()) {
+                store_page(state, page).await?;
+            }
+            if let BlockEvent::Changed { digest, len, payload } = event {
+                state.progress.bytes_changed += u64::from(len);
+                let frame = payload?;
+                let vault = state.vault.clone();
+                uploads
+                    .push(async move { (u64::from(len), vault.store_chunk(&digest, frame).await) });
+                while uploads.len() >= UPLOADS_IN_FLIGHT {
+                    if let Some(done) = uploads.next().await {
+                        account(state, done)?;
+                    }
+                }
+            }
+        }
+        progress.disk(&state.progress);
+    }
+    drop(rx);
+    while let Some(done) = uploads.next().await {
+        account(state, done)?;
+    }
+    let (last, root) = index.finish()?;
+    if let Some(page) = last {
+        store_page(state, page).await?;
+    }
+    let root_id = root.digest;
+    store_page(state, root).await?;
+    Ok(root_id)
+}
+
+fn account(state: &mut DiskState<'_>, (len, result): Upload) -> Result<(), Error> {
+    match result? {
+        Stored::Written(bytes) => {
+            state.stats.bytes_sent += bytes;
+            state.stats.chunks_written += 1;
+            state.progress.bytes_sent += bytes;
+        }
+        Stored::Present => {
+            state.stats.bytes_deduplicated += len;
+            state.progress.bytes_deduplicated += len;
+        }
+    }
+    Ok(())
+}
+
+async fn store_page(state: &mut DiskState<'_>, page: EncodedPage) -> Result<(), Error> {
+    let frame = encode_chunk(&page.bytes, state.vault.config().zstd_level())?;
+    if let Stored::Written(bytes) = state.vault.store_chunk(&page.digest, frame.into()).await? {
+        state.stats.bytes_sent += bytes;
+        state.stats.chunks_written += 1;
+        state.progress.bytes_sent += bytes;
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Agent-side jobs, end to end.
+//!
+//! [`backup`] takes a VM's disks (each a [`cairn_delta::BlockSource`] under a stable name),
+//! finds the previous point to compare against, runs every disk through the delta engine in
+//! parallel, stores changed blocks and index pages in the vault, and commits the recovery point.
+//! [`restore_disk`] and [`restore_point`] write a point's disks back, holes kept and every
+//! chunk checked. Data flows one way: source -> engine -> vault -> manifest.
+
+mod backup;
+mod cancel;
+mod error;
+mod previous;
+mod progress;
+mod restore;
+
+pub use backup::{BackupRequest, DiskInput, backup};
+pub use cancel::Cancel;
+pub use error::Error;
+pub use progress::{DiskProgress, NoProgress, Progress};
+pub use restore::{RestoreOptions, RestoreStats, restore_disk, restore_point};

@@ -1,0 +1,85 @@
+//! The previous point's index, streamed page by page into the (synchronous) engine.
+
+use std::sync::{Arc, Mutex};
+
+use cairn_delta::PreviousIndex;
+use cairn_format::Digest;
+use cairn_format::index::{BlockEntry, IndexPage};
+use cairn_vault::Vault;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+/// Reads pages ahead in a task; the engine's reader thread takes entries one by one. If the
+/// previous index cannot be read, the rest of the disk is compared against nothing (a full
+/// scan from there) and the reason is kept for the point's evidence.
+pub(crate) struct VaultPrevious {
+    pages: mpsc::Receiver<Result<IndexPage, String>>,
+    current: std::vec::IntoIter<BlockEntry>,
+    block: u64,
+    failure: Arc<Mutex<Option<String>>>,
+    done: bool,
+}
+
+impl VaultPrevious {
+    /// Starts reading `root`'s pages from `vault`.
+    pub(crate) async fn start(
+        vault: &Vault,
+        root: &Digest,
+    ) -> Result<(Self, Arc<Mutex<Option<String>>>), cairn_vault::Error> {
+        let root = vault.read_index_root(root).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let vault = vault.clone();
+        tokio::spawn(async move {
+            let digests: Vec<Digest> = root.page_digests().collect();
+            let mut pages = futures::stream::iter(digests)
+                .map(|d| {
+                    let vault = vault.clone();
+                    async move { vault.read_index_page(&d).await.map_err(|e| e.to_string()) }
+                })
+                .buffered(4);
+            while let Some(page) = pages.next().await {
+                let failed = page.is_err();
+                if tx.send(page).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let failure = Arc::new(Mutex::new(None));
+        let me = VaultPrevious {
+            pages: rx,
+            current: Vec::new().into_iter(),
+            block: 0,
+            failure: Arc::clone(&failure),
+            done: false,
+        };
+        Ok((me, failure))
+    }
+}
+
+impl PreviousIndex for VaultPrevious {
+    fn next_entry(
+        &mut self,
+    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
+        loop {
+            if let Some(entry) = self.current.next() {
+                self.block += 1;
+                return Ok(Some(entry));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            match self.pages.blocking_recv() {
+                Some(Ok(page)) => self.current = page.entries().collect::<Vec<_>>().into_iter(),
+                Some(Err(e)) => {
+                    self.done = true;
+                    let why =
+                        format!("the previous index is unreadable from block {}: {e}", self.block);
+                    if let Ok(mut f) = self.failure.lock() {
+                        *f = Some(why);
+                    }
+                }
+                None => self.done = true,
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Restore: a point's disks written back, holes kept, every chunk checked as it is written.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cairn_format::index::BlockEntry;
+use cairn_format::{ChunkFrame, Digest, Name, PointManifest};
+use cairn_vault::Vault;
+use futures::{StreamExt, TryStreamExt};
+
+use crate::{DiskProgress, Error, Progress};
+
+/// How to restore.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// Overwrite an existing non-empty target.
+    pub force: bool,
+}
+
+/// What a restore wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Disk size.
+    pub size: u64,
+    /// Bytes of data written (holes and zeros excluded on files).
+    pub bytes_written: u64,
+    /// Chunks read and checked.
+    pub chunks: u64,
+}
+
+const READS_IN_FLIGHT: usize = 32;
+
+/// Restores every disk of `point` into the folder `to`, one file per disk named after the disk.
+pub async fn restore_point(
+    vault: &Vault,
+    point: &PointManifest,
+    to: &Path,
+    options: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<Vec<(Name, PathBuf, RestoreStats)>, Error> {
+    if to.exists() && !to.is_dir() {
+        return Err(Error::Target {
+            path: to.to_owned(),
+            source: std::io::Error::other(
+                "restoring all disks needs a folder; give --disk to restore one disk to a file",
+            ),
+        });
+    }
+    std::fs::create_dir_all(to).map_err(|source| Error::Target { path: to.to_owned(), source })?;
+    let mut out = Vec::new();
+    for name in point.disks.keys() {
+        let target = to.join(name.as_str());
+        let stats =
+            restore_disk(vault, point, name, &target, options, Arc::clone(&progress)).await?;
+        out.push((name.clone(), target, stats));
+    }
+    Ok(out)
+}
+
+/// Restores disk `disk` of `point` to `target` (a file, created sparse, or a block device).
+pub async fn restore_disk(
+    vault: &Vault,
+    point: &PointManifest,
+    disk: &Name,
+    target: &Path,
+    options: &RestoreOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreStats, Error> {
+    let record = point.disks.get(disk).ok_or_else(|| Error::DiskNotInPoint {
+        disk: disk.clone(),
+        point: point.point.clone(),
+        available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+    })?;
+    let (file, is_device) = open_target(target, record.size, options)?;
+    let file = Arc::new(file);
+    let root = vault.read_index_root(&record.index_root).await?;
+    let block = u64::from(root.block_size);
+    let size = root.disk_size;
+
+    // Pages are read a few ahead; their entries become (offset, entry) in disk order.
+    let pages = futures::stream::iter(root.page_digests().collect::<Vec<_>>())
+        .map(|id| async move { vault.read_index_page(&id).await })
+        .buffered(4);
+    let mut offset = 0u64;
+    let entries = pages
+        .map_ok(move |page| {
+            let list: Vec<(u64, BlockEntry)> = page
+                .entries()
+                .map(|e| {
+                    let at = offset;
+                    offset += block;
+                    (at, e)
+                })
+                .collect();
+            futures::stream::iter(list.into_iter().map(Ok::<_, cairn_vault::Error>))
+        })
+        .try_flatten();
+
+    let mut stats = RestoreStats { size, ..Default::default() };
+    let mut report = DiskProgress { disk: Some(disk.clone()), size, ..Default::default() };
+    let writes = entries
+        .map_err(Error::from)
+        .map_ok(|(at, entry)| {
+            let file = Arc::clone(&file);
+            let len = block.min(size - at);
+            async move {
+                match entry {
+                    BlockEntry::Data(id) => write_chunk(vault, disk, target, file, at, len, id)
+                        .await
+                        .map(|n| (at, n, 1)),
+                    // Files keep holes; a device must be given zeros.
+                    BlockEntry::Hole | BlockEntry::Zero if is_device => {
+                        write_zeros(target, file, at, len).await.map(|n| (at, n, 0))
+                    }
+                    BlockEntry::Hole | BlockEntry::Zero => Ok((at, 0, 0)),
+                }
+            }
+        })
+        .try_buffer_unordered(READS_IN_FLIGHT);
+    futures::pin_mut!(writes);
+    let mut since_report = 0u64;
+    while let Some((at, written, chunks)) = writes.try_next().await? {
+        stats.bytes_written += written;
+        stats.chunks += chunks;
+        report.position = report.position.max((at + block).min(size));
+        report.bytes_sent += written;
+        since_report += 1;
+        if since_report >= 64 {
+            since_report = 0;
+            progress.disk(&report);
+        }
+    }
+    let sync_file = Arc::clone(&file);
+    tokio::task::spawn_blocking(move || sync_file.sync_all())
+        .await?
+        .map_err(|source| Error::Target { path: target.to_owned(), source })?;
+    report.done = true;
+    report.position = size;
+    progress.disk(&report);
+    Ok(stats)
+}
+
+fn open_target(target: &Path, size: u64, options: &RestoreOptions) -> Result<(File, bool), Error> {
+    let io = |source| Error::Target { path: target.to_owned(), source };
+    match std::fs::metadata(target) {
+        Ok(meta) if meta.is_dir() => {
+            Err(io(std::io::Error::other("it is a folder; give a file path")))
+        }
+        Ok(meta) if meta.file_type().is_block_device() => {
+            if !options.force {
+                return Err(Error::TargetExists { path: target.to_owned() });
+            }
+            let file = OpenOptions::new().write(true).open(target).map_err(io)?;
+            let dev_size = rustix_size(&file).map_err(io)?;
+            if dev_size < size {
+                return Err(io(std::io::Error::other(format!(
+                    "the device holds {dev_size} bytes, the disk needs {size}"
+                ))));
+            }
+            Ok((file, true))
+        }
+        Ok(meta) if meta.len() > 0 && !options.force => {
+            Err(Error::TargetExists { path: target.to_owned() })
+        }
+        Ok(_) | Err(_) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(target)
+                .map_err(io)?;
+            file.set_len(size).map_err(io)?;
+            Ok((file, false))
+        }
+    }
+}
+
+fn rustix_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0))
+}
+
+async fn write_chunk(
+    vault: &Vault,
+    disk: &Name,
+    target: &Path,
+    file: Arc<File>,
+    at: u64,
+    len: u64,
+    id: Digest,
+) -> Result<u64, Error> {
+    let raw = vault.read_chunk_raw(&id).await?;
+    let disk = disk.clone();
+    let target = target.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let corrupt =
+            |detail: String| Error::Corrupt { disk: disk.clone(), offset: at, id, detail };
+        let frame = ChunkFrame::decode_verified(&raw, &id).map_err(|e| corrupt(e.to_string()))?;
+        if frame.plaintext.len() as u64 != len {
+            return Err(corrupt(format!(
+                "it holds {} bytes, the block has {len}",
+                frame.plaintext.len()
+            )));
+        }
+        file.write_all_at(&frame.plaintext, at)
+            .map_err(|source| Error::Target { path: target, source })?;
+        Ok(len)
+    })
+    .await?
+}
+
+async fn write_zeros(target: &Path, file: Arc<File>, at: u64, len: u64) -> Result<u64, Error> {
+    let target = target.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let zeros = vec![0u8; len as usize];
+        file.write_all_at(&zeros, at).map_err(|source| Error::Target { path: target, source })?;
+        Ok(len)
+    })
+    .await?
+}

@@ -1,0 +1,139 @@
+//! The vault's errors. Each says which object or URL is involved and what to do next.
+
+use cairn_format::{Digest, Name, PointId};
+
+/// What went wrong in the vault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// There is no vault at this URL.
+    #[error("no Cairn vault at {url}: create one with `cairn-agent init --vault {url}`")]
+    NoVault {
+        /// The URL.
+        url: String,
+    },
+    /// `init` on a URL that already holds a vault.
+    #[error("a Cairn vault already exists at {url}; use it, or choose another location")]
+    AlreadyExists {
+        /// The URL.
+        url: String,
+    },
+    /// The URL cannot name a vault.
+    #[error("cannot use {url:?} as a vault: {detail}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The storage under the vault is full. Nothing was committed; earlier points are intact.
+    #[error(
+        "the vault's storage is full (writing {path}): free space or move the vault, then run the \
+         backup again; no recovery point was committed and earlier points are intact"
+    )]
+    StorageFull {
+        /// The object being written.
+        path: String,
+    },
+    /// The object store failed.
+    #[error("vault storage failed to {op} {path}: {source}")]
+    Storage {
+        /// What was attempted.
+        op: &'static str,
+        /// The object.
+        path: String,
+        /// The store's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A local I/O operation on the vault failed (sync, folder creation).
+    #[error("vault I/O on {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An object is damaged.
+    #[error(
+        "vault object {path} is damaged: {source}; run `cairn-agent verify` to find what it affects"
+    )]
+    Corrupt {
+        /// The object.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: cairn_format::Error,
+    },
+    /// A chunk a point needs is missing.
+    #[error(
+        "chunk {id} is missing from the vault; run `cairn-agent verify` to find the damaged points"
+    )]
+    ChunkMissing {
+        /// The chunk.
+        id: Digest,
+    },
+    /// No such point.
+    #[error("VM {vm} has no recovery point {point}; list them with `cairn-agent points --vm {vm}`")]
+    PointNotFound {
+        /// The VM.
+        vm: Name,
+        /// The point asked for.
+        point: PointId,
+    },
+    /// The VM has no points at all.
+    #[error(
+        "VM {vm} has no recovery points in this vault; list the VMs' points with `cairn-agent points`"
+    )]
+    NoPoints {
+        /// The VM.
+        vm: Name,
+    },
+    /// A value handed to the vault is invalid.
+    #[error(transparent)]
+    Format(#[from] cairn_format::Error),
+}
+
+impl Error {
+    /// Whether trying again may help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Storage { source, .. } => !matches!(
+                source,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            ),
+            Error::Io { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Wraps a store error, recognising a full file system.
+    pub(crate) fn storage(
+        op: &'static str,
+        path: &object_store::path::Path,
+        source: object_store::Error,
+    ) -> Self {
+        if is_no_space(&source) {
+            return Error::StorageFull { path: path.to_string() };
+        }
+        Error::Storage { op, path: path.to_string(), source }
+    }
+}
+
+fn is_no_space(e: &object_store::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}

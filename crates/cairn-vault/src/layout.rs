@@ -1,0 +1,56 @@
+//! Where each kind of object lives in a vault (see `docs/formats.md`).
+
+use cairn_format::{Digest, Name, PointId};
+use object_store::path::Path;
+
+/// The vault config.
+pub(crate) fn config() -> Path {
+    Path::from("config.json")
+}
+
+/// A chunk: `chunks/<first 2 hex>/<64 hex>`; the fan-out keeps local folders small.
+pub(crate) fn chunk(id: &Digest) -> Path {
+    let hex = id.to_hex();
+    Path::from(format!("chunks/{}/{hex}", &hex[..2]))
+}
+
+/// Where verify moves a bad chunk.
+pub(crate) fn quarantined(id: &Digest) -> Path {
+    Path::from(format!("quarantine/{}", id.to_hex()))
+}
+
+/// All points, or one VM's.
+pub(crate) fn points(vm: Option<&Name>) -> Path {
+    match vm {
+        Some(vm) => Path::from(format!("points/{vm}")),
+        None => Path::from("points"),
+    }
+}
+
+/// A point's manifest.
+pub(crate) fn manifest(vm: &Name, point: &PointId) -> Path {
+    Path::from(format!("points/{vm}/{point}.json"))
+}
+
+/// A backup's in-flight marker.
+pub(crate) fn inflight(point: &PointId) -> Path {
+    Path::from(format!("inflight/{point}.json"))
+}
+
+/// Damage records of one VM, or one point.
+pub(crate) fn damage(vm: &Name, point: Option<&PointId>) -> Path {
+    match point {
+        Some(p) => Path::from(format!("damage/{vm}/{p}.json")),
+        None => Path::from(format!("damage/{vm}")),
+    }
+}
+
+/// Parses `points/<vm>/<point>.json` (or `damage/...`) back into its parts.
+pub(crate) fn parse_point_path(path: &Path) -> Option<(Name, PointId)> {
+    let mut parts = path.parts();
+    let _root = parts.next()?;
+    let vm = parts.next()?.as_ref().parse().ok()?;
+    let file = parts.next()?;
+    let point = file.as_ref().strip_suffix(".json")?.parse().ok()?;
+    parts.next().is_none().then_some((vm, point))
+}

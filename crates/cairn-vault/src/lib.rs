@@ -1,0 +1,56 @@
+//! The vault: where recovery points live.
+//!
+//! A vault is an [`object_store::ObjectStore`] given meaning: content-addressed chunks (blocks
+//! and index pages, each stored once, written only if absent), recovery-point manifests
+//! (written last and create-only, so that a point is visible only once complete), in-flight
+//! markers for a future garbage collector, damage records and a quarantine for chunks that
+//! verify found bad. Backends are chosen by URL ([`Vault::open`]); anything that implements
+//! `ObjectStore` can be used directly ([`Vault::open_store`]), with the same behaviour.
+//!
+//! Durability is explicit: before a manifest is written, [`Vault::barrier`] makes everything
+//! written so far stable (one `syncfs` on a local vault instead of an fsync per chunk; a no-op
+//! on object stores, where an acknowledged PUT is durable).
+
+mod chunks;
+mod error;
+mod layout;
+mod open;
+mod points;
+mod verify;
+
+use std::sync::Arc;
+
+use cairn_format::VaultConfig;
+use object_store::ObjectStore;
+
+pub use chunks::Stored;
+pub use error::Error;
+pub use open::Durability;
+pub use points::{PointListing, PointWriter, UnreadablePoint};
+pub use verify::{BadChunk, VerifyProgress, VerifyReport, VerifyScope};
+
+/// An open vault. Cheap to clone; safe to share between tasks.
+#[derive(Clone, Debug)]
+pub struct Vault {
+    store: Arc<dyn ObjectStore>,
+    config: Arc<VaultConfig>,
+    url: Arc<str>,
+    durability: Durability,
+}
+
+impl Vault {
+    /// The vault's config.
+    pub fn config(&self) -> &VaultConfig {
+        &self.config
+    }
+
+    /// The URL it was opened with (for messages).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+}

@@ -1,0 +1,299 @@
+//! Recovery points: listing, choosing the base of an incremental, and the atomic commit.
+
+use std::collections::BTreeSet;
+
+use cairn_format::{DamageRecord, Evidence, InflightMarker, Name, PointId, PointManifest};
+use futures::{StreamExt, TryStreamExt};
+use jiff::Timestamp;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutMode, PutOptions};
+use rand::RngExt;
+
+use crate::{Error, Vault, layout};
+
+/// A manifest that exists but cannot be read.
+#[derive(Clone, Debug)]
+pub struct UnreadablePoint {
+    /// Its object path.
+    pub path: String,
+    /// The VM and point its path names.
+    pub vm: Name,
+    /// The point its path names.
+    pub point: PointId,
+    /// What is wrong.
+    pub error: String,
+}
+
+/// The points of a vault (or of one VM), oldest first, and the manifests that could not be read.
+#[derive(Clone, Debug, Default)]
+pub struct PointListing {
+    /// Readable points, ordered by VM then id (that is, time).
+    pub points: Vec<PointManifest>,
+    /// Manifests that exist but are damaged.
+    pub unreadable: Vec<UnreadablePoint>,
+}
+
+impl Vault {
+    pub(crate) async fn list_paths(&self, prefix: &Path) -> Result<Vec<Path>, Error> {
+        let mut paths: Vec<Path> = self
+            .store
+            .list(Some(prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| Error::storage("list", prefix, e))?;
+        paths.sort();
+        Ok(paths)
+    }
+
+    pub(crate) async fn get_bytes(&self, path: &Path) -> Result<Option<bytes::Bytes>, Error> {
+        match self.store.get(path).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| Error::storage("read", path, e))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(Error::storage("read", path, e)),
+        }
+    }
+
+    /// Lists points, of one VM or of all.
+    pub async fn list_points(&self, vm: Option<&Name>) -> Result<PointListing, Error> {
+        let paths = self.list_paths(&layout::points(vm)).await?;
+        let named: Vec<(Path, Name, PointId)> = paths
+            .into_iter()
+            .filter_map(|p| layout::parse_point_path(&p).map(|(vm, id)| (p, vm, id)))
+            .collect();
+        let loaded: Vec<_> = futures::stream::iter(named)
+            .map(|(path, vm, id)| async move {
+                let result = self.read_manifest_at(&path, &vm, &id).await;
+                (path, vm, id, result)
+            })
+            .buffered(16)
+            .collect()
+            .await;
+        let mut listing = PointListing::default();
+        for (path, vm, point, result) in loaded {
+            match result {
+                Ok(m) => listing.points.push(m),
+                Err(e @ (Error::Corrupt { .. } | Error::Format(_))) => {
+                    listing.unreadable.push(UnreadablePoint {
+                        path: path.to_string(),
+                        vm,
+                        point,
+                        error: e.to_string(),
+                    })
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        listing.points.sort_by(|a, b| (&a.vm, &a.point).cmp(&(&b.vm, &b.point)));
+        Ok(listing)
+    }
+
+    async fn read_manifest_at(
+        &self,
+        path: &Path,
+        vm: &Name,
+        id: &PointId,
+    ) -> Result<PointManifest, Error> {
+        let bytes = self
+            .get_bytes(path)
+            .await?
+            .ok_or_else(|| Error::PointNotFound { vm: vm.clone(), point: id.clone() })?;
+        let corrupt = |source| Error::Corrupt { path: path.to_string(), source };
+        let m = PointManifest::decode(&bytes).map_err(corrupt)?;
+        if &m.vm != vm || &m.point != id {
+            return Err(corrupt(cairn_format::Error::Corrupt {
+                what: "manifest",
+                detail: format!("it describes {}/{}, not the point its name says", m.vm, m.point),
+            }));
+        }
+        Ok(m)
+    }
+
+    /// Reads one point's manifest.
+    pub async fn read_point(&self, vm: &Name, id: &PointId) -> Result<PointManifest, Error> {
+        self.read_manifest_at(&layout::manifest(vm, id), vm, id).await
+    }
+
+    /// Reads the point `id`, or the newest readable one when `id` is `None`.
+    pub async fn resolve_point(
+        &self,
+        vm: &Name,
+        id: Option<&PointId>,
+    ) -> Result<PointManifest, Error> {
+        match id {
+            Some(id) => self.read_point(vm, id).await,
+            None => self
+                .list_points(Some(vm))
+                .await?
+                .points
+                .pop()
+                .ok_or_else(|| Error::NoPoints { vm: vm.clone() }),
+        }
+    }
+
+    /// Points of `vm` that verify found damaged.
+    pub async fn damaged_points(&self, vm: &Name) -> Result<BTreeSet<PointId>, Error> {
+        let paths = self.list_paths(&layout::damage(vm, None)).await?;
+        Ok(paths.iter().filter_map(layout::parse_point_path).map(|(_, p)| p).collect())
+    }
+
+    /// The base for `vm`'s next incremental: the newest complete point that verify has not
+    /// found damaged. The evidence says which newer points were passed over, and why.
+    pub async fn previous_point(
+        &self,
+        vm: &Name,
+    ) -> Result<(Option<PointManifest>, Vec<Evidence>), Error> {
+        let listing = self.list_points(Some(vm)).await?;
+        let damaged = self.damaged_points(vm).await?;
+        let mut evidence = Vec::new();
+        let mut chosen = None;
+        for m in listing.points.into_iter().rev() {
+            if damaged.contains(&m.point) {
+                evidence.push(Evidence::new(
+                    "previous_point_skipped",
+                    None,
+                    format!(
+                        "point {} references chunks verify found bad; not used as a base",
+                        m.point
+                    ),
+                ));
+                continue;
+            }
+            chosen = Some(m);
+            break;
+        }
+        for u in listing.unreadable {
+            if chosen.as_ref().is_none_or(|c| u.point > c.point) {
+                evidence.push(Evidence::new(
+                    "previous_point_skipped",
+                    None,
+                    format!(
+                        "manifest of point {} is unreadable ({}); not used as a base",
+                        u.point, u.error
+                    ),
+                ));
+            }
+        }
+        Ok((chosen, evidence))
+    }
+
+    /// Starts a point for `vm`: picks its id and writes the in-flight marker.
+    pub async fn begin_point(
+        &self,
+        vm: &Name,
+        started_at: Timestamp,
+    ) -> Result<PointWriter, Error> {
+        let mut at = started_at;
+        // Ids must sort after the VM's existing points even if the clock went back.
+        if let Some(last) = self.list_paths(&layout::points(Some(vm))).await?.last() {
+            if let Some((_, last_id)) = layout::parse_point_path(last) {
+                while PointId::new(at, u32::MAX) <= last_id {
+                    at = at + jiff::SignedDuration::from_millis(1);
+                }
+            }
+        }
+        let point = PointId::new(at, rand::rng().random());
+        let marker = InflightMarker {
+            format: 1,
+            point: point.clone(),
+            vm: vm.clone(),
+            started_at,
+            owner: format!("pid {}", std::process::id()),
+        };
+        let path = layout::inflight(&point);
+        self.store
+            .put(&path, marker.encode().into())
+            .await
+            .map_err(|e| Error::storage("write", &path, e))?;
+        Ok(PointWriter { vault: self.clone(), vm: vm.clone(), point, started_at })
+    }
+
+    /// In-flight markers: backups started and not yet committed or abandoned.
+    pub async fn inflight(&self) -> Result<Vec<InflightMarker>, Error> {
+        let mut out = Vec::new();
+        for path in self.list_paths(&Path::from("inflight")).await? {
+            if let Some(bytes) = self.get_bytes(&path).await? {
+                let m = InflightMarker::decode(&bytes)
+                    .map_err(|source| Error::Corrupt { path: path.to_string(), source })?;
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn write_damage(&self, record: &DamageRecord) -> Result<(), Error> {
+        let path = layout::damage(&record.vm, Some(&record.point));
+        self.store
+            .put(&path, record.encode().into())
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::storage("write", &path, e))
+    }
+
+    pub(crate) async fn clear_damage(&self, vm: &Name, point: &PointId) -> Result<(), Error> {
+        let path = layout::damage(vm, Some(point));
+        match self.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(Error::storage("delete", &path, e)),
+        }
+    }
+}
+
+/// A point being written. [`PointWriter::commit`] makes it visible; until then it does not exist.
+#[derive(Debug)]
+pub struct PointWriter {
+    vault: Vault,
+    vm: Name,
+    point: PointId,
+    started_at: Timestamp,
+}
+
+impl PointWriter {
+    /// The point's id.
+    pub fn point(&self) -> &PointId {
+        &self.point
+    }
+
+    /// When the job started.
+    pub fn started_at(&self) -> Timestamp {
+        self.started_at
+    }
+
+    /// Commits: makes every chunk durable, writes the manifest create-only, makes it durable,
+    /// and removes the in-flight marker.
+    pub async fn commit(self, manifest: &PointManifest) -> Result<(), Error> {
+        if manifest.point != self.point || manifest.vm != self.vm {
+            return Err(Error::Format(cairn_format::Error::Invalid {
+                what: "manifest",
+                detail: format!(
+                    "it names {}/{}, the writer is for {}/{}",
+                    manifest.vm, manifest.point, self.vm, self.point
+                ),
+            }));
+        }
+        self.vault.barrier().await?;
+        let path = layout::manifest(&self.vm, &self.point);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.vault
+            .store
+            .put_opts(&path, manifest.encode().into(), opts)
+            .await
+            .map_err(|e| Error::storage("commit", &path, e))?;
+        self.vault.barrier().await?;
+        self.remove_marker().await;
+        Ok(())
+    }
+
+    /// Gives the point up: nothing becomes visible; chunks already written stay for a later
+    /// backup to reuse (or a garbage collector to remove).
+    pub async fn abandon(self) {
+        self.remove_marker().await;
+    }
+
+    async fn remove_marker(&self) {
+        let path = layout::inflight(&self.point);
+        if let Err(e) = self.vault.store.delete(&path).await {
+            tracing::warn!(%path, error = %e, "could not remove the in-flight marker");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Verify: re-read every chunk the chosen points reference, check CRC and SHA-256, name each bad
+//! chunk and every point it damages, quarantine it and record the damage.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use cairn_format::{ChunkFrame, DamageRecord, Digest, Name, PointId, PointManifest};
+use futures::StreamExt;
+
+use crate::{Error, UnreadablePoint, Vault};
+
+/// Which points to verify.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyScope {
+    /// Only this VM's points.
+    pub vm: Option<Name>,
+    /// Only this point.
+    pub point: Option<PointId>,
+}
+
+/// A chunk that failed verification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadChunk {
+    /// The chunk.
+    pub id: Digest,
+    /// What is wrong ("missing", a CRC or digest mismatch...).
+    pub reason: String,
+    /// Every point in the vault that references it.
+    pub points: Vec<(Name, PointId)>,
+}
+
+/// Counters reported while verify runs.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyProgress {
+    /// Points finished.
+    pub points_done: u64,
+    /// Points to check.
+    pub points_total: u64,
+    /// Distinct chunks read so far.
+    pub chunks_checked: u64,
+    /// Their stored bytes.
+    pub bytes_checked: u64,
+}
+
+/// What verify found.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    /// Points checked.
+    pub points_checked: u64,
+    /// Distinct chunks read (blocks and index pages).
+    pub chunks_checked: u64,
+    /// Their stored bytes.
+    pub bytes_checked: u64,
+    /// Bad chunks, each with the points it damages.
+    pub bad_chunks: Vec<BadChunk>,
+    /// Points that reference a bad chunk (in scope or not).
+    pub damaged_points: Vec<(Name, PointId)>,
+    /// Manifests that could not be read.
+    pub unreadable: Vec<UnreadablePoint>,
+}
+
+impl VerifyReport {
+    /// True when nothing is damaged.
+    pub fn is_clean(&self) -> bool {
+        self.bad_chunks.is_empty() && self.damaged_points.is_empty() && self.unreadable.is_empty()
+    }
+}
+
+type Verdicts = HashMap<Digest, Option<String>>;
+
+impl Vault {
+    /// Verifies the points in `scope`; see the module docs. Returns an error only when the
+    /// vault cannot be read at all; damage is in the report.
+    pub async fn verify(
+        &self,
+        scope: &VerifyScope,
+        on_progress: &(dyn Fn(&VerifyProgress) + Sync),
+    ) -> Result<VerifyReport, Error> {
+        let mut listing = self.list_points(scope.vm.as_ref()).await?;
+        if let Some(point) = &scope.point {
+            listing.points.retain(|m| &m.point == point);
+            listing.unreadable.retain(|u| &u.point == point);
+            if listing.points.is_empty() && listing.unreadable.is_empty() {
+                return Err(match &scope.vm {
+                    Some(vm) => Error::PointNotFound { vm: vm.clone(), point: point.clone() },
+                    None => Error::Url {
+                        url: self.url().into(),
+                        detail: format!("no point {point} in this vault"),
+                    },
+                });
+            }
+        }
+        let mut verdicts: Verdicts = HashMap::new();
+        let mut progress =
+            VerifyProgress { points_total: listing.points.len() as u64, ..Default::default() };
+        let mut report = VerifyReport { unreadable: listing.unreadable, ..Default::default() };
+        let mut refs: BTreeMap<Digest, BTreeSet<(Name, PointId)>> = BTreeMap::new();
+        let mut clean_points = Vec::new();
+        for m in &listing.points {
+            let bad = self.verify_point(m, &mut verdicts, &mut progress, on_progress).await?;
+            for id in &bad {
+                refs.entry(*id).or_default().insert((m.vm.clone(), m.point.clone()));
+            }
+            if bad.is_empty() {
+                clean_points.push((m.vm.clone(), m.point.clone()));
+            }
+            progress.points_done += 1;
+            on_progress(&progress);
+        }
+        report.points_checked = listing.points.len() as u64;
+        report.chunks_checked = progress.chunks_checked;
+        report.bytes_checked = progress.bytes_checked;
+
+        let bad: BTreeMap<Digest, String> =
+            verdicts.into_iter().filter_map(|(id, v)| v.map(|reason| (id, reason))).collect();
+        if !bad.is_empty() {
+            // Points outside the scope may reference the same chunks: find them from indexes.
+            let everything = self.list_points(None).await?;
+            for m in &everything.points {
+                let key = (m.vm.clone(), m.point.clone());
+                if refs.values().any(|s| s.contains(&key)) {
+                    continue;
+                }
+                for id in self.referenced_among(m, &bad).await? {
+                    refs.entry(id).or_default().insert(key.clone());
+                }
+            }
+            for (id, reason) in &bad {
+                tracing::warn!(chunk = %id, %reason, "bad chunk; moving it to quarantine");
+                self.quarantine_chunk(id).await?;
+            }
+        }
+        let mut damaged: BTreeMap<(Name, PointId), BTreeMap<Digest, String>> = BTreeMap::new();
+        for (id, points) in &refs {
+            let reason = bad.get(id).cloned().unwrap_or_default();
+            for p in points {
+                damaged.entry(p.clone()).or_default().insert(*id, reason.clone());
+            }
+            report.bad_chunks.push(BadChunk {
+                id: *id,
+                reason,
+                points: points.iter().cloned().collect(),
+            });
+        }
+        for ((vm, point), bad_chunks) in &damaged {
+            let record = DamageRecord {
+                format: 1,
+                point: point.clone(),
+                vm: vm.clone(),
+                found_at: jiff::Timestamp::now(),
+                bad_chunks: bad_chunks.clone(),
+            };
+            self.write_damage(&record).await?;
+        }
+        for (vm, point) in clean_points {
+            self.clear_damage(&vm, &point).await?;
+        }
+        report.damaged_points = damaged.into_keys().collect();
+        Ok(report)
+    }
+
+    /// Checks every chunk of one point; returns the bad ones.
+    async fn verify_point(
+        &self,
+        m: &PointManifest,
+        verdicts: &mut Verdicts,
+        progress: &mut VerifyProgress,
+        on_progress: &(dyn Fn(&VerifyProgress) + Sync),
+    ) -> Result<BTreeSet<Digest>, Error> {
+        let mut bad = BTreeSet::new();
+        for disk in m.disks.values() {
+            if !self.check_all(&[disk.index_root], verdicts, progress).await? {
+                bad.insert(disk.index_root);
+                continue;
+            }
+            let root = self.read_index_root(&disk.index_root).await?;
+            let mut pages: Vec<Digest> = root.pages.iter().map(|(d, _)| *d).collect();
+            pages.dedup();
+            for page_id in pages {
+                if !self.check_all(&[page_id], verdicts, progress).await? {
+                    bad.insert(page_id);
+                    continue;
+                }
+                let page = self.read_index_page(&page_id).await?;
+                let mut ids: Vec<Digest> =
+                    page.entries().filter_map(|e| e.digest().copied()).collect();
+                ids.sort();
+                ids.dedup();
+                self.check_all(&ids, verdicts, progress).await?;
+                bad.extend(ids.iter().filter(|id| matches!(verdicts.get(id), Some(Some(_)))));
+                on_progress(progress);
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Checks the chunks not checked yet, a few at a time; true when all of `ids` are good.
+    async fn check_all(
+        &self,
+        ids: &[Digest],
+        verdicts: &mut Verdicts,
+        progress: &mut VerifyProgress,
+    ) -> Result<bool, Error> {
+        let todo: Vec<Digest> =
+            ids.iter().filter(|id| !verdicts.contains_key(id)).copied().collect();
+        let mut results = futures::stream::iter(todo)
+            .map(|id| async move { (id, self.check_chunk(&id).await) })
+            .buffer_unordered(32);
+        while let Some((id, result)) = results.next().await {
+            let verdict = match result? {
+                Ok(len) => {
+                    progress.bytes_checked += len;
+                    None
+                }
+                Err(reason) => Some(reason),
+            };
+            progress.chunks_checked += 1;
+            verdicts.insert(id, verdict);
+        }
+        Ok(ids.iter().all(|id| matches!(verdicts.get(id), Some(None))))
+    }
+
+    /// `Ok(Ok(stored bytes))` for a good chunk, `Ok(Err(reason))` for a bad or missing one, and
+    /// `Err` when the store cannot answer.
+    async fn check_chunk(&self, id: &Digest) -> Result<Result<u64, String>, Error> {
+        let raw = match self.read_chunk_raw(id).await {
+            Ok(raw) => raw,
+            Err(Error::ChunkMissing { .. }) => return Ok(Err("missing".into())),
+            Err(e) => return Err(e),
+        };
+        let id = *id;
+        let len = raw.len() as u64;
+        let checked =
+            tokio::task::spawn_blocking(move || ChunkFrame::decode_verified(&raw, &id).map(|_| ()))
+                .await
+                .map_err(|e| Error::Io {
+                    path: "chunk check".into(),
+                    source: std::io::Error::other(e),
+                })?;
+        Ok(checked.map(|()| len).map_err(|e| e.to_string()))
+    }
+
+    /// Which of `bad` point `m` references, from its indexes alone (unreadable indexes count
+    /// as referencing nothing here: their own chunks are in `bad` if verify saw them).
+    async fn referenced_among(
+        &self,
+        m: &PointManifest,
+        bad: &BTreeMap<Digest, String>,
+    ) -> Result<BTreeSet<Digest>, Error> {
+        let mut found = BTreeSet::new();
+        for disk in m.disks.values() {
+            if bad.contains_key(&disk.index_root) {
+                found.insert(disk.index_root);
+                continue;
+            }
+            let Ok(root) = self.read_index_root(&disk.index_root).await else { continue };
+            let mut pages: Vec<Digest> = root.pages.iter().map(|(d, _)| *d).collect();
+            pages.dedup();
+            for page_id in pages {
+                if bad.contains_key(&page_id) {
+                    found.insert(page_id);
+                    continue;
+                }
+                let Ok(page) = self.read_index_page(&page_id).await else { continue };
+                found.extend(
+                    page.entries()
+                        .filter_map(|e| e.digest().copied())
+                        .filter(|d| bad.contains_key(d)),
+                );
+            }
+        }
+        Ok(found)
+    }
+}
