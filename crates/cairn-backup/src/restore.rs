@@ -74,6 +74,36 @@ pub async fn restore_disk(
         available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
     })?;
     let (file, is_device) = open_target(target, record.size, options)?;
+    // A file is written beside the target and renamed over it only once complete and synced,
+    // so a failed restore never leaves a half-written disk under the target's name.
+    let partial = (!is_device).then(|| partial_path(target));
+    let result = write_disk(vault, record, disk, target, file, is_device, progress).await;
+    match (&result, &partial) {
+        (Ok(_), Some(tmp)) => std::fs::rename(tmp, target)
+            .map_err(|source| Error::Target { path: target.to_owned(), source })?,
+        (Err(_), Some(tmp)) => {
+            let _ = std::fs::remove_file(tmp);
+        }
+        (_, None) => {}
+    }
+    result
+}
+
+fn partial_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".cairn-partial");
+    target.with_file_name(name)
+}
+
+async fn write_disk(
+    vault: &Vault,
+    record: &cairn_format::DiskRecord,
+    disk: &Name,
+    target: &Path,
+    file: File,
+    is_device: bool,
+    progress: Arc<dyn Progress>,
+) -> Result<RestoreStats, Error> {
     let file = Arc::new(file);
     let root = vault.read_index_root(&record.index_root).await?;
     let block = u64::from(root.block_size);
@@ -98,30 +128,58 @@ pub async fn restore_disk(
         })
         .try_flatten();
 
+    // One thread writes, in whatever order blocks arrive: concurrent pwrites to one file only
+    // fight over its inode lock. Reads and checks run concurrently ahead of it.
+    let (to_writer, mut writes) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(READS_IN_FLIGHT);
+    let writer_file = Arc::clone(&file);
+    let writer_path = target.to_owned();
+    let writer = tokio::task::spawn_blocking(move || -> Result<(), Error> {
+        while let Some((at, data)) = writes.blocking_recv() {
+            writer_file
+                .write_all_at(&data, at)
+                .map_err(|source| Error::Target { path: writer_path.clone(), source })?;
+        }
+        writer_file.sync_all().map_err(|source| Error::Target { path: writer_path, source })
+    });
+
     let mut stats = RestoreStats { size, ..Default::default() };
     let mut report = DiskProgress { disk: Some(disk.clone()), size, ..Default::default() };
-    let writes = entries
+    let blocks = entries
         .map_err(Error::from)
-        .map_ok(|(at, entry)| {
-            let file = Arc::clone(&file);
+        .try_filter_map(|(at, entry)| {
             let len = block.min(size - at);
             async move {
-                match entry {
-                    BlockEntry::Data(id) => write_chunk(vault, disk, target, file, at, len, id)
-                        .await
-                        .map(|n| (at, n, 1)),
+                Ok(match entry {
+                    BlockEntry::Data(id) => Some((at, Some(id), len)),
                     // Files keep holes; a device must be given zeros.
-                    BlockEntry::Hole | BlockEntry::Zero if is_device => {
-                        write_zeros(target, file, at, len).await.map(|n| (at, n, 0))
-                    }
-                    BlockEntry::Hole | BlockEntry::Zero => Ok((at, 0, 0)),
-                }
+                    BlockEntry::Hole | BlockEntry::Zero if is_device => Some((at, None, len)),
+                    BlockEntry::Hole | BlockEntry::Zero => None,
+                })
+            }
+        })
+        .map_ok(|(at, id, len)| async move {
+            match id {
+                Some(id) => read_block(vault, disk, at, len, id).await.map(|data| (at, data, 1)),
+                None => Ok((at, vec![0u8; len as usize], 0)),
             }
         })
         .try_buffer_unordered(READS_IN_FLIGHT);
-    futures::pin_mut!(writes);
+    futures::pin_mut!(blocks);
     let mut since_report = 0u64;
-    while let Some((at, written, chunks)) = writes.try_next().await? {
+    let mut outcome = Ok(());
+    loop {
+        let (at, data, chunks) = match blocks.try_next().await {
+            Ok(Some(next)) => next,
+            Ok(None) => break,
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        };
+        let written = data.len() as u64;
+        if to_writer.send((at, data)).await.is_err() {
+            break; // the writer failed; its error is reported below
+        }
         stats.bytes_written += written;
         stats.chunks += chunks;
         report.position = report.position.max((at + block).min(size));
@@ -132,10 +190,9 @@ pub async fn restore_disk(
             progress.disk(&report);
         }
     }
-    let sync_file = Arc::clone(&file);
-    tokio::task::spawn_blocking(move || sync_file.sync_all())
-        .await?
-        .map_err(|source| Error::Target { path: target.to_owned(), source })?;
+    drop(to_writer);
+    writer.await??;
+    outcome?;
     report.done = true;
     report.position = size;
     progress.disk(&report);
@@ -169,7 +226,7 @@ fn open_target(target: &Path, size: u64, options: &RestoreOptions) -> Result<(Fi
                 .create(true)
                 .write(true)
                 .truncate(true)
-                .open(target)
+                .open(partial_path(target))
                 .map_err(io)?;
             file.set_len(size).map_err(io)?;
             Ok((file, false))
@@ -183,18 +240,15 @@ fn rustix_size(file: &File) -> std::io::Result<u64> {
     f.seek(std::io::SeekFrom::End(0))
 }
 
-async fn write_chunk(
+async fn read_block(
     vault: &Vault,
     disk: &Name,
-    target: &Path,
-    file: Arc<File>,
     at: u64,
     len: u64,
     id: Digest,
-) -> Result<u64, Error> {
+) -> Result<Vec<u8>, Error> {
     let raw = vault.read_chunk_raw(&id).await?;
     let disk = disk.clone();
-    let target = target.to_owned();
     tokio::task::spawn_blocking(move || {
         let corrupt =
             |detail: String| Error::Corrupt { disk: disk.clone(), offset: at, id, detail };
@@ -205,19 +259,7 @@ async fn write_chunk(
                 frame.plaintext.len()
             )));
         }
-        file.write_all_at(&frame.plaintext, at)
-            .map_err(|source| Error::Target { path: target, source })?;
-        Ok(len)
-    })
-    .await?
-}
-
-async fn write_zeros(target: &Path, file: Arc<File>, at: u64, len: u64) -> Result<u64, Error> {
-    let target = target.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let zeros = vec![0u8; len as usize];
-        file.write_all_at(&zeros, at).map_err(|source| Error::Target { path: target, source })?;
-        Ok(len)
+        Ok(frame.plaintext)
     })
     .await?
 }

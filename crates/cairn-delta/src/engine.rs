@@ -47,7 +47,7 @@ impl EngineConfig {
         if self.threads == 0 || self.buffers == 0 {
             return Err(Error::Config("threads and buffers must be at least 1".into()));
         }
-        if self.batch_bytes == 0 || self.batch_bytes % self.block_size as usize != 0 {
+        if self.batch_bytes == 0 || !self.batch_bytes.is_multiple_of(self.block_size as usize) {
             return Err(Error::Config(format!(
                 "batch of {} bytes is not a multiple of the block size {}",
                 self.batch_bytes, self.block_size

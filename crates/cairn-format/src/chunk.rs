@@ -17,6 +17,8 @@
 //! is stored under that name. The CRC lets `verify` spot bit rot without decrypting; the
 //! SHA-256 proves the content once decoded.
 
+use std::cell::RefCell;
+
 use crate::codec::Reader;
 use crate::{Digest, Error};
 
@@ -69,17 +71,8 @@ pub fn encode_chunk(plaintext: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>
             detail: format!("{} bytes is larger than {MAX_CHUNK_LEN}", plaintext.len()),
         })?;
     let compressed = match zstd_level {
-        Some(level) if !plaintext.is_empty() => {
-            let budget = plaintext.len() - plaintext.len() / 8;
-            let mut buf = vec![0u8; budget];
-            // An error here means "does not fit in the budget", i.e. it does not pay.
-            match zstd::bulk::compress_to_buffer(plaintext, &mut buf, level) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some(buf)
-                }
-                Err(_) => None,
-            }
+        Some(level) if !plaintext.is_empty() && worth_compressing(plaintext, level) => {
+            compress_within(plaintext, level, plaintext.len() - plaintext.len() / 8)
         }
         _ => None,
     };
@@ -96,6 +89,56 @@ pub fn encode_chunk(plaintext: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+thread_local! {
+    // A compression context costs more to create than to compress 64 KiB: keep one per thread.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses `data` at `level` into at most `budget` bytes; `None` when it does not fit.
+fn compress_within(data: &[u8], level: i32, budget: usize) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, compressor) = slot.as_mut()?;
+        // Written into spare capacity: no need to zero the buffer first.
+        let mut buf = Vec::with_capacity(budget);
+        // An error here means "does not fit in the budget", i.e. it does not pay.
+        compressor.compress_to_buffer(data, &mut buf).ok()?;
+        Some(buf)
+    })
+}
+
+/// A quick look before paying for compression: two 4 KiB samples (start and middle) of a large
+/// block; if neither shrinks by an eighth, the block is taken as incompressible (random data,
+/// already-compressed files). Small blocks are always tried.
+fn worth_compressing(data: &[u8], level: i32) -> bool {
+    const SAMPLE: usize = 4096;
+    if data.len() < 8 * SAMPLE {
+        return true;
+    }
+    let mid = data.len() / 2;
+    [data.get(..SAMPLE), data.get(mid..mid + SAMPLE)]
+        .into_iter()
+        .flatten()
+        .any(|sample| compress_within(sample, level, SAMPLE - SAMPLE / 8).is_some())
+}
+
+fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(payload, capacity),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
 }
 
 /// Decodes a frame, checking magic, version, lengths and CRC, and decompressing.
@@ -141,7 +184,7 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkFrame, Error> {
     }
     let plaintext = match compression {
         Compression::None => payload.to_vec(),
-        Compression::Zstd => zstd::bulk::decompress(payload, plain_len as usize)
+        Compression::Zstd => decompress(payload, plain_len as usize)
             .map_err(|e| Error::corrupt(WHAT, format!("zstd payload does not decode: {e}")))?,
     };
     if plaintext.len() != plain_len as usize {

@@ -19,19 +19,26 @@ pub enum Stored {
 impl Vault {
     /// Stores an encoded chunk frame under `id` unless the vault already holds that chunk.
     ///
-    /// A cheap existence check comes first (a stat, or a HEAD request), then a create-only
-    /// write, so two agents racing on the same chunk both succeed and store it once.
+    /// The write is create-only, so two agents racing on the same chunk both succeed and store
+    /// it once. On remote stores a HEAD request comes first, so that a chunk the vault already
+    /// holds is not uploaded again; on a local vault the create-only write is itself the cheap
+    /// check (a failed link), and a stat first would only slow down the common case of new data.
     pub async fn store_chunk(&self, id: &Digest, frame: Bytes) -> Result<Stored, Error> {
         let path = layout::chunk(id);
-        match self.store.head(&path).await {
-            Ok(_) => return Ok(Stored::Present),
-            Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(Error::storage("check", &path, e)),
+        if self.durability.is_remote() {
+            match self.store.head(&path).await {
+                Ok(_) => return Ok(Stored::Present),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::storage("check", &path, e)),
+            }
         }
         let len = frame.len() as u64;
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.store.put_opts(&path, frame.into(), opts).await {
-            Ok(_) => Ok(Stored::Written(len)),
+            Ok(_) => {
+                self.durability.wrote(len);
+                Ok(Stored::Written(len))
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Stored::Present),
             Err(e) => Err(Error::storage("write", &path, e)),
         }

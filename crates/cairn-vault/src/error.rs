@@ -128,10 +128,10 @@ impl Error {
 fn is_no_space(e: &object_store::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
-                return true;
-            }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+        {
+            return true;
         }
         cur = err.source();
     }

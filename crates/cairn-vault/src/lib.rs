@@ -25,7 +25,7 @@ use object_store::ObjectStore;
 
 pub use chunks::Stored;
 pub use error::Error;
-pub use open::Durability;
+pub use open::{Durability, EARLY_FLUSH_BYTES, LocalSync};
 pub use points::{PointListing, PointWriter, UnreadablePoint};
 pub use verify::{BadChunk, VerifyProgress, VerifyReport, VerifyScope};
 

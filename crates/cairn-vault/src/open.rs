@@ -2,6 +2,7 @@
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use cairn_format::VaultConfig;
 use object_store::local::LocalFileSystem;
@@ -18,7 +19,61 @@ pub enum Durability {
     OnAck,
     /// A local file system: chunks are written without fsync, and the barrier calls `syncfs`
     /// on the vault's file system once, before the manifest commits.
-    SyncFs(Arc<PathBuf>),
+    SyncFs(Arc<LocalSync>),
+}
+
+/// Batched durability for a local vault.
+///
+/// Writeback is also started early, in the background, every [`EARLY_FLUSH_BYTES`] written,
+/// so the disk writes while the CPUs hash and compress and the barrier at commit finds little
+/// left to do. Early flushes are an optimisation only; the barrier is the guarantee.
+#[derive(Debug)]
+pub struct LocalSync {
+    root: PathBuf,
+    pending: AtomicU64,
+    flushing: AtomicBool,
+}
+
+/// Bytes written between two background flushes of a local vault.
+pub const EARLY_FLUSH_BYTES: u64 = 256 << 20;
+
+impl LocalSync {
+    fn new(root: PathBuf) -> Arc<Self> {
+        Arc::new(LocalSync { root, pending: AtomicU64::new(0), flushing: AtomicBool::new(false) })
+    }
+
+    fn syncfs(&self) -> Result<(), Error> {
+        let io =
+            |source: std::io::Error| Error::Io { path: self.root.display().to_string(), source };
+        let dir = std::fs::File::open(&self.root).map_err(io)?;
+        rustix::fs::syncfs(&dir).map_err(|e| io(e.into()))
+    }
+}
+
+impl Durability {
+    /// Whether writes go over a network (where a HEAD is cheaper than a redundant upload).
+    pub(crate) fn is_remote(&self) -> bool {
+        matches!(self, Durability::OnAck)
+    }
+
+    /// Notes `bytes` written; on a local vault, starts a background flush now and then.
+    pub(crate) fn wrote(&self, bytes: u64) {
+        let Durability::SyncFs(local) = self else { return };
+        if local.pending.fetch_add(bytes, Ordering::Relaxed) + bytes < EARLY_FLUSH_BYTES {
+            return;
+        }
+        if local.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        local.pending.store(0, Ordering::Relaxed);
+        let local = Arc::clone(local);
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = local.syncfs() {
+                tracing::debug!(error = %e, "background flush failed; the commit barrier will retry");
+            }
+            local.flushing.store(false, Ordering::Release);
+        });
+    }
 }
 
 enum Location {
@@ -61,7 +116,7 @@ impl Vault {
             Location::Local(path) => {
                 std::fs::create_dir_all(&path)
                     .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-                (local_store(&path, url)?, Durability::SyncFs(Arc::new(path)))
+                (local_store(&path, url)?, Durability::SyncFs(LocalSync::new(path)))
             }
             Location::Memory => {
                 (Arc::new(InMemory::new()) as Arc<dyn ObjectStore>, Durability::OnAck)
@@ -101,7 +156,7 @@ impl Vault {
                     return Err(Error::NoVault { url: url.into() });
                 }
                 let store = local_store(&path, url)?;
-                Vault::open_store(store, url, Durability::SyncFs(Arc::new(path))).await
+                Vault::open_store(store, url, Durability::SyncFs(LocalSync::new(path))).await
             }
             // A fresh memory store never holds a vault; embedders use `open_store`.
             Location::Memory => Err(Error::NoVault { url: url.into() }),
@@ -131,20 +186,11 @@ impl Vault {
     pub async fn barrier(&self) -> Result<(), Error> {
         match &self.durability {
             Durability::OnAck => Ok(()),
-            Durability::SyncFs(root) => {
-                let root = Arc::clone(root);
-                tokio::task::spawn_blocking(move || {
-                    let io = |source: std::io::Error| Error::Io {
-                        path: root.display().to_string(),
-                        source,
-                    };
-                    let dir = std::fs::File::open(root.as_path()).map_err(io)?;
-                    rustix::fs::syncfs(&dir).map_err(|e| io(e.into()))
-                })
-                .await
-                .map_err(|e| Error::Io {
-                    path: "syncfs".into(),
-                    source: std::io::Error::other(e),
+            Durability::SyncFs(local) => {
+                let local = Arc::clone(local);
+                local.pending.store(0, Ordering::Relaxed);
+                tokio::task::spawn_blocking(move || local.syncfs()).await.map_err(|e| {
+                    Error::Io { path: "syncfs".into(), source: std::io::Error::other(e) }
                 })?
             }
         }

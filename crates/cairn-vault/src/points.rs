@@ -185,11 +185,10 @@ impl Vault {
     ) -> Result<PointWriter, Error> {
         let mut at = started_at;
         // Ids must sort after the VM's existing points even if the clock went back.
-        if let Some(last) = self.list_paths(&layout::points(Some(vm))).await?.last() {
-            if let Some((_, last_id)) = layout::parse_point_path(last) {
-                while PointId::new(at, u32::MAX) <= last_id {
-                    at = at + jiff::SignedDuration::from_millis(1);
-                }
+        let existing = self.list_paths(&layout::points(Some(vm))).await?;
+        if let Some((_, last_id)) = existing.last().and_then(layout::parse_point_path) {
+            while PointId::new(at, u32::MAX) <= last_id {
+                at += jiff::SignedDuration::from_millis(1);
             }
         }
         let point = PointId::new(at, rand::rng().random());

@@ -1,0 +1,284 @@
+//! Bad input of every kind: a clear error or the right fallback, and a vault that stays valid.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cairn_backup::{Cancel, DiskProgress, NoProgress, Progress, RestoreOptions};
+use cairn_format::{Digest, PointManifest};
+use cairn_vault::Vault;
+
+use crate::support::*;
+
+/// Chunk files of one disk of a point: (index pages, data chunks).
+async fn chunks_of(f: &Fixture, m: &PointManifest, disk: &str) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let path = |d: &Digest| {
+        let hex = d.to_hex();
+        f.vault_dir().join("chunks").join(&hex[..2]).join(hex)
+    };
+    let root = f.vault.read_index_root(&m.disks[&name(disk)].index_root).await.unwrap();
+    let mut pages = Vec::new();
+    let mut data = Vec::new();
+    for page_id in root.page_digests() {
+        pages.push(path(&page_id));
+        let page = f.vault.read_index_page(&page_id).await.unwrap();
+        data.extend(page.entries().filter_map(|e| e.digest().map(path)));
+    }
+    (pages, data)
+}
+
+fn flip_byte(p: &std::path::Path, at: usize) {
+    let mut bytes = std::fs::read(p).unwrap();
+    let at = at.min(bytes.len() - 1);
+    bytes[at] ^= 0x40;
+    std::fs::write(p, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_vault_says_how_to_create_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = dir.path().join("nope");
+    let err = Vault::open(url.to_str().unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("cairn-agent init --vault"), "{err}");
+    // An existing folder without a vault is no vault either.
+    let err = Vault::open(dir.path().to_str().unwrap()).await.unwrap_err();
+    assert!(matches!(err, cairn_vault::Error::NoVault { .. }), "{err}");
+    let err = Vault::open("s3://bucket/x").await.unwrap_err();
+    assert!(err.to_string().contains("not built into this version"), "{err}");
+}
+
+#[tokio::test]
+async fn creating_a_vault_twice_is_refused() {
+    let f = Fixture::new(65536).await;
+    let err = Vault::create(f.vault_dir().to_str().unwrap(), 65536).await.unwrap_err();
+    assert!(matches!(err, cairn_vault::Error::AlreadyExists { .. }), "{err}");
+    let err = Vault::create(f.path("v2").to_str().unwrap(), 3000).await.unwrap_err();
+    assert!(err.to_string().contains("power of two"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_folder_disks_are_refused_before_anything_is_written() {
+    let f = Fixture::new(65536).await;
+    let err = f.backup("vm", &[("sda", &f.path("missing.raw"))]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("missing.raw") && err.to_string().contains("check the path"),
+        "{err}"
+    );
+    let err = f.backup("vm", &[("sda", f.dir.path())]).await.unwrap_err();
+    assert!(err.to_string().contains("is a folder"), "{err}");
+    assert!(f.vault.list_points(None).await.unwrap().points.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_points_and_disks_are_named() {
+    let f = Fixture::new(65536).await;
+    let a = f.sample("a.raw", 2 << 20, 1);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let bogus = "20200101T000000.000Z-00000000".parse().unwrap();
+    let err = f.vault.read_point(&name("vm"), &bogus).await.unwrap_err();
+    assert!(err.to_string().contains("cairn-agent points --vm vm"), "{err}");
+    let err = f.vault.resolve_point(&name("other"), None).await.unwrap_err();
+    assert!(err.to_string().contains("no recovery points"), "{err}");
+    let err = f.restore(&m, "sdz", &f.path("out.raw")).await.unwrap_err();
+    assert!(err.to_string().contains("has no disk sdz; its disks are: sda"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_never_overwrites_without_force() {
+    let f = Fixture::new(65536).await;
+    let a = f.sample("a.raw", 2 << 20, 1);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let target = f.path("existing.raw");
+    std::fs::write(&target, b"precious").unwrap();
+    let err = f.restore(&m, "sda", &target).await.unwrap_err();
+    assert!(matches!(err, cairn_backup::Error::TargetExists { .. }), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    let opts = RestoreOptions { force: true };
+    cairn_backup::restore_disk(&f.vault, &m, &name("sda"), &target, &opts, Arc::new(NoProgress))
+        .await
+        .unwrap();
+    assert!(same(&a, &target));
+    // An empty file is fine to fill.
+    std::fs::write(f.path("empty.raw"), b"").unwrap();
+    f.restore(&m, "sda", &f.path("empty.raw")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_chunk_is_found_quarantined_and_stored_again() {
+    let f = Fixture::new(4096).await;
+    let a = f.sample("a.raw", 4 << 20, 2);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let (_, data) = chunks_of(&f, &m, "sda").await;
+    let victim = data[data.len() / 2].clone();
+    flip_byte(&victim, 40);
+
+    let report = f.vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    assert!(!report.is_clean());
+    assert_eq!(report.bad_chunks.len(), 1);
+    assert!(report.bad_chunks[0].reason.contains("CRC"), "{:?}", report.bad_chunks);
+    assert_eq!(report.bad_chunks[0].points, vec![(name("vm"), m.point.clone())]);
+    assert!(!victim.exists(), "the bad chunk must be moved to quarantine");
+
+    let err = f.restore(&m, "sda", &f.path("r.raw")).await.unwrap_err();
+    assert!(err.to_string().contains("missing") && err.to_string().contains("verify"), "{err}");
+
+    // The damaged point is no base: the next backup compares against nothing and stores the
+    // block again instead of trusting the lost copy.
+    let m2 = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    assert!(m2.disks[&name("sda")].previous_point.is_none());
+    assert!(m2.evidence.iter().any(|e| e.kind == "previous_point_skipped"), "{:?}", m2.evidence);
+    assert!(victim.exists());
+    // Now both points are whole again, and verify says so.
+    assert!(f.verify_clean().await);
+    f.restore(&m, "sda", &f.path("r.raw")).await.unwrap();
+    assert!(same(&a, &f.path("r.raw")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_chunk_is_found() {
+    let f = Fixture::new(4096).await;
+    let a = f.sample("a.raw", 2 << 20, 3);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let (_, data) = chunks_of(&f, &m, "sda").await;
+    let file = std::fs::OpenOptions::new().write(true).open(&data[0]).unwrap();
+    file.set_len(10).unwrap();
+    let report = f.vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    assert_eq!(report.bad_chunks.len(), 1);
+    assert!(report.bad_chunks[0].reason.contains("truncated"), "{:?}", report.bad_chunks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_index_page_damages_its_point_and_the_next_backup_uses_an_older_base() {
+    let f = Fixture::new(4096).await;
+    let a = f.sample("a.raw", 8 << 20, 4);
+    let first = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    cairn_sample::mutate_scattered(&a, 0.05, 5).unwrap();
+    let second = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let (pages, _) = chunks_of(&f, &second, "sda").await;
+    flip_byte(&pages[0], 100);
+
+    let report = f.vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    assert_eq!(report.damaged_points, vec![(name("vm"), second.point.clone())]);
+    let third = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    assert_eq!(third.disks[&name("sda")].previous_point.as_ref(), Some(&first.point));
+    f.restore(&third, "sda", &f.path("r.raw")).await.unwrap();
+    assert!(same(&a, &f.path("r.raw")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_manifest_is_reported_and_other_points_still_restore() {
+    let f = Fixture::new(65536).await;
+    let a = f.sample("a.raw", 2 << 20, 6);
+    let first = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let pristine = f.path("a.orig");
+    std::fs::copy(&a, &pristine).unwrap();
+    cairn_sample::mutate_scattered(&a, 0.05, 7).unwrap();
+    let second = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let manifest = f.vault_dir().join("points/vm").join(format!("{}.json", second.point));
+    let text = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &text[..text.len() / 2]).unwrap();
+
+    let listing = f.vault.list_points(None).await.unwrap();
+    assert_eq!(listing.points.len(), 1);
+    assert_eq!(listing.unreadable.len(), 1);
+    assert!(listing.unreadable[0].error.contains("manifest"), "{:?}", listing.unreadable);
+    assert!(!f.verify_clean().await);
+    f.restore(&first, "sda", &f.path("r.raw")).await.unwrap();
+    assert!(same(&pristine, &f.path("r.raw")));
+    let third = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    assert_eq!(third.disks[&name("sda")].previous_point.as_ref(), Some(&first.point));
+    assert!(
+        third.evidence.iter().any(|e| e.message.contains("unreadable")),
+        "{:?}",
+        third.evidence
+    );
+}
+
+/// Cancels the job at its first progress report.
+struct CancelOnFirstReport(Cancel);
+impl Progress for CancelOnFirstReport {
+    fn disk(&self, _: &DiskProgress) {
+        self.0.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_backup_commits_nothing_and_leaves_the_vault_valid() {
+    let f = Fixture::new(4096).await;
+    let a = f.sample("a.raw", 16 << 20, 8);
+    let first = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let pristine = f.path("a.orig");
+    std::fs::copy(&a, &pristine).unwrap();
+    cairn_sample::mutate_scattered(&a, 0.2, 9).unwrap();
+
+    let cancel = Cancel::new();
+    let request = cairn_backup::BackupRequest {
+        vm: name("vm"),
+        disks: vec![cairn_backup::DiskInput {
+            name: name("sda"),
+            source: Arc::new(cairn_delta::RawFile::open(&a).unwrap()),
+        }],
+        consistency: cairn_format::Consistency::None,
+        captured_at: None,
+        evidence: vec![],
+        threads: Some(1),
+    };
+    let progress = Arc::new(CancelOnFirstReport(cancel.clone()));
+    let err = cairn_backup::backup(&f.vault, request, progress, &cancel).await.unwrap_err();
+    assert!(matches!(err, cairn_backup::Error::Cancelled), "{err}");
+    assert_eq!(f.vault.list_points(None).await.unwrap().points.len(), 1);
+    assert!(f.vault.inflight().await.unwrap().is_empty());
+    assert!(f.verify_clean().await);
+    f.restore(&first, "sda", &f.path("r.raw")).await.unwrap();
+    assert!(same(&pristine, &f.path("r.raw")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_a_full_file_system_fails_the_backup_cleanly() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=6m", "cairn-test", mnt.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a small tmpfs failed");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+
+    let url = mnt.join("vault");
+    let vault = Vault::create(url.to_str().unwrap(), 65536).await.unwrap();
+    let small = dir.path().join("small.raw");
+    cairn_sample::create_disk(&small, 1 << 20, 1).unwrap();
+    let first = backup_with(&vault, "vm", &[("sda", &small)], &Cancel::new()).await.unwrap();
+    let big = dir.path().join("big.raw");
+    cairn_sample::mutate_range(&big, 0, 16 << 20, 2).unwrap_or_else(|_| {
+        std::fs::File::create(&big).unwrap();
+        cairn_sample::mutate_range(&big, 0, 16 << 20, 2).unwrap();
+    });
+    let err = backup_with(&vault, "vm", &[("sdb", &big)], &Cancel::new()).await.unwrap_err();
+    assert!(err.to_string().contains("storage is full"), "{err}");
+    assert!(err.to_string().contains("no recovery point was committed"), "{err}");
+    let listing = vault.list_points(None).await.unwrap();
+    assert_eq!(listing.points.len(), 1);
+    assert!(vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
+    let out = dir.path().join("r.raw");
+    cairn_backup::restore_disk(
+        &vault,
+        &first,
+        &name("sda"),
+        &out,
+        &RestoreOptions::default(),
+        Arc::new(NoProgress),
+    )
+    .await
+    .unwrap();
+    assert!(same(&small, &out));
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests of backup, restore and verify on real files and a real local vault.
+
+mod bad_input;
+mod roundtrip;
+mod support;

@@ -1,0 +1,121 @@
+//! Shared helpers: vaults in temp folders, sample disks, backups in one call.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cairn_backup::{BackupRequest, Cancel, DiskInput, NoProgress, RestoreOptions};
+use cairn_delta::RawFile;
+use cairn_format::{Consistency, Name, PointManifest};
+use cairn_vault::Vault;
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub vault: Vault,
+}
+
+impl Fixture {
+    pub async fn new(block_size: u32) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let url = dir.path().join("vault");
+        let vault = Vault::create(url.to_str().unwrap(), block_size).await.unwrap();
+        Fixture { dir, vault }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn vault_dir(&self) -> PathBuf {
+        self.dir.path().join("vault")
+    }
+
+    pub fn sample(&self, name: &str, size: u64, seed: u64) -> PathBuf {
+        let p = self.path(name);
+        cairn_sample::create_disk(&p, size, seed).unwrap();
+        p
+    }
+
+    pub async fn backup(
+        &self,
+        vm: &str,
+        disks: &[(&str, &Path)],
+    ) -> Result<PointManifest, cairn_backup::Error> {
+        backup_with(&self.vault, vm, disks, &Cancel::new()).await
+    }
+
+    pub async fn restore(
+        &self,
+        m: &PointManifest,
+        disk: &str,
+        to: &Path,
+    ) -> Result<(), cairn_backup::Error> {
+        let opts = RestoreOptions::default();
+        cairn_backup::restore_disk(&self.vault, m, &name(disk), to, &opts, Arc::new(NoProgress))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn verify_clean(&self) -> bool {
+        self.vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean()
+    }
+}
+
+pub async fn backup_with(
+    vault: &Vault,
+    vm: &str,
+    disks: &[(&str, &Path)],
+    cancel: &Cancel,
+) -> Result<PointManifest, cairn_backup::Error> {
+    let inputs = disks
+        .iter()
+        .map(|(n, p)| Ok(DiskInput { name: name(n), source: Arc::new(RawFile::open(p)?) }))
+        .collect::<Result<Vec<_>, cairn_delta::Error>>()
+        .map_err(|source| cairn_backup::Error::Disk { disk: name(disks[0].0), source })?;
+    let request = BackupRequest {
+        vm: name(vm),
+        disks: inputs,
+        consistency: Consistency::None,
+        captured_at: None,
+        evidence: vec![],
+        threads: Some(2),
+    };
+    cairn_backup::backup(vault, request, Arc::new(NoProgress), cancel).await
+}
+
+pub fn name(s: &str) -> Name {
+    s.parse().unwrap()
+}
+
+pub fn same(a: &Path, b: &Path) -> bool {
+    cairn_sample::same_content(a, b).unwrap()
+}
+
+/// Bytes the file system really allocated for `p`.
+pub fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// Total size of the files under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        total += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
+    }
+    total
+}
+
+/// True when the test may run as root; panics when root tests are required but we are not root.
+pub fn root_or_skip() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CAIRN_REQUIRE_ROOT_TESTS").is_none(),
+        "root tests are required but we are not root"
+    );
+    eprintln!("skipped: needs root");
+    false
+}
