@@ -18,3 +18,8 @@ pub use cancel::Cancel;
 pub use error::Error;
 pub use progress::{DiskProgress, NoProgress, Progress};
 pub use restore::{RestoreOptions, RestoreStats, restore_disk, restore_point};
+
+/// The README's examples compile: this runs them as doc tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -139,7 +139,7 @@ pub struct Batch<O> {
     pub first_block: u64,
     /// One event per block.
     pub events: Vec<BlockEvent<O>>,
-    /// Bytes read from the source for this batch.
+    /// Bytes of the batch's blocks that were read and hashed (holes excluded).
     pub bytes_scanned: u64,
 }
 
@@ -250,7 +250,6 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
                 *h = false;
             }
         }
-        let mut bytes_scanned = 0;
         let buf = if extents.is_empty() {
             None
         } else {
@@ -269,7 +268,6 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
                     ))
                 })?;
                 source.read_at(e.offset, dst)?;
-                bytes_scanned += e.len;
             }
             Some(buf)
         };
@@ -277,6 +275,13 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
         for _ in 0..blocks {
             prev.push(previous.next_entry().map_err(Error::Previous)?);
         }
+        // Bytes hashed: every block that is not a hole, whole (holes inside it read as zeros).
+        let bytes_scanned = holes
+            .iter()
+            .enumerate()
+            .filter(|(_, hole)| !**hole)
+            .map(|(i, _)| block.min(len as u64 - i as u64 * block))
+            .sum();
         let first_block = offset / block;
         let item = Work { seq, first_block, len, buf, holes, prev, bytes_scanned };
         if work.send(item).is_err() {

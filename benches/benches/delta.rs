@@ -1,0 +1,73 @@
+//! The delta engine's throughput at 0%, 1% and 100% change, hashing only and with compression.
+//!
+//! `cargo bench -p cairn-benches --bench delta`; throughput is in bytes of disk per second.
+
+use cairn_benches::{mutate, sample_disk};
+use cairn_delta::{BlockEncoder, EngineConfig, NoPrevious, PreviousIndex, scan};
+use cairn_format::Digest;
+use cairn_format::index::BlockEntry;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+const SIZE: u64 = 256 << 20;
+const BLOCK: u32 = 64 * 1024;
+
+struct Entries(std::vec::IntoIter<BlockEntry>);
+impl PreviousIndex for Entries {
+    fn next_entry(
+        &mut self,
+    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.0.next())
+    }
+}
+
+struct Zstd1;
+impl BlockEncoder for Zstd1 {
+    type Output = usize;
+    fn encode(&self, _: &Digest, block: &[u8]) -> usize {
+        cairn_format::encode_chunk(block, Some(1)).map(|f| f.len()).unwrap_or(0)
+    }
+}
+
+fn index_of(disk: &cairn_delta::MemSource) -> Vec<BlockEntry> {
+    let mut entries = Vec::new();
+    scan(disk, NoPrevious, &(), &EngineConfig::new(BLOCK), |b| {
+        entries.extend(b.events.iter().map(|e| e.entry()));
+        Ok(())
+    })
+    .unwrap_or_default();
+    entries
+}
+
+fn engine(c: &mut Criterion) {
+    let base = sample_disk(SIZE, 1);
+    let previous = index_of(&base);
+    let mut changed = base.clone();
+    mutate(&mut changed, 0.01, 7);
+    let config = EngineConfig::new(BLOCK);
+
+    let mut group = c.benchmark_group("scan");
+    group.throughput(Throughput::Bytes(SIZE));
+    group.sample_size(10);
+    group.bench_function("0% changed", |b| {
+        b.iter(|| {
+            scan(&base, Entries(previous.clone().into_iter()), &Zstd1, &config, |_| Ok(()))
+                .unwrap_or_default()
+        })
+    });
+    group.bench_function("1% changed (zstd)", |b| {
+        b.iter(|| {
+            scan(&changed, Entries(previous.clone().into_iter()), &Zstd1, &config, |_| Ok(()))
+                .unwrap_or_default()
+        })
+    });
+    group.bench_function("100% changed (hash only)", |b| {
+        b.iter(|| scan(&base, NoPrevious, &(), &config, |_| Ok(())).unwrap_or_default())
+    });
+    group.bench_function("100% changed (zstd)", |b| {
+        b.iter(|| scan(&base, NoPrevious, &Zstd1, &config, |_| Ok(())).unwrap_or_default())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, engine);
+criterion_main!(benches);

@@ -1,0 +1,210 @@
+//! The agent as a user runs it: exit codes, messages, JSON, signals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn agent() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-agent"));
+    cmd.env_remove("RUST_LOG");
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    agent().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env { dir: tempfile::tempdir().unwrap() }
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.p(name).to_str().unwrap().to_owned()
+    }
+    fn vault(&self) -> String {
+        let v = self.s("vault");
+        if !self.p("vault").exists() {
+            assert!(run(&["init", "--vault", &v]).status.success());
+        }
+        v
+    }
+    fn disk(&self, name: &str, size: &str, seed: &str) -> String {
+        let p = self.s(name);
+        assert!(run(&["sample", "create", &p, "--size", size, "--seed", seed]).status.success());
+        p
+    }
+}
+
+#[test]
+fn init_backup_points_restore_verify_with_json() {
+    let e = Env::new();
+    let v = e.vault();
+    let d = e.disk("a.raw", "8M", "1");
+    let out =
+        run(&["backup", "--json", "--vault", &v, "--vm", "web-01", "--disk", &format!("sda={d}")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = json(&out);
+    assert_eq!(m["vm"], "web-01");
+    assert_eq!(m["consistency"], "none");
+    let point = m["point"].as_str().unwrap().to_owned();
+
+    let out = run(&["points", "--json", "--vault", &v, "--vm", "web-01"]);
+    assert_eq!(json(&out)["points"][0]["point"], point.as_str());
+    let human = run(&["points", "--vault", &v]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains(&point));
+
+    let target = e.s("restored.raw");
+    let out = run(&[
+        "restore", "--vault", &v, "--vm", "web-01", "--point", &point, "--disk", "sda", "--to",
+        &target,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(cairn_sample_same(&d, &target));
+
+    let out = run(&["verify", "--json", "--vault", &v]);
+    assert!(out.status.success());
+    assert_eq!(json(&out)["clean"], true);
+}
+
+fn cairn_sample_same(a: &str, b: &str) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn mistakes_get_clear_errors() {
+    let e = Env::new();
+    let missing_vault = e.s("no-vault");
+    let out = run(&["points", "--vault", &missing_vault]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("cairn-agent init --vault {missing_vault}")),
+        "{}",
+        stderr(&out)
+    );
+
+    let v = e.vault();
+    let out = run(&["init", "--vault", &v]);
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+
+    let out = run(&["backup", "--vault", &v, "--vm", "vm", "--disk", &e.s("nope.raw")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("nope.raw") && stderr(&out).contains("check the path"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&[
+        "backup",
+        "--vault",
+        &v,
+        "--vm",
+        "vm",
+        "--disk",
+        &format!("sda={}", e.dir.path().display()),
+    ]);
+    assert!(stderr(&out).contains("is a folder"), "{}", stderr(&out));
+
+    let out = run(&["backup", "--vault", &v, "--vm", "bad/name", "--disk", "x"]);
+    assert!(stderr(&out).contains("--vm"), "{}", stderr(&out));
+
+    let out = run(&["restore", "--vault", &v, "--vm", "vm", "--to", &e.s("x")]);
+    assert!(stderr(&out).contains("no recovery points"), "{}", stderr(&out));
+
+    let out = run(&["points", "--vault", &v, "--config", "/etc/vm.toml"]);
+    assert!(stderr(&out).contains("--config"), "{}", stderr(&out));
+
+    let out = run(&["init"]);
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn restore_refuses_to_overwrite_and_verify_exits_3_on_damage() {
+    let e = Env::new();
+    let v = e.vault();
+    let d = e.disk("a.raw", "4M", "2");
+    assert!(run(&["backup", "--vault", &v, "--vm", "vm", "--disk", &d]).status.success());
+    let target = e.p("t.raw");
+    std::fs::write(&target, b"keep me").unwrap();
+    let t = target.to_str().unwrap();
+    let out = run(&["restore", "--vault", &v, "--vm", "vm", "--disk", "a.raw", "--to", t]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    let out =
+        run(&["restore", "--vault", &v, "--vm", "vm", "--disk", "a.raw", "--to", t, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Damage one chunk: verify names it and exits 3.
+    let chunk = first_chunk(&e.p("vault"));
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&chunk, bytes).unwrap();
+    let out = run(&["verify", "--vault", &v]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BAD chunk"));
+}
+
+fn first_chunk(vault: &Path) -> PathBuf {
+    let fan = std::fs::read_dir(vault.join("chunks")).unwrap().next().unwrap().unwrap().path();
+    std::fs::read_dir(fan).unwrap().next().unwrap().unwrap().path()
+}
+
+#[test]
+fn ctrl_c_during_a_backup_commits_nothing() {
+    let e = Env::new();
+    let v = e.vault();
+    let d = e.disk("big.raw", "1G", "3");
+    let mut child = agent()
+        .args(["backup", "--vault", &v, "--vm", "vm", "--threads", "1", "--disk", &d])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the backup has really started: its in-flight marker exists.
+    let inflight = e.p("vault").join("inflight");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !inflight.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "the backup never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no recovery point was committed"), "{}", stderr(&out));
+
+    let listing = json(&run(&["points", "--json", "--vault", &v]));
+    assert_eq!(listing["points"].as_array().unwrap().len(), 0);
+    assert!(run(&["verify", "--vault", &v]).status.success());
+    assert_eq!(inflight.read_dir().unwrap().count(), 0, "the in-flight marker must be removed");
+}
+
+#[test]
+fn quickstart_runs_the_whole_path() {
+    let e = Env::new();
+    let out = run(&["quickstart", "--json", "--size", "32M", "--dir", &e.s("qs")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["restore_identical"], true);
+    assert_eq!(report["verify_clean"], true);
+    let growth = report["incremental_growth_percent"].as_f64().unwrap();
+    assert!(growth > 0.0 && growth < 40.0, "{growth}");
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole test suite, as the README promises: installs what the tests need, then runs
+# formatting, lints, every test (root-only tests included when run as root), doc tests,
+# a build of the benchmarks and a compile check of the fuzz targets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+cargo --version
+rustc --version
+
+if [ "$(id -u)" = 0 ]; then
+    # Root-only tests (a small tmpfs for the full-file-system test) must run, not skip.
+    export CAIRN_REQUIRE_ROOT_TESTS=1
+    command -v mount >/dev/null || { apt-get update -qq && apt-get install -y -qq mount; }
+else
+    echo "not root: tests that need root will report 'skipped: needs root'"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit, integration and doc tests)"
+cargo test --workspace --all-targets
+cargo test --workspace --doc
+
+step "cargo bench --no-run"
+cargo bench --workspace --no-run
+
+step "fuzz targets compile (stable; running them needs nightly and cargo-fuzz)"
+(cd fuzz && cargo check --bins)
+
+step "cargo deny check bans licenses sources"
+if ! command -v cargo-deny >/dev/null; then
+    cargo install --locked cargo-deny
+fi
+cargo deny check bans licenses sources
+
+step "dependency direction"
+# The pure crates never depend on tokio or object_store; backup never depends on a scheduler.
+for crate in cairn-format cairn-delta cairn-sample; do
+    if cargo tree -p "$crate" -e normal --prefix none | grep -Eq '^(tokio|object_store) '; then
+        echo "$crate must not depend on tokio or object_store" >&2
+        exit 1
+    fi
+done
+
+echo
+echo "all checks passed"
