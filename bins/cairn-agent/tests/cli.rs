@@ -172,7 +172,7 @@ fn ctrl_c_during_a_backup_commits_nothing() {
     let e = Env::new();
     let v = e.vault();
     let d = e.disk("big.raw", "1G", "3");
-    let mut child = agent()
+    let child = agent()
         .args(["backup", "--vault", &v, "--vm", "vm", "--threads", "1", "--disk", &d])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
