@@ -282,3 +282,62 @@ async fn root_a_full_file_system_fails_the_backup_cleanly() {
     .unwrap();
     assert!(same(&small, &out));
 }
+
+/// A disk whose reads fail part-way, like a failing device or a file truncated under us.
+struct FailingDisk {
+    fail_at: u64,
+}
+
+impl cairn_delta::BlockSource for FailingDisk {
+    fn describe(&self) -> String {
+        "failing-disk".into()
+    }
+    fn size(&self) -> u64 {
+        64 << 20
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), cairn_delta::Error> {
+        if offset + buf.len() as u64 > self.fail_at {
+            return Err(cairn_delta::Error::Read {
+                disk: self.describe(),
+                offset,
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
+        buf.fill(0xab);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_disk_fails_the_job_and_commits_nothing() {
+    let f = Fixture::new(65536).await;
+    let good = f.sample("good.raw", 2 << 20, 1);
+    let request = cairn_backup::BackupRequest {
+        vm: name("vm"),
+        disks: vec![
+            cairn_backup::DiskInput {
+                name: name("good"),
+                source: Arc::new(cairn_delta::RawFile::open(&good).unwrap()),
+            },
+            cairn_backup::DiskInput {
+                name: name("bad"),
+                source: Arc::new(FailingDisk { fail_at: 40 << 20 }),
+            },
+        ],
+        consistency: cairn_format::Consistency::None,
+        captured_at: None,
+        evidence: vec![],
+        threads: Some(2),
+    };
+    let err = cairn_backup::backup(&f.vault, request, Arc::new(NoProgress), &Cancel::new())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("disk bad") && text.contains("failing-disk") && text.contains("offset"),
+        "{text}"
+    );
+    assert!(f.vault.list_points(None).await.unwrap().points.is_empty());
+    assert!(f.vault.inflight().await.unwrap().is_empty());
+    assert!(f.verify_clean().await);
+}
