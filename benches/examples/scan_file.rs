@@ -1,5 +1,6 @@
-//! Scans a disk image with the delta engine, hash only, and prints the rate: the engine's read
-//! + zero-skip + SHA-256 pass over a real file.
+//! Scans a disk image with the delta engine, hash only, and prints the rate: the engine's
+//! read, zero-skip and SHA-256 pass over a real file.
+//!
 //! `cargo run --release -p cairn-benches --example scan_file -- IMAGE [BLOCK_SIZE]`
 
 use std::time::Instant;
