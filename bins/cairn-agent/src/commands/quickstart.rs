@@ -67,17 +67,7 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
 
     say("3/6 full backup".into());
     let mut steps = Vec::new();
-    let before = dir_size(&vault_dir)?;
-    let clock = Instant::now();
-    let full = super::backup::backup_disks(
-        &vault,
-        vm.clone(),
-        &disks,
-        None,
-        Arc::new(Bars::new(json, "backup")),
-    )
-    .await?;
-    steps.push(step("full backup", &full, dir_size(&vault_dir)? - before, clock));
+    steps.push(timed_backup("full backup", (&vault, &vault_dir), &vm, &disks, json).await?.0);
 
     say(format!(
         "4/6 changing {:.1}% of the 4 KiB blocks of each disk, then an incremental backup",
@@ -86,17 +76,9 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
     for (i, (_, path)) in disks.iter().enumerate() {
         cairn_sample::mutate_scattered(path, args.change, args.seed + 100 + i as u64)?;
     }
-    let before = dir_size(&vault_dir)?;
-    let clock = Instant::now();
-    let incr = super::backup::backup_disks(
-        &vault,
-        vm.clone(),
-        &disks,
-        None,
-        Arc::new(Bars::new(json, "backup")),
-    )
-    .await?;
-    steps.push(step("incremental", &incr, dir_size(&vault_dir)? - before, clock));
+    let (incr_step, incr) =
+        timed_backup("incremental", (&vault, &vault_dir), &vm, &disks, json).await?;
+    steps.push(incr_step);
 
     say(format!("5/6 restoring the incremental point to {} and comparing", restore_dir.display()));
     let clock = Instant::now();
@@ -174,6 +156,21 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
         }
     }
     Ok(Exit::Ok)
+}
+
+/// Backs up `disks` and measures it: time, and what the vault really grew by.
+async fn timed_backup(
+    name: &'static str,
+    (vault, root): (&Vault, &Path),
+    vm: &Name,
+    disks: &[(Name, PathBuf)],
+    json: bool,
+) -> anyhow::Result<(Step, cairn_format::PointManifest)> {
+    let before = dir_size(root)?;
+    let clock = Instant::now();
+    let bars = Arc::new(Bars::new(json, "backup"));
+    let m = super::backup::backup_disks(vault, vm.clone(), disks, None, bars).await?;
+    Ok((step(name, &m, dir_size(root)? - before, clock), m))
 }
 
 fn step(name: &'static str, m: &cairn_format::PointManifest, stored: u64, clock: Instant) -> Step {

@@ -270,16 +270,7 @@ async fn root_a_full_file_system_fails_the_backup_cleanly() {
     assert_eq!(listing.points.len(), 1);
     assert!(vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
     let out = dir.path().join("r.raw");
-    cairn_backup::restore_disk(
-        &vault,
-        &first,
-        &name("sda"),
-        &out,
-        &RestoreOptions::default(),
-        Arc::new(NoProgress),
-    )
-    .await
-    .unwrap();
+    restore_from(&vault, &first, "sda", &out).await.unwrap();
     assert!(same(&small, &out));
 }
 

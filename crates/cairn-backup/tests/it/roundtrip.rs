@@ -118,16 +118,7 @@ async fn the_in_memory_store_behaves_like_the_local_one() {
     let m =
         backup_with(&reopened, "vm", &[("sda", &a)], &cairn_backup::Cancel::new()).await.unwrap();
     let out = dir.path().join("r.raw");
-    cairn_backup::restore_disk(
-        &vault,
-        &m,
-        &name("sda"),
-        &out,
-        &RestoreOptions::default(),
-        Arc::new(NoProgress),
-    )
-    .await
-    .unwrap();
+    restore_from(&vault, &m, "sda", &out).await.unwrap();
     assert!(same(&a, &out));
     assert!(vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
 }

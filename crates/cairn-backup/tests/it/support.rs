@@ -83,6 +83,19 @@ pub async fn backup_with(
     cairn_backup::backup(vault, request, Arc::new(NoProgress), cancel).await
 }
 
+/// Restores one disk with default options and no progress.
+pub async fn restore_from(
+    vault: &Vault,
+    m: &PointManifest,
+    disk: &str,
+    to: &Path,
+) -> Result<(), cairn_backup::Error> {
+    let opts = RestoreOptions::default();
+    cairn_backup::restore_disk(vault, m, &name(disk), to, &opts, Arc::new(NoProgress))
+        .await
+        .map(|_| ())
+}
+
 pub fn name(s: &str) -> Name {
     s.parse().unwrap()
 }
