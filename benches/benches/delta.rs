@@ -3,22 +3,13 @@
 //! `cargo bench -p cairn-benches --bench delta`; throughput is in bytes of disk per second.
 
 use cairn_benches::{mutate, sample_disk};
-use cairn_delta::{BlockEncoder, EngineConfig, NoPrevious, PreviousIndex, scan};
+use cairn_delta::{BlockEncoder, EngineConfig, NoPrevious, scan};
 use cairn_format::Digest;
 use cairn_format::index::BlockEntry;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 const SIZE: u64 = 256 << 20;
 const BLOCK: u32 = 64 * 1024;
-
-struct Entries(std::vec::IntoIter<BlockEntry>);
-impl PreviousIndex for Entries {
-    fn next_entry(
-        &mut self,
-    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(self.0.next())
-    }
-}
 
 struct Zstd1;
 impl BlockEncoder for Zstd1 {
@@ -50,13 +41,13 @@ fn engine(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("0% changed", |b| {
         b.iter(|| {
-            scan(&base, Entries(previous.clone().into_iter()), &Zstd1, &config, |_| Ok(()))
+            scan(&base, previous.clone().into_iter(), &Zstd1, &config, |_| Ok(()))
                 .unwrap_or_default()
         })
     });
     group.bench_function("1% changed (zstd)", |b| {
         b.iter(|| {
-            scan(&changed, Entries(previous.clone().into_iter()), &Zstd1, &config, |_| Ok(()))
+            scan(&changed, previous.clone().into_iter(), &Zstd1, &config, |_| Ok(()))
                 .unwrap_or_default()
         })
     });

@@ -179,11 +179,10 @@ async fn backup_disk(
         None => (Box::new(NoPrevious), None),
     };
 
-    let mut config = EngineConfig::new(block_size);
-    if let Some(t) = threads {
-        config.threads = t.max(1);
-        config.buffers = config.threads * 2 + 2;
-    }
+    let config = match threads {
+        Some(t) => EngineConfig::with_threads(block_size, t),
+        None => EngineConfig::new(block_size),
+    };
     let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
     let encoder = FrameEncoder { zstd_level: vault.config().zstd_level() };
     let source = Arc::clone(&disk.source);
@@ -208,7 +207,7 @@ async fn backup_disk(
     let mut state = DiskState {
         vault,
         progress: DiskProgress { disk: Some(name.clone()), size, ..Default::default() },
-        stats: DiskStats::default(),
+        chunks_written: 0,
         block_size: u64::from(block_size),
     };
     let consumed = consume(&mut state, rx, size, progress.as_ref(), cancel).await;
@@ -225,13 +224,17 @@ async fn backup_disk(
     if let Some(failure) = prev_failure.and_then(|f| f.lock().ok().and_then(|mut f| f.take())) {
         evidence.push(full(failure));
     }
-    let mut stats = state.stats;
-    stats.blocks = summary.blocks;
-    stats.bytes_scanned = summary.bytes_scanned;
-    stats.bytes_changed = summary.bytes_changed;
-    stats.hole_blocks = summary.holes;
-    stats.zero_blocks = summary.zeros;
-    stats.duration_ms = clock.elapsed().as_millis() as u64;
+    let stats = DiskStats {
+        blocks: summary.blocks,
+        bytes_scanned: summary.bytes_scanned,
+        bytes_changed: summary.bytes_changed,
+        bytes_sent: state.progress.bytes_sent,
+        bytes_deduplicated: state.progress.bytes_deduplicated,
+        chunks_written: state.chunks_written,
+        hole_blocks: summary.holes,
+        zero_blocks: summary.zeros,
+        duration_ms: clock.elapsed().as_millis() as u64,
+    };
     state.progress.done = true;
     progress.disk(&state.progress);
     let record = DiskRecord {
@@ -245,10 +248,11 @@ async fn backup_disk(
     Ok((name, record, evidence))
 }
 
+/// What one disk's consumer has done so far; `progress` doubles as the running totals.
 struct DiskState<'a> {
     vault: &'a Vault,
     progress: DiskProgress,
-    stats: DiskStats,
+    chunks_written: u64,
     block_size: u64,
 }
 
@@ -309,26 +313,27 @@ async fn consume(
 }
 
 fn account(state: &mut DiskState<'_>, (len, result): Upload) -> Result<(), Error> {
-    match result? {
-        Stored::Written(bytes) => {
-            state.stats.bytes_sent += bytes;
-            state.stats.chunks_written += 1;
-            state.progress.bytes_sent += bytes;
-        }
-        Stored::Present => {
-            state.stats.bytes_deduplicated += len;
-            state.progress.bytes_deduplicated += len;
-        }
-    }
+    note_stored(state, result?, len);
     Ok(())
 }
 
+/// Counts one stored chunk of `len` plaintext bytes: sent if written, deduplicated if present.
+fn note_stored(state: &mut DiskState<'_>, stored: Stored, len: u64) {
+    match stored {
+        Stored::Written(bytes) => {
+            state.chunks_written += 1;
+            state.progress.bytes_sent += bytes;
+        }
+        Stored::Present => state.progress.bytes_deduplicated += len,
+    }
+}
+
+/// Stores an index page or root. A page the vault already holds is the normal case for an
+/// unchanged region, not deduplicated disk data, so only writes are counted.
 async fn store_page(state: &mut DiskState<'_>, page: EncodedPage) -> Result<(), Error> {
-    let frame = encode_chunk(&page.bytes, state.vault.config().zstd_level())?;
-    if let Stored::Written(bytes) = state.vault.store_chunk(&page.digest, frame.into()).await? {
-        state.stats.bytes_sent += bytes;
-        state.stats.chunks_written += 1;
-        state.progress.bytes_sent += bytes;
+    let (_, stored) = state.vault.store_plain(&page.bytes).await?;
+    if let Stored::Written(_) = stored {
+        note_stored(state, stored, 0);
     }
     Ok(())
 }

@@ -210,7 +210,7 @@ fn open_target(target: &Path, size: u64, options: &RestoreOptions) -> Result<(Fi
                 return Err(Error::TargetExists { path: target.to_owned() });
             }
             let file = OpenOptions::new().write(true).open(target).map_err(io)?;
-            let dev_size = rustix_size(&file).map_err(io)?;
+            let dev_size = device_size(&file).map_err(io)?;
             if dev_size < size {
                 return Err(io(std::io::Error::other(format!(
                     "the device holds {dev_size} bytes, the disk needs {size}"
@@ -234,7 +234,8 @@ fn open_target(target: &Path, size: u64, options: &RestoreOptions) -> Result<(Fi
     }
 }
 
-fn rustix_size(file: &File) -> std::io::Result<u64> {
+/// A block device's size: where a seek to its end lands.
+fn device_size(file: &File) -> std::io::Result<u64> {
     use std::io::Seek;
     let mut f = file;
     f.seek(std::io::SeekFrom::End(0))

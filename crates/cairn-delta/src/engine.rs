@@ -37,6 +37,12 @@ impl EngineConfig {
     /// Defaults for `block_size`: one worker per core, 2 MiB reads, two buffers per worker.
     pub fn new(block_size: u32) -> Self {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::with_threads(block_size, threads)
+    }
+
+    /// Defaults for `block_size` with `threads` hashing threads (at least one).
+    pub fn with_threads(block_size: u32, threads: usize) -> Self {
+        let threads = threads.max(1);
         let batch_bytes = (block_size as usize).max(2 << 20);
         EngineConfig { block_size, threads, batch_bytes, buffers: threads * 2 + 2 }
     }
@@ -70,6 +76,15 @@ impl<P: PreviousIndex + ?Sized> PreviousIndex for Box<P> {
         &mut self,
     ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
         (**self).next_entry()
+    }
+}
+
+/// A previous index held in memory, one entry per block (tests, benchmarks, embedders).
+impl PreviousIndex for std::vec::IntoIter<BlockEntry> {
+    fn next_entry(
+        &mut self,
+    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(self.next())
     }
 }
 
@@ -170,7 +185,6 @@ struct Work {
     buf: Option<Vec<u8>>,
     holes: Vec<bool>,
     prev: Vec<Option<BlockEntry>>,
-    bytes_scanned: u64,
 }
 
 type Outcome<O> = Result<(u64, Batch<O>), Error>;
@@ -275,15 +289,8 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
         for _ in 0..blocks {
             prev.push(previous.next_entry().map_err(Error::Previous)?);
         }
-        // Bytes hashed: every block that is not a hole, whole (holes inside it read as zeros).
-        let bytes_scanned = holes
-            .iter()
-            .enumerate()
-            .filter(|(_, hole)| !**hole)
-            .map(|(i, _)| block.min(len as u64 - i as u64 * block))
-            .sum();
         let first_block = offset / block;
-        let item = Work { seq, first_block, len, buf, holes, prev, bytes_scanned };
+        let item = Work { seq, first_block, len, buf, holes, prev };
         if work.send(item).is_err() {
             return Ok(());
         }
@@ -303,12 +310,15 @@ fn hash_batches<E: BlockEncoder>(
     let block = block_size as usize;
     for item in work {
         let mut events = Vec::with_capacity(item.holes.len());
+        // Bytes hashed: every block that is not a hole, whole (holes inside it read as zeros).
+        let mut bytes_scanned = 0;
         for (i, hole) in item.holes.iter().enumerate() {
             let start = i * block;
             let data =
                 item.buf.as_deref().and_then(|b| b.get(start..(start + block).min(item.len)));
             let event = match data {
                 Some(data) if !hole => {
+                    bytes_scanned += data.len() as u64;
                     if is_zero(data) {
                         BlockEvent::Zero
                     } else {
@@ -332,8 +342,7 @@ fn hash_batches<E: BlockEncoder>(
         if let Some(buf) = item.buf {
             let _ = pool.send(buf);
         }
-        let batch =
-            Batch { first_block: item.first_block, events, bytes_scanned: item.bytes_scanned };
+        let batch = Batch { first_block: item.first_block, events, bytes_scanned };
         if results.send(Ok((item.seq, batch))).is_err() {
             return;
         }
@@ -390,15 +399,6 @@ mod tests {
     use crate::MemSource;
     use proptest::prelude::*;
 
-    struct VecPrevious(std::vec::IntoIter<BlockEntry>);
-    impl PreviousIndex for VecPrevious {
-        fn next_entry(
-            &mut self,
-        ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
-            Ok(self.0.next())
-        }
-    }
-
     struct Copy;
     impl BlockEncoder for Copy {
         type Output = Vec<u8>;
@@ -418,7 +418,7 @@ mod tests {
     ) -> (ScanSummary, Vec<BlockEvent<Vec<u8>>>) {
         let mut events = Vec::new();
         let mut expected_first = 0;
-        let summary = scan(src, VecPrevious(prev.into_iter()), &Copy, &config(threads), |b| {
+        let summary = scan(src, prev.into_iter(), &Copy, &config(threads), |b| {
             assert_eq!(b.first_block, expected_first);
             expected_first += b.events.len() as u64;
             events.extend(b.events);

@@ -111,7 +111,7 @@ async fn a_corrupt_chunk_is_found_quarantined_and_stored_again() {
     let victim = data[data.len() / 2].clone();
     flip_byte(&victim, 40);
 
-    let report = f.vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    let report = f.verify().await;
     assert!(!report.is_clean());
     assert_eq!(report.bad_chunks.len(), 1);
     assert!(report.bad_chunks[0].reason.contains("CRC"), "{:?}", report.bad_chunks);
@@ -141,7 +141,7 @@ async fn a_truncated_chunk_is_found() {
     let (_, data) = chunks_of(&f, &m, "sda").await;
     let file = std::fs::OpenOptions::new().write(true).open(&data[0]).unwrap();
     file.set_len(10).unwrap();
-    let report = f.vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    let report = f.verify().await;
     assert_eq!(report.bad_chunks.len(), 1);
     assert!(report.bad_chunks[0].reason.contains("truncated"), "{:?}", report.bad_chunks);
 }
@@ -156,7 +156,7 @@ async fn a_corrupt_index_page_damages_its_point_and_the_next_backup_uses_an_olde
     let (pages, _) = chunks_of(&f, &second, "sda").await;
     flip_byte(&pages[0], 100);
 
-    let report = f.vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    let report = f.verify().await;
     assert_eq!(report.damaged_points, vec![(name("vm"), second.point.clone())]);
     let third = f.backup("vm", &[("sda", &a)]).await.unwrap();
     assert_eq!(third.disks[&name("sda")].previous_point.as_ref(), Some(&first.point));
@@ -211,17 +211,14 @@ async fn a_cancelled_backup_commits_nothing_and_leaves_the_vault_valid() {
     cairn_sample::mutate_scattered(&a, 0.2, 9).unwrap();
 
     let cancel = Cancel::new();
-    let request = cairn_backup::BackupRequest {
-        vm: name("vm"),
-        disks: vec![cairn_backup::DiskInput {
+    let request = request(
+        "vm",
+        vec![cairn_backup::DiskInput {
             name: name("sda"),
             source: Arc::new(cairn_delta::RawFile::open(&a).unwrap()),
         }],
-        consistency: cairn_format::Consistency::None,
-        captured_at: None,
-        evidence: vec![],
-        threads: Some(1),
-    };
+        1,
+    );
     let progress = Arc::new(CancelOnFirstReport(cancel.clone()));
     let err = cairn_backup::backup(&f.vault, request, progress, &cancel).await.unwrap_err();
     assert!(matches!(err, cairn_backup::Error::Cancelled), "{err}");
@@ -303,9 +300,9 @@ impl cairn_delta::BlockSource for FailingDisk {
 async fn an_unreadable_disk_fails_the_job_and_commits_nothing() {
     let f = Fixture::new(65536).await;
     let good = f.sample("good.raw", 2 << 20, 1);
-    let request = cairn_backup::BackupRequest {
-        vm: name("vm"),
-        disks: vec![
+    let request = request(
+        "vm",
+        vec![
             cairn_backup::DiskInput {
                 name: name("good"),
                 source: Arc::new(cairn_delta::RawFile::open(&good).unwrap()),
@@ -315,11 +312,8 @@ async fn an_unreadable_disk_fails_the_job_and_commits_nothing() {
                 source: Arc::new(FailingDisk { fail_at: 40 << 20 }),
             },
         ],
-        consistency: cairn_format::Consistency::None,
-        captured_at: None,
-        evidence: vec![],
-        threads: Some(2),
-    };
+        2,
+    );
     let err = cairn_backup::backup(&f.vault, request, Arc::new(NoProgress), &Cancel::new())
         .await
         .unwrap_err();

@@ -56,8 +56,13 @@ impl Fixture {
             .map(|_| ())
     }
 
+    /// Verifies the whole vault.
+    pub async fn verify(&self) -> cairn_vault::VerifyReport {
+        self.vault.verify(&Default::default(), &|_| {}).await.unwrap()
+    }
+
     pub async fn verify_clean(&self) -> bool {
-        self.vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean()
+        self.verify().await.is_clean()
     }
 }
 
@@ -72,15 +77,7 @@ pub async fn backup_with(
         .map(|(n, p)| Ok(DiskInput { name: name(n), source: Arc::new(RawFile::open(p)?) }))
         .collect::<Result<Vec<_>, cairn_delta::Error>>()
         .map_err(|source| cairn_backup::Error::Disk { disk: name(disks[0].0), source })?;
-    let request = BackupRequest {
-        vm: name(vm),
-        disks: inputs,
-        consistency: Consistency::None,
-        captured_at: None,
-        evidence: vec![],
-        threads: Some(2),
-    };
-    cairn_backup::backup(vault, request, Arc::new(NoProgress), cancel).await
+    cairn_backup::backup(vault, request(vm, inputs, 2), Arc::new(NoProgress), cancel).await
 }
 
 /// Restores one disk with default options and no progress.
@@ -94,6 +91,18 @@ pub async fn restore_from(
     cairn_backup::restore_disk(vault, m, &name(disk), to, &opts, Arc::new(NoProgress))
         .await
         .map(|_| ())
+}
+
+/// A live-read backup request for `vm` with `threads` hashing threads per disk.
+pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest {
+    BackupRequest {
+        vm: name(vm),
+        disks,
+        consistency: Consistency::None,
+        captured_at: None,
+        evidence: vec![],
+        threads: Some(threads),
+    }
 }
 
 pub fn name(s: &str) -> Name {
