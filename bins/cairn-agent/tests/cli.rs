@@ -151,19 +151,18 @@ fn restore_refuses_to_overwrite_and_verify_exits_3_on_damage() {
         run(&["restore", "--vault", &v, "--vm", "vm", "--disk", "a.raw", "--to", t, "--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // Damage one chunk: verify names it and exits 3.
-    let chunk = first_chunk(&e.p("vault"));
-    let mut bytes = std::fs::read(&chunk).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    std::fs::write(&chunk, bytes).unwrap();
+    // Damage the first chunk of a pack: verify names it and exits 3.
+    let pack = first_pack(&e.p("vault"));
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&pack, bytes).unwrap();
     let out = run(&["verify", "--vault", &v]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("BAD chunk"));
 }
 
-fn first_chunk(vault: &Path) -> PathBuf {
-    let fan = std::fs::read_dir(vault.join("chunks")).unwrap().next().unwrap().unwrap().path();
+fn first_pack(vault: &Path) -> PathBuf {
+    let fan = std::fs::read_dir(vault.join("packs")).unwrap().next().unwrap().unwrap().path();
     std::fs::read_dir(fan).unwrap().next().unwrap().unwrap().path()
 }
 

@@ -13,9 +13,7 @@ use cairn_format::{
     Consistency, Digest, DiskRecord, DiskStats, Evidence, Name, PointId, PointManifest,
     encode_chunk,
 };
-use cairn_vault::{Stored, Vault};
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
+use cairn_vault::{PackWriter, Stored, Vault};
 use jiff::Timestamp;
 use tokio::sync::mpsc;
 
@@ -46,10 +44,6 @@ pub struct BackupRequest {
     pub threads: Option<usize>,
 }
 
-/// Chunks being uploaded at once, per disk.
-/// Measured on a local ext4 vault: 8 to 16 are equal, 32 and more lose to thread switching.
-const UPLOADS_IN_FLIGHT: usize = 16;
-
 /// Runs a backup: every disk in parallel through the delta engine into `vault`, then the
 /// commit. On any error or cancellation nothing is committed and earlier points are untouched.
 pub async fn backup(
@@ -78,7 +72,8 @@ pub async fn backup(
         let prev = previous
             .as_ref()
             .and_then(|p| p.disks.get(&disk.name).map(|d| (p.point.clone(), d.clone())));
-        backup_disk(vault, disk, prev, request.threads, Arc::clone(&progress), cancel)
+        let packs = writer.pack_writer();
+        backup_disk(vault, packs, disk, prev, request.threads, Arc::clone(&progress), cancel)
     });
     let results = futures::future::join_all(jobs).await;
     let mut disks = BTreeMap::new();
@@ -135,6 +130,7 @@ impl BlockEncoder for FrameEncoder {
 
 async fn backup_disk(
     vault: &Vault,
+    packs: PackWriter,
     disk: DiskInput,
     previous: Option<(PointId, DiskRecord)>,
     threads: Option<usize>,
@@ -206,11 +202,16 @@ async fn backup_disk(
 
     let mut state = DiskState {
         vault,
+        packs,
         progress: DiskProgress { disk: Some(name.clone()), size, ..Default::default() },
         chunks_written: 0,
         block_size: u64::from(block_size),
     };
     let consumed = consume(&mut state, rx, size, progress.as_ref(), cancel).await;
+    let consumed = match consumed {
+        Ok(root) => state.packs.finish().await.map(|()| root).map_err(Error::from),
+        Err(e) => Err(e),
+    };
     let scanned = scan.await.map_err(|_| Error::Internal("the scan thread died".into()))?;
     // The scan's own failure is the real cause when it has one; a consumer error stops the scan
     // (which then reports `Stopped`), and cancellation stops both.
@@ -251,15 +252,14 @@ async fn backup_disk(
 /// What one disk's consumer has done so far; `progress` doubles as the running totals.
 struct DiskState<'a> {
     vault: &'a Vault,
+    packs: PackWriter,
     progress: DiskProgress,
     chunks_written: u64,
     block_size: u64,
 }
 
-type Upload = (u64, Result<Stored, cairn_vault::Error>);
-
-/// Takes the engine's batches in order: builds the index, uploads changed blocks (a bounded
-/// number at a time) and stores index pages; returns the index root's chunk id.
+/// Takes the engine's batches in order: builds the index, stores changed blocks (into packs,
+/// uploaded in the background as they fill) and index pages; returns the index root's chunk id.
 async fn consume(
     state: &mut DiskState<'_>,
     mut rx: mpsc::Receiver<Batch<Result<Bytes, cairn_format::Error>>>,
@@ -269,7 +269,6 @@ async fn consume(
 ) -> Result<Digest, Error> {
     let config = state.vault.config();
     let mut index = IndexWriter::new(size, config.block_size, config.blocks_per_page)?;
-    let mut uploads = FuturesUnordered::new();
     while let Some(batch) = rx.recv().await {
         if cancel.is_cancelled() {
             return Err(Error::Cancelled);
@@ -283,15 +282,8 @@ async fn consume(
             }
             if let BlockEvent::Changed { digest, len, payload } = event {
                 state.progress.bytes_changed += u64::from(len);
-                let frame = payload?;
-                let vault = state.vault.clone();
-                uploads
-                    .push(async move { (u64::from(len), vault.store_chunk(&digest, frame).await) });
-                while uploads.len() >= UPLOADS_IN_FLIGHT {
-                    if let Some(done) = uploads.next().await {
-                        account(state, done)?;
-                    }
-                }
+                let stored = state.packs.store(&digest, payload?).await?;
+                note_stored(state, stored, u64::from(len));
             }
         }
         progress.disk(&state.progress);
@@ -300,9 +292,6 @@ async fn consume(
     if cancel.is_cancelled() {
         return Err(Error::Cancelled);
     }
-    while let Some(done) = uploads.next().await {
-        account(state, done)?;
-    }
     let (last, root) = index.finish()?;
     if let Some(page) = last {
         store_page(state, page).await?;
@@ -310,11 +299,6 @@ async fn consume(
     let root_id = root.digest;
     store_page(state, root).await?;
     Ok(root_id)
-}
-
-fn account(state: &mut DiskState<'_>, (len, result): Upload) -> Result<(), Error> {
-    note_stored(state, result?, len);
-    Ok(())
 }
 
 /// Counts one stored chunk of `len` plaintext bytes: sent if written, deduplicated if present.
@@ -331,7 +315,7 @@ fn note_stored(state: &mut DiskState<'_>, stored: Stored, len: u64) {
 /// Stores an index page or root. A page the vault already holds is the normal case for an
 /// unchanged region, not deduplicated disk data, so only writes are counted.
 async fn store_page(state: &mut DiskState<'_>, page: EncodedPage) -> Result<(), Error> {
-    let (_, stored) = state.vault.store_plain(&page.bytes).await?;
+    let (_, stored) = state.packs.store_plain(&page.bytes).await?;
     if let Stored::Written(_) = stored {
         note_stored(state, stored, 0);
     }

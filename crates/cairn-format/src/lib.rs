@@ -1,7 +1,7 @@
 //! Cairn's vocabulary and its bytes.
 //!
 //! Everything Cairn writes to a vault is defined here, and only here: digests and names, the
-//! chunk frame (compression, cipher field, CRC-32), the paged, content-addressed disk index, the
+//! chunk frame (compression, cipher field, CRC-32), packs of chunk frames and their indexes, the paged, content-addressed disk index, the
 //! recovery-point manifest and the vault config. The crate is synchronous and does no I/O:
 //! encoders take values and return bytes, decoders take bytes and return values or an
 //! [`Error`], and never panic on any input (each decoder has a fuzz target in `fuzz/` and
@@ -20,12 +20,15 @@ mod error;
 pub mod index;
 mod manifest;
 mod name;
+pub mod pack;
 mod point_id;
 
 pub use chunk::{
     ChunkFrame, Cipher, Compression, FRAME_HEADER_LEN, MAX_CHUNK_LEN, decode_chunk, encode_chunk,
 };
-pub use config::{ChunkIdParams, CipherParams, CompressionParams, VaultConfig};
+pub use config::{
+    ChunkIdParams, CipherParams, CompressionParams, DEFAULT_PACK_SIZE, PACK_SIZE_RANGE, VaultConfig,
+};
 pub use digest::Digest;
 pub use error::Error;
 pub use manifest::{

@@ -74,6 +74,22 @@ pub enum Error {
         /// The chunk.
         id: Digest,
     },
+    /// A chunk's pack ends before the chunk does.
+    #[error(
+        "chunk {id} is truncated in pack {pack}; run `cairn-agent verify` to find the damaged points"
+    )]
+    ChunkTruncated {
+        /// The chunk.
+        id: Digest,
+        /// The pack that should hold it.
+        pack: Digest,
+    },
+    /// A point was committed while some of its pack writers had not finished.
+    #[error("{writers} pack writer(s) of this backup never finished; the point cannot commit")]
+    Unfinished {
+        /// How many.
+        writers: usize,
+    },
     /// No such point.
     #[error("VM {vm} has no recovery point {point}; list them with `cairn-agent points --vm {vm}`")]
     PointNotFound {

@@ -8,15 +8,42 @@ pub(crate) fn config() -> Path {
     Path::from("config.json")
 }
 
-/// A chunk: `chunks/<first 2 hex>/<64 hex>`; the fan-out keeps local folders small.
-pub(crate) fn chunk(id: &Digest) -> Path {
-    let hex = id.to_hex();
-    Path::from(format!("chunks/{}/{hex}", &hex[..2]))
+/// A pack: `packs/<first 2 hex>/<64 hex>`; the fan-out keeps local folders small.
+pub(crate) fn pack(name: &Digest) -> Path {
+    let hex = name.to_hex();
+    Path::from(format!("packs/{}/{hex}", &hex[..2]))
 }
 
-/// Where verify moves a bad chunk.
-pub(crate) fn quarantined(id: &Digest) -> Path {
-    Path::from(format!("quarantine/{}", id.to_hex()))
+/// All pack indexes.
+pub(crate) fn pack_indexes() -> Path {
+    Path::from("pack-index")
+}
+
+/// The pack index of the packs point `point` wrote (each point writes at most one).
+pub(crate) fn pack_index(point: &PointId) -> Path {
+    Path::from(format!("pack-index/{point}"))
+}
+
+/// Where verify moves an unreadable pack index.
+pub(crate) fn quarantined_pack_index(index: &Path) -> Path {
+    Path::from(format!("quarantine/pack-index/{}", index.filename().unwrap_or("unnamed")))
+}
+
+/// All quarantine markers.
+pub(crate) fn quarantine() -> Path {
+    Path::from("quarantine")
+}
+
+/// The marker verify writes for chunk `id` found bad in `pack`: `quarantine/<chunk>.<pack>`.
+pub(crate) fn quarantined(id: &Digest, pack: &Digest) -> Path {
+    Path::from(format!("quarantine/{}.{}", id.to_hex(), pack.to_hex()))
+}
+
+/// Parses a quarantine marker's path back into `(chunk, pack)`.
+pub(crate) fn parse_quarantined(path: &Path) -> Option<(Digest, Digest)> {
+    let file = path.filename()?;
+    let (chunk, pack) = file.split_once('.')?;
+    Some((chunk.parse().ok()?, pack.parse().ok()?))
 }
 
 /// All points, or one VM's.

@@ -1,7 +1,8 @@
 //! The vault: where recovery points live.
 //!
 //! A vault is an [`object_store::ObjectStore`] given meaning: content-addressed chunks (blocks
-//! and index pages, each stored once, written only if absent), recovery-point manifests
+//! and index pages, each stored once) gathered into packs of a few MiB, pack indexes that say
+//! where each chunk is (loaded into a [chunk map](ChunkLocation)), recovery-point manifests
 //! (written last and create-only, so that a point is visible only once complete), in-flight
 //! markers for a future garbage collector, damage records and a quarantine for chunks that
 //! verify found bad. Backends are chosen by URL ([`Vault::open`]); anything that implements
@@ -11,10 +12,12 @@
 //! written so far stable (one `syncfs` on a local vault instead of an fsync per chunk; a no-op
 //! on object stores, where an acknowledged PUT is durable).
 
+mod chunk_map;
 mod chunks;
 mod error;
 mod layout;
 mod open;
+mod packs;
 mod points;
 mod verify;
 
@@ -23,9 +26,10 @@ use std::sync::Arc;
 use cairn_format::VaultConfig;
 use object_store::ObjectStore;
 
-pub use chunks::Stored;
+pub use chunk_map::ChunkLocation;
 pub use error::Error;
 pub use open::{Durability, EARLY_FLUSH_BYTES, LocalSync};
+pub use packs::{PackWriter, Stored};
 pub use points::{PointListing, PointWriter, UnreadablePoint};
 pub use verify::{BadChunk, VerifyProgress, VerifyReport, VerifyScope};
 
@@ -36,6 +40,7 @@ pub struct Vault {
     config: Arc<VaultConfig>,
     url: Arc<str>,
     durability: Durability,
+    chunk_map: Arc<chunk_map::SharedChunkMap>,
 }
 
 impl Vault {

@@ -51,11 +51,6 @@ impl LocalSync {
 }
 
 impl Durability {
-    /// Whether writes go over a network (where a HEAD is cheaper than a redundant upload).
-    pub(crate) fn is_remote(&self) -> bool {
-        matches!(self, Durability::OnAck)
-    }
-
     /// Notes `bytes` written; on a local vault, starts a background flush now and then.
     pub(crate) fn wrote(&self, bytes: u64) {
         let Durability::SyncFs(local) = self else { return };
@@ -143,7 +138,7 @@ impl Vault {
             }
             Err(e) => return Err(Error::storage("write", &path, e)),
         }
-        let vault = Vault { store, config: Arc::new(config), url: url.into(), durability };
+        let vault = Vault::assemble(store, config, url, durability);
         vault.barrier().await?;
         Ok(vault)
     }
@@ -179,7 +174,22 @@ impl Vault {
         };
         let config = VaultConfig::decode(&bytes)
             .map_err(|source| Error::Corrupt { path: format!("{url}/{path}"), source })?;
-        Ok(Vault { store, config: Arc::new(config), url: url.into(), durability })
+        Ok(Vault::assemble(store, config, url, durability))
+    }
+
+    fn assemble(
+        store: Arc<dyn ObjectStore>,
+        config: VaultConfig,
+        url: &str,
+        durability: Durability,
+    ) -> Vault {
+        Vault {
+            store,
+            config: Arc::new(config),
+            url: url.into(),
+            durability,
+            chunk_map: Arc::default(),
+        }
     }
 
     /// Makes every write so far durable. Called before a manifest commits and after.

@@ -1,7 +1,9 @@
 //! Recovery points: listing, choosing the base of an incremental, and the atomic commit.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
+use cairn_format::pack::encode_pack_index;
 use cairn_format::{DamageRecord, Evidence, InflightMarker, Name, PointId, PointManifest};
 use futures::{StreamExt, TryStreamExt};
 use jiff::Timestamp;
@@ -9,7 +11,8 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions};
 use rand::RngExt;
 
-use crate::{Error, Vault, layout};
+use crate::packs::JobChunks;
+use crate::{Error, PackWriter, Vault, layout};
 
 /// A manifest that exists but cannot be read.
 #[derive(Clone, Debug)]
@@ -204,7 +207,15 @@ impl Vault {
             .put(&path, marker.encode().into())
             .await
             .map_err(|e| Error::storage("write", &path, e))?;
-        Ok(PointWriter { vault: self.clone(), vm: vm.clone(), point, started_at })
+        // Deduplicate against everything committed before this backup started.
+        self.refresh_chunk_map().await?;
+        Ok(PointWriter {
+            vault: self.clone(),
+            vm: vm.clone(),
+            point,
+            started_at,
+            job: Arc::default(),
+        })
     }
 
     /// In-flight markers: backups started and not yet committed or abandoned.
@@ -245,9 +256,16 @@ pub struct PointWriter {
     vm: Name,
     point: PointId,
     started_at: Timestamp,
+    job: Arc<JobChunks>,
 }
 
 impl PointWriter {
+    /// A writer for one stream of this point's chunks (one per disk); finish every one before
+    /// [`PointWriter::commit`].
+    pub fn pack_writer(&self) -> PackWriter {
+        PackWriter::new(self.vault.clone(), Arc::clone(&self.job))
+    }
+
     /// The point's id.
     pub fn point(&self) -> &PointId {
         &self.point
@@ -258,8 +276,10 @@ impl PointWriter {
         self.started_at
     }
 
-    /// Commits: makes every chunk durable, writes the manifest create-only, makes it durable,
-    /// and removes the in-flight marker.
+    /// Commits: makes the packs durable, writes their pack index and makes it durable, writes
+    /// the manifest create-only and makes it durable, then removes the in-flight marker. Each
+    /// barrier orders one step before the next: a crash leaves a manifest only over a durable
+    /// index of durable packs.
     pub async fn commit(self, manifest: &PointManifest) -> Result<(), Error> {
         if manifest.point != self.point || manifest.vm != self.vm {
             return Err(Error::Format(cairn_format::Error::Invalid {
@@ -270,7 +290,20 @@ impl PointWriter {
                 ),
             }));
         }
+        let packs = self.job.take_packs()?;
         self.vault.barrier().await?;
+        let index = (!packs.is_empty()).then(|| encode_pack_index(&packs));
+        if let Some(bytes) = &index {
+            let path = layout::pack_index(&self.point);
+            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+            self.vault
+                .store
+                .put_opts(&path, bytes.clone().into(), opts)
+                .await
+                .map_err(|e| Error::storage("write", &path, e))?;
+            self.vault.barrier().await?;
+            self.vault.chunk_map.write(|m| m.add(path.to_string(), &packs));
+        }
         let path = layout::manifest(&self.vm, &self.point);
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         self.vault

@@ -56,12 +56,17 @@ pub struct VerifyReport {
     pub damaged_points: Vec<(Name, PointId)>,
     /// Manifests that could not be read.
     pub unreadable: Vec<UnreadablePoint>,
+    /// Pack indexes that could not be read: `(object, reason)`. Their chunks count as missing.
+    pub unreadable_pack_indexes: Vec<(String, String)>,
 }
 
 impl VerifyReport {
     /// True when nothing is damaged.
     pub fn is_clean(&self) -> bool {
-        self.bad_chunks.is_empty() && self.damaged_points.is_empty() && self.unreadable.is_empty()
+        self.bad_chunks.is_empty()
+            && self.damaged_points.is_empty()
+            && self.unreadable.is_empty()
+            && self.unreadable_pack_indexes.is_empty()
     }
 }
 
@@ -75,6 +80,7 @@ impl Vault {
         scope: &VerifyScope,
         on_progress: &(dyn Fn(&VerifyProgress) + Sync),
     ) -> Result<VerifyReport, Error> {
+        self.refresh_chunk_map().await?;
         let mut listing = self.list_points(scope.vm.as_ref()).await?;
         if let Some(point) = &scope.point {
             listing.points.retain(|m| &m.point == point);
@@ -126,7 +132,7 @@ impl Vault {
             }
             for (id, reason) in &bad {
                 tracing::warn!(chunk = %id, %reason, "bad chunk; moving it to quarantine");
-                self.quarantine_chunk(id).await?;
+                self.quarantine_chunk(id, reason).await?;
             }
         }
         let mut damaged: BTreeMap<(Name, PointId), BTreeMap<Digest, String>> = BTreeMap::new();
@@ -155,6 +161,8 @@ impl Vault {
             self.clear_damage(&vm, &point).await?;
         }
         report.damaged_points = damaged.into_keys().collect();
+        report.unreadable_pack_indexes = self.unreadable_pack_indexes();
+        self.quarantine_pack_indexes().await?;
         Ok(report)
     }
 
@@ -225,6 +233,9 @@ impl Vault {
         let raw = match self.read_chunk_raw(id).await {
             Ok(raw) => raw,
             Err(Error::ChunkMissing { .. }) => return Ok(Err("missing".into())),
+            Err(Error::ChunkTruncated { pack, .. }) => {
+                return Ok(Err(format!("truncated (pack {pack} ends before it)")));
+            }
             Err(e) => return Err(e),
         };
         let id = *id;

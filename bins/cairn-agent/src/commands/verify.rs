@@ -47,6 +47,11 @@ pub fn report_json(r: &VerifyReport) -> serde_json::Value {
         "bad_chunks": bad,
         "damaged_points": damaged,
         "unreadable_manifests": unreadable,
+        "unreadable_pack_indexes": r
+            .unreadable_pack_indexes
+            .iter()
+            .map(|(path, error)| serde_json::json!({ "path": path, "error": error }))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -58,13 +63,16 @@ pub fn print_report(r: &VerifyReport) {
         bytes(r.bytes_checked)
     );
     for b in &r.bad_chunks {
-        println!("BAD chunk {}: {} (moved to quarantine)", b.id, b.reason);
+        println!("BAD chunk {}: {} (quarantined)", b.id, b.reason);
         for (vm, p) in &b.points {
             println!("    damages point {p} of VM {vm}");
         }
     }
     for u in &r.unreadable {
         println!("UNREADABLE manifest {}: {}", u.path, u.error);
+    }
+    for (path, error) in &r.unreadable_pack_indexes {
+        println!("UNREADABLE pack index {path}: {error} (moved to quarantine/pack-index)");
     }
     if r.is_clean() {
         println!("vault OK");

@@ -9,28 +9,42 @@ use cairn_vault::Vault;
 
 use crate::support::*;
 
-/// Chunk files of one disk of a point: (index pages, data chunks).
-async fn chunks_of(f: &Fixture, m: &PointManifest, disk: &str) -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let path = |d: &Digest| {
-        let hex = d.to_hex();
-        f.vault_dir().join("chunks").join(&hex[..2]).join(hex)
+/// Where a chunk is stored: its pack file and its frame's place in it.
+#[derive(Clone, Debug)]
+struct Stored {
+    id: Digest,
+    pack: PathBuf,
+    offset: u64,
+    len: u64,
+}
+
+/// Stored chunks of one disk of a point: (index pages, data chunks).
+async fn chunks_of(f: &Fixture, m: &PointManifest, disk: &str) -> (Vec<Stored>, Vec<Stored>) {
+    let place = |id: Digest| async move {
+        let loc = f.vault.locate_chunk(&id).await.unwrap().expect("a located chunk");
+        let hex = loc.pack.to_hex();
+        let pack = f.vault_dir().join("packs").join(&hex[..2]).join(hex);
+        Stored { id, pack, offset: u64::from(loc.offset), len: u64::from(loc.len) }
     };
     let root = f.vault.read_index_root(&m.disks[&name(disk)].index_root).await.unwrap();
     let mut pages = Vec::new();
     let mut data = Vec::new();
     for page_id in root.page_digests() {
-        pages.push(path(&page_id));
+        pages.push(place(page_id).await);
         let page = f.vault.read_index_page(&page_id).await.unwrap();
-        data.extend(page.entries().filter_map(|e| e.digest().map(path)));
+        for id in page.entries().filter_map(|e| e.digest().copied()) {
+            data.push(place(id).await);
+        }
     }
     (pages, data)
 }
 
-fn flip_byte(p: &std::path::Path, at: usize) {
-    let mut bytes = std::fs::read(p).unwrap();
-    let at = at.min(bytes.len() - 1);
+/// Flips one bit of a stored chunk's frame, `at` bytes into it (clamped to the frame).
+fn flip_byte(c: &Stored, at: u64) {
+    let mut bytes = std::fs::read(&c.pack).unwrap();
+    let at = (c.offset + at.min(c.len - 1)) as usize;
     bytes[at] ^= 0x40;
-    std::fs::write(p, bytes).unwrap();
+    std::fs::write(&c.pack, bytes).unwrap();
 }
 
 #[tokio::test]
@@ -116,7 +130,12 @@ async fn a_corrupt_chunk_is_found_quarantined_and_stored_again() {
     assert_eq!(report.bad_chunks.len(), 1);
     assert!(report.bad_chunks[0].reason.contains("CRC"), "{:?}", report.bad_chunks);
     assert_eq!(report.bad_chunks[0].points, vec![(name("vm"), m.point.clone())]);
-    assert!(!victim.exists(), "the bad chunk must be moved to quarantine");
+    let marker = f.vault_dir().join("quarantine").join(format!(
+        "{}.{}",
+        victim.id,
+        victim.pack.file_name().unwrap().to_str().unwrap()
+    ));
+    assert!(marker.exists(), "the bad copy must be marked quarantined");
 
     let err = f.restore(&m, "sda", &f.path("r.raw")).await.unwrap_err();
     assert!(err.to_string().contains("missing") && err.to_string().contains("verify"), "{err}");
@@ -126,7 +145,8 @@ async fn a_corrupt_chunk_is_found_quarantined_and_stored_again() {
     let m2 = f.backup("vm", &[("sda", &a)]).await.unwrap();
     assert!(m2.disks[&name("sda")].previous_point.is_none());
     assert!(m2.evidence.iter().any(|e| e.kind == "previous_point_skipped"), "{:?}", m2.evidence);
-    assert!(victim.exists());
+    let again = f.vault.locate_chunk(&victim.id).await.unwrap().expect("stored again");
+    assert_ne!(again.pack.to_hex(), victim.pack.file_name().unwrap().to_str().unwrap());
     // Now both points are whole again, and verify says so.
     assert!(f.verify_clean().await);
     f.restore(&m, "sda", &f.path("r.raw")).await.unwrap();
@@ -139,8 +159,10 @@ async fn a_truncated_chunk_is_found() {
     let a = f.sample("a.raw", 2 << 20, 3);
     let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
     let (_, data) = chunks_of(&f, &m, "sda").await;
-    let file = std::fs::OpenOptions::new().write(true).open(&data[0]).unwrap();
-    file.set_len(10).unwrap();
+    // Cut the pack holding the last data chunk in the middle of that chunk.
+    let victim = data.last().unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&victim.pack).unwrap();
+    file.set_len(victim.offset + victim.len / 2).unwrap();
     let report = f.verify().await;
     assert_eq!(report.bad_chunks.len(), 1);
     assert!(report.bad_chunks[0].reason.contains("truncated"), "{:?}", report.bad_chunks);

@@ -1,0 +1,230 @@
+//! Where each chunk lives: the vault's pack indexes, loaded into memory.
+//!
+//! The map is the union of the committed pack indexes, minus the places verify quarantined.
+//! It answers two questions: "does the vault hold this chunk?" (so a backup stores it once)
+//! and "where?" (so a reader fetches its frame with one ranged read). It grows by 44 bytes
+//! per distinct chunk in the vault, about 0.07% of the data at 64 KiB blocks.
+//!
+//! Only committed pack indexes are loaded, so a chunk is never "present" because of a backup
+//! that is still running or that failed: a point can reference only chunks whose place is
+//! durable in a pack index written before its manifest.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+
+use cairn_format::Digest;
+use cairn_format::pack::{IndexedPack, decode_pack_index};
+use futures::StreamExt;
+use object_store::ObjectStoreExt;
+
+use crate::{Error, Vault, layout};
+
+/// Where a chunk's frame is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLocation {
+    /// The pack that holds it.
+    pub pack: Digest,
+    /// Offset of the frame in the pack.
+    pub offset: u32,
+    /// Length of the frame.
+    pub len: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    pack: u32,
+    offset: u32,
+    len: u32,
+}
+
+/// The in-memory map; see the module docs.
+#[derive(Debug, Default)]
+pub(crate) struct ChunkMap {
+    loaded: HashSet<String>,
+    packs: Vec<Digest>,
+    pack_numbers: HashMap<Digest, u32>,
+    chunks: HashMap<Digest, Slot>,
+    quarantined: HashSet<(Digest, Digest)>,
+    unreadable: Vec<(String, String)>,
+}
+
+impl ChunkMap {
+    fn pack_number(&mut self, pack: Digest) -> u32 {
+        *self.pack_numbers.entry(pack).or_insert_with(|| {
+            self.packs.push(pack);
+            (self.packs.len() - 1) as u32
+        })
+    }
+
+    /// Adds the chunks of `packs`; a chunk already placed keeps its first place.
+    pub(crate) fn add(&mut self, name: String, packs: &[IndexedPack]) {
+        self.loaded.insert(name);
+        for p in packs {
+            let pack = self.pack_number(p.pack);
+            for e in &p.entries {
+                if self.quarantined.contains(&(e.id, p.pack)) {
+                    continue;
+                }
+                self.chunks.entry(e.id).or_insert(Slot { pack, offset: e.offset, len: e.len });
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, id: &Digest) -> bool {
+        self.chunks.contains_key(id)
+    }
+
+    pub(crate) fn locate(&self, id: &Digest) -> Option<ChunkLocation> {
+        let slot = self.chunks.get(id)?;
+        let pack = *self.packs.get(slot.pack as usize)?;
+        Some(ChunkLocation { pack, offset: slot.offset, len: slot.len })
+    }
+}
+
+/// The map and whether it was ever loaded.
+#[derive(Debug, Default)]
+pub(crate) struct SharedChunkMap {
+    map: std::sync::RwLock<ChunkMap>,
+    /// Serialises refreshes; true once the map was loaded at least once.
+    refreshing: tokio::sync::Mutex<bool>,
+    /// The same fact, readable without the lock. Readers check it first: they run inside
+    /// buffered streams, where a future that was granted an async lock may not be polled
+    /// again until the futures waiting behind it finish, a deadlock.
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+impl SharedChunkMap {
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&ChunkMap) -> T) -> T {
+        match self.map.read() {
+            Ok(map) => f(&map),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&mut ChunkMap) -> T) -> T {
+        match self.map.write() {
+            Ok(mut map) => f(&mut map),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+impl Vault {
+    /// Loads the pack indexes committed since the last call (all of them the first time) and
+    /// the quarantine markers. Backups call this as they start, so that they deduplicate
+    /// against everything committed before them.
+    pub async fn refresh_chunk_map(&self) -> Result<(), Error> {
+        let mut loaded_once = self.chunk_map.refreshing.lock().await;
+        self.load_new_indexes().await?;
+        *loaded_once = true;
+        self.chunk_map.loaded.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Loads the map unless it was loaded before.
+    pub(crate) async fn ensure_chunk_map(&self) -> Result<(), Error> {
+        if self.chunk_map.loaded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut loaded_once = self.chunk_map.refreshing.lock().await;
+        if !*loaded_once {
+            self.load_new_indexes().await?;
+            *loaded_once = true;
+            self.chunk_map.loaded.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Forgets the map and loads it again (after a quarantine changed which places count).
+    pub(crate) async fn reload_chunk_map(&self) -> Result<(), Error> {
+        let mut loaded_once = self.chunk_map.refreshing.lock().await;
+        let mut fresh = ChunkMap::default();
+        self.load_new_indexes_into(Some(&mut fresh)).await?;
+        // Swapped whole, so that readers never see a half-loaded map.
+        self.chunk_map.write(|m| *m = fresh);
+        *loaded_once = true;
+        self.chunk_map.loaded.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn load_new_indexes(&self) -> Result<(), Error> {
+        self.load_new_indexes_into(None).await
+    }
+
+    /// Loads pack indexes not loaded yet into `local`, or into the shared map when `None`.
+    async fn load_new_indexes_into(&self, mut local: Option<&mut ChunkMap>) -> Result<(), Error> {
+        let mut apply = |f: &mut dyn FnMut(&mut ChunkMap)| match local.as_deref_mut() {
+            Some(m) => f(m),
+            None => self.chunk_map.write(|m| f(m)),
+        };
+        let quarantined: HashSet<(Digest, Digest)> = self
+            .list_paths(&layout::quarantine())
+            .await?
+            .iter()
+            .filter_map(layout::parse_quarantined)
+            .collect();
+        let mut names = self.list_paths(&layout::pack_indexes()).await?;
+        apply(&mut |m| {
+            names.retain(|p| !m.loaded.contains(p.as_ref()));
+            m.quarantined.extend(quarantined.iter().copied());
+        });
+        let new = names;
+        let mut fetched = futures::stream::iter(new)
+            .map(|path| async move {
+                let bytes = self.get_bytes(&path).await;
+                (path, bytes)
+            })
+            .buffered(16);
+        while let Some((path, bytes)) = fetched.next().await {
+            let decoded = match bytes? {
+                // Listed a moment ago and gone now: a collector removed it; nothing to load.
+                None => continue,
+                Some(bytes) => decode_pack_index(&bytes),
+            };
+            match decoded {
+                Ok(packs) => apply(&mut |m| m.add(path.to_string(), &packs)),
+                Err(e) => {
+                    // Its chunks stay unknown: backups store them again, verify reports the
+                    // points that need them. The packs themselves still say what they hold.
+                    tracing::warn!(%path, error = %e, "unreadable pack index; its chunks are treated as missing");
+                    apply(&mut |m| {
+                        m.loaded.insert(path.to_string());
+                        m.unreadable.push((path.to_string(), e.to_string()));
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where chunk `id` is stored, if the vault holds it.
+    pub async fn locate_chunk(&self, id: &Digest) -> Result<Option<ChunkLocation>, Error> {
+        self.ensure_chunk_map().await?;
+        Ok(self.chunk_map.read(|m| m.locate(id)))
+    }
+
+    /// Pack indexes that could not be read, with the reason.
+    pub fn unreadable_pack_indexes(&self) -> Vec<(String, String)> {
+        self.chunk_map.read(|m| m.unreadable.clone())
+    }
+
+    /// Moves unreadable pack indexes to `quarantine/pack-index/`, so that they are reported
+    /// once: their chunks are then simply missing (the points that need them are damaged until
+    /// a backup stores those blocks again), and the packs still hold their own tables.
+    pub(crate) async fn quarantine_pack_indexes(&self) -> Result<(), Error> {
+        let unreadable = self.chunk_map.write(|m| std::mem::take(&mut m.unreadable));
+        for (path, _) in unreadable {
+            let from = object_store::path::Path::from(path.as_str());
+            let to = layout::quarantined_pack_index(&from);
+            match self.store.copy(&from, &to).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::storage("quarantine", &from, e)),
+            }
+            match self.store.delete(&from).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::storage("delete", &from, e)),
+            }
+        }
+        Ok(())
+    }
+}
