@@ -178,8 +178,10 @@ run() { # run CMD...: untimed step, output to the log
 repo_bytes() { du -sb "$REPO" | cut -f1; }
 
 prepare() { # prepare FILE_OR_DIR...: warm (read once) or cold (drop caches)
+    # Flush first: the image was just copied or mutated, and its dirty pages must not be
+    # written back inside the next timed step (its `sync` would wait for them).
+    sync
     if [[ $COLD == 1 ]]; then
-        sync
         echo 3 >/proc/sys/vm/drop_caches
     else
         local p

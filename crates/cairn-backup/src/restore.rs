@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cairn_format::index::BlockEntry;
 use cairn_format::{ChunkFrame, Digest, Name, PointManifest};
-use cairn_vault::Vault;
+use cairn_vault::{ChunkLocation, Vault};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::{DiskProgress, Error, Progress};
@@ -29,8 +29,6 @@ pub struct RestoreStats {
     /// Chunks read and checked.
     pub chunks: u64,
 }
-
-const READS_IN_FLIGHT: usize = 32;
 
 /// Restores every disk of `point` into the folder `to`, one file per disk named after the disk.
 pub async fn restore_point(
@@ -108,29 +106,19 @@ async fn write_disk(
     let root = vault.read_index_root(&record.index_root).await?;
     let block = u64::from(root.block_size);
     let size = root.disk_size;
+    let page_bytes = u64::from(root.blocks_per_page) * block;
 
-    // Pages are read a few ahead; their entries become (offset, entry) in disk order.
-    let pages = futures::stream::iter(root.page_digests().collect::<Vec<_>>())
-        .map(|id| async move { vault.read_index_page(&id).await })
-        .buffered(4);
-    let mut offset = 0u64;
-    let entries = pages
-        .map_ok(move |page| {
-            let list: Vec<(u64, BlockEntry)> = page
-                .entries()
-                .map(|e| {
-                    let at = offset;
-                    offset += block;
-                    (at, e)
-                })
-                .collect();
-            futures::stream::iter(list.into_iter().map(Ok::<_, cairn_vault::Error>))
+    // Pages are read a few ahead; each becomes the reads that fill its part of the disk.
+    let pages = futures::stream::iter(root.page_digests().enumerate().collect::<Vec<_>>())
+        .map(|(i, id)| async move {
+            let page = vault.read_index_page(&id).await?;
+            plan_page(vault, &page, i as u64 * page_bytes, block, size, is_device).await
         })
-        .try_flatten();
+        .buffered(4);
 
     // One thread writes, in whatever order blocks arrive: concurrent pwrites to one file only
     // fight over its inode lock. Reads and checks run concurrently ahead of it.
-    let (to_writer, mut writes) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(READS_IN_FLIGHT);
+    let (to_writer, mut writes) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(64);
     let writer_file = Arc::clone(&file);
     let writer_path = target.to_owned();
     let writer = tokio::task::spawn_blocking(move || -> Result<(), Error> {
@@ -144,31 +132,16 @@ async fn write_disk(
 
     let mut stats = RestoreStats { size, ..Default::default() };
     let mut report = DiskProgress { disk: Some(disk.clone()), size, ..Default::default() };
-    let blocks = entries
-        .map_err(Error::from)
-        .try_filter_map(|(at, entry)| {
-            let len = block.min(size - at);
-            async move {
-                Ok(match entry {
-                    BlockEntry::Data(id) => Some((at, Some(id), len)),
-                    // Files keep holes; a device must be given zeros.
-                    BlockEntry::Hole | BlockEntry::Zero if is_device => Some((at, None, len)),
-                    BlockEntry::Hole | BlockEntry::Zero => None,
-                })
-            }
-        })
-        .map_ok(|(at, id, len)| async move {
-            match id {
-                Some(id) => read_block(vault, disk, at, len, id).await.map(|data| (at, data, 1)),
-                None => Ok((at, vec![0u8; len as usize], 0)),
-            }
-        })
-        .try_buffer_unordered(READS_IN_FLIGHT);
+    let blocks = pages
+        .map_ok(|reads| futures::stream::iter(reads.into_iter().map(Ok::<_, Error>)))
+        .try_flatten()
+        .map_ok(|read| read_blocks(vault, disk, read))
+        .try_buffer_unordered(RUNS_IN_FLIGHT);
     futures::pin_mut!(blocks);
     let mut since_report = 0u64;
     let mut outcome = Ok(());
-    loop {
-        let (at, data, chunks) = match blocks.try_next().await {
+    'reads: loop {
+        let (filled, chunks) = match blocks.try_next().await {
             Ok(Some(next)) => next,
             Ok(None) => break,
             Err(e) => {
@@ -176,16 +149,18 @@ async fn write_disk(
                 break;
             }
         };
-        let written = data.len() as u64;
-        if to_writer.send((at, data)).await.is_err() {
-            break; // the writer failed; its error is reported below
-        }
-        stats.bytes_written += written;
         stats.chunks += chunks;
-        report.position = report.position.max((at + block).min(size));
-        report.bytes_sent += written;
+        for (at, data) in filled {
+            let written = data.len() as u64;
+            if to_writer.send((at, data)).await.is_err() {
+                break 'reads; // the writer failed; its error is reported below
+            }
+            stats.bytes_written += written;
+            report.position = report.position.max((at + block).min(size));
+            report.bytes_sent += written;
+        }
         since_report += 1;
-        if since_report >= 64 {
+        if since_report >= 8 {
             since_report = 0;
             progress.disk(&report);
         }
@@ -197,6 +172,119 @@ async fn write_disk(
     report.position = size;
     progress.disk(&report);
     Ok(stats)
+}
+
+/// Frames adjacent in one pack are fetched with one ranged read of at most this many bytes.
+const MAX_RUN_BYTES: u64 = 1 << 20;
+/// Ranged reads (runs) in flight at once.
+const RUNS_IN_FLIGHT: usize = 8;
+
+/// One block of data to restore, and where its chunk is stored.
+struct Piece {
+    at: u64,
+    len: u64,
+    id: Digest,
+    loc: ChunkLocation,
+}
+
+/// One read that fills part of the disk.
+enum Read {
+    /// Blocks whose frames lie back to back in one pack: one ranged read.
+    Run(Vec<Piece>),
+    /// Zeros for a device (a file keeps holes instead).
+    Zeros { at: u64, len: u64 },
+}
+
+/// The reads for one page starting at disk offset `base`: data blocks grouped into runs of
+/// frames that are adjacent in one pack (a full backup writes a disk's blocks in order).
+async fn plan_page(
+    vault: &Vault,
+    page: &cairn_format::index::IndexPage,
+    base: u64,
+    block: u64,
+    size: u64,
+    is_device: bool,
+) -> Result<Vec<Read>, Error> {
+    let mut reads = Vec::new();
+    let mut run: Vec<Piece> = Vec::new();
+    let mut run_bytes = 0u64;
+    for (i, entry) in page.entries().enumerate() {
+        let at = base + i as u64 * block;
+        let len = block.min(size.saturating_sub(at));
+        match entry {
+            BlockEntry::Data(id) => {
+                let loc = vault
+                    .locate_chunk(&id)
+                    .await?
+                    .ok_or(cairn_vault::Error::ChunkMissing { id })?;
+                let extends = run.last().is_some_and(|last| {
+                    last.loc.pack == loc.pack
+                        && u64::from(last.loc.offset) + u64::from(last.loc.len)
+                            == u64::from(loc.offset)
+                        && run_bytes + u64::from(loc.len) <= MAX_RUN_BYTES
+                });
+                if !extends && !run.is_empty() {
+                    reads.push(Read::Run(std::mem::take(&mut run)));
+                    run_bytes = 0;
+                }
+                run_bytes += u64::from(loc.len);
+                run.push(Piece { at, len, id, loc });
+            }
+            BlockEntry::Hole | BlockEntry::Zero if is_device => reads.push(Read::Zeros { at, len }),
+            BlockEntry::Hole | BlockEntry::Zero => {}
+        }
+    }
+    if !run.is_empty() {
+        reads.push(Read::Run(run));
+    }
+    Ok(reads)
+}
+
+/// Performs one read: the blocks it fills (offset, bytes) and how many chunks it checked.
+async fn read_blocks(
+    vault: &Vault,
+    disk: &Name,
+    read: Read,
+) -> Result<(Vec<(u64, Vec<u8>)>, u64), Error> {
+    let run = match read {
+        Read::Zeros { at, len } => return Ok((vec![(at, vec![0u8; len as usize])], 0)),
+        Read::Run(run) => run,
+    };
+    let (Some(first), Some(last)) = (run.first(), run.last()) else { return Ok((Vec::new(), 0)) };
+    let start = first.loc.offset;
+    let span = ChunkLocation {
+        pack: first.loc.pack,
+        offset: start,
+        len: (u64::from(last.loc.offset) + u64::from(last.loc.len) - u64::from(start)) as u32,
+    };
+    let bytes = vault.read_frame(&first.id, &span).await?;
+    let disk = disk.clone();
+    tokio::task::spawn_blocking(move || {
+        let chunks = run.len() as u64;
+        let mut out = Vec::with_capacity(run.len());
+        for p in run {
+            let corrupt = |detail: String| Error::Corrupt {
+                disk: disk.clone(),
+                offset: p.at,
+                id: p.id,
+                detail,
+            };
+            let from = (p.loc.offset - start) as usize;
+            let raw = bytes.get(from..from + p.loc.len as usize).unwrap_or_default();
+            let frame =
+                ChunkFrame::decode_verified(raw, &p.id).map_err(|e| corrupt(e.to_string()))?;
+            if frame.plaintext.len() as u64 != p.len {
+                return Err(corrupt(format!(
+                    "it holds {} bytes, the block has {}",
+                    frame.plaintext.len(),
+                    p.len
+                )));
+            }
+            out.push((p.at, frame.plaintext));
+        }
+        Ok((out, chunks))
+    })
+    .await?
 }
 
 fn open_target(target: &Path, size: u64, options: &RestoreOptions) -> Result<(File, bool), Error> {
@@ -239,28 +327,4 @@ fn device_size(file: &File) -> std::io::Result<u64> {
     use std::io::Seek;
     let mut f = file;
     f.seek(std::io::SeekFrom::End(0))
-}
-
-async fn read_block(
-    vault: &Vault,
-    disk: &Name,
-    at: u64,
-    len: u64,
-    id: Digest,
-) -> Result<Vec<u8>, Error> {
-    let raw = vault.read_chunk_raw(&id).await?;
-    let disk = disk.clone();
-    tokio::task::spawn_blocking(move || {
-        let corrupt =
-            |detail: String| Error::Corrupt { disk: disk.clone(), offset: at, id, detail };
-        let frame = ChunkFrame::decode_verified(&raw, &id).map_err(|e| corrupt(e.to_string()))?;
-        if frame.plaintext.len() as u64 != len {
-            return Err(corrupt(format!(
-                "it holds {} bytes, the block has {len}",
-                frame.plaintext.len()
-            )));
-        }
-        Ok(frame.plaintext)
-    })
-    .await?
 }

@@ -348,3 +348,22 @@ async fn an_unreadable_disk_fails_the_job_and_commits_nothing() {
     assert!(f.vault.inflight().await.unwrap().is_empty());
     assert!(f.verify_clean().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_meeting_a_corrupt_chunk_fails_and_leaves_no_target() {
+    let f = Fixture::new(4096).await;
+    let a = f.sample("a.raw", 4 << 20, 11);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let (_, data) = chunks_of(&f, &m, "sda").await;
+    // A chunk in the middle of a run of adjacent frames: the whole run is one read.
+    let victim = &data[data.len() / 2];
+    flip_byte(victim, 30);
+    let target = f.path("r.raw");
+    let err = f.restore(&m, "sda", &target).await.unwrap_err();
+    match &err {
+        cairn_backup::Error::Corrupt { id, .. } => assert_eq!(*id, victim.id),
+        other => panic!("expected a corrupt chunk, got {other}"),
+    }
+    assert!(!target.exists(), "a failed restore must not leave a target");
+    assert!(!f.path("r.raw.cairn-partial").exists());
+}
