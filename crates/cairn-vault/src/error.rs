@@ -128,6 +128,14 @@ impl Error {
         }
     }
 
+    /// Wraps an error of a local file operation on the vault, recognising a full file system.
+    pub(crate) fn local_io(path: &std::path::Path, source: std::io::Error) -> Self {
+        if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
+            return Error::StorageFull { path: path.display().to_string() };
+        }
+        Error::Io { path: path.display().to_string(), source }
+    }
+
     /// Wraps a store error, recognising a full file system.
     pub(crate) fn storage(
         op: &'static str,

@@ -16,6 +16,7 @@ mod chunk_map;
 mod chunks;
 mod error;
 mod layout;
+mod local_pack;
 mod open;
 mod packs;
 mod points;

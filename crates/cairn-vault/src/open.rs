@@ -51,6 +51,14 @@ impl LocalSync {
 }
 
 impl Durability {
+    /// The root folder of a local vault.
+    pub(crate) fn local_root(&self) -> Option<&FsPath> {
+        match self {
+            Durability::SyncFs(local) => Some(&local.root),
+            Durability::OnAck => None,
+        }
+    }
+
     /// Notes `bytes` written; on a local vault, starts a background flush now and then.
     pub(crate) fn wrote(&self, bytes: u64) {
         let Durability::SyncFs(local) = self else { return };

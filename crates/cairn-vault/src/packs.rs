@@ -1,16 +1,17 @@
 //! Writing chunks: frames gathered into packs, uploaded as they fill, indexed at commit.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cairn_format::pack::{IndexedPack, PACK_HEADER, PackEntry, pack_trailer};
+use cairn_format::pack::{IndexedPack, PACK_FOOTER_LEN, PACK_HEADER, PackEntry, pack_trailer};
 use cairn_format::{Digest, encode_chunk};
 use object_store::{PutMode, PutOptions, PutPayload};
 use rand::RngExt;
 use tokio::task::JoinSet;
 
+use crate::local_pack::{ALIGN, PackBuf, write_pack_file};
 use crate::{Error, Vault, layout};
 
 /// What storing a chunk did.
@@ -77,14 +78,16 @@ impl JobChunks {
 ///
 /// A chunk is stored once per vault: one already in a committed pack index, or already stored
 /// by this job, is [`Stored::Present`]. Packs are uploaded create-only as they fill, a bounded
-/// number at a time; dropping the writer aborts its uploads (the point then cannot commit).
+/// number at a time (on a local vault with direct I/O, see the `local_pack` module); dropping
+/// the writer aborts its uploads (the point then cannot commit).
 pub struct PackWriter {
     vault: Vault,
-    job: std::sync::Arc<JobChunks>,
-    parts: Vec<Bytes>,
+    job: Arc<JobChunks>,
+    buf: PackBuf,
     entries: Vec<PackEntry>,
-    size: u64,
-    uploads: JoinSet<Result<IndexedPack, Error>>,
+    uploads: JoinSet<Result<(IndexedPack, Option<PackBuf>), Error>>,
+    /// Buffers of finished uploads, reused: fresh memory is slow to touch the first time.
+    spare: Vec<PackBuf>,
     finished: bool,
 }
 
@@ -94,16 +97,20 @@ impl std::fmt::Debug for PackWriter {
     }
 }
 
+/// Room for the trailer entry of one more chunk.
+const ENTRY_ROOM: usize = cairn_format::pack::PACK_ENTRY_LEN;
+
 impl PackWriter {
-    pub(crate) fn new(vault: Vault, job: std::sync::Arc<JobChunks>) -> Self {
+    pub(crate) fn new(vault: Vault, job: Arc<JobChunks>) -> Self {
         job.opened();
+        let buf = PackBuf::with_capacity(pack_capacity(&vault, 0));
         PackWriter {
             vault,
             job,
-            parts: Vec::new(),
+            buf,
             entries: Vec::new(),
-            size: 0,
             uploads: JoinSet::new(),
+            spare: Vec::new(),
             finished: false,
         }
     }
@@ -114,15 +121,23 @@ impl PackWriter {
         if known || !self.job.claim(id) {
             return Ok(Stored::Present);
         }
-        let len = frame.len() as u64;
-        if self.parts.is_empty() {
-            self.parts.push(Bytes::from_static(&PACK_HEADER));
-            self.size = PACK_HEADER.len() as u64;
+        // The frame, its table entry, the table's footer and the padding must fit without
+        // moving the buffer; otherwise close this pack first, or take a bigger buffer.
+        let need = frame.len() + (self.entries.len() + 1) * ENTRY_ROOM + PACK_FOOTER_LEN + ALIGN;
+        if self.buf.room() < need && !self.entries.is_empty() {
+            self.seal().await?;
         }
-        self.entries.push(PackEntry { id: *id, offset: self.size as u32, len: len as u32 });
-        self.parts.push(frame);
-        self.size += len;
-        if self.size >= u64::from(self.vault.config.pack_size) {
+        if self.buf.room() < need + PACK_HEADER.len() {
+            self.buf = PackBuf::with_capacity(pack_capacity(&self.vault, need));
+        }
+        if self.buf.len() == 0 {
+            self.buf.extend(&PACK_HEADER);
+        }
+        let len = frame.len() as u64;
+        let offset = self.buf.len() as u32;
+        self.entries.push(PackEntry { id: *id, offset, len: len as u32 });
+        self.buf.extend(&frame);
+        if self.buf.len() as u64 >= u64::from(self.vault.config.pack_size) {
             self.seal().await?;
         }
         Ok(Stored::Written(len))
@@ -144,24 +159,44 @@ impl PackWriter {
             self.collect_one().await?;
         }
         let entries = std::mem::take(&mut self.entries);
-        let mut parts = std::mem::take(&mut self.parts);
-        parts.push(Bytes::from(pack_trailer(&entries)));
-        self.size = 0;
+        let next = match self.spare.pop() {
+            Some(b) => b,
+            None => PackBuf::with_capacity(pack_capacity(&self.vault, 0)),
+        };
+        let mut buf = std::mem::replace(&mut self.buf, next);
+        buf.extend(&pack_trailer(&entries));
         // A fresh random name: see the pack module of cairn-format for why not a content hash.
         let name = Digest(rand::rng().random());
         let vault = self.vault.clone();
         self.uploads.spawn(async move {
             let path = layout::pack(&name);
-            let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-            let payload: PutPayload = parts.into_iter().collect();
-            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-            vault
-                .store
-                .put_opts(&path, payload, opts)
-                .await
-                .map_err(|e| Error::storage("write", &path, e))?;
+            let len = buf.len() as u64;
+            let buf = match vault.durability.local_root() {
+                Some(root) => {
+                    let root = root.to_owned();
+                    let rel = path.to_string();
+                    let written = tokio::task::spawn_blocking(move || {
+                        write_pack_file(&root, &rel, &mut buf).map(|()| buf)
+                    })
+                    .await
+                    .map_err(|e| Error::Io {
+                        path: path.to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    })??;
+                    Some(written)
+                }
+                None => {
+                    let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+                    vault
+                        .store
+                        .put_opts(&path, PutPayload::from_bytes(buf.into_bytes()), opts)
+                        .await
+                        .map_err(|e| Error::storage("write", &path, e))?;
+                    None
+                }
+            };
             vault.durability.wrote(len);
-            Ok(IndexedPack { pack: name, entries })
+            Ok((IndexedPack { pack: name, entries }, buf))
         });
         Ok(())
     }
@@ -169,7 +204,14 @@ impl PackWriter {
     async fn collect_one(&mut self) -> Result<(), Error> {
         match self.uploads.join_next().await {
             Some(Ok(result)) => {
-                self.job.wrote(result?);
+                let (pack, buf) = result?;
+                self.job.wrote(pack);
+                if let Some(mut buf) = buf
+                    && self.spare.len() < PACKS_IN_FLIGHT
+                {
+                    buf.clear();
+                    self.spare.push(buf);
+                }
                 Ok(())
             }
             Some(Err(e)) => Err(Error::Io {
@@ -190,6 +232,14 @@ impl PackWriter {
         self.job.open_writers.fetch_sub(1, Ordering::AcqRel);
         Ok(())
     }
+}
+
+/// Capacity of a pack buffer: a full pack plus one more frame of `frame` bytes or of the
+/// largest block, and the table of a pack of small chunks.
+fn pack_capacity(vault: &Vault, frame: usize) -> usize {
+    let pack = vault.config.pack_size as usize;
+    let block = vault.config.block_size as usize + 64;
+    pack + frame.max(block) + pack / 64 + 64 * 1024
 }
 
 impl Drop for PackWriter {
