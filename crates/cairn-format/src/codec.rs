@@ -72,6 +72,22 @@ impl<'a> Reader<'a> {
         Err(Error::corrupt(self.what, "varint longer than 10 bytes"))
     }
 
+    /// The 8-byte header of Cairn's binary objects: `magic`, a version byte that must be
+    /// `version`, and three reserved zero bytes.
+    pub(crate) fn header(&mut self, magic: &[u8; 4], version: u8) -> Result<(), Error> {
+        if self.take(4)? != magic {
+            return Err(Error::corrupt(self.what, "bad magic"));
+        }
+        let found = self.u8()?;
+        if found != version {
+            return Err(Error::Unsupported { what: self.what, detail: format!("version {found}") });
+        }
+        if self.take(3)? != [0, 0, 0] {
+            return Err(Error::corrupt(self.what, "reserved bytes are not zero"));
+        }
+        Ok(())
+    }
+
     pub(crate) fn expect_end(&self) -> Result<(), Error> {
         if self.remaining() == 0 {
             Ok(())

@@ -162,7 +162,7 @@ impl IndexPage {
     /// Decodes and checks a page.
     pub fn decode(bytes: &[u8]) -> Result<IndexPage, Error> {
         let mut r = Reader::new(bytes, PAGE);
-        check_header(&mut r, PAGE_MAGIC, PAGE)?;
+        r.header(PAGE_MAGIC, VERSION)?;
         let blocks = u64::from(r.u32()?);
         if blocks == 0 || blocks > u64::from(MAX_BLOCKS_PER_PAGE) {
             return Err(Error::corrupt(PAGE, format!("covers {blocks} blocks")));
@@ -205,20 +205,6 @@ fn run_len(r: &mut Reader<'_>) -> Result<u64, Error> {
         0 => Err(Error::corrupt(PAGE, "empty run")),
         n => Ok(n),
     }
-}
-
-fn check_header(r: &mut Reader<'_>, magic: &[u8; 4], what: &'static str) -> Result<(), Error> {
-    if r.take(4)? != magic {
-        return Err(Error::corrupt(what, "bad magic"));
-    }
-    let version = r.u8()?;
-    if version != VERSION {
-        return Err(Error::Unsupported { what, detail: format!("version {version}") });
-    }
-    if r.take(3)? != [0, 0, 0] {
-        return Err(Error::corrupt(what, "reserved bytes are not zero"));
-    }
-    Ok(())
 }
 
 /// The root of one disk's index: its geometry and its pages in order.
@@ -275,7 +261,7 @@ impl IndexRoot {
     /// Decodes and checks a root.
     pub fn decode(bytes: &[u8]) -> Result<IndexRoot, Error> {
         let mut r = Reader::new(bytes, ROOT);
-        check_header(&mut r, ROOT_MAGIC, ROOT)?;
+        r.header(ROOT_MAGIC, VERSION)?;
         let disk_size = r.u64()?;
         let block_size = r.u32()?;
         check_block_size(block_size).map_err(|e| Error::corrupt(ROOT, e.to_string()))?;

@@ -121,14 +121,7 @@ fn check_layout(entries: &[PackEntry], end: u64, what: &'static str) -> Result<(
 
 /// Reads the table at the end of a whole pack and checks it against the pack's bytes.
 pub fn decode_pack_table(pack: &[u8]) -> Result<Vec<PackEntry>, Error> {
-    let mut head = Reader::new(pack, PACK);
-    if head.take(4)? != PACK_MAGIC {
-        return Err(Error::corrupt(PACK, "bad magic"));
-    }
-    let version = head.u8()?;
-    if version != VERSION {
-        return Err(Error::Unsupported { what: PACK, detail: format!("version {version}") });
-    }
+    Reader::new(pack, PACK).header(PACK_MAGIC, VERSION)?;
     let footer_at = pack
         .len()
         .checked_sub(PACK_FOOTER_LEN)
@@ -190,16 +183,7 @@ pub fn decode_pack_index(bytes: &[u8]) -> Result<Vec<IndexedPack>, Error> {
     })?;
     let (body, crc) = bytes.split_at(body_len);
     let mut r = Reader::new(body, INDEX);
-    if r.take(4)? != INDEX_MAGIC {
-        return Err(Error::corrupt(INDEX, "bad magic"));
-    }
-    let version = r.u8()?;
-    if version != VERSION {
-        return Err(Error::Unsupported { what: INDEX, detail: format!("version {version}") });
-    }
-    if r.take(3)? != [0, 0, 0] {
-        return Err(Error::corrupt(INDEX, "reserved bytes are not zero"));
-    }
+    r.header(INDEX_MAGIC, VERSION)?;
     if crc32fast::hash(body).to_le_bytes() != crc {
         return Err(Error::corrupt(INDEX, "CRC mismatch"));
     }

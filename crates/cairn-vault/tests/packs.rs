@@ -40,21 +40,26 @@ fn manifest(w: &PointWriter) -> PointManifest {
     }
 }
 
+/// One backup that stores `chunks` through one pack writer and commits; what each store did.
+async fn commit(v: &Vault, chunks: &[(Digest, Bytes)]) -> Vec<Stored> {
+    let w = v.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
+    let mut packs = w.pack_writer();
+    let mut stored = Vec::new();
+    for (id, frame) in chunks {
+        stored.push(packs.store(id, frame.clone()).await.unwrap());
+    }
+    packs.finish().await.unwrap();
+    let m = manifest(&w);
+    w.commit(&m).await.unwrap();
+    stored
+}
+
 #[tokio::test]
 async fn a_committed_chunk_is_present_to_the_next_backup_and_readable() {
     let (v, _) = vault().await;
     let (id, frame) = chunk(1);
-    let w = v.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
-    let mut packs = w.pack_writer();
-    assert!(matches!(packs.store(&id, frame.clone()).await.unwrap(), Stored::Written(_)));
-    packs.finish().await.unwrap();
-    let m = manifest(&w);
-    w.commit(&m).await.unwrap();
-
-    let w = v.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
-    let mut packs = w.pack_writer();
-    assert_eq!(packs.store(&id, frame).await.unwrap(), Stored::Present);
-    packs.finish().await.unwrap();
+    assert!(matches!(commit(&v, &[(id, frame.clone())]).await[..], [Stored::Written(_)]));
+    assert_eq!(commit(&v, &[(id, frame)]).await, vec![Stored::Present]);
     assert_eq!(v.read_chunk(&id).await.unwrap(), vec![1u8; 4096]);
 
     // Another process opening the vault finds it through the pack index.
@@ -74,13 +79,8 @@ async fn chunks_of_an_abandoned_backup_are_stored_again() {
     w.abandon().await;
 
     // Its pack may exist, but no pack index names it: nothing may depend on it.
-    let w = v.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
-    let mut packs = w.pack_writer();
-    assert!(matches!(packs.store(&id, frame).await.unwrap(), Stored::Written(_)));
-    packs.finish().await.unwrap();
-    assert!(v.locate_chunk(&id).await.unwrap().is_none(), "not located before the commit");
-    let m = manifest(&w);
-    w.commit(&m).await.unwrap();
+    assert!(v.locate_chunk(&id).await.unwrap().is_none(), "not located without a commit");
+    assert!(matches!(commit(&v, &[(id, frame)]).await[..], [Stored::Written(_)]));
     assert!(v.locate_chunk(&id).await.unwrap().is_some());
 }
 
@@ -117,12 +117,7 @@ async fn a_point_with_an_unfinished_pack_writer_cannot_commit() {
 async fn a_damaged_pack_index_is_reported_and_its_chunks_are_stored_again() {
     let (v, store) = vault().await;
     let (id, frame) = chunk(5);
-    let w = v.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
-    let mut packs = w.pack_writer();
-    packs.store(&id, frame.clone()).await.unwrap();
-    packs.finish().await.unwrap();
-    let m = manifest(&w);
-    w.commit(&m).await.unwrap();
+    commit(&v, &[(id, frame.clone())]).await;
 
     // Damage the one pack index.
     use futures::TryStreamExt;
@@ -147,12 +142,7 @@ async fn a_damaged_pack_index_is_reported_and_its_chunks_are_stored_again() {
     let report = reopened.verify(&Default::default(), &|_| {}).await.unwrap();
     assert!(report.unreadable_pack_indexes.is_empty(), "{report:?}");
 
-    let w = reopened.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
-    let mut packs = w.pack_writer();
-    assert!(matches!(packs.store(&id, frame).await.unwrap(), Stored::Written(_)));
-    packs.finish().await.unwrap();
-    let m = manifest(&w);
-    w.commit(&m).await.unwrap();
+    assert!(matches!(commit(&reopened, &[(id, frame)]).await[..], [Stored::Written(_)]));
     assert_eq!(reopened.read_chunk(&id).await.unwrap(), vec![5u8; 4096]);
     let fresh = Vault::open_store(store.clone(), "memory://test", Durability::OnAck).await.unwrap();
     assert_eq!(fresh.read_chunk(&id).await.unwrap(), vec![5u8; 4096]);
