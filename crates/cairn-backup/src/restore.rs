@@ -205,29 +205,26 @@ async fn plan_page(
     size: u64,
     is_device: bool,
 ) -> Result<Vec<Read>, Error> {
+    let ids: Vec<Digest> = page.entries().filter_map(|e| e.digest().copied()).collect();
+    let mut places = vault.locate_chunks(&ids).await?.into_iter();
     let mut reads = Vec::new();
     let mut run: Vec<Piece> = Vec::new();
-    let mut run_bytes = 0u64;
     for (i, entry) in page.entries().enumerate() {
         let at = base + i as u64 * block;
         let len = block.min(size.saturating_sub(at));
         match entry {
             BlockEntry::Data(id) => {
-                let loc = vault
-                    .locate_chunk(&id)
-                    .await?
-                    .ok_or(cairn_vault::Error::ChunkMissing { id })?;
-                let extends = run.last().is_some_and(|last| {
+                let loc = places.next().flatten().ok_or(cairn_vault::Error::ChunkMissing { id })?;
+                let end = u64::from(loc.offset) + u64::from(loc.len);
+                let extends = run.first().zip(run.last()).is_some_and(|(first, last)| {
                     last.loc.pack == loc.pack
                         && u64::from(last.loc.offset) + u64::from(last.loc.len)
                             == u64::from(loc.offset)
-                        && run_bytes + u64::from(loc.len) <= MAX_RUN_BYTES
+                        && end - u64::from(first.loc.offset) <= MAX_RUN_BYTES
                 });
                 if !extends && !run.is_empty() {
                     reads.push(Read::Run(std::mem::take(&mut run)));
-                    run_bytes = 0;
                 }
-                run_bytes += u64::from(loc.len);
                 run.push(Piece { at, len, id, loc });
             }
             BlockEntry::Hole | BlockEntry::Zero if is_device => reads.push(Read::Zeros { at, len }),

@@ -10,6 +10,7 @@
 //! durable in a pack index written before its manifest.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
 use cairn_format::Digest;
@@ -81,13 +82,23 @@ impl ChunkMap {
     }
 }
 
+/// How much of the map to load.
+enum Load {
+    /// Pack indexes not loaded yet.
+    New,
+    /// Everything, unless the map was loaded before.
+    IfNever,
+    /// Everything again, from scratch.
+    All,
+}
+
 /// The map and whether it was ever loaded.
 #[derive(Debug, Default)]
 pub(crate) struct SharedChunkMap {
     map: std::sync::RwLock<ChunkMap>,
-    /// Serialises refreshes; true once the map was loaded at least once.
-    refreshing: tokio::sync::Mutex<bool>,
-    /// The same fact, readable without the lock. Readers check it first: they run inside
+    /// Serialises loads.
+    refreshing: tokio::sync::Mutex<()>,
+    /// True once the map was loaded. Readers check it without the lock: they run inside
     /// buffered streams, where a future that was granted an async lock may not be polled
     /// again until the futures waiting behind it finish, a deadlock.
     loaded: std::sync::atomic::AtomicBool,
@@ -95,17 +106,11 @@ pub(crate) struct SharedChunkMap {
 
 impl SharedChunkMap {
     pub(crate) fn read<T>(&self, f: impl FnOnce(&ChunkMap) -> T) -> T {
-        match self.map.read() {
-            Ok(map) => f(&map),
-            Err(poisoned) => f(&poisoned.into_inner()),
-        }
+        f(&self.map.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub(crate) fn write<T>(&self, f: impl FnOnce(&mut ChunkMap) -> T) -> T {
-        match self.map.write() {
-            Ok(mut map) => f(&mut map),
-            Err(poisoned) => f(&mut poisoned.into_inner()),
-        }
+        f(&mut self.map.write().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -114,11 +119,7 @@ impl Vault {
     /// the quarantine markers. Backups call this as they start, so that they deduplicate
     /// against everything committed before them.
     pub async fn refresh_chunk_map(&self) -> Result<(), Error> {
-        let mut loaded_once = self.chunk_map.refreshing.lock().await;
-        self.load_new_indexes().await?;
-        *loaded_once = true;
-        self.chunk_map.loaded.store(true, Ordering::Release);
-        Ok(())
+        self.load_chunk_map(Load::New).await
     }
 
     /// Loads the map unless it was loaded before.
@@ -126,29 +127,28 @@ impl Vault {
         if self.chunk_map.loaded.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut loaded_once = self.chunk_map.refreshing.lock().await;
-        if !*loaded_once {
-            self.load_new_indexes().await?;
-            *loaded_once = true;
-            self.chunk_map.loaded.store(true, Ordering::Release);
-        }
-        Ok(())
+        self.load_chunk_map(Load::IfNever).await
     }
 
     /// Forgets the map and loads it again (after a quarantine changed which places count).
     pub(crate) async fn reload_chunk_map(&self) -> Result<(), Error> {
-        let mut loaded_once = self.chunk_map.refreshing.lock().await;
-        let mut fresh = ChunkMap::default();
-        self.load_new_indexes_into(Some(&mut fresh)).await?;
-        // Swapped whole, so that readers never see a half-loaded map.
-        self.chunk_map.write(|m| *m = fresh);
-        *loaded_once = true;
-        self.chunk_map.loaded.store(true, Ordering::Release);
-        Ok(())
+        self.load_chunk_map(Load::All).await
     }
 
-    async fn load_new_indexes(&self) -> Result<(), Error> {
-        self.load_new_indexes_into(None).await
+    async fn load_chunk_map(&self, how: Load) -> Result<(), Error> {
+        let _one_at_a_time = self.chunk_map.refreshing.lock().await;
+        match how {
+            Load::IfNever if self.chunk_map.loaded.load(Ordering::Acquire) => return Ok(()),
+            Load::All => {
+                let mut fresh = ChunkMap::default();
+                self.load_new_indexes_into(Some(&mut fresh)).await?;
+                // Swapped whole, so that readers never see a half-loaded map.
+                self.chunk_map.write(|m| *m = fresh);
+            }
+            Load::New | Load::IfNever => self.load_new_indexes_into(None).await?,
+        }
+        self.chunk_map.loaded.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Loads pack indexes not loaded yet into `local`, or into the shared map when `None`.
@@ -201,6 +201,12 @@ impl Vault {
     pub async fn locate_chunk(&self, id: &Digest) -> Result<Option<ChunkLocation>, Error> {
         self.ensure_chunk_map().await?;
         Ok(self.chunk_map.read(|m| m.locate(id)))
+    }
+
+    /// Where each of `ids` is stored: one lookup under one lock for a page's worth of chunks.
+    pub async fn locate_chunks(&self, ids: &[Digest]) -> Result<Vec<Option<ChunkLocation>>, Error> {
+        self.ensure_chunk_map().await?;
+        Ok(self.chunk_map.read(|m| ids.iter().map(|id| m.locate(id)).collect()))
     }
 
     /// Pack indexes that could not be read, with the reason.

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use cairn_format::pack::{IndexedPack, PACK_FOOTER_LEN, PACK_HEADER, PackEntry, pack_trailer};
@@ -41,19 +41,17 @@ struct JobState {
 }
 
 impl JobChunks {
+    fn state(&self) -> MutexGuard<'_, JobState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// True if `id` is new to this job (the caller then stores it).
     fn claim(&self, id: &Digest) -> bool {
-        match self.state.lock() {
-            Ok(mut s) => s.claimed.insert(*id),
-            Err(p) => p.into_inner().claimed.insert(*id),
-        }
+        self.state().claimed.insert(*id)
     }
 
     fn wrote(&self, pack: IndexedPack) {
-        match self.state.lock() {
-            Ok(mut s) => s.packs.push(pack),
-            Err(p) => p.into_inner().packs.push(pack),
-        }
+        self.state().packs.push(pack);
     }
 
     /// The packs written, once every writer has finished.
@@ -62,14 +60,15 @@ impl JobChunks {
         if open != 0 {
             return Err(Error::Unfinished { writers: open });
         }
-        Ok(match self.state.lock() {
-            Ok(mut s) => std::mem::take(&mut s.packs),
-            Err(p) => std::mem::take(&mut p.into_inner().packs),
-        })
+        Ok(std::mem::take(&mut self.state().packs))
     }
 
-    pub(crate) fn opened(&self) {
+    fn opened(&self) {
         self.open_writers.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn closed(&self) {
+        self.open_writers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -88,7 +87,6 @@ pub struct PackWriter {
     uploads: JoinSet<Result<(IndexedPack, Option<PackBuf>), Error>>,
     /// Buffers of finished uploads, reused: fresh memory is slow to touch the first time.
     spare: Vec<PackBuf>,
-    finished: bool,
 }
 
 impl std::fmt::Debug for PackWriter {
@@ -111,7 +109,6 @@ impl PackWriter {
             entries: Vec::new(),
             uploads: JoinSet::new(),
             spare: Vec::new(),
-            finished: false,
         }
     }
 
@@ -228,8 +225,7 @@ impl PackWriter {
         while !self.uploads.is_empty() {
             self.collect_one().await?;
         }
-        self.finished = true;
-        self.job.open_writers.fetch_sub(1, Ordering::AcqRel);
+        self.job.closed();
         Ok(())
     }
 }
@@ -240,13 +236,4 @@ fn pack_capacity(vault: &Vault, frame: usize) -> usize {
     let pack = vault.config.pack_size as usize;
     let block = vault.config.block_size as usize + 64;
     pack + frame.max(block) + pack / 64 + 64 * 1024
-}
-
-impl Drop for PackWriter {
-    fn drop(&mut self) {
-        // An unfinished writer keeps the job from committing: its chunks have no pack index.
-        if !self.finished {
-            tracing::debug!(chunks = self.entries.len(), "pack writer dropped before finish");
-        }
-    }
 }

@@ -49,6 +49,21 @@ impl Vault {
         Ok(paths)
     }
 
+    /// Writes a new object, create-only: an existing one is an error, never overwritten.
+    pub(crate) async fn put_new(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        op: &'static str,
+    ) -> Result<(), Error> {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        self.store
+            .put_opts(path, bytes.into(), opts)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::storage(op, path, e))
+    }
+
     pub(crate) async fn get_bytes(&self, path: &Path) -> Result<Option<bytes::Bytes>, Error> {
         match self.store.get(path).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(|e| Error::storage("read", path, e))?)),
@@ -292,25 +307,14 @@ impl PointWriter {
         }
         let packs = self.job.take_packs()?;
         self.vault.barrier().await?;
-        let index = (!packs.is_empty()).then(|| encode_pack_index(&packs));
-        if let Some(bytes) = &index {
+        if !packs.is_empty() {
             let path = layout::pack_index(&self.point);
-            let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-            self.vault
-                .store
-                .put_opts(&path, bytes.clone().into(), opts)
-                .await
-                .map_err(|e| Error::storage("write", &path, e))?;
+            self.vault.put_new(&path, encode_pack_index(&packs), "write").await?;
             self.vault.barrier().await?;
             self.vault.chunk_map.write(|m| m.add(path.to_string(), &packs));
         }
         let path = layout::manifest(&self.vm, &self.point);
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        self.vault
-            .store
-            .put_opts(&path, manifest.encode().into(), opts)
-            .await
-            .map_err(|e| Error::storage("commit", &path, e))?;
+        self.vault.put_new(&path, manifest.encode(), "commit").await?;
         self.vault.barrier().await?;
         self.remove_marker().await;
         Ok(())
