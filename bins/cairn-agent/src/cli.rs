@@ -19,7 +19,7 @@ pub struct Global {
     /// Print one JSON document on stdout instead of tables and progress bars.
     #[arg(long, global = true)]
     pub json: bool,
-    /// VM configuration file (TOML). Reserved: arrives with snapshot providers.
+    /// VM configuration file (TOML): the VM, its disks and views, what to freeze, scripts.
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
@@ -44,6 +44,22 @@ pub enum Command {
     /// Generate or change seeded sample disks (for trials and benchmarks).
     #[command(subcommand)]
     Sample(SampleCommand),
+    /// Check a VM configuration file (--config) without backing anything up.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// The thaw watchdog the agent starts for itself while file systems are frozen.
+    #[command(name = "watchdog-thaw", hide = true)]
+    WatchdogThaw {
+        /// Deadline in milliseconds, then the mount points.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Parse the VM configuration, check scripts' modes and owners, mount points and disks.
+    Check,
 }
 
 #[derive(Args, Debug)]
@@ -66,11 +82,12 @@ pub struct InitArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     pub vault: VaultArg,
-    /// The VM's name.
+    /// The VM's name (without --config).
     #[arg(long)]
-    pub vm: String,
-    /// A disk: NAME=PATH, or PATH (named after its file name). Repeat for each disk.
-    #[arg(long = "disk", value_name = "[NAME=]PATH", required = true)]
+    pub vm: Option<String>,
+    /// A disk: NAME=PATH, or PATH (named after its file name). Repeat for each disk. Without
+    /// --config the disks are read live, with no snapshot (consistency "none").
+    #[arg(long = "disk", value_name = "[NAME=]PATH")]
     pub disks: Vec<String>,
     /// Hashing threads per disk (default: one per core).
     #[arg(long)]

@@ -14,6 +14,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if let cli::Command::WatchdogThaw { args } = &cli.command {
+        // A separate process that must not depend on the agent's runtime or logging.
+        return ExitCode::from(cairn_snapshot::watchdog::serve(args) as u8);
+    }
     output::init_logging(cli.global.verbose);
     // Few blocking threads: the vault's file operations run there, and more threads than
     // operations in flight only add switching (measured in docs/performance.md).

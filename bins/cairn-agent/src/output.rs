@@ -14,6 +14,8 @@ pub enum Exit {
     Ok,
     /// Verify found damage.
     Damaged,
+    /// A check failed and has already said why (exit 1).
+    Failed,
 }
 
 impl From<Exit> for ExitCode {
@@ -21,6 +23,7 @@ impl From<Exit> for ExitCode {
         match e {
             Exit::Ok => ExitCode::SUCCESS,
             Exit::Damaged => ExitCode::from(3),
+            Exit::Failed => ExitCode::FAILURE,
         }
     }
 }

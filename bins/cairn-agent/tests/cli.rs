@@ -127,8 +127,12 @@ fn mistakes_get_clear_errors() {
     let out = run(&["restore", "--vault", &v, "--vm", "vm", "--to", &e.s("x")]);
     assert!(stderr(&out).contains("no recovery points"), "{}", stderr(&out));
 
-    let out = run(&["points", "--vault", &v, "--config", "/etc/vm.toml"]);
-    assert!(stderr(&out).contains("--config"), "{}", stderr(&out));
+    let out = run(&["backup", "--vault", &v, "--config", &e.s("nope.toml")]);
+    assert!(stderr(&out).contains("reading VM configuration"), "{}", stderr(&out));
+    let out = run(&["backup", "--vault", &v]);
+    assert!(stderr(&out).contains("give either --config FILE"), "{}", stderr(&out));
+    let out = run(&["config", "check"]);
+    assert!(stderr(&out).contains("needs --config"), "{}", stderr(&out));
 
     let out = run(&["init"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
@@ -206,4 +210,103 @@ fn quickstart_runs_the_whole_path() {
     assert_eq!(report["verify_clean"], true);
     let growth = report["incremental_growth_percent"].as_f64().unwrap();
     assert!(growth > 0.0 && growth < 40.0, "{growth}");
+}
+
+#[test]
+fn vm_configs_are_checked_and_drive_the_backup() {
+    let e = Env::new();
+    let v = e.vault();
+    let disk = e.disk("os.raw", "4M", "3");
+    let write = |name: &str, text: String| {
+        std::fs::write(e.p(name), text).unwrap();
+        e.s(name)
+    };
+
+    // A field error names the field and the line.
+    let bad = write(
+        "bad.toml",
+        format!("vm = \"web\"\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\nview = \"lvm\"\n"),
+    );
+    let out = run(&["--config", &bad, "config", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("disk[0].view"), "{}", stderr(&out));
+
+    // A reflink view on a file system without reflink, and scripts readable by others.
+    let pre = write("pre.sh", "#!/bin/sh\n".into());
+    std::fs::set_permissions(&pre, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let scripts = write(
+        "scripts.json",
+        format!(r#"{{"preScriptLocation": "{pre}", "postScriptLocation": "{pre}"}}"#),
+    );
+    std::fs::set_permissions(&scripts, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap();
+    let cfg = write(
+        "vm.toml",
+        format!(
+            "vm = \"web\"\n[scripts]\nconfig = \"{scripts}\"\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\n"
+        ),
+    );
+    let out = run(&["--config", &cfg, "--json", "config", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = json(&out);
+    assert_eq!(report["valid"], false);
+    let problems: Vec<String> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] == false)
+        .map(|c| c["problem"].as_str().unwrap().to_string())
+        .collect();
+    assert!(problems.iter().any(|p| p.contains(&format!("chmod 600 {scripts}"))), "{problems:?}");
+    let fs = cairn_fs_supports_reflink(&e.p("os.raw"));
+    assert_eq!(
+        problems.iter().any(|p| p.contains("cannot make reflink clones")),
+        !fs,
+        "{problems:?}"
+    );
+
+    // A live read of a running VM is allowed only when asked for, and recorded as such.
+    let live = write(
+        "live.toml",
+        format!(
+            "vm = \"web\"\nlive_read = true\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\nview = \"none\"\n"
+        ),
+    );
+    let out = run(&["--config", &live, "config", "check"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+    let out = run(&["--config", &live, "backup", "--json", "--vault", &v]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = json(&out);
+    assert_eq!(m["consistency"], "none");
+    assert!(
+        m["evidence"].as_array().unwrap().iter().any(
+            |e| e["kind"] == "fallback" && e["message"].as_str().unwrap().contains("read live")
+        )
+    );
+
+    // A stopped VM needs no view: its disks are crash-consistent as they are.
+    let stopped = write(
+        "stopped.toml",
+        format!(
+            "vm = \"web\"\nstate = \"stopped\"\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\nview = \"none\"\n"
+        ),
+    );
+    let out = run(&["--config", &stopped, "backup", "--json", "--vault", &v]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["consistency"], "crash");
+    let out = run(&["points", "--vault", &v, "--vm", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("crash") && text.contains("VM is stopped"), "{text}");
+
+    // --config and --vm together are refused.
+    let out = run(&["--config", &live, "backup", "--vault", &v, "--vm", "web", "--disk", &disk]);
+    assert!(stderr(&out).contains("give either --config FILE"), "{}", stderr(&out));
+}
+
+/// True when the file system holding `path` can make reflink clones (XFS or btrfs).
+fn cairn_fs_supports_reflink(path: &Path) -> bool {
+    let fs = Command::new("stat").args(["-f", "-c", "%T"]).arg(path).output().unwrap();
+    let name = String::from_utf8_lossy(&fs.stdout);
+    name.trim() == "xfs" || name.trim() == "btrfs"
 }

@@ -55,6 +55,12 @@ impl Vault {
         &self.url
     }
 
+    /// The folder of a local vault (`None` for object storage): the agent must never freeze
+    /// the file system it is on.
+    pub fn local_path(&self) -> Option<&std::path::Path> {
+        self.durability.local_root()
+    }
+
     /// The underlying store.
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store

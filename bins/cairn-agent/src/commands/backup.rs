@@ -30,11 +30,37 @@ pub fn parse_disk(spec: &str) -> anyhow::Result<(Name, PathBuf)> {
     Ok((name, path))
 }
 
+/// How the disks were captured, for the backup request.
+pub struct Captured {
+    /// The consistency reached.
+    pub consistency: Consistency,
+    /// When the disks were captured, if before the job started.
+    pub captured_at: Option<jiff::Timestamp>,
+    /// How the capture went.
+    pub evidence: Vec<Evidence>,
+}
+
+impl Captured {
+    /// Disks read live, with no snapshot.
+    pub fn live() -> Captured {
+        Captured {
+            consistency: Consistency::None,
+            captured_at: None,
+            evidence: vec![Evidence::new(
+                "consistency",
+                None,
+                "disks were read live, with no snapshot: consistency none",
+            )],
+        }
+    }
+}
+
 /// Opens the disks and runs the backup, with ctrl-C cancelling it.
 pub async fn backup_disks(
     vault: &cairn_vault::Vault,
     vm: Name,
     disks: &[(Name, PathBuf)],
+    captured: Captured,
     threads: Option<usize>,
     progress: Arc<dyn cairn_backup::Progress>,
 ) -> anyhow::Result<PointManifest> {
@@ -48,13 +74,9 @@ pub async fn backup_disks(
     let request = BackupRequest {
         vm: vm.clone(),
         disks: inputs,
-        consistency: Consistency::None,
-        captured_at: None,
-        evidence: vec![Evidence::new(
-            "consistency",
-            None,
-            "disks were read live, with no snapshot: consistency none",
-        )],
+        consistency: captured.consistency,
+        captured_at: captured.captured_at,
+        evidence: captured.evidence,
         threads,
     };
     cairn_backup::backup(vault, request, progress, &cancel)
@@ -62,12 +84,49 @@ pub async fn backup_disks(
         .with_context(|| format!("backing up VM {vm} to {}", vault.url()))
 }
 
-pub async fn run(args: BackupArgs, json: bool) -> anyhow::Result<Exit> {
+/// Backs up the VM a configuration describes: capture, read the views, commit, release.
+async fn backup_configured(
+    vault: &cairn_vault::Vault,
+    file: &std::path::Path,
+    threads: Option<usize>,
+    progress: Arc<dyn cairn_backup::Progress>,
+) -> anyhow::Result<PointManifest> {
+    let config = cairn_snapshot::VmConfig::load(file)?;
+    let capture = super::snapshot::capture(&config, vault.local_path().map(PathBuf::from)).await?;
+    let disks: Vec<(Name, PathBuf)> =
+        capture.views().iter().map(|v| (v.disk().clone(), v.path().to_path_buf())).collect();
+    let captured = Captured {
+        consistency: capture.level(),
+        captured_at: Some(capture.captured_at()),
+        evidence: capture.record().evidence().to_vec(),
+    };
+    let result = backup_disks(vault, config.vm.clone(), &disks, captured, threads, progress).await;
+    // The views go only after the commit (or the failure): VSS full backups tell writers
+    // to truncate their logs at this point, and only for a committed point.
+    let committed = result.is_ok();
+    if let Err(e) = tokio::task::spawn_blocking(move || capture.release(committed)).await? {
+        tracing::warn!("releasing the views of VM {}: {e}", config.vm);
+    }
+    result
+}
+
+pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyhow::Result<Exit> {
     let vault = super::open_vault(&args.vault.vault).await?;
-    let vm = super::vm_name(&args.vm)?;
-    let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
     let bars = Arc::new(Bars::new(json, "backup"));
-    let manifest = backup_disks(&vault, vm, &disks, args.threads, bars).await?;
+    let manifest = match (&config, &args.vm) {
+        (Some(file), None) if args.disks.is_empty() => {
+            backup_configured(&vault, file, args.threads, bars).await?
+        }
+        (None, Some(vm)) if !args.disks.is_empty() => {
+            let vm = super::vm_name(vm)?;
+            let disks =
+                args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
+            backup_disks(&vault, vm, &disks, Captured::live(), args.threads, bars).await?
+        }
+        _ => anyhow::bail!(
+            "give either --config FILE (the VM and its disks come from it) or --vm with --disk"
+        ),
+    };
     if json {
         print_json(&serde_json::to_value(&manifest)?);
     } else {

@@ -1,38 +1,40 @@
 //! One module per subcommand; each takes its parsed arguments and returns an [`Exit`].
 
 mod backup;
+mod config;
 mod init;
 mod points;
 mod quickstart;
 mod restore;
 mod sample;
+mod snapshot;
 mod verify;
 
 use anyhow::{Context, bail};
 use cairn_format::{Name, PointId};
 use cairn_vault::Vault;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, ConfigCommand};
 use crate::output::Exit;
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
-    if let Some(config) = &cli.global.config {
-        bail!(
-            "--config {} was given, but VM configuration files arrive with snapshot support; \
-             name the VM and its disks with --vm and --disk for now",
-            config.display()
-        );
-    }
     let json = cli.global.json;
+    let config = cli.global.config;
     match cli.command {
         Command::Init(args) => init::run(args, json).await,
-        Command::Backup(args) => backup::run(args, json).await,
+        Command::Backup(args) => backup::run(args, config, json).await,
         Command::Points(args) => points::run(args, json).await,
         Command::Restore(args) => restore::run(args, json).await,
         Command::Verify(args) => verify::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
         Command::Sample(cmd) => sample::run(cmd, json),
+        Command::Config(ConfigCommand::Check) => match config {
+            Some(file) => config::check(&file, json),
+            None => bail!("config check needs --config FILE"),
+        },
+        // main() serves the watchdog before the runtime starts.
+        Command::WatchdogThaw { .. } => bail!("watchdog-thaw is started by the agent itself"),
     }
 }
 

@@ -169,7 +169,15 @@ async fn timed_backup(
     let before = dir_size(root)?;
     let clock = Instant::now();
     let bars = Arc::new(Bars::new(json, "backup"));
-    let m = super::backup::backup_disks(vault, vm.clone(), disks, None, bars).await?;
+    let m = super::backup::backup_disks(
+        vault,
+        vm.clone(),
+        disks,
+        super::backup::Captured::live(),
+        None,
+        bars,
+    )
+    .await?;
     Ok((step(name, &m, dir_size(root)? - before, clock), m))
 }
 

@@ -1,0 +1,259 @@
+//! The capture lifecycle, in types: quiesce -> take the views -> resume -> read -> commit ->
+//! release.
+//!
+//! [`capture`] is the only way to get a [`Capture`], and the only way to get at views is
+//! through a `Capture`; `capture` resumes the guest before it returns, on every path. So
+//! reading before the views exist does not compile, and a quiesced guest that is never
+//! resumed cannot happen: errors resume explicitly, and a panic resumes through a guard's
+//! `Drop` while unwinding. (A killed process cannot run any code: the freeze's watchdog,
+//! another process, covers that case.)
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cairn_format::{Consistency, Name};
+use jiff::Timestamp;
+
+use crate::{Error, Record, failpoint};
+
+/// One disk to capture: its name in the VM and the image or device that holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The disk's stable name.
+    pub name: Name,
+    /// Its image file or device, as the host sees it.
+    pub path: PathBuf,
+}
+
+/// Inside the VM: brings applications and file systems to a consistent state and back.
+pub trait Quiescer: Send {
+    /// Quiesces, setting in `record` the level reached (with [`Record::reached`]) and
+    /// any fallback. The returned hold is resumed exactly once, on every path.
+    fn quiesce(&mut self, record: &mut Record) -> Result<Box<dyn Hold>, Error>;
+}
+
+/// A quiesced guest, waiting to be resumed.
+pub trait Hold: Send {
+    /// Resumes the guest (thaw, post-scripts), noting what happened in `record`.
+    fn resume(self: Box<Self>, record: &mut Record) -> Result<(), Error>;
+}
+
+/// Where the disks live: takes and releases point-in-time views of them.
+pub trait ViewProvider: Send + Sync {
+    /// A short name for evidence and errors, e.g. `reflink`.
+    fn kind(&self) -> &'static str;
+
+    /// Takes a view of `disk`. Called while the guest is quiesced: must be quick.
+    fn take(&self, disk: &DiskSpec) -> Result<View, Error>;
+}
+
+/// How a view is released: told whether the recovery point was committed.
+pub type Release = Box<dyn FnOnce(bool) -> Result<(), Error> + Send + Sync>;
+
+/// A disk as it was at the capture: what the backup reads.
+pub struct View {
+    disk: Name,
+    path: PathBuf,
+    kind: &'static str,
+    point_in_time: bool,
+    release: Option<Release>,
+}
+
+impl View {
+    /// A point-in-time view readable at `path`; `release` removes it.
+    pub fn snapshot(disk: &DiskSpec, kind: &'static str, path: PathBuf, release: Release) -> View {
+        View { disk: disk.name.clone(), path, kind, point_in_time: true, release: Some(release) }
+    }
+
+    /// The disk itself, read as it is: no point in time unless nothing writes to it.
+    pub fn live(disk: &DiskSpec) -> View {
+        View {
+            disk: disk.name.clone(),
+            path: disk.path.clone(),
+            kind: "live",
+            point_in_time: false,
+            release: None,
+        }
+    }
+
+    /// The disk's name.
+    pub fn disk(&self) -> &Name {
+        &self.disk
+    }
+
+    /// Where to read the view.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The provider that made it.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// True when the view is a point in time (not the live disk).
+    pub fn is_point_in_time(&self) -> bool {
+        self.point_in_time
+    }
+
+    fn release(&mut self, committed: bool) -> Result<(), Error> {
+        match self.release.take() {
+            Some(release) => release(committed),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for View {
+    fn drop(&mut self) {
+        if let Err(e) = self.release(false) {
+            tracing::warn!(disk = %self.disk, "cannot release view: {e}");
+        }
+    }
+}
+
+/// Whether the VM is running: a stopped VM's disks need no quiescing and no view to be
+/// crash-consistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Running: something may write to the disks while they are read.
+    Running,
+    /// Stopped: nothing writes to the disks.
+    Stopped,
+}
+
+/// The captured disks, ready to read; released after the commit.
+pub struct Capture {
+    views: Vec<View>,
+    record: Record,
+    captured_at: Timestamp,
+}
+
+impl Capture {
+    /// The views, one per disk, in the order asked for.
+    pub fn views(&self) -> &[View] {
+        &self.views
+    }
+
+    /// The consistency reached.
+    pub fn level(&self) -> Consistency {
+        self.record.level()
+    }
+
+    /// The account of how the capture went.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// When the disks were captured.
+    pub fn captured_at(&self) -> Timestamp {
+        self.captured_at
+    }
+
+    /// Releases every view, telling providers whether the point was committed (VSS tells
+    /// writers a full backup succeeded only then). Returns the first failure.
+    pub fn release(mut self, committed: bool) -> Result<(), Error> {
+        let mut first = Ok(());
+        for view in &mut self.views {
+            let result = view.release(committed);
+            if first.is_ok() {
+                first = result;
+            }
+        }
+        first
+    }
+}
+
+/// Resumes a hold when dropped, so a panic between quiesce and resume still resumes.
+struct ResumeGuard(Option<Box<dyn Hold>>);
+
+impl ResumeGuard {
+    fn resume(mut self, record: &mut Record) -> Result<(), Error> {
+        match self.0.take() {
+            Some(hold) => hold.resume(record),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ResumeGuard {
+    fn drop(&mut self) {
+        if let Some(hold) = self.0.take() {
+            let mut scratch = Record::new(Consistency::None);
+            if let Err(e) = hold.resume(&mut scratch) {
+                tracing::error!("resuming after a failure: {e}");
+            }
+        }
+    }
+}
+
+/// Captures `disks`: quiesces, takes every disk's view, resumes, and returns the views with
+/// the level reached. On error the guest has been resumed and every view taken released.
+pub fn capture(
+    quiescer: &mut dyn Quiescer,
+    disks: &[(DiskSpec, &dyn ViewProvider)],
+    state: VmState,
+) -> Result<Capture, Error> {
+    let mut record = Record::new(Consistency::Crash);
+    let guard = ResumeGuard(Some(quiescer.quiesce(&mut record)?));
+    let captured_at = Timestamp::now();
+    let clock = Instant::now();
+    let mut views = Vec::with_capacity(disks.len());
+    let mut taken = Ok(());
+    for (disk, provider) in disks {
+        let started = Instant::now();
+        match provider.take(disk) {
+            Ok(view) => {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                record.note_disk(
+                    "view",
+                    &disk.name,
+                    format!("{} view of {} taken in {ms:.1} ms", view.kind(), disk.path.display()),
+                );
+                views.push(view);
+            }
+            Err(e) => {
+                taken = Err(e);
+                break;
+            }
+        }
+    }
+    let spread = clock.elapsed();
+    failpoint::hit(failpoint::WHILE_QUIESCED);
+    let resumed = guard.resume(&mut record);
+    taken?;
+    resumed?;
+    judge_views(&mut record, &views, state, spread);
+    Ok(Capture { views, record, captured_at })
+}
+
+/// Lowers the level where the views cannot support it: a live read of a running VM has no
+/// instant, and separate views of several disks of a running VM with nothing quiesced are
+/// not one instant either.
+fn judge_views(record: &mut Record, views: &[View], state: VmState, spread: std::time::Duration) {
+    if state == VmState::Stopped {
+        record.reached(
+            Consistency::Crash,
+            "the VM is stopped: its disks were read as they are, with nothing to quiesce",
+        );
+        return;
+    }
+    if let Some(live) = views.iter().find(|v| !v.is_point_in_time()) {
+        record.fall_back(
+            Consistency::None,
+            format!(
+                "disk {} was read live with no snapshot (live_read = true): blocks may come from different instants",
+                live.disk()
+            ),
+        );
+    } else if record.level() == Consistency::Crash && views.len() > 1 {
+        record.fall_back(
+            Consistency::None,
+            format!(
+                "{} disks were captured one after another over {:.1} ms with nothing quiesced: each disk is crash-consistent, but not all at one instant",
+                views.len(),
+                spread.as_secs_f64() * 1000.0
+            ),
+        );
+    }
+}

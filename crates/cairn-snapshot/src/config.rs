@@ -1,0 +1,328 @@
+//! The VM configuration: one TOML file with the VM's disks, how to view them, what to freeze
+//! and which scripts to run. Every error names the field.
+//!
+//! ```toml
+//! vm = "web-1"
+//! state = "running"          # or "stopped": read the disks as they are, crash-consistent
+//! live_read = false          # true: a disk with no view is read live (consistency "none")
+//!
+//! [freeze]
+//! mounts = ["/srv/data"]     # file systems to freeze (FIFREEZE) while the views are taken
+//! watchdog_seconds = 30      # the watchdog thaws them after this, whatever happens
+//!
+//! [scripts]                  # optional: Azure-style VMSnapshotScriptPluginConfig.json
+//! config = "/etc/cairn/VMSnapshotScriptPluginConfig.json"
+//!
+//! [[disk]]
+//! name = "os"
+//! path = "/var/lib/vms/web-1/os.img"
+//! view = "reflink"           # "reflink", "btrfs-snapshot" or "none"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_format::Name;
+use serde::Deserialize;
+
+use crate::Error;
+use crate::capture::{DiskSpec, ViewProvider, VmState};
+use crate::freeze::{DEFAULT_DEADLINE, MAX_DEADLINE};
+use crate::views::{BtrfsSnapshot, LiveRead, ReflinkClone};
+
+/// How a disk's point-in-time view is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ViewKind {
+    /// A reflink clone of the image file (XFS with reflink, btrfs).
+    Reflink,
+    /// A read-only snapshot of the btrfs subvolume holding the image.
+    BtrfsSnapshot,
+    /// No view: the disk is read as it is (needs `live_read = true` for a running VM).
+    None,
+}
+
+impl ViewKind {
+    /// The provider for this kind.
+    pub fn provider(self) -> &'static dyn ViewProvider {
+        match self {
+            ViewKind::Reflink => &ReflinkClone,
+            ViewKind::BtrfsSnapshot => &BtrfsSnapshot,
+            ViewKind::None => &LiveRead,
+        }
+    }
+}
+
+/// One disk of the VM.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// Name and image.
+    pub spec: DiskSpec,
+    /// How to view it.
+    pub view: ViewKind,
+}
+
+/// A checked VM configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// The VM's name.
+    pub vm: Name,
+    /// Running or stopped.
+    pub state: VmState,
+    /// Whether a running VM's disk may be read without a view.
+    pub live_read: bool,
+    /// Mount points to freeze.
+    pub freeze_mounts: Vec<PathBuf>,
+    /// The watchdog's deadline.
+    pub watchdog_deadline: Duration,
+    /// The script configuration file, if any.
+    pub scripts: Option<PathBuf>,
+    /// The disks, in the file's order.
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    vm: String,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    live_read: bool,
+    #[serde(default)]
+    freeze: RawFreeze,
+    #[serde(default)]
+    scripts: Option<RawScripts>,
+    #[serde(default)]
+    disk: Vec<RawDisk>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFreeze {
+    #[serde(default)]
+    mounts: Vec<PathBuf>,
+    watchdog_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScripts {
+    config: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    name: String,
+    path: PathBuf,
+    #[serde(default)]
+    view: Option<String>,
+}
+
+impl VmConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<VmConfig, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading VM configuration {}", path.display()), e))?;
+        VmConfig::parse(&text, path)
+    }
+
+    /// Parses and checks a configuration's text; `file` names it in errors and anchors
+    /// relative paths (they are relative to the file's folder).
+    pub fn parse(text: &str, file: &Path) -> Result<VmConfig, Error> {
+        let name = file.display().to_string();
+        let bad = |field: String, message: String| Error::config(name.clone(), field, message);
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            let field = field_of(&message).unwrap_or_else(|| "(syntax)".into());
+            let at = e
+                .span()
+                .map(|s| line_of(text, s.start))
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_default();
+            bad(field, format!("{message}{at}"))
+        })?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let anchor = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
+        let vm: Name = raw.vm.parse().map_err(|e| bad("vm".into(), format!("{e}")))?;
+        let state = match raw.state.as_deref() {
+            None | Some("running") => VmState::Running,
+            Some("stopped") => VmState::Stopped,
+            Some(other) => {
+                return Err(bad(
+                    "state".into(),
+                    format!("{other:?}: give \"running\" or \"stopped\""),
+                ));
+            }
+        };
+        if raw.disk.is_empty() {
+            return Err(bad(
+                "disk".into(),
+                "no disks: add a [[disk]] table with name and path".into(),
+            ));
+        }
+        let mut disks: Vec<DiskConfig> = Vec::new();
+        for (i, d) in raw.disk.iter().enumerate() {
+            let field = |f: &str| format!("disk[{i}].{f}");
+            let name: Name = d.name.parse().map_err(|e| bad(field("name"), format!("{e}")))?;
+            if disks.iter().any(|o| o.spec.name == name) {
+                return Err(bad(field("name"), format!("{name} is used by two disks")));
+            }
+            let view = match d.view.as_deref() {
+                None | Some("reflink") => ViewKind::Reflink,
+                Some("btrfs-snapshot") => ViewKind::BtrfsSnapshot,
+                Some("none") => ViewKind::None,
+                Some(other) => {
+                    return Err(bad(
+                        field("view"),
+                        format!(
+                            "{other:?}: give \"reflink\", \"btrfs-snapshot\" or \"none\" (LVM and device-mapper are not built in)"
+                        ),
+                    ));
+                }
+            };
+            if view == ViewKind::None && state == VmState::Running && !raw.live_read {
+                return Err(bad(
+                    field("view"),
+                    format!(
+                        "disk {name} has no view on a running VM: set live_read = true to accept consistency \"none\", or choose a view"
+                    ),
+                ));
+            }
+            disks.push(DiskConfig { spec: DiskSpec { name, path: anchor(&d.path) }, view });
+        }
+        let watchdog_deadline = match raw.freeze.watchdog_seconds {
+            None => DEFAULT_DEADLINE,
+            Some(s) if (1..=MAX_DEADLINE.as_secs()).contains(&s) => Duration::from_secs(s),
+            Some(s) => {
+                return Err(bad(
+                    "freeze.watchdog_seconds".into(),
+                    format!("{s} is out of range: give 1 to {}", MAX_DEADLINE.as_secs()),
+                ));
+            }
+        };
+        for (i, m) in raw.freeze.mounts.iter().enumerate() {
+            if !m.is_absolute() {
+                return Err(bad(
+                    format!("freeze.mounts[{i}]"),
+                    format!("{} is not an absolute path", m.display()),
+                ));
+            }
+        }
+        Ok(VmConfig {
+            file: file.to_path_buf(),
+            vm,
+            state,
+            live_read: raw.live_read,
+            freeze_mounts: raw.freeze.mounts,
+            watchdog_deadline,
+            scripts: raw.scripts.map(|s| anchor(&s.config)),
+            disks,
+        })
+    }
+}
+
+fn field_of(message: &str) -> Option<String> {
+    for marker in ["unknown field `", "missing field `", "duplicate key `", "duplicate field `"] {
+        if let Some(rest) = message.split(marker).nth(1) {
+            return rest.split('`').next().map(str::to_string);
+        }
+    }
+    None
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<VmConfig, Error> {
+        VmConfig::parse(text, Path::new("/etc/cairn/vm.toml"))
+    }
+
+    fn field(e: Error) -> String {
+        match e {
+            Error::Config { field, .. } => field,
+            other => panic!("not a config error: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse(
+            r#"
+vm = "web-1"
+[freeze]
+mounts = ["/srv/data"]
+watchdog_seconds = 12
+[scripts]
+config = "scripts.json"
+[[disk]]
+name = "os"
+path = "os.img"
+[[disk]]
+name = "data"
+path = "/vms/data.img"
+view = "btrfs-snapshot"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.vm.as_str(), "web-1");
+        assert_eq!(c.state, VmState::Running);
+        assert_eq!(c.watchdog_deadline, Duration::from_secs(12));
+        assert_eq!(c.scripts, Some(PathBuf::from("/etc/cairn/scripts.json")));
+        assert_eq!(c.disks[0].spec.path, PathBuf::from("/etc/cairn/os.img"));
+        assert_eq!(c.disks[0].view, ViewKind::Reflink);
+        assert_eq!(c.disks[1].view, ViewKind::BtrfsSnapshot);
+        assert_eq!(c.freeze_mounts, vec![PathBuf::from("/srv/data")]);
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        let disk = "[[disk]]\nname = \"os\"\npath = \"/os.img\"\n";
+        let cases = [
+            (format!("vm = \"bad name!\"\n{disk}"), "vm"),
+            (format!("vm = \"v\"\nstate = \"paused\"\n{disk}"), "state"),
+            ("vm = \"v\"\n".to_string(), "disk"),
+            (format!("vm = \"v\"\ncolour = 1\n{disk}"), "colour"),
+            (disk.to_string(), "vm"),
+            (format!("vm = \"v\"\n{disk}view = \"lvm\"\n"), "disk[0].view"),
+            (format!("vm = \"v\"\n{disk}view = \"none\"\n"), "disk[0].view"),
+            (format!("vm = \"v\"\n{disk}{disk}"), "disk[1].name"),
+            (
+                format!("vm = \"v\"\n[freeze]\nwatchdog_seconds = 0\n{disk}"),
+                "freeze.watchdog_seconds",
+            ),
+            (
+                format!("vm = \"v\"\n[freeze]\nwatchdog_seconds = 9999\n{disk}"),
+                "freeze.watchdog_seconds",
+            ),
+            (format!("vm = \"v\"\n[freeze]\nmounts = [\"rel\"]\n{disk}"), "freeze.mounts[0]"),
+            (format!("vm = \"v\"\n[freeze]\nmount = [\"/x\"]\n{disk}"), "mount"),
+            ("vm = \"v\"\n[[disk]]\nname = \"os\"\n".to_string(), "path"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(field(parse(&text).unwrap_err()), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn live_reads_are_allowed_when_asked_for_or_when_stopped() {
+        let disk = "[[disk]]\nname = \"os\"\npath = \"/os.img\"\nview = \"none\"\n";
+        assert!(parse(&format!("vm = \"v\"\nlive_read = true\n{disk}")).is_ok());
+        let c = parse(&format!("vm = \"v\"\nstate = \"stopped\"\n{disk}")).unwrap();
+        assert_eq!(c.state, VmState::Stopped);
+    }
+
+    #[test]
+    fn syntax_errors_give_the_line() {
+        let e = parse("vm = \"v\"\n[[disk]\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

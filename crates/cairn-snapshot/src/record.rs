@@ -1,0 +1,93 @@
+//! What a capture reached and why: the consistency level and the evidence behind it.
+
+use std::time::Duration;
+
+use cairn_format::{Consistency, Evidence, Name};
+use serde_json::Value;
+
+/// The running account of one capture. Every step that could lower the consistency level
+/// does it here, with a reason, so the recovery point can say why it is what it is.
+#[derive(Clone, Debug)]
+pub struct Record {
+    level: Consistency,
+    evidence: Vec<Evidence>,
+    freeze: Option<Duration>,
+}
+
+impl Record {
+    /// A record that starts at `level` (what the quiescer reached).
+    pub fn new(level: Consistency) -> Record {
+        Record { level, evidence: Vec::new(), freeze: None }
+    }
+
+    /// The level reached so far.
+    pub fn level(&self) -> Consistency {
+        self.level
+    }
+
+    /// Sets the level aimed at, silently: a later [`Record::fall_back`] says why it was not
+    /// reached.
+    pub fn aim(&mut self, level: Consistency) {
+        self.level = level;
+    }
+
+    /// Sets the level a quiescer reached, with the evidence of how.
+    pub fn reached(&mut self, level: Consistency, message: impl Into<String>) {
+        self.level = level;
+        self.note(Evidence::new("consistency", None, message));
+    }
+
+    /// Lowers the level to `to` (never raises it), with a `fallback` evidence saying why.
+    pub fn fall_back(&mut self, to: Consistency, message: impl Into<String>) {
+        let message = message.into();
+        if to < self.level {
+            tracing::warn!(from = self.level.as_str(), to = to.as_str(), "{message}");
+            let mut ev = Evidence::new("fallback", None, message);
+            ev.details.insert("from".into(), Value::from(self.level.as_str()));
+            ev.details.insert("to".into(), Value::from(to.as_str()));
+            self.level = to;
+            self.evidence.push(ev);
+        } else {
+            self.note(Evidence::new("warning", None, message));
+        }
+    }
+
+    /// Adds a fact.
+    pub fn note(&mut self, evidence: Evidence) {
+        self.evidence.push(evidence);
+    }
+
+    /// Adds a fact about one disk.
+    pub fn note_disk(&mut self, kind: &str, disk: &Name, message: impl Into<String>) {
+        self.evidence.push(Evidence::new(kind, Some(disk), message));
+    }
+
+    /// Records how long the file systems were frozen.
+    pub fn froze_for(&mut self, mounts: usize, duration: Duration) {
+        self.freeze = Some(duration);
+        let ms = duration.as_secs_f64() * 1000.0;
+        let mut ev = Evidence::new(
+            "freeze",
+            None,
+            format!("{mounts} file system(s) frozen for {ms:.1} ms (freeze call to thaw)"),
+        );
+        ev.details.insert("freeze_ms".into(), Value::from((ms * 1000.0).round() / 1000.0));
+        ev.details.insert("mounts".into(), Value::from(mounts));
+        self.evidence.push(ev);
+    }
+
+    /// How long the file systems were frozen, if they were.
+    pub fn freeze_duration(&self) -> Option<Duration> {
+        self.freeze
+    }
+
+    /// The evidence so far.
+    pub fn evidence(&self) -> &[Evidence] {
+        &self.evidence
+    }
+
+    /// Splits into level and evidence.
+    pub fn into_parts(self) -> (Consistency, Vec<Evidence>) {
+        (self.level, self.evidence)
+    }
+}

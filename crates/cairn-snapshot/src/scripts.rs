@@ -1,0 +1,391 @@
+//! Pre- and post-scripts, configured like Azure's `VMSnapshotScriptPluginConfig.json`.
+//!
+//! The pre-script brings an application to a consistent point and holds it there; the
+//! post-script lets it go. They run as the agent's user (root), so the configuration and
+//! the scripts must be writable by that user alone: the config mode 600 and the scripts
+//! mode 700, both owned by the user the agent runs as. Anything else is refused with the
+//! exact `chmod`/`chown` that fixes it.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_format::Evidence;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::Error;
+
+/// The longest script timeout accepted, as in Azure.
+pub const MAX_TIMEOUT_SECONDS: u32 = 1800;
+/// The most retries accepted for either script.
+pub const MAX_RETRIES: u32 = 10;
+/// How much of a script's output is kept in the evidence.
+const OUTPUT_TAIL: u64 = 1024;
+
+/// The script configuration, field for field as Azure names them.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptConfig {
+    /// Informational (Azure uses `ScriptRunner`).
+    #[serde(rename = "pluginName", default)]
+    pub plugin_name: String,
+    /// The pre-script: an absolute path.
+    #[serde(rename = "preScriptLocation")]
+    pub pre_script: PathBuf,
+    /// The post-script: an absolute path.
+    #[serde(rename = "postScriptLocation")]
+    pub post_script: PathBuf,
+    /// Arguments of the pre-script (empty strings, as in Azure's template, are dropped).
+    #[serde(rename = "preScriptParams", default)]
+    pub pre_params: Vec<String>,
+    /// Arguments of the post-script.
+    #[serde(rename = "postScriptParams", default)]
+    pub post_params: Vec<String>,
+    /// Further attempts after a failed pre-script.
+    #[serde(rename = "preScriptNoOfRetries", default)]
+    pub pre_retries: u32,
+    /// Further attempts after a failed post-script.
+    #[serde(rename = "postScriptNoOfRetries", default)]
+    pub post_retries: u32,
+    /// Each attempt's time limit, at most 1800.
+    #[serde(rename = "timeoutInSeconds", default = "default_timeout")]
+    pub timeout_seconds: u32,
+    /// On a failed script: true falls back to file-system consistency, false fails the job.
+    #[serde(rename = "continueBackupOnFailure", default = "yes")]
+    pub continue_on_failure: bool,
+    /// Freeze the file systems as well as running the scripts.
+    #[serde(rename = "fsFreezeEnabled", default = "yes")]
+    pub fs_freeze: bool,
+    /// How often a running script is reported in the log (the agent learns of a script's
+    /// exit without polling, so this only paces the "still running" messages).
+    #[serde(rename = "ScriptsExecutionPollTimeSeconds", default = "default_poll")]
+    pub poll_seconds: u32,
+}
+
+fn default_timeout() -> u32 {
+    30
+}
+fn default_poll() -> u32 {
+    2
+}
+fn yes() -> bool {
+    true
+}
+
+impl ScriptConfig {
+    /// Reads and checks the configuration at `path` and the scripts it names. Both must be
+    /// owned by the user the agent runs as (root for a real agent).
+    pub fn load(path: &Path) -> Result<ScriptConfig, Error> {
+        let owner = rustix::process::geteuid().as_raw();
+        check_file(path, 0o600, owner)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let config = ScriptConfig::parse(&text, &path.display().to_string())?;
+        check_file(&config.pre_script, 0o700, owner)?;
+        check_file(&config.post_script, 0o700, owner)?;
+        Ok(config)
+    }
+
+    /// Parses and validates the JSON (no file checks); `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<ScriptConfig, Error> {
+        let config: ScriptConfig = serde_json::from_str(text).map_err(|e| {
+            // serde_json names unknown and missing fields in its message.
+            Error::config(file, field_of(&e.to_string()), e.to_string())
+        })?;
+        let bad = |field: &str, message: String| Err(Error::config(file, field, message));
+        if config.timeout_seconds == 0 || config.timeout_seconds > MAX_TIMEOUT_SECONDS {
+            return bad(
+                "timeoutInSeconds",
+                format!(
+                    "{} is out of range: give 1 to {MAX_TIMEOUT_SECONDS}",
+                    config.timeout_seconds
+                ),
+            );
+        }
+        for (field, retries) in [
+            ("preScriptNoOfRetries", config.pre_retries),
+            ("postScriptNoOfRetries", config.post_retries),
+        ] {
+            if retries > MAX_RETRIES {
+                return bad(field, format!("{retries} retries: give at most {MAX_RETRIES}"));
+            }
+        }
+        if config.poll_seconds == 0 {
+            return bad("ScriptsExecutionPollTimeSeconds", "must be at least 1".into());
+        }
+        for (field, p) in
+            [("preScriptLocation", &config.pre_script), ("postScriptLocation", &config.post_script)]
+        {
+            if !p.is_absolute() {
+                return bad(field, format!("{} is not an absolute path", p.display()));
+            }
+        }
+        Ok(config)
+    }
+
+    /// Runs the pre-script with its timeout and retries.
+    pub fn run_pre(&self) -> ScriptRun {
+        run("pre", &self.pre_script, &self.pre_params, self.pre_retries, self)
+    }
+
+    /// Runs the post-script with its timeout and retries.
+    pub fn run_post(&self) -> ScriptRun {
+        run("post", &self.post_script, &self.post_params, self.post_retries, self)
+    }
+}
+
+fn field_of(message: &str) -> String {
+    for marker in ["unknown field `", "missing field `", "duplicate field `"] {
+        if let Some(rest) = message.split(marker).nth(1) {
+            return rest.split('`').next().unwrap_or_default().to_string();
+        }
+    }
+    "(file)".into()
+}
+
+/// Refuses a file that is missing, not a regular file, not owned by `owner`, or whose
+/// permission bits are not exactly `mode`.
+fn check_file(path: &Path, mode: u32, owner: u32) -> Result<(), Error> {
+    let refuse =
+        |problem: String, fix: String| Error::Permissions { path: path.into(), problem, fix };
+    let meta = std::fs::metadata(path).map_err(|e| {
+        let what = if e.kind() == std::io::ErrorKind::NotFound {
+            "it does not exist"
+        } else {
+            "cannot read it"
+        };
+        Error::io(format!("{}: {what}", path.display()), e)
+    })?;
+    if !meta.is_file() {
+        return Err(refuse("it is not a regular file".into(), format!("ls -l {}", path.display())));
+    }
+    if meta.uid() != owner {
+        let fix = if owner == 0 {
+            format!("chown root:root {}", path.display())
+        } else {
+            format!("chown {owner} {}", path.display())
+        };
+        let who = if owner == 0 { "root".to_string() } else { format!("uid {owner}") };
+        return Err(refuse(
+            format!("it is owned by uid {}, not {who} (the agent's user)", meta.uid()),
+            fix,
+        ));
+    }
+    let actual = meta.permissions().mode() & 0o7777;
+    if actual != mode {
+        return Err(refuse(
+            format!("its mode is {actual:o}, it must be {mode:o}"),
+            format!("chmod {mode:o} {}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// How one attempt of a script ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal killed it.
+    Signalled(i32),
+    /// It ran past its timeout and was killed (with its process group).
+    TimedOut,
+    /// It could not be started.
+    NotStarted(String),
+}
+
+impl Outcome {
+    /// True for exit code 0.
+    pub fn succeeded(&self) -> bool {
+        *self == Outcome::Exited(0)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Exited(code) => write!(f, "exit code {code}"),
+            Outcome::Signalled(sig) => write!(f, "killed by signal {sig}"),
+            Outcome::TimedOut => write!(f, "timed out"),
+            Outcome::NotStarted(e) => write!(f, "could not start: {e}"),
+        }
+    }
+}
+
+/// One attempt.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// How long it ran.
+    pub duration: Duration,
+}
+
+/// All attempts of one script.
+#[derive(Clone, Debug)]
+pub struct ScriptRun {
+    /// `pre` or `post`.
+    pub script: &'static str,
+    /// The script.
+    pub path: PathBuf,
+    /// Every attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// The end of the last attempt's output.
+    pub output_tail: String,
+}
+
+impl ScriptRun {
+    /// True when the last attempt succeeded.
+    pub fn succeeded(&self) -> bool {
+        self.attempts.last().is_some_and(|a| a.outcome.succeeded())
+    }
+
+    /// How the last attempt ended.
+    pub fn outcome(&self) -> String {
+        let last = self.attempts.last().map(|a| a.outcome.to_string()).unwrap_or_default();
+        match self.attempts.len() {
+            1 => last,
+            n => format!("{last} (after {n} attempts)"),
+        }
+    }
+
+    /// The evidence of this run: attempts with exit codes and durations, and output.
+    pub fn evidence(&self) -> Evidence {
+        let verdict = if self.succeeded() { "succeeded" } else { "failed" };
+        let mut ev = Evidence::new(
+            "script",
+            None,
+            format!("{}-script {} {verdict}: {}", self.script, self.path.display(), self.outcome()),
+        );
+        let attempts: Vec<Value> = self
+            .attempts
+            .iter()
+            .map(|a| {
+                let (code, signal) = match a.outcome {
+                    Outcome::Exited(c) => (Some(c), None),
+                    Outcome::Signalled(s) => (None, Some(s)),
+                    _ => (None, None),
+                };
+                json!({
+                    "exit_code": code,
+                    "signal": signal,
+                    "timed_out": a.outcome == Outcome::TimedOut,
+                    "duration_ms": a.duration.as_millis() as u64,
+                })
+            })
+            .collect();
+        ev.details.insert("script".into(), json!(self.script));
+        ev.details.insert("path".into(), json!(self.path));
+        ev.details.insert("succeeded".into(), json!(self.succeeded()));
+        ev.details.insert("attempts".into(), Value::Array(attempts));
+        if !self.output_tail.is_empty() {
+            ev.details.insert("output".into(), json!(self.output_tail));
+        }
+        ev
+    }
+}
+
+fn run(
+    kind: &'static str,
+    path: &Path,
+    params: &[String],
+    retries: u32,
+    config: &ScriptConfig,
+) -> ScriptRun {
+    let timeout = Duration::from_secs(u64::from(config.timeout_seconds));
+    let poll = Duration::from_secs(u64::from(config.poll_seconds));
+    let params: Vec<&String> = params.iter().filter(|p| !p.is_empty()).collect();
+    let mut run = ScriptRun {
+        script: kind,
+        path: path.into(),
+        attempts: Vec::new(),
+        output_tail: String::new(),
+    };
+    for attempt in 0..=retries {
+        let (outcome, duration, tail) = run_once(path, &params, timeout, poll);
+        tracing::info!(script = kind, path = %path.display(), attempt = attempt + 1, %outcome, "script finished");
+        let ok = outcome.succeeded();
+        run.attempts.push(Attempt { outcome, duration });
+        run.output_tail = tail;
+        if ok {
+            break;
+        }
+    }
+    run
+}
+
+fn run_once(
+    path: &Path,
+    params: &[&String],
+    timeout: Duration,
+    poll: Duration,
+) -> (Outcome, Duration, String) {
+    let started = Instant::now();
+    let output = match tempfile::tempfile() {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                Outcome::NotStarted(format!("no temporary file for its output: {e}")),
+                started.elapsed(),
+                String::new(),
+            );
+        }
+    };
+    let stdout = output.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+    let stderr = output.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
+    let child = Command::new(path)
+        .args(params)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        // Its own process group, so a timeout kills whatever it started too.
+        .process_group(0)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (Outcome::NotStarted(e.to_string()), started.elapsed(), String::new()),
+    };
+    let mut next_report = poll;
+    let outcome = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                break match (status.code(), status.signal()) {
+                    (Some(code), _) => Outcome::Exited(code),
+                    (None, Some(sig)) => Outcome::Signalled(sig),
+                    _ => Outcome::Exited(-1),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => break Outcome::NotStarted(e.to_string()),
+        }
+        let elapsed = started.elapsed();
+        if elapsed >= timeout {
+            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            break Outcome::TimedOut;
+        }
+        if elapsed >= next_report {
+            tracing::info!(script = %path.display(), seconds = elapsed.as_secs(), "script still running");
+            next_report += poll;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (outcome, started.elapsed(), tail_of(output))
+}
+
+fn tail_of(mut file: File) -> String {
+    let len = file.seek(SeekFrom::End(0)).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(OUTPUT_TAIL)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}

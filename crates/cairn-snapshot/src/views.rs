@@ -1,0 +1,263 @@
+//! View providers for disks kept as image files: reflink clones (XFS, btrfs), btrfs
+//! read-only snapshots, and the live disk.
+//!
+//! LVM and device-mapper snapshots would be further [`ViewProvider`]s; the kernels these
+//! tests run on have neither, so they are not written yet.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::capture::{DiskSpec, View, ViewProvider};
+use crate::{Error, sys};
+
+const XFS_MAGIC: u64 = 0x5846_5342;
+const BTRFS_MAGIC: u64 = 0x9123_683e;
+const EXT4_MAGIC: u64 = 0xef53;
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+/// The inode number of every btrfs subvolume's root directory.
+const BTRFS_SUBVOL_ROOT_INO: u64 = 256;
+
+/// The file-system type of `path`, for messages.
+fn fs_name(path: &Path) -> String {
+    match rustix::fs::statfs(path) {
+        Ok(s) => match s.f_type as u64 {
+            XFS_MAGIC => "xfs".into(),
+            BTRFS_MAGIC => "btrfs".into(),
+            EXT4_MAGIC => "ext4".into(),
+            TMPFS_MAGIC => "tmpfs".into(),
+            other => format!("file system type {other:#x}"),
+        },
+        Err(_) => "an unknown file system".into(),
+    }
+}
+
+/// Checks, without taking anything, that `kind` can view `disk`: the image exists and lies on
+/// a file system that supports the view. Returns a description for people.
+pub fn preflight(kind: crate::ViewKind, disk: &DiskSpec) -> Result<String, Error> {
+    let no = |reason: String| Error::NoSnapshot {
+        disk: disk.name.to_string(),
+        path: disk.path.clone(),
+        reason,
+    };
+    let meta = std::fs::metadata(&disk.path)
+        .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+    let dir = disk.path.parent().unwrap_or(Path::new("/"));
+    let fs = fs_name(dir);
+    match kind {
+        crate::ViewKind::Reflink if !meta.is_file() => {
+            Err(no("a reflink clone needs an image file, and this is not a regular file".into()))
+        }
+        crate::ViewKind::Reflink if fs != "xfs" && fs != "btrfs" => {
+            Err(no(format!("{} is on {fs}, which cannot make reflink clones", dir.display())))
+        }
+        crate::ViewKind::BtrfsSnapshot if fs != "btrfs" => {
+            Err(no(format!("{} is on {fs}, not btrfs", dir.display())))
+        }
+        _ => Ok(format!("{} on {fs}", disk.path.display())),
+    }
+}
+
+/// A name for a view that is unique on this host and says who made it.
+fn view_name(stem: &str) -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{stem}.cairn-view-{}-{nanos}", std::process::id())
+}
+
+/// The process id in a view name made by [`view_name`], if it is one.
+fn view_owner(name: &str, stem: &str) -> Option<u32> {
+    let rest = name.strip_prefix(stem)?.strip_prefix(".cairn-view-")?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// True when no process with this id exists: its views were left behind by a crash.
+fn is_dead(pid: u32) -> bool {
+    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Reflink clones: a copy-on-write clone of the image file next to it, sharing every block
+/// until the VM writes again. Needs XFS (reflink=1) or btrfs; release deletes the clone.
+pub struct ReflinkClone;
+
+impl ViewProvider for ReflinkClone {
+    fn kind(&self) -> &'static str {
+        "reflink"
+    }
+
+    fn take(&self, disk: &DiskSpec) -> Result<View, Error> {
+        let no = |reason: String| Error::NoSnapshot {
+            disk: disk.name.to_string(),
+            path: disk.path.clone(),
+            reason,
+        };
+        let meta = std::fs::metadata(&disk.path)
+            .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+        if !meta.is_file() {
+            return Err(no("a reflink clone needs an image file, and this is not a regular file (device snapshots through LVM or device-mapper are not built in)".into()));
+        }
+        let dir = disk.path.parent().unwrap_or(Path::new("/"));
+        let stem =
+            format!(".{}", disk.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        remove_stale_clones(dir, &stem);
+        let clone = dir.join(view_name(&stem));
+        let view_err =
+            |detail: String, source| Error::View { disk: disk.name.to_string(), detail, source };
+        let source = File::open(&disk.path)
+            .map_err(|e| view_err(format!("opening {}", disk.path.display()), e))?;
+        let target = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&clone)
+            .map_err(|e| view_err(format!("creating {}", clone.display()), e))?;
+        if let Err(e) = rustix::fs::ioctl_ficlone(&target, &source) {
+            let _ = std::fs::remove_file(&clone);
+            let e = std::io::Error::from(e);
+            return Err(match e.raw_os_error() {
+                // EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: this file system cannot clone.
+                Some(95 | 18 | 22 | 25) => no(format!(
+                    "{} is on {}, which cannot make reflink clones ({e})",
+                    dir.display(),
+                    fs_name(dir)
+                )),
+                _ => view_err(format!("cloning into {}", clone.display()), e),
+            });
+        }
+        let path = clone.clone();
+        Ok(View::snapshot(
+            disk,
+            "reflink",
+            clone,
+            Box::new(move |_| {
+                std::fs::remove_file(&path)
+                    .map_err(|e| Error::io(format!("removing view {}", path.display()), e))
+            }),
+        ))
+    }
+}
+
+/// Removes clones named for `stem` whose agent process no longer exists.
+fn remove_stale_clones(dir: &Path, stem: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if view_owner(&name, stem).is_some_and(is_dead) {
+            tracing::warn!(path = %entry.path().display(), "removing a view left by an agent that died");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// btrfs read-only snapshots of the subvolume that holds the image: every disk in one
+/// subvolume is captured at one instant. The snapshot goes into `.cairn-views` at the
+/// subvolume's root; release deletes it.
+pub struct BtrfsSnapshot;
+
+impl ViewProvider for BtrfsSnapshot {
+    fn kind(&self) -> &'static str {
+        "btrfs-snapshot"
+    }
+
+    fn take(&self, disk: &DiskSpec) -> Result<View, Error> {
+        let no = |reason: String| Error::NoSnapshot {
+            disk: disk.name.to_string(),
+            path: disk.path.clone(),
+            reason,
+        };
+        let view_err =
+            |detail: String, source| Error::View { disk: disk.name.to_string(), detail, source };
+        let image = disk
+            .path
+            .canonicalize()
+            .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+        let dir = image.parent().unwrap_or(Path::new("/"));
+        if rustix::fs::statfs(dir).map(|s| s.f_type as u64).ok() != Some(BTRFS_MAGIC) {
+            return Err(no(format!("{} is on {}, not btrfs", dir.display(), fs_name(dir))));
+        }
+        let subvolume = subvolume_root(dir)
+            .map_err(|e| view_err(format!("finding the subvolume of {}", dir.display()), e))?;
+        let relative = image.strip_prefix(&subvolume).unwrap_or(&image).to_path_buf();
+        let views = subvolume.join(".cairn-views");
+        match std::fs::create_dir(&views) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(view_err(format!("creating {}", views.display()), e)),
+        }
+        let stem = "snapshot";
+        let parent =
+            File::open(&views).map_err(|e| view_err(format!("opening {}", views.display()), e))?;
+        if let Ok(entries) = std::fs::read_dir(&views) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if view_owner(&name, stem).is_some_and(is_dead) {
+                    tracing::warn!(path = %entry.path().display(), "deleting a snapshot left by an agent that died");
+                    let _ = sys::btrfs_delete(&parent, &name);
+                }
+            }
+        }
+        let name = view_name(stem);
+        let source = File::open(&subvolume)
+            .map_err(|e| view_err(format!("opening {}", subvolume.display()), e))?;
+        sys::btrfs_snapshot(&parent, &source, &name).map_err(|e| {
+            view_err(format!("snapshotting {} into {}", subvolume.display(), views.display()), e)
+        })?;
+        let path = views.join(&name).join(relative);
+        Ok(View::snapshot(
+            disk,
+            "btrfs-snapshot",
+            path,
+            Box::new(move |_| {
+                sys::btrfs_delete(&parent, &name).map_err(|e| {
+                    Error::io(format!("deleting snapshot {}", views.join(&name).display()), e)
+                })
+            }),
+        ))
+    }
+}
+
+/// The directory at the root of the btrfs subvolume that holds `dir`.
+fn subvolume_root(dir: &Path) -> std::io::Result<PathBuf> {
+    let dev = std::fs::metadata(dir)?.dev();
+    let mut here = dir.to_path_buf();
+    loop {
+        let meta = std::fs::metadata(&here)?;
+        if meta.ino() == BTRFS_SUBVOL_ROOT_INO && meta.dev() == dev {
+            return Ok(here);
+        }
+        match here.parent() {
+            Some(up) if std::fs::metadata(up)?.dev() == dev => here = up.to_path_buf(),
+            _ => return Ok(here),
+        }
+    }
+}
+
+/// No view: the disk is read as it is. Point-in-time only when nothing writes to it (a
+/// stopped VM); for a running VM the point's consistency is "none".
+pub struct LiveRead;
+
+impl ViewProvider for LiveRead {
+    fn kind(&self) -> &'static str {
+        "live"
+    }
+
+    fn take(&self, disk: &DiskSpec) -> Result<View, Error> {
+        std::fs::metadata(&disk.path)
+            .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+        Ok(View::live(disk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_names_carry_their_owner() {
+        let name = view_name(".disk.img");
+        assert_eq!(view_owner(&name, ".disk.img"), Some(std::process::id()));
+        assert_eq!(view_owner(".disk.img", ".disk.img"), None);
+        assert_eq!(view_owner(".other.cairn-view-1-2", ".disk.img"), None);
+        assert!(!is_dead(std::process::id()));
+    }
+}

@@ -1,0 +1,140 @@
+//! The thaw watchdog: a separate process that thaws frozen file systems if the agent does
+//! not say in time that it thawed them itself.
+//!
+//! A writer to a frozen file system hangs, unkillable, until the thaw; if the agent died
+//! while file systems were frozen, the VM would hang with it. A thread of the agent cannot
+//! help when the agent is killed with `kill -9`, so the watchdog is another process. The
+//! protocol is a pipe: the agent starts the watchdog with the mount points and a deadline,
+//! waits for it to print `armed`, freezes, and after its own thaw writes `thawed`. When the
+//! deadline passes first, or the pipe closes without `thawed` (the agent exited, crashed or
+//! was killed), the watchdog thaws every mount point itself. The watchdog runs in its own
+//! process group, so a ctrl-C meant for the agent does not kill it first.
+//!
+//! The watchdog is the agent's own executable with a hidden subcommand; embedders name
+//! theirs in [`WatchdogCommand`] and call [`serve`] from it.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::{Error, sys};
+
+/// How long the agent waits for a new watchdog to report `armed`.
+const ARM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The program that serves as watchdog, and the arguments that select that role; the
+/// deadline in milliseconds and the mount points are appended.
+#[derive(Clone, Debug)]
+pub struct WatchdogCommand {
+    /// The executable.
+    pub program: PathBuf,
+    /// Arguments before the deadline and mount points.
+    pub args: Vec<OsString>,
+}
+
+/// A running, armed watchdog.
+pub struct Watchdog {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    /// Starts a watchdog for `mounts` and waits until it is armed.
+    pub fn arm(
+        command: &WatchdogCommand,
+        deadline: Duration,
+        mounts: &[PathBuf],
+    ) -> Result<Watchdog, Error> {
+        let fail = |detail: String| Error::Watchdog { detail };
+        let mut child = Command::new(&command.program)
+            .args(&command.args)
+            .arg(deadline.as_millis().to_string())
+            .args(mounts)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| fail(format!("{}: {e}", command.program.display())))?;
+        let stdout = child.stdout.take().ok_or_else(|| fail("no stdout pipe".into()))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let watchdog = Watchdog { stdin: child.stdin.take(), child };
+        match rx.recv_timeout(ARM_TIMEOUT) {
+            Ok(line) if line.trim() == "armed" => Ok(watchdog),
+            Ok(line) => Err(fail(format!("it answered {:?} instead of \"armed\"", line.trim()))),
+            Err(_) => Err(fail(format!("it did not report armed within {ARM_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Tells the watchdog the agent thawed everything itself, and waits for it to exit.
+    pub fn disarm(mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"thawed\n");
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        // Closing the pipe without "thawed" makes the watchdog thaw at once.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// The watchdog's side: `args` are the deadline in milliseconds and the mount points.
+/// Returns the process exit code: 0 when disarmed, 1 when it had to thaw, 2 on bad usage.
+pub fn serve(args: &[OsString]) -> i32 {
+    let Some((deadline, mounts)) = args.split_first() else {
+        eprintln!("cairn watchdog: usage: DEADLINE_MS MOUNT...");
+        return 2;
+    };
+    let Some(deadline) = deadline.to_str().and_then(|d| d.parse().ok()).map(Duration::from_millis)
+    else {
+        eprintln!("cairn watchdog: bad deadline {deadline:?}");
+        return 2;
+    };
+    let mut dirs = Vec::new();
+    for mount in mounts {
+        match File::open(mount) {
+            Ok(dir) => dirs.push((PathBuf::from(mount), dir)),
+            Err(e) => {
+                eprintln!("cairn watchdog: cannot open {}: {e}", PathBuf::from(mount).display());
+                return 2;
+            }
+        }
+    }
+    println!("armed");
+    let _ = std::io::stdout().flush();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = std::io::stdin().lock().read_line(&mut line);
+        let _ = tx.send(read.ok().filter(|n| *n > 0).map(|_| line));
+    });
+    let reason = match rx.recv_timeout(deadline) {
+        Ok(Some(line)) if line.trim() == "thawed" => return 0,
+        Ok(_) => "the agent exited without thawing".to_string(),
+        Err(_) => format!("the {} ms deadline passed", deadline.as_millis()),
+    };
+    for (path, dir) in &dirs {
+        match sys::thaw(dir) {
+            Ok(()) => eprintln!("cairn watchdog: thawed {} ({reason})", path.display()),
+            // EINVAL: it was not frozen (the agent thawed it, or never froze it).
+            Err(e) if e.raw_os_error() == Some(22) => {}
+            Err(e) => eprintln!("cairn watchdog: cannot thaw {}: {e}", path.display()),
+        }
+    }
+    1
+}
