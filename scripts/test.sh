@@ -14,7 +14,16 @@ rustc --version
 if [ "$(id -u)" = 0 ]; then
     # Root-only tests (a small tmpfs for the full-file-system test) must run, not skip.
     export CAIRN_REQUIRE_ROOT_TESTS=1
-    command -v mount >/dev/null || { apt-get update -qq && apt-get install -y -qq mount; }
+    # Snapshot tests: XFS (reflink) and btrfs loop mounts, an ext4 guest, fsfreeze, e2fsck.
+    missing=()
+    for tool in mount:mount losetup:mount fsfreeze:util-linux mkfs.xfs:xfsprogs \
+                mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs; do
+        command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+    fi
+    losetup -f >/dev/null || { echo "no free loop device: the snapshot tests need two" >&2; exit 1; }
 else
     echo "not root: tests that need root will report 'skipped: needs root'"
 fi
@@ -24,6 +33,12 @@ cargo fmt --all -- --check
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+if rustup target list --installed 2>/dev/null | grep -q x86_64-pc-windows-gnu \
+    && command -v x86_64-w64-mingw32-gcc >/dev/null; then
+    step "cargo clippy for Windows (the VSS backend; compiled, never run here)"
+    cargo clippy --target x86_64-pc-windows-gnu -p cairn-snapshot -- -D warnings
+fi
 
 step "cargo test (unit, integration and doc tests)"
 cargo test --workspace --all-targets

@@ -299,6 +299,18 @@ fn vm_configs_are_checked_and_drive_the_backup() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("crash") && text.contains("VM is stopped"), "{text}");
 
+    // ...unless something still writes to them.
+    let writer = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let out = run(&["--config", &stopped, "backup", "--vault", &v]);
+    assert!(!out.status.success());
+    let pid = std::process::id().to_string();
+    assert!(
+        stderr(&out).contains("configured as stopped") && stderr(&out).contains(&pid),
+        "{}",
+        stderr(&out)
+    );
+    drop(writer);
+
     // --config and --vm together are refused.
     let out = run(&["--config", &live, "backup", "--vault", &v, "--vm", "web", "--disk", &disk]);
     assert!(stderr(&out).contains("give either --config FILE"), "{}", stderr(&out));

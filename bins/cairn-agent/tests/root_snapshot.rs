@@ -423,3 +423,68 @@ fn root_the_watchdog_thaws_when_the_agent_is_killed_or_panics_or_hangs() {
     let out = agent().args(["points", "--vault", &g.vault()]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("no recovery points"));
 }
+
+#[test]
+fn root_btrfs_snapshots_and_reflink_clones_capture_a_disk() {
+    if !root_or_skip() {
+        return;
+    }
+    let _serial = LOOP_DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).to_str().unwrap().to_string();
+    let img = p("btrfs.img");
+    std::fs::File::create(&img).unwrap().set_len(512 << 20).unwrap();
+    sh("mkfs.btrfs", &["-q", "-f", img.to_str().unwrap()]);
+    let device = Loop::attach(&img);
+    let _mount = Mount::new(&device.0, &p("btrfs"), &[]);
+    let disk = s("btrfs/os.img");
+    let out =
+        agent().args(["sample", "create", &disk, "--size", "48M", "--seed", "9"]).output().unwrap();
+    assert!(out.status.success());
+    let vault = s("vault");
+    assert!(agent().args(["init", "--vault", &vault]).output().unwrap().status.success());
+
+    for view in ["btrfs-snapshot", "reflink"] {
+        let config = p(&format!("{view}.toml"));
+        std::fs::write(
+            &config,
+            format!("vm = \"b\"\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\nview = \"{view}\"\n"),
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let out = agent().args(["--config", config, "config", "check"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        let out = agent()
+            .args(["--config", config, "backup", "--json", "--vault", &vault])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{view}: {}", String::from_utf8_lossy(&out.stderr));
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(m["consistency"], "crash", "{m:#}");
+        let views = evidence(&m, "view");
+        assert!(
+            views[0]["message"].as_str().unwrap().starts_with(&format!("{view} view")),
+            "{m:#}"
+        );
+        let restored = s(&format!("restored-{view}.img"));
+        let point = m["point"].as_str().unwrap();
+        let out = agent()
+            .args([
+                "restore", "--vault", &vault, "--vm", "b", "--point", point, "--disk", "os",
+                "--to", &restored,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read(&restored).unwrap(), std::fs::read(&disk).unwrap(), "{view}");
+    }
+    // Every view was removed after its commit.
+    let left: Vec<_> = std::fs::read_dir(p("btrfs/.cairn-views")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    let names: Vec<_> = std::fs::read_dir(p("btrfs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".cairn-view-")), "{names:?}");
+}

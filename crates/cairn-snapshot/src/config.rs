@@ -228,7 +228,11 @@ impl VmConfig {
 fn field_of(message: &str) -> Option<String> {
     for marker in ["unknown field `", "missing field `", "duplicate key `", "duplicate field `"] {
         if let Some(rest) = message.split(marker).nth(1) {
-            return rest.split('`').next().map(str::to_string);
+            // An empty key ("" = 1) is still a field; name it so it can be found.
+            return rest
+                .split('`')
+                .next()
+                .map(|f| if f.is_empty() { "\"\"".into() } else { f.to_string() });
         }
     }
     None
@@ -324,5 +328,37 @@ view = "btrfs-snapshot"
     fn syntax_errors_give_the_line() {
         let e = parse("vm = \"v\"\n[[disk]\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_names_a_field(text in ".{0,200}") {
+            match parse(&text) {
+                Ok(c) => proptest::prop_assert!(!c.disks.is_empty()),
+                Err(Error::Config { field, .. }) => proptest::prop_assert!(!field.is_empty()),
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
+        }
+
+        #[test]
+        fn near_valid_configs_parse_or_name_a_field(
+            vm in "[a-z.!-]{0,8}",
+            state in "(running|stopped|paused)",
+            view in "(reflink|btrfs-snapshot|none|lvm)",
+            live in proptest::bool::ANY,
+            seconds in 0u64..1000,
+        ) {
+            let text = format!(
+                "vm = \"{vm}\"\nstate = \"{state}\"\nlive_read = {live}\n[freeze]\nwatchdog_seconds = {seconds}\n[[disk]]\nname = \"os\"\npath = \"/os.img\"\nview = \"{view}\"\n"
+            );
+            match parse(&text) {
+                Ok(c) => {
+                    proptest::prop_assert!(c.watchdog_deadline <= MAX_DEADLINE);
+                    proptest::prop_assert!(c.disks[0].view != ViewKind::None || live || c.state == VmState::Stopped);
+                }
+                Err(Error::Config { field, .. }) => proptest::prop_assert!(!field.is_empty()),
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
+        }
     }
 }

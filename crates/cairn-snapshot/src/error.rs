@@ -97,15 +97,13 @@ pub enum Error {
     },
     /// A disk declared stopped is open for writing by a running process.
     #[error(
-        "VM is configured as stopped, but {path} is open for writing by process {pid} ({command}); stop the VM or set state = \"running\""
+        "VM is configured as stopped, but {path} is open for writing by {holder}; stop the VM or set state = \"running\""
     )]
     DiskInUse {
         /// The disk image.
         path: PathBuf,
-        /// The process.
-        pid: u32,
-        /// Its command name.
-        command: String,
+        /// Who holds it: a process with its command name, or a loop device.
+        holder: String,
     },
     /// The VSS requester failed on every rung of its ladder.
     #[error("VSS: {0}")]

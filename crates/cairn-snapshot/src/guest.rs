@@ -105,7 +105,7 @@ struct GuestHold {
 impl Hold for GuestHold {
     fn resume(self: Box<Self>, record: &mut Record) -> Result<(), Error> {
         let thawed = match self.frozen {
-            Some(frozen) => frozen.thaw().map(|d| record.froze_for(self.mounts, d)),
+            Some(frozen) => frozen.thaw().map(|(d, calls)| record.froze_for(self.mounts, d, calls)),
             None => Ok(()),
         };
         if let Some(scripts) = &self.post {

@@ -62,16 +62,20 @@ impl Record {
         self.evidence.push(Evidence::new(kind, Some(disk), message));
     }
 
-    /// Records how long the file systems were frozen.
-    pub fn froze_for(&mut self, mounts: usize, duration: Duration) {
+    /// Records how long the file systems were frozen (from the first FIFREEZE call to the
+    /// last FITHAW), and how much of that the FIFREEZE calls took (they flush dirty data).
+    pub fn froze_for(&mut self, mounts: usize, duration: Duration, freeze_calls: Duration) {
         self.freeze = Some(duration);
         let ms = duration.as_secs_f64() * 1000.0;
+        let calls_ms = freeze_calls.as_secs_f64() * 1000.0;
         let mut ev = Evidence::new(
             "freeze",
             None,
             format!("{mounts} file system(s) frozen for {ms:.1} ms (freeze call to thaw)"),
         );
         ev.details.insert("freeze_ms".into(), Value::from((ms * 1000.0).round() / 1000.0));
+        ev.details
+            .insert("freeze_calls_ms".into(), Value::from((calls_ms * 1000.0).round() / 1000.0));
         ev.details.insert("mounts".into(), Value::from(mounts));
         self.evidence.push(ev);
     }

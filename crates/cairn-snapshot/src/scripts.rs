@@ -142,7 +142,8 @@ impl ScriptConfig {
 fn field_of(message: &str) -> String {
     for marker in ["unknown field `", "missing field `", "duplicate field `"] {
         if let Some(rest) = message.split(marker).nth(1) {
-            return rest.split('`').next().unwrap_or_default().to_string();
+            let field = rest.split('`').next().unwrap_or_default();
+            return if field.is_empty() { "\"\"".into() } else { field.to_string() };
         }
     }
     "(file)".into()
@@ -388,4 +389,29 @@ fn tail_of(mut file: File) -> String {
     let mut bytes = Vec::new();
     let _ = file.read_to_end(&mut bytes);
     String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_within_limits_or_names_a_field(text in ".{0,200}") {
+            match ScriptConfig::parse(&text, "x.json") {
+                Ok(c) => proptest::prop_assert!(c.timeout_seconds <= MAX_TIMEOUT_SECONDS),
+                Err(Error::Config { field, .. }) => proptest::prop_assert!(!field.is_empty()),
+                Err(other) => proptest::prop_assert!(false, "{other}"),
+            }
+        }
+
+        #[test]
+        fn numbers_out_of_range_are_refused(timeout in 0u32..5000, retries in 0u32..50) {
+            let text = format!(
+                r#"{{"preScriptLocation":"/a","postScriptLocation":"/b","timeoutInSeconds":{timeout},"preScriptNoOfRetries":{retries}}}"#
+            );
+            let ok = (1..=MAX_TIMEOUT_SECONDS).contains(&timeout) && retries <= MAX_RETRIES;
+            proptest::prop_assert_eq!(ScriptConfig::parse(&text, "x.json").is_ok(), ok);
+        }
+    }
 }

@@ -59,6 +59,56 @@ pub fn preflight(kind: crate::ViewKind, disk: &DiskSpec) -> Result<String, Error
     }
 }
 
+/// Refuses a disk of a VM declared stopped that something still has open for writing: a
+/// process (the VM itself, most likely) or a loop device. Reading it would be a torn read,
+/// not the crash-consistent point a stopped VM promises. Processes of other users are seen
+/// only when the agent runs as root.
+pub fn check_not_in_use(disk: &DiskSpec) -> Result<(), Error> {
+    let target = disk
+        .path
+        .canonicalize()
+        .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+    let in_use = |holder: String| Error::DiskInUse { path: disk.path.clone(), holder };
+    if let Ok(devices) = std::fs::read_dir("/sys/block") {
+        for dev in devices.flatten() {
+            let backing = dev.path().join("loop/backing_file");
+            if let Ok(file) = std::fs::read_to_string(&backing)
+                && Path::new(file.trim()) == target
+            {
+                let name = dev.file_name().to_string_lossy().into_owned();
+                return Err(in_use(format!("the loop device /dev/{name}")));
+            }
+        }
+    }
+    let Ok(processes) = std::fs::read_dir("/proc") else { return Ok(()) };
+    for process in processes.flatten() {
+        let Some(pid) = process.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).ok().as_deref() != Some(target.as_path()) {
+                continue;
+            }
+            let info = process.path().join("fdinfo").join(fd.file_name());
+            let flags = std::fs::read_to_string(info).ok().and_then(|text| {
+                let line = text.lines().find(|l| l.starts_with("flags:"))?;
+                u32::from_str_radix(line.trim_start_matches("flags:").trim(), 8).ok()
+            });
+            // O_WRONLY = 1, O_RDWR = 2.
+            if flags.is_some_and(|f| f & 3 != 0) {
+                let command =
+                    std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+                return Err(in_use(format!("process {pid} ({})", command.trim())));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A name for a view that is unique on this host and says who made it.
 fn view_name(stem: &str) -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);

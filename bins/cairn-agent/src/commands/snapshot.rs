@@ -57,6 +57,11 @@ pub fn quiescer(config: &VmConfig, protected: &[Protected]) -> anyhow::Result<Bo
 
 /// Runs the capture on a blocking thread (scripts may run for minutes).
 pub async fn capture(config: &VmConfig, vault: Option<PathBuf>) -> anyhow::Result<Capture> {
+    if config.state == VmState::Stopped {
+        for d in &config.disks {
+            cairn_snapshot::views::check_not_in_use(&d.spec)?;
+        }
+    }
     let mut quiescer = quiescer(config, &protected(config, vault))?;
     let disks: Vec<(DiskSpec, &'static dyn ViewProvider)> =
         config.disks.iter().map(|d| (d.spec.clone(), d.view.provider())).collect();
