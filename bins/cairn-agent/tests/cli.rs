@@ -322,3 +322,51 @@ fn cairn_fs_supports_reflink(path: &Path) -> bool {
     let name = String::from_utf8_lossy(&fs.stdout);
     name.trim() == "xfs" || name.trim() == "btrfs"
 }
+
+#[test]
+fn ctrl_c_during_the_pre_script_still_runs_the_post_script_and_commits_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let e = Env::new();
+    let v = e.vault();
+    let disk = e.disk("os.raw", "4M", "5");
+    let script = |name: &str, body: &str| {
+        std::fs::write(e.p(name), format!("#!/bin/bash\n{body}\n")).unwrap();
+        std::fs::set_permissions(e.p(name), std::fs::Permissions::from_mode(0o700)).unwrap();
+        e.s(name)
+    };
+    let log = e.s("log");
+    let pre = script("pre.sh", &format!("echo pre >> {log}; sleep 2"));
+    let post = script("post.sh", &format!("echo post >> {log}"));
+    std::fs::write(
+        e.p("scripts.json"),
+        format!(r#"{{"preScriptLocation": "{pre}", "postScriptLocation": "{post}"}}"#),
+    )
+    .unwrap();
+    std::fs::set_permissions(e.p("scripts.json"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(
+        e.p("vm.toml"),
+        format!(
+            "vm = \"web\"\nlive_read = true\n[scripts]\nconfig = \"{}\"\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\nview = \"none\"\n",
+            e.s("scripts.json")
+        ),
+    )
+    .unwrap();
+    let child = agent()
+        .args(["--config", &e.s("vm.toml"), "backup", "--vault", &v])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("pre") {
+        assert!(Instant::now() < deadline, "the pre-script never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "pre\npost\n");
+    let listing = json(&run(&["points", "--json", "--vault", &v]));
+    assert_eq!(listing["points"].as_array().unwrap().len(), 0);
+}

@@ -18,12 +18,10 @@
 //! Linux only for now, except [`vss`], whose requester state machine is portable and whose
 //! calls into Windows live behind `cfg(windows)`.
 
-#[cfg(unix)]
 mod capture;
 #[cfg(unix)]
 pub mod config;
 mod error;
-#[cfg(unix)]
 pub mod failpoint;
 #[cfg(unix)]
 pub mod freeze;
@@ -40,7 +38,6 @@ pub mod vss;
 #[cfg(unix)]
 pub mod watchdog;
 
-#[cfg(unix)]
 pub use capture::{
     Capture, DiskSpec, Hold, Quiescer, Release, View, ViewProvider, VmState, capture,
 };

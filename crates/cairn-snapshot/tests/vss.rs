@@ -212,3 +212,140 @@ fn a_snapshot_set_still_busy_after_every_attempt_falls_through() {
     let err = snap.unwrap_err().to_string();
     assert!(err.contains("VSS_E_SNAPSHOT_SET_IN_PROGRESS"), "{err}");
 }
+
+mod lifecycle {
+    use std::path::PathBuf;
+
+    use cairn_format::Consistency;
+    use cairn_snapshot::vss::simulated::{Behaviour, SimWriter, SimulatedVss};
+    use cairn_snapshot::vss::{VssOptions, VssSession};
+    use cairn_snapshot::{DiskSpec, ViewProvider, VmState, capture};
+
+    fn disks() -> Vec<DiskSpec> {
+        vec![
+            DiskSpec { name: "os".parse().unwrap(), path: PathBuf::from("C:\\") },
+            DiskSpec { name: "data".parse().unwrap(), path: PathBuf::from("D:\\") },
+        ]
+    }
+
+    fn session(writers: Vec<SimWriter>) -> VssSession<SimulatedVss> {
+        let volumes = vec!["C:\\".to_string(), "D:\\".to_string()];
+        VssSession::new(SimulatedVss::with_writers(writers), volumes, VssOptions::default())
+    }
+
+    #[test]
+    fn a_committed_capture_reads_shadow_copies_then_completes_the_backup() {
+        let mut vss = session(super::healthy());
+        let views = vss.views();
+        let pairs: Vec<(DiskSpec, &dyn ViewProvider)> =
+            disks().into_iter().map(|d| (d, &views as &dyn ViewProvider)).collect();
+        let c = capture(&mut vss, &pairs, VmState::Running).unwrap();
+        assert_eq!(c.level(), Consistency::Application);
+        let paths: Vec<String> = c.views().iter().map(|v| v.path().display().to_string()).collect();
+        assert!(
+            paths[0].ends_with("ShadowCopy1") && paths[1].ends_with("ShadowCopy2"),
+            "{paths:?}"
+        );
+        assert!(!vss.with_backend(|b| b.calls.contains(&"backup_complete".to_string())));
+        c.release(true).unwrap();
+        let calls = vss.with_backend(|b| b.calls.clone());
+        assert_eq!(calls.last().map(String::as_str), Some("backup_complete"), "{calls:?}");
+        assert_eq!(
+            calls.iter().filter(|c| *c == "backup_complete").count(),
+            1,
+            "once, after the last view"
+        );
+    }
+
+    #[test]
+    fn a_failed_backup_aborts_and_a_failed_writer_lowers_the_level() {
+        let mut vss =
+            session(vec![SimWriter::new("SqlServerWriter", Behaviour::CrashesBeforeThaw)]);
+        let views = vss.views();
+        let pairs: Vec<(DiskSpec, &dyn ViewProvider)> =
+            disks().into_iter().map(|d| (d, &views as &dyn ViewProvider)).collect();
+        let c = capture(&mut vss, &pairs, VmState::Running).unwrap();
+        assert_eq!(c.level(), Consistency::FileSystem);
+        drop(c);
+        let calls = vss.with_backend(|b| b.calls.clone());
+        assert_eq!(calls.last().map(String::as_str), Some("abort_backup"));
+        assert!(!calls.contains(&"backup_complete".to_string()));
+    }
+
+    /// The simulation, with aborts also counted where the test can see them after the
+    /// session is gone.
+    struct Counted(SimulatedVss, std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl cairn_snapshot::vss::VssBackend for Counted {
+        fn gather_writer_metadata(
+            &mut self,
+            t: std::time::Duration,
+        ) -> Result<Vec<cairn_snapshot::vss::WriterInfo>, cairn_snapshot::vss::HResult> {
+            self.0.gather_writer_metadata(t)
+        }
+        fn set_backup_state(
+            &mut self,
+            k: cairn_snapshot::vss::BackupType,
+            w: bool,
+        ) -> Result<(), cairn_snapshot::vss::HResult> {
+            self.0.set_backup_state(k, w)
+        }
+        fn start_snapshot_set(&mut self) -> Result<(), cairn_snapshot::vss::HResult> {
+            self.0.start_snapshot_set()
+        }
+        fn add_to_snapshot_set(&mut self, v: &str) -> Result<(), cairn_snapshot::vss::HResult> {
+            self.0.add_to_snapshot_set(v)
+        }
+        fn prepare_for_backup(
+            &mut self,
+            t: std::time::Duration,
+        ) -> Result<(), cairn_snapshot::vss::HResult> {
+            self.0.prepare_for_backup(t)
+        }
+        fn do_snapshot_set(
+            &mut self,
+            t: std::time::Duration,
+        ) -> Result<(), cairn_snapshot::vss::HResult> {
+            self.0.do_snapshot_set(t)
+        }
+        fn gather_writer_status(
+            &mut self,
+            t: std::time::Duration,
+        ) -> Result<Vec<cairn_snapshot::vss::WriterStatus>, cairn_snapshot::vss::HResult> {
+            self.0.gather_writer_status(t)
+        }
+        fn snapshot_device(&mut self, v: &str) -> Result<String, cairn_snapshot::vss::HResult> {
+            self.0.snapshot_device(v)
+        }
+        fn backup_complete(
+            &mut self,
+            t: std::time::Duration,
+        ) -> Result<(), cairn_snapshot::vss::HResult> {
+            self.0.backup_complete(t)
+        }
+        fn abort_backup(&mut self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.0.abort_backup()
+        }
+    }
+
+    #[test]
+    fn a_volume_outside_the_snapshot_set_is_refused_and_the_set_aborted() {
+        let aborts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let backend = Counted(SimulatedVss::with_writers(super::healthy()), aborts.clone());
+        let mut vss = VssSession::new(backend, vec!["C:\\".to_string()], VssOptions::default());
+        let views = vss.views();
+        let e = DiskSpec { name: "e".parse().unwrap(), path: PathBuf::from("E:\\") };
+        let err =
+            capture(&mut vss, &[(e, &views as &dyn ViewProvider)], VmState::Running).err().unwrap();
+        assert!(err.to_string().contains("not in the VSS snapshot set"), "{err}");
+        assert_eq!(aborts.load(std::sync::atomic::Ordering::SeqCst), 0);
+        drop(views);
+        drop(vss);
+        assert_eq!(
+            aborts.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the session aborts its unused set"
+        );
+    }
+}

@@ -55,7 +55,7 @@ impl Captured {
     }
 }
 
-/// Opens the disks and runs the backup, with ctrl-C cancelling it.
+/// Opens the disks and runs the backup; `cancel` stops it (ctrl-C, see `cancel_on_signal`).
 pub async fn backup_disks(
     vault: &cairn_vault::Vault,
     vm: Name,
@@ -63,14 +63,13 @@ pub async fn backup_disks(
     captured: Captured,
     threads: Option<usize>,
     progress: Arc<dyn cairn_backup::Progress>,
+    cancel: &Cancel,
 ) -> anyhow::Result<PointManifest> {
     let mut inputs = Vec::new();
     for (name, path) in disks {
         let source = RawFile::open(path).with_context(|| format!("disk {name} of VM {vm}"))?;
         inputs.push(DiskInput { name: name.clone(), source: Arc::new(source) });
     }
-    let cancel = Cancel::new();
-    super::cancel_on_signal(cancel.clone());
     let request = BackupRequest {
         vm: vm.clone(),
         disks: inputs,
@@ -79,7 +78,7 @@ pub async fn backup_disks(
         evidence: captured.evidence,
         threads,
     };
-    cairn_backup::backup(vault, request, progress, &cancel)
+    cairn_backup::backup(vault, request, progress, cancel)
         .await
         .with_context(|| format!("backing up VM {vm} to {}", vault.url()))
 }
@@ -90,9 +89,16 @@ async fn backup_configured(
     file: &std::path::Path,
     threads: Option<usize>,
     progress: Arc<dyn cairn_backup::Progress>,
+    cancel: &Cancel,
 ) -> anyhow::Result<PointManifest> {
     let config = cairn_snapshot::VmConfig::load(file)?;
+    // A ctrl-C during the capture waits for it to finish: the guest must be thawed and its
+    // post-script run before the agent stops. Only then is the backup cancelled.
     let capture = super::snapshot::capture(&config, vault.local_path().map(PathBuf::from)).await?;
+    if cancel.is_cancelled() {
+        let _ = tokio::task::spawn_blocking(move || capture.release(false)).await;
+        return Err(cairn_backup::Error::Cancelled.into());
+    }
     let disks: Vec<(Name, PathBuf)> =
         capture.views().iter().map(|v| (v.disk().clone(), v.path().to_path_buf())).collect();
     let captured = Captured {
@@ -100,7 +106,8 @@ async fn backup_configured(
         captured_at: Some(capture.captured_at()),
         evidence: capture.record().evidence().to_vec(),
     };
-    let result = backup_disks(vault, config.vm.clone(), &disks, captured, threads, progress).await;
+    let result =
+        backup_disks(vault, config.vm.clone(), &disks, captured, threads, progress, cancel).await;
     // The views go only after the commit (or the failure): VSS full backups tell writers
     // to truncate their logs at this point, and only for a committed point.
     let committed = result.is_ok();
@@ -113,15 +120,17 @@ async fn backup_configured(
 pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyhow::Result<Exit> {
     let vault = super::open_vault(&args.vault.vault).await?;
     let bars = Arc::new(Bars::new(json, "backup"));
+    let cancel = Cancel::new();
+    super::cancel_on_signal(cancel.clone());
     let manifest = match (&config, &args.vm) {
         (Some(file), None) if args.disks.is_empty() => {
-            backup_configured(&vault, file, args.threads, bars).await?
+            backup_configured(&vault, file, args.threads, bars, &cancel).await?
         }
         (None, Some(vm)) if !args.disks.is_empty() => {
             let vm = super::vm_name(vm)?;
             let disks =
                 args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
-            backup_disks(&vault, vm, &disks, Captured::live(), args.threads, bars).await?
+            backup_disks(&vault, vm, &disks, Captured::live(), args.threads, bars, &cancel).await?
         }
         _ => anyhow::bail!(
             "give either --config FILE (the VM and its disks come from it) or --vm with --disk"

@@ -169,15 +169,11 @@ async fn timed_backup(
     let before = dir_size(root)?;
     let clock = Instant::now();
     let bars = Arc::new(Bars::new(json, "backup"));
-    let m = super::backup::backup_disks(
-        vault,
-        vm.clone(),
-        disks,
-        super::backup::Captured::live(),
-        None,
-        bars,
-    )
-    .await?;
+    let cancel = cairn_backup::Cancel::new();
+    super::cancel_on_signal(cancel.clone());
+    let live = super::backup::Captured::live();
+    let m =
+        super::backup::backup_disks(vault, vm.clone(), disks, live, None, bars, &cancel).await?;
     Ok((step(name, &m, dir_size(root)? - before, clock), m))
 }
 

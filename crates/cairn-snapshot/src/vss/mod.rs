@@ -24,9 +24,12 @@
 //! thin `cfg(windows)` module, the one part of Cairn that cannot run on these Linux machines.
 //! [`simulated`] implements the same trait with scripted writers, so the ladder is tested here.
 
+mod session;
 pub mod simulated;
 #[cfg(windows)]
 pub mod windows;
+
+pub use session::{VssSession, VssViews};
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -208,6 +208,11 @@ impl WindowsVss {
     }
 }
 
+// SAFETY: COM is initialised multithreaded (`COINIT_MULTITHREADED`) and the backup
+// components object is free-threaded in the MTA; the session hands it between threads behind
+// a mutex, never to two at once.
+unsafe impl Send for WindowsVss {}
+
 impl Drop for WindowsVss {
     fn drop(&mut self) {
         self.release();
