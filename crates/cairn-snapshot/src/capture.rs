@@ -30,6 +30,14 @@ pub trait Quiescer: Send {
     /// Quiesces, setting in `record` the level reached (with [`Record::reached`]) and
     /// any fallback. The returned hold is resumed exactly once, on every path.
     fn quiesce(&mut self, record: &mut Record) -> Result<Box<dyn Hold>, Error>;
+
+    /// After quiescing: whether what was quiesced covers `disk` (a frozen file system lives
+    /// on it, or scripts quiesced the applications). A disk it does not cover is only
+    /// crash-consistent, whatever the level reached elsewhere.
+    fn covers(&self, disk: &DiskSpec) -> bool {
+        let _ = disk;
+        true
+    }
 }
 
 /// A quiesced guest, waiting to be resumed.
@@ -221,16 +229,41 @@ pub fn capture(
     let spread = clock.elapsed();
     failpoint::hit(failpoint::WHILE_QUIESCED);
     let resumed = guard.resume(&mut record);
+    if let (Err(_), Err(e)) = (&taken, &resumed) {
+        tracing::error!("resuming after a failed view also failed: {e}");
+    }
     taken?;
     resumed?;
-    judge_views(&mut record, &views, state, spread);
+    // Disks nothing quiesced: all of them when the level is crash already.
+    let quiesced_any = record.level() > Consistency::Crash;
+    let uncovered: Vec<&DiskSpec> =
+        disks.iter().map(|(d, _)| d).filter(|d| !quiesced_any || !quiescer.covers(d)).collect();
+    if quiesced_any && state == VmState::Running {
+        for disk in &uncovered {
+            record.fall_back(
+                Consistency::Crash,
+                format!(
+                    "disk {} ({}) holds none of the frozen file systems and no script covers it: it is only crash-consistent",
+                    disk.name,
+                    disk.path.display()
+                ),
+            );
+        }
+    }
+    judge_views(&mut record, &views, state, spread, uncovered.len());
     Ok(Capture { views, record, captured_at })
 }
 
 /// Lowers the level where the views cannot support it: a live read of a running VM has no
-/// instant, and separate views of several disks of a running VM with nothing quiesced are
-/// not one instant either.
-fn judge_views(record: &mut Record, views: &[View], state: VmState, spread: std::time::Duration) {
+/// instant, and separate views of several disks of a running VM that nothing held still are
+/// not one instant either (one such disk among frozen ones is: the others did not change).
+fn judge_views(
+    record: &mut Record,
+    views: &[View],
+    state: VmState,
+    spread: std::time::Duration,
+    uncovered: usize,
+) {
     if state == VmState::Stopped {
         record.reached(
             Consistency::Crash,
@@ -246,12 +279,11 @@ fn judge_views(record: &mut Record, views: &[View], state: VmState, spread: std:
                 live.disk()
             ),
         );
-    } else if record.level() == Consistency::Crash && views.len() > 1 {
+    } else if uncovered > 1 {
         record.fall_back(
             Consistency::None,
             format!(
-                "{} disks were captured one after another over {:.1} ms with nothing quiesced: each disk is crash-consistent, but not all at one instant",
-                views.len(),
+                "{uncovered} disks were captured one after another over {:.1} ms with nothing quiescing them: each disk is crash-consistent, but not all at one instant",
                 spread.as_secs_f64() * 1000.0
             ),
         );

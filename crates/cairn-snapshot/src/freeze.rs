@@ -2,7 +2,6 @@
 //! watchdog that thaws even if the agent dies.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,43 +48,54 @@ impl Protected {
     }
 }
 
+/// A mount point checked and opened.
+struct FreezeMount {
+    path: PathBuf,
+    dir: File,
+    /// The superblock's device, `major:minor`.
+    device: String,
+    /// The image file behind it, when it is a loop device.
+    image: Option<PathBuf>,
+}
+
 /// Mount points checked and opened, ready to freeze.
 pub struct Freezer {
-    mounts: Vec<(PathBuf, File)>,
+    mounts: Vec<FreezeMount>,
     deadline: Duration,
     watchdog: WatchdogCommand,
 }
 
 impl Freezer {
-    /// Checks `mounts`: each must be a mount point, not `/`, and not hold anything in
-    /// `protected`.
+    /// Checks `mounts`: each must be a mount point, not the root file system, and not hold
+    /// anything in `protected`. File systems are compared by the device of their superblock
+    /// (from `/proc/self/mountinfo`), not by `stat`'s `st_dev`: FIFREEZE freezes a whole file
+    /// system, and on btrfs every subvolume has an `st_dev` of its own.
     pub fn new(
         mounts: &[PathBuf],
         deadline: Duration,
         watchdog: WatchdogCommand,
         protected: &[Protected],
     ) -> Result<Freezer, Error> {
-        let table = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-        let mount_points: Vec<PathBuf> = table.lines().filter_map(mount_point).collect();
-        let mut opened = Vec::new();
-        for mount in mounts {
+        let table = MountTable::read()?;
+        let root = table.file_system_of(Path::new("/")).map(|m| m.device.clone());
+        let mut opened: Vec<FreezeMount> = Vec::new();
+        for (i, mount) in mounts.iter().enumerate() {
             let canonical = mount
                 .canonicalize()
-                .map_err(|e| Error::io(format!("freeze mount point {}", mount.display()), e))?;
-            if canonical == Path::new("/") {
+                .map_err(|e| Error::io(format!("freeze.mounts[{i}] {}", mount.display()), e))?;
+            let entry = table
+                .mount_at(&canonical)
+                .ok_or_else(|| Error::NotAMountPoint { path: mount.clone() })?;
+            if Some(&entry.device) == root.as_ref() {
                 return Err(Error::FreezeRefused {
                     mount: canonical,
                     what: "the root file system, which the agent and the system need".into(),
                     path: "/".into(),
                 });
             }
-            if !mount_points.contains(&canonical) {
-                return Err(Error::NotAMountPoint { path: mount.clone() });
-            }
-            let dev = device_of(&canonical)?;
             for p in protected {
-                if nearest_existing(&p.path).and_then(|q| device_of(&q).ok()) == Some(dev) {
+                let holder = nearest_existing(&p.path).and_then(|q| table.file_system_of(&q));
+                if holder.is_some_and(|h| h.device == entry.device) {
                     return Err(Error::FreezeRefused {
                         mount: canonical,
                         what: p.what.clone(),
@@ -93,26 +103,33 @@ impl Freezer {
                     });
                 }
             }
-            if opened.iter().any(|(m, _): &(PathBuf, File)| device_of(m).ok() == Some(dev)) {
+            if opened.iter().any(|m| m.device == entry.device) {
                 return Err(Error::config(
-                    "<vm config>",
-                    "freeze.mounts",
+                    "the VM configuration",
+                    format!("freeze.mounts[{i}]"),
                     format!(
-                        "{} is listed twice (or is the same file system as another entry)",
+                        "{} is the same file system as an earlier entry; list it once",
                         mount.display()
                     ),
                 ));
             }
             let dir = File::open(&canonical)
                 .map_err(|e| Error::io(format!("opening {}", canonical.display()), e))?;
-            opened.push((canonical, dir));
+            let image = backing_image(&entry.source);
+            opened.push(FreezeMount { path: canonical, dir, device: entry.device.clone(), image });
         }
         Ok(Freezer { mounts: opened, deadline, watchdog })
     }
 
+    /// The disk images behind the frozen file systems, where they are loop devices: a disk
+    /// whose image is not among them was not frozen.
+    pub fn images(&self) -> impl Iterator<Item = &Path> {
+        self.mounts.iter().filter_map(|m| m.image.as_deref())
+    }
+
     /// The mount points.
     pub fn mounts(&self) -> impl Iterator<Item = &Path> {
-        self.mounts.iter().map(|(p, _)| p.as_path())
+        self.mounts.iter().map(|m| m.path.as_path())
     }
 
     /// Arms the watchdog and freezes every mount point, in order. If one fails, those already
@@ -120,12 +137,12 @@ impl Freezer {
     pub fn freeze(self: &Arc<Self>) -> Result<Frozen, Error> {
         // Write back what is dirty while applications still run: FIFREEZE then only has to
         // flush what was written since, and the stall it causes stays short.
-        for (path, dir) in &self.mounts {
+        for FreezeMount { path, dir, .. } in &self.mounts {
             if let Err(e) = rustix::fs::syncfs(dir) {
                 tracing::warn!(mount = %path.display(), "syncfs before the freeze failed: {e}");
             }
         }
-        let paths: Vec<PathBuf> = self.mounts.iter().map(|(p, _)| p.clone()).collect();
+        let paths: Vec<PathBuf> = self.mounts.iter().map(|m| m.path.clone()).collect();
         let watchdog = Watchdog::arm(&self.watchdog, self.deadline, &paths)?;
         let started = Instant::now();
         let mut frozen = Frozen {
@@ -135,7 +152,7 @@ impl Freezer {
             frozen: started,
             watchdog: Some(watchdog),
         };
-        for (path, dir) in &self.mounts {
+        for FreezeMount { path, dir, .. } in &self.mounts {
             sys::freeze(dir).map_err(|source| Error::Freeze {
                 action: "freeze",
                 mount: path.clone(),
@@ -160,22 +177,43 @@ pub struct Frozen {
     watchdog: Option<Watchdog>,
 }
 
+/// How a freeze ended.
+#[derive(Clone, Debug)]
+pub struct Thawed {
+    /// From the first FIFREEZE call to the last FITHAW.
+    pub duration: Duration,
+    /// How long of that the FIFREEZE calls took (they write back what is dirty).
+    pub freeze_calls: Duration,
+    /// Mount points found already thawed: the watchdog's deadline passed first, so the
+    /// views may have been taken after they thawed.
+    pub thawed_early: Vec<PathBuf>,
+}
+
 impl Frozen {
     /// Thaws every frozen mount point (all are tried even if one fails) and disarms the
-    /// watchdog. Returns how long the file systems were frozen and how long of that the
-    /// freeze calls themselves took.
-    pub fn thaw(mut self) -> Result<(Duration, Duration), Error> {
-        let calls = self.frozen.duration_since(self.started);
-        self.thaw_all().map(|total| (total, calls))
+    /// watchdog.
+    pub fn thaw(mut self) -> Result<Thawed, Error> {
+        let freeze_calls = self.frozen.duration_since(self.started);
+        self.thaw_all().map(|(duration, thawed_early)| Thawed {
+            duration,
+            freeze_calls,
+            thawed_early,
+        })
     }
 
-    fn thaw_all(&mut self) -> Result<Duration, Error> {
+    fn thaw_all(&mut self) -> Result<(Duration, Vec<PathBuf>), Error> {
         let mut first = Ok(());
-        for (path, dir) in self.freezer.mounts[..self.count].iter().rev() {
-            if let Err(source) = sys::thaw(dir) {
-                tracing::error!(mount = %path.display(), "thaw failed: {source}");
-                if first.is_ok() {
-                    first = Err(Error::Freeze { action: "thaw", mount: path.clone(), source });
+        let mut early = Vec::new();
+        for FreezeMount { path, dir, .. } in self.freezer.mounts[..self.count].iter().rev() {
+            match sys::thaw(dir) {
+                Ok(()) => {}
+                // EINVAL: not frozen any more; only the watchdog thaws behind our back.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => early.push(path.clone()),
+                Err(source) => {
+                    tracing::error!(mount = %path.display(), "thaw failed: {source}");
+                    if first.is_ok() {
+                        first = Err(Error::Freeze { action: "thaw", mount: path.clone(), source });
+                    }
                 }
             }
         }
@@ -195,7 +233,7 @@ impl Frozen {
             (Err(_), Some(w)) => drop(w),
             _ => {}
         }
-        first.map(|()| duration)
+        first.map(|()| (duration, early))
     }
 }
 
@@ -207,11 +245,54 @@ impl Drop for Frozen {
     }
 }
 
-/// The mount point (fifth field, octal escapes undone) of a `/proc/self/mountinfo` line.
-fn mount_point(line: &str) -> Option<PathBuf> {
-    let field = line.split(' ').nth(4)?;
-    let mut out = Vec::with_capacity(field.len());
+/// One line of `/proc/self/mountinfo`.
+struct MountEntry {
+    point: PathBuf,
+    device: String,
+    source: String,
+}
+
+/// The mount table of this process's mount namespace.
+struct MountTable(Vec<MountEntry>);
+
+impl MountTable {
+    fn read() -> Result<MountTable, Error> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+        Ok(MountTable(text.lines().filter_map(parse_mountinfo).collect()))
+    }
+
+    /// The mount at exactly `path` (the last one, if several are stacked there).
+    fn mount_at(&self, path: &Path) -> Option<&MountEntry> {
+        self.0.iter().rev().find(|m| m.point == path)
+    }
+
+    /// The mount whose file system holds `path` (the longest mount point above it).
+    fn file_system_of(&self, path: &Path) -> Option<&MountEntry> {
+        let path = path.canonicalize().ok()?;
+        self.0
+            .iter()
+            .rev()
+            .filter(|m| path.starts_with(&m.point))
+            .max_by_key(|m| m.point.components().count())
+    }
+}
+
+/// A `/proc/self/mountinfo` line: mount point (fifth field, octal escapes undone), the
+/// superblock's `major:minor` (third) and the source after the ` - ` separator.
+fn parse_mountinfo(line: &str) -> Option<MountEntry> {
+    let fields: Vec<&str> = line.split(' ').collect();
+    let device = fields.get(2)?.to_string();
+    let point = unescape(fields.get(4)?);
+    let dash = fields.iter().position(|f| *f == "-")?;
+    let source = unescape(fields.get(dash + 2)?).to_string_lossy().into_owned();
+    Some(MountEntry { point, device, source })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> PathBuf {
     let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\' && i + 4 <= bytes.len() {
@@ -226,13 +307,17 @@ fn mount_point(line: &str) -> Option<PathBuf> {
         i += 1;
     }
     use std::os::unix::ffi::OsStringExt;
-    Some(PathBuf::from(std::ffi::OsString::from_vec(out)))
+    PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
-fn device_of(path: &Path) -> Result<u64, Error> {
-    std::fs::metadata(path)
-        .map(|m| m.dev())
-        .map_err(|e| Error::io(format!("stat {}", path.display()), e))
+/// The image file behind a loop device (`/dev/loop3`), from sysfs.
+fn backing_image(source: &str) -> Option<PathBuf> {
+    let name = source.strip_prefix("/dev/")?;
+    if !name.starts_with("loop") {
+        return None;
+    }
+    let file = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(file.trim()))
 }
 
 /// `path`, or its closest ancestor that exists (a vault folder not yet created lies on the
@@ -253,11 +338,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mountinfo_fields_are_unescaped() {
+    fn mountinfo_lines_are_parsed_and_unescaped() {
         let line = "36 35 98:0 / /mnt/my\\040disk rw,noatime master:1 - ext4 /dev/loop1 rw";
-        assert_eq!(mount_point(line), Some(PathBuf::from("/mnt/my disk")));
-        assert_eq!(mount_point("short line"), None);
+        let m = parse_mountinfo(line).unwrap();
+        assert_eq!(m.point, PathBuf::from("/mnt/my disk"));
+        assert_eq!((m.device.as_str(), m.source.as_str()), ("98:0", "/dev/loop1"));
+        assert!(parse_mountinfo("short line").is_none());
+        assert!(parse_mountinfo("1 2 3:4 / /a rw").is_none(), "no separator");
         // A trailing backslash with no digits is kept as it is.
-        assert_eq!(mount_point("1 2 3 / /a\\ x"), Some(PathBuf::from("/a\\")));
+        assert_eq!(unescape("/a\\"), PathBuf::from("/a\\"));
     }
 }

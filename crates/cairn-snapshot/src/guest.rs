@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use cairn_format::Consistency;
 
-use crate::capture::{Hold, Quiescer};
+use crate::capture::{DiskSpec, Hold, Quiescer};
 use crate::freeze::{Freezer, Frozen};
 use crate::scripts::ScriptConfig;
 use crate::{Error, Record};
@@ -25,6 +25,10 @@ use crate::{Error, Record};
 pub struct GuestQuiescer {
     scripts: Option<ScriptConfig>,
     freezer: Option<Arc<Freezer>>,
+    /// Set by `quiesce`: the pre-script succeeded.
+    pre_ok: bool,
+    /// Set by `quiesce`: the file systems were frozen.
+    frozen: bool,
 }
 
 impl GuestQuiescer {
@@ -32,7 +36,12 @@ impl GuestQuiescer {
     /// `fsFreezeEnabled = false` turns the freeze off.
     pub fn new(scripts: Option<ScriptConfig>, freezer: Option<Freezer>) -> GuestQuiescer {
         let freeze = scripts.as_ref().is_none_or(|s| s.fs_freeze);
-        GuestQuiescer { freezer: freezer.filter(|_| freeze).map(Arc::new), scripts }
+        GuestQuiescer {
+            freezer: freezer.filter(|_| freeze).map(Arc::new),
+            scripts,
+            pre_ok: false,
+            frozen: false,
+        }
     }
 }
 
@@ -83,6 +92,8 @@ impl Quiescer for GuestQuiescer {
             },
         };
         let mounts = self.freezer.as_ref().map_or(0, |f| f.mounts().count());
+        self.pre_ok = pre_ok;
+        self.frozen = frozen.is_some();
         if pre_ok {
             let how = if frozen.is_some() { " and the file systems were frozen" } else { "" };
             record.reached(
@@ -93,6 +104,18 @@ impl Quiescer for GuestQuiescer {
             record.reached(Consistency::FileSystem, format!("{mounts} file system(s) frozen"));
         }
         Ok(Box::new(GuestHold { frozen, mounts, post }))
+    }
+
+    /// Scripts quiesce applications wherever their data is (Azure's meaning of
+    /// application-consistent); a freeze covers only the disks whose images hold a frozen
+    /// file system, which the agent can see when it is mounted from a loop device.
+    fn covers(&self, disk: &DiskSpec) -> bool {
+        if self.pre_ok {
+            return true;
+        }
+        let Some(freezer) = self.freezer.as_ref().filter(|_| self.frozen) else { return false };
+        let target = disk.path.canonicalize().ok();
+        freezer.images().any(|image| image.canonicalize().ok() == target && target.is_some())
     }
 }
 
@@ -105,7 +128,20 @@ struct GuestHold {
 impl Hold for GuestHold {
     fn resume(self: Box<Self>, record: &mut Record) -> Result<(), Error> {
         let thawed = match self.frozen {
-            Some(frozen) => frozen.thaw().map(|(d, calls)| record.froze_for(self.mounts, d, calls)),
+            Some(frozen) => frozen.thaw().map(|t| {
+                record.froze_for(self.mounts, t.duration, t.freeze_calls);
+                if !t.thawed_early.is_empty() {
+                    let mounts: Vec<String> =
+                        t.thawed_early.iter().map(|m| m.display().to_string()).collect();
+                    record.fall_back(
+                        Consistency::Crash,
+                        format!(
+                            "the watchdog thawed {} at its deadline, before the agent did: the views may postdate the thaw. Raise freeze.watchdog_seconds",
+                            mounts.join(", ")
+                        ),
+                    );
+                }
+            }),
             None => Ok(()),
         };
         if let Some(scripts) = &self.post {

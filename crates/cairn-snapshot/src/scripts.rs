@@ -61,8 +61,8 @@ pub struct ScriptConfig {
     /// Freeze the file systems as well as running the scripts.
     #[serde(rename = "fsFreezeEnabled", default = "yes")]
     pub fs_freeze: bool,
-    /// How often a running script is reported in the log (the agent learns of a script's
-    /// exit without polling, so this only paces the "still running" messages).
+    /// How often a running script is reported in the log (the agent checks for its exit
+    /// every 10 ms whatever this says, so it only paces the "still running" messages).
     #[serde(rename = "ScriptsExecutionPollTimeSeconds", default = "default_poll")]
     pub poll_seconds: u32,
 }
@@ -176,6 +176,26 @@ fn check_file(path: &Path, mode: u32, owner: u32) -> Result<(), Error> {
             format!("it is owned by uid {}, not {who} (the agent's user)", meta.uid()),
             fix,
         ));
+    }
+    // Whoever may write to the folder may replace the file: it must be the owner alone.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let dir_meta = std::fs::metadata(dir)
+            .map_err(|e| Error::io(format!("{}: cannot read its folder", path.display()), e))?;
+        let dir_mode = dir_meta.permissions().mode();
+        if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0
+            || dir_meta.uid() != owner && dir_meta.uid() != 0
+        {
+            return Err(Error::Permissions {
+                path: path.into(),
+                problem: format!(
+                    "its folder {} may be written by others (mode {:o}, uid {}), who could replace it",
+                    dir.display(),
+                    dir_mode & 0o7777,
+                    dir_meta.uid()
+                ),
+                fix: format!("chmod go-w {}", dir.display()),
+            });
+        }
     }
     let actual = meta.permissions().mode() & 0o7777;
     if actual != mode {
@@ -363,15 +383,14 @@ fn run_once(
                 };
             }
             Ok(None) => {}
-            Err(e) => break Outcome::NotStarted(e.to_string()),
+            Err(e) => {
+                kill_group(&mut child);
+                break Outcome::NotStarted(format!("lost track of it: {e}"));
+            }
         }
         let elapsed = started.elapsed();
         if elapsed >= timeout {
-            if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
-                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            kill_group(&mut child);
             break Outcome::TimedOut;
         }
         if elapsed >= next_report {
@@ -381,6 +400,15 @@ fn run_once(
         std::thread::sleep(Duration::from_millis(10));
     };
     (outcome, started.elapsed(), tail_of(output))
+}
+
+/// Kills a script and everything it started (its own process group), and reaps it.
+fn kill_group(child: &mut std::process::Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn tail_of(mut file: File) -> String {

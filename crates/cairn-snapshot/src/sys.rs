@@ -1,4 +1,5 @@
-//! The Linux ioctls that no safe wrapper covers: FIFREEZE/FITHAW and btrfs snapshots.
+//! The Linux calls that no safe wrapper covers: FIFREEZE/FITHAW, btrfs snapshots, and
+//! ignoring termination signals in the thaw watchdog.
 //!
 //! This is the crate's only `unsafe` on Linux. Each call passes an opcode from the kernel's
 //! uapi headers with the argument type that opcode expects, on a file descriptor we own.
@@ -25,6 +26,15 @@ pub fn freeze(dir: impl AsFd) -> io::Result<()> {
 pub fn thaw(dir: impl AsFd) -> io::Result<()> {
     // SAFETY: as for `freeze`.
     unsafe { call(dir, NoArg::<FITHAW>::new()) }
+}
+
+/// Ignores SIGTERM, SIGINT and SIGHUP in this process: the thaw watchdog must outlive
+/// whatever stops the agent, short of SIGKILL.
+pub fn ignore_termination_signals() {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        unsafe { libc::signal(signal, libc::SIG_IGN) };
+    }
 }
 
 /// `struct btrfs_ioctl_vol_args_v2` from `linux/btrfs.h` (4096 bytes).

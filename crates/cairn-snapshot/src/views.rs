@@ -121,7 +121,9 @@ fn view_owner(name: &str, stem: &str) -> Option<u32> {
     rest.split('-').next()?.parse().ok()
 }
 
-/// True when no process with this id exists: its views were left behind by a crash.
+/// True when no process with this id exists: its views were left behind by a crash. Agents
+/// in different PID namespaces (containers) sharing one image folder would see each other's
+/// processes as dead: give them separate folders.
 fn is_dead(pid: u32) -> bool {
     pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -199,9 +201,9 @@ fn remove_stale_clones(dir: &Path, stem: &str) {
     }
 }
 
-/// btrfs read-only snapshots of the subvolume that holds the image: every disk in one
-/// subvolume is captured at one instant. The snapshot goes into `.cairn-views` at the
-/// subvolume's root; release deletes it.
+/// btrfs read-only snapshots of the subvolume that holds the image, one per disk (each
+/// disk's snapshot is one instant for that disk; several disks are snapshotted one after
+/// another). The snapshot goes into `.cairn-views` at the subvolume's root; release deletes it.
 pub struct BtrfsSnapshot;
 
 impl ViewProvider for BtrfsSnapshot {

@@ -7,8 +7,11 @@
 //! protocol is a pipe: the agent starts the watchdog with the mount points and a deadline,
 //! waits for it to print `armed`, freezes, and after its own thaw writes `thawed`. When the
 //! deadline passes first, or the pipe closes without `thawed` (the agent exited, crashed or
-//! was killed), the watchdog thaws every mount point itself. The watchdog runs in its own
-//! process group, so a ctrl-C meant for the agent does not kill it first.
+//! was killed), the watchdog thaws every mount point itself; past its deadline it keeps
+//! thawing them until the agent is gone, so nothing the agent freezes late stays frozen.
+//! The watchdog runs in its own process group and ignores SIGTERM, SIGINT and SIGHUP, so
+//! whatever stops the agent short of SIGKILL does not stop it first (under systemd, use
+//! `KillMode=process`, so that a stop ending in SIGKILL kills the agent alone).
 //!
 //! The watchdog is the agent's own executable with a hidden subcommand; embedders name
 //! theirs in [`WatchdogCommand`] and call [`serve`] from it.
@@ -68,12 +71,15 @@ impl Watchdog {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let watchdog = Watchdog { stdin: child.stdin.take(), child };
-        match rx.recv_timeout(ARM_TIMEOUT) {
-            Ok(line) if line.trim() == "armed" => Ok(watchdog),
-            Ok(line) => Err(fail(format!("it answered {:?} instead of \"armed\"", line.trim()))),
-            Err(_) => Err(fail(format!("it did not report armed within {ARM_TIMEOUT:?}"))),
-        }
+        let mut watchdog = Watchdog { stdin: child.stdin.take(), child };
+        let problem = match rx.recv_timeout(ARM_TIMEOUT) {
+            Ok(line) if line.trim() == "armed" => return Ok(watchdog),
+            Ok(line) => format!("it answered {:?} instead of \"armed\"", line.trim()),
+            Err(_) => format!("it did not report armed within {ARM_TIMEOUT:?}"),
+        };
+        // Nothing was frozen: it must not go on to thaw anything.
+        let _ = watchdog.child.kill();
+        Err(fail(problem))
     }
 
     /// Tells the watchdog the agent thawed everything itself, and waits for it to exit.
@@ -95,6 +101,7 @@ impl Drop for Watchdog {
 
 /// The watchdog's side: `args` are the deadline in milliseconds and the mount points.
 /// Returns the process exit code: 0 when disarmed, 1 when it had to thaw, 2 on bad usage.
+/// It ignores SIGTERM, SIGINT and SIGHUP.
 pub fn serve(args: &[OsString]) -> i32 {
     let Some((deadline, mounts)) = args.split_first() else {
         eprintln!("cairn watchdog: usage: DEADLINE_MS MOUNT...");
@@ -115,6 +122,9 @@ pub fn serve(args: &[OsString]) -> i32 {
             }
         }
     }
+    // Whatever stops the agent (ctrl-C, `systemctl stop`, a hang-up) must not stop the
+    // watchdog; only SIGKILL can.
+    sys::ignore_termination_signals();
     println!("armed");
     let _ = std::io::stdout().flush();
     let (tx, rx) = mpsc::channel();
@@ -123,18 +133,38 @@ pub fn serve(args: &[OsString]) -> i32 {
         let read = std::io::stdin().lock().read_line(&mut line);
         let _ = tx.send(read.ok().filter(|n| *n > 0).map(|_| line));
     });
-    let reason = match rx.recv_timeout(deadline) {
-        Ok(Some(line)) if line.trim() == "thawed" => return 0,
-        Ok(_) => "the agent exited without thawing".to_string(),
-        Err(_) => format!("the {} ms deadline passed", deadline.as_millis()),
+    let thaw_all = |reason: &str| {
+        for (path, dir) in &dirs {
+            match sys::thaw(dir) {
+                Ok(()) => eprintln!("cairn watchdog: thawed {} ({reason})", path.display()),
+                // EINVAL: it was not frozen (the agent thawed it, or never froze it).
+                Err(e) if e.raw_os_error() == Some(22) => {}
+                Err(e) => eprintln!("cairn watchdog: cannot thaw {}: {e}", path.display()),
+            }
+        }
     };
-    for (path, dir) in &dirs {
-        match sys::thaw(dir) {
-            Ok(()) => eprintln!("cairn watchdog: thawed {} ({reason})", path.display()),
-            // EINVAL: it was not frozen (the agent thawed it, or never froze it).
-            Err(e) if e.raw_os_error() == Some(22) => {}
-            Err(e) => eprintln!("cairn watchdog: cannot thaw {}: {e}", path.display()),
+    match rx.recv_timeout(deadline) {
+        Ok(Some(line)) if line.trim() == "thawed" => return 0,
+        Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+            thaw_all("the agent exited without thawing");
+            return 1;
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            thaw_all(&format!("the {} ms deadline passed", deadline.as_millis()));
         }
     }
-    1
+    // Past the deadline the agent is not to be trusted with a freeze: whatever it freezes
+    // from now on (a mount later in its list, say) is thawed again, until it goes away.
+    loop {
+        match rx.recv_timeout(LATE_THAW_INTERVAL) {
+            Err(mpsc::RecvTimeoutError::Timeout) => thaw_all("the deadline had passed"),
+            _ => {
+                thaw_all("the agent exited after the deadline");
+                return 1;
+            }
+        }
+    }
 }
+
+/// How often a watchdog past its deadline thaws again.
+const LATE_THAW_INTERVAL: Duration = Duration::from_millis(200);

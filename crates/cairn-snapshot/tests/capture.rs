@@ -14,6 +14,8 @@ use cairn_snapshot::{
 struct Counting {
     level: Consistency,
     resumed: Arc<AtomicUsize>,
+    /// Only this disk is covered by what was quiesced (all when `None`).
+    covers_only: Option<&'static str>,
 }
 
 impl Quiescer for Counting {
@@ -22,6 +24,10 @@ impl Quiescer for Counting {
             record.reached(self.level, "test quiescer");
         }
         Ok(Box::new(CountingHold(Arc::clone(&self.resumed))))
+    }
+
+    fn covers(&self, disk: &DiskSpec) -> bool {
+        self.covers_only.is_none_or(|only| disk.name.as_str() == only)
     }
 }
 
@@ -78,7 +84,7 @@ fn disk(name: &str) -> DiskSpec {
 
 fn quiescer(level: Consistency) -> (Counting, Arc<AtomicUsize>) {
     let resumed = Arc::new(AtomicUsize::new(0));
-    (Counting { level, resumed: Arc::clone(&resumed) }, resumed)
+    (Counting { level, resumed: Arc::clone(&resumed), covers_only: None }, resumed)
 }
 
 #[test]
@@ -131,6 +137,31 @@ fn a_panic_while_quiesced_still_resumes_the_guest() {
     assert!(result.is_err(), "the panic propagates");
     assert_eq!(resumed.load(Ordering::SeqCst), 1, "resumed while unwinding");
     assert_eq!(*provider.released.lock().unwrap(), [("os".to_string(), false)]);
+}
+
+#[test]
+fn a_disk_nothing_quiesced_makes_the_point_crash_consistent_at_best() {
+    let provider = Scripted::default();
+    let two = [(disk("os"), &provider as &dyn ViewProvider), (disk("data"), &provider)];
+    let three = [
+        (disk("os"), &provider as &dyn ViewProvider),
+        (disk("data"), &provider),
+        (disk("logs"), &provider),
+    ];
+    // One unfrozen disk among frozen ones: the others did not change, so one instant.
+    let (mut q, _) = quiescer(Consistency::FileSystem);
+    q.covers_only = Some("os");
+    let c = capture(&mut q, &two, VmState::Running).unwrap();
+    assert_eq!(c.level(), Consistency::Crash);
+    let why = c.record().evidence().iter().find(|e| e.kind == "fallback").unwrap();
+    assert!(
+        why.message.contains("disk data") && why.message.contains("holds none of the frozen"),
+        "{}",
+        why.message
+    );
+    // Two unfrozen disks were cloned one after the other: no instant holds for both.
+    let c = capture(&mut q, &three, VmState::Running).unwrap();
+    assert_eq!(c.level(), Consistency::None);
 }
 
 #[test]

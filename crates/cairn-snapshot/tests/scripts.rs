@@ -123,6 +123,21 @@ fn root_a_script_owned_by_another_user_is_refused_with_the_chown_that_fixes_it()
 }
 
 #[test]
+fn a_script_in_a_folder_others_may_write_to_is_refused() {
+    let s = Setup::new();
+    let open = s.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pre = open.join("pre.sh");
+    std::fs::write(&pre, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&pre, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = s.config(&pre, &s.script("post.sh", ""), "");
+    let e = ScriptConfig::load(&config).unwrap_err();
+    assert!(e.to_string().contains("may be written by others"), "{e}");
+    assert_eq!(fix_of(e), format!("chmod go-w {}", open.display()));
+}
+
+#[test]
 fn a_missing_script_is_refused_by_name() {
     let s = Setup::new();
     let config = s.config(&s.path("nope.sh"), &s.script("post.sh", ""), "");

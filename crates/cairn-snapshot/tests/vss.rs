@@ -25,6 +25,10 @@ fn with(name: &str, behaviour: Behaviour) -> Vec<SimWriter> {
     writers
 }
 
+fn options() -> VssOptions {
+    VssOptions { start_retry_delay: Duration::ZERO, ..Default::default() }
+}
+
 fn run(
     sim: &mut SimulatedVss,
     options: &VssOptions,
@@ -41,7 +45,7 @@ fn kinds(record: &Record) -> Vec<String> {
 #[test]
 fn healthy_writers_give_an_application_consistent_full_backup() {
     let mut sim = SimulatedVss::with_writers(healthy());
-    let (snap, mut record) = run(&mut sim, &VssOptions::default());
+    let (snap, mut record) = run(&mut sim, &options());
     let snap = snap.unwrap();
     assert_eq!(snap.level, Consistency::Application);
     assert!(snap.failed_writers.is_empty());
@@ -66,7 +70,7 @@ fn healthy_writers_give_an_application_consistent_full_backup() {
         ]
     );
     assert!(
-        kinds(&record).iter().any(|k| k.contains("writers may truncate their logs")),
+        kinds(&record).iter().any(|k| k.contains("full backup complete")),
         "{:?}",
         kinds(&record)
     );
@@ -75,7 +79,7 @@ fn healthy_writers_give_an_application_consistent_full_backup() {
 #[test]
 fn copy_backups_are_an_option() {
     let mut sim = SimulatedVss::with_writers(healthy());
-    let options = VssOptions { backup_type: BackupType::Copy, ..Default::default() };
+    let options = VssOptions { backup_type: BackupType::Copy, ..options() };
     let (snap, mut record) = run(&mut sim, &options);
     let snap = snap.unwrap();
     assert_eq!(snap.level, Consistency::Application);
@@ -87,7 +91,7 @@ fn copy_backups_are_an_option() {
 #[test]
 fn an_uncommitted_point_aborts_instead_of_completing() {
     let mut sim = SimulatedVss::with_writers(healthy());
-    let (snap, mut record) = run(&mut sim, &VssOptions::default());
+    let (snap, mut record) = run(&mut sim, &options());
     snap.unwrap().finish(&mut sim, false, &mut record);
     assert_eq!(sim.calls.last().map(String::as_str), Some("abort_backup"));
     assert!(!sim.calls.contains(&"backup_complete".to_string()));
@@ -99,7 +103,7 @@ fn a_slow_writer_within_its_timeout_is_fine() {
         "SlowWriter",
         Behaviour::SlowFreeze(Duration::from_secs(45)),
     ));
-    let (snap, _) = run(&mut sim, &VssOptions::default());
+    let (snap, _) = run(&mut sim, &options());
     assert_eq!(snap.unwrap().level, Consistency::Application);
 }
 
@@ -118,7 +122,7 @@ fn a_failing_or_timed_out_writer_is_named_and_drops_to_file_system() {
     ];
     for (behaviour, expected) in cases {
         let mut sim = SimulatedVss::with_writers(with("ExchangeWriter", behaviour.clone()));
-        let (snap, record) = run(&mut sim, &VssOptions::default());
+        let (snap, record) = run(&mut sim, &options());
         let snap = snap.unwrap();
         assert_eq!(snap.level, Consistency::FileSystem, "{behaviour:?}");
         assert_eq!(snap.failed_writers, ["ExchangeWriter"], "{behaviour:?}");
@@ -141,7 +145,7 @@ fn a_failing_or_timed_out_writer_is_named_and_drops_to_file_system() {
 fn the_flush_and_hold_window_passing_falls_back_to_a_snapshot_without_writers() {
     let mut sim = SimulatedVss::with_writers(healthy());
     sim.flush_times = [Duration::from_secs(12), Duration::from_secs(2)].into();
-    let (snap, mut record) = run(&mut sim, &VssOptions::default());
+    let (snap, mut record) = run(&mut sim, &options());
     let snap = snap.unwrap();
     assert_eq!(snap.level, Consistency::FileSystem);
     let evidence = kinds(&record);
@@ -167,7 +171,7 @@ fn a_writer_hanging_in_metadata_falls_back_to_a_snapshot_without_writers() {
         "HungWriter",
         Behaviour::SlowIdentify(Duration::from_secs(600)),
     ));
-    let (snap, record) = run(&mut sim, &VssOptions::default());
+    let (snap, record) = run(&mut sim, &options());
     assert_eq!(snap.unwrap().level, Consistency::FileSystem);
     assert!(
         kinds(&record)
@@ -181,11 +185,19 @@ fn a_writer_hanging_in_metadata_falls_back_to_a_snapshot_without_writers() {
 }
 
 #[test]
+fn a_machine_without_writers_is_file_system_consistent() {
+    let mut sim = SimulatedVss::with_writers(vec![]);
+    let (snap, record) = run(&mut sim, &options());
+    assert_eq!(snap.unwrap().level, Consistency::FileSystem);
+    assert!(kinds(&record).iter().any(|k| k.contains("no VSS writer")), "{:?}", kinds(&record));
+}
+
+#[test]
 fn another_snapshot_set_in_progress_is_retried() {
     let mut sim = SimulatedVss::with_writers(healthy());
     sim.start_results =
         [HResult::SNAPSHOT_SET_IN_PROGRESS, HResult::SNAPSHOT_SET_IN_PROGRESS].into();
-    let (snap, _) = run(&mut sim, &VssOptions::default());
+    let (snap, _) = run(&mut sim, &options());
     assert_eq!(snap.unwrap().level, Consistency::Application);
     assert_eq!(sim.calls.iter().filter(|c| *c == "start_snapshot_set").count(), 3);
 }
@@ -194,7 +206,7 @@ fn another_snapshot_set_in_progress_is_retried() {
 fn when_no_shadow_copy_can_be_made_the_error_says_to_fall_back_to_crash_consistency() {
     let mut sim = SimulatedVss::with_writers(healthy());
     sim.provider_failure = Some(HResult::INSUFFICIENT_STORAGE);
-    let (snap, record) = run(&mut sim, &VssOptions::default());
+    let (snap, record) = run(&mut sim, &options());
     let err = snap.unwrap_err().to_string();
     assert!(
         err.contains("VSS_E_INSUFFICIENT_STORAGE") && err.contains("crash-consistent"),
@@ -208,7 +220,7 @@ fn when_no_shadow_copy_can_be_made_the_error_says_to_fall_back_to_crash_consiste
 fn a_snapshot_set_still_busy_after_every_attempt_falls_through() {
     let mut sim = SimulatedVss::with_writers(healthy());
     sim.start_results = std::iter::repeat_n(HResult::SNAPSHOT_SET_IN_PROGRESS, 6).collect();
-    let (snap, _) = run(&mut sim, &VssOptions::default());
+    let (snap, _) = run(&mut sim, &options());
     let err = snap.unwrap_err().to_string();
     assert!(err.contains("VSS_E_SNAPSHOT_SET_IN_PROGRESS"), "{err}");
 }

@@ -135,7 +135,8 @@ impl WriterState {
 pub struct WriterInfo {
     /// Its name, e.g. `SqlServerWriter`.
     pub name: String,
-    /// Its writer id (a GUID).
+    /// Its writer *instance* id (a GUID): writers of one class (Exchange's, say) share a
+    /// writer id, so instances are what status is matched on.
     pub id: String,
 }
 
@@ -144,7 +145,7 @@ pub struct WriterInfo {
 pub struct WriterStatus {
     /// Its name.
     pub name: String,
-    /// Its writer id.
+    /// Its writer instance id.
     pub id: String,
     /// Its state.
     pub state: WriterState,
@@ -187,6 +188,8 @@ pub struct VssOptions {
     pub step_timeout: Duration,
     /// Attempts to start a snapshot set while another is in progress.
     pub start_attempts: u32,
+    /// The wait between those attempts.
+    pub start_retry_delay: Duration,
 }
 
 impl Default for VssOptions {
@@ -195,6 +198,7 @@ impl Default for VssOptions {
             backup_type: BackupType::Full,
             step_timeout: Duration::from_secs(120),
             start_attempts: 3,
+            start_retry_delay: Duration::from_secs(5),
         }
     }
 }
@@ -231,7 +235,7 @@ impl VssSnapshot {
             record.note(Evidence::new(
                 "vss",
                 None,
-                "full backup complete: writers may truncate their logs",
+                "full backup complete: writers were told the backup succeeded (those that keep logs until a full backup may truncate them)",
             ));
         }
     }
@@ -260,28 +264,21 @@ pub fn run(
     let used_writers = with_writers.is_some();
     match with_writers {
         Some((writers, statuses)) => {
-            for w in &writers {
-                let status = statuses.iter().find(|s| s.id == w.id);
-                let (state, failure) = match status {
-                    Some(s) if s.state.is_good() => continue,
-                    Some(s) => (format!("{:?}", s.state), s.failure),
-                    None => {
-                        ("vanished (the writer stopped responding or crashed)".to_string(), None)
-                    }
-                };
-                let code = failure.map(|f| format!(", {f}")).unwrap_or_default();
-                let mut ev = Evidence::new(
-                    "vss_writer",
-                    None,
-                    format!("writer {} failed: {state}{code}", w.name),
-                );
-                ev.details.insert("writer".into(), json!(w.name));
-                ev.details.insert("state".into(), json!(state));
-                ev.details.insert("failure".into(), json!(failure.map(|f| f.to_string())));
-                record.note(ev);
-                failed.push(w.name.clone());
+            // Every status that is not good counts, listed in the metadata or not (a writer
+            // that failed at identify may be missing from it); a writer with no status vanished.
+            for s in statuses.iter().filter(|s| !s.state.is_good()) {
+                writer_failed(record, &mut failed, &s.name, format!("{:?}", s.state), s.failure);
             }
-            if failed.is_empty() {
+            for w in writers.iter().filter(|w| !statuses.iter().any(|s| s.id == w.id)) {
+                let state = "vanished (the writer stopped responding or crashed)".to_string();
+                writer_failed(record, &mut failed, &w.name, state, None);
+            }
+            if writers.is_empty() && statuses.is_empty() {
+                record.fall_back(
+                    Consistency::FileSystem,
+                    "no VSS writer on this machine: nothing application-level took part, VSS flushed the file systems",
+                );
+            } else if failed.is_empty() {
                 record.reached(
                     Consistency::Application,
                     format!(
@@ -336,6 +333,23 @@ pub fn run(
     })
 }
 
+/// Notes a writer that failed, timed out or vanished.
+fn writer_failed(
+    record: &mut Record,
+    failed: &mut Vec<String>,
+    name: &str,
+    state: String,
+    failure: Option<HResult>,
+) {
+    let code = failure.map(|f| format!(", {f}")).unwrap_or_default();
+    let mut ev = Evidence::new("vss_writer", None, format!("writer {name} failed: {state}{code}"));
+    ev.details.insert("writer".into(), json!(name));
+    ev.details.insert("state".into(), json!(state));
+    ev.details.insert("failure".into(), json!(failure.map(|f| f.to_string())));
+    record.note(ev);
+    failed.push(name.to_string());
+}
+
 /// One snapshot set, with or without writers; returns the writers and their status.
 fn attempt(
     backend: &mut dyn VssBackend,
@@ -359,7 +373,9 @@ fn attempt(
         tries += 1;
         match backend.start_snapshot_set() {
             Ok(()) => break,
-            Err(HResult::SNAPSHOT_SET_IN_PROGRESS) if tries < options.start_attempts => continue,
+            Err(HResult::SNAPSHOT_SET_IN_PROGRESS) if tries < options.start_attempts => {
+                std::thread::sleep(options.start_retry_delay);
+            }
             Err(e) => return Err(step("starting the snapshot set", e)),
         }
     }

@@ -92,10 +92,11 @@ impl<B: VssBackend + Send + 'static> ViewProvider for VssViews<B> {
         let mut shared = lock(&self.shared);
         let device =
             shared.snapshot.as_ref().and_then(|s| s.devices.get(&volume).cloned()).ok_or_else(
-                || Error::NoSnapshot {
-                    disk: disk.name.to_string(),
-                    path: disk.path.clone(),
-                    reason: format!("volume {volume} is not in the VSS snapshot set"),
+                || {
+                    Error::Vss(format!(
+                        "disk {}: volume {volume} is not in the VSS snapshot set; add it to the session's volumes",
+                        disk.name
+                    ))
                 },
             )?;
         shared.views_out += 1;

@@ -132,6 +132,19 @@ fn writer_state(s: VSS_WRITER_STATE) -> WriterState {
     }
 }
 
+/// Puts the calling thread in COM's multithreaded apartment, once per thread: the session
+/// may be used from another thread than the one that created it.
+fn join_mta() -> Result<(), HResult> {
+    thread_local!(static JOINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if JOINED.get() {
+        return Ok(());
+    }
+    // SAFETY: plain COM initialisation of this thread (S_FALSE: it already was).
+    check(unsafe { CoInitializeEx(null_mut(), COINIT_MULTITHREADED) })?;
+    JOINED.set(true);
+    Ok(())
+}
+
 /// The real VSS, through one `IVssBackupComponents` per attempt.
 pub struct WindowsVss {
     components: *mut IVssBackupComponents,
@@ -182,6 +195,7 @@ impl WindowsVss {
     }
 
     fn vss(&self) -> Result<&IVssBackupComponents, HResult> {
+        join_mta()?;
         // SAFETY: a non-null pointer here is the live object `create` made.
         unsafe { self.components.as_ref() }.ok_or(HResult::UNEXPECTED)
     }
@@ -247,7 +261,8 @@ impl VssBackend for WindowsVss {
                 );
                 (*metadata).Release();
                 check(hr)?;
-                writers.push(WriterInfo { name: take_bstr(name), id: guid_string(&writer_id) });
+                // Matched on the instance id: writers of one class share `writer_id`.
+                writers.push(WriterInfo { name: take_bstr(name), id: guid_string(&instance) });
             }
             check(vss.FreeWriterMetadata())?;
             Ok(writers)
@@ -260,9 +275,10 @@ impl VssBackend for WindowsVss {
             BackupType::Full => VSS_BT_FULL,
             BackupType::Copy => VSS_BT_COPY,
         };
-        // SAFETY: one call on the live object. No component selection: every writer takes
-        // part with all its components.
-        check(unsafe { self.vss()?.SetBackupState(false, with_writers, kind, false) })
+        // SAFETY: one call on the live object. No component selection, no bootable system
+        // state, no partial files; whether writers take part was set by the context.
+        let _ = with_writers;
+        check(unsafe { self.vss()?.SetBackupState(false, false, kind, false) })
     }
 
     fn start_snapshot_set(&mut self) -> Result<(), HResult> {
@@ -321,7 +337,7 @@ impl VssBackend for WindowsVss {
                 ))?;
                 out.push(WriterStatus {
                     name: take_bstr(name),
-                    id: guid_string(&writer),
+                    id: guid_string(&instance),
                     state: writer_state(state),
                     failure: (failure < 0).then_some(HResult(failure as u32)),
                 });
