@@ -301,6 +301,9 @@ fn vm_configs_are_checked_and_drive_the_backup() {
 
     // ...unless something still writes to them.
     let writer = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    let out = run(&["--config", &stopped, "config", "check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configured as stopped"));
     let out = run(&["--config", &stopped, "backup", "--vault", &v]);
     assert!(!out.status.success());
     let pid = std::process::id().to_string();

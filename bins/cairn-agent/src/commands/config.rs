@@ -21,6 +21,14 @@ pub fn check(file: &Path, json: bool) -> anyhow::Result<Exit> {
         let result = cairn_snapshot::views::preflight(d.view, &d.spec).map_err(|e| e.to_string());
         checks.push((what, result));
     }
+    if config.state == VmState::Stopped {
+        for d in &config.disks {
+            let result = cairn_snapshot::views::check_not_in_use(&d.spec)
+                .map(|()| "not open for writing by any process or loop device".to_string())
+                .map_err(|e| e.to_string());
+            checks.push((format!("disk {} (VM stopped)", d.spec.name), result));
+        }
+    }
     if config.state == VmState::Running {
         if let Some(scripts) = &config.scripts {
             let result = ScriptConfig::load(scripts).map(|s| {
