@@ -31,10 +31,11 @@ pub trait Quiescer: Send {
     /// any fallback. The returned hold is resumed exactly once, on every path.
     fn quiesce(&mut self, record: &mut Record) -> Result<Box<dyn Hold>, Error>;
 
-    /// After quiescing: whether what was quiesced covers `disk` (a frozen file system lives
-    /// on it, or scripts quiesced the applications). A disk it does not cover is only
-    /// crash-consistent, whatever the level reached elsewhere.
-    fn covers(&self, disk: &DiskSpec) -> bool {
+    /// After quiescing: whether `disk` was held still while the views were taken (a frozen
+    /// file system lives on it; VSS snapshots its volumes at one instant). A level of
+    /// `file_system` needs every disk held still; views of several disks that were not are
+    /// not one instant.
+    fn holds_still(&self, disk: &DiskSpec) -> bool {
         let _ = disk;
         true
     }
@@ -234,16 +235,19 @@ pub fn capture(
     }
     taken?;
     resumed?;
-    // Disks nothing quiesced: all of them when the level is crash already.
+    // Disks nothing held still: all of them when the level is crash already.
     let quiesced_any = record.level() > Consistency::Crash;
-    let uncovered: Vec<&DiskSpec> =
-        disks.iter().map(|(d, _)| d).filter(|d| !quiesced_any || !quiescer.covers(d)).collect();
-    if quiesced_any && state == VmState::Running {
+    let uncovered: Vec<&DiskSpec> = disks
+        .iter()
+        .map(|(d, _)| d)
+        .filter(|d| !quiesced_any || !quiescer.holds_still(d))
+        .collect();
+    if record.level() == Consistency::FileSystem && state == VmState::Running {
         for disk in &uncovered {
             record.fall_back(
                 Consistency::Crash,
                 format!(
-                    "disk {} ({}) holds none of the frozen file systems and no script covers it: it is only crash-consistent",
+                    "disk {} ({}) holds none of the frozen file systems: it is only crash-consistent",
                     disk.name,
                     disk.path.display()
                 ),

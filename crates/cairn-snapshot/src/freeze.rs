@@ -54,6 +54,8 @@ struct FreezeMount {
     dir: File,
     /// The superblock's device, `major:minor`.
     device: String,
+    /// The device it is mounted from, e.g. `/dev/loop1`.
+    source: String,
     /// The image file behind it, when it is a loop device.
     image: Option<PathBuf>,
 }
@@ -86,7 +88,7 @@ impl Freezer {
             let entry = table
                 .mount_at(&canonical)
                 .ok_or_else(|| Error::NotAMountPoint { path: mount.clone() })?;
-            if Some(&entry.device) == root.as_ref() {
+            if canonical == Path::new("/") || Some(&entry.device) == root.as_ref() {
                 return Err(Error::FreezeRefused {
                     mount: canonical,
                     what: "the root file system, which the agent and the system need".into(),
@@ -94,8 +96,9 @@ impl Freezer {
                 });
             }
             for p in protected {
+                // A path whose file system cannot be told might be on this one: refuse.
                 let holder = nearest_existing(&p.path).and_then(|q| table.file_system_of(&q));
-                if holder.is_some_and(|h| h.device == entry.device) {
+                if holder.is_none_or(|h| h.device == entry.device) {
                     return Err(Error::FreezeRefused {
                         mount: canonical,
                         what: p.what.clone(),
@@ -116,15 +119,30 @@ impl Freezer {
             let dir = File::open(&canonical)
                 .map_err(|e| Error::io(format!("opening {}", canonical.display()), e))?;
             let image = backing_image(&entry.source);
-            opened.push(FreezeMount { path: canonical, dir, device: entry.device.clone(), image });
+            opened.push(FreezeMount {
+                path: canonical,
+                dir,
+                device: entry.device.clone(),
+                source: entry.source.clone(),
+                image,
+            });
         }
         Ok(Freezer { mounts: opened, deadline, watchdog })
     }
 
-    /// The disk images behind the frozen file systems, where they are loop devices: a disk
-    /// whose image is not among them was not frozen.
-    pub fn images(&self) -> impl Iterator<Item = &Path> {
-        self.mounts.iter().filter_map(|m| m.image.as_deref())
+    /// Whether freezing holds the disk image at `image` still: a frozen file system is
+    /// mounted from it through a loop device, and every loop device on that image is one of
+    /// the frozen ones (an image with two partitions mounted from two loop devices is held
+    /// still only if both are frozen). Images the agent cannot see behind a loop device are
+    /// not held still.
+    pub fn holds_image(&self, image: &Path) -> bool {
+        let Ok(image) = image.canonicalize() else { return false };
+        let same = |p: &Path| p.canonicalize().is_ok_and(|p| p == image);
+        if !self.mounts.iter().any(|m| m.image.as_deref().is_some_and(same)) {
+            return false;
+        }
+        let frozen: Vec<&str> = self.mounts.iter().map(|m| m.source.as_str()).collect();
+        loop_devices_of(&image).iter().all(|dev| frozen.contains(&dev.as_str()))
     }
 
     /// The mount points.
@@ -270,9 +288,10 @@ impl MountTable {
     /// The mount whose file system holds `path` (the longest mount point above it).
     fn file_system_of(&self, path: &Path) -> Option<&MountEntry> {
         let path = path.canonicalize().ok()?;
+        // `max_by_key` keeps the last of equal maxima: the top of mounts stacked on one
+        // point, the one that is visible.
         self.0
             .iter()
-            .rev()
             .filter(|m| path.starts_with(&m.point))
             .max_by_key(|m| m.point.components().count())
     }
@@ -320,9 +339,29 @@ fn backing_image(source: &str) -> Option<PathBuf> {
     Some(PathBuf::from(file.trim()))
 }
 
+/// Every loop device (`/dev/loopN`) whose backing file is `image`.
+fn loop_devices_of(image: &Path) -> Vec<String> {
+    let Ok(devices) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    devices
+        .flatten()
+        .filter_map(|dev| {
+            let name = dev.file_name().to_string_lossy().into_owned();
+            let file = std::fs::read_to_string(dev.path().join("loop/backing_file")).ok()?;
+            (Path::new(file.trim()) == image).then(|| format!("/dev/{name}"))
+        })
+        .collect()
+}
+
 /// `path`, or its closest ancestor that exists (a vault folder not yet created lies on the
 /// file system of its parent).
 fn nearest_existing(path: &Path) -> Option<PathBuf> {
+    let absolute;
+    let path = if path.is_absolute() {
+        path
+    } else {
+        absolute = std::env::current_dir().ok()?.join(path);
+        &absolute
+    };
     let mut p = Some(path);
     while let Some(q) = p {
         if q.exists() {
@@ -336,6 +375,21 @@ fn nearest_existing(path: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_visible_mount_of_a_stacked_point_holds_its_paths() {
+        let entry = |point: &str, device: &str| MountEntry {
+            point: point.into(),
+            device: device.into(),
+            source: String::new(),
+        };
+        // An automount point, then the real file system mounted over it.
+        let table =
+            MountTable(vec![entry("/", "8:1"), entry("/tmp", "0:50"), entry("/tmp", "7:3")]);
+        assert_eq!(table.file_system_of(Path::new("/tmp")).unwrap().device, "7:3");
+        assert_eq!(table.mount_at(Path::new("/tmp")).unwrap().device, "7:3");
+        assert_eq!(table.file_system_of(Path::new("/usr")).unwrap().device, "8:1");
+    }
 
     #[test]
     fn mountinfo_lines_are_parsed_and_unescaped() {

@@ -25,8 +25,6 @@ use crate::{Error, Record};
 pub struct GuestQuiescer {
     scripts: Option<ScriptConfig>,
     freezer: Option<Arc<Freezer>>,
-    /// Set by `quiesce`: the pre-script succeeded.
-    pre_ok: bool,
     /// Set by `quiesce`: the file systems were frozen.
     frozen: bool,
 }
@@ -36,12 +34,7 @@ impl GuestQuiescer {
     /// `fsFreezeEnabled = false` turns the freeze off.
     pub fn new(scripts: Option<ScriptConfig>, freezer: Option<Freezer>) -> GuestQuiescer {
         let freeze = scripts.as_ref().is_none_or(|s| s.fs_freeze);
-        GuestQuiescer {
-            freezer: freezer.filter(|_| freeze).map(Arc::new),
-            scripts,
-            pre_ok: false,
-            frozen: false,
-        }
+        GuestQuiescer { freezer: freezer.filter(|_| freeze).map(Arc::new), scripts, frozen: false }
     }
 }
 
@@ -92,7 +85,6 @@ impl Quiescer for GuestQuiescer {
             },
         };
         let mounts = self.freezer.as_ref().map_or(0, |f| f.mounts().count());
-        self.pre_ok = pre_ok;
         self.frozen = frozen.is_some();
         if pre_ok {
             let how = if frozen.is_some() { " and the file systems were frozen" } else { "" };
@@ -106,16 +98,11 @@ impl Quiescer for GuestQuiescer {
         Ok(Box::new(GuestHold { frozen, mounts, post }))
     }
 
-    /// Scripts quiesce applications wherever their data is (Azure's meaning of
-    /// application-consistent); a freeze covers only the disks whose images hold a frozen
-    /// file system, which the agent can see when it is mounted from a loop device.
-    fn covers(&self, disk: &DiskSpec) -> bool {
-        if self.pre_ok {
-            return true;
-        }
-        let Some(freezer) = self.freezer.as_ref().filter(|_| self.frozen) else { return false };
-        let target = disk.path.canonicalize().ok();
-        freezer.images().any(|image| image.canonicalize().ok() == target && target.is_some())
+    /// A disk is held still when a frozen file system is mounted from its image (through a
+    /// loop device the agent can see). Scripts quiesce applications, not disks: they raise
+    /// the level, but do not make clones taken one after another one instant.
+    fn holds_still(&self, disk: &DiskSpec) -> bool {
+        self.frozen && self.freezer.as_ref().is_some_and(|f| f.holds_image(&disk.path))
     }
 }
 

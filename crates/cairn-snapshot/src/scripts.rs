@@ -182,9 +182,15 @@ fn check_file(path: &Path, mode: u32, owner: u32) -> Result<(), Error> {
         let dir_meta = std::fs::metadata(dir)
             .map_err(|e| Error::io(format!("{}: cannot read its folder", path.display()), e))?;
         let dir_mode = dir_meta.permissions().mode();
-        if dir_mode & 0o022 != 0 && dir_mode & 0o1000 == 0
-            || dir_meta.uid() != owner && dir_meta.uid() != 0
-        {
+        let writable_by_others = (dir_mode & 0o022) != 0 && (dir_mode & 0o1000) == 0;
+        let foreign_owner = dir_meta.uid() != owner && dir_meta.uid() != 0;
+        if writable_by_others || foreign_owner {
+            let fix = if foreign_owner {
+                let who = if owner == 0 { "root:root".to_string() } else { owner.to_string() };
+                format!("chown {who} {}", dir.display())
+            } else {
+                format!("chmod go-w {}", dir.display())
+            };
             return Err(Error::Permissions {
                 path: path.into(),
                 problem: format!(
@@ -193,7 +199,7 @@ fn check_file(path: &Path, mode: u32, owner: u32) -> Result<(), Error> {
                     dir_mode & 0o7777,
                     dir_meta.uid()
                 ),
-                fix: format!("chmod go-w {}", dir.display()),
+                fix,
             });
         }
     }

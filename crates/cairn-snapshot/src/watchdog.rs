@@ -104,12 +104,12 @@ impl Drop for Watchdog {
 /// It ignores SIGTERM, SIGINT and SIGHUP.
 pub fn serve(args: &[OsString]) -> i32 {
     let Some((deadline, mounts)) = args.split_first() else {
-        eprintln!("cairn watchdog: usage: DEADLINE_MS MOUNT...");
+        say(format_args!("usage: DEADLINE_MS MOUNT..."));
         return 2;
     };
     let Some(deadline) = deadline.to_str().and_then(|d| d.parse().ok()).map(Duration::from_millis)
     else {
-        eprintln!("cairn watchdog: bad deadline {deadline:?}");
+        say(format_args!("bad deadline {deadline:?}"));
         return 2;
     };
     let mut dirs = Vec::new();
@@ -117,7 +117,7 @@ pub fn serve(args: &[OsString]) -> i32 {
         match File::open(mount) {
             Ok(dir) => dirs.push((PathBuf::from(mount), dir)),
             Err(e) => {
-                eprintln!("cairn watchdog: cannot open {}: {e}", PathBuf::from(mount).display());
+                say(format_args!("cannot open {}: {e}", PathBuf::from(mount).display()));
                 return 2;
             }
         }
@@ -125,8 +125,9 @@ pub fn serve(args: &[OsString]) -> i32 {
     // Whatever stops the agent (ctrl-C, `systemctl stop`, a hang-up) must not stop the
     // watchdog; only SIGKILL can.
     sys::ignore_termination_signals();
-    println!("armed");
-    let _ = std::io::stdout().flush();
+    if writeln!(std::io::stdout(), "armed").and_then(|()| std::io::stdout().flush()).is_err() {
+        return 2;
+    }
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -136,10 +137,10 @@ pub fn serve(args: &[OsString]) -> i32 {
     let thaw_all = |reason: &str| {
         for (path, dir) in &dirs {
             match sys::thaw(dir) {
-                Ok(()) => eprintln!("cairn watchdog: thawed {} ({reason})", path.display()),
+                Ok(()) => say(format_args!("thawed {} ({reason})", path.display())),
                 // EINVAL: it was not frozen (the agent thawed it, or never froze it).
                 Err(e) if e.raw_os_error() == Some(22) => {}
-                Err(e) => eprintln!("cairn watchdog: cannot thaw {}: {e}", path.display()),
+                Err(e) => say(format_args!("cannot thaw {}: {e}", path.display())),
             }
         }
     };
@@ -164,6 +165,12 @@ pub fn serve(args: &[OsString]) -> i32 {
             }
         }
     }
+}
+
+/// Writes a line to standard error, ignoring failure: a closed pipe or a hung-up terminal
+/// must never stop the watchdog in the middle of thawing (`eprintln!` would panic).
+fn say(message: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "cairn watchdog: {message}");
 }
 
 /// How often a watchdog past its deadline thaws again.

@@ -26,7 +26,7 @@ impl Quiescer for Counting {
         Ok(Box::new(CountingHold(Arc::clone(&self.resumed))))
     }
 
-    fn covers(&self, disk: &DiskSpec) -> bool {
+    fn holds_still(&self, disk: &DiskSpec) -> bool {
         self.covers_only.is_none_or(|only| disk.name.as_str() == only)
     }
 }
@@ -162,6 +162,12 @@ fn a_disk_nothing_quiesced_makes_the_point_crash_consistent_at_best() {
     // Two unfrozen disks were cloned one after the other: no instant holds for both.
     let c = capture(&mut q, &three, VmState::Running).unwrap();
     assert_eq!(c.level(), Consistency::None);
+    // Scripts quiesce applications but hold no disk still: the same rule applies.
+    let (mut q, _) = quiescer(Consistency::Application);
+    q.covers_only = Some("none of them");
+    assert_eq!(capture(&mut q, &two, VmState::Running).unwrap().level(), Consistency::None);
+    q.covers_only = Some("os");
+    assert_eq!(capture(&mut q, &two, VmState::Running).unwrap().level(), Consistency::Application);
 }
 
 #[test]

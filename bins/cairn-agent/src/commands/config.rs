@@ -24,7 +24,10 @@ pub fn check(file: &Path, json: bool) -> anyhow::Result<Exit> {
     if config.state == VmState::Stopped {
         for d in &config.disks {
             let result = cairn_snapshot::views::check_not_in_use(&d.spec)
-                .map(|()| "not open for writing by any process or loop device".to_string())
+                .map(|()| {
+                    "not open for writing by any process the agent can see, nor by a loop device"
+                        .to_string()
+                })
                 .map_err(|e| e.to_string());
             checks.push((format!("disk {} (VM stopped)", d.spec.name), result));
         }

@@ -284,7 +284,7 @@ pub fn run(
                     format!(
                         "VSS {:?} backup: all {} writers stable",
                         options.backup_type,
-                        writers.len()
+                        writers.len().max(statuses.len())
                     ),
                 );
             } else {
