@@ -44,6 +44,9 @@ pub enum Command {
     /// Generate or change seeded sample disks (for trials and benchmarks).
     #[command(subcommand)]
     Sample(SampleCommand),
+    /// Measure this machine: hashing, compression, CRC and AEAD rates, vault put/get, disk
+    /// reads, and the backup window they project.
+    Bench(BenchArgs),
     /// Check a VM configuration file (--config) without backing anything up.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -54,6 +57,28 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// A vault to measure puts and gets against (default: a temporary local folder).
+    #[arg(long, value_name = "URL")]
+    pub vault: Option<String>,
+    /// A disk or image to measure sequential reads on.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// Read at most this much of --disk.
+    #[arg(long, default_value = "1G", value_parser = crate::units::parse_size)]
+    pub read_limit: u64,
+    /// Disk size for the projected backup window.
+    #[arg(long, default_value = "100G", value_parser = crate::units::parse_size)]
+    pub size: u64,
+    /// Fraction of the disk that is allocated (not holes).
+    #[arg(long, default_value_t = 0.7)]
+    pub allocated: f64,
+    /// Fraction of the disk changed per day.
+    #[arg(long, default_value_t = 0.05)]
+    pub change: f64,
 }
 
 #[derive(Subcommand, Debug)]

@@ -373,3 +373,40 @@ fn ctrl_c_during_the_pre_script_still_runs_the_post_script_and_commits_nothing()
     let listing = json(&run(&["points", "--json", "--vault", &v]));
     assert_eq!(listing["points"].as_array().unwrap().len(), 0);
 }
+
+#[test]
+fn bench_measures_every_stage_and_projects_a_window() {
+    let e = Env::new();
+    let v = e.vault();
+    let d = e.disk("d.raw", "16M", "2");
+    let out = run(&["bench", "--json", "--vault", &v, "--disk", &d, "--size", "10G"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = json(&out);
+    let stages: Vec<&str> =
+        report["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    for stage in [
+        "SHA-256",
+        "zstd level 1 (chunk frames)",
+        "CRC-32",
+        "AES-256-GCM",
+        "vault put",
+        "vault get",
+        "disk read",
+    ] {
+        assert!(stages.contains(&stage), "{stage} missing from {stages:?}");
+    }
+    assert!(
+        report["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["bytes_per_sec"].as_f64().unwrap() > 0.0)
+    );
+    let p = &report["projection"];
+    assert!(p["full_backup_seconds"].as_f64().unwrap() > 0.0);
+    assert!(p["incremental_seconds"].as_f64().unwrap() > 0.0);
+    // Nothing is left in the vault.
+    let names: Vec<_> = std::fs::read_dir(&v).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!names.iter().any(|n| n == "bench"), "{names:?}");
+    assert!(run(&["verify", "--vault", &v]).status.success());
+}

@@ -1,6 +1,7 @@
 //! One module per subcommand; each takes its parsed arguments and returns an [`Exit`].
 
 mod backup;
+mod bench;
 mod config;
 mod init;
 mod points;
@@ -29,6 +30,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Verify(args) => verify::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
         Command::Sample(cmd) => sample::run(cmd, json),
+        Command::Bench(args) => bench::run(args, json).await,
         Command::Config(ConfigCommand::Check) => match config {
             Some(file) => config::check(&file, json),
             None => bail!("config check needs --config FILE"),
