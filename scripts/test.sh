@@ -64,6 +64,13 @@ for crate in cairn-format cairn-delta cairn-sample; do
         exit 1
     fi
 done
+# Snapshots know how to capture disks, not how to read or store them: no engine, no vault,
+# no runtime.
+if cargo tree -p cairn-snapshot -e normal --prefix none \
+    | grep -Eq '^(tokio|object_store|cairn-delta|cairn-vault|cairn-backup) '; then
+    echo "cairn-snapshot must not depend on tokio, object_store, the engine, the vault or the job" >&2
+    exit 1
+fi
 
 echo
 echo "all checks passed"

@@ -4,6 +4,7 @@
 //!
 //! Only 8 loop devices exist on these machines: the tests take one lock and use at most three.
 
+use cairn_testkit::root_or_skip;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,18 +18,6 @@ fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-agent"));
     cmd.env_remove("RUST_LOG").env_remove("CAIRN_FAILPOINT");
     cmd
-}
-
-fn root_or_skip() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CAIRN_REQUIRE_ROOT_TESTS").is_none(),
-        "CAIRN_REQUIRE_ROOT_TESTS is set but the tests do not run as root"
-    );
-    eprintln!("skipped: needs root");
-    false
 }
 
 /// Runs a command and returns its output, failing the test with its stderr if it fails.

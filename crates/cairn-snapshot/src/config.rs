@@ -137,7 +137,7 @@ impl VmConfig {
         let bad = |field: String, message: String| Error::config(name.clone(), field, message);
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let message = e.message().to_string();
-            let field = field_of(&message).unwrap_or_else(|| "(syntax)".into());
+            let field = crate::error::field_in(&message).unwrap_or_else(|| "(syntax)".into());
             let at = e
                 .span()
                 .map(|s| line_of(text, s.start))
@@ -223,19 +223,6 @@ impl VmConfig {
             disks,
         })
     }
-}
-
-fn field_of(message: &str) -> Option<String> {
-    for marker in ["unknown field `", "missing field `", "duplicate key `", "duplicate field `"] {
-        if let Some(rest) = message.split(marker).nth(1) {
-            // An empty key ("" = 1) is still a field; name it so it can be found.
-            return rest
-                .split('`')
-                .next()
-                .map(|f| if f.is_empty() { "\"\"".into() } else { f.to_string() });
-        }
-    }
-    None
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

@@ -134,3 +134,13 @@ impl Error {
         Error::Io { what: what.into(), source }
     }
 }
+
+/// The field a serde error message names (`unknown field `x``, `missing field `x``, ...);
+/// an empty key is named `""` so it can still be found.
+#[cfg(unix)]
+pub(crate) fn field_in(message: &str) -> Option<String> {
+    let markers = ["unknown field `", "missing field `", "duplicate key `", "duplicate field `"];
+    let rest = markers.iter().find_map(|m| message.split(m).nth(1))?;
+    let field = rest.split('`').next().unwrap_or_default();
+    Some(if field.is_empty() { "\"\"".into() } else { field.to_string() })
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::watchdog::{Watchdog, WatchdogCommand};
-use crate::{Error, sys};
+use crate::{Error, loops, sys};
 
 /// The watchdog's default deadline: a freeze only spans taking the views (milliseconds for
 /// reflink clones and btrfs snapshots), so this is a ceiling for a wedged agent, not a budget.
@@ -118,7 +118,7 @@ impl Freezer {
             }
             let dir = File::open(&canonical)
                 .map_err(|e| Error::io(format!("opening {}", canonical.display()), e))?;
-            let image = backing_image(&entry.source);
+            let image = loops::backing_file(&entry.source);
             opened.push(FreezeMount {
                 path: canonical,
                 dir,
@@ -142,7 +142,7 @@ impl Freezer {
             return false;
         }
         let frozen: Vec<&str> = self.mounts.iter().map(|m| m.source.as_str()).collect();
-        loop_devices_of(&image).iter().all(|dev| frozen.contains(&dev.as_str()))
+        loops::devices_backed_by(&image).iter().all(|dev| frozen.contains(&dev.as_str()))
     }
 
     /// The mount points.
@@ -327,29 +327,6 @@ fn unescape(field: &str) -> PathBuf {
     }
     use std::os::unix::ffi::OsStringExt;
     PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
-/// The image file behind a loop device (`/dev/loop3`), from sysfs.
-fn backing_image(source: &str) -> Option<PathBuf> {
-    let name = source.strip_prefix("/dev/")?;
-    if !name.starts_with("loop") {
-        return None;
-    }
-    let file = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(file.trim()))
-}
-
-/// Every loop device (`/dev/loopN`) whose backing file is `image`.
-fn loop_devices_of(image: &Path) -> Vec<String> {
-    let Ok(devices) = std::fs::read_dir("/sys/block") else { return Vec::new() };
-    devices
-        .flatten()
-        .filter_map(|dev| {
-            let name = dev.file_name().to_string_lossy().into_owned();
-            let file = std::fs::read_to_string(dev.path().join("loop/backing_file")).ok()?;
-            (Path::new(file.trim()) == image).then(|| format!("/dev/{name}"))
-        })
-        .collect()
 }
 
 /// `path`, or its closest ancestor that exists (a vault folder not yet created lies on the

@@ -27,6 +27,8 @@ pub mod failpoint;
 pub mod freeze;
 #[cfg(unix)]
 mod guest;
+#[cfg(unix)]
+mod loops;
 mod record;
 #[cfg(unix)]
 pub mod scripts;

@@ -11,13 +11,12 @@ use serde_json::Value;
 pub struct Record {
     level: Consistency,
     evidence: Vec<Evidence>,
-    freeze: Option<Duration>,
 }
 
 impl Record {
     /// A record that starts at `level` (what the quiescer reached).
     pub fn new(level: Consistency) -> Record {
-        Record { level, evidence: Vec::new(), freeze: None }
+        Record { level, evidence: Vec::new() }
     }
 
     /// The level reached so far.
@@ -65,7 +64,6 @@ impl Record {
     /// Records how long the file systems were frozen (from the first FIFREEZE call to the
     /// last FITHAW), and how much of that the FIFREEZE calls took (they flush dirty data).
     pub fn froze_for(&mut self, mounts: usize, duration: Duration, freeze_calls: Duration) {
-        self.freeze = Some(duration);
         let ms = duration.as_secs_f64() * 1000.0;
         let calls_ms = freeze_calls.as_secs_f64() * 1000.0;
         let mut ev = Evidence::new(
@@ -78,11 +76,6 @@ impl Record {
             .insert("freeze_calls_ms".into(), Value::from((calls_ms * 1000.0).round() / 1000.0));
         ev.details.insert("mounts".into(), Value::from(mounts));
         self.evidence.push(ev);
-    }
-
-    /// How long the file systems were frozen, if they were.
-    pub fn freeze_duration(&self) -> Option<Duration> {
-        self.freeze
     }
 
     /// The evidence so far.

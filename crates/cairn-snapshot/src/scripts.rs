@@ -95,7 +95,11 @@ impl ScriptConfig {
     pub fn parse(text: &str, file: &str) -> Result<ScriptConfig, Error> {
         let config: ScriptConfig = serde_json::from_str(text).map_err(|e| {
             // serde_json names unknown and missing fields in its message.
-            Error::config(file, field_of(&e.to_string()), e.to_string())
+            Error::config(
+                file,
+                crate::error::field_in(&e.to_string()).unwrap_or_else(|| "(file)".into()),
+                e.to_string(),
+            )
         })?;
         let bad = |field: &str, message: String| Err(Error::config(file, field, message));
         if config.timeout_seconds == 0 || config.timeout_seconds > MAX_TIMEOUT_SECONDS {
@@ -137,16 +141,6 @@ impl ScriptConfig {
     pub fn run_post(&self) -> ScriptRun {
         run("post", &self.post_script, &self.post_params, self.post_retries, self)
     }
-}
-
-fn field_of(message: &str) -> String {
-    for marker in ["unknown field `", "missing field `", "duplicate field `"] {
-        if let Some(rest) = message.split(marker).nth(1) {
-            let field = rest.split('`').next().unwrap_or_default();
-            return if field.is_empty() { "\"\"".into() } else { field.to_string() };
-        }
-    }
-    "(file)".into()
 }
 
 /// Refuses a file that is missing, not a regular file, not owned by `owner`, or whose

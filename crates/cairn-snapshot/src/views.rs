@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::capture::{DiskSpec, View, ViewProvider};
-use crate::{Error, sys};
+use crate::{Error, loops, sys};
 
 const XFS_MAGIC: u64 = 0x5846_5342;
 const BTRFS_MAGIC: u64 = 0x9123_683e;
@@ -36,13 +36,8 @@ fn fs_name(path: &Path) -> String {
 /// Checks, without taking anything, that `kind` can view `disk`: the image exists and lies on
 /// a file system that supports the view. Returns a description for people.
 pub fn preflight(kind: crate::ViewKind, disk: &DiskSpec) -> Result<String, Error> {
-    let no = |reason: String| Error::NoSnapshot {
-        disk: disk.name.to_string(),
-        path: disk.path.clone(),
-        reason,
-    };
-    let meta = std::fs::metadata(&disk.path)
-        .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+    let no = |reason| no_snapshot(disk, reason);
+    let meta = stat_disk(disk)?;
     let dir = disk.path.parent().unwrap_or(Path::new("/"));
     let fs = fs_name(dir);
     match kind {
@@ -69,16 +64,8 @@ pub fn check_not_in_use(disk: &DiskSpec) -> Result<(), Error> {
         .canonicalize()
         .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
     let in_use = |holder: String| Error::DiskInUse { path: disk.path.clone(), holder };
-    if let Ok(devices) = std::fs::read_dir("/sys/block") {
-        for dev in devices.flatten() {
-            let backing = dev.path().join("loop/backing_file");
-            if let Ok(file) = std::fs::read_to_string(&backing)
-                && Path::new(file.trim()) == target
-            {
-                let name = dev.file_name().to_string_lossy().into_owned();
-                return Err(in_use(format!("the loop device /dev/{name}")));
-            }
-        }
+    if let Some(device) = loops::devices_backed_by(&target).first() {
+        return Err(in_use(format!("the loop device {device}")));
     }
     let Ok(processes) = std::fs::read_dir("/proc") else { return Ok(()) };
     for process in processes.flatten() {
@@ -107,6 +94,22 @@ pub fn check_not_in_use(disk: &DiskSpec) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// "No snapshot possible" for `disk`, with the reason.
+fn no_snapshot(disk: &DiskSpec, reason: String) -> Error {
+    Error::NoSnapshot { disk: disk.name.to_string(), path: disk.path.clone(), reason }
+}
+
+/// A failure while taking or releasing `disk`'s view.
+fn view_error(disk: &DiskSpec, detail: String, source: std::io::Error) -> Error {
+    Error::View { disk: disk.name.to_string(), detail, source }
+}
+
+/// The disk's image or device, which must exist.
+fn stat_disk(disk: &DiskSpec) -> Result<std::fs::Metadata, Error> {
+    std::fs::metadata(&disk.path)
+        .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))
 }
 
 /// A name for a view that is unique on this host and says who made it.
@@ -138,13 +141,8 @@ impl ViewProvider for ReflinkClone {
     }
 
     fn take(&self, disk: &DiskSpec) -> Result<View, Error> {
-        let no = |reason: String| Error::NoSnapshot {
-            disk: disk.name.to_string(),
-            path: disk.path.clone(),
-            reason,
-        };
-        let meta = std::fs::metadata(&disk.path)
-            .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+        let no = |reason| no_snapshot(disk, reason);
+        let meta = stat_disk(disk)?;
         if !meta.is_file() {
             return Err(no("a reflink clone needs an image file, and this is not a regular file (device snapshots through LVM or device-mapper are not built in)".into()));
         }
@@ -153,8 +151,7 @@ impl ViewProvider for ReflinkClone {
             format!(".{}", disk.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
         remove_stale_clones(dir, &stem);
         let clone = dir.join(view_name(&stem));
-        let view_err =
-            |detail: String, source| Error::View { disk: disk.name.to_string(), detail, source };
+        let view_err = |detail, source| view_error(disk, detail, source);
         let source = File::open(&disk.path)
             .map_err(|e| view_err(format!("opening {}", disk.path.display()), e))?;
         let target = OpenOptions::new()
@@ -212,17 +209,11 @@ impl ViewProvider for BtrfsSnapshot {
     }
 
     fn take(&self, disk: &DiskSpec) -> Result<View, Error> {
-        let no = |reason: String| Error::NoSnapshot {
-            disk: disk.name.to_string(),
-            path: disk.path.clone(),
-            reason,
-        };
-        let view_err =
-            |detail: String, source| Error::View { disk: disk.name.to_string(), detail, source };
-        let image = disk
-            .path
-            .canonicalize()
-            .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+        let no = |reason| no_snapshot(disk, reason);
+        let view_err = |detail, source| view_error(disk, detail, source);
+        stat_disk(disk)?;
+        let image =
+            disk.path.canonicalize().map_err(|e| view_err("resolving its path".into(), e))?;
         let dir = image.parent().unwrap_or(Path::new("/"));
         if rustix::fs::statfs(dir).map(|s| s.f_type as u64).ok() != Some(BTRFS_MAGIC) {
             return Err(no(format!("{} is on {}, not btrfs", dir.display(), fs_name(dir))));
@@ -294,8 +285,7 @@ impl ViewProvider for LiveRead {
     }
 
     fn take(&self, disk: &DiskSpec) -> Result<View, Error> {
-        std::fs::metadata(&disk.path)
-            .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))?;
+        stat_disk(disk)?;
         Ok(View::live(disk))
     }
 }

@@ -1,6 +1,7 @@
 //! The script contract: modes and owners, timeouts, retries, post-scripts that always run,
 //! and `continueBackupOnFailure` both ways.
 
+use cairn_testkit::root_or_skip;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -284,16 +285,4 @@ fn parameters_are_passed_and_empty_ones_dropped() {
     let config = s.standard("echo \"args=$#\" >> \"$1/log\"", "", "");
     ScriptConfig::load(&config).unwrap().run_pre();
     assert_eq!(s.log(), "pre\nargs=1\n");
-}
-
-fn root_or_skip() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CAIRN_REQUIRE_ROOT_TESTS").is_none(),
-        "CAIRN_REQUIRE_ROOT_TESTS is set but the tests do not run as root"
-    );
-    eprintln!("skipped: needs root");
-    false
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cairn_backup::{BackupRequest, Cancel, DiskInput, NoProgress, RestoreOptions};
 use cairn_delta::RawFile;
 use cairn_format::{Consistency, Name, PointManifest};
+pub use cairn_testkit::root_or_skip;
 use cairn_vault::Vault;
 
 pub struct Fixture {
@@ -127,17 +128,4 @@ pub fn dir_size(dir: &Path) -> u64 {
         total += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
     }
     total
-}
-
-/// True when the test may run as root; panics when root tests are required but we are not root.
-pub fn root_or_skip() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CAIRN_REQUIRE_ROOT_TESTS").is_none(),
-        "root tests are required but we are not root"
-    );
-    eprintln!("skipped: needs root");
-    false
 }
