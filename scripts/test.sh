@@ -28,6 +28,18 @@ else
     echo "not root: tests that need root will report 'skipped: needs root'"
 fi
 
+# qcow2 and changed-block tracking: qemu-img, qemu-io and qemu-nbd serve the images, libnbd's
+# nbdinfo reads the same exports independently. These tests run as any user.
+missing=()
+for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -58,7 +70,7 @@ cargo deny check bans licenses sources
 
 step "dependency direction"
 # The pure crates never depend on tokio or object_store; backup never depends on a scheduler.
-for crate in cairn-format cairn-delta cairn-sample; do
+for crate in cairn-format cairn-delta cairn-sample cairn-nbd; do
     if cargo tree -p "$crate" -e normal --prefix none | grep -Eq '^(tokio|object_store) '; then
         echo "$crate must not depend on tokio or object_store" >&2
         exit 1

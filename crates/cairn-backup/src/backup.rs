@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cairn_delta::{
-    Batch, BlockEncoder, BlockEvent, BlockSource, EngineConfig, NoPrevious, PreviousIndex,
+    Batch, BlockEncoder, BlockEvent, BlockSource, ChangeTracking, EngineConfig, NoPrevious,
+    PreviousIndex, Tracked,
 };
 use cairn_format::index::{EncodedPage, IndexWriter};
 use cairn_format::{
@@ -42,6 +43,9 @@ pub struct BackupRequest {
     pub evidence: Vec<Evidence>,
     /// Hashing threads per disk (default: one per core).
     pub threads: Option<usize>,
+    /// The point's id, if chosen before the capture (from `Vault::reserve_point_id`), so that
+    /// what the capture started (dirty bitmaps) is named for it; `None`: chosen now.
+    pub point: Option<PointId>,
 }
 
 /// Runs a backup: every disk in parallel through the delta engine into `vault`, then the
@@ -64,7 +68,7 @@ pub async fn backup(
     let started_at = Timestamp::now();
     let (previous, mut evidence) = vault.previous_point(&request.vm).await?;
     evidence.extend(request.evidence);
-    let writer = vault.begin_point(&request.vm, started_at).await?;
+    let writer = vault.begin_point_as(&request.vm, started_at, request.point).await?;
     let point = writer.point().clone();
     tracing::info!(vm = %request.vm, %point, disks = request.disks.len(), "backup started");
 
@@ -164,42 +168,10 @@ async fn backup_disk(
         }
         Some(base) => Some(base),
     };
-    let (prev_index, prev_failure): (Box<dyn PreviousIndex>, _) = match &base {
-        Some((point, rec)) => match VaultPrevious::start(vault, &rec.index_root).await {
-            Ok((p, failure)) => (Box::new(p), Some(failure)),
-            Err(e) => {
-                evidence.push(full(format!("the index of point {point} is unreadable ({e})")));
-                (Box::new(NoPrevious), None)
-            }
-        },
-        None => (Box::new(NoPrevious), None),
+    let mut tracking = match &base {
+        Some((point, _)) => tracking_for(&name, point, disk.source.as_ref(), &mut evidence),
+        None => None,
     };
-
-    let config = match threads {
-        Some(t) => EngineConfig::with_threads(block_size, t),
-        None => EngineConfig::new(block_size),
-    };
-    let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
-    let encoder = FrameEncoder { zstd_level: vault.config().zstd_level() };
-    let source = Arc::clone(&disk.source);
-    let scan_cancel = cancel.clone();
-    // The scan gets its own thread, not one of the runtime's blocking threads: it runs for the
-    // whole disk, and the vault's file operations need those threads meanwhile.
-    let (done_tx, scan) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name(format!("scan-{name}"))
-        .spawn(move || {
-            let result =
-                cairn_delta::scan(source.as_ref(), prev_index, &encoder, &config, |batch| {
-                    if scan_cancel.is_cancelled() {
-                        return Err(cairn_delta::Error::Stopped);
-                    }
-                    tx.blocking_send(batch).map_err(|_| cairn_delta::Error::Stopped)
-                });
-            let _ = done_tx.send(result);
-        })
-        .map_err(|e| Error::Internal(format!("cannot start a scan thread: {e}")))?;
-
     let mut state = DiskState {
         vault,
         packs,
@@ -207,23 +179,52 @@ async fn backup_disk(
         chunks_written: 0,
         block_size: u64::from(block_size),
     };
-    let consumed = consume(&mut state, rx, size, progress.as_ref(), cancel).await;
-    let consumed = match consumed {
-        Ok(root) => state.packs.finish().await.map(|()| root).map_err(Error::from),
-        Err(e) => Err(e),
+    let (index_root, summary) = loop {
+        let mut config = match threads {
+            Some(t) => EngineConfig::with_threads(block_size, t),
+            None => EngineConfig::new(block_size),
+        };
+        config.tracking = tracking.clone();
+        let scanned =
+            scan_disk(&mut state, &disk, base.as_ref(), config, progress.as_ref(), cancel).await;
+        match scanned {
+            Err(Error::Disk {
+                source: e @ cairn_delta::Error::TrackingMismatch { .. }, ..
+            }) if tracking.is_some() => {
+                // The tracker lied about a block: nothing it says about this disk is trusted.
+                // What the first pass stored stays in the packs and deduplicates the second.
+                tracing::warn!(disk = %name, "{e}; scanning every block again");
+                evidence.push(Evidence::new(
+                    "cbt_fallback",
+                    Some(&name),
+                    format!("{e}; every block was hashed instead"),
+                ));
+                tracking = None;
+                state.progress.bytes_scanned = 0;
+                state.progress.bytes_changed = 0;
+            }
+            Err(e) => return Err(e),
+            Ok((root, summary, failure)) => {
+                if let Some(failure) = failure {
+                    evidence.push(full(failure));
+                }
+                break (root, summary);
+            }
+        }
     };
-    let scanned = scan.await.map_err(|_| Error::Internal("the scan thread died".into()))?;
-    // The scan's own failure is the real cause when it has one; a consumer error stops the scan
-    // (which then reports `Stopped`), and cancellation stops both.
-    let (index_root, summary) = match (consumed, scanned) {
-        _ if cancel.is_cancelled() => return Err(Error::Cancelled),
-        (Err(e), Err(cairn_delta::Error::Stopped)) => return Err(e),
-        (_, Err(source)) => return Err(Error::Disk { disk: name, source }),
-        (Err(e), Ok(_)) => return Err(e),
-        (Ok(root), Ok(summary)) => (root, summary),
-    };
-    if let Some(failure) = prev_failure.and_then(|f| f.lock().ok().and_then(|mut f| f.take())) {
-        evidence.push(full(failure));
+    state.packs.finish().await?;
+    if tracking.is_some() {
+        evidence.push(Evidence::new(
+            "cbt",
+            Some(&name),
+            format!(
+                "{} blocks taken unread from point {} as the tracker calls them clean; {} of them \
+                 sampled and re-hashed, all matching",
+                summary.carried,
+                base.as_ref().map_or(String::new(), |(p, _)| p.to_string()),
+                summary.sampled
+            ),
+        ));
     }
     let stats = DiskStats {
         blocks: summary.blocks,
@@ -247,6 +248,124 @@ async fn backup_disk(
         stats,
     };
     Ok((name, record, evidence))
+}
+
+/// One clean block in this many is read and re-hashed on every tracked backup (0.4%): enough
+/// to catch a tracker that misses writes without costing what tracking saves.
+const SAMPLE_ONE_IN: u64 = 256;
+
+/// The change tracking this disk's scan may use against base point `base`, with the reason in
+/// the evidence when the source tracks writes but cannot be trusted this time.
+fn tracking_for(
+    name: &Name,
+    base: &PointId,
+    source: &dyn BlockSource,
+    evidence: &mut Vec<Evidence>,
+) -> Option<Tracked> {
+    let fallback = |why: String| Evidence::new("cbt_fallback", Some(name), why);
+    match source.change_tracking() {
+        ChangeTracking::NotTracked => None,
+        ChangeTracking::Unusable(why) => {
+            evidence.push(fallback(format!("{why}; every block was hashed")));
+            None
+        }
+        ChangeTracking::Since { since, tracker, .. } if since != *base => {
+            evidence.push(fallback(format!(
+                "{tracker} records writes since point {since}, but this backup's base is point \
+                 {base}; every block was hashed"
+            )));
+            None
+        }
+        ChangeTracking::Since { dirty, tracker, .. } => {
+            let bytes: u64 = dirty.iter().map(|e| e.len).sum();
+            evidence.push(Evidence::new(
+                "cbt",
+                Some(name),
+                format!(
+                    "{tracker}: {bytes} bytes in {} ranges written since point {base}",
+                    dirty.len()
+                ),
+            ));
+            Some(Tracked {
+                dirty: dirty.into(),
+                sample_one_in: SAMPLE_ONE_IN,
+                seed: rand::random(),
+            })
+        }
+    }
+}
+
+/// One pass over a disk: the engine on its own thread, the consumer here. Returns the index
+/// root, the scan's totals and, if the previous index failed part-way, why.
+async fn scan_disk(
+    state: &mut DiskState<'_>,
+    disk: &DiskInput,
+    base: Option<&(PointId, DiskRecord)>,
+    config: EngineConfig,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<(Digest, cairn_delta::ScanSummary, Option<String>), Error> {
+    let name = &disk.name;
+    let size = disk.source.size();
+    let (prev_index, prev_failure): (Box<dyn PreviousIndex>, _) = match base {
+        Some((point, rec)) => match VaultPrevious::start(state.vault, &rec.index_root).await {
+            Ok((p, failure)) => (Box::new(p), Some(failure)),
+            Err(e) => {
+                let why = format!("the index of point {point} is unreadable ({e})");
+                return scan_disk_without(state, disk, config, progress, cancel, why).await;
+            }
+        },
+        None => (Box::new(NoPrevious), None),
+    };
+    let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
+    let encoder = FrameEncoder { zstd_level: state.vault.config().zstd_level() };
+    let source = Arc::clone(&disk.source);
+    let scan_cancel = cancel.clone();
+    // The scan gets its own thread, not one of the runtime's blocking threads: it runs for the
+    // whole disk, and the vault's file operations need those threads meanwhile.
+    let (done_tx, scan) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("scan-{name}"))
+        .spawn(move || {
+            let result =
+                cairn_delta::scan(source.as_ref(), prev_index, &encoder, &config, |batch| {
+                    if scan_cancel.is_cancelled() {
+                        return Err(cairn_delta::Error::Stopped);
+                    }
+                    tx.blocking_send(batch).map_err(|_| cairn_delta::Error::Stopped)
+                });
+            let _ = done_tx.send(result);
+        })
+        .map_err(|e| Error::Internal(format!("cannot start a scan thread: {e}")))?;
+
+    let consumed = consume(state, rx, size, progress, cancel).await;
+    let scanned = scan.await.map_err(|_| Error::Internal("the scan thread died".into()))?;
+    // The scan's own failure is the real cause when it has one; a consumer error stops the scan
+    // (which then reports `Stopped`), and cancellation stops both.
+    let (root, summary) = match (consumed, scanned) {
+        _ if cancel.is_cancelled() => return Err(Error::Cancelled),
+        (Err(e), Err(cairn_delta::Error::Stopped)) => return Err(e),
+        (_, Err(source)) => return Err(Error::Disk { disk: name.clone(), source }),
+        (Err(e), Ok(_)) => return Err(e),
+        (Ok(root), Ok(summary)) => (root, summary),
+    };
+    let failure = prev_failure.and_then(|f| f.lock().ok().and_then(|mut f| f.take()));
+    Ok((root, summary, failure))
+}
+
+/// A pass with no previous index, because it could not be read: `why` goes into the evidence.
+async fn scan_disk_without(
+    state: &mut DiskState<'_>,
+    disk: &DiskInput,
+    mut config: EngineConfig,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+    why: String,
+) -> Result<(Digest, cairn_delta::ScanSummary, Option<String>), Error> {
+    config.tracking = None;
+    let (root, summary, _) =
+        Box::pin(scan_disk(state, disk, None, config, progress, cancel)).await?;
+    Ok((root, summary, Some(why)))
 }
 
 /// What one disk's consumer has done so far; `progress` doubles as the running totals.

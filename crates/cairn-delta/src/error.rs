@@ -43,6 +43,17 @@ pub enum Error {
     /// The engine was configured wrongly.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// Changed-block tracking called a block clean, but its content differs from the previous
+    /// point's: the tracking cannot be trusted for this scan.
+    #[error(
+        "changed-block tracking missed a write on disk {disk}: block {block} is called clean but differs from the previous point"
+    )]
+    TrackingMismatch {
+        /// The disk's description.
+        disk: String,
+        /// The block.
+        block: u64,
+    },
     /// The caller's sink asked the scan to stop (cancellation or a downstream failure, which the
     /// caller holds).
     #[error("the scan was stopped")]

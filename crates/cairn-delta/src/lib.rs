@@ -1,12 +1,17 @@
 //! The block-diff engine.
 //!
-//! A [`BlockSource`] is a disk: a size, positional reads, which ranges are allocated, and (later)
-//! hints of which ranges changed. [`scan`] cuts it into fixed-size blocks, skips holes without
+//! A [`BlockSource`] is a disk: a size, positional reads, which ranges are allocated, and, when
+//! it tracks writes, which ranges changed since an earlier point. [`scan`] cuts it into fixed-size blocks, skips holes without
 //! reading them, recognises zero blocks, hashes the rest with SHA-256 on all cores, compares
 //! each block with the previous point's index entry for the same block, and hands the caller,
 //! in block order, one [`BlockEvent`] per block; changed blocks come with the output of the
 //! caller's [`BlockEncoder`] (in Cairn: the compressed chunk frame), computed on the worker
 //! threads so that compression scales with hashing.
+//!
+//! With changed-block tracking ([`Tracked`]), blocks outside the dirty ranges are taken from
+//! the previous index unread, except a random sample of them that is read and hashed anyway:
+//! a sampled block that differs from its previous entry stops the scan with
+//! [`Error::TrackingMismatch`], and the caller scans again without tracking.
 //!
 //! The engine is synchronous and does no I/O beyond the block source it is handed: the previous
 //! index arrives through the [`PreviousIndex`] trait and the results leave through a callback.
@@ -17,7 +22,8 @@ mod error;
 mod source;
 
 pub use engine::{
-    Batch, BlockEncoder, BlockEvent, EngineConfig, NoPrevious, PreviousIndex, ScanSummary, scan,
+    Batch, BlockEncoder, BlockEvent, EngineConfig, NoPrevious, PreviousIndex, ScanSummary, Tracked,
+    scan,
 };
 pub use error::Error;
-pub use source::{BlockSource, Extent, MemSource, RawFile};
+pub use source::{BlockSource, ChangeTracking, Extent, MemSource, RawFile};

@@ -5,6 +5,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
+use cairn_format::PointId;
+
 use crate::Error;
 
 /// A byte range of a disk.
@@ -40,11 +42,29 @@ pub trait BlockSource: Send + Sync {
         Ok(vec![Extent { offset, len }])
     }
 
-    /// Ranges known to have changed since the previous point, when the source can tell
-    /// (changed-block tracking). `None`: unknown, every block is hashed.
-    fn changed_extents(&self) -> Option<Vec<Extent>> {
-        None
+    /// What the source knows about which ranges changed since an earlier recovery point
+    /// (changed-block tracking). The default: nothing, every block is read and hashed.
+    fn change_tracking(&self) -> ChangeTracking {
+        ChangeTracking::NotTracked
     }
+}
+
+/// What a source knows about the ranges written since an earlier recovery point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeTracking {
+    /// The source does not track writes (raw files, devices): every block is hashed.
+    NotTracked,
+    /// Every byte written since point `since` was captured lies within `dirty`.
+    Since {
+        /// The point whose capture started the tracking.
+        since: PointId,
+        /// The ranges written since, sorted and not overlapping.
+        dirty: Vec<Extent>,
+        /// What tracked them, for the point's evidence (a bitmap's name and granularity).
+        tracker: String,
+    },
+    /// The source tracks writes but cannot vouch for them this time; why.
+    Unusable(String),
 }
 
 /// A raw disk image file or a block device, read with `pread`; holes in sparse files are found

@@ -195,21 +195,47 @@ impl Vault {
         Ok((chosen, evidence))
     }
 
+    /// The newest point id of `vm` in the vault, committed or not.
+    async fn last_point_id(&self, vm: &Name) -> Result<Option<PointId>, Error> {
+        let existing = self.list_paths(&layout::points(Some(vm))).await?;
+        Ok(existing.last().and_then(layout::parse_point_path).map(|(_, p)| p))
+    }
+
+    /// An id for a point of `vm` started at `at`, sorting after the VM's existing points even
+    /// if the clock went back. Chosen before a capture, it lets what the capture starts (dirty
+    /// bitmaps) be named after the point it belongs to.
+    pub async fn reserve_point_id(&self, vm: &Name, at: Timestamp) -> Result<PointId, Error> {
+        let mut at = at;
+        if let Some(last_id) = self.last_point_id(vm).await? {
+            while PointId::new(at, u32::MAX) <= last_id {
+                at += jiff::SignedDuration::from_millis(1);
+            }
+        }
+        Ok(PointId::new(at, rand::rng().random()))
+    }
+
     /// Starts a point for `vm`: picks its id and writes the in-flight marker.
     pub async fn begin_point(
         &self,
         vm: &Name,
         started_at: Timestamp,
     ) -> Result<PointWriter, Error> {
-        let mut at = started_at;
-        // Ids must sort after the VM's existing points even if the clock went back.
-        let existing = self.list_paths(&layout::points(Some(vm))).await?;
-        if let Some((_, last_id)) = existing.last().and_then(layout::parse_point_path) {
-            while PointId::new(at, u32::MAX) <= last_id {
-                at += jiff::SignedDuration::from_millis(1);
-            }
-        }
-        let point = PointId::new(at, rand::rng().random());
+        self.begin_point_as(vm, started_at, None).await
+    }
+
+    /// Starts a point for `vm` with id `reserved` (from [`Vault::reserve_point_id`]) if it
+    /// still sorts after the VM's points, else with a new id; writes the in-flight marker.
+    pub async fn begin_point_as(
+        &self,
+        vm: &Name,
+        started_at: Timestamp,
+        reserved: Option<PointId>,
+    ) -> Result<PointWriter, Error> {
+        let last = self.last_point_id(vm).await?;
+        let point = match reserved {
+            Some(r) if last.as_ref().is_none_or(|l| r > *l) => r,
+            _ => self.reserve_point_id(vm, started_at).await?,
+        };
         let marker = InflightMarker {
             format: 1,
             point: point.clone(),

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cairn_backup::{BackupRequest, Cancel, DiskInput};
-use cairn_delta::RawFile;
 use cairn_format::{Consistency, Evidence, Name, PointManifest};
 
+use super::cbt::Tracker;
 use crate::cli::BackupArgs;
 use crate::output::{Bars, Exit, print_json, table};
 use crate::units::{bytes, rate};
@@ -56,10 +56,14 @@ impl Captured {
 }
 
 /// Opens the disks and runs the backup; `cancel` stops it (ctrl-C, see `cancel_on_signal`).
+/// `tracker` opens qcow2 disks with their dirty bitmaps; it must have begun before the disks
+/// were captured.
+#[allow(clippy::too_many_arguments)]
 pub async fn backup_disks(
     vault: &cairn_vault::Vault,
     vm: Name,
     disks: &[(Name, PathBuf)],
+    tracker: &Tracker,
     captured: Captured,
     threads: Option<usize>,
     progress: Arc<dyn cairn_backup::Progress>,
@@ -67,8 +71,8 @@ pub async fn backup_disks(
 ) -> anyhow::Result<PointManifest> {
     let mut inputs = Vec::new();
     for (name, path) in disks {
-        let source = RawFile::open(path).with_context(|| format!("disk {name} of VM {vm}"))?;
-        inputs.push(DiskInput { name: name.clone(), source: Arc::new(source) });
+        let source = tracker.open(name, path).with_context(|| format!("disk {name} of VM {vm}"))?;
+        inputs.push(DiskInput { name: name.clone(), source });
     }
     let request = BackupRequest {
         vm: vm.clone(),
@@ -77,10 +81,27 @@ pub async fn backup_disks(
         captured_at: captured.captured_at,
         evidence: captured.evidence,
         threads,
+        point: Some(tracker.point().clone()),
     };
     cairn_backup::backup(vault, request, progress, cancel)
         .await
         .with_context(|| format!("backing up VM {vm} to {}", vault.url()))
+}
+
+/// Live-reads `disks` of `vm`: the bitmap rotation around one backup.
+pub async fn backup_live(
+    vault: &cairn_vault::Vault,
+    vm: Name,
+    disks: &[(Name, PathBuf)],
+    threads: Option<usize>,
+    progress: Arc<dyn cairn_backup::Progress>,
+    cancel: &Cancel,
+) -> anyhow::Result<PointManifest> {
+    let tracker = Tracker::begin(vault, &vm, disks).await?;
+    let result =
+        backup_disks(vault, vm, disks, &tracker, Captured::live(), threads, progress, cancel).await;
+    tracker.finish(result.is_ok()).await;
+    result
 }
 
 /// Backs up the VM a configuration describes: capture, read the views, commit, release.
@@ -92,11 +113,24 @@ async fn backup_configured(
     cancel: &Cancel,
 ) -> anyhow::Result<PointManifest> {
     let config = cairn_snapshot::VmConfig::load(file)?;
+    let images: Vec<(Name, PathBuf)> =
+        config.disks.iter().map(|d| (d.spec.name.clone(), d.spec.path.clone())).collect();
+    // The next dirty bitmaps start before the views: a write in between is read twice, never
+    // missed.
+    let tracker = Tracker::begin(vault, &config.vm, &images).await?;
     // A ctrl-C during the capture waits for it to finish: the guest must be thawed and its
     // post-script run before the agent stops. Only then is the backup cancelled.
-    let capture = super::snapshot::capture(&config, vault.local_path().map(PathBuf::from)).await?;
+    let capture =
+        match super::snapshot::capture(&config, vault.local_path().map(PathBuf::from)).await {
+            Ok(capture) => capture,
+            Err(e) => {
+                tracker.finish(false).await;
+                return Err(e);
+            }
+        };
     if cancel.is_cancelled() {
         let _ = tokio::task::spawn_blocking(move || capture.release(false)).await;
+        tracker.finish(false).await;
         return Err(cairn_backup::Error::Cancelled.into());
     }
     let disks: Vec<(Name, PathBuf)> =
@@ -106,14 +140,24 @@ async fn backup_configured(
         captured_at: Some(capture.captured_at()),
         evidence: capture.record().evidence().to_vec(),
     };
-    let result =
-        backup_disks(vault, config.vm.clone(), &disks, captured, threads, progress, cancel).await;
+    let result = backup_disks(
+        vault,
+        config.vm.clone(),
+        &disks,
+        &tracker,
+        captured,
+        threads,
+        progress,
+        cancel,
+    )
+    .await;
     // The views go only after the commit (or the failure): VSS full backups tell writers
     // to truncate their logs at this point, and only for a committed point.
     let committed = result.is_ok();
     if let Err(e) = tokio::task::spawn_blocking(move || capture.release(committed)).await? {
         tracing::warn!("releasing the views of VM {}: {e}", config.vm);
     }
+    tracker.finish(committed).await;
     result
 }
 
@@ -130,7 +174,7 @@ pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyho
             let vm = super::vm_name(vm)?;
             let disks =
                 args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
-            backup_disks(&vault, vm, &disks, Captured::live(), args.threads, bars, &cancel).await?
+            backup_live(&vault, vm, &disks, args.threads, bars, &cancel).await?
         }
         _ => anyhow::bail!(
             "give either --config FILE (the VM and its disks come from it) or --vm with --disk"

@@ -2,6 +2,7 @@
 
 mod backup;
 mod bench;
+mod cbt;
 mod config;
 mod init;
 mod points;

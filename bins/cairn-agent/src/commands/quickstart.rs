@@ -171,9 +171,7 @@ async fn timed_backup(
     let bars = Arc::new(Bars::new(json, "backup"));
     let cancel = cairn_backup::Cancel::new();
     super::cancel_on_signal(cancel.clone());
-    let live = super::backup::Captured::live();
-    let m =
-        super::backup::backup_disks(vault, vm.clone(), disks, live, None, bars, &cancel).await?;
+    let m = super::backup::backup_live(vault, vm.clone(), disks, None, bars, &cancel).await?;
     Ok((step(name, &m, dir_size(root)? - before, clock), m))
 }
 

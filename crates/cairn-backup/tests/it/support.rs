@@ -103,6 +103,7 @@ pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest
         captured_at: None,
         evidence: vec![],
         threads: Some(threads),
+        point: None,
     }
 }
 
