@@ -15,7 +15,7 @@ fn agent(args: &[&str]) -> Output {
 
 fn ok(out: Output) -> serde_json::Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| serde_json::Value::Null)
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
 fn tool(program: &str, args: &[&str]) -> Vec<u8> {
