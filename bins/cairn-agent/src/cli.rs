@@ -117,6 +117,9 @@ pub struct BackupArgs {
     /// Hashing threads per disk (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Disks read at once (default 2); each costs about 50 MiB of memory while it is read.
+    #[arg(long, value_name = "N")]
+    pub parallel_disks: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod memory;
 mod output;
 mod units;
 
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    memory::limit_malloc_arenas();
     let cli = cli::Cli::parse();
     if let cli::Command::WatchdogThaw { args } = &cli.command {
         // A separate process that must not depend on the agent's runtime or logging.

@@ -13,7 +13,7 @@ mod previous;
 mod progress;
 mod restore;
 
-pub use backup::{BackupRequest, DiskInput, backup};
+pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;
 pub use error::Error;
 pub use progress::{DiskProgress, NoProgress, Progress};

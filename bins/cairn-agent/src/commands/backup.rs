@@ -30,6 +30,15 @@ pub fn parse_disk(spec: &str) -> anyhow::Result<(Name, PathBuf)> {
     Ok((name, path))
 }
 
+/// How hard a backup works the machine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tuning {
+    /// Hashing threads per disk (default: one per core).
+    pub threads: Option<usize>,
+    /// Disks read at once (default: `cairn_backup::DEFAULT_PARALLEL_DISKS`).
+    pub parallel_disks: Option<usize>,
+}
+
 /// How the disks were captured, for the backup request.
 pub struct Captured {
     /// The consistency reached.
@@ -65,7 +74,7 @@ pub async fn backup_disks(
     disks: &[(Name, PathBuf)],
     tracker: &Tracker,
     captured: Captured,
-    threads: Option<usize>,
+    tuning: Tuning,
     progress: Arc<dyn cairn_backup::Progress>,
     cancel: &Cancel,
 ) -> anyhow::Result<PointManifest> {
@@ -80,8 +89,9 @@ pub async fn backup_disks(
         consistency: captured.consistency,
         captured_at: captured.captured_at,
         evidence: captured.evidence,
-        threads,
+        threads: tuning.threads,
         point: Some(tracker.point().clone()),
+        parallel_disks: tuning.parallel_disks,
     };
     cairn_backup::backup(vault, request, progress, cancel)
         .await
@@ -93,13 +103,13 @@ pub async fn backup_live(
     vault: &cairn_vault::Vault,
     vm: Name,
     disks: &[(Name, PathBuf)],
-    threads: Option<usize>,
+    tuning: Tuning,
     progress: Arc<dyn cairn_backup::Progress>,
     cancel: &Cancel,
 ) -> anyhow::Result<PointManifest> {
     let tracker = Tracker::begin(vault, &vm, disks).await?;
     let result =
-        backup_disks(vault, vm, disks, &tracker, Captured::live(), threads, progress, cancel).await;
+        backup_disks(vault, vm, disks, &tracker, Captured::live(), tuning, progress, cancel).await;
     tracker.finish(result.is_ok()).await;
     result
 }
@@ -108,7 +118,7 @@ pub async fn backup_live(
 async fn backup_configured(
     vault: &cairn_vault::Vault,
     file: &std::path::Path,
-    threads: Option<usize>,
+    tuning: Tuning,
     progress: Arc<dyn cairn_backup::Progress>,
     cancel: &Cancel,
 ) -> anyhow::Result<PointManifest> {
@@ -146,7 +156,7 @@ async fn backup_configured(
         &disks,
         &tracker,
         captured,
-        threads,
+        tuning,
         progress,
         cancel,
     )
@@ -163,18 +173,19 @@ async fn backup_configured(
 
 pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyhow::Result<Exit> {
     let vault = super::open_vault(&args.vault.vault).await?;
+    let tuning = Tuning { threads: args.threads, parallel_disks: args.parallel_disks };
     let bars = Arc::new(Bars::new(json, "backup"));
     let cancel = Cancel::new();
     super::cancel_on_signal(cancel.clone());
     let manifest = match (&config, &args.vm) {
         (Some(file), None) if args.disks.is_empty() => {
-            backup_configured(&vault, file, args.threads, bars, &cancel).await?
+            backup_configured(&vault, file, tuning, bars, &cancel).await?
         }
         (None, Some(vm)) if !args.disks.is_empty() => {
             let vm = super::vm_name(vm)?;
             let disks =
                 args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
-            backup_live(&vault, vm, &disks, args.threads, bars, &cancel).await?
+            backup_live(&vault, vm, &disks, tuning, bars, &cancel).await?
         }
         _ => anyhow::bail!(
             "give either --config FILE (the VM and its disks come from it) or --vm with --disk"

@@ -171,7 +171,8 @@ async fn timed_backup(
     let bars = Arc::new(Bars::new(json, "backup"));
     let cancel = cairn_backup::Cancel::new();
     super::cancel_on_signal(cancel.clone());
-    let m = super::backup::backup_live(vault, vm.clone(), disks, None, bars, &cancel).await?;
+    let m = super::backup::backup_live(vault, vm.clone(), disks, Default::default(), bars, &cancel)
+        .await?;
     Ok((step(name, &m, dir_size(root)? - before, clock), m))
 }
 

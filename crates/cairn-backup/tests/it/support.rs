@@ -104,6 +104,7 @@ pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest
         evidence: vec![],
         threads: Some(threads),
         point: None,
+        parallel_disks: None,
     }
 }
 
