@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Peer benchmark: Cairn against restic and borg on one seeded sample disk image.
 #
-# For each run and each tool: fresh repository, full backup of the image,
-# 1% of its 4 KiB blocks overwritten at random offsets, incremental backup,
-# restore of the incremental (checked byte for byte with cmp). Every timed step
-# includes a `sync`. Prints a markdown table of medians and writes it to
-# $BENCH_DIR/results.md. See docs/performance.md.
+# For each run and each tool (cairn; restic; borg --encryption=none with its default
+# chunker; borg-fixed: the same with --chunker-params fixed,65536): fresh repository, full
+# backup of the image, 1% of its 4 KiB blocks overwritten at random offsets and an
+# incremental backup, then 64 MiB overwritten contiguously and another incremental
+# ("contiguous"), then a restore of the last backup (checked byte for byte with cmp).
+# Two baselines per run: `cp --sparse=always --reflink=never` of the image (the copy floor
+# of a full backup) and the engine's bare read + zero-skip + SHA-256 pass over the changed
+# image (`scan_file` example: the floor of an incremental without changed-block tracking).
+# Every timed step includes a `sync`. Prints a markdown table of medians (wall, CPU, peak
+# RSS, repository growth) and the ratios, and writes it to $BENCH_DIR/results.md. See
+# docs/performance.md.
 #
 # Settings (environment):
 #   SIZE=4G           size of the sample image (anything `cairn-agent sample create --size` takes)
@@ -28,8 +34,9 @@ SIZE=${SIZE:-4G}
 RUNS=${RUNS:-3}
 COLD=${COLD:-0}
 KEEP=${KEEP:-0}
-TOOLS=(cairn restic borg)
-STEPS=(full incremental restore)
+TOOLS=(cairn restic borg borg-fixed)
+STEPS=(full incremental contiguous restore)
+BASELINES=(cp sha256)
 
 die() {
     echo "peers.sh: error: $*" >&2
@@ -86,6 +93,12 @@ else
     fi
 fi
 CAIRN_AGENT=$(readlink -f "$CAIRN_AGENT")
+SCAN_FILE=$REPO_ROOT/target/release/examples/scan_file
+if [[ ! -x $SCAN_FILE ]]; then
+    note "building the scan_file example (cargo build --release -p cairn-benches --example scan_file)"
+    (cd "$REPO_ROOT" && cargo build --release -q -p cairn-benches --example scan_file) ||
+        die "cannot build the scan_file example"
+fi
 
 if [[ $COLD == 1 ]]; then
     [[ $(id -u) == 0 && -w /proc/sys/vm/drop_caches ]] ||
@@ -240,22 +253,22 @@ bench_tool() { # bench_tool RUN TOOL SEED
     case $tool in
     cairn) run "$CAIRN_AGENT" init --vault "$REPO" ;;
     restic) run restic init -r "$REPO" ;;
-    borg) run borg init --encryption=none "$REPO" ;;
+    borg | borg-fixed) run borg init --encryption=none "$REPO" ;;
     esac
 
     local step
-    for step in full incremental; do
-        if [[ $step == incremental ]]; then
-            run "$CAIRN_AGENT" sample mutate "$IMG" --fraction 0.01 --seed "$seed"
-        fi
+    for step in full incremental contiguous; do
+        case $step in
+        incremental) run "$CAIRN_AGENT" sample mutate "$IMG" --fraction 0.01 --seed "$seed" ;;
+        contiguous) run "$CAIRN_AGENT" sample mutate "$IMG" --range 1G:64M --seed "$seed" ;;
+        esac
         prepare "$IMG"
         case $tool in
         cairn) timed "$run_no" cairn "$step" "$DATA" "$CAIRN_AGENT" backup --vault "$REPO" --vm bench --disk "disk=$IMG" ;;
         restic) timed "$run_no" restic "$step" "$DATA" restic -r "$REPO" backup "$IMG_NAME" ;;
-        borg)
-            local archive=full
-            [[ $step == incremental ]] && archive=incr
-            timed "$run_no" borg "$step" "$DATA" borg create "$REPO::$archive" "$IMG_NAME"
+        borg) timed "$run_no" borg "$step" "$DATA" borg create "$REPO::$step" "$IMG_NAME" ;;
+        borg-fixed)
+            timed "$run_no" borg-fixed "$step" "$DATA" borg create --chunker-params fixed,65536 "$REPO::$step" "$IMG_NAME"
             ;;
         esac
     done
@@ -271,8 +284,8 @@ bench_tool() { # bench_tool RUN TOOL SEED
         timed "$run_no" restic restore "$OUT" restic -r "$REPO" restore latest --target "$OUT" "${RESTIC_RESTORE_SPARSE[@]}"
         restored=$(find_restored "$OUT")
         ;;
-    borg)
-        timed "$run_no" borg restore "$OUT" borg extract --sparse "$REPO::incr"
+    borg | borg-fixed)
+        timed "$run_no" "$tool" restore "$OUT" borg extract --sparse "$REPO::contiguous"
         restored=$(find_restored "$OUT")
         ;;
     esac
@@ -292,8 +305,23 @@ note "creating a $SIZE sample image (seed 1)"
 run "$CAIRN_AGENT" sample create "$PRISTINE" --size "$SIZE" --seed 1
 sed -n '$p' "$LOG" >&2
 
+bench_baselines() { # bench_baselines RUN SEED: the copy floor and the hash-scan floor
+    local run_no=$1 seed=$2
+    rm -rf "$REPO" "$OUT"
+    mkdir -p "$REPO"
+    cp --sparse=always "$PRISTINE" "$IMG" || die "cannot reset $IMG from $PRISTINE"
+    prepare "$IMG"
+    timed "$run_no" cp full "$DATA" cp --sparse=always --reflink=never "$IMG" "$REPO/copy.img"
+    rm -f "$REPO/copy.img"
+    run "$CAIRN_AGENT" sample mutate "$IMG" --fraction 0.01 --seed "$seed"
+    prepare "$IMG"
+    timed "$run_no" sha256 incremental "$DATA" "$SCAN_FILE" "$IMG"
+    rm -rf "$REPO"
+}
+
 for ((r = 1; r <= RUNS; r++)); do
     seed=$((r + 1)) # the same mutation for every tool within a run
+    bench_baselines "$r" "$seed"
     for tool in "${TOOLS[@]}"; do
         bench_tool "$r" "$tool" "$seed"
     done
@@ -313,7 +341,7 @@ cairn_ver=$("$CAIRN_AGENT" --version 2>/dev/null | awk '{ print $NF }')
 {
     mode=warm
     [[ $COLD == 1 ]] && mode="cold (drop_caches before each step)"
-    echo "### Cairn vs restic vs borg: $SIZE sample image, 1% of 4 KiB blocks changed, median of $RUNS run(s), page cache $mode"
+    echo "### Cairn vs restic vs borg: $SIZE sample image, 1% of 4 KiB blocks changed, then 64 MiB contiguous, median of $RUNS run(s), page cache $mode"
     echo
     echo "| tool | step | median wall s | median CPU s | peak RSS MiB | repo growth MiB |"
     echo "|---|---|---:|---:|---:|---:|"
@@ -332,10 +360,22 @@ cairn_ver=$("$CAIRN_AGENT" --version 2>/dev/null | awk '{ print $NF }')
                 "$(awk -v k="$rss" 'BEGIN { print k / 1024 }')" "$growth"
         done
     done
+    for base in cp.full sha256.incremental; do
+        tool=${base%%.*} step=${base#*.}
+        wall=$(col "$tool" "$step" 4 | median)
+        cpu=$(col "$tool" "$step" 5 | median)
+        WALL[$base]=$wall
+        printf '| %s (baseline) | %s | %.2f | %.2f | - | - |\n' "$tool" "$step" "$wall" "$cpu"
+    done
     echo
-    echo "| wall-time ratio | full | incremental | restore |"
-    echo "|---|---:|---:|---:|"
-    for peer in borg restic; do
+    awk -v c="${WALL[cairn.full]}" -v b="${WALL[cp.full]}" \
+        'BEGIN { if (b > 0) printf "cairn full / cp: %.2f. ", c / b }'
+    awk -v c="${WALL[cairn.incremental]}" -v b="${WALL[sha256.incremental]}" \
+        'BEGIN { if (b > 0) printf "cairn incremental / bare read+SHA-256 pass: %.2f.\n", c / b }'
+    echo
+    echo "| wall-time ratio | full | incremental | contiguous | restore |"
+    echo "|---|---:|---:|---:|---:|"
+    for peer in borg borg-fixed restic; do
         printf '| %s/cairn |' "$peer"
         for step in "${STEPS[@]}"; do
             awk -v p="${WALL[$peer.$step]}" -v c="${WALL[cairn.$step]}" \
@@ -348,7 +388,7 @@ cairn_ver=$("$CAIRN_AGENT" --version 2>/dev/null | awk '{ print $NF }')
         "borg ran with --encryption=none. Cairn and borg restore sparse files;" \
         "restic $restic_ver restores$( ((${#RESTIC_RESTORE_SPARSE[@]})) && echo " with --sparse" || echo " without --sparse (not supported), writing zeros in full")."
     echo "Defaults of each tool: cairn 64 KiB fixed blocks, zstd level 1; restic content-defined chunks (~1 MiB average)," \
-        "zstd (auto, repository v2); borg content-defined chunks (~2 MiB average), lz4." \
+        "zstd (auto, repository v2); borg content-defined chunks (~2 MiB average), lz4; borg-fixed: 64 KiB fixed chunks, lz4." \
         "Scattered 4 KiB changes touch most large chunks, so the peers' incrementals store much more."
     echo "Every timed step includes sync. CPU = user + sys. Peak RSS = maximum over runs. Repo growth = du -sb after minus before."
     echo

@@ -80,7 +80,8 @@ pub fn judge(bitmaps: &[Bitmap], prefix: &str, previous: Option<&PointId>) -> Pr
 pub struct Rotation {
     image: PathBuf,
     prefix: String,
-    started: String,
+    /// `None` when the image cannot hold a bitmap (qcow2 v2): the next backup will scan.
+    started: Option<String>,
     previous: Previous,
 }
 
@@ -108,9 +109,22 @@ impl Rotation {
             });
         }
         let prefix = format!("cairn:{vm}:{disk}:");
-        let previous = judge(&info.bitmaps, &prefix, previous);
-        let started = bitmap_name(vm, disk, point);
-        qemu::add_bitmap(image, &started, granularity)?;
+        let mut previous = judge(&info.bitmaps, &prefix, previous);
+        let name = bitmap_name(vm, disk, point);
+        // An image that cannot hold bitmaps is still backed up, by hash scans; the reason goes
+        // into every point's evidence until it is fixed.
+        let started = match qemu::add_bitmap(image, &name, granularity) {
+            Ok(()) => Some(name),
+            Err(e) if info.bitmaps.is_empty() => {
+                previous = Previous::Unusable(format!(
+                    "no dirty bitmap can be added ({e}); a qcow2 v2 image cannot hold one: \
+                     `qemu-img amend -f qcow2 -o compat=1.1 {}` upgrades it",
+                    image.display()
+                ));
+                None
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Rotation { image: image.to_owned(), prefix, started, previous })
     }
 
@@ -119,16 +133,16 @@ impl Rotation {
         &self.previous
     }
 
-    /// The bitmap this backup started.
-    pub fn started(&self) -> &str {
-        &self.started
+    /// The bitmap this backup started, if the image can hold one.
+    pub fn started(&self) -> Option<&str> {
+        self.started.as_deref()
     }
 
     /// After the point committed: removes every older Cairn bitmap of the disk.
     pub fn committed(self) -> Result<(), Error> {
         let info = qemu::image_info(&self.image)?;
         for b in info.bitmaps {
-            if b.name.starts_with(&self.prefix) && b.name != self.started {
+            if b.name.starts_with(&self.prefix) && Some(&b.name) != self.started.as_ref() {
                 qemu::remove_bitmap(&self.image, &b.name)?;
             }
         }
@@ -137,7 +151,10 @@ impl Rotation {
 
     /// After a failed backup: removes this backup's bitmap; the previous one keeps recording.
     pub fn abandoned(self) -> Result<(), Error> {
-        qemu::remove_bitmap(&self.image, &self.started)
+        match &self.started {
+            Some(name) => qemu::remove_bitmap(&self.image, name),
+            None => Ok(()),
+        }
     }
 }
 

@@ -220,6 +220,29 @@ fn a_killed_writer_leaves_a_bitmap_that_is_not_trusted() {
 }
 
 #[test]
+fn an_image_that_cannot_hold_bitmaps_is_still_read_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("v2.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10"])
+        .arg(&img)
+        .arg("8M"));
+    let (vm, disk): (Name, Name) = ("vm1".parse().unwrap(), "os".parse().unwrap());
+    let p1: PointId = "20261122T021720.123Z-00000001".parse().unwrap();
+    let p2: PointId = "20261122T031720.123Z-00000002".parse().unwrap();
+    let rotation = Rotation::begin(&img, &vm, &disk, Some(&p1), &p2, 65536).unwrap();
+    assert_eq!(rotation.started(), None);
+    match rotation.previous() {
+        Previous::Unusable(why) => assert!(why.contains("compat=1.1"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let source = NbdSource::serve(&img, "qcow2", Some(rotation.previous())).unwrap();
+    assert_eq!(source.size(), 8 << 20);
+    drop(source);
+    rotation.committed().unwrap();
+}
+
+#[test]
 fn a_peer_that_is_not_an_nbd_server_is_refused_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("junk.sock");
