@@ -8,6 +8,7 @@
 
 mod backup;
 mod cancel;
+mod direct_write;
 mod error;
 mod previous;
 mod progress;

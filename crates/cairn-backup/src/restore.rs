@@ -1,7 +1,7 @@
 //! Restore: a point's disks written back, holes kept, every chunk checked as it is written.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +10,7 @@ use cairn_format::{ChunkFrame, Digest, Name, PointManifest};
 use cairn_vault::{ChunkLocation, Vault};
 use futures::{StreamExt, TryStreamExt};
 
+use crate::direct_write::TargetWriter;
 use crate::{DiskProgress, Error, Progress};
 
 /// How to restore.
@@ -87,6 +88,11 @@ pub async fn restore_disk(
     result
 }
 
+/// The file a restore writes: the device itself, or the partial file beside the target.
+fn partial_path_of(target: &Path, is_device: bool) -> PathBuf {
+    if is_device { target.to_owned() } else { partial_path(target) }
+}
+
 fn partial_path(target: &Path) -> PathBuf {
     let mut name = target.file_name().unwrap_or_default().to_os_string();
     name.push(".cairn-partial");
@@ -121,13 +127,15 @@ async fn write_disk(
     let (to_writer, mut writes) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(64);
     let writer_file = Arc::clone(&file);
     let writer_path = target.to_owned();
+    let direct_path = partial_path_of(target, is_device);
     let writer = tokio::task::spawn_blocking(move || -> Result<(), Error> {
+        let io = |source| Error::Target { path: writer_path.clone(), source };
+        let file = writer_file.try_clone().map_err(io)?;
+        let mut out = TargetWriter::new(file, &direct_path);
         while let Some((at, data)) = writes.blocking_recv() {
-            writer_file
-                .write_all_at(&data, at)
-                .map_err(|source| Error::Target { path: writer_path.clone(), source })?;
+            out.write(at, &data).map_err(io)?;
         }
-        writer_file.sync_all().map_err(|source| Error::Target { path: writer_path, source })
+        out.finish().map_err(io)
     });
 
     let mut stats = RestoreStats { size, ..Default::default() };
