@@ -244,11 +244,9 @@ async fn backup_disk(
             "cbt",
             Some(&name),
             format!(
-                "{} blocks taken unread from point {} as the tracker calls them clean; {} of them \
-                 sampled and re-hashed, all matching",
-                summary.carried,
-                base.as_ref().map_or(String::new(), |(p, _)| p.to_string()),
-                summary.sampled
+                "{} blocks taken unread from the base point as the tracker calls them clean; {} \
+                 others it calls clean sampled and re-hashed, all matching",
+                summary.carried, summary.sampled
             ),
         ));
     }
@@ -333,15 +331,17 @@ async fn scan_disk(
 ) -> Result<(Digest, cairn_delta::ScanSummary, Option<String>), Error> {
     let name = &disk.name;
     let size = disk.source.size();
+    // An unreadable previous index means comparing against nothing: every block is read and
+    // hashed (tracking carries only blocks that have a previous entry).
     let (prev_index, prev_failure): (Box<dyn PreviousIndex>, _) = match base {
         Some((point, rec)) => match VaultPrevious::start(state.vault, &rec.index_root).await {
-            Ok((p, failure)) => (Box::new(p), Some(failure)),
+            Ok((p, failure)) => (Box::new(p), failure),
             Err(e) => {
                 let why = format!("the index of point {point} is unreadable ({e})");
-                return scan_disk_without(state, disk, config, progress, cancel, why).await;
+                (Box::new(NoPrevious), Arc::new(std::sync::Mutex::new(Some(why))))
             }
         },
-        None => (Box::new(NoPrevious), None),
+        None => (Box::new(NoPrevious), Arc::default()),
     };
     let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
     let encoder = FrameEncoder { zstd_level: state.vault.config().zstd_level() };
@@ -375,23 +375,8 @@ async fn scan_disk(
         (Err(e), Ok(_)) => return Err(e),
         (Ok(root), Ok(summary)) => (root, summary),
     };
-    let failure = prev_failure.and_then(|f| f.lock().ok().and_then(|mut f| f.take()));
+    let failure = prev_failure.lock().ok().and_then(|mut f| f.take());
     Ok((root, summary, failure))
-}
-
-/// A pass with no previous index, because it could not be read: `why` goes into the evidence.
-async fn scan_disk_without(
-    state: &mut DiskState<'_>,
-    disk: &DiskInput,
-    mut config: EngineConfig,
-    progress: &dyn Progress,
-    cancel: &Cancel,
-    why: String,
-) -> Result<(Digest, cairn_delta::ScanSummary, Option<String>), Error> {
-    config.tracking = None;
-    let (root, summary, _) =
-        Box::pin(scan_disk(state, disk, None, config, progress, cancel)).await?;
-    Ok((root, summary, Some(why)))
 }
 
 /// What one disk's consumer has done so far; `progress` doubles as the running totals.

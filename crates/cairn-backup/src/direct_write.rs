@@ -13,8 +13,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Alignment of direct I/O buffers, offsets and lengths.
-const ALIGN: usize = 4096;
+use cairn_vault::{AlignedBuf, DIRECT_IO_ALIGN, direct_io_refused};
+
 /// Bytes gathered before a direct write.
 const GATHER: usize = 1 << 20;
 
@@ -22,9 +22,9 @@ const GATHER: usize = 1 << 20;
 pub(crate) struct TargetWriter {
     buffered: File,
     direct: Option<File>,
-    raw: Vec<u8>,
-    start: usize,
-    pending_at: u64,
+    gathered: AlignedBuf,
+    /// Where the gathered bytes go.
+    at: u64,
 }
 
 impl TargetWriter {
@@ -36,61 +36,32 @@ impl TargetWriter {
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
             .open(path)
             .ok();
-        let raw: Vec<u8> = Vec::with_capacity(GATHER + 2 * ALIGN);
-        // The data starts at the first 4096-aligned byte; the buffer never grows past its
-        // capacity, so it never moves and stays aligned.
-        let start = raw.as_ptr().align_offset(ALIGN).min(ALIGN);
-        let mut me = TargetWriter { buffered, direct, raw, start, pending_at: 0 };
-        me.raw.resize(start, 0);
-        me
-    }
-
-    fn gathered(&self) -> &[u8] {
-        self.raw.get(self.start..).unwrap_or_default()
+        TargetWriter { buffered, direct, gathered: AlignedBuf::with_capacity(GATHER), at: 0 }
     }
 
     /// Writes `data` at `at`.
     pub(crate) fn write(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
-        let aligned = at.is_multiple_of(ALIGN as u64) && data.len().is_multiple_of(ALIGN);
-        if self.direct.is_none() || !aligned {
-            return self.buffered.write_all_at(data, at);
+        let aligned =
+            at.is_multiple_of(DIRECT_IO_ALIGN as u64) && data.len().is_multiple_of(DIRECT_IO_ALIGN);
+        if self.direct.is_none() || !aligned || data.len() > GATHER {
+            self.flush()?;
+            return write_at(&mut self.direct, &self.buffered, at, data);
         }
-        let held = self.gathered().len();
-        if held > 0 && (self.pending_at + held as u64 != at || held + data.len() > GATHER) {
+        let held = self.gathered.len() as u64;
+        if held > 0 && (self.at + held != at || self.gathered.room() < data.len()) {
             self.flush()?;
         }
-        if data.len() > GATHER {
-            return self.write_direct_or_not(at, data);
+        if self.gathered.is_empty() {
+            self.at = at;
         }
-        if self.gathered().is_empty() {
-            self.pending_at = at;
-        }
-        self.raw.extend_from_slice(data);
+        self.gathered.extend(data);
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let data = std::mem::take(&mut self.raw);
-        let result =
-            self.write_direct_or_not(self.pending_at, data.get(self.start..).unwrap_or_default());
-        self.raw = data;
-        self.raw.truncate(self.start);
+        let result = write_at(&mut self.direct, &self.buffered, self.at, self.gathered.data());
+        self.gathered.clear();
         result
-    }
-
-    fn write_direct_or_not(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
-        let aligned_buf = data.as_ptr().align_offset(ALIGN) == 0;
-        if let (Some(direct), true) = (&self.direct, aligned_buf) {
-            match direct.write_all_at(data, at) {
-                Ok(()) => return Ok(()),
-                // Refused after all (some file systems only say so at the first write).
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                    self.direct = None;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        self.buffered.write_all_at(data, at)
     }
 
     /// Writes what is gathered and makes everything durable.
@@ -101,6 +72,25 @@ impl TargetWriter {
         }
         self.buffered.sync_all()
     }
+}
+
+/// Writes `data` at `at`: through `direct` when there is one and `data` is aligned, else (or
+/// once the file system refuses) through `buffered`.
+fn write_at(direct: &mut Option<File>, buffered: &File, at: u64, data: &[u8]) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let aligned = data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
+        && at.is_multiple_of(DIRECT_IO_ALIGN as u64)
+        && data.len().is_multiple_of(DIRECT_IO_ALIGN);
+    if let (Some(file), true) = (direct.as_ref(), aligned) {
+        match file.write_all_at(data, at) {
+            Ok(()) => return Ok(()),
+            Err(e) if direct_io_refused(&e) => *direct = None,
+            Err(e) => return Err(e),
+        }
+    }
+    buffered.write_all_at(data, at)
 }
 
 #[cfg(test)]

@@ -331,7 +331,10 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
         } else {
             let Ok(mut buf) = pool.recv() else { return Ok(()) };
             buf.resize(len, 0);
-            buf.fill(0);
+            // Holes inside a block read as zeros; a batch that is all data is overwritten whole.
+            if extents.iter().map(|e| e.len).sum::<u64>() < len as u64 {
+                buf.fill(0);
+            }
             for e in &extents {
                 if e.offset < offset || e.end() > offset + len as u64 {
                     return Err(Error::Config(format!(
@@ -456,10 +459,7 @@ fn hash_batches<E: BlockEncoder>(
         };
         let mut mismatch = None;
         for (i, slot) in item.slots.iter().enumerate() {
-            let start = i * block;
-            let data =
-                item.buf.as_deref().and_then(|b| b.get(start..(start + block).min(item.len)));
-            let (prev, sample) = match *slot {
+            let (prev, hole, sample) = match *slot {
                 Slot::Carry(entry) => {
                     batch.carried += 1;
                     batch.events.push(match entry {
@@ -469,42 +469,23 @@ fn hash_batches<E: BlockEncoder>(
                     });
                     continue;
                 }
-                Slot::Read { prev, hole, sample } => match data {
-                    Some(data) if !hole => (prev, sample.then_some(data.len())),
-                    _ => {
-                        if sample && matches!(prev, Some(BlockEntry::Data(_))) {
-                            mismatch.get_or_insert(item.first_block + i as u64);
-                        }
-                        batch.sampled += u64::from(sample);
-                        batch.events.push(BlockEvent::Hole);
-                        continue;
-                    }
-                },
+                Slot::Read { prev, hole, sample } => (prev, hole, sample),
             };
-            let data = data.unwrap_or_default();
-            // Bytes hashed: every block that is not a hole, whole (holes inside it read as zeros).
-            batch.bytes_scanned += data.len() as u64;
-            let event = if is_zero(data) {
-                BlockEvent::Zero
-            } else {
-                let digest = Digest::of(data);
-                match prev {
-                    Some(BlockEntry::Data(d)) if d == digest => BlockEvent::Unchanged(digest),
-                    _ => BlockEvent::Changed {
-                        digest,
-                        len: data.len() as u32,
-                        payload: encoder.encode(&digest, data),
-                    },
+            let start = i * block;
+            let data =
+                item.buf.as_deref().and_then(|b| b.get(start..(start + block).min(item.len)));
+            let event = match data {
+                Some(data) if !hole => {
+                    // Bytes hashed: every block that is not a hole, whole (holes inside it
+                    // read as zeros).
+                    batch.bytes_scanned += data.len() as u64;
+                    classify(encoder, data, prev)
                 }
+                _ => BlockEvent::Hole,
             };
-            if sample.is_some() {
+            if sample {
                 batch.sampled += 1;
-                let agrees = matches!(
-                    (&event, prev),
-                    (BlockEvent::Zero, Some(BlockEntry::Zero | BlockEntry::Hole))
-                        | (BlockEvent::Unchanged(_), _)
-                );
-                if !agrees {
+                if !agrees(&event, prev) {
                     mismatch.get_or_insert(item.first_block + i as u64);
                 }
             }
@@ -558,6 +539,36 @@ fn tally<O>(s: &mut ScanSummary, batch: &Batch<O>) {
             }
         }
     }
+}
+
+/// What a block read with content `data` is, against its previous entry `prev`.
+fn classify<E: BlockEncoder>(
+    encoder: &E,
+    data: &[u8],
+    prev: Option<BlockEntry>,
+) -> BlockEvent<E::Output> {
+    if is_zero(data) {
+        return BlockEvent::Zero;
+    }
+    let digest = Digest::of(data);
+    match prev {
+        Some(BlockEntry::Data(d)) if d == digest => BlockEvent::Unchanged(digest),
+        _ => BlockEvent::Changed {
+            digest,
+            len: data.len() as u32,
+            payload: encoder.encode(&digest, data),
+        },
+    }
+}
+
+/// Whether a sampled block's content is what its previous entry says (holes and zeros both
+/// read as zeros).
+fn agrees<O>(event: &BlockEvent<O>, prev: Option<BlockEntry>) -> bool {
+    matches!(
+        (event, prev),
+        (BlockEvent::Hole | BlockEvent::Zero, Some(BlockEntry::Hole | BlockEntry::Zero))
+            | (BlockEvent::Unchanged(_), _)
+    )
 }
 
 /// Whether `data` is all zeros; stops at the first non-zero 4 KiB piece.

@@ -189,8 +189,10 @@ impl<R: Read, W: Write> Client<R, W> {
                 ReplyHeader::Chunk { flags, kind, len, .. } => {
                     match kind {
                         proto::REPLY_OFFSET_DATA => {
-                            let at = self.read_u64(len >= 8)?;
-                            let n = u64::from(len - 8);
+                            let n = len.checked_sub(8).map(u64::from).ok_or_else(|| {
+                                Error::Protocol("data chunk shorter than its offset".into())
+                            })?;
+                            let at = self.read_u64()?;
                             let start = range_in(offset, buf.len(), at, n)?;
                             self.reader
                                 .read_exact(&mut buf[start..start + n as usize])
@@ -366,10 +368,7 @@ impl<R: Read, W: Write> Client<R, W> {
         Ok(b)
     }
 
-    fn read_u64(&mut self, present: bool) -> Result<u64, Error> {
-        if !present {
-            return Err(Error::Protocol("data chunk shorter than its offset".into()));
-        }
+    fn read_u64(&mut self) -> Result<u64, Error> {
         let mut b = [0u8; 8];
         self.reader.read_exact(&mut b).map_err(self.io_err())?;
         Ok(u64::from_be_bytes(b))

@@ -29,6 +29,7 @@ use object_store::ObjectStore;
 
 pub use chunk_map::ChunkLocation;
 pub use error::Error;
+pub use local_pack::{ALIGN as DIRECT_IO_ALIGN, AlignedBuf, direct_io_refused};
 pub use open::{Durability, EARLY_FLUSH_BYTES, LocalSync};
 pub use packs::{PackWriter, Stored};
 pub use points::{PointListing, PointWriter, UnreadablePoint};

@@ -18,42 +18,59 @@ use rand::RngExt;
 use crate::Error;
 
 /// Alignment of direct I/O buffers, offsets and lengths.
-pub(crate) const ALIGN: usize = 4096;
+pub const ALIGN: usize = 4096;
 
-/// A pack being assembled: bytes appended to one buffer whose data starts 4096-aligned.
+/// Whether `e` is a file system refusing `O_DIRECT` (at open, or at the first write): the
+/// caller then writes the ordinary way.
+pub fn direct_io_refused(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+}
+
+/// Bytes appended to one buffer whose data starts 4096-aligned, for direct I/O: a pack being
+/// assembled here, restore's gathered writes in `cairn-backup`. It never grows past its
+/// capacity while [`AlignedBuf::room`] is respected, so it never moves and stays aligned.
 #[derive(Debug)]
-pub(crate) struct PackBuf {
+pub struct AlignedBuf {
     raw: Vec<u8>,
     start: usize,
 }
 
-impl PackBuf {
+impl AlignedBuf {
     /// An empty buffer that can hold `capacity` bytes (plus alignment) without moving.
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
+    pub fn with_capacity(capacity: usize) -> Self {
         let mut raw: Vec<u8> = Vec::with_capacity(capacity + 2 * ALIGN);
         let start = raw.as_ptr().align_offset(ALIGN).min(ALIGN);
         raw.resize(start, 0);
-        PackBuf { raw, start }
+        AlignedBuf { raw, start }
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
         self.raw.len() - self.start
     }
 
     /// Bytes that can still be appended without moving the buffer (which would lose alignment).
-    pub(crate) fn room(&self) -> usize {
+    pub fn room(&self) -> usize {
         (self.raw.capacity() - self.raw.len()).saturating_sub(ALIGN)
     }
 
-    pub(crate) fn extend(&mut self, bytes: &[u8]) {
+    /// Appends `bytes` (within [`AlignedBuf::room`] to stay aligned).
+    pub fn extend(&mut self, bytes: &[u8]) {
         self.raw.extend_from_slice(bytes);
     }
 
-    pub(crate) fn data(&self) -> &[u8] {
+    /// The bytes held, starting at an aligned address.
+    pub fn data(&self) -> &[u8] {
         self.raw.get(self.start..).unwrap_or_default()
     }
 
-    pub(crate) fn clear(&mut self) {
+    /// Empties it, keeping its memory.
+    pub fn clear(&mut self) {
         self.raw.truncate(self.start);
     }
 
@@ -79,7 +96,7 @@ impl PackBuf {
 
 /// Writes `buf` as the new file `root/rel`, create-only: to a staging file `<name>#<digits>`
 /// (which readers ignore), renamed into place only if nothing has that name yet.
-pub(crate) fn write_pack_file(root: &Path, rel: &str, buf: &mut PackBuf) -> Result<(), Error> {
+pub(crate) fn write_pack_file(root: &Path, rel: &str, buf: &mut AlignedBuf) -> Result<(), Error> {
     let path = root.join(rel);
     let io = |source: std::io::Error| Error::local_io(&path, source);
     if let Some(parent) = path.parent() {
@@ -108,7 +125,7 @@ fn staging_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn write_staged(staging: &Path, buf: &mut PackBuf) -> std::io::Result<()> {
+fn write_staged(staging: &Path, buf: &mut AlignedBuf) -> std::io::Result<()> {
     let len = buf.len() as u64;
     let open = |direct: bool| {
         let mut opts = OpenOptions::new();
@@ -126,7 +143,7 @@ fn write_staged(staging: &Path, buf: &mut PackBuf) -> std::io::Result<()> {
                 return Ok(());
             }
             // O_DIRECT refused by this file system: fall through to an ordinary write.
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {}
+            Err(e) if direct_io_refused(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -142,14 +159,14 @@ mod tests {
     #[test]
     fn a_pack_file_holds_exactly_its_bytes_and_is_never_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let mut buf = PackBuf::with_capacity(10_000);
+        let mut buf = AlignedBuf::with_capacity(10_000);
         assert_eq!(buf.data().as_ptr().align_offset(ALIGN), 0);
         let bytes: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         buf.extend(&bytes);
         write_pack_file(dir.path(), "packs/ab/one", &mut buf).unwrap();
         assert_eq!(std::fs::read(dir.path().join("packs/ab/one")).unwrap(), bytes);
 
-        let mut other = PackBuf::with_capacity(10);
+        let mut other = AlignedBuf::with_capacity(10);
         other.extend(b"other");
         assert!(write_pack_file(dir.path(), "packs/ab/one", &mut other).is_err());
         assert_eq!(std::fs::read(dir.path().join("packs/ab/one")).unwrap(), bytes);
@@ -160,7 +177,7 @@ mod tests {
     #[test]
     fn an_unaligned_or_full_buffer_is_written_the_ordinary_way() {
         let dir = tempfile::tempdir().unwrap();
-        let mut buf = PackBuf::with_capacity(0);
+        let mut buf = AlignedBuf::with_capacity(0);
         buf.extend(&[7u8; 3 * ALIGN]); // grows past its capacity: no room to pad, maybe moved
         write_pack_file(dir.path(), "p", &mut buf).unwrap();
         assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), vec![7u8; 3 * ALIGN]);

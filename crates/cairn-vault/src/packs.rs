@@ -11,7 +11,7 @@ use object_store::{PutMode, PutOptions, PutPayload};
 use rand::RngExt;
 use tokio::task::JoinSet;
 
-use crate::local_pack::{ALIGN, PackBuf, write_pack_file};
+use crate::local_pack::{ALIGN, AlignedBuf, write_pack_file};
 use crate::{Error, Vault, layout};
 
 /// What storing a chunk did.
@@ -82,11 +82,11 @@ impl JobChunks {
 pub struct PackWriter {
     vault: Vault,
     job: Arc<JobChunks>,
-    buf: PackBuf,
+    buf: AlignedBuf,
     entries: Vec<PackEntry>,
-    uploads: JoinSet<Result<(IndexedPack, Option<PackBuf>), Error>>,
+    uploads: JoinSet<Result<(IndexedPack, Option<AlignedBuf>), Error>>,
     /// Buffers of finished uploads, reused: fresh memory is slow to touch the first time.
-    spare: Vec<PackBuf>,
+    spare: Vec<AlignedBuf>,
 }
 
 impl std::fmt::Debug for PackWriter {
@@ -101,7 +101,7 @@ const ENTRY_ROOM: usize = cairn_format::pack::PACK_ENTRY_LEN;
 impl PackWriter {
     pub(crate) fn new(vault: Vault, job: Arc<JobChunks>) -> Self {
         job.opened();
-        let buf = PackBuf::with_capacity(pack_capacity(&vault, 0));
+        let buf = AlignedBuf::with_capacity(pack_capacity(&vault, 0));
         PackWriter {
             vault,
             job,
@@ -125,9 +125,9 @@ impl PackWriter {
             self.seal().await?;
         }
         if self.buf.room() < need + PACK_HEADER.len() {
-            self.buf = PackBuf::with_capacity(pack_capacity(&self.vault, need));
+            self.buf = AlignedBuf::with_capacity(pack_capacity(&self.vault, need));
         }
-        if self.buf.len() == 0 {
+        if self.buf.is_empty() {
             self.buf.extend(&PACK_HEADER);
         }
         let len = frame.len() as u64;
@@ -158,7 +158,7 @@ impl PackWriter {
         let entries = std::mem::take(&mut self.entries);
         let next = match self.spare.pop() {
             Some(b) => b,
-            None => PackBuf::with_capacity(pack_capacity(&self.vault, 0)),
+            None => AlignedBuf::with_capacity(pack_capacity(&self.vault, 0)),
         };
         let mut buf = std::mem::replace(&mut self.buf, next);
         buf.extend(&pack_trailer(&entries));

@@ -205,13 +205,7 @@ impl Vault {
     /// if the clock went back. Chosen before a capture, it lets what the capture starts (dirty
     /// bitmaps) be named after the point it belongs to.
     pub async fn reserve_point_id(&self, vm: &Name, at: Timestamp) -> Result<PointId, Error> {
-        let mut at = at;
-        if let Some(last_id) = self.last_point_id(vm).await? {
-            while PointId::new(at, u32::MAX) <= last_id {
-                at += jiff::SignedDuration::from_millis(1);
-            }
-        }
-        Ok(PointId::new(at, rand::rng().random()))
+        Ok(id_after(self.last_point_id(vm).await?.as_ref(), at))
     }
 
     /// Starts a point for `vm`: picks its id and writes the in-flight marker.
@@ -234,7 +228,7 @@ impl Vault {
         let last = self.last_point_id(vm).await?;
         let point = match reserved {
             Some(r) if last.as_ref().is_none_or(|l| r > *l) => r,
-            _ => self.reserve_point_id(vm, started_at).await?,
+            _ => id_after(last.as_ref(), started_at),
         };
         let marker = InflightMarker {
             format: 1,
@@ -288,6 +282,17 @@ impl Vault {
             Err(e) => Err(Error::storage("delete", &path, e)),
         }
     }
+}
+
+/// A new id for a point started at `at` that sorts after `last`, even if the clock went back.
+fn id_after(last: Option<&PointId>, at: Timestamp) -> PointId {
+    let mut at = at;
+    if let Some(last) = last {
+        while PointId::new(at, u32::MAX) <= *last {
+            at += jiff::SignedDuration::from_millis(1);
+        }
+    }
+    PointId::new(at, rand::rng().random())
 }
 
 /// A point being written. [`PointWriter::commit`] makes it visible; until then it does not exist.
