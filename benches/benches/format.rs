@@ -1,9 +1,11 @@
-//! Per-stage costs: SHA-256, chunk encode (zstd 1) and decode, index page encode and decode.
+//! Per-stage costs: SHA-256, chunk encode (zstd 1) and decode, piece sums, patch encode and
+//! apply (sub-block deltas), index page encode and decode.
 //!
 //! `cargo bench -p cairn-benches --bench format`.
 
 use cairn_benches::sample_disk;
 use cairn_format::index::{BlockEntry, IndexPage};
+use cairn_format::patch::{Patch, PieceSums, encode_patch};
 use cairn_format::{Digest, decode_chunk, encode_chunk};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -35,12 +37,28 @@ fn stages(c: &mut Criterion) {
     g.bench_function("decode text", |b| b.iter(|| decode_chunk(&frame)));
     g.finish();
 
+    // Sub-block deltas: the sums every stored block gets, and a one-piece patch.
+    let mut changed = text.to_vec();
+    changed[5 * 4096..6 * 4096].copy_from_slice(&random[..4096]);
+    let (old_sums, new_sums) = (PieceSums::of(text, 4096), PieceSums::of(&changed, 4096));
+    let mask = new_sums.differing(&old_sums).unwrap_or(1);
+    let patch = encode_patch(&changed, 4096, mask);
+    let mut g = c.benchmark_group("patch");
+    g.throughput(Throughput::Bytes(65536));
+    g.bench_function("piece sums (xxh3, 16 x 4 KiB)", |b| b.iter(|| PieceSums::of(text, 4096)));
+    g.bench_function("diff sums", |b| b.iter(|| new_sums.differing(&old_sums)));
+    g.bench_function("encode one-piece patch", |b| b.iter(|| encode_patch(&changed, 4096, mask)));
+    g.bench_function("apply one-piece patch", |b| {
+        b.iter(|| Patch::decode(&patch).and_then(|p| p.apply(text)))
+    });
+    g.finish();
+
     let mut page = IndexPage::default();
     for i in 0..1024u32 {
         page.push(if i % 5 == 0 {
             BlockEntry::Zero
         } else {
-            BlockEntry::Data(Digest::of(&i.to_le_bytes()))
+            BlockEntry::Data { digest: Digest::of(&i.to_le_bytes()), sums: old_sums }
         });
     }
     let bytes = page.encode();

@@ -259,6 +259,7 @@ async fn backup_disk(
         chunks_written: state.chunks_written,
         hole_blocks: summary.holes,
         zero_blocks: summary.zeros,
+        patched_blocks: summary.patched,
         duration_ms: clock.elapsed().as_millis() as u64,
     };
     state.progress.done = true;
@@ -410,9 +411,9 @@ async fn consume(
             if let Some(page) = index.push(event.entry()) {
                 store_page(state, page).await?;
             }
-            if let BlockEvent::Changed { digest, len, payload } = event {
+            if let BlockEvent::Changed { chunk, len, payload, .. } = event {
                 state.progress.bytes_changed += u64::from(len);
-                let stored = state.packs.store(&digest, payload?).await?;
+                let stored = state.packs.store(&chunk, payload?).await?;
                 note_stored(state, stored, u64::from(len));
             }
         }

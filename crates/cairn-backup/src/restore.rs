@@ -5,7 +5,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cairn_format::index::BlockEntry;
+use cairn_format::index::{BlockEntry, PatchRef};
 use cairn_format::{ChunkFrame, Digest, Name, PointManifest};
 use cairn_vault::{ChunkLocation, Vault};
 use futures::{StreamExt, TryStreamExt};
@@ -191,8 +191,11 @@ const RUNS_IN_FLIGHT: usize = 8;
 struct Piece {
     at: u64,
     len: u64,
+    /// The chunk read: the block, or the base of a patched block.
     id: Digest,
     loc: ChunkLocation,
+    /// For a patched block: the entry whose patch goes over the base.
+    patch: Option<PatchRef>,
 }
 
 /// One read that fills part of the disk.
@@ -204,7 +207,9 @@ enum Read {
 }
 
 /// The reads for one page starting at disk offset `base`: data blocks grouped into runs of
-/// frames that are adjacent in one pack (a full backup writes a disk's blocks in order).
+/// frames that are adjacent in one pack (a full backup writes a disk's blocks in order). A
+/// patched block reads its base in the run (the base usually sits where the full backup put
+/// the block) and its small patch on the side.
 async fn plan_page(
     vault: &Vault,
     page: &cairn_format::index::IndexPage,
@@ -213,31 +218,41 @@ async fn plan_page(
     size: u64,
     is_device: bool,
 ) -> Result<Vec<Read>, Error> {
-    let ids: Vec<Digest> = page.entries().filter_map(|e| e.digest().copied()).collect();
+    let ids: Vec<Digest> = page
+        .entries()
+        .filter_map(|e| match e {
+            BlockEntry::Data { digest, .. } => Some(digest),
+            BlockEntry::Patch(p) => Some(p.base),
+            BlockEntry::Hole | BlockEntry::Zero => None,
+        })
+        .collect();
     let mut places = vault.locate_chunks(&ids).await?.into_iter();
     let mut reads = Vec::new();
     let mut run: Vec<Piece> = Vec::new();
     for (i, entry) in page.entries().enumerate() {
         let at = base + i as u64 * block;
         let len = block.min(size.saturating_sub(at));
-        match entry {
-            BlockEntry::Data(id) => {
-                let loc = places.next().flatten().ok_or(cairn_vault::Error::ChunkMissing { id })?;
-                let end = u64::from(loc.offset) + u64::from(loc.len);
-                let extends = run.first().zip(run.last()).is_some_and(|(first, last)| {
-                    last.loc.pack == loc.pack
-                        && u64::from(last.loc.offset) + u64::from(last.loc.len)
-                            == u64::from(loc.offset)
-                        && end - u64::from(first.loc.offset) <= MAX_RUN_BYTES
-                });
-                if !extends && !run.is_empty() {
-                    reads.push(Read::Run(std::mem::take(&mut run)));
+        let (id, patch) = match entry {
+            BlockEntry::Data { digest, .. } => (digest, None),
+            BlockEntry::Patch(p) => (p.base, Some(p)),
+            BlockEntry::Hole | BlockEntry::Zero => {
+                if is_device {
+                    reads.push(Read::Zeros { at, len });
                 }
-                run.push(Piece { at, len, id, loc });
+                continue;
             }
-            BlockEntry::Hole | BlockEntry::Zero if is_device => reads.push(Read::Zeros { at, len }),
-            BlockEntry::Hole | BlockEntry::Zero => {}
+        };
+        let loc = places.next().flatten().ok_or(cairn_vault::Error::ChunkMissing { id })?;
+        let end = u64::from(loc.offset) + u64::from(loc.len);
+        let extends = run.first().zip(run.last()).is_some_and(|(first, last)| {
+            last.loc.pack == loc.pack
+                && u64::from(last.loc.offset) + u64::from(last.loc.len) == u64::from(loc.offset)
+                && end - u64::from(first.loc.offset) <= MAX_RUN_BYTES
+        });
+        if !extends && !run.is_empty() {
+            reads.push(Read::Run(std::mem::take(&mut run)));
         }
+        run.push(Piece { at, len, id, loc, patch });
     }
     if !run.is_empty() {
         reads.push(Read::Run(run));
@@ -255,6 +270,22 @@ async fn read_blocks(
         Read::Zeros { at, len } => return Ok((vec![(at, vec![0u8; len as usize])], 0)),
         Read::Run(run) => run,
     };
+    // Patches are small: fetched (and checked) beside the run, all at once.
+    let patches = futures::future::try_join_all(run.iter().filter_map(|p| {
+        let entry = p.patch?;
+        Some(async move {
+            vault.read_chunk(&entry.patch).await.map_err(|e| match e {
+                cairn_vault::Error::Corrupt { .. } => Error::Corrupt {
+                    disk: disk.clone(),
+                    offset: p.at,
+                    id: entry.patch,
+                    detail: e.to_string(),
+                },
+                e => e.into(),
+            })
+        })
+    }))
+    .await?;
     let (Some(first), Some(last)) = (run.first(), run.last()) else { return Ok((Vec::new(), 0)) };
     let start = first.loc.offset;
     let span = ChunkLocation {
@@ -265,8 +296,9 @@ async fn read_blocks(
     let bytes = vault.read_frame(&first.id, &span).await?;
     let disk = disk.clone();
     tokio::task::spawn_blocking(move || {
-        let chunks = run.len() as u64;
+        let chunks = (run.len() + patches.len()) as u64;
         let mut out = Vec::with_capacity(run.len());
+        let mut patches = patches.into_iter();
         for p in run {
             let corrupt = |detail: String| Error::Corrupt {
                 disk: disk.clone(),
@@ -278,14 +310,23 @@ async fn read_blocks(
             let raw = bytes.get(from..from + p.loc.len as usize).unwrap_or_default();
             let frame =
                 ChunkFrame::decode_verified(raw, &p.id).map_err(|e| corrupt(e.to_string()))?;
-            if frame.plaintext.len() as u64 != p.len {
+            let block = match &p.patch {
+                Some(entry) => {
+                    // One patch was fetched per patched piece, in order.
+                    let patch = patches.next().unwrap_or_default();
+                    cairn_format::patch::rebuild(&frame.plaintext, &patch, &entry.digest)
+                        .map_err(|e| corrupt(format!("with patch {}: {e}", entry.patch)))?
+                }
+                None => frame.plaintext,
+            };
+            if block.len() as u64 != p.len {
                 return Err(corrupt(format!(
                     "it holds {} bytes, the block has {}",
-                    frame.plaintext.len(),
+                    block.len(),
                     p.len
                 )));
             }
-            out.push((p.at, frame.plaintext));
+            out.push((p.at, block));
         }
         Ok((out, chunks))
     })

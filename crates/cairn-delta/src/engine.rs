@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use cairn_format::Digest;
-use cairn_format::index::BlockEntry;
+use cairn_format::index::{BlockEntry, PatchRef};
+use cairn_format::patch::{PieceSums, encode_patch, piece_size};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::{BlockSource, Error, Extent};
@@ -34,7 +35,14 @@ pub struct EngineConfig {
     pub buffers: usize,
     /// Changed-block tracking for this scan, if the source has it and the caller trusts it.
     pub tracking: Option<Tracked>,
+    /// Sub-block deltas: a changed block is stored as a patch over its base for at most this
+    /// many points in a row, then whole again (a rebase); 0 never patches.
+    pub patch_generations: u8,
 }
+
+/// Points in a row a block may be stored as a patch over one base before it is stored whole
+/// again: bounds how long a base outlives the versions that replaced it.
+pub const DEFAULT_PATCH_GENERATIONS: u8 = 16;
 
 /// Changed-block tracking for one scan: which ranges were written since the previous point.
 #[derive(Clone, Debug)]
@@ -73,7 +81,14 @@ impl EngineConfig {
     pub fn with_threads(block_size: u32, threads: usize) -> Self {
         let threads = threads.max(1);
         let batch_bytes = (block_size as usize).max(2 << 20);
-        EngineConfig { block_size, threads, batch_bytes, buffers: threads * 2 + 2, tracking: None }
+        EngineConfig {
+            block_size,
+            threads,
+            batch_bytes,
+            buffers: threads * 2 + 2,
+            tracking: None,
+            patch_generations: DEFAULT_PATCH_GENERATIONS,
+        }
     }
 
     fn check(&self) -> Result<(), Error> {
@@ -133,8 +148,9 @@ impl PreviousIndex for NoPrevious {
 pub trait BlockEncoder: Sync {
     /// What a changed block becomes.
     type Output: Send;
-    /// Encodes one changed block whose SHA-256 is `digest`.
-    fn encode(&self, digest: &Digest, block: &[u8]) -> Self::Output;
+    /// Encodes the bytes to store under chunk id `id` (their SHA-256): a changed block, or the
+    /// patch that rebuilds it.
+    fn encode(&self, id: &Digest, bytes: &[u8]) -> Self::Output;
 }
 
 /// Hash only: changed blocks carry no payload (benchmarks, dry runs).
@@ -150,15 +166,17 @@ pub enum BlockEvent<O> {
     Hole,
     /// Read, and all zeros.
     Zero,
-    /// Same content as in the previous point.
-    Unchanged(Digest),
-    /// New content.
+    /// Same content as in the previous point: its entry stands.
+    Unchanged(BlockEntry),
+    /// New content, stored as chunk `chunk`: the whole block, or a patch over its base.
     Changed {
-        /// SHA-256 of the block.
-        digest: Digest,
+        /// The block's new entry ([`BlockEntry::Data`] or [`BlockEntry::Patch`]).
+        entry: BlockEntry,
+        /// The id of the chunk to store: the block's SHA-256, or the patch's.
+        chunk: Digest,
         /// Block length (the last block of a disk may be short).
         len: u32,
-        /// The encoder's output.
+        /// The encoder's output for the chunk.
         payload: O,
     },
 }
@@ -169,9 +187,7 @@ impl<O> BlockEvent<O> {
         match self {
             BlockEvent::Hole => BlockEntry::Hole,
             BlockEvent::Zero => BlockEntry::Zero,
-            BlockEvent::Unchanged(d) | BlockEvent::Changed { digest: d, .. } => {
-                BlockEntry::Data(*d)
-            }
+            BlockEvent::Unchanged(entry) | BlockEvent::Changed { entry, .. } => *entry,
         }
     }
 }
@@ -208,6 +224,8 @@ pub struct ScanSummary {
     pub bytes_scanned: u64,
     /// Bytes of changed blocks.
     pub bytes_changed: u64,
+    /// Changed blocks stored as a patch over their base.
+    pub patched: u64,
     /// Blocks taken from the previous index unread (changed-block tracking).
     pub carried: u64,
     /// Clean blocks read to check the tracking.
@@ -273,9 +291,8 @@ where
             let (work_rx, result_tx, pool_tx) =
                 (work_rx.clone(), result_tx.clone(), pool_tx.clone());
             let disk = &disk;
-            scope.spawn(move || {
-                hash_batches(encoder, config.block_size, disk, &work_rx, &result_tx, &pool_tx)
-            });
+            scope
+                .spawn(move || hash_batches(encoder, config, disk, &work_rx, &result_tx, &pool_tx));
         }
         drop((work_rx, result_tx, pool_tx));
         let outcome = order_results(result_rx, &mut sink);
@@ -442,13 +459,17 @@ impl DirtyCursor {
 
 fn hash_batches<E: BlockEncoder>(
     encoder: &E,
-    block_size: u32,
+    config: &EngineConfig,
     disk: &str,
     work: &Receiver<Work>,
     results: &Sender<Outcome<E::Output>>,
     pool: &Sender<Vec<u8>>,
 ) {
-    let block = block_size as usize;
+    let block = config.block_size as usize;
+    let patching = Patching {
+        piece_size: piece_size(config.block_size),
+        generations: config.patch_generations,
+    };
     for item in work {
         let mut batch = Batch {
             first_block: item.first_block,
@@ -465,7 +486,7 @@ fn hash_batches<E: BlockEncoder>(
                     batch.events.push(match entry {
                         BlockEntry::Hole => BlockEvent::Hole,
                         BlockEntry::Zero => BlockEvent::Zero,
-                        BlockEntry::Data(d) => BlockEvent::Unchanged(d),
+                        stored => BlockEvent::Unchanged(stored),
                     });
                     continue;
                 }
@@ -479,7 +500,7 @@ fn hash_batches<E: BlockEncoder>(
                     // Bytes hashed: every block that is not a hole, whole (holes inside it
                     // read as zeros).
                     batch.bytes_scanned += data.len() as u64;
-                    classify(encoder, data, prev)
+                    classify(encoder, &patching, data, prev)
                 }
                 _ => BlockEvent::Hole,
             };
@@ -533,17 +554,27 @@ fn tally<O>(s: &mut ScanSummary, batch: &Batch<O>) {
             BlockEvent::Hole => s.holes += 1,
             BlockEvent::Zero => s.zeros += 1,
             BlockEvent::Unchanged(_) => s.unchanged += 1,
-            BlockEvent::Changed { len, .. } => {
+            BlockEvent::Changed { entry, len, payload: _, chunk: _ } => {
                 s.changed += 1;
                 s.bytes_changed += u64::from(*len);
+                if let BlockEntry::Patch(_) = entry {
+                    s.patched += 1;
+                }
             }
         }
     }
 }
 
+/// How changed blocks may become patches.
+struct Patching {
+    piece_size: u32,
+    generations: u8,
+}
+
 /// What a block read with content `data` is, against its previous entry `prev`.
 fn classify<E: BlockEncoder>(
     encoder: &E,
+    patching: &Patching,
     data: &[u8],
     prev: Option<BlockEntry>,
 ) -> BlockEvent<E::Output> {
@@ -551,14 +582,56 @@ fn classify<E: BlockEncoder>(
         return BlockEvent::Zero;
     }
     let digest = Digest::of(data);
-    match prev {
-        Some(BlockEntry::Data(d)) if d == digest => BlockEvent::Unchanged(digest),
-        _ => BlockEvent::Changed {
-            digest,
-            len: data.len() as u32,
-            payload: encoder.encode(&digest, data),
-        },
+    if let Some(prev) = prev.filter(|p| p.content() == Some(&digest)) {
+        return BlockEvent::Unchanged(prev);
     }
+    let sums = PieceSums::of(data, patching.piece_size);
+    if let Some(patched) = patch(encoder, patching, data, digest, &sums, prev) {
+        return patched;
+    }
+    BlockEvent::Changed {
+        entry: BlockEntry::Data { digest, sums },
+        chunk: digest,
+        len: data.len() as u32,
+        payload: encoder.encode(&digest, data),
+    }
+}
+
+/// The changed block `data` as a patch over the base of its previous entry, when that entry
+/// has piece sums, the chain is below its bound, and at most a quarter of the pieces differ
+/// from the base (a patch must be much smaller than the block to be worth a second read on
+/// restore). Otherwise `None`: the block is stored whole and becomes the next base.
+fn patch<E: BlockEncoder>(
+    encoder: &E,
+    patching: &Patching,
+    data: &[u8],
+    digest: Digest,
+    sums: &PieceSums,
+    prev: Option<BlockEntry>,
+) -> Option<BlockEvent<E::Output>> {
+    let (base, base_sums, generation) = prev?.patch_base()?;
+    if generation >= patching.generations {
+        return None;
+    }
+    let mask = sums.differing(&base_sums)?;
+    let changed = mask.count_ones() as usize;
+    if changed == 0 || changed * 4 > sums.as_slice().len() {
+        return None;
+    }
+    let bytes = encode_patch(data, patching.piece_size, mask);
+    let id = Digest::of(&bytes);
+    Some(BlockEvent::Changed {
+        entry: BlockEntry::Patch(PatchRef {
+            digest,
+            base,
+            patch: id,
+            generation: generation + 1,
+            base_sums,
+        }),
+        chunk: id,
+        len: data.len() as u32,
+        payload: encoder.encode(&id, &bytes),
+    })
 }
 
 /// Whether a sampled block's content is what its previous entry says (holes and zeros both
@@ -595,7 +668,14 @@ mod tests {
     }
 
     fn config(threads: usize) -> EngineConfig {
-        EngineConfig { block_size: 4096, threads, batch_bytes: 16384, buffers: 3, tracking: None }
+        EngineConfig {
+            block_size: 4096,
+            threads,
+            batch_bytes: 16384,
+            buffers: 3,
+            tracking: None,
+            patch_generations: DEFAULT_PATCH_GENERATIONS,
+        }
     }
 
     fn run(
@@ -792,10 +872,121 @@ mod tests {
         assert_eq!(s.holes, (1 << 20) - 32);
         // 64 one-GiB hole batches and the two data batches, give or take the edges.
         assert!(batches < 80, "{batches} batches");
-        let data_block = |e: &BlockEntry| matches!(e, BlockEntry::Data(_));
+        let data_block = |e: &BlockEntry| matches!(e, BlockEntry::Data { .. });
         assert!(entries[(5 << 30) / 65536..][..16].iter().all(data_block));
         assert!(entries[(40 << 30) / 65536..][..16].iter().all(data_block));
         assert!(!data_block(&entries[(5 << 30) / 65536 + 16]));
+    }
+
+    /// Engine settings for patch tests: 16 KiB blocks of four 4 KiB pieces.
+    fn patch_config(generations: u8) -> EngineConfig {
+        EngineConfig {
+            block_size: 16384,
+            batch_bytes: 65536,
+            patch_generations: generations,
+            ..config(2)
+        }
+    }
+
+    /// Scans `disk` against `prev`, keeping every chunk stored in `store`; returns the entries.
+    fn backup_into(
+        store: &mut std::collections::HashMap<Digest, Vec<u8>>,
+        disk: &[u8],
+        prev: Vec<BlockEntry>,
+        config: &EngineConfig,
+    ) -> (ScanSummary, Vec<BlockEntry>) {
+        let mut entries = Vec::new();
+        let summary =
+            scan(&MemSource::new("d", disk.to_vec()), prev.into_iter(), &Copy, config, |b| {
+                for e in b.events {
+                    entries.push(e.entry());
+                    if let BlockEvent::Changed { chunk, payload, .. } = e {
+                        assert_eq!(Digest::of(&payload), chunk);
+                        store.insert(chunk, payload);
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        (summary, entries)
+    }
+
+    /// The disk as restore would rebuild it from `entries` and the chunks in `store`.
+    fn rebuild(
+        store: &std::collections::HashMap<Digest, Vec<u8>>,
+        entries: &[BlockEntry],
+        block: usize,
+        size: usize,
+    ) -> Vec<u8> {
+        let mut out = vec![0u8; size];
+        for (i, e) in entries.iter().enumerate() {
+            let range = i * block..((i + 1) * block).min(size);
+            let bytes = match e {
+                BlockEntry::Hole | BlockEntry::Zero => continue,
+                BlockEntry::Data { digest, .. } => store[digest].clone(),
+                BlockEntry::Patch(p) => cairn_format::patch::Patch::decode(&store[&p.patch])
+                    .unwrap()
+                    .apply(&store[&p.base])
+                    .unwrap(),
+            };
+            assert_eq!(Digest::of(&bytes), *e.content().unwrap(), "block {i}");
+            out[range].copy_from_slice(&bytes);
+        }
+        out
+    }
+
+    #[test]
+    fn scattered_writes_become_patches() {
+        let mut store = std::collections::HashMap::new();
+        let mut disk: Vec<u8> = (0..16384 * 8).map(|i| (i % 251) as u8 | 1).collect();
+        let config = patch_config(DEFAULT_PATCH_GENERATIONS);
+        let (_, prev) = backup_into(&mut store, &disk, vec![], &config);
+        disk[16384 * 2 + 5] ^= 0xff; // one piece of block 2
+        disk[16384 * 5..16384 * 5 + 8192].fill(9); // two pieces of block 5: stored whole
+        let (s, entries) = backup_into(&mut store, &disk, prev, &config);
+        assert_eq!((s.changed, s.patched), (2, 1));
+        let BlockEntry::Patch(p) = entries[2] else { panic!("{:?}", entries[2]) };
+        assert_eq!(p.generation, 1);
+        assert_eq!(cairn_format::patch::Patch::decode(&store[&p.patch]).unwrap().mask(), 1);
+        assert!(matches!(entries[5], BlockEntry::Data { .. }));
+        assert_eq!(rebuild(&store, &entries, 16384, disk.len()), disk);
+    }
+
+    #[test]
+    fn a_patch_chain_at_its_bound_is_rebased() {
+        let mut store = std::collections::HashMap::new();
+        let mut disk = vec![3u8; 16384 * 2];
+        let config = patch_config(3);
+        let (_, mut prev) = backup_into(&mut store, &disk, vec![], &config);
+        let first_base = *prev[0].content().unwrap();
+        let mut generations = Vec::new();
+        for round in 0..5u8 {
+            disk[100] = round + 10; // always the same piece of block 0
+            let (_, entries) = backup_into(&mut store, &disk, prev, &config);
+            assert_eq!(rebuild(&store, &entries, 16384, disk.len()), disk);
+            generations.push(match entries[0] {
+                BlockEntry::Patch(p) => {
+                    assert_eq!(p.base == first_base, round < 3, "round {round}");
+                    p.generation
+                }
+                _ => 0,
+            });
+            prev = entries;
+        }
+        // Three patches over the first base, then whole again, then patches over the new base.
+        assert_eq!(generations, [1, 2, 3, 0, 1]);
+        assert_ne!(prev[0].patch_base().unwrap().0, first_base);
+    }
+
+    #[test]
+    fn patches_can_be_turned_off() {
+        let mut store = std::collections::HashMap::new();
+        let mut disk = vec![3u8; 16384];
+        let (_, prev) = backup_into(&mut store, &disk, vec![], &patch_config(0));
+        disk[0] = 1;
+        let (s, entries) = backup_into(&mut store, &disk, prev, &patch_config(0));
+        assert_eq!((s.changed, s.patched), (1, 0));
+        assert!(matches!(entries[0], BlockEntry::Data { .. }));
     }
 
     proptest! {
@@ -825,6 +1016,29 @@ mod tests {
                 }
             }
             prop_assert_eq!(applied, new);
+        }
+
+        /// Backups of a disk edited between each: rebuilding any point from its entries and the
+        /// stored chunks (whole blocks and patches) gives that point's disk.
+        #[test]
+        fn patched_points_rebuild_their_disk(
+            seed in proptest::collection::vec(0u8..4, 1..12),
+            rounds in proptest::collection::vec(
+                proptest::collection::vec((0usize..12 * 16384, any::<u8>()), 0..6), 1..5),
+            generations in 0u8..4,
+        ) {
+            let mut disk: Vec<u8> = seed.iter().flat_map(|b| vec![*b; 16384]).collect();
+            let config = patch_config(generations);
+            let mut store = std::collections::HashMap::new();
+            let (_, mut prev) = backup_into(&mut store, &disk, vec![], &config);
+            for edits in rounds {
+                for (pos, byte) in edits {
+                    if let Some(b) = disk.get_mut(pos) { *b = byte; }
+                }
+                let (_, entries) = backup_into(&mut store, &disk, prev, &config);
+                prop_assert_eq!(rebuild(&store, &entries, 16384, disk.len()), disk.clone());
+                prev = entries;
+            }
         }
 
         /// With dirty ranges that cover every write, a tracked scan finds what a full one does.

@@ -21,9 +21,14 @@
 //! 16  …  items: tag u8, then
 //!          0 hole run:  varint count (>= 1)
 //!          1 zero run:  varint count (>= 1)
-//!          2 data:      32-byte SHA-256 of the block's plaintext (one block)
-//!          3 patch:     reserved for blocks stored as a patch against an earlier block
+//!          2 data:      32-byte SHA-256 of the block's plaintext (one block, no piece sums)
+//!          3 patch:     32-byte SHA-256 of the block, 32-byte base chunk id, 32-byte patch
+//!                       chunk id, generation u8 (>= 1), piece count n u8 (2..=16), n base
+//!                       piece sums u64 LE (one block)
+//!          4 data+sums: 32-byte SHA-256 of the block, piece count n u8 (2..=16), n piece
+//!                       sums u64 LE (one block)
 //! ```
+//! See [`crate::patch`] for pieces, sums and patches.
 //! Root bytes:
 //! ```text
 //!  0  4  magic "CIXR"
@@ -37,6 +42,7 @@
 //! ```
 
 use crate::codec::{Reader, put_varint};
+use crate::patch::{MAX_PIECES, PieceSums};
 use crate::{Digest, Error, check_block_size};
 
 const PAGE_MAGIC: &[u8; 4] = b"CIXP";
@@ -57,36 +63,92 @@ pub enum BlockEntry {
     Hole,
     /// Allocated but all zeros; never stored, restored as a hole.
     Zero,
-    /// Stored as the chunk with this id (the SHA-256 of the block).
-    Data(Digest),
+    /// Stored whole as the chunk `digest` (the SHA-256 of the block), with the sums of its
+    /// pieces when they were recorded.
+    Data {
+        /// The block's SHA-256, which is also its chunk id.
+        digest: Digest,
+        /// Its piece sums ([`PieceSums::NONE`] in indexes written before sub-block deltas).
+        sums: PieceSums,
+    },
+    /// Stored as a patch over an earlier version of the block.
+    Patch(PatchRef),
+}
+
+/// A block stored as a patch: rebuilt by applying chunk `patch` over chunk `base`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PatchRef {
+    /// The SHA-256 of the whole rebuilt block: what restore and verify check.
+    pub digest: Digest,
+    /// The whole block the patch applies to (a chunk in the vault, kept alive by this entry).
+    pub base: Digest,
+    /// The patch chunk (see [`crate::patch`]).
+    pub patch: Digest,
+    /// How many points in a row have stored this block as a patch over `base` (1 for the
+    /// first); a writer stores the block whole again when this reaches its bound.
+    pub generation: u8,
+    /// The piece sums of `base`: the next backup compares the new block's sums with them.
+    pub base_sums: PieceSums,
 }
 
 impl BlockEntry {
-    /// The chunk this block needs, if any.
-    pub fn digest(&self) -> Option<&Digest> {
+    /// A block stored whole, without piece sums.
+    pub fn data(digest: Digest) -> BlockEntry {
+        BlockEntry::Data { digest, sums: PieceSums::NONE }
+    }
+
+    /// The SHA-256 of the block's content, if it has stored content.
+    pub fn content(&self) -> Option<&Digest> {
         match self {
-            BlockEntry::Data(d) => Some(d),
+            BlockEntry::Data { digest, .. } | BlockEntry::Patch(PatchRef { digest, .. }) => {
+                Some(digest)
+            }
+            BlockEntry::Hole | BlockEntry::Zero => None,
+        }
+    }
+
+    /// The chunks this block needs: none, its data chunk, or a patch's base and patch. Whatever
+    /// removes chunks from a vault must keep every chunk some kept point's entry names here.
+    pub fn chunks(&self) -> impl Iterator<Item = Digest> + use<> {
+        let (a, b) = match self {
+            BlockEntry::Hole | BlockEntry::Zero => (None, None),
+            BlockEntry::Data { digest, .. } => (Some(*digest), None),
+            BlockEntry::Patch(p) => (Some(p.base), Some(p.patch)),
+        };
+        a.into_iter().chain(b)
+    }
+
+    /// What a new version of this block could be patched against: the base chunk, its piece
+    /// sums and the generation so far (0 for a block stored whole).
+    pub fn patch_base(&self) -> Option<(Digest, PieceSums, u8)> {
+        match self {
+            BlockEntry::Data { digest, sums } if !sums.is_empty() => Some((*digest, *sums, 0)),
+            BlockEntry::Patch(p) => Some((p.base, p.base_sums, p.generation)),
             _ => None,
         }
     }
 }
 
-/// One run of a page: either a run of identical hole/zero entries or a single data block.
+/// One run of a page: either a run of identical hole/zero entries or a single stored block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a page is mostly stored blocks; boxing them would allocate once per block"
+)]
 pub enum PageItem {
     /// `count` consecutive holes.
     Holes(u64),
     /// `count` consecutive zero blocks.
     Zeros(u64),
-    /// One stored block.
-    Data(Digest),
+    /// One stored block ([`BlockEntry::Data`] or [`BlockEntry::Patch`]).
+    Stored(BlockEntry),
 }
 
 impl PageItem {
     fn blocks(&self) -> u64 {
         match self {
             PageItem::Holes(n) | PageItem::Zeros(n) => *n,
-            PageItem::Data(_) => 1,
+            PageItem::Stored(_) => 1,
         }
     }
 }
@@ -117,7 +179,7 @@ impl IndexPage {
             (BlockEntry::Zero, Some(PageItem::Zeros(n))) => *n += 1,
             (BlockEntry::Hole, _) => self.items.push(PageItem::Holes(1)),
             (BlockEntry::Zero, _) => self.items.push(PageItem::Zeros(1)),
-            (BlockEntry::Data(d), _) => self.items.push(PageItem::Data(d)),
+            (stored, _) => self.items.push(PageItem::Stored(stored)),
         }
     }
 
@@ -127,7 +189,7 @@ impl IndexPage {
             let (entry, n) = match item {
                 PageItem::Holes(n) => (BlockEntry::Hole, *n),
                 PageItem::Zeros(n) => (BlockEntry::Zero, *n),
-                PageItem::Data(d) => (BlockEntry::Data(*d), 1),
+                PageItem::Stored(e) => (*e, 1),
             };
             std::iter::repeat_n(entry, n as usize)
         })
@@ -150,9 +212,31 @@ impl IndexPage {
                     out.push(1);
                     put_varint(&mut out, *n);
                 }
-                PageItem::Data(d) => {
+                PageItem::Stored(BlockEntry::Data { digest, sums }) if sums.is_empty() => {
                     out.push(2);
-                    out.extend_from_slice(d.as_bytes());
+                    out.extend_from_slice(digest.as_bytes());
+                }
+                PageItem::Stored(BlockEntry::Data { digest, sums }) => {
+                    out.push(4);
+                    out.extend_from_slice(digest.as_bytes());
+                    put_sums(&mut out, sums);
+                }
+                PageItem::Stored(BlockEntry::Patch(p)) => {
+                    out.push(3);
+                    out.extend_from_slice(p.digest.as_bytes());
+                    out.extend_from_slice(p.base.as_bytes());
+                    out.extend_from_slice(p.patch.as_bytes());
+                    out.push(p.generation);
+                    put_sums(&mut out, &p.base_sums);
+                }
+                // `push` never makes a stored item of a hole or a zero block.
+                PageItem::Stored(BlockEntry::Hole) => {
+                    out.push(0);
+                    put_varint(&mut out, 1);
+                }
+                PageItem::Stored(BlockEntry::Zero) => {
+                    out.push(1);
+                    put_varint(&mut out, 1);
                 }
             }
         }
@@ -171,18 +255,34 @@ impl IndexPage {
         if count as u64 > blocks {
             return Err(Error::corrupt(PAGE, format!("{count} items for {blocks} blocks")));
         }
-        let mut items = Vec::with_capacity(count);
+        // Every item takes at least two bytes: never reserve more than the input can hold.
+        let mut items = Vec::with_capacity(count.min(r.remaining() / 2));
         let mut seen: u64 = 0;
         for _ in 0..count {
             let item = match r.u8()? {
                 0 => PageItem::Holes(run_len(&mut r)?),
                 1 => PageItem::Zeros(run_len(&mut r)?),
-                2 => PageItem::Data(Digest(r.array()?)),
+                2 => PageItem::Stored(BlockEntry::data(Digest(r.array()?))),
                 3 => {
-                    return Err(Error::Unsupported {
-                        what: PAGE,
-                        detail: "patch entries (sub-block deltas)".into(),
-                    });
+                    let digest = Digest(r.array()?);
+                    let base = Digest(r.array()?);
+                    let patch = Digest(r.array()?);
+                    let generation = r.u8()?;
+                    if generation == 0 {
+                        return Err(Error::corrupt(PAGE, "patch of generation 0"));
+                    }
+                    let base_sums = sums(&mut r)?;
+                    PageItem::Stored(BlockEntry::Patch(PatchRef {
+                        digest,
+                        base,
+                        patch,
+                        generation,
+                        base_sums,
+                    }))
+                }
+                4 => {
+                    let digest = Digest(r.array()?);
+                    PageItem::Stored(BlockEntry::Data { digest, sums: sums(&mut r)? })
                 }
                 tag => return Err(Error::corrupt(PAGE, format!("unknown item tag {tag}"))),
             };
@@ -198,6 +298,26 @@ impl IndexPage {
         }
         Ok(IndexPage { items, blocks })
     }
+}
+
+fn put_sums(out: &mut Vec<u8>, sums: &PieceSums) {
+    out.push(sums.as_slice().len() as u8);
+    for s in sums.as_slice() {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+}
+
+fn sums(r: &mut Reader<'_>) -> Result<PieceSums, Error> {
+    let n = usize::from(r.u8()?);
+    let mut values = [0u64; MAX_PIECES];
+    let Some(slots) = values.get_mut(..n) else {
+        return Err(Error::corrupt(PAGE, format!("{n} piece sums; at most {MAX_PIECES}")));
+    };
+    for v in slots.iter_mut() {
+        *v = r.u64()?;
+    }
+    PieceSums::from_slice(slots)
+        .ok_or_else(|| Error::corrupt(PAGE, format!("{n} piece sums; at least 2")))
 }
 
 fn run_len(r: &mut Reader<'_>) -> Result<u64, Error> {
@@ -387,9 +507,28 @@ mod tests {
         prop_oneof![
             Just(BlockEntry::Hole),
             Just(BlockEntry::Zero),
-            any::<[u8; 32]>().prop_map(|d| BlockEntry::Data(Digest(d))),
+            any::<[u8; 32]>().prop_map(|d| BlockEntry::data(Digest(d))),
             // Repeated digests make realistic runs.
-            Just(BlockEntry::Data(Digest([7; 32]))),
+            Just(BlockEntry::data(Digest([7; 32]))),
+            (any::<[u8; 32]>(), proptest::collection::vec(any::<u64>(), 2..=16)).prop_map(
+                |(d, s)| BlockEntry::Data {
+                    digest: Digest(d),
+                    sums: PieceSums::from_slice(&s).unwrap()
+                }
+            ),
+            (
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+                1u8..,
+                proptest::collection::vec(any::<u64>(), 2..=16)
+            )
+                .prop_map(|(d, b, generation, s)| BlockEntry::Patch(PatchRef {
+                    digest: Digest(d),
+                    base: Digest(b),
+                    patch: Digest([9; 32]),
+                    generation,
+                    base_sums: PieceSums::from_slice(&s).unwrap(),
+                })),
         ]
     }
 
@@ -419,12 +558,22 @@ mod tests {
     }
 
     #[test]
-    fn patch_entries_are_reserved() {
+    fn unknown_tags_and_bad_sums_are_refused() {
         let mut page = IndexPage::default();
         page.push(BlockEntry::Hole);
         let mut bytes = page.encode();
-        bytes[16] = 3;
-        assert!(matches!(IndexPage::decode(&bytes), Err(Error::Unsupported { .. })));
+        bytes[16] = 5;
+        assert!(IndexPage::decode(&bytes).is_err());
+        let mut page = IndexPage::default();
+        let sums = PieceSums::from_slice(&[1, 2, 3]).unwrap();
+        page.push(BlockEntry::Data { digest: Digest([1; 32]), sums });
+        let good = page.encode();
+        assert!(IndexPage::decode(&good).is_ok());
+        for n in [0u8, 1, 17] {
+            let mut bad = good.clone();
+            bad[16 + 1 + 32] = n;
+            assert!(IndexPage::decode(&bad).is_err(), "{n} sums");
+        }
     }
 
     proptest! {

@@ -21,6 +21,7 @@ pub mod index;
 mod manifest;
 mod name;
 pub mod pack;
+pub mod patch;
 mod point_id;
 
 pub use chunk::{

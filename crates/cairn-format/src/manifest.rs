@@ -61,6 +61,8 @@ pub struct DiskStats {
     pub hole_blocks: u64,
     /// Blocks that were allocated but all zeros.
     pub zero_blocks: u64,
+    /// Changed blocks stored as a patch over an earlier version (sub-block deltas).
+    pub patched_blocks: u64,
     /// Wall time for this disk in milliseconds.
     pub duration_ms: u64,
 }

@@ -1,7 +1,7 @@
 //! Reading chunks: located through the chunk map, fetched with one ranged read, verified.
 
 use bytes::Bytes;
-use cairn_format::index::{IndexPage, IndexRoot};
+use cairn_format::index::{IndexPage, IndexRoot, PatchRef};
 use cairn_format::{ChunkFrame, Digest};
 use object_store::{ObjectStoreExt, PutMode, PutOptions};
 
@@ -51,6 +51,21 @@ impl Vault {
         frame
             .map(|f| f.plaintext)
             .map_err(|source| Error::Corrupt { path: chunk_name(&id), source })
+    }
+
+    /// The block a patch entry names, rebuilt from its base and patch chunks and checked
+    /// against the block's SHA-256.
+    pub async fn rebuild_patched(&self, p: &PatchRef) -> Result<Vec<u8>, Error> {
+        let base = self.read_chunk(&p.base).await?;
+        let patch = self.read_chunk(&p.patch).await?;
+        let digest = p.digest;
+        tokio::task::spawn_blocking(move || cairn_format::patch::rebuild(&base, &patch, &digest))
+            .await
+            .map_err(|e| Error::Io {
+                path: "patch rebuild".into(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| Error::Corrupt { path: chunk_name(&p.patch), source })
     }
 
     /// Reads an index root.

@@ -1,8 +1,10 @@
-//! Verify: re-read every chunk the chosen points reference, check CRC and SHA-256, name each bad
-//! chunk and every point it damages, quarantine it and record the damage.
+//! Verify: re-read every chunk the chosen points reference, check CRC and SHA-256, rebuild every
+//! patched block and check it against its full SHA-256, name each bad chunk and every point it
+//! damages, quarantine it and record the damage.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use cairn_format::index::{BlockEntry, PatchRef};
 use cairn_format::{ChunkFrame, DamageRecord, Digest, Name, PointId, PointManifest};
 use futures::StreamExt;
 
@@ -70,6 +72,8 @@ impl VerifyReport {
     }
 }
 
+/// Chunk id to `None` (good) or why it is bad. A patch chunk that is sound on its own but does
+/// not rebuild its block over its base is bad too.
 type Verdicts = HashMap<Digest, Option<String>>;
 
 impl Vault {
@@ -96,13 +100,16 @@ impl Vault {
             }
         }
         let mut verdicts: Verdicts = HashMap::new();
+        let mut rebuilt = HashSet::new();
         let mut progress =
             VerifyProgress { points_total: listing.points.len() as u64, ..Default::default() };
         let mut report = VerifyReport { unreadable: listing.unreadable, ..Default::default() };
         let mut refs: BTreeMap<Digest, BTreeSet<(Name, PointId)>> = BTreeMap::new();
         let mut clean_points = Vec::new();
         for m in &listing.points {
-            let bad = self.verify_point(m, &mut verdicts, &mut progress, on_progress).await?;
+            let bad = self
+                .verify_point(m, &mut verdicts, &mut rebuilt, &mut progress, on_progress)
+                .await?;
             for id in &bad {
                 refs.entry(*id).or_default().insert((m.vm.clone(), m.point.clone()));
             }
@@ -171,6 +178,7 @@ impl Vault {
         &self,
         m: &PointManifest,
         verdicts: &mut Verdicts,
+        rebuilt: &mut HashSet<PatchRef>,
         progress: &mut VerifyProgress,
         on_progress: &(dyn Fn(&VerifyProgress) + Sync),
     ) -> Result<BTreeSet<Digest>, Error> {
@@ -189,11 +197,15 @@ impl Vault {
                     continue;
                 }
                 let page = self.read_index_page(&page_id).await?;
-                let mut ids: Vec<Digest> =
-                    page.entries().filter_map(|e| e.digest().copied()).collect();
+                let mut ids: Vec<Digest> = page.entries().flat_map(|e| e.chunks()).collect();
                 ids.sort();
                 ids.dedup();
                 self.check_all(&ids, verdicts, progress).await?;
+                for entry in page.entries() {
+                    if let BlockEntry::Patch(p) = entry {
+                        self.check_rebuild(&p, verdicts, rebuilt).await?;
+                    }
+                }
                 bad.extend(ids.iter().filter(|id| matches!(verdicts.get(id), Some(Some(_)))));
                 on_progress(progress);
             }
@@ -225,6 +237,32 @@ impl Vault {
             verdicts.insert(id, verdict);
         }
         Ok(ids.iter().all(|id| matches!(verdicts.get(id), Some(None))))
+    }
+
+    /// Rebuilds a patched block whose base and patch chunks are good, once per entry; when it
+    /// does not hash to the entry's digest, the patch chunk is bad.
+    async fn check_rebuild(
+        &self,
+        p: &PatchRef,
+        verdicts: &mut Verdicts,
+        rebuilt: &mut HashSet<PatchRef>,
+    ) -> Result<(), Error> {
+        let good = |id: &Digest| matches!(verdicts.get(id), Some(None));
+        if !good(&p.base) || !good(&p.patch) || !rebuilt.insert(*p) {
+            return Ok(());
+        }
+        match self.rebuild_patched(p).await {
+            Ok(_) => Ok(()),
+            Err(Error::Corrupt { source, .. }) => {
+                let reason = format!(
+                    "over base {} it does not rebuild block {}: {source}",
+                    p.base, p.digest
+                );
+                verdicts.insert(p.patch, Some(reason));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `Ok(Ok(stored bytes))` for a good chunk, `Ok(Err(reason))` for a bad or missing one, and
@@ -273,9 +311,7 @@ impl Vault {
                 }
                 let Ok(page) = self.read_index_page(&page_id).await else { continue };
                 found.extend(
-                    page.entries()
-                        .filter_map(|e| e.digest().copied())
-                        .filter(|d| bad.contains_key(d)),
+                    page.entries().flat_map(|e| e.chunks()).filter(|d| bad.contains_key(d)),
                 );
             }
         }

@@ -32,7 +32,7 @@ async fn chunks_of(f: &Fixture, m: &PointManifest, disk: &str) -> (Vec<Stored>, 
     for page_id in root.page_digests() {
         pages.push(place(page_id).await);
         let page = f.vault.read_index_page(&page_id).await.unwrap();
-        for id in page.entries().filter_map(|e| e.digest().copied()) {
+        for id in page.entries().flat_map(|e| e.chunks()) {
             data.push(place(id).await);
         }
     }
