@@ -22,8 +22,8 @@ mod error;
 mod source;
 
 pub use engine::{
-    Batch, BlockEncoder, BlockEvent, EngineConfig, NoPrevious, PreviousIndex, ScanSummary, Tracked,
-    scan,
+    Batch, BlockEncoder, BlockEvent, DEFAULT_PATCH_GENERATIONS, EngineConfig, NoPrevious,
+    PreviousIndex, ScanSummary, Tracked, scan,
 };
 pub use error::Error;
 pub use source::{BlockSource, ChangeTracking, Extent, MemSource, RawFile};

@@ -15,7 +15,7 @@
 //!  4  1  version (1)
 //!  5  3  reserved, 0
 //!  8  4  block length, u32 LE (1 .. 64 MiB)
-//! 12  4  piece size, u32 LE (a power of two, at least 4096)
+//! 12  4  piece size, u32 LE (a power of two, 4 KiB to 4 MiB)
 //! 16  4  piece mask, u32 LE: bit i set = piece i follows; at least one bit, none at or above
 //!        the block's piece count (at most 16)
 //! 20  …  the pieces whose bit is set, in order; piece i is bytes
@@ -23,7 +23,7 @@
 //! ```
 
 use crate::codec::Reader;
-use crate::{Error, MAX_CHUNK_LEN};
+use crate::{Error, MAX_BLOCK_SIZE, MAX_CHUNK_LEN};
 
 /// Most pieces a block is cut into (the mask and the sums have room for this many).
 pub const MAX_PIECES: usize = 16;
@@ -111,7 +111,8 @@ impl std::fmt::Debug for PieceSums {
 /// The pieces of `block` named by `mask`, as patch plaintext. `mask` must name at least one
 /// piece of the block, each at most once (bits beyond the block's pieces are ignored).
 pub fn encode_patch(block: &[u8], piece_size: u32, mask: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + mask.count_ones() as usize * piece_size as usize);
+    let pieces_len = (mask.count_ones() as usize).saturating_mul(piece_size as usize);
+    let mut out = Vec::with_capacity(HEADER_LEN + pieces_len.min(block.len()));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[VERSION, 0, 0, 0]);
     out.extend_from_slice(&(block.len() as u32).to_le_bytes());
@@ -147,7 +148,7 @@ impl<'a> Patch<'a> {
         if block_len == 0 || block_len > MAX_CHUNK_LEN {
             return Err(Error::corrupt(WHAT, format!("block length {block_len}")));
         }
-        if !piece_size.is_power_of_two() || piece_size < MIN_PIECE {
+        if !piece_size.is_power_of_two() || !(MIN_PIECE..=MAX_BLOCK_SIZE).contains(&piece_size) {
             return Err(Error::corrupt(WHAT, format!("piece size {piece_size}")));
         }
         let pieces = block_len.div_ceil(piece_size);
@@ -174,6 +175,11 @@ impl<'a> Patch<'a> {
     /// The length of the block this patch rebuilds.
     pub fn block_len(&self) -> u32 {
         self.block_len
+    }
+
+    /// The piece size it was cut with.
+    pub fn piece_size(&self) -> u32 {
+        self.piece_size
     }
 
     /// Which pieces it carries.
