@@ -75,17 +75,22 @@ impl<'a> Reader<'a> {
     /// The 8-byte header of Cairn's binary objects: `magic`, a version byte that must be
     /// `version`, and three reserved zero bytes.
     pub(crate) fn header(&mut self, magic: &[u8; 4], version: u8) -> Result<(), Error> {
+        self.header_of(magic, &[version]).map(|_| ())
+    }
+
+    /// Reads a header whose version is one of `versions`; returns it.
+    pub(crate) fn header_of(&mut self, magic: &[u8; 4], versions: &[u8]) -> Result<u8, Error> {
         if self.take(4)? != magic {
             return Err(Error::corrupt(self.what, "bad magic"));
         }
         let found = self.u8()?;
-        if found != version {
+        if !versions.contains(&found) {
             return Err(Error::Unsupported { what: self.what, detail: format!("version {found}") });
         }
         if self.take(3)? != [0, 0, 0] {
             return Err(Error::corrupt(self.what, "reserved bytes are not zero"));
         }
-        Ok(())
+        Ok(found)
     }
 
     pub(crate) fn expect_end(&self) -> Result<(), Error> {

@@ -14,7 +14,7 @@
 //! Page bytes:
 //! ```text
 //!  0  4  magic "CIXP"
-//!  4  1  version (1)
+//!  4  1  version: 1, or 2 when some item has tag 3 or 4 (and only then)
 //!  5  3  reserved, 0
 //!  8  4  blocks covered, u32 LE
 //! 12  4  item count, u32 LE
@@ -48,6 +48,9 @@ use crate::{Digest, Error, check_block_size};
 const PAGE_MAGIC: &[u8; 4] = b"CIXP";
 const ROOT_MAGIC: &[u8; 4] = b"CIXR";
 const VERSION: u8 = 1;
+/// Pages with piece sums or patches (tags 3 and 4): a reader that predates them refuses the
+/// page as a newer version ("upgrade Cairn") instead of calling it corrupt.
+const PAGE_VERSION_PIECES: u8 = 2;
 const PAGE: &str = "index page";
 const ROOT: &str = "index root";
 /// Pages cover this many blocks unless the vault config says otherwise (64 MiB of disk at
@@ -199,7 +202,8 @@ impl IndexPage {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.items.len() * 33);
         out.extend_from_slice(PAGE_MAGIC);
-        out.extend_from_slice(&[VERSION, 0, 0, 0]);
+        let version = if self.items.iter().any(has_pieces) { PAGE_VERSION_PIECES } else { VERSION };
+        out.extend_from_slice(&[version, 0, 0, 0]);
         out.extend_from_slice(&(self.blocks as u32).to_le_bytes());
         out.extend_from_slice(&(self.items.len() as u32).to_le_bytes());
         for item in &self.items {
@@ -246,7 +250,7 @@ impl IndexPage {
     /// Decodes and checks a page.
     pub fn decode(bytes: &[u8]) -> Result<IndexPage, Error> {
         let mut r = Reader::new(bytes, PAGE);
-        r.header(PAGE_MAGIC, VERSION)?;
+        let version = r.header_of(PAGE_MAGIC, &[VERSION, PAGE_VERSION_PIECES])?;
         let blocks = u64::from(r.u32()?);
         if blocks == 0 || blocks > u64::from(MAX_BLOCKS_PER_PAGE) {
             return Err(Error::corrupt(PAGE, format!("covers {blocks} blocks")));
@@ -296,7 +300,24 @@ impl IndexPage {
         if seen != blocks {
             return Err(Error::corrupt(PAGE, format!("items cover {seen} of {blocks} blocks")));
         }
+        // One encoding per page: version 2 exactly when some item needs it.
+        let needs = items.iter().any(has_pieces);
+        if needs != (version == PAGE_VERSION_PIECES) {
+            return Err(Error::corrupt(
+                PAGE,
+                format!("version {version} with{} piece sums", if needs { "" } else { "out" }),
+            ));
+        }
         Ok(IndexPage { items, blocks })
+    }
+}
+
+/// Whether an item is written with tag 3 or 4 (and so needs a version 2 page).
+fn has_pieces(item: &PageItem) -> bool {
+    match item {
+        PageItem::Stored(BlockEntry::Data { sums, .. }) => !sums.is_empty(),
+        PageItem::Stored(BlockEntry::Patch(_)) => true,
+        _ => false,
     }
 }
 
@@ -569,6 +590,9 @@ mod tests {
         page.push(BlockEntry::Data { digest: Digest([1; 32]), sums });
         let good = page.encode();
         assert!(IndexPage::decode(&good).is_ok());
+        let mut old = good.clone();
+        old[4] = 1;
+        assert!(IndexPage::decode(&old).is_err(), "tag 4 in a version 1 page");
         for n in [0u8, 1, 17] {
             let mut bad = good.clone();
             bad[16 + 1 + 32] = n;

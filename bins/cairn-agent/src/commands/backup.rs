@@ -211,6 +211,7 @@ pub fn summary(m: &PointManifest) -> String {
                 bytes(d.size),
                 bytes(d.stats.bytes_scanned),
                 bytes(d.stats.bytes_changed),
+                d.stats.patched_blocks.to_string(),
                 bytes(d.stats.bytes_sent),
                 bytes(d.stats.bytes_deduplicated),
                 format!("{secs:.2}s"),
@@ -222,7 +223,10 @@ pub fn summary(m: &PointManifest) -> String {
         if m.disks.values().all(|d| d.previous_point.is_some()) { "incremental" } else { "full" };
     format!(
         "{}\npoint {} of VM {} committed ({kind}, consistency {})",
-        table(&["DISK", "SIZE", "SCANNED", "CHANGED", "SENT", "DEDUP", "TIME", "RATE"], &rows),
+        table(
+            &["DISK", "SIZE", "SCANNED", "CHANGED", "PATCHED", "SENT", "DEDUP", "TIME", "RATE"],
+            &rows
+        ),
         m.point,
         m.vm,
         m.consistency.as_str()
