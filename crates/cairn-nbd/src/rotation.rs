@@ -79,10 +79,11 @@ pub fn judge(bitmaps: &[Bitmap], prefix: &str, previous: Option<&PointId>) -> Pr
 #[derive(Debug)]
 pub struct Rotation {
     image: PathBuf,
-    prefix: String,
     /// `None` when the image cannot hold a bitmap (qcow2 v2): the next backup will scan.
     started: Option<String>,
     previous: Previous,
+    /// The disk's Cairn bitmaps found at the start, removed once the point commits.
+    older: Vec<String>,
 }
 
 impl Rotation {
@@ -125,7 +126,13 @@ impl Rotation {
             }
             Err(e) => return Err(e),
         };
-        Ok(Rotation { image: image.to_owned(), prefix, started, previous })
+        let older = info
+            .bitmaps
+            .into_iter()
+            .map(|b| b.name)
+            .filter(|n| n.starts_with(&prefix) && Some(n) != started.as_ref())
+            .collect();
+        Ok(Rotation { image: image.to_owned(), started, previous, older })
     }
 
     /// What the previous point's bitmap can tell.
@@ -139,12 +146,13 @@ impl Rotation {
     }
 
     /// After the point committed: removes every older Cairn bitmap of the disk.
+    ///
+    /// They are the ones listed when the backup began: a second `qemu-img info` here cost as
+    /// much as a small tracked incremental's reads. A bitmap some other run added meanwhile
+    /// (none should) is removed by the next backup's commit instead.
     pub fn committed(self) -> Result<(), Error> {
-        let info = qemu::image_info(&self.image)?;
-        for b in info.bitmaps {
-            if b.name.starts_with(&self.prefix) && Some(&b.name) != self.started.as_ref() {
-                qemu::remove_bitmap(&self.image, &b.name)?;
-            }
+        for name in &self.older {
+            qemu::remove_bitmap(&self.image, name)?;
         }
         Ok(())
     }

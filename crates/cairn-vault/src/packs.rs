@@ -114,10 +114,19 @@ impl PackWriter {
 
     /// Stores an encoded chunk frame under `id` unless the vault or this job already holds it.
     pub async fn store(&mut self, id: &Digest, frame: Bytes) -> Result<Stored, Error> {
-        let known = self.vault.chunk_map.read(|m| m.contains(id));
-        if known || !self.job.claim(id) {
+        if !self.claim_new(id) {
             return Ok(Stored::Present);
         }
+        self.store_claimed(id, frame).await
+    }
+
+    /// True if neither the vault nor this job holds `id`; the caller must then store it.
+    fn claim_new(&mut self, id: &Digest) -> bool {
+        let known = self.vault.chunk_map.read(|m| m.contains(id));
+        !known && self.job.claim(id)
+    }
+
+    async fn store_claimed(&mut self, id: &Digest, frame: Bytes) -> Result<Stored, Error> {
         // The frame, its table entry, the table's footer and the padding must fit without
         // moving the buffer; otherwise close this pack first, or take a bigger buffer.
         let need = frame.len() + (self.entries.len() + 1) * ENTRY_ROOM + PACK_FOOTER_LEN + ALIGN;
@@ -140,11 +149,15 @@ impl PackWriter {
         Ok(Stored::Written(len))
     }
 
-    /// Encodes `plaintext` (its id is its SHA-256) and stores it if absent.
+    /// Stores `plaintext` (its id is its SHA-256) if absent, encoding it only then: most index
+    /// pages of an incremental are unchanged, and compressing them to find that out was waste.
     pub async fn store_plain(&mut self, plaintext: &[u8]) -> Result<(Digest, Stored), Error> {
         let id = Digest::of(plaintext);
+        if !self.claim_new(&id) {
+            return Ok((id, Stored::Present));
+        }
         let frame = encode_chunk(plaintext, self.vault.config.zstd_level())?;
-        Ok((id, self.store(&id, frame.into()).await?))
+        Ok((id, self.store_claimed(&id, frame.into()).await?))
     }
 
     /// Closes the current pack and starts its upload, after waiting for room.
