@@ -19,6 +19,14 @@ async fn entries(vault: &Vault, m: &PointManifest, disk: &str) -> Vec<BlockEntry
     out
 }
 
+/// A 1 MiB disk with no zero block, as a file in the fixture.
+fn patterned_disk(f: &Fixture) -> std::path::PathBuf {
+    let disk = f.path("d.raw");
+    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8 | 1).collect();
+    std::fs::write(&disk, &content).unwrap();
+    disk
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scattered_writes_are_stored_as_patches_and_restore_identically() {
     let f = Fixture::new(65536).await;
@@ -62,9 +70,7 @@ async fn scattered_writes_are_stored_as_patches_and_restore_identically() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_chain_at_its_bound_is_rebased() {
     let f = Fixture::new(65536).await;
-    let disk = f.path("d.raw");
-    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8 | 1).collect();
-    std::fs::write(&disk, &content).unwrap();
+    let disk = patterned_disk(&f);
     let first = f.backup("vm", &[("sda", &disk)]).await.unwrap();
     let first_base = *entries(&f.vault, &first, "sda").await[0].content().unwrap();
 
@@ -103,9 +109,7 @@ async fn a_patch_chain_at_its_bound_is_rebased() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_base_damages_every_point_patched_over_it() {
     let f = Fixture::new(65536).await;
-    let disk = f.path("d.raw");
-    let content: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
-    std::fs::write(&disk, &content).unwrap();
+    let disk = patterned_disk(&f);
     let full = f.backup("vm", &[("sda", &disk)]).await.unwrap();
     let file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     file.write_all_at(&[9u8; 4096], 65536 * 3).unwrap();
