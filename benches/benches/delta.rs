@@ -1,6 +1,6 @@
 //! The delta engine's throughput at 0%, 1% and 100% change, hashing only and with compression,
-//! and with changed-block tracking (a 16 MiB dirty range: the rest is carried, a 1-in-256
-//! sample re-hashed).
+//! with and without sub-block patches for the 1% scattered change, and with changed-block
+//! tracking (a 16 MiB dirty range: the rest is carried, a 1-in-256 sample re-hashed).
 //!
 //! `cargo bench -p cairn-benches --bench delta`; throughput is in bytes of disk per second.
 
@@ -47,9 +47,16 @@ fn engine(c: &mut Criterion) {
                 .unwrap_or_default()
         })
     });
-    group.bench_function("1% changed (zstd)", |b| {
+    group.bench_function("1% changed (zstd, patches)", |b| {
         b.iter(|| {
             scan(&changed, previous.clone().into_iter(), &Zstd1, &config, |_| Ok(()))
+                .unwrap_or_default()
+        })
+    });
+    let whole = EngineConfig { patch_generations: 0, ..config.clone() };
+    group.bench_function("1% changed (zstd, whole blocks)", |b| {
+        b.iter(|| {
+            scan(&changed, previous.clone().into_iter(), &Zstd1, &whole, |_| Ok(()))
                 .unwrap_or_default()
         })
     });
