@@ -72,6 +72,10 @@ impl VerifyReport {
     }
 }
 
+/// Patched blocks already rebuilt and checked: (block digest, base, patch). Kept small, as
+/// verify holds one per distinct patched block of the vault.
+type Rebuilt = HashSet<(Digest, Digest, Digest)>;
+
 /// Chunk id to `None` (good) or why it is bad. A patch chunk that is sound on its own but does
 /// not rebuild its block over its base is bad too.
 type Verdicts = HashMap<Digest, Option<String>>;
@@ -178,7 +182,7 @@ impl Vault {
         &self,
         m: &PointManifest,
         verdicts: &mut Verdicts,
-        rebuilt: &mut HashSet<PatchRef>,
+        rebuilt: &mut Rebuilt,
         progress: &mut VerifyProgress,
         on_progress: &(dyn Fn(&VerifyProgress) + Sync),
     ) -> Result<BTreeSet<Digest>, Error> {
@@ -245,10 +249,10 @@ impl Vault {
         &self,
         p: &PatchRef,
         verdicts: &mut Verdicts,
-        rebuilt: &mut HashSet<PatchRef>,
+        rebuilt: &mut Rebuilt,
     ) -> Result<(), Error> {
         let good = |id: &Digest| matches!(verdicts.get(id), Some(None));
-        if !good(&p.base) || !good(&p.patch) || !rebuilt.insert(*p) {
+        if !good(&p.base) || !good(&p.patch) || !rebuilt.insert((p.digest, p.base, p.patch)) {
             return Ok(());
         }
         match self.rebuild_patched(p).await {
