@@ -15,6 +15,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     memory::limit_malloc_arenas();
+    // Everything the agent creates (vaults, views, restored disks, temporary files) is its
+    // own: the libraries set modes explicitly where it matters; this covers the rest.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = cli::Cli::parse();
     if let cli::Command::WatchdogThaw { args } = &cli.command {
         // A separate process that must not depend on the agent's runtime or logging.

@@ -4,7 +4,7 @@
 //!
 //! Only 8 loop devices exist on these machines: the tests take one lock and use at most three.
 
-use cairn_testkit::root_or_skip;
+use cairn_testkit::{Loop, Mount, root_or_skip, sh};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,49 +18,6 @@ fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-agent"));
     cmd.env_remove("RUST_LOG").env_remove("CAIRN_FAILPOINT");
     cmd
-}
-
-/// Runs a command and returns its output, failing the test with its stderr if it fails.
-fn sh(program: &str, args: &[&str]) -> String {
-    let out =
-        Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A loop device over a file, detached when dropped.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        Loop(sh("losetup", &["--find", "--show", file.to_str().unwrap()]))
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-/// A mount, thawed (in case a test failed while it was frozen) and unmounted when dropped.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(device: &str, dir: &Path, options: &[&str]) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut args = options.to_vec();
-        args.extend([device, dir.to_str().unwrap()]);
-        sh("mount", &args);
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).stderr(Stdio::null()).status();
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 /// True while `mount` is frozen: a second FIFREEZE fails with EBUSY. (When it is not

@@ -335,7 +335,7 @@ async fn scan_disk(
     // An unreadable previous index means comparing against nothing: every block is read and
     // hashed (tracking carries only blocks that have a previous entry).
     let (prev_index, prev_failure): (Box<dyn PreviousIndex>, _) = match base {
-        Some((point, rec)) => match VaultPrevious::start(state.vault, &rec.index_root).await {
+        Some((point, rec)) => match VaultPrevious::start(state.vault, rec).await {
             Ok((p, failure)) => (Box::new(p), failure),
             Err(e) => {
                 let why = format!("the index of point {point} is unreadable ({e})");

@@ -10,8 +10,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
 
 use cairn_vault::{AlignedBuf, DIRECT_IO_ALIGN, direct_io_refused};
 
@@ -28,13 +28,15 @@ pub(crate) struct TargetWriter {
 }
 
 impl TargetWriter {
-    /// Writes to `buffered` (opened for writing), and to a second, direct handle on `path`
-    /// when the file system allows it.
-    pub(crate) fn new(buffered: File, path: &Path) -> Self {
+    /// Writes to `buffered` (opened for writing), and to a second, direct handle on the same
+    /// file when the file system allows it. The second handle is opened through the first
+    /// (`/proc/self/fd`), never by name: the name may have been replaced meanwhile.
+    pub(crate) fn new(buffered: File) -> Self {
+        let same_file = format!("/proc/self/fd/{}", buffered.as_raw_fd());
         let direct = OpenOptions::new()
             .write(true)
             .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-            .open(path)
+            .open(same_file)
             .ok();
         TargetWriter { buffered, direct, gathered: AlignedBuf::with_capacity(GATHER), at: 0 }
     }
@@ -103,7 +105,7 @@ mod tests {
         let path = dir.path().join("t.raw");
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).unwrap();
         file.set_len(8 << 20).unwrap();
-        let mut w = TargetWriter::new(file, &path);
+        let mut w = TargetWriter::new(file);
         let block = |b: u8, n: usize| vec![b; n];
         // Out of order, adjacent, a short tail, and one write larger than the gather buffer.
         w.write(65536, &block(2, 65536)).unwrap();

@@ -13,6 +13,7 @@ mod error;
 mod previous;
 mod progress;
 mod restore;
+mod target;
 
 pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use cairn_delta::PreviousIndex;
-use cairn_format::Digest;
+use cairn_format::DiskRecord;
 use cairn_format::index::{BlockEntry, IndexPage};
 use cairn_vault::Vault;
 use futures::StreamExt;
@@ -21,20 +21,24 @@ pub(crate) struct VaultPrevious {
 }
 
 impl VaultPrevious {
-    /// Starts reading `root`'s pages from `vault`.
+    /// Starts reading the pages of `disk`'s index from `vault`. The root must describe the
+    /// disk the manifest records, and each page cover its place: a tracked scan carries
+    /// entries unread, so an entry shifted onto another block would be silent damage.
     pub(crate) async fn start(
         vault: &Vault,
-        root: &Digest,
+        disk: &DiskRecord,
     ) -> Result<(Self, Arc<Mutex<Option<String>>>), cairn_vault::Error> {
-        let root = vault.read_index_root(root).await?;
+        let root = Arc::new(vault.read_disk_index(disk).await?);
         let (tx, rx) = mpsc::channel(4);
         let vault = vault.clone();
         tokio::spawn(async move {
-            let digests: Vec<Digest> = root.page_digests().collect();
+            let digests = root.as_ref().clone().into_page_digests().enumerate();
             let mut pages = futures::stream::iter(digests)
-                .map(|d| {
-                    let vault = vault.clone();
-                    async move { vault.read_index_page(&d).await.map_err(|e| e.to_string()) }
+                .map(|(i, d)| {
+                    let (vault, root) = (vault.clone(), Arc::clone(&root));
+                    async move {
+                        vault.read_page_of(&root, i as u64, &d).await.map_err(|e| e.to_string())
+                    }
                 })
                 .buffered(4);
             while let Some(page) = pages.next().await {

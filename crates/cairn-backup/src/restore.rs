@@ -1,7 +1,7 @@
 //! Restore: a point's disks written back, holes kept, every chunk checked as it is written.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use cairn_vault::{ChunkLocation, Vault};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::direct_write::TargetWriter;
+use crate::target;
 use crate::{DiskProgress, Error, Progress};
 
 /// How to restore.
@@ -32,6 +33,7 @@ pub struct RestoreStats {
 }
 
 /// Restores every disk of `point` into the folder `to`, one file per disk named after the disk.
+/// A folder the restore creates is private (0700).
 pub async fn restore_point(
     vault: &Vault,
     point: &PointManifest,
@@ -39,15 +41,24 @@ pub async fn restore_point(
     options: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<Vec<(Name, PathBuf, RestoreStats)>, Error> {
-    if to.exists() && !to.is_dir() {
-        return Err(Error::Target {
-            path: to.to_owned(),
-            source: std::io::Error::other(
-                "restoring all disks needs a folder; give --disk to restore one disk to a file",
-            ),
-        });
+    let folder_error = |source| Error::Target { path: to.to_owned(), source };
+    match std::fs::symlink_metadata(to) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(folder_error(std::io::Error::other(
+                "restoring every disk of a point needs a folder, and this is not one; name one \
+                 disk to restore it to a file",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(PRIVATE_FOLDER)
+                .create(to)
+                .map_err(folder_error)?;
+        }
+        Err(e) => return Err(folder_error(e)),
     }
-    std::fs::create_dir_all(to).map_err(|source| Error::Target { path: to.to_owned(), source })?;
     let mut out = Vec::new();
     for name in point.disks.keys() {
         let target = to.join(name.as_str());
@@ -58,7 +69,12 @@ pub async fn restore_point(
     Ok(out)
 }
 
-/// Restores disk `disk` of `point` to `target` (a file, created sparse, or a block device).
+/// Restores disk `disk` of `point` to `target`: a file (created sparse and private, 0600), or
+/// a block device. A file is written as `TARGET.cairn-partial`, created afresh (an existing
+/// file or link of that name is removed, never opened), and renamed over the target only once
+/// complete and synced; the folder is synced after the rename, so a finished restore survives
+/// a power cut. A target that is a symbolic link is refused unless it leads to a block device
+/// (`/dev/disk/by-id/...`).
 pub async fn restore_disk(
     vault: &Vault,
     point: &PointManifest,
@@ -72,32 +88,22 @@ pub async fn restore_disk(
         point: point.point.clone(),
         available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
     })?;
-    let (file, is_device) = open_target(target, record.size, options)?;
-    // A file is written beside the target and renamed over it only once complete and synced,
-    // so a failed restore never leaves a half-written disk under the target's name.
-    let partial = (!is_device).then(|| partial_path(target));
-    let result = write_disk(vault, record, disk, target, file, is_device, progress).await;
-    match (&result, &partial) {
-        (Ok(_), Some(tmp)) => std::fs::rename(tmp, target)
-            .map_err(|source| Error::Target { path: target.to_owned(), source })?,
-        (Err(_), Some(tmp)) => {
-            let _ = std::fs::remove_file(tmp);
+    let io = |source| Error::Target { path: target.to_owned(), source };
+    let (file, kind) = target::open(target, record.size, options.force)?;
+    let result = write_disk(vault, record, disk, target, file, kind.is_device(), progress).await;
+    if let target::Kind::File { partial } = &kind {
+        match &result {
+            Ok(_) => target::publish(partial, target).map_err(io)?,
+            Err(_) => {
+                let _ = std::fs::remove_file(partial);
+            }
         }
-        (_, None) => {}
     }
     result
 }
 
-/// The file a restore writes: the device itself, or the partial file beside the target.
-fn partial_path_of(target: &Path, is_device: bool) -> PathBuf {
-    if is_device { target.to_owned() } else { partial_path(target) }
-}
-
-fn partial_path(target: &Path) -> PathBuf {
-    let mut name = target.file_name().unwrap_or_default().to_os_string();
-    name.push(".cairn-partial");
-    target.with_file_name(name)
-}
+/// Mode of a folder a restore creates.
+const PRIVATE_FOLDER: u32 = 0o700;
 
 async fn write_disk(
     vault: &Vault,
@@ -109,15 +115,18 @@ async fn write_disk(
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreStats, Error> {
     let file = Arc::new(file);
-    let root = vault.read_index_root(&record.index_root).await?;
+    // Checked against the manifest: a crafted root cannot make restore walk past the disk.
+    let root = vault.read_disk_index(record).await?;
     let block = u64::from(root.block_size);
     let size = root.disk_size;
     let page_bytes = u64::from(root.blocks_per_page) * block;
 
-    // Pages are read a few ahead; each becomes the reads that fill its part of the disk.
-    let pages = futures::stream::iter(root.page_digests().enumerate().collect::<Vec<_>>())
+    // Pages are read a few ahead (the root's runs expanded lazily, never into a list); each
+    // becomes the reads that fill its part of the disk.
+    let root = &root;
+    let pages = futures::stream::iter(root.page_digests().enumerate())
         .map(|(i, id)| async move {
-            let page = vault.read_index_page(&id).await?;
+            let page = vault.read_page_of(root, i as u64, &id).await?;
             plan_page(vault, &page, i as u64 * page_bytes, block, size, is_device).await
         })
         .buffered(4);
@@ -127,11 +136,10 @@ async fn write_disk(
     let (to_writer, mut writes) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(64);
     let writer_file = Arc::clone(&file);
     let writer_path = target.to_owned();
-    let direct_path = partial_path_of(target, is_device);
     let writer = tokio::task::spawn_blocking(move || -> Result<(), Error> {
         let io = |source| Error::Target { path: writer_path.clone(), source };
         let file = writer_file.try_clone().map_err(io)?;
-        let mut out = TargetWriter::new(file, &direct_path);
+        let mut out = TargetWriter::new(file);
         while let Some((at, data)) = writes.blocking_recv() {
             out.write(at, &data).map_err(io)?;
         }
@@ -331,46 +339,4 @@ async fn read_blocks(
         Ok((out, chunks))
     })
     .await?
-}
-
-fn open_target(target: &Path, size: u64, options: &RestoreOptions) -> Result<(File, bool), Error> {
-    let io = |source| Error::Target { path: target.to_owned(), source };
-    match std::fs::metadata(target) {
-        Ok(meta) if meta.is_dir() => {
-            Err(io(std::io::Error::other("it is a folder; give a file path")))
-        }
-        Ok(meta) if meta.file_type().is_block_device() => {
-            if !options.force {
-                return Err(Error::TargetExists { path: target.to_owned() });
-            }
-            let file = OpenOptions::new().write(true).open(target).map_err(io)?;
-            let dev_size = device_size(&file).map_err(io)?;
-            if dev_size < size {
-                return Err(io(std::io::Error::other(format!(
-                    "the device holds {dev_size} bytes, the disk needs {size}"
-                ))));
-            }
-            Ok((file, true))
-        }
-        Ok(meta) if meta.len() > 0 && !options.force => {
-            Err(Error::TargetExists { path: target.to_owned() })
-        }
-        Ok(_) | Err(_) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(partial_path(target))
-                .map_err(io)?;
-            file.set_len(size).map_err(io)?;
-            Ok((file, false))
-        }
-    }
-}
-
-/// A block device's size: where a seek to its end lands.
-fn device_size(file: &File) -> std::io::Result<u64> {
-    use std::io::Seek;
-    let mut f = file;
-    f.seek(std::io::SeekFrom::End(0))
 }

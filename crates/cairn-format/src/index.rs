@@ -372,15 +372,54 @@ impl IndexRoot {
         self.block_count().div_ceil(u64::from(self.blocks_per_page.max(1)))
     }
 
-    /// Page digests in order, repeats expanded.
+    /// Page digests in order, repeats expanded lazily: a root naming millions of identical
+    /// pages (a sparse disk) costs no memory to walk.
     pub fn page_digests(&self) -> impl Iterator<Item = Digest> + '_ {
         self.pages.iter().flat_map(|(d, n)| std::iter::repeat_n(*d, *n as usize))
+    }
+
+    /// [`IndexRoot::page_digests`], owning the root (for readers that move it to a task).
+    pub fn into_page_digests(self) -> impl Iterator<Item = Digest> + Send + 'static {
+        self.pages.into_iter().flat_map(|(d, n)| std::iter::repeat_n(d, n as usize))
     }
 
     /// The blocks page `page` (0-based) must cover.
     pub fn blocks_in_page(&self, page: u64) -> u64 {
         let bpp = u64::from(self.blocks_per_page);
         self.block_count().saturating_sub(page * bpp).min(bpp)
+    }
+
+    /// Checks that this root describes a disk of `disk_size` bytes in `block_size`-byte
+    /// blocks (what the point's manifest says). A root is expanded page by page only after
+    /// this check, so a crafted root cannot make a reader walk more than the disk.
+    pub fn check_geometry(&self, disk_size: u64, block_size: u32) -> Result<(), Error> {
+        if self.disk_size != disk_size || self.block_size != block_size {
+            return Err(Error::corrupt(
+                ROOT,
+                format!(
+                    "describes a disk of {} bytes in {}-byte blocks, the point's manifest one of \
+                     {disk_size} bytes in {block_size}-byte blocks",
+                    self.disk_size, self.block_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `page`, read as page `page_no` (0-based) of this index, covers exactly the
+    /// blocks the geometry gives that page, so entries never shift onto other blocks.
+    pub fn check_page(&self, page_no: u64, page: &IndexPage) -> Result<(), Error> {
+        let expected = self.blocks_in_page(page_no);
+        if page.block_count() != expected {
+            return Err(Error::corrupt(
+                PAGE,
+                format!(
+                    "page {page_no} covers {} blocks, the index root gives it {expected}",
+                    page.block_count()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The root's bytes.

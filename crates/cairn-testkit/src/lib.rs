@@ -15,3 +15,53 @@ pub fn root_or_skip() -> bool {
     eprintln!("skipped: needs root");
     false
 }
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Runs a command and returns its output, failing the test with its stderr if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out =
+        Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A loop device over a file (root only), detached when dropped.
+pub struct Loop(pub String);
+
+impl Loop {
+    /// Attaches `file` to the first free loop device.
+    pub fn attach(file: &Path) -> Loop {
+        Loop(sh("losetup", &["--find", "--show", file.to_str().unwrap_or_default()]))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A mount (root only), thawed (in case a test failed while it was frozen) and unmounted when
+/// dropped.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts `device` (or a file system type's source, such as `tmpfs`) on `dir`, creating
+    /// the folder, with `options` given to mount(8) before the device.
+    pub fn new(device: &str, dir: &Path, options: &[&str]) -> Mount {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut args = options.to_vec();
+        args.extend([device, dir.to_str().unwrap_or_default()]);
+        sh("mount", &args);
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.0).stderr(Stdio::null()).status();
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

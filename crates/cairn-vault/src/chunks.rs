@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use cairn_format::index::{IndexPage, IndexRoot, PatchRef};
-use cairn_format::{ChunkFrame, Digest};
+use cairn_format::{ChunkFrame, Digest, DiskRecord};
 use object_store::{ObjectStoreExt, PutMode, PutOptions};
 
 use crate::{ChunkLocation, Error, Vault, layout};
@@ -72,6 +72,29 @@ impl Vault {
     pub async fn read_index_root(&self, id: &Digest) -> Result<IndexRoot, Error> {
         let plain = self.read_chunk(id).await?;
         IndexRoot::decode(&plain).map_err(|source| Error::Corrupt { path: chunk_name(id), source })
+    }
+
+    /// Reads the index root of a point's disk, checked against what the point's manifest
+    /// says of the disk (its size and block size): readers expand a root page by page, and a
+    /// crafted root must not make them walk more than the disk.
+    pub async fn read_disk_index(&self, disk: &DiskRecord) -> Result<IndexRoot, Error> {
+        let root = self.read_index_root(&disk.index_root).await?;
+        root.check_geometry(disk.size, disk.block_size)
+            .map_err(|source| Error::Corrupt { path: chunk_name(&disk.index_root), source })?;
+        Ok(root)
+    }
+
+    /// Reads page `page_no` of `root`, checked to cover the blocks the root gives it.
+    pub async fn read_page_of(
+        &self,
+        root: &IndexRoot,
+        page_no: u64,
+        id: &Digest,
+    ) -> Result<IndexPage, Error> {
+        let page = self.read_index_page(id).await?;
+        root.check_page(page_no, &page)
+            .map_err(|source| Error::Corrupt { path: chunk_name(id), source })?;
+        Ok(page)
     }
 
     /// Reads an index page.

@@ -55,6 +55,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Writing back to a local vault's disk failed while a job ran: some of its writes may be
+    /// lost, so it must not commit.
+    #[error(
+        "the vault's file system at {path} failed to write back data ({failures} failed \
+         flush(es), last: {last}); no recovery point was committed and earlier points are \
+         intact; check the disk (dmesg) and run the backup again"
+    )]
+    WriteBack {
+        /// The vault's root.
+        path: String,
+        /// Failed flushes since the job began.
+        failures: u64,
+        /// The last failure.
+        last: String,
+    },
     /// An object is damaged.
     #[error(
         "vault object {path} is damaged: {source}; run `cairn-agent verify` to find what it affects"
@@ -123,7 +138,7 @@ impl Error {
                     | object_store::Error::PermissionDenied { .. }
                     | object_store::Error::Unauthenticated { .. }
             ),
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::WriteBack { .. } => true,
             _ => false,
         }
     }

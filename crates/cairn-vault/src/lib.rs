@@ -17,6 +17,7 @@ mod chunks;
 mod error;
 mod layout;
 mod local_pack;
+mod local_store;
 mod open;
 mod packs;
 mod points;

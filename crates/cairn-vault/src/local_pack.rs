@@ -10,12 +10,13 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rand::RngExt;
 
 use crate::Error;
+use crate::local_store::FILE_MODE;
 
 /// Alignment of direct I/O buffers, offsets and lengths.
 pub const ALIGN: usize = 4096;
@@ -129,11 +130,14 @@ fn write_staged(staging: &Path, buf: &mut AlignedBuf) -> std::io::Result<()> {
     let len = buf.len() as u64;
     let open = |direct: bool| {
         let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
+        opts.write(true).create_new(true).mode(FILE_MODE);
         if direct {
             opts.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
         }
-        opts.open(staging)
+        let file = opts.open(staging)?;
+        // 0600 whatever the umask (which can only have narrowed it).
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+        Ok::<_, std::io::Error>(file)
     };
     if let Some(padded) = buf.padded_for_direct_io() {
         match open(true) {
@@ -165,6 +169,8 @@ mod tests {
         buf.extend(&bytes);
         write_pack_file(dir.path(), "packs/ab/one", &mut buf).unwrap();
         assert_eq!(std::fs::read(dir.path().join("packs/ab/one")).unwrap(), bytes);
+        let mode = std::fs::metadata(dir.path().join("packs/ab/one")).unwrap().permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600);
 
         let mut other = AlignedBuf::with_capacity(10);
         other.extend(b"other");

@@ -1,8 +1,9 @@
 //! Opening and creating vaults by URL, and the durability barrier.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use cairn_format::VaultConfig;
 use object_store::local::LocalFileSystem;
@@ -10,6 +11,7 @@ use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 use rand::RngExt;
 
+use crate::local_store::PrivateLocal;
 use crate::{Error, Vault, layout};
 
 /// How writes to a store become durable.
@@ -27,26 +29,77 @@ pub enum Durability {
 /// Writeback is also started early, in the background, every [`EARLY_FLUSH_BYTES`] written,
 /// so the disk writes while the CPUs hash and compress and the barrier at commit finds little
 /// left to do. Early flushes are an optimisation only; the barrier is the guarantee.
+///
+/// A failed write-back must fail the commit of every job whose writes it may have lost. The
+/// kernel reports a write-back error to `syncfs` once per open file, so every flush goes
+/// through one descriptor opened with the vault (an error after that is seen by the next
+/// flush, whichever it is), and every failed flush is counted: a job remembers the count
+/// when it begins, and its commit barrier fails if the count moved.
 #[derive(Debug)]
 pub struct LocalSync {
     root: PathBuf,
+    /// The vault's root folder, open for as long as the vault is: `syncfs` goes through it.
+    dir: std::fs::File,
     pending: AtomicU64,
     flushing: AtomicBool,
+    /// Flushes that failed, and the last failure's message.
+    failures: AtomicU64,
+    last_failure: Mutex<Option<String>>,
 }
 
 /// Bytes written between two background flushes of a local vault.
 pub const EARLY_FLUSH_BYTES: u64 = 256 << 20;
 
 impl LocalSync {
-    fn new(root: PathBuf) -> Arc<Self> {
-        Arc::new(LocalSync { root, pending: AtomicU64::new(0), flushing: AtomicBool::new(false) })
+    fn new(root: PathBuf) -> Result<Arc<Self>, Error> {
+        let dir = std::fs::File::open(&root).map_err(|e| Error::local_io(&root, e))?;
+        Ok(Arc::new(LocalSync {
+            root,
+            dir,
+            pending: AtomicU64::new(0),
+            flushing: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+            last_failure: Mutex::new(None),
+        }))
     }
 
+    /// Flushes the vault's file system; a failure is counted before it is returned.
     fn syncfs(&self) -> Result<(), Error> {
-        let io =
-            |source: std::io::Error| Error::Io { path: self.root.display().to_string(), source };
-        let dir = std::fs::File::open(&self.root).map_err(io)?;
-        rustix::fs::syncfs(&dir).map_err(|e| io(e.into()))
+        rustix::fs::syncfs(&self.dir).map_err(|e| {
+            let e = std::io::Error::from(e);
+            if let Ok(mut last) = self.last_failure.lock() {
+                *last = Some(e.to_string());
+            }
+            self.failures.fetch_add(1, Ordering::AcqRel);
+            Error::local_io(&self.root, e)
+        })
+    }
+
+    /// An early flush. Its failure is not returned to anyone, but it is counted: the commit
+    /// barrier of every job running meanwhile fails.
+    fn background_flush(&self) {
+        if let Err(e) = self.syncfs() {
+            tracing::warn!(error = %e, "background flush of the vault failed");
+        }
+        self.flushing.store(false, Ordering::Release);
+    }
+
+    /// Fails if any flush failed since `epoch` (a value of [`LocalSync::epoch`]).
+    fn check_since(&self, epoch: u64) -> Result<(), Error> {
+        let failures = self.failures.load(Ordering::Acquire);
+        if failures == epoch {
+            return Ok(());
+        }
+        let last = self.last_failure.lock().ok().and_then(|l| l.clone()).unwrap_or_default();
+        Err(Error::WriteBack {
+            path: self.root.display().to_string(),
+            failures: failures.saturating_sub(epoch),
+            last,
+        })
+    }
+
+    fn epoch(&self) -> u64 {
+        self.failures.load(Ordering::Acquire)
     }
 }
 
@@ -70,12 +123,15 @@ impl Durability {
         }
         local.pending.store(0, Ordering::Relaxed);
         let local = Arc::clone(local);
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = local.syncfs() {
-                tracing::debug!(error = %e, "background flush failed; the commit barrier will retry");
-            }
-            local.flushing.store(false, Ordering::Release);
-        });
+        tokio::task::spawn_blocking(move || local.background_flush());
+    }
+
+    /// A mark of the flush failures so far; a barrier since it fails if any came after.
+    pub(crate) fn epoch(&self) -> u64 {
+        match self {
+            Durability::SyncFs(local) => local.epoch(),
+            Durability::OnAck => 0,
+        }
     }
 }
 
@@ -108,8 +164,37 @@ fn locate(url: &str) -> Result<Location, Error> {
 
 fn local_store(path: &FsPath, url: &str) -> Result<Arc<dyn ObjectStore>, Error> {
     LocalFileSystem::new_with_prefix(path)
-        .map(|s| Arc::new(s) as Arc<dyn ObjectStore>)
+        .map(|s| Arc::new(PrivateLocal::new(s)) as Arc<dyn ObjectStore>)
         .map_err(|e| Error::Url { url: url.into(), detail: e.to_string() })
+}
+
+/// Mode of a local vault's root folder: the vault holds every VM's disks.
+const ROOT_MODE: u32 = 0o700;
+
+/// Creates a local vault's root 0700 (whatever the umask), or warns when an existing one lets
+/// others in.
+fn make_root(path: &FsPath) -> Result<(), Error> {
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    if path.is_dir() {
+        warn_if_open(path);
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(ROOT_MODE).create(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(ROOT_MODE)).map_err(io)
+}
+
+/// Warns when others may enter a local vault's root.
+fn warn_if_open(path: &FsPath) {
+    let Ok(meta) = std::fs::metadata(path) else { return };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "vault folder {} has mode {mode:o}: other users of this host may read the VMs' disks \
+             in it; `chmod 700 {}` closes it",
+            path.display(),
+            path.display()
+        );
+    }
 }
 
 impl Vault {
@@ -117,9 +202,8 @@ impl Vault {
     pub async fn create(url: &str, block_size: u32) -> Result<Vault, Error> {
         let (store, durability) = match locate(url)? {
             Location::Local(path) => {
-                std::fs::create_dir_all(&path)
-                    .map_err(|source| Error::Io { path: path.display().to_string(), source })?;
-                (local_store(&path, url)?, Durability::SyncFs(LocalSync::new(path)))
+                make_root(&path)?;
+                (local_store(&path, url)?, Durability::SyncFs(LocalSync::new(path)?))
             }
             Location::Memory => {
                 (Arc::new(InMemory::new()) as Arc<dyn ObjectStore>, Durability::OnAck)
@@ -158,8 +242,9 @@ impl Vault {
                 if !path.is_dir() {
                     return Err(Error::NoVault { url: url.into() });
                 }
+                warn_if_open(&path);
                 let store = local_store(&path, url)?;
-                Vault::open_store(store, url, Durability::SyncFs(LocalSync::new(path))).await
+                Vault::open_store(store, url, Durability::SyncFs(LocalSync::new(path)?)).await
             }
             // A fresh memory store never holds a vault; embedders use `open_store`.
             Location::Memory => Err(Error::NoVault { url: url.into() }),
@@ -200,17 +285,89 @@ impl Vault {
         }
     }
 
-    /// Makes every write so far durable. Called before a manifest commits and after.
+    /// Makes every write so far durable; fails if any write since the vault was opened was
+    /// lost.
     pub async fn barrier(&self) -> Result<(), Error> {
+        self.barrier_since(0).await
+    }
+
+    /// Makes every write so far durable; fails if a write-back failed after `epoch` (from
+    /// the vault's failure count when a job began), so a job whose writes may be lost cannot
+    /// commit, even when the failure was seen by an earlier background flush.
+    pub(crate) async fn barrier_since(&self, epoch: u64) -> Result<(), Error> {
         match &self.durability {
             Durability::OnAck => Ok(()),
             Durability::SyncFs(local) => {
                 let local = Arc::clone(local);
                 local.pending.store(0, Ordering::Relaxed);
-                tokio::task::spawn_blocking(move || local.syncfs()).await.map_err(|e| {
-                    Error::Io { path: "syncfs".into(), source: std::io::Error::other(e) }
+                tokio::task::spawn_blocking(move || {
+                    local.syncfs()?;
+                    local.check_since(epoch)
+                })
+                .await
+                .map_err(|e| Error::Io {
+                    path: "syncfs".into(),
+                    source: std::io::Error::other(e),
                 })?
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_testkit::{Loop, Mount, root_or_skip, sh};
+
+    /// A write-back error seen by a background flush still fails the commit of the job whose
+    /// data it lost, although `syncfs` reports such an error only once: on a vault whose
+    /// disk (an ext4 loop device over a file on a small tmpfs) runs out of room under it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn root_a_write_back_error_seen_by_a_background_flush_fails_the_commit() {
+        if !root_or_skip() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let _tmpfs =
+            Mount::new("tmpfs", &dir.path().join("tmpfs"), &["-t", "tmpfs", "-o", "size=24m"]);
+        let backing = dir.path().join("tmpfs/disk.img");
+        sh("truncate", &["-s", "256M", backing.to_str().unwrap()]);
+        sh("mkfs.ext4", &["-q", backing.to_str().unwrap()]);
+        let device = Loop::attach(&backing);
+        let mount = dir.path().join("mnt");
+        let _ext4 = Mount::new(&device.0, &mount, &["-o", "errors=continue"]);
+
+        let url = mount.join("vault");
+        let vault = Vault::create(url.to_str().unwrap(), 65536).await.unwrap();
+        let vm: cairn_format::Name = "vm".parse().unwrap();
+        let writer = vault.begin_point(&vm, jiff::Timestamp::now()).await.unwrap();
+        // 64 MiB written through the page cache: more than the tmpfs under the disk holds.
+        let junk: Vec<u8> =
+            (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        std::fs::write(url.join("lost"), &junk).unwrap();
+        let Durability::SyncFs(local) = &vault.durability else { panic!("a local vault") };
+        local.background_flush();
+        assert_eq!(local.epoch(), 1, "the background flush saw the write-back error");
+        // The kernel reports each write-back error once: once the failed pages are dropped, a
+        // flush through a new descriptor (what the barrier used to open) succeeds...
+        let clean = (0..20).any(|_| rustix::fs::syncfs(std::fs::File::open(&url).unwrap()).is_ok());
+        assert!(clean, "write-back errors never stopped");
+        // ...but the job whose data was lost cannot commit.
+        let manifest = cairn_format::PointManifest {
+            format: cairn_format::MANIFEST_FORMAT,
+            point: writer.point().clone(),
+            vm: vm.clone(),
+            started_at: writer.started_at(),
+            captured_at: writer.started_at(),
+            finished_at: writer.started_at(),
+            consistency: cairn_format::Consistency::None,
+            disks: Default::default(),
+            evidence: vec![],
+            writer: "test".into(),
+        };
+        let err = writer.commit(&manifest).await.unwrap_err();
+        assert!(matches!(err, Error::WriteBack { .. }), "{err}");
+        assert!(err.to_string().contains("no recovery point was committed"), "{err}");
+        assert!(vault.list_points(Some(&vm)).await.unwrap().points.is_empty());
     }
 }

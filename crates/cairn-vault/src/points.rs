@@ -230,12 +230,13 @@ impl Vault {
             Some(r) if last.as_ref().is_none_or(|l| r > *l) => r,
             _ => id_after(last.as_ref(), started_at),
         };
+        let epoch = self.durability.epoch();
         let marker = InflightMarker {
             format: 1,
             point: point.clone(),
             vm: vm.clone(),
             started_at,
-            owner: format!("pid {}", std::process::id()),
+            owner: marker_owner(),
         };
         let path = layout::inflight(&point);
         self.store
@@ -250,6 +251,7 @@ impl Vault {
             point,
             started_at,
             job: Arc::default(),
+            epoch,
         })
     }
 
@@ -284,6 +286,13 @@ impl Vault {
     }
 }
 
+/// Who runs a backup, for people reading an in-flight marker: `HOST pid PID`.
+fn marker_owner() -> String {
+    let uname = rustix::system::uname();
+    let host = uname.nodename().to_string_lossy();
+    format!("{host} pid {}", std::process::id())
+}
+
 /// A new id for a point started at `at` that sorts after `last`, even if the clock went back.
 fn id_after(last: Option<&PointId>, at: Timestamp) -> PointId {
     let mut at = at;
@@ -303,6 +312,8 @@ pub struct PointWriter {
     point: PointId,
     started_at: Timestamp,
     job: Arc<JobChunks>,
+    /// The vault's write-back failure count when the job began: see `Vault::barrier_since`.
+    epoch: u64,
 }
 
 impl PointWriter {
@@ -337,22 +348,23 @@ impl PointWriter {
             }));
         }
         let packs = self.job.take_packs()?;
-        self.vault.barrier().await?;
+        self.vault.barrier_since(self.epoch).await?;
         if !packs.is_empty() {
             let path = layout::pack_index(&self.point);
             self.vault.put_new(&path, encode_pack_index(&packs), "write").await?;
-            self.vault.barrier().await?;
+            self.vault.barrier_since(self.epoch).await?;
             self.vault.chunk_map.write(|m| m.add(path.to_string(), &packs));
         }
         let path = layout::manifest(&self.vm, &self.point);
         self.vault.put_new(&path, manifest.encode(), "commit").await?;
-        self.vault.barrier().await?;
+        self.vault.barrier_since(self.epoch).await?;
         self.remove_marker().await;
         Ok(())
     }
 
-    /// Gives the point up: nothing becomes visible; chunks already written stay for a later
-    /// backup to reuse (or a garbage collector to remove).
+    /// Gives the point up: nothing becomes visible. Packs already written stay, unindexed: no
+    /// point references them and no backup deduplicates against them (the chunk map holds
+    /// committed chunks only); a garbage collector removes them.
     pub async fn abandon(self) {
         self.remove_marker().await;
     }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use cairn_format::index::{BlockEntry, PatchRef};
+use cairn_format::index::{BlockEntry, IndexRoot, PatchRef};
 use cairn_format::{ChunkFrame, DamageRecord, Digest, Name, PointId, PointManifest};
 use futures::StreamExt;
 
@@ -192,15 +192,29 @@ impl Vault {
                 bad.insert(disk.index_root);
                 continue;
             }
-            let root = self.read_index_root(&disk.index_root).await?;
-            let mut pages: Vec<Digest> = root.pages.iter().map(|(d, _)| *d).collect();
-            pages.dedup();
-            for page_id in pages {
+            let root = match self.read_disk_index(disk).await {
+                Ok(root) => root,
+                Err(Error::Corrupt { source, .. }) => {
+                    verdicts.insert(disk.index_root, Some(source.to_string()));
+                    bad.insert(disk.index_root);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (page_id, first, last) in page_runs(&root) {
                 if !self.check_all(&[page_id], verdicts, progress).await? {
                     bad.insert(page_id);
                     continue;
                 }
                 let page = self.read_index_page(&page_id).await?;
+                // A page that does not cover its place would shift every later block.
+                let misplaced =
+                    [first, last].into_iter().find_map(|at| root.check_page(at, &page).err());
+                if let Some(e) = misplaced {
+                    verdicts.insert(page_id, Some(e.to_string()));
+                    bad.insert(page_id);
+                    continue;
+                }
                 let mut ids: Vec<Digest> = page.entries().flat_map(|e| e.chunks()).collect();
                 ids.sort();
                 ids.dedup();
@@ -305,10 +319,8 @@ impl Vault {
                 found.insert(disk.index_root);
                 continue;
             }
-            let Ok(root) = self.read_index_root(&disk.index_root).await else { continue };
-            let mut pages: Vec<Digest> = root.pages.iter().map(|(d, _)| *d).collect();
-            pages.dedup();
-            for page_id in pages {
+            let Ok(root) = self.read_disk_index(disk).await else { continue };
+            for (page_id, _, _) in page_runs(&root) {
                 if bad.contains_key(&page_id) {
                     found.insert(page_id);
                     continue;
@@ -321,4 +333,20 @@ impl Vault {
         }
         Ok(found)
     }
+}
+
+/// The distinct pages of an index in order, each with the first and last page number it is
+/// at (consecutive repeats of one page are one run; a page may recur further on).
+fn page_runs(root: &IndexRoot) -> Vec<(Digest, u64, u64)> {
+    let mut runs: Vec<(Digest, u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    for (digest, repeat) in &root.pages {
+        let last = at + repeat.saturating_sub(1);
+        match runs.last_mut() {
+            Some(run) if run.0 == *digest => run.2 = last,
+            _ => runs.push((*digest, at, last)),
+        }
+        at = last + 1;
+    }
+    runs
 }

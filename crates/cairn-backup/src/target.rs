@@ -1,0 +1,192 @@
+//! Restore targets: what a restore may open, and how a restored file is published.
+//!
+//! The agent runs as root, and a restore target may sit in a folder others can write to.
+//! Nothing here follows a link or truncates a file that was already there: the partial file
+//! is created with `O_CREAT|O_EXCL|O_NOFOLLOW` (whatever had its name is unlinked first, which
+//! never touches what a link points to), data goes only through the descriptor that create
+//! returned, and the finished file is renamed over the target (a rename replaces a name, it
+//! does not write through it). A target that is itself a symbolic link is accepted only when
+//! it leads to a block device, so `/dev/disk/by-id/...` names keep working.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// Mode of a restored disk image: it holds a whole VM disk.
+pub(crate) const IMAGE_MODE: u32 = 0o600;
+
+/// What a restore writes to.
+#[derive(Debug)]
+pub(crate) enum Kind {
+    /// A block device, written in place.
+    Device,
+    /// A new file at `partial`, renamed over the target when complete.
+    File {
+        /// The partial file.
+        partial: PathBuf,
+    },
+}
+
+impl Kind {
+    pub(crate) fn is_device(&self) -> bool {
+        matches!(self, Kind::Device)
+    }
+}
+
+/// Opens the target of a disk of `size` bytes; `force` allows overwriting a non-empty file or
+/// a device.
+pub(crate) fn open(target: &Path, size: u64, force: bool) -> Result<(File, Kind), Error> {
+    let io_err = |source| Error::Target { path: target.to_owned(), source };
+    let refuse = |why: String| io_err(io::Error::other(why));
+    let meta = match std::fs::symlink_metadata(target) {
+        Ok(meta) => Some(meta),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(e)),
+    };
+    match meta {
+        Some(m) if m.file_type().is_symlink() => {
+            let resolved = std::fs::canonicalize(target).map_err(|e| {
+                refuse(format!("it is a symbolic link that leads nowhere ({e}); give a real path"))
+            })?;
+            let leads_to_device =
+                std::fs::metadata(&resolved).is_ok_and(|m| m.file_type().is_block_device());
+            if !leads_to_device {
+                return Err(refuse(format!(
+                    "it is a symbolic link to {}, not to a block device; a restore never writes \
+                     through a link to a file: give the real path",
+                    resolved.display()
+                )));
+            }
+            open_device(target, &resolved, size, force)
+        }
+        Some(m) if m.file_type().is_block_device() => open_device(target, target, size, force),
+        Some(m) if m.is_dir() => Err(refuse("it is a folder; give a file path".into())),
+        Some(m) if !m.is_file() => {
+            Err(refuse("it is neither a regular file nor a block device".into()))
+        }
+        Some(m) if m.len() > 0 && !force => Err(Error::TargetExists { path: target.to_owned() }),
+        Some(_) | None => {
+            let partial = partial_path(target);
+            let file = create_partial(&partial, size)
+                .map_err(|source| Error::Target { path: partial.clone(), source })?;
+            Ok((file, Kind::File { partial }))
+        }
+    }
+}
+
+/// Opens block device `device` (the target, or where its link leads) for writing.
+fn open_device(
+    target: &Path,
+    device: &Path,
+    size: u64,
+    force: bool,
+) -> Result<(File, Kind), Error> {
+    let io_err = |source| Error::Target { path: target.to_owned(), source };
+    if !force {
+        return Err(Error::TargetExists { path: target.to_owned() });
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(device)
+        .map_err(io_err)?;
+    // What was opened is what was checked: a device, whatever happened to the name meanwhile.
+    let opened = file.metadata().map_err(io_err)?;
+    if !opened.file_type().is_block_device() {
+        return Err(io_err(io::Error::other("it stopped being a block device while opened")));
+    }
+    let dev_size = device_size(&file).map_err(io_err)?;
+    if dev_size < size {
+        return Err(io_err(io::Error::other(format!(
+            "the device holds {dev_size} bytes, the disk needs {size}"
+        ))));
+    }
+    Ok((file, Kind::Device))
+}
+
+/// `TARGET.cairn-partial`, beside the target.
+pub(crate) fn partial_path(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(".cairn-partial");
+    target.with_file_name(name)
+}
+
+/// Creates the partial file afresh, private, `size` bytes long and sparse.
+fn create_partial(partial: &Path, size: u64) -> io::Result<File> {
+    // A partial file left by an interrupted restore, or anything planted under its name, is
+    // unlinked, never opened: unlinking a link leaves what it points to alone.
+    match std::fs::remove_file(partial) {
+        Ok(()) => tracing::info!(path = %partial.display(), "removed an old partial restore"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(IMAGE_MODE)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32)
+        .open(partial)?;
+    // Exactly 0600 whatever the umask (which can only have narrowed it).
+    file.set_permissions(std::fs::Permissions::from_mode(IMAGE_MODE))?;
+    file.set_len(size)?;
+    Ok(file)
+}
+
+/// Renames a complete partial file over the target and syncs the folder, so that the new name
+/// survives a power cut.
+pub(crate) fn publish(partial: &Path, target: &Path) -> io::Result<()> {
+    std::fs::rename(partial, target)?;
+    let folder = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(folder)?.sync_all()
+}
+
+/// A block device's size: where a seek to its end lands.
+fn device_size(file: &File) -> io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(io::SeekFrom::End(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_planted_link_at_the_partial_name_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let target = dir.path().join("disk.raw");
+        std::os::unix::fs::symlink(&victim, partial_path(&target)).unwrap();
+        let (file, kind) = open(&target, 4096, false).unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let Kind::File { partial } = kind else { panic!("{kind:?}") };
+        let meta = std::fs::symlink_metadata(&partial).unwrap();
+        assert!(meta.is_file() && meta.len() == 4096);
+        assert_eq!(meta.mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_target_that_links_to_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"").unwrap();
+        let target = dir.path().join("disk.raw");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+        let err = open(&target, 4096, true).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        let dangling = dir.path().join("dangling.raw");
+        std::os::unix::fs::symlink(dir.path().join("nothing"), &dangling).unwrap();
+        let err = open(&dangling, 4096, true).unwrap_err().to_string();
+        assert!(err.contains("leads nowhere"), "{err}");
+        assert!(!dir.path().join("nothing").exists());
+    }
+}

@@ -1,0 +1,175 @@
+//! The attacks of a hostile guest, a hostile vault and a careless host, each reproduced.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use cairn_backup::{NoProgress, RestoreOptions};
+use cairn_format::index::{IndexPage, IndexRoot};
+use cairn_format::{Consistency, Digest, DiskRecord, DiskStats, PointManifest};
+
+use crate::support::*;
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().mode() & 0o777
+}
+
+/// Restore never writes through a link planted at its partial file's name, nor through a
+/// target that is a link to a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_link_never_makes_restore_overwrite_another_file() {
+    let f = Fixture::new(65536).await;
+    let a = f.sample("a.raw", 2 << 20, 1);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let victim = f.path("shadow");
+    std::fs::write(&victim, b"root:secret").unwrap();
+
+    let target = f.path("restored.raw");
+    std::os::unix::fs::symlink(&victim, f.path("restored.raw.cairn-partial")).unwrap();
+    f.restore(&m, "sda", &target).await.unwrap();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root:secret");
+    assert!(same(&a, &target));
+    assert!(!f.path("restored.raw.cairn-partial").exists());
+
+    let link = f.path("link.raw");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let opts = RestoreOptions { force: true };
+    let err =
+        cairn_backup::restore_disk(&f.vault, &m, &name("sda"), &link, &opts, Arc::new(NoProgress))
+            .await
+            .unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"root:secret");
+}
+
+/// A vault's root is 0700, everything in it 0600, and restored images 0600, whatever the
+/// umask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vaults_and_restored_images_are_private_whatever_the_umask() {
+    let old = rustix::process::umask(rustix::fs::Mode::empty());
+    let f = Fixture::new(65536).await;
+    let a = f.sample("a.raw", 4 << 20, 2);
+    let m = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    f.restore(&m, "sda", &f.path("r.raw")).await.unwrap();
+    let all = f.path("all");
+    cairn_backup::restore_point(
+        &f.vault,
+        &m,
+        &all,
+        &RestoreOptions::default(),
+        Arc::new(NoProgress),
+    )
+    .await
+    .unwrap();
+    rustix::process::umask(old);
+
+    assert_eq!(mode(&f.vault_dir()), 0o700);
+    let mut files = 0;
+    let mut stack = vec![f.vault_dir()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+    }
+    assert!(files >= 4, "config, pack, pack index and manifest at least: {files}");
+    assert_eq!(mode(&f.path("r.raw")), 0o600);
+    assert_eq!(mode(&all), 0o700);
+    assert_eq!(mode(&all.join("sda")), 0o600);
+}
+
+/// Commits a point of `vm` whose disk `sda` is `size` bytes by its manifest and has `root` as
+/// its index root, as a hostile writer of the vault could.
+async fn commit_crafted(f: &Fixture, vm: &str, size: u64, root: &IndexRoot) -> PointManifest {
+    let now = jiff::Timestamp::now();
+    let writer = f.vault.begin_point(&name(vm), now).await.unwrap();
+    let mut packs = writer.pack_writer();
+    let mut page = IndexPage::default();
+    page.push(cairn_format::index::BlockEntry::Hole);
+    packs.store_plain(&page.encode()).await.unwrap();
+    let (root_id, _) = packs.store_plain(&root.encode()).await.unwrap();
+    packs.finish().await.unwrap();
+    let disk = DiskRecord {
+        size,
+        block_size: 65536,
+        index_root: root_id,
+        previous_point: None,
+        source: "crafted".into(),
+        stats: DiskStats::default(),
+    };
+    let manifest = PointManifest {
+        format: cairn_format::MANIFEST_FORMAT,
+        point: writer.point().clone(),
+        vm: name(vm),
+        started_at: now,
+        captured_at: now,
+        finished_at: now,
+        consistency: Consistency::None,
+        disks: [(name("sda"), disk)].into_iter().collect(),
+        evidence: vec![],
+        writer: "crafted".into(),
+    };
+    writer.commit(&manifest).await.unwrap();
+    manifest
+}
+
+/// An index root that claims an enormous disk of one repeated page is refused by restore and
+/// by the next backup's previous-index reader, instead of being expanded in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_index_root_cannot_exhaust_memory() {
+    let f = Fixture::new(65536).await;
+    let mut page = IndexPage::default();
+    page.push(cairn_format::index::BlockEntry::Hole);
+    let huge = 1u64 << 60;
+    let root = IndexRoot {
+        disk_size: huge,
+        block_size: 65536,
+        blocks_per_page: 1,
+        pages: vec![(Digest::of(&page.encode()), huge / 65536)],
+    };
+    let m = commit_crafted(&f, "vm", 1 << 20, &root).await;
+    let err = f.restore(&m, "sda", &f.path("r.raw")).await.unwrap_err();
+    assert!(err.to_string().contains("describes a disk of"), "{err}");
+    assert!(!f.path("r.raw").exists() && !f.path("r.raw.cairn-partial").exists());
+
+    // The next backup of a 1 MiB disk takes the crafted point as its base, refuses its index,
+    // and scans in full.
+    let a = f.sample("a.raw", 1 << 20, 3);
+    let next = f.backup("vm", &[("sda", &a)]).await.unwrap();
+    let why: Vec<&str> = next
+        .evidence
+        .iter()
+        .filter(|e| e.kind == "full_scan")
+        .map(|e| e.message.as_str())
+        .collect();
+    assert!(why.iter().any(|w| w.contains("describes a disk of")), "{why:?}");
+    f.restore(&next, "sda", &f.path("r2.raw")).await.unwrap();
+    assert!(same(&a, &f.path("r2.raw")));
+
+    // Verify calls the crafted point damaged, and only it.
+    let report = f.verify().await;
+    assert_eq!(report.damaged_points, vec![(name("vm"), m.point.clone())]);
+}
+
+/// A page that covers fewer blocks than its place in the index would shift every later entry
+/// onto the wrong block: refused by restore and by the next backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_does_not_cover_its_place_is_refused() {
+    let f = Fixture::new(65536).await;
+    let mut short = IndexPage::default();
+    short.push(cairn_format::index::BlockEntry::Hole);
+    // 16 blocks of 64 KiB, two pages of 8 blocks: the first page covers only one.
+    let root = IndexRoot {
+        disk_size: 1 << 20,
+        block_size: 65536,
+        blocks_per_page: 8,
+        pages: vec![(Digest::of(&short.encode()), 2)],
+    };
+    let m = commit_crafted(&f, "vm", 1 << 20, &root).await;
+    let err = f.restore(&m, "sda", &f.path("r.raw")).await.unwrap_err();
+    assert!(err.to_string().contains("covers 1 blocks"), "{err}");
+}
