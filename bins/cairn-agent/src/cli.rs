@@ -110,9 +110,11 @@ pub struct BackupArgs {
     /// The VM's name (without --config).
     #[arg(long)]
     pub vm: Option<String>,
-    /// A disk: NAME=PATH, or PATH (named after its file name). Repeat for each disk. Without
+    /// A disk: NAME=PATH, or PATH (named after its file name), then ",format=qcow2" for a
+    /// qcow2 image (raw otherwise: a format is declared, never guessed from the disk's bytes)
+    /// and ",backing=allow" to accept a qcow2 backing file. Repeat for each disk. Without
     /// --config the disks are read live, with no snapshot (consistency "none").
-    #[arg(long = "disk", value_name = "[NAME=]PATH")]
+    #[arg(long = "disk", value_name = "[NAME=]PATH[,format=raw|qcow2][,backing=allow]")]
     pub disks: Vec<String>,
     /// Hashing threads per disk (default: one per core).
     #[arg(long)]

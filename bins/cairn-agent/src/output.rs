@@ -40,19 +40,87 @@ pub fn init_logging(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-/// Prints the error (and, with `--json`, an error document) and picks the exit code.
+/// Prints the error (and, with `--json`, an error document) with the agent command that helps,
+/// and picks the exit code.
 pub fn report_error(error: &anyhow::Error, json: bool) -> ExitCode {
     let cancelled = error.chain().any(|e| {
         matches!(e.downcast_ref::<cairn_backup::Error>(), Some(cairn_backup::Error::Cancelled))
     });
+    let message = chain_message(error);
+    let hint = advice(error);
     if json {
         println!(
             "{}",
-            serde_json::json!({ "error": format!("{error:#}"), "cancelled": cancelled })
+            serde_json::json!({ "error": message, "hint": hint, "cancelled": cancelled })
         );
     }
-    eprintln!("error: {error:#}");
+    eprintln!("error: {message}");
+    if let Some(hint) = hint {
+        eprintln!("hint: {hint}");
+    }
     if cancelled { ExitCode::from(130) } else { ExitCode::FAILURE }
+}
+
+/// The error and its causes, each cause left out when the message before it already says it
+/// (library errors often name their source in their own text).
+fn chain_message(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
+/// The agent command that helps with an error, for the errors a library can only describe.
+fn advice(error: &anyhow::Error) -> Option<String> {
+    use cairn_vault::Error as V;
+    error.chain().find_map(|e| {
+        if let Some(v) = e.downcast_ref::<V>() {
+            return match v {
+                V::NoVault { url } => {
+                    Some(format!("create it with `cairn-agent init --vault {url}`"))
+                }
+                V::Corrupt { source: cairn_format::Error::Invalid { detail, .. }, .. }
+                    if detail.contains("create a new vault") =>
+                {
+                    Some("`cairn-agent init --vault NEW-URL` creates one".into())
+                }
+                V::Corrupt { .. } | V::ChunkMissing { .. } | V::ChunkTruncated { .. } => {
+                    Some("`cairn-agent verify --vault URL` finds the damaged points".into())
+                }
+                V::PointNotFound { vm, .. } => {
+                    Some(format!("`cairn-agent points --vault URL --vm {vm}` lists its points"))
+                }
+                V::NoPoints { .. } => Some("`cairn-agent points --vault URL` lists the VMs".into()),
+                _ => None,
+            };
+        }
+        if let Some(b) = e.downcast_ref::<cairn_backup::Error>() {
+            return match b {
+                cairn_backup::Error::TargetExists { .. } => {
+                    Some("pass --force to overwrite it".into())
+                }
+                cairn_backup::Error::Corrupt { .. } => {
+                    Some("`cairn-agent verify --vault URL` finds the damaged points".into())
+                }
+                _ => None,
+            };
+        }
+        if let Some(cairn_nbd::Error::BackingRefused { .. }) = e.downcast_ref::<cairn_nbd::Error>()
+        {
+            return Some(
+                "to read it with its backing file, declare the disk with \
+                 `--disk NAME=PATH,format=qcow2,backing=allow`, or set `allow_backing_file = true` \
+                 on its [[disk]] in the VM configuration"
+                    .into(),
+            );
+        }
+        None
+    })
 }
 
 /// Prints a value as pretty JSON on stdout.

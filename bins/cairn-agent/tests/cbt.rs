@@ -76,7 +76,7 @@ fn qcow2_incrementals_read_only_the_dirty_ranges_and_fall_back_when_in_doubt() {
     ok(agent(&["init", "--vault", &vault]));
     ok(agent(&["sample", "create", &raw, "--size", "128M", "--seed", "1"]));
     tool("qemu-img", &["convert", "-O", "qcow2", &raw, &image]);
-    let disk = format!("os={image}");
+    let disk = format!("os={image},format=qcow2");
     let backup =
         || ok(agent(&["backup", "--json", "--vault", &vault, "--vm", "web", "--disk", &disk]));
 
@@ -139,4 +139,88 @@ fn qcow2_incrementals_read_only_the_dirty_ranges_and_fall_back_when_in_doubt() {
     assert!(!ev.iter().any(|(k, _)| k == "cbt"), "{ev:?}");
     restores_identically(dir.path(), &vault, p4["point"].as_str().unwrap(), &image);
     ok(agent(&["verify", "--vault", &vault]));
+}
+
+/// A guest writes a qcow2 header into its raw disk, naming a host file as backing file: the
+/// disk is still read as the raw bytes the guest wrote, the host file is not read, and the
+/// disk file is not changed (no bitmap written into it).
+#[test]
+fn a_raw_disk_that_starts_like_qcow2_is_backed_up_as_its_raw_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (vault, secret, header, raw) = (s("vault"), s("secret"), s("evil.qcow2"), s("guest.raw"));
+    ok(agent(&["init", "--vault", &vault]));
+    std::fs::write(&secret, b"root:$6$hostsecret".repeat(1000)).unwrap();
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &secret, "-F", "raw", &header, "1M"]);
+    // The guest's disk: 8 MiB whose first bytes are that header, the rest its own data.
+    let mut bytes = std::fs::read(&header).unwrap();
+    bytes.resize(8 << 20, 0x5a);
+    std::fs::write(&raw, &bytes).unwrap();
+
+    let point = ok(agent(&[
+        "backup",
+        "--json",
+        "--vault",
+        &vault,
+        "--vm",
+        "g",
+        "--disk",
+        &format!("os={raw}"),
+    ]));
+    assert_eq!(
+        point["disks"]["os"]["size"].as_u64(),
+        Some(8 << 20),
+        "the raw file, not the qcow2 view"
+    );
+    let ev = kinds(&point);
+    assert!(ev.iter().any(|(k, m)| k == "disk_format" && m.contains("read as raw")), "{ev:?}");
+    assert_eq!(std::fs::read(&raw).unwrap(), bytes, "the disk file is unchanged");
+    let out = dir.path().join("restored.raw");
+    ok(agent(&[
+        "restore",
+        "--json",
+        "--vault",
+        &vault,
+        "--vm",
+        "g",
+        "--disk",
+        "os",
+        "--to",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(std::fs::read(&out).unwrap(), bytes);
+}
+
+/// A declared qcow2 image is read through qemu only when its header opens nothing else: a
+/// backing file needs the operator's leave, an external data file or a json: backing name is
+/// refused always, and nothing is written into a refused image.
+#[test]
+fn declared_qcow2_images_with_backing_or_data_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (vault, base, top, data, ext) =
+        (s("vault"), s("base.raw"), s("top.qcow2"), s("data.raw"), s("ext.qcow2"));
+    ok(agent(&["init", "--vault", &vault]));
+    ok(agent(&["sample", "create", &base, "--size", "4M", "--seed", "3"]));
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &base, "-F", "raw", &top]);
+    let before = std::fs::read(&top).unwrap();
+    let backup = |disk: String| {
+        agent(&["backup", "--json", "--vault", &vault, "--vm", "web", "--disk", &disk])
+    };
+    let refused = backup(format!("os={top},format=qcow2"));
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("has a backing file") && err.contains("backing=allow"), "{err}");
+    assert_eq!(std::fs::read(&top).unwrap(), before, "no bitmap was added to a refused image");
+
+    let allowed = ok(backup(format!("os={top},format=qcow2,backing=allow")));
+    restores_identically(dir.path(), &vault, allowed["point"].as_str().unwrap(), &top);
+
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &format!("data_file={data}"), &ext, "4M"],
+    );
+    let refused = backup(format!("data={ext},format=qcow2,backing=allow"));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("external data file"));
 }

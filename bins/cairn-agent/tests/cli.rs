@@ -410,3 +410,22 @@ fn bench_measures_every_stage_and_projects_a_window() {
     assert!(!names.iter().any(|n| n == "bench"), "{names:?}");
     assert!(run(&["verify", "--vault", &v]).status.success());
 }
+
+#[test]
+fn a_vault_folder_others_may_enter_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let e = Env::new();
+    let fresh = e.vault();
+    let mode = |p: &str| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&fresh), 0o700);
+    assert!(!stderr(&run(&["points", "--vault", &fresh])).contains("chmod"));
+
+    let open = e.s("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = run(&["init", "--vault", &open]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("chmod 700 {open}")), "{}", stderr(&out));
+    let out = run(&["points", "--vault", &open]);
+    assert!(stderr(&out).contains("other users of this host may read"), "{}", stderr(&out));
+}

@@ -20,6 +20,28 @@ pub enum Error {
         #[source]
         source: cairn_delta::Error,
     },
+    /// The VM could not be captured (quiesced and viewed); the guest was resumed.
+    #[error("capturing the disks of VM {vm}: {source}")]
+    Capture {
+        /// The VM.
+        vm: Name,
+        /// What failed.
+        #[source]
+        source: cairn_snapshot::Error,
+    },
+    /// A configuration, script or disk was refused before anything ran.
+    #[error(transparent)]
+    Snapshot(#[from] cairn_snapshot::Error),
+    /// A disk image is not what its configuration declares, or would make qemu open other
+    /// files, or qemu could not serve it.
+    #[error("disk {disk}: {source}")]
+    Image {
+        /// The disk.
+        disk: Name,
+        /// What is wrong.
+        #[source]
+        source: cairn_nbd::Error,
+    },
     /// The job was cancelled before it committed.
     #[error(
         "the backup was cancelled; no recovery point was committed and earlier points are intact"
@@ -39,7 +61,7 @@ pub enum Error {
         available: String,
     },
     /// Restore would overwrite something.
-    #[error("restore target {path} exists and is not empty; pass --force to overwrite it", path = path.display())]
+    #[error("restore target {path} exists and is not empty; nothing was written (overwriting it must be asked for)", path = path.display())]
     TargetExists {
         /// The target.
         path: PathBuf,
@@ -55,7 +77,7 @@ pub enum Error {
     },
     /// A chunk's content is not what the index says.
     #[error(
-        "chunk {id} for disk {disk} at offset {offset} is damaged: {detail}; run `cairn-agent verify`"
+        "chunk {id} for disk {disk} at offset {offset} is damaged: {detail}; verify the vault to find the points it damages"
     )]
     Corrupt {
         /// The disk.

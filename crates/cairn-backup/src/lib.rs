@@ -10,6 +10,7 @@ mod backup;
 mod cancel;
 mod direct_write;
 mod error;
+mod job;
 mod previous;
 mod progress;
 mod restore;
@@ -18,6 +19,7 @@ mod target;
 pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;
 pub use error::Error;
+pub use job::{Check, JobOptions, VmJob, check};
 pub use progress::{DiskProgress, NoProgress, Progress};
 pub use restore::{RestoreOptions, RestoreStats, restore_disk, restore_point};
 

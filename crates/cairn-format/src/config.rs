@@ -99,7 +99,8 @@ impl VaultConfig {
             // Format 1 stored each chunk as its own object; this build reads packs only.
             Error::Unsupported { what, detail } if detail == "format 1" => Error::Invalid {
                 what,
-                detail: "format 1, written by an earlier Cairn that stored one object per chunk;                          this version reads format 2 (packed chunks) only: create a new vault                          with `cairn-agent init`"
+                detail: "format 1, written by an earlier Cairn that stored one object per chunk; \
+                         this version reads packed chunks only: create a new vault"
                     .into(),
             },
             e => e,

@@ -38,6 +38,23 @@ pub enum Error {
         /// The server's message, starting with ": ", or empty.
         message: String,
     },
+    /// An image declared qcow2 is not one, or would make qemu open files besides itself.
+    #[error("qcow2 image {detail}")]
+    Image {
+        /// Which image, what is wrong and what to do.
+        detail: String,
+    },
+    /// A qcow2 image has a backing file, and backing files were not allowed for its disk.
+    #[error(
+        "qcow2 image {image} has a backing file ({backing}); allow backing files for this disk \
+         if you trust them, or flatten it with `qemu-img convert -O qcow2`", image = image.display()
+    )]
+    BackingRefused {
+        /// The image.
+        image: std::path::PathBuf,
+        /// Its backing file, as named in its header.
+        backing: String,
+    },
     /// A qemu tool failed or could not be run.
     #[error("{tool} {detail}")]
     Qemu {

@@ -3,6 +3,8 @@
 //! - [`proto`]: the NBD wire format and decoders for everything a server sends (fuzzed).
 //! - [`Client`]: a small synchronous client: fixed-newstyle negotiation, structured replies,
 //!   `READ` and `BLOCK_STATUS` for `base:allocation` and `qemu:dirty-bitmap:NAME`.
+//! - [`qcow2`]: the qcow2 header, read before qemu opens an image: backing files refused
+//!   unless allowed, `json:` backing names and external data files always.
 //! - [`qemu`]: `qemu-nbd` serving an image read-only on a private unix socket, and
 //!   `qemu-img` describing an image and adding or removing its bitmaps.
 //! - [`Rotation`]: one bitmap per disk and recovery point. The next is added at the moment of
@@ -17,6 +19,7 @@
 mod client;
 mod error;
 pub mod proto;
+pub mod qcow2;
 pub mod qemu;
 mod rotation;
 mod source;

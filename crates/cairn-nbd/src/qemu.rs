@@ -1,5 +1,6 @@
 //! The qemu tools Cairn drives: `qemu-nbd` to serve an image on a unix socket, `qemu-img` to
-//! read an image's description and to add and remove its persistent dirty bitmaps.
+//! read an image's description and to add and remove its persistent dirty bitmaps. Every call
+//! names the image's format: qemu never guesses it from bytes a guest may have written.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -10,16 +11,6 @@ use crate::Error;
 
 /// How long `qemu-nbd` may take to open an image and listen.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The first bytes of a qcow2 image.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
-
-/// Whether the file at `path` is a qcow2 image (by its magic; other files are raw).
-pub fn is_qcow2(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
-        && &magic == QCOW2_MAGIC
-}
 
 /// A persistent dirty bitmap stored in a qcow2 image.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -106,9 +97,9 @@ fn qemu_img(args: &[&str], image: &Path, tail: &[&str]) -> Result<Vec<u8>, Error
     Ok(out.stdout)
 }
 
-/// Describes `image`.
+/// Describes qcow2 `image` (the format is given, never probed).
 pub fn image_info(image: &Path) -> Result<ImageInfo, Error> {
-    parse_info(&qemu_img(&["info", "--output=json"], image, &[])?)
+    parse_info(&qemu_img(&["info", "-f", "qcow2", "--output=json"], image, &[])?)
 }
 
 /// Adds an enabled persistent bitmap `name` of `granularity` bytes per bit to qcow2 `image`.

@@ -56,6 +56,53 @@ pub trait ViewProvider: Send + Sync {
     fn take(&self, disk: &DiskSpec) -> Result<View, Error>;
 }
 
+/// Where a VM's disks live, for all of them at once: takes a point-in-time view of every disk
+/// in one step, while the guest is quiesced. A provider that tracks changes starts the next
+/// tracking epoch in the same step (a running QEMU does both in one QMP transaction), so a
+/// write is in the view or recorded for the next backup, never in neither.
+pub trait DiskViews: Send {
+    /// The disks, in order.
+    fn disks(&self) -> Vec<DiskSpec>;
+
+    /// Takes every disk's view, in order, noting each in `record`. On error, views already
+    /// taken are released (dropped) and whatever tracking was started is undone.
+    fn take(&mut self, record: &mut Record) -> Result<Vec<View>, Error>;
+}
+
+/// Each disk's view taken by its own [`ViewProvider`], one after another.
+pub struct EachDisk<'a>(pub Vec<(DiskSpec, &'a dyn ViewProvider)>);
+
+impl DiskViews for EachDisk<'_> {
+    fn disks(&self) -> Vec<DiskSpec> {
+        self.0.iter().map(|(d, _)| d.clone()).collect()
+    }
+
+    fn take(&mut self, record: &mut Record) -> Result<Vec<View>, Error> {
+        let mut views = Vec::with_capacity(self.0.len());
+        for (disk, provider) in &self.0 {
+            views.push(take_noted(*provider, disk, record)?);
+        }
+        Ok(views)
+    }
+}
+
+/// Takes one disk's view with `provider` and notes it (and how long it took) in `record`.
+pub fn take_noted(
+    provider: &dyn ViewProvider,
+    disk: &DiskSpec,
+    record: &mut Record,
+) -> Result<View, Error> {
+    let started = Instant::now();
+    let view = provider.take(disk)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    record.note_disk(
+        "view",
+        &disk.name,
+        format!("{} view of {} taken in {ms:.1} ms", view.kind(), disk.path.display()),
+    );
+    Ok(view)
+}
+
 /// How a view is released: told whether the recovery point was committed.
 pub type Release = Box<dyn FnOnce(bool) -> Result<(), Error> + Send + Sync>;
 
@@ -196,52 +243,41 @@ impl Drop for ResumeGuard {
     }
 }
 
-/// Captures `disks`: quiesces, takes every disk's view, resumes, and returns the views with
-/// the level reached. On error the guest has been resumed and every view taken released.
+/// Captures `disks`, each viewed by its own provider: see [`capture_with`].
 pub fn capture(
     quiescer: &mut dyn Quiescer,
     disks: &[(DiskSpec, &dyn ViewProvider)],
     state: VmState,
 ) -> Result<Capture, Error> {
+    capture_with(quiescer, &mut EachDisk(disks.to_vec()), state)
+}
+
+/// Captures a VM's disks: quiesces, takes every disk's view in one step, resumes, and returns
+/// the views with the level reached. On error the guest has been resumed and every view taken
+/// released.
+pub fn capture_with(
+    quiescer: &mut dyn Quiescer,
+    views: &mut dyn DiskViews,
+    state: VmState,
+) -> Result<Capture, Error> {
+    let disks = views.disks();
     let mut record = Record::new(Consistency::Crash);
     let guard = ResumeGuard(Some(quiescer.quiesce(&mut record)?));
     let captured_at = Timestamp::now();
     let clock = Instant::now();
-    let mut views = Vec::with_capacity(disks.len());
-    let mut taken = Ok(());
-    for (disk, provider) in disks {
-        let started = Instant::now();
-        match provider.take(disk) {
-            Ok(view) => {
-                let ms = started.elapsed().as_secs_f64() * 1000.0;
-                record.note_disk(
-                    "view",
-                    &disk.name,
-                    format!("{} view of {} taken in {ms:.1} ms", view.kind(), disk.path.display()),
-                );
-                views.push(view);
-            }
-            Err(e) => {
-                taken = Err(e);
-                break;
-            }
-        }
-    }
+    let taken = views.take(&mut record);
     let spread = clock.elapsed();
     failpoint::hit(failpoint::WHILE_QUIESCED);
     let resumed = guard.resume(&mut record);
     if let (Err(_), Err(e)) = (&taken, &resumed) {
         tracing::error!("resuming after a failed view also failed: {e}");
     }
-    taken?;
+    let views = taken?;
     resumed?;
     // Disks nothing held still: all of them when the level is crash already.
     let quiesced_any = record.level() > Consistency::Crash;
-    let uncovered: Vec<&DiskSpec> = disks
-        .iter()
-        .map(|(d, _)| d)
-        .filter(|d| !quiesced_any || !quiescer.holds_still(d))
-        .collect();
+    let uncovered: Vec<&DiskSpec> =
+        disks.iter().filter(|d| !quiesced_any || !quiescer.holds_still(d)).collect();
     if record.level() == Consistency::FileSystem && state == VmState::Running {
         for disk in &uncovered {
             record.fall_back(
@@ -279,7 +315,7 @@ fn judge_views(
         record.fall_back(
             Consistency::None,
             format!(
-                "disk {} was read live with no snapshot (live_read = true): blocks may come from different instants",
+                "disk {} was read live, with no snapshot: blocks may come from different instants",
                 live.disk()
             ),
         );

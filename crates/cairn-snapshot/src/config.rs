@@ -17,7 +17,14 @@
 //! name = "os"
 //! path = "/var/lib/vms/web-1/os.img"
 //! view = "reflink"           # "reflink", "btrfs-snapshot" or "none"
+//! format = "raw"             # or "qcow2"; never guessed from the image's bytes
+//! allow_backing_file = false # qcow2 only: true accepts an image with a backing file
 //! ```
+//!
+//! A disk's format is what this file declares, never what its first bytes look like: a guest
+//! writes every byte of a raw disk, and a raw disk that starts with a qcow2 header naming a
+//! backing file (`/etc/shadow`, another VM's disk) would otherwise make the agent read that
+//! file instead. An undeclared disk is raw.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,6 +60,37 @@ impl ViewKind {
     }
 }
 
+/// The format of a disk image, as the operator declared it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// The disk's bytes as they are (an image file or a block device). The default.
+    #[default]
+    Raw,
+    /// A qcow2 image, read through `qemu-nbd`, with changed-block tracking.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// `raw` or `qcow2`, as qemu's tools name them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(DiskFormat::Raw),
+            "qcow2" => Ok(DiskFormat::Qcow2),
+            other => Err(format!("{other:?}: give \"raw\" or \"qcow2\"")),
+        }
+    }
+}
+
 /// One disk of the VM.
 #[derive(Clone, Debug)]
 pub struct DiskConfig {
@@ -60,13 +98,29 @@ pub struct DiskConfig {
     pub spec: DiskSpec,
     /// How to view it.
     pub view: ViewKind,
+    /// Its format, as declared (raw when not).
+    pub format: DiskFormat,
+    /// Whether a qcow2 image may have a backing file (refused unless the operator says so).
+    pub allow_backing_file: bool,
+}
+
+impl DiskConfig {
+    /// A disk read as it is, with no view (what `--disk NAME=PATH` means on a command line).
+    pub fn live(name: Name, path: PathBuf, format: DiskFormat, allow_backing_file: bool) -> Self {
+        DiskConfig {
+            spec: DiskSpec { name, path },
+            view: ViewKind::None,
+            format,
+            allow_backing_file,
+        }
+    }
 }
 
 /// A checked VM configuration.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// The file it came from.
-    pub file: PathBuf,
+    /// The file it came from (`None` for disks named on a command line).
+    pub file: Option<PathBuf>,
     /// The VM's name.
     pub vm: Name,
     /// Running or stopped.
@@ -120,9 +174,28 @@ struct RawDisk {
     path: PathBuf,
     #[serde(default)]
     view: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    allow_backing_file: bool,
 }
 
 impl VmConfig {
+    /// A running VM whose `disks` are read live, with nothing quiesced and no views (the
+    /// point's consistency is `none`): what disks named on a command line mean.
+    pub fn live(vm: Name, disks: Vec<DiskConfig>) -> VmConfig {
+        VmConfig {
+            file: None,
+            vm,
+            state: VmState::Running,
+            live_read: true,
+            freeze_mounts: Vec::new(),
+            watchdog_deadline: DEFAULT_DEADLINE,
+            scripts: None,
+            disks,
+        }
+    }
+
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<VmConfig, Error> {
         let text = std::fs::read_to_string(path)
@@ -192,7 +265,22 @@ impl VmConfig {
                     ),
                 ));
             }
-            disks.push(DiskConfig { spec: DiskSpec { name, path: anchor(&d.path) }, view });
+            let format = match d.format.as_deref() {
+                None => DiskFormat::Raw,
+                Some(f) => f.parse().map_err(|e| bad(field("format"), e))?,
+            };
+            if d.allow_backing_file && format != DiskFormat::Qcow2 {
+                return Err(bad(
+                    field("allow_backing_file"),
+                    "only a qcow2 image has backing files: declare format = \"qcow2\"".into(),
+                ));
+            }
+            disks.push(DiskConfig {
+                spec: DiskSpec { name, path: anchor(&d.path) },
+                view,
+                format,
+                allow_backing_file: d.allow_backing_file,
+            });
         }
         let watchdog_deadline = match raw.freeze.watchdog_seconds {
             None => DEFAULT_DEADLINE,
@@ -213,7 +301,7 @@ impl VmConfig {
             }
         }
         Ok(VmConfig {
-            file: file.to_path_buf(),
+            file: Some(file.to_path_buf()),
             vm,
             state,
             live_read: raw.live_read,
@@ -261,6 +349,8 @@ path = "os.img"
 name = "data"
 path = "/vms/data.img"
 view = "btrfs-snapshot"
+format = "qcow2"
+allow_backing_file = true
 "#,
         )
         .unwrap();
@@ -271,6 +361,9 @@ view = "btrfs-snapshot"
         assert_eq!(c.disks[0].spec.path, PathBuf::from("/etc/cairn/os.img"));
         assert_eq!(c.disks[0].view, ViewKind::Reflink);
         assert_eq!(c.disks[1].view, ViewKind::BtrfsSnapshot);
+        assert_eq!(c.disks[0].format, DiskFormat::Raw, "an undeclared disk is raw");
+        assert_eq!(c.disks[1].format, DiskFormat::Qcow2);
+        assert!(c.disks[1].allow_backing_file);
         assert_eq!(c.freeze_mounts, vec![PathBuf::from("/srv/data")]);
     }
 
@@ -286,6 +379,11 @@ view = "btrfs-snapshot"
             (format!("vm = \"v\"\n{disk}view = \"lvm\"\n"), "disk[0].view"),
             (format!("vm = \"v\"\n{disk}view = \"none\"\n"), "disk[0].view"),
             (format!("vm = \"v\"\n{disk}{disk}"), "disk[1].name"),
+            (format!("vm = \"v\"\n{disk}format = \"vmdk\"\n"), "disk[0].format"),
+            (
+                format!("vm = \"v\"\n{disk}allow_backing_file = true\n"),
+                "disk[0].allow_backing_file",
+            ),
             (
                 format!("vm = \"v\"\n[freeze]\nwatchdog_seconds = 0\n{disk}"),
                 "freeze.watchdog_seconds",

@@ -95,6 +95,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A view provider could not start tracking a disk's changes in the capture's step.
+    #[error("starting the change tracking of disk {disk}: {detail}")]
+    Tracking {
+        /// The disk.
+        disk: String,
+        /// What failed.
+        detail: String,
+    },
     /// A disk declared stopped is open for writing by a running process.
     #[error(
         "VM is configured as stopped, but {path} is open for writing by {holder}; stop the VM or set state = \"running\""

@@ -41,10 +41,11 @@ pub mod vss;
 pub mod watchdog;
 
 pub use capture::{
-    Capture, DiskSpec, Hold, Quiescer, Release, View, ViewProvider, VmState, capture,
+    Capture, DiskSpec, DiskViews, EachDisk, Hold, Quiescer, Release, View, ViewProvider, VmState,
+    capture, capture_with, take_noted,
 };
 #[cfg(unix)]
-pub use config::{ViewKind, VmConfig};
+pub use config::{DiskConfig, DiskFormat, ViewKind, VmConfig};
 pub use error::Error;
 #[cfg(unix)]
 pub use guest::{GuestQuiescer, NoQuiescer};

@@ -108,8 +108,14 @@ fn view_error(disk: &DiskSpec, detail: String, source: std::io::Error) -> Error 
 
 /// The disk's image or device, which must exist.
 fn stat_disk(disk: &DiskSpec) -> Result<std::fs::Metadata, Error> {
-    std::fs::metadata(&disk.path)
-        .map_err(|e| Error::io(format!("disk {}: {}", disk.name, disk.path.display()), e))
+    std::fs::metadata(&disk.path).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound => " (check the path, or the disk's NAME=PATH mapping)",
+            std::io::ErrorKind::PermissionDenied => " (run as a user that may read it, often root)",
+            _ => "",
+        };
+        Error::io(format!("disk {}: {}{hint}", disk.name, disk.path.display()), e)
+    })
 }
 
 /// A name for a view that is unique on this host and says who made it.

@@ -7,7 +7,7 @@ use cairn_format::{Digest, Name, PointId};
 #[non_exhaustive]
 pub enum Error {
     /// There is no vault at this URL.
-    #[error("no Cairn vault at {url}: create one with `cairn-agent init --vault {url}`")]
+    #[error("no Cairn vault at {url}: create one there first")]
     NoVault {
         /// The URL.
         url: String,
@@ -71,9 +71,7 @@ pub enum Error {
         last: String,
     },
     /// An object is damaged.
-    #[error(
-        "vault object {path} is damaged: {source}; run `cairn-agent verify` to find what it affects"
-    )]
+    #[error("vault object {path} is damaged: {source}; verify the vault to find what it affects")]
     Corrupt {
         /// The object.
         path: String,
@@ -82,17 +80,13 @@ pub enum Error {
         source: cairn_format::Error,
     },
     /// A chunk a point needs is missing.
-    #[error(
-        "chunk {id} is missing from the vault; run `cairn-agent verify` to find the damaged points"
-    )]
+    #[error("chunk {id} is missing from the vault; verify the vault to find the damaged points")]
     ChunkMissing {
         /// The chunk.
         id: Digest,
     },
     /// A chunk's pack ends before the chunk does.
-    #[error(
-        "chunk {id} is truncated in pack {pack}; run `cairn-agent verify` to find the damaged points"
-    )]
+    #[error("chunk {id} is truncated in pack {pack}; verify the vault to find the damaged points")]
     ChunkTruncated {
         /// The chunk.
         id: Digest,
@@ -106,7 +100,7 @@ pub enum Error {
         writers: usize,
     },
     /// No such point.
-    #[error("VM {vm} has no recovery point {point}; list them with `cairn-agent points --vm {vm}`")]
+    #[error("VM {vm} has no recovery point {point}; list its points to choose one")]
     PointNotFound {
         /// The VM.
         vm: Name,
@@ -114,9 +108,7 @@ pub enum Error {
         point: PointId,
     },
     /// The VM has no points at all.
-    #[error(
-        "VM {vm} has no recovery points in this vault; list the VMs' points with `cairn-agent points`"
-    )]
+    #[error("VM {vm} has no recovery points in this vault; list the vault's points to see its VMs")]
     NoPoints {
         /// The VM.
         vm: Name,

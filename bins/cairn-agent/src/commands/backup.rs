@@ -1,23 +1,42 @@
-//! `cairn-agent backup`.
+//! `cairn-agent backup`: arguments in, a [`VmJob`] run, a table out.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
-use cairn_backup::{BackupRequest, Cancel, DiskInput};
-use cairn_format::{Consistency, Evidence, Name, PointManifest};
+use anyhow::{Context, bail};
+use cairn_backup::{Cancel, JobOptions, VmJob};
+use cairn_format::PointManifest;
+use cairn_snapshot::watchdog::WatchdogCommand;
+use cairn_snapshot::{DiskConfig, DiskFormat, VmConfig};
 
-use super::cbt::Tracker;
 use crate::cli::BackupArgs;
 use crate::output::{Bars, Exit, print_json, table};
 use crate::units::{bytes, rate};
 
-/// Parses `NAME=PATH` or `PATH` (named after the file name).
-pub fn parse_disk(spec: &str) -> anyhow::Result<(Name, PathBuf)> {
-    let (name, path) = match spec.split_once('=') {
+/// Parses `--disk [NAME=]PATH[,format=raw|qcow2][,backing=allow]`: a disk read live, named
+/// after its file when no name is given, raw unless declared otherwise.
+pub fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
+    let mut parts = spec.split(',');
+    let place = parts.next().unwrap_or_default();
+    let (mut format, mut backing) = (DiskFormat::Raw, false);
+    for option in parts {
+        match option.split_once('=') {
+            Some(("format", f)) => {
+                format = f.parse().map_err(|e| anyhow::anyhow!("--disk {spec:?}: format {e}"))?
+            }
+            Some(("backing", "allow")) => backing = true,
+            _ => bail!(
+                "--disk {spec:?}: unknown option {option:?}; give [NAME=]PATH[,format=raw|qcow2][,backing=allow]"
+            ),
+        }
+    }
+    if backing && format != DiskFormat::Qcow2 {
+        bail!("--disk {spec:?}: backing=allow needs format=qcow2");
+    }
+    let (name, path) = match place.split_once('=') {
         Some((name, path)) => (name.to_string(), PathBuf::from(path)),
         None => {
-            let path = PathBuf::from(spec);
+            let path = PathBuf::from(place);
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -27,170 +46,51 @@ pub fn parse_disk(spec: &str) -> anyhow::Result<(Name, PathBuf)> {
     };
     let name =
         name.parse().with_context(|| format!("--disk {spec:?}: bad disk name; use NAME=PATH"))?;
-    Ok((name, path))
+    Ok(DiskConfig::live(name, path, format, backing))
 }
 
-/// How hard a backup works the machine.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Tuning {
-    /// Hashing threads per disk (default: one per core).
-    pub threads: Option<usize>,
-    /// Disks read at once (default: `cairn_backup::DEFAULT_PARALLEL_DISKS`).
-    pub parallel_disks: Option<usize>,
+/// The agent's own executable in its watchdog role: what thaws frozen file systems if the
+/// agent dies.
+pub fn watchdog_command() -> anyhow::Result<WatchdogCommand> {
+    let program =
+        std::env::current_exe().context("finding the agent's executable for the thaw watchdog")?;
+    Ok(WatchdogCommand { program, args: vec!["watchdog-thaw".into()] })
 }
 
-/// How the disks were captured, for the backup request.
-pub struct Captured {
-    /// The consistency reached.
-    pub consistency: Consistency,
-    /// When the disks were captured, if before the job started.
-    pub captured_at: Option<jiff::Timestamp>,
-    /// How the capture went.
-    pub evidence: Vec<Evidence>,
-}
-
-impl Captured {
-    /// Disks read live, with no snapshot.
-    pub fn live() -> Captured {
-        Captured {
-            consistency: Consistency::None,
-            captured_at: None,
-            evidence: vec![Evidence::new(
-                "consistency",
-                None,
-                "disks were read live, with no snapshot: consistency none",
-            )],
-        }
-    }
-}
-
-/// Opens the disks and runs the backup; `cancel` stops it (ctrl-C, see `cancel_on_signal`).
-/// `tracker` opens qcow2 disks with their dirty bitmaps; it must have begun before the disks
-/// were captured.
-#[allow(clippy::too_many_arguments)]
-pub async fn backup_disks(
-    vault: &cairn_vault::Vault,
-    vm: Name,
-    disks: &[(Name, PathBuf)],
-    tracker: &Tracker,
-    captured: Captured,
-    tuning: Tuning,
-    progress: Arc<dyn cairn_backup::Progress>,
-    cancel: &Cancel,
-) -> anyhow::Result<PointManifest> {
-    let mut inputs = Vec::new();
-    for (name, path) in disks {
-        let source = tracker.open(name, path).with_context(|| format!("disk {name} of VM {vm}"))?;
-        inputs.push(DiskInput { name: name.clone(), source });
-    }
-    let request = BackupRequest {
-        vm: vm.clone(),
-        disks: inputs,
-        consistency: captured.consistency,
-        captured_at: captured.captured_at,
-        evidence: captured.evidence,
-        threads: tuning.threads,
-        point: Some(tracker.point().clone()),
-        parallel_disks: tuning.parallel_disks,
-    };
-    cairn_backup::backup(vault, request, progress, cancel)
-        .await
-        .with_context(|| format!("backing up VM {vm} to {}", vault.url()))
-}
-
-/// Live-reads `disks` of `vm`: the bitmap rotation around one backup.
-pub async fn backup_live(
-    vault: &cairn_vault::Vault,
-    vm: Name,
-    disks: &[(Name, PathBuf)],
-    tuning: Tuning,
-    progress: Arc<dyn cairn_backup::Progress>,
-    cancel: &Cancel,
-) -> anyhow::Result<PointManifest> {
-    let tracker = Tracker::begin(vault, &vm, disks).await?;
-    let result =
-        backup_disks(vault, vm, disks, &tracker, Captured::live(), tuning, progress, cancel).await;
-    tracker.finish(result.is_ok()).await;
-    result
-}
-
-/// Backs up the VM a configuration describes: capture, read the views, commit, release.
-async fn backup_configured(
-    vault: &cairn_vault::Vault,
-    file: &std::path::Path,
-    tuning: Tuning,
-    progress: Arc<dyn cairn_backup::Progress>,
-    cancel: &Cancel,
-) -> anyhow::Result<PointManifest> {
-    let config = cairn_snapshot::VmConfig::load(file)?;
-    let images: Vec<(Name, PathBuf)> =
-        config.disks.iter().map(|d| (d.spec.name.clone(), d.spec.path.clone())).collect();
-    // The next dirty bitmaps start before the views: a write in between is read twice, never
-    // missed.
-    let tracker = Tracker::begin(vault, &config.vm, &images).await?;
-    // A ctrl-C during the capture waits for it to finish: the guest must be thawed and its
-    // post-script run before the agent stops. Only then is the backup cancelled.
-    let capture =
-        match super::snapshot::capture(&config, vault.local_path().map(PathBuf::from)).await {
-            Ok(capture) => capture,
-            Err(e) => {
-                tracker.finish(false).await;
-                return Err(e);
-            }
-        };
-    if cancel.is_cancelled() {
-        let _ = tokio::task::spawn_blocking(move || capture.release(false)).await;
-        tracker.finish(false).await;
-        return Err(cairn_backup::Error::Cancelled.into());
-    }
-    let disks: Vec<(Name, PathBuf)> =
-        capture.views().iter().map(|v| (v.disk().clone(), v.path().to_path_buf())).collect();
-    let captured = Captured {
-        consistency: capture.level(),
-        captured_at: Some(capture.captured_at()),
-        evidence: capture.record().evidence().to_vec(),
-    };
-    let result = backup_disks(
-        vault,
-        config.vm.clone(),
-        &disks,
-        &tracker,
-        captured,
-        tuning,
-        progress,
-        cancel,
-    )
-    .await;
-    // The views go only after the commit (or the failure): VSS full backups tell writers
-    // to truncate their logs at this point, and only for a committed point.
-    let committed = result.is_ok();
-    if let Err(e) = tokio::task::spawn_blocking(move || capture.release(committed)).await? {
-        tracing::warn!("releasing the views of VM {}: {e}", config.vm);
-    }
-    tracker.finish(committed).await;
-    result
+/// The job's options from the command line.
+pub fn job_options(
+    threads: Option<usize>,
+    parallel_disks: Option<usize>,
+) -> anyhow::Result<JobOptions> {
+    Ok(JobOptions {
+        threads,
+        parallel_disks,
+        watchdog: Some(watchdog_command()?),
+        protected: vec![],
+    })
 }
 
 pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyhow::Result<Exit> {
     let vault = super::open_vault(&args.vault.vault).await?;
-    let tuning = Tuning { threads: args.threads, parallel_disks: args.parallel_disks };
-    let bars = Arc::new(Bars::new(json, "backup"));
-    let cancel = Cancel::new();
-    super::cancel_on_signal(cancel.clone());
-    let manifest = match (&config, &args.vm) {
-        (Some(file), None) if args.disks.is_empty() => {
-            backup_configured(&vault, file, tuning, bars, &cancel).await?
-        }
+    let options = job_options(args.threads, args.parallel_disks)?;
+    let config = match (&config, &args.vm) {
+        (Some(file), None) if args.disks.is_empty() => VmConfig::load(file)?,
         (None, Some(vm)) if !args.disks.is_empty() => {
-            let vm = super::vm_name(vm)?;
-            let disks =
-                args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<Vec<_>>>()?;
-            backup_live(&vault, vm, &disks, tuning, bars, &cancel).await?
+            let disks = args.disks.iter().map(|d| parse_disk(d)).collect::<anyhow::Result<_>>()?;
+            VmConfig::live(super::vm_name(vm)?, disks)
         }
-        _ => anyhow::bail!(
+        _ => bail!(
             "give either --config FILE (the VM and its disks come from it) or --vm with --disk"
         ),
     };
+    let job = VmJob::new(config, options);
+    let bars = Arc::new(Bars::new(json, "backup"));
+    let cancel = Cancel::new();
+    super::cancel_on_signal(cancel.clone());
+    let manifest = job
+        .run(&vault, bars, &cancel)
+        .await
+        .with_context(|| format!("backing up VM {} to {}", job.vm(), vault.url()))?;
     if json {
         print_json(&serde_json::to_value(&manifest)?);
     } else {

@@ -2,14 +2,12 @@
 
 mod backup;
 mod bench;
-mod cbt;
 mod config;
 mod init;
 mod points;
 mod quickstart;
 mod restore;
 mod sample;
-mod snapshot;
 mod verify;
 
 use anyhow::{Context, bail};

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail, ensure};
-use cairn_backup::RestoreOptions;
+use cairn_backup::{JobOptions, RestoreOptions, VmJob};
 use cairn_format::Name;
+use cairn_snapshot::{DiskConfig, DiskFormat, VmConfig};
 use cairn_vault::{Vault, VerifyScope};
 
 use crate::cli::QuickstartArgs;
@@ -53,6 +54,12 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
         ("os.raw".parse()?, disks_dir.join("os.raw")),
         ("data.raw".parse()?, disks_dir.join("data.raw")),
     ];
+    let vm: Name = "quickstart-vm".parse()?;
+    let live = disks
+        .iter()
+        .map(|(n, p)| DiskConfig::live(n.clone(), p.clone(), DiskFormat::Raw, false))
+        .collect();
+    let job = VmJob::new(VmConfig::live(vm, live), JobOptions::default());
     say(format!("1/6 writing two sample disks in {}", disks_dir.display()));
     cairn_sample::create_disk(&disks[0].1, args.size, args.seed)?;
     cairn_sample::create_disk(&disks[1].1, args.size / 2, args.seed + 1)?;
@@ -63,11 +70,10 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
         cairn_format::DEFAULT_BLOCK_SIZE,
     )
     .await?;
-    let vm: Name = "quickstart-vm".parse()?;
 
     say("3/6 full backup".into());
     let mut steps = Vec::new();
-    steps.push(timed_backup("full backup", (&vault, &vault_dir), &vm, &disks, json).await?.0);
+    steps.push(timed_backup("full backup", (&vault, &vault_dir), &job, json).await?.0);
 
     say(format!(
         "4/6 changing {:.1}% of the 4 KiB blocks of each disk, then an incremental backup",
@@ -76,8 +82,7 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
     for (i, (_, path)) in disks.iter().enumerate() {
         cairn_sample::mutate_scattered(path, args.change, args.seed + 100 + i as u64)?;
     }
-    let (incr_step, incr) =
-        timed_backup("incremental", (&vault, &vault_dir), &vm, &disks, json).await?;
+    let (incr_step, incr) = timed_backup("incremental", (&vault, &vault_dir), &job, json).await?;
     steps.push(incr_step);
 
     say(format!("5/6 restoring the incremental point to {} and comparing", restore_dir.display()));
@@ -162,8 +167,7 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
 async fn timed_backup(
     name: &'static str,
     (vault, root): (&Vault, &Path),
-    vm: &Name,
-    disks: &[(Name, PathBuf)],
+    job: &VmJob,
     json: bool,
 ) -> anyhow::Result<(Step, cairn_format::PointManifest)> {
     let before = dir_size(root)?;
@@ -171,8 +175,7 @@ async fn timed_backup(
     let bars = Arc::new(Bars::new(json, "backup"));
     let cancel = cairn_backup::Cancel::new();
     super::cancel_on_signal(cancel.clone());
-    let m = super::backup::backup_live(vault, vm.clone(), disks, Default::default(), bars, &cancel)
-        .await?;
+    let m = job.run(vault, bars, &cancel).await?;
     Ok((step(name, &m, dir_size(root)? - before, clock), m))
 }
 

@@ -1,0 +1,171 @@
+//! The VM backup job: what `cairn-agent backup` does, callable in one step.
+//!
+//! ```text
+//!  check images ─▶ reserve the point id ─▶ capture ─────────────────────▶ open sources ─▶ backup ─▶ commit
+//!                                          quiesce                         (raw, qcow2         │
+//!                                          start tracking + take views     over qemu-nbd)      ▼
+//!                                          resume                                  release views, rotate bitmaps
+//! ```
+//!
+//! The invariants it keeps, whoever calls it (the agent, a coordinator's agent, an embedding
+//! program): a disk's format is what the configuration declares; the next dirty bitmap starts
+//! in the same step as the view, before any data is read; the guest is resumed before anything
+//! reads a view; views are released, and old bitmaps removed, only after the commit (or the
+//! failure, which removes the new bitmaps instead).
+
+mod check;
+mod quiesce;
+mod sources;
+mod tracking;
+
+use std::sync::Arc;
+
+use cairn_format::{Name, PointManifest};
+use cairn_snapshot::freeze::Protected;
+use cairn_snapshot::watchdog::WatchdogCommand;
+use cairn_snapshot::{Capture, VmConfig, VmState};
+use cairn_vault::Vault;
+
+use crate::{BackupRequest, Cancel, Error, Progress};
+
+pub use check::{Check, check};
+
+/// How a job works the machine, and what it needs from its caller.
+#[derive(Clone, Debug, Default)]
+pub struct JobOptions {
+    /// Hashing threads per disk (default: one per core).
+    pub threads: Option<usize>,
+    /// Disks read at once (default [`crate::DEFAULT_PARALLEL_DISKS`]).
+    pub parallel_disks: Option<usize>,
+    /// The program that thaws frozen file systems if this process dies (the agent's own
+    /// executable in its `watchdog-thaw` role). Needed when the configuration freezes.
+    pub watchdog: Option<WatchdogCommand>,
+    /// What the caller writes to during the job besides the vault (its log file, say): never
+    /// frozen. The process's temporary folder, working folder and log are always protected.
+    pub protected: Vec<Protected>,
+}
+
+/// A VM to back up: its configuration (disks, formats, views, freeze, scripts) and options.
+#[derive(Clone, Debug)]
+pub struct VmJob {
+    config: VmConfig,
+    options: JobOptions,
+}
+
+impl VmJob {
+    /// The job a VM configuration describes.
+    pub fn new(config: VmConfig, options: JobOptions) -> Self {
+        VmJob { config, options }
+    }
+
+    /// The VM's name.
+    pub fn vm(&self) -> &Name {
+        &self.config.vm
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Runs the job: checks the disks' images, captures the VM (quiesce; start the next dirty
+    /// bitmaps and take the views; resume), backs the views up into `vault`, commits the
+    /// point, then releases the views and rotates the bitmaps. `cancel` stops it at any point
+    /// after the capture (a capture always finishes, so the guest is resumed); nothing is
+    /// committed then, and earlier points are intact.
+    pub async fn run(
+        &self,
+        vault: &Vault,
+        progress: Arc<dyn Progress>,
+        cancel: &Cancel,
+    ) -> Result<PointManifest, Error> {
+        let config = &self.config;
+        check::images(config).await?;
+        let point = vault.reserve_point_id(&config.vm, jiff::Timestamp::now()).await?;
+        let previous = match config.disks.iter().any(tracking::is_tracked) {
+            true => vault.previous_point(&config.vm).await?.0,
+            false => None,
+        };
+        let views = tracking::TrackedViews::new(
+            config,
+            point.clone(),
+            previous.as_ref(),
+            u64::from(vault.config().block_size),
+        );
+        let protected = quiesce::protected(config, vault, &self.options);
+        let quiescer = quiesce::quiescer(config, &protected, self.options.watchdog.as_ref())?;
+        let (capture, rotations) =
+            capture(config.vm.clone(), config.state, quiescer, views).await?;
+        if cancel.is_cancelled() {
+            finish(capture, rotations, false).await;
+            return Err(Error::Cancelled);
+        }
+        let result = self.back_up(vault, &capture, &rotations, point, progress, cancel).await;
+        finish(capture, rotations, result.is_ok()).await;
+        result
+    }
+
+    /// Reads the captured views into the vault and commits the point.
+    async fn back_up(
+        &self,
+        vault: &Vault,
+        capture: &Capture,
+        rotations: &tracking::Rotations,
+        point: cairn_format::PointId,
+        progress: Arc<dyn Progress>,
+        cancel: &Cancel,
+    ) -> Result<PointManifest, Error> {
+        let mut evidence = capture.record().evidence().to_vec();
+        let mut disks = Vec::new();
+        for (view, disk) in capture.views().iter().zip(&self.config.disks) {
+            let previous = rotations.previous(&disk.spec.name);
+            let (input, warning) = sources::open(disk, view.path(), previous).await?;
+            evidence.extend(warning);
+            disks.push(input);
+        }
+        let request = BackupRequest {
+            vm: self.config.vm.clone(),
+            disks,
+            consistency: capture.level(),
+            captured_at: Some(capture.captured_at()),
+            evidence,
+            threads: self.options.threads,
+            point: Some(point),
+            parallel_disks: self.options.parallel_disks,
+        };
+        crate::backup(vault, request, progress, cancel).await
+    }
+}
+
+/// Runs the capture on a blocking thread (scripts may run for minutes); a capture that fails
+/// after tracking began undoes the tracking.
+async fn capture(
+    vm: Name,
+    state: VmState,
+    mut quiescer: Box<dyn cairn_snapshot::Quiescer>,
+    mut views: tracking::TrackedViews,
+) -> Result<(Capture, tracking::Rotations), Error> {
+    let joined = tokio::task::spawn_blocking(move || {
+        let captured = cairn_snapshot::capture_with(quiescer.as_mut(), &mut views, state);
+        (captured, views.into_rotations())
+    })
+    .await?;
+    match joined {
+        (Ok(capture), rotations) => Ok((capture, rotations)),
+        (Err(source), rotations) => {
+            rotations.finish(false).await;
+            Err(Error::Capture { vm, source })
+        }
+    }
+}
+
+/// After the job: views released (told whether the point committed), then bitmaps rotated.
+/// Neither can lose data any more, so failures here are warnings.
+async fn finish(capture: Capture, rotations: tracking::Rotations, committed: bool) {
+    match tokio::task::spawn_blocking(move || capture.release(committed)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("releasing the views: {e}"),
+        Err(e) => tracing::warn!("releasing the views: {e}"),
+    }
+    rotations.finish(committed).await;
+}
