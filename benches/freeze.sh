@@ -67,6 +67,7 @@ for kind in scripts freeze; do
         [ "$kind" = scripts ] && printf '[scripts]\nconfig = "%s"\n' "$work/scripts.json"
         printf '[[disk]]\nname = "root"\npath = "%s"\n' "$work/xfs/guest.img"
     } > "$work/$kind.toml"
+    chmod 600 "$work/$kind.toml"
 done
 
 bash "$work/app.sh" "$work/guest" "$work/ctl" & app=$!

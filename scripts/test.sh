@@ -56,6 +56,15 @@ step "cargo test (unit, integration and doc tests)"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+step "no failpoints outside the tests"
+# The freeze-path failpoints (CAIRN_FAILPOINT) exist only in the binary the agent's own tests
+# build (a dev-dependency turns them on); a build without dev-dependencies must not have them.
+cargo build -p cairn-agent
+if grep -q CAIRN_FAILPOINT target/debug/cairn-agent; then
+    echo "target/debug/cairn-agent (built without dev-dependencies) reads CAIRN_FAILPOINT" >&2
+    exit 1
+fi
+
 step "cargo bench --no-run"
 cargo bench --workspace --no-run
 

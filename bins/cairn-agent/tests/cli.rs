@@ -217,8 +217,11 @@ fn vm_configs_are_checked_and_drive_the_backup() {
     let e = Env::new();
     let v = e.vault();
     let disk = e.disk("os.raw", "4M", "3");
+    // Configurations are mode 600, as the agent requires of what it reads as root.
     let write = |name: &str, text: String| {
         std::fs::write(e.p(name), text).unwrap();
+        std::fs::set_permissions(e.p(name), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         e.s(name)
     };
 
@@ -354,6 +357,7 @@ fn ctrl_c_during_the_pre_script_still_runs_the_post_script_and_commits_nothing()
         ),
     )
     .unwrap();
+    std::fs::set_permissions(e.p("vm.toml"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let child = agent()
         .args(["--config", &e.s("vm.toml"), "backup", "--vault", &v])
         .stdout(Stdio::null())

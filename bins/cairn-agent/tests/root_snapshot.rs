@@ -171,7 +171,7 @@ impl Guest {
             self.s("guest"),
             self.s("xfs/guest.img")
         );
-        self.file(name, 0o644, &text);
+        self.file(name, 0o600, &text);
         self.s(name)
     }
 
@@ -287,7 +287,7 @@ fn root_a_running_application_is_captured_consistent_only_when_quiesced() {
     // The file system holding the disk images (where views are written) is never frozen.
     let bad = g.file(
         "vm-bad.toml",
-        0o644,
+        0o600,
         &format!(
             "vm = \"guest\"\n[freeze]\nmounts = [\"{}\"]\n[[disk]]\nname = \"root\"\npath = \"{}\"\n",
             g.s("xfs"),
@@ -414,6 +414,8 @@ fn root_btrfs_snapshots_and_reflink_clones_capture_a_disk() {
             format!("vm = \"b\"\n[[disk]]\nname = \"os\"\npath = \"{disk}\"\nview = \"{view}\"\n"),
         )
         .unwrap();
+        std::fs::set_permissions(&config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let config = config.to_str().unwrap();
         let out = agent().args(["--config", config, "config", "check"]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));

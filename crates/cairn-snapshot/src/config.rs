@@ -35,6 +35,7 @@ use serde::Deserialize;
 use crate::Error;
 use crate::capture::{DiskSpec, ViewProvider, VmState};
 use crate::freeze::{DEFAULT_DEADLINE, MAX_DEADLINE};
+use crate::trusted::TrustedFile;
 use crate::views::{BtrfsSnapshot, LiveRead, ReflinkClone};
 
 /// How a disk's point-in-time view is taken.
@@ -196,10 +197,18 @@ impl VmConfig {
         }
     }
 
-    /// Reads and checks `path`.
+    /// Reads and checks `path`. It says what the agent runs as root reads, freezes and
+    /// writes next to, so it is held to the rules of a script configuration: mode 600, owned
+    /// by the agent's user, in folders nobody else may write to (see [`crate::trusted`]).
     pub fn load(path: &Path) -> Result<VmConfig, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading VM configuration {}", path.display()), e))?;
+        let text = TrustedFile::open(path, 0o600).and_then(|f| f.read_to_string()).map_err(
+            |e| match e {
+                Error::Io { what, source } => {
+                    Error::io(format!("reading VM configuration {what}"), source)
+                }
+                e => e,
+            },
+        )?;
         VmConfig::parse(&text, path)
     }
 

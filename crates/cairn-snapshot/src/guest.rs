@@ -18,12 +18,12 @@ use cairn_format::Consistency;
 
 use crate::capture::{DiskSpec, Hold, Quiescer};
 use crate::freeze::{Freezer, Frozen};
-use crate::scripts::ScriptConfig;
+use crate::scripts::Scripts;
 use crate::{Error, Record};
 
 /// Quiesces a Linux guest with scripts and/or a file-system freeze.
 pub struct GuestQuiescer {
-    scripts: Option<ScriptConfig>,
+    scripts: Option<Scripts>,
     freezer: Option<Arc<Freezer>>,
     /// Set by `quiesce`: the file systems were frozen.
     frozen: bool,
@@ -32,8 +32,8 @@ pub struct GuestQuiescer {
 impl GuestQuiescer {
     /// Scripts (if configured) and a freezer (if mount points are configured). The scripts'
     /// `fsFreezeEnabled = false` turns the freeze off.
-    pub fn new(scripts: Option<ScriptConfig>, freezer: Option<Freezer>) -> GuestQuiescer {
-        let freeze = scripts.as_ref().is_none_or(|s| s.fs_freeze);
+    pub fn new(scripts: Option<Scripts>, freezer: Option<Freezer>) -> GuestQuiescer {
+        let freeze = scripts.as_ref().is_none_or(|s| s.config().fs_freeze);
         GuestQuiescer { freezer: freezer.filter(|_| freeze).map(Arc::new), scripts, frozen: false }
     }
 }
@@ -47,7 +47,7 @@ impl Quiescer for GuestQuiescer {
             record.note(pre.evidence());
             pre_ok = pre.succeeded();
             if !pre_ok {
-                if !scripts.continue_on_failure {
+                if !scripts.config().continue_on_failure {
                     record.note(scripts.run_post().evidence());
                     return Err(Error::ScriptFailed {
                         script: "pre",
@@ -109,7 +109,7 @@ impl Quiescer for GuestQuiescer {
 struct GuestHold {
     frozen: Option<Frozen>,
     mounts: usize,
-    post: Option<ScriptConfig>,
+    post: Option<Scripts>,
 }
 
 impl Hold for GuestHold {
@@ -135,7 +135,7 @@ impl Hold for GuestHold {
             let post = scripts.run_post();
             record.note(post.evidence());
             if !post.succeeded() {
-                if !scripts.continue_on_failure {
+                if !scripts.config().continue_on_failure {
                     thawed?;
                     return Err(Error::ScriptFailed {
                         script: "post",

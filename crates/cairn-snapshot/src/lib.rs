@@ -35,6 +35,8 @@ pub mod scripts;
 #[cfg(unix)]
 mod sys;
 #[cfg(unix)]
+pub mod trusted;
+#[cfg(unix)]
 pub mod views;
 pub mod vss;
 #[cfg(unix)]

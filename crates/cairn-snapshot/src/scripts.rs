@@ -3,15 +3,18 @@
 //! The pre-script brings an application to a consistent point and holds it there; the
 //! post-script lets it go. They run as the agent's user (root), so the configuration and
 //! the scripts must be writable by that user alone: the config mode 600 and the scripts
-//! mode 700, both owned by the user the agent runs as. Anything else is refused with the
-//! exact `chmod`/`chown` that fixes it.
+//! mode 700, both owned by the user the agent runs as, in folders nobody else may write to
+//! up to `/`. Anything else is refused with the exact `chmod`/`chown` that fixes it. A script
+//! is checked when the configuration is loaded and run from the descriptor that was checked
+//! (`/proc/self/fd/N`, which is then also its `$0`): replacing the file afterwards changes
+//! nothing.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_format::Evidence;
@@ -19,6 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::Error;
+use crate::trusted::TrustedFile;
 
 /// The longest script timeout accepted, as in Azure.
 pub const MAX_TIMEOUT_SECONDS: u32 = 1800;
@@ -77,20 +81,46 @@ fn yes() -> bool {
     true
 }
 
-impl ScriptConfig {
-    /// Reads and checks the configuration at `path` and the scripts it names. Both must be
-    /// owned by the user the agent runs as (root for a real agent).
-    pub fn load(path: &Path) -> Result<ScriptConfig, Error> {
-        let owner = rustix::process::geteuid().as_raw();
-        check_file(path, 0o600, owner)?;
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+/// A script configuration loaded and checked, with its two scripts open: what runs is the
+/// file that was checked (see [`crate::trusted`]).
+#[derive(Clone, Debug)]
+pub struct Scripts {
+    config: ScriptConfig,
+    pre: Arc<TrustedFile>,
+    post: Arc<TrustedFile>,
+}
+
+impl Scripts {
+    /// Reads and checks the configuration at `path` and opens and checks the scripts it names:
+    /// the configuration mode 600 and the scripts 700, all owned by the user the agent runs as
+    /// (root for a real agent), in folders nobody else may write to, up to `/`.
+    pub fn load(path: &Path) -> Result<Scripts, Error> {
+        let text = TrustedFile::open(path, 0o600)?.read_to_string()?;
         let config = ScriptConfig::parse(&text, &path.display().to_string())?;
-        check_file(&config.pre_script, 0o700, owner)?;
-        check_file(&config.post_script, 0o700, owner)?;
-        Ok(config)
+        let pre = Arc::new(TrustedFile::open(&config.pre_script, 0o700)?);
+        let post = Arc::new(TrustedFile::open(&config.post_script, 0o700)?);
+        Ok(Scripts { config, pre, post })
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &ScriptConfig {
+        &self.config
+    }
+
+    /// Runs the pre-script with its timeout and retries.
+    pub fn run_pre(&self) -> ScriptRun {
+        let c = &self.config;
+        run("pre", &self.pre, &c.pre_params, c.pre_retries, c)
+    }
+
+    /// Runs the post-script with its timeout and retries.
+    pub fn run_post(&self) -> ScriptRun {
+        let c = &self.config;
+        run("post", &self.post, &c.post_params, c.post_retries, c)
+    }
+}
+
+impl ScriptConfig {
     /// Parses and validates the JSON (no file checks); `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<ScriptConfig, Error> {
         let config: ScriptConfig = serde_json::from_str(text).map_err(|e| {
@@ -131,80 +161,6 @@ impl ScriptConfig {
         }
         Ok(config)
     }
-
-    /// Runs the pre-script with its timeout and retries.
-    pub fn run_pre(&self) -> ScriptRun {
-        run("pre", &self.pre_script, &self.pre_params, self.pre_retries, self)
-    }
-
-    /// Runs the post-script with its timeout and retries.
-    pub fn run_post(&self) -> ScriptRun {
-        run("post", &self.post_script, &self.post_params, self.post_retries, self)
-    }
-}
-
-/// Refuses a file that is missing, not a regular file, not owned by `owner`, or whose
-/// permission bits are not exactly `mode`.
-fn check_file(path: &Path, mode: u32, owner: u32) -> Result<(), Error> {
-    let refuse =
-        |problem: String, fix: String| Error::Permissions { path: path.into(), problem, fix };
-    let meta = std::fs::metadata(path).map_err(|e| {
-        let what = if e.kind() == std::io::ErrorKind::NotFound {
-            "it does not exist"
-        } else {
-            "cannot read it"
-        };
-        Error::io(format!("{}: {what}", path.display()), e)
-    })?;
-    if !meta.is_file() {
-        return Err(refuse("it is not a regular file".into(), format!("ls -l {}", path.display())));
-    }
-    if meta.uid() != owner {
-        let fix = if owner == 0 {
-            format!("chown root:root {}", path.display())
-        } else {
-            format!("chown {owner} {}", path.display())
-        };
-        let who = if owner == 0 { "root".to_string() } else { format!("uid {owner}") };
-        return Err(refuse(
-            format!("it is owned by uid {}, not {who} (the agent's user)", meta.uid()),
-            fix,
-        ));
-    }
-    // Whoever may write to the folder may replace the file: it must be the owner alone.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let dir_meta = std::fs::metadata(dir)
-            .map_err(|e| Error::io(format!("{}: cannot read its folder", path.display()), e))?;
-        let dir_mode = dir_meta.permissions().mode();
-        let writable_by_others = (dir_mode & 0o022) != 0 && (dir_mode & 0o1000) == 0;
-        let foreign_owner = dir_meta.uid() != owner && dir_meta.uid() != 0;
-        if writable_by_others || foreign_owner {
-            let fix = if foreign_owner {
-                let who = if owner == 0 { "root:root".to_string() } else { owner.to_string() };
-                format!("chown {who} {}", dir.display())
-            } else {
-                format!("chmod go-w {}", dir.display())
-            };
-            return Err(Error::Permissions {
-                path: path.into(),
-                problem: format!(
-                    "its folder {} may be written by others (mode {:o}, uid {}), who could replace it",
-                    dir.display(),
-                    dir_mode & 0o7777,
-                    dir_meta.uid()
-                ),
-                fix,
-            });
-        }
-    }
-    let actual = meta.permissions().mode() & 0o7777;
-    if actual != mode {
-        return Err(refuse(
-            format!("its mode is {actual:o}, it must be {mode:o}"),
-            format!("chmod {mode:o} {}", path.display()),
-        ));
-    }
-    Ok(())
 }
 
 /// How one attempt of a script ended.
@@ -313,11 +269,12 @@ impl ScriptRun {
 
 fn run(
     kind: &'static str,
-    path: &Path,
+    script: &TrustedFile,
     params: &[String],
     retries: u32,
     config: &ScriptConfig,
 ) -> ScriptRun {
+    let path = script.path();
     let timeout = Duration::from_secs(u64::from(config.timeout_seconds));
     let poll = Duration::from_secs(u64::from(config.poll_seconds));
     let params: Vec<&String> = params.iter().filter(|p| !p.is_empty()).collect();
@@ -328,7 +285,7 @@ fn run(
         output_tail: String::new(),
     };
     for attempt in 0..=retries {
-        let (outcome, duration, tail) = run_once(path, &params, timeout, poll);
+        let (outcome, duration, tail) = run_once(script, &params, timeout, poll);
         tracing::info!(script = kind, path = %path.display(), attempt = attempt + 1, %outcome, "script finished");
         let ok = outcome.succeeded();
         run.attempts.push(Attempt { outcome, duration });
@@ -341,11 +298,12 @@ fn run(
 }
 
 fn run_once(
-    path: &Path,
+    script: &TrustedFile,
     params: &[&String],
     timeout: Duration,
     poll: Duration,
 ) -> (Outcome, Duration, String) {
+    let path = script.path();
     let started = Instant::now();
     let output = match tempfile::tempfile() {
         Ok(f) => f,
@@ -359,7 +317,12 @@ fn run_once(
     };
     let stdout = output.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
     let stderr = output.try_clone().map(Stdio::from).unwrap_or_else(|_| Stdio::null());
-    let child = Command::new(path)
+    // The very file that was checked, through its descriptor (kept open across the exec so
+    // that a script's interpreter can open it too); argv[0] is its path, for messages.
+    let mut command = Command::new(format!("/proc/self/fd/{}", script.raw_fd()));
+    crate::sys::keep_open_across_exec(&mut command, script.raw_fd());
+    let child = command
+        .arg0(path)
         .args(params)
         .current_dir("/")
         .stdin(Stdio::null())

@@ -28,6 +28,23 @@ pub fn thaw(dir: impl AsFd) -> io::Result<()> {
     unsafe { call(dir, NoArg::<FITHAW>::new()) }
 }
 
+/// Makes descriptor `fd` survive the exec of `command` (it is opened close-on-exec), so that
+/// the program run can be `/proc/self/fd/N`, the very file that was checked, and a script's
+/// interpreter can still open it after the exec.
+pub fn keep_open_across_exec(command: &mut std::process::Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it calls fcntl(2) alone and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Ignores SIGTERM, SIGINT and SIGHUP in this process: the thaw watchdog must outlive
 /// whatever stops the agent, short of SIGKILL.
 pub fn ignore_termination_signals() {

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cairn_format::Consistency;
-use cairn_snapshot::scripts::ScriptConfig;
+use cairn_snapshot::scripts::{ScriptConfig, Scripts};
 use cairn_snapshot::views::LiveRead;
 use cairn_snapshot::{DiskSpec, Error, GuestQuiescer, VmState, capture};
 
@@ -70,7 +70,7 @@ impl Setup {
     fn capture(&self, config: &Path) -> Result<cairn_snapshot::Capture, Error> {
         let disk = self.path("disk.img");
         std::fs::write(&disk, b"disk").unwrap();
-        let scripts = ScriptConfig::load(config)?;
+        let scripts = Scripts::load(config)?;
         let mut quiescer = GuestQuiescer::new(Some(scripts), None);
         let spec = DiskSpec { name: "os".parse().unwrap(), path: disk };
         capture(&mut quiescer, &[(spec, &LiveRead)], VmState::Stopped)
@@ -89,7 +89,7 @@ fn a_config_readable_by_others_is_refused_with_the_chmod_that_fixes_it() {
     let s = Setup::new();
     let config = s.standard("", "", "");
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let e = ScriptConfig::load(&config).unwrap_err();
+    let e = Scripts::load(&config).unwrap_err();
     assert!(e.to_string().contains("its mode is 644, it must be 600"), "{e}");
     assert_eq!(fix_of(e), format!("chmod 600 {}", config.display()));
 }
@@ -100,11 +100,11 @@ fn a_script_writable_by_others_is_refused_with_the_chmod_that_fixes_it() {
     let config = s.standard("", "", "");
     for (mode, script) in [(0o755, "pre.sh"), (0o777, "post.sh"), (0o500, "pre.sh")] {
         std::fs::set_permissions(s.path(script), std::fs::Permissions::from_mode(mode)).unwrap();
-        let e = ScriptConfig::load(&config).unwrap_err();
+        let e = Scripts::load(&config).unwrap_err();
         assert_eq!(fix_of(e), format!("chmod 700 {}", s.path(script).display()));
         std::fs::set_permissions(s.path(script), std::fs::Permissions::from_mode(0o700)).unwrap();
     }
-    assert!(ScriptConfig::load(&config).is_ok());
+    assert!(Scripts::load(&config).is_ok());
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn root_a_script_owned_by_another_user_is_refused_with_the_chown_that_fixes_it()
     let config = s.standard("", "", "");
     for file in [config.clone(), s.path("post.sh")] {
         std::os::unix::fs::chown(&file, Some(1000), Some(1000)).unwrap();
-        let e = ScriptConfig::load(&config).unwrap_err();
+        let e = Scripts::load(&config).unwrap_err();
         assert!(e.to_string().contains("owned by uid 1000, not root"), "{e}");
         assert_eq!(fix_of(e), format!("chown root:root {}", file.display()));
         std::os::unix::fs::chown(&file, Some(0), Some(0)).unwrap();
@@ -133,8 +133,67 @@ fn a_script_in_a_folder_others_may_write_to_is_refused() {
     std::fs::write(&pre, "#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&pre, std::fs::Permissions::from_mode(0o700)).unwrap();
     let config = s.config(&pre, &s.script("post.sh", ""), "");
-    let e = ScriptConfig::load(&config).unwrap_err();
+    let e = Scripts::load(&config).unwrap_err();
     assert!(e.to_string().contains("may be written by others"), "{e}");
+    assert_eq!(fix_of(e), format!("chmod go-w {}", open.display()));
+}
+
+#[test]
+fn a_script_below_a_folder_others_may_write_to_is_refused_however_deep() {
+    let s = Setup::new();
+    // Only the grandparent is open: whoever may write there may replace the whole folder.
+    let open = s.path("open");
+    let inner = open.join("inner");
+    std::fs::create_dir_all(&inner).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let pre = inner.join("pre.sh");
+    std::fs::write(&pre, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&pre, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = s.config(&pre, &s.script("post.sh", ""), "");
+    let e = Scripts::load(&config).unwrap_err();
+    assert!(e.to_string().contains("may be written by others"), "{e}");
+    assert_eq!(fix_of(e), format!("chmod go-w {}", open.display()));
+    // A link from a safe place into the open folder is judged where it leads.
+    let link = s.path("link.sh");
+    std::os::unix::fs::symlink(&pre, &link).unwrap();
+    let config = s.config(&link, &s.script("post.sh", ""), "");
+    assert!(Scripts::load(&config).is_err());
+}
+
+#[test]
+fn the_script_that_runs_is_the_one_that_was_checked() {
+    let s = Setup::new();
+    let config = s.standard("", "", "");
+    let scripts = Scripts::load(&config).unwrap();
+    // Replaced after the check (as whoever could write the folder would): the new file never
+    // runs, the checked one does.
+    let evil = s.path("evil.sh");
+    std::fs::write(&evil, format!("#!/bin/bash\necho evil >> {}/log\n", s.dir.path().display()))
+        .unwrap();
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::rename(&evil, s.path("pre.sh")).unwrap();
+    let run = scripts.run_pre();
+    assert!(run.succeeded(), "{:?}", run.attempts);
+    assert_eq!(s.log(), "pre\n");
+}
+
+#[test]
+fn a_vm_configuration_is_held_to_the_rules_of_a_script_configuration() {
+    let s = Setup::new();
+    let file = s.path("vm.toml");
+    std::fs::write(&file, "vm = \"v\"\n[[disk]]\nname = \"os\"\npath = \"/os.img\"\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = cairn_snapshot::VmConfig::load(&file).unwrap_err();
+    assert_eq!(fix_of(e), format!("chmod 600 {}", file.display()));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(cairn_snapshot::VmConfig::load(&file).is_ok());
+    let open = s.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let moved = open.join("vm.toml");
+    std::fs::rename(&file, &moved).unwrap();
+    let e = cairn_snapshot::VmConfig::load(&moved).unwrap_err();
     assert_eq!(fix_of(e), format!("chmod go-w {}", open.display()));
 }
 
@@ -142,7 +201,7 @@ fn a_script_in_a_folder_others_may_write_to_is_refused() {
 fn a_missing_script_is_refused_by_name() {
     let s = Setup::new();
     let config = s.config(&s.path("nope.sh"), &s.script("post.sh", ""), "");
-    let e = ScriptConfig::load(&config).unwrap_err();
+    let e = Scripts::load(&config).unwrap_err();
     assert!(e.to_string().contains("nope.sh: it does not exist"), "{e}");
 }
 
@@ -217,7 +276,7 @@ fn a_hanging_pre_script_times_out_and_the_post_script_still_runs() {
 fn a_failed_pre_script_with_continue_falls_back_and_still_runs_the_post_script() {
     let s = Setup::new();
     let config = s.standard("exit 3", "", "");
-    let mut quiescer = GuestQuiescer::new(Some(ScriptConfig::load(&config).unwrap()), None);
+    let mut quiescer = GuestQuiescer::new(Some(Scripts::load(&config).unwrap()), None);
     let mut record = cairn_snapshot::Record::new(Consistency::Crash);
     let hold = cairn_snapshot::Quiescer::quiesce(&mut quiescer, &mut record).unwrap();
     hold.resume(&mut record).unwrap();
@@ -249,13 +308,13 @@ fn retries_run_the_script_again_until_it_succeeds() {
     let pre =
         "n=$(cat \"$1/count\" 2>/dev/null || echo 0); echo $((n+1)) > \"$1/count\"; [ $n -ge 2 ]";
     let config = s.standard(pre, "", r#", "preScriptNoOfRetries": 2"#);
-    let run = ScriptConfig::load(&config).unwrap().run_pre();
+    let run = Scripts::load(&config).unwrap().run_pre();
     assert!(run.succeeded());
     assert_eq!(run.attempts.len(), 3);
     assert_eq!(run.evidence().details["attempts"][0]["exit_code"], 1);
     std::fs::remove_file(s.path("count")).unwrap();
     let config = s.standard(pre, "", r#", "preScriptNoOfRetries": 1"#);
-    let run = ScriptConfig::load(&config).unwrap().run_pre();
+    let run = Scripts::load(&config).unwrap().run_pre();
     assert!(!run.succeeded());
     assert_eq!(run.outcome(), "exit code 1 (after 2 attempts)");
 }
@@ -264,7 +323,7 @@ fn retries_run_the_script_again_until_it_succeeds() {
 fn a_failed_post_script_lowers_the_level_or_fails_the_job() {
     let s = Setup::new();
     let config = s.standard("", "exit 5", "");
-    let mut quiescer = GuestQuiescer::new(Some(ScriptConfig::load(&config).unwrap()), None);
+    let mut quiescer = GuestQuiescer::new(Some(Scripts::load(&config).unwrap()), None);
     let mut record = cairn_snapshot::Record::new(Consistency::Crash);
     let hold = cairn_snapshot::Quiescer::quiesce(&mut quiescer, &mut record).unwrap();
     assert_eq!(record.level(), Consistency::Application);
@@ -283,6 +342,6 @@ fn a_failed_post_script_lowers_the_level_or_fails_the_job() {
 fn parameters_are_passed_and_empty_ones_dropped() {
     let s = Setup::new();
     let config = s.standard("echo \"args=$#\" >> \"$1/log\"", "", "");
-    ScriptConfig::load(&config).unwrap().run_pre();
+    Scripts::load(&config).unwrap().run_pre();
     assert_eq!(s.log(), "pre\nargs=1\n");
 }

@@ -1,6 +1,6 @@
 //! What a job would refuse, found before anything runs.
 
-use cairn_snapshot::scripts::ScriptConfig;
+use cairn_snapshot::scripts::Scripts;
 use cairn_snapshot::{DiskFormat, VmConfig, VmState};
 
 use super::{JobOptions, quiesce};
@@ -78,7 +78,8 @@ pub fn check(config: &VmConfig, options: &JobOptions) -> Vec<Check> {
         return checks;
     }
     if let Some(scripts) = &config.scripts {
-        let result = ScriptConfig::load(scripts).map(|s| {
+        let result = Scripts::load(scripts).map(|s| {
+            let s = s.config();
             format!(
                 "pre {}, post {}, timeout {} s, continueBackupOnFailure {}, fsFreezeEnabled {}",
                 s.pre_script.display(),

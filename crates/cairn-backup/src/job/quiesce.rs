@@ -1,7 +1,7 @@
 //! From a VM configuration to its quiescer: scripts, the freeze, and what must never freeze.
 
 use cairn_snapshot::freeze::{Freezer, Protected};
-use cairn_snapshot::scripts::ScriptConfig;
+use cairn_snapshot::scripts::Scripts;
 use cairn_snapshot::watchdog::WatchdogCommand;
 use cairn_snapshot::{GuestQuiescer, NoQuiescer, Quiescer, VmConfig, VmState};
 use cairn_vault::Vault;
@@ -46,7 +46,7 @@ pub(super) fn quiescer(
     if config.state == VmState::Stopped {
         return Ok(Box::new(NoQuiescer));
     }
-    let scripts = config.scripts.as_deref().map(ScriptConfig::load).transpose()?;
+    let scripts = config.scripts.as_deref().map(Scripts::load).transpose()?;
     let freezer = if config.freeze_mounts.is_empty() {
         None
     } else {
