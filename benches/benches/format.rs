@@ -5,7 +5,7 @@
 
 use cairn_benches::sample_disk;
 use cairn_format::index::{BlockEntry, IndexPage};
-use cairn_format::patch::{Patch, PieceSums, encode_patch};
+use cairn_format::patch::{Patch, PieceKey, PieceSums, encode_patch};
 use cairn_format::{Digest, decode_chunk, encode_chunk};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
@@ -40,12 +40,19 @@ fn stages(c: &mut Criterion) {
     // Sub-block deltas: the sums every stored block gets, and a one-piece patch.
     let mut changed = text.to_vec();
     changed[5 * 4096..6 * 4096].copy_from_slice(&random[..4096]);
-    let (old_sums, new_sums) = (PieceSums::of(text, 4096), PieceSums::of(&changed, 4096));
+    let key = PieceKey::from_key(&[1; 32]);
+    let (old_sums, new_sums) =
+        (PieceSums::of(text, 4096, &key), PieceSums::of(&changed, 4096, &key));
     let mask = new_sums.differing(&old_sums).unwrap_or(1);
     let patch = encode_patch(&changed, 4096, mask);
     let mut g = c.benchmark_group("patch");
     g.throughput(Throughput::Bytes(65536));
-    g.bench_function("piece sums (xxh3, 16 x 4 KiB)", |b| b.iter(|| PieceSums::of(text, 4096)));
+    g.bench_function("piece sums (keyed xxh3, 16 x 4 KiB)", |b| {
+        b.iter(|| PieceSums::of(text, 4096, &key))
+    });
+    g.bench_function("piece sums (plain xxh3, 16 x 4 KiB)", |b| {
+        b.iter(|| PieceSums::of(text, 4096, &PieceKey::UNKEYED))
+    });
     g.bench_function("diff sums", |b| b.iter(|| new_sums.differing(&old_sums)));
     g.bench_function("encode one-piece patch", |b| b.iter(|| encode_patch(&changed, 4096, mask)));
     g.bench_function("apply one-piece patch", |b| {

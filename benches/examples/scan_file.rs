@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use cairn_delta::{EngineConfig, NoPrevious, RawFile, scan};
+use cairn_delta::{EngineConfig, NoBases, NoPrevious, RawFile, scan};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -13,8 +13,8 @@ fn main() {
     let block: u32 = args.next().map(|b| b.parse().expect("block size in bytes")).unwrap_or(65536);
     let source = RawFile::open(path.as_ref()).expect("open image");
     let clock = Instant::now();
-    let summary =
-        scan(&source, NoPrevious, &(), &EngineConfig::new(block), |_| Ok(())).expect("scan");
+    let summary = scan(&source, NoPrevious, &NoBases, &(), &EngineConfig::new(block), |_| Ok(()))
+        .expect("scan");
     let secs = clock.elapsed().as_secs_f64();
     println!(
         "{path}: {} blocks, {:.1} MiB hashed in {secs:.3} s: {:.2} GiB/s of disk, {:.2} GiB/s hashed",

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use tokio::sync::mpsc;
 
-use crate::previous::VaultPrevious;
+use crate::previous::{VaultBases, VaultPrevious};
 use crate::{Cancel, DiskProgress, Error, Progress};
 
 /// One disk to back up: its stable name within the VM, and where to read it.
@@ -211,6 +211,7 @@ async fn backup_disk(
             None => EngineConfig::new(block_size),
         };
         config.tracking = tracking.clone();
+        config.piece_key = vault.config().piece_key();
         let scanned =
             scan_disk(&mut state, &disk, base.as_ref(), config, progress.as_ref(), cancel).await;
         match scanned {
@@ -239,6 +240,18 @@ async fn backup_disk(
         }
     };
     state.packs.finish().await?;
+    if summary.patches_refused > 0 {
+        evidence.push(Evidence::new(
+            "patch_refused",
+            Some(&name),
+            format!(
+                "{} changed blocks were stored whole: their piece sums chose a patch, and their \
+                 base read back from the vault did not rebuild them with it (a piece-sum \
+                 collision, or a damaged base)",
+                summary.patches_refused
+            ),
+        ));
+    }
     if tracking.is_some() {
         evidence.push(Evidence::new(
             "cbt",
@@ -347,6 +360,7 @@ async fn scan_disk(
     let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
     let encoder = FrameEncoder { zstd_level: state.vault.config().zstd_level() };
     let source = Arc::clone(&disk.source);
+    let bases = VaultBases::new(state.vault);
     let scan_cancel = cancel.clone();
     // The scan gets its own thread, not one of the runtime's blocking threads: it runs for the
     // whole disk, and the vault's file operations need those threads meanwhile.
@@ -354,13 +368,19 @@ async fn scan_disk(
     std::thread::Builder::new()
         .name(format!("scan-{name}"))
         .spawn(move || {
-            let result =
-                cairn_delta::scan(source.as_ref(), prev_index, &encoder, &config, |batch| {
+            let result = cairn_delta::scan(
+                source.as_ref(),
+                prev_index,
+                &bases,
+                &encoder,
+                &config,
+                |batch| {
                     if scan_cancel.is_cancelled() {
                         return Err(cairn_delta::Error::Stopped);
                     }
                     tx.blocking_send(batch).map_err(|_| cairn_delta::Error::Stopped)
-                });
+                },
+            );
             let _ = done_tx.send(result);
         })
         .map_err(|e| Error::Internal(format!("cannot start a scan thread: {e}")))?;

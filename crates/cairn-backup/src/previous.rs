@@ -1,10 +1,11 @@
-//! The previous point's index, streamed page by page into the (synchronous) engine.
+//! The previous point, as the (synchronous) engine needs it: its index streamed page by page,
+//! and its chunks read back when a patch over one must be checked.
 
 use std::sync::{Arc, Mutex};
 
 use cairn_delta::PreviousIndex;
-use cairn_format::DiskRecord;
 use cairn_format::index::{BlockEntry, IndexPage};
+use cairn_format::{Digest, DiskRecord};
 use cairn_vault::Vault;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -85,5 +86,29 @@ impl PreviousIndex for VaultPrevious {
                 None => self.done = true,
             }
         }
+    }
+}
+
+/// Bases of patches read back from the vault, for the engine's worker threads (which are not
+/// the runtime's: they may block on it).
+pub(crate) struct VaultBases {
+    vault: Vault,
+    runtime: tokio::runtime::Handle,
+}
+
+impl VaultBases {
+    /// Reads from `vault` on the current runtime.
+    pub(crate) fn new(vault: &Vault) -> Self {
+        VaultBases { vault: vault.clone(), runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+impl cairn_delta::Bases for VaultBases {
+    /// The base's plaintext, its frame's CRC checked. Its SHA-256 is not: the engine compares
+    /// it byte for byte with the new block, so a damaged copy can only fail that comparison
+    /// (and the block is stored whole).
+    fn base(&self, id: &Digest) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+        let frame = self.runtime.block_on(self.vault.read_chunk_raw(id))?;
+        Ok(cairn_format::decode_chunk(&frame)?.plaintext)
     }
 }

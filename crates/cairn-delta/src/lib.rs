@@ -17,13 +17,22 @@
 //! index arrives through the [`PreviousIndex`] trait and the results leave through a callback.
 //! Memory is bounded by a fixed pool of read buffers, so it is flat in disk size.
 
-mod engine;
+mod config;
+mod decide;
 mod error;
+mod events;
+mod holes;
+mod inputs;
+mod scan;
 mod source;
+#[cfg(test)]
+mod tests;
+mod tracking;
 
-pub use engine::{
-    Batch, BlockEncoder, BlockEvent, DEFAULT_PATCH_GENERATIONS, EngineConfig, NoPrevious,
-    PreviousIndex, ScanSummary, Tracked, scan,
-};
+pub use config::{DEFAULT_PATCH_GENERATIONS, EngineConfig};
 pub use error::Error;
+pub use events::{Batch, BlockEvent, ScanSummary};
+pub use inputs::{Bases, BlockEncoder, NoBases, NoPrevious, PreviousIndex};
+pub use scan::scan;
 pub use source::{BlockSource, ChangeTracking, Extent, MemSource, RawFile};
+pub use tracking::Tracked;

@@ -4,11 +4,14 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::index::{DEFAULT_BLOCKS_PER_PAGE, MAX_BLOCKS_PER_PAGE};
-use crate::manifest::decode_json;
+use crate::manifest::decode_json_formats;
+use crate::patch::PieceKey;
 use crate::{Error, check_block_size};
 
-/// The config format this build writes and reads.
-pub const CONFIG_FORMAT: u32 = 2;
+/// The config format this build writes. It also reads format 2, whose piece sums are unkeyed.
+pub const CONFIG_FORMAT: u32 = 3;
+/// The oldest config format this build reads.
+const OLDEST_FORMAT: u32 = 2;
 
 /// Target size of a pack unless the config says otherwise. Measured on a local ext4 vault
 /// (`docs/performance.md`): 2 and 8 MiB back up equally fast, 32 MiB is slower and needs twice
@@ -30,6 +33,30 @@ pub struct ChunkIdParams {
 pub struct CipherParams {
     /// `none`.
     pub algorithm: String,
+}
+
+/// How piece sums (sub-block deltas) are computed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceSumParams {
+    /// `xxh3-64` (unkeyed; format 2 vaults) or `xxh3-64-keyed`.
+    pub algorithm: String,
+    /// The 32-byte key, hex, for `xxh3-64-keyed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+impl std::fmt::Debug for PieceSumParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is a secret: logs and debug output never show it.
+        f.debug_struct("PieceSumParams").field("algorithm", &self.algorithm).finish_non_exhaustive()
+    }
+}
+
+impl Default for PieceSumParams {
+    /// What a format 2 config, which has no such field, means.
+    fn default() -> Self {
+        PieceSumParams { algorithm: "xxh3-64".into(), key: None }
+    }
 }
 
 /// How chunks are compressed.
@@ -63,11 +90,20 @@ pub struct VaultConfig {
     pub cipher: CipherParams,
     /// Compression parameters.
     pub compression: CompressionParams,
+    /// Piece-sum parameters (absent in format 2: unkeyed).
+    #[serde(default)]
+    pub piece_sums: PieceSumParams,
 }
 
 impl VaultConfig {
-    /// A config with today's defaults.
-    pub fn new(vault_id: String, created_at: Timestamp, block_size: u32) -> Result<Self, Error> {
+    /// A config with today's defaults; `piece_key` (random, from the caller) keys the vault's
+    /// piece sums.
+    pub fn new(
+        vault_id: String,
+        created_at: Timestamp,
+        block_size: u32,
+        piece_key: [u8; 32],
+    ) -> Result<Self, Error> {
         check_block_size(block_size)?;
         Ok(VaultConfig {
             format: CONFIG_FORMAT,
@@ -79,7 +115,19 @@ impl VaultConfig {
             chunk_id: ChunkIdParams { algorithm: "sha256".into() },
             cipher: CipherParams { algorithm: "none".into() },
             compression: CompressionParams { algorithm: "zstd".into(), level: 1 },
+            piece_sums: PieceSumParams {
+                algorithm: "xxh3-64-keyed".into(),
+                key: Some(hex::encode(piece_key)),
+            },
         })
+    }
+
+    /// The key of this vault's piece sums.
+    pub fn piece_key(&self) -> PieceKey {
+        match self.piece_sums.key.as_deref().map(decode_key) {
+            Some(Some(key)) => PieceKey::from_key(&key),
+            _ => PieceKey::UNKEYED,
+        }
     }
 
     /// The zstd level to use, or `None` to store chunks uncompressed.
@@ -95,16 +143,18 @@ impl VaultConfig {
     /// Decodes and checks a config; unknown algorithms are refused as unsupported.
     pub fn decode(bytes: &[u8]) -> Result<VaultConfig, Error> {
         const WHAT: &str = "vault config";
-        let c: VaultConfig = decode_json(bytes, WHAT, CONFIG_FORMAT).map_err(|e| match e {
-            // Format 1 stored each chunk as its own object; this build reads packs only.
-            Error::Unsupported { what, detail } if detail == "format 1" => Error::Invalid {
-                what,
-                detail: "format 1, written by an earlier Cairn that stored one object per chunk; \
+        let c: VaultConfig = decode_json_formats(bytes, WHAT, OLDEST_FORMAT..=CONFIG_FORMAT)
+            .map_err(|e| match e {
+                // Format 1 stored each chunk as its own object; this build reads packs only.
+                Error::Unsupported { what, detail } if detail == "format 1" => Error::Invalid {
+                    what,
+                    detail:
+                        "format 1, written by an earlier Cairn that stored one object per chunk; \
                          this version reads packed chunks only: create a new vault"
-                    .into(),
-            },
-            e => e,
-        })?;
+                            .into(),
+                },
+                e => e,
+            })?;
         check_block_size(c.block_size)
             .map_err(|e| Error::Corrupt { what: WHAT, detail: e.to_string() })?;
         if c.blocks_per_page == 0 || c.blocks_per_page > MAX_BLOCKS_PER_PAGE {
@@ -120,6 +170,19 @@ impl VaultConfig {
         if c.cipher.algorithm != "none" {
             return Err(unsupported(format!("cipher {:?}", c.cipher.algorithm)));
         }
+        // Format 3 and later key their piece sums; format 2 did not.
+        let keyed = c.format >= 3;
+        match (c.piece_sums.algorithm.as_str(), &c.piece_sums.key) {
+            ("xxh3-64", None) if !keyed => {}
+            ("xxh3-64-keyed", Some(key)) if keyed => {
+                if decode_key(key).is_none() {
+                    return Err(Error::corrupt(WHAT, "the piece-sum key is not 32 bytes of hex"));
+                }
+            }
+            (other, _) => {
+                return Err(unsupported(format!("piece sums {other:?} in format {}", c.format)));
+            }
+        }
         match c.compression.algorithm.as_str() {
             "none" => {}
             "zstd" if (1..=22).contains(&c.compression.level) => {}
@@ -132,13 +195,19 @@ impl VaultConfig {
     }
 }
 
+/// A 32-byte key from its hex.
+fn decode_key(hex_key: &str) -> Option<[u8; 32]> {
+    hex::decode(hex_key).ok()?.try_into().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn config() -> VaultConfig {
-        VaultConfig::new("v1".into(), "2026-11-22T00:00:00Z".parse().unwrap(), 65536).unwrap()
+        VaultConfig::new("v1".into(), "2026-11-22T00:00:00Z".parse().unwrap(), 65536, [9; 32])
+            .unwrap()
     }
 
     #[test]
@@ -156,7 +225,30 @@ mod tests {
         let mut c = config();
         c.block_size = 3000;
         assert!(VaultConfig::decode(&c.encode()).is_err());
-        assert!(VaultConfig::new("x".into(), c.created_at, 8 << 20).is_err());
+        assert!(VaultConfig::new("x".into(), c.created_at, 8 << 20, [0; 32]).is_err());
+    }
+
+    #[test]
+    fn piece_sums_are_keyed_in_new_vaults_and_plain_in_format_2() {
+        let c = config();
+        assert!(c.piece_key().is_keyed());
+        assert!(!format!("{c:?}").contains(&hex::encode([9u8; 32])), "the key is never printed");
+        let mut old = config();
+        old.format = 2;
+        old.piece_sums = PieceSumParams::default();
+        let back = VaultConfig::decode(&old.encode()).unwrap();
+        assert!(!back.piece_key().is_keyed());
+        // A format 2 vault says nothing of piece sums at all.
+        let mut json: serde_json::Value = serde_json::from_slice(&old.encode()).unwrap();
+        json.as_object_mut().unwrap().remove("piece_sums");
+        assert!(VaultConfig::decode(&serde_json::to_vec(&json).unwrap()).is_ok());
+        // A format 3 vault without a key, or with a short one, is refused.
+        let mut bad = config();
+        bad.piece_sums = PieceSumParams::default();
+        assert!(VaultConfig::decode(&bad.encode()).is_err());
+        let mut bad = config();
+        bad.piece_sums.key = Some("abcd".into());
+        assert!(VaultConfig::decode(&bad.encode()).is_err());
     }
 
     #[test]

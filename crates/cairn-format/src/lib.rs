@@ -28,7 +28,8 @@ pub use chunk::{
     ChunkFrame, Cipher, Compression, FRAME_HEADER_LEN, MAX_CHUNK_LEN, decode_chunk, encode_chunk,
 };
 pub use config::{
-    ChunkIdParams, CipherParams, CompressionParams, DEFAULT_PACK_SIZE, PACK_SIZE_RANGE, VaultConfig,
+    CONFIG_FORMAT, ChunkIdParams, CipherParams, CompressionParams, DEFAULT_PACK_SIZE,
+    PACK_SIZE_RANGE, PieceSumParams, VaultConfig,
 };
 pub use digest::Digest;
 pub use error::Error;

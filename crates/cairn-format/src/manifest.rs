@@ -232,10 +232,19 @@ pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
     what: &'static str,
     format: u32,
 ) -> Result<T, Error> {
+    decode_json_formats(bytes, what, format..=format)
+}
+
+/// As [`decode_json`], for a reader of every format in `formats`.
+pub(crate) fn decode_json_formats<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+    formats: std::ops::RangeInclusive<u32>,
+) -> Result<T, Error> {
     // Read the format first, so a newer document gets "upgrade", not a field error.
     let probe: FormatOnly =
         serde_json::from_slice(bytes).map_err(|source| Error::Json { what, source })?;
-    if probe.format != format {
+    if !formats.contains(&probe.format) {
         return Err(Error::Unsupported { what, detail: format!("format {}", probe.format) });
     }
     serde_json::from_slice(bytes).map_err(|source| Error::Json { what, source })

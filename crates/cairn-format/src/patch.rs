@@ -1,7 +1,8 @@
 //! Sub-block deltas: piece sums and patch chunks.
 //!
 //! A block is cut into at most [`MAX_PIECES`] *pieces* ([`piece_size`]: 4 KiB for the default
-//! 64 KiB block). The index keeps a 64-bit XXH3 sum of every piece of a stored block
+//! 64 KiB block). The index keeps a 64-bit XXH3 sum, keyed per vault ([`PieceKey`]), of every
+//! piece of a stored block
 //! ([`PieceSums`]), so the next backup learns which pieces of a changed block differ from a
 //! stored version without reading anything but the new block. When few pieces differ, the block
 //! is stored as a *patch*: a chunk holding only those pieces, applied over the *base* (a whole
@@ -40,8 +41,65 @@ pub fn piece_size(block_size: u32) -> u32 {
     (block_size / MAX_PIECES as u32).max(MIN_PIECE)
 }
 
-/// The 64-bit XXH3 sum of each piece of one block; empty when the block has fewer than two
-/// pieces (a patch could not be smaller than the block) or the sums were not recorded.
+/// The secret that keys a vault's piece sums.
+///
+/// A guest writes its disks' bytes; if it could predict piece sums it could write a block whose
+/// changed pieces keep their old sums, and the patch made from those sums would not rebuild
+/// the block. So a vault created by this version keeps a random 32-byte key in its
+/// configuration (which no guest reads), expanded with SHA-256 into the 192-byte secret of
+/// keyed XXH3. Vaults created before keep unkeyed sums ([`PieceKey::UNKEYED`]). Either way a
+/// patch is only stored after its rebuilt block was compared with the block itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PieceKey {
+    secret: Option<[u8; SECRET_LEN]>,
+}
+
+/// Bytes of a keyed XXH3 secret (XXH3's default secret size).
+const SECRET_LEN: usize = 192;
+
+impl PieceKey {
+    /// Plain XXH3-64, as vaults of configuration format 2 sum their pieces.
+    pub const UNKEYED: PieceKey = PieceKey { secret: None };
+
+    /// The key a vault's configuration holds, expanded into a keyed XXH3 secret:
+    /// `SHA-256(key || i)` for i = 0..6, concatenated.
+    pub fn from_key(key: &[u8; 32]) -> PieceKey {
+        use sha2::Digest as _;
+        let mut secret = [0u8; SECRET_LEN];
+        for (i, part) in secret.chunks_mut(32).enumerate() {
+            let mut h = sha2::Sha256::new();
+            h.update(key);
+            h.update([i as u8]);
+            part.copy_from_slice(&h.finalize());
+        }
+        PieceKey { secret: Some(secret) }
+    }
+
+    /// Whether the sums are keyed.
+    pub fn is_keyed(&self) -> bool {
+        self.secret.is_some()
+    }
+
+    /// The sum of one piece.
+    fn sum(&self, piece: &[u8]) -> u64 {
+        match &self.secret {
+            None => twox_hash::XxHash3_64::oneshot(piece),
+            // The secret is SECRET_LEN bytes, over XXH3's minimum: this cannot fail.
+            Some(secret) => twox_hash::XxHash3_64::oneshot_with_secret(secret, piece)
+                .unwrap_or_else(|_| twox_hash::XxHash3_64::oneshot(piece)),
+        }
+    }
+}
+
+impl std::fmt::Debug for PieceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_keyed() { "PieceKey(keyed)" } else { "PieceKey(unkeyed)" })
+    }
+}
+
+/// The 64-bit XXH3 sum (keyed with the vault's [`PieceKey`]) of each piece of one block; empty
+/// when the block has fewer than two pieces (a patch could not be smaller than the block) or
+/// the sums were not recorded.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PieceSums {
     count: u8,
@@ -52,15 +110,16 @@ impl PieceSums {
     /// No sums.
     pub const NONE: PieceSums = PieceSums { count: 0, sums: [0; MAX_PIECES] };
 
-    /// The sums of `block`'s pieces of `piece_size` bytes (the last may be short).
-    pub fn of(block: &[u8], piece_size: u32) -> PieceSums {
+    /// The sums of `block`'s pieces of `piece_size` bytes (the last may be short), keyed with
+    /// `key`.
+    pub fn of(block: &[u8], piece_size: u32, key: &PieceKey) -> PieceSums {
         let pieces = block.chunks(piece_size.max(1) as usize);
         if pieces.len() < 2 || pieces.len() > MAX_PIECES {
             return PieceSums::NONE;
         }
         let mut out = PieceSums::NONE;
         for (slot, piece) in out.sums.iter_mut().zip(pieces) {
-            *slot = twox_hash::XxHash3_64::oneshot(piece);
+            *slot = key.sum(piece);
             out.count += 1;
         }
         out
@@ -230,13 +289,28 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn keyed_sums_depend_on_the_key_alone() {
+        let block: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let (k1, k2) = (PieceKey::from_key(&[1; 32]), PieceKey::from_key(&[2; 32]));
+        let sums = |k: &PieceKey| PieceSums::of(&block, 4096, k);
+        assert_eq!(sums(&k1), sums(&PieceKey::from_key(&[1; 32])));
+        assert_ne!(sums(&k1).as_slice()[0], sums(&k2).as_slice()[0]);
+        assert_ne!(sums(&k1).as_slice()[0], sums(&PieceKey::UNKEYED).as_slice()[0]);
+        assert_eq!(
+            sums(&PieceKey::UNKEYED).as_slice()[0],
+            twox_hash::XxHash3_64::oneshot(&block[..4096])
+        );
+        assert_eq!(format!("{k1:?}"), "PieceKey(keyed)", "the secret is never printed");
+    }
+
+    #[test]
     fn piece_sizes() {
         assert_eq!(piece_size(4096), 4096);
         assert_eq!(piece_size(65536), 4096);
         assert_eq!(piece_size(1 << 20), 65536);
-        assert!(PieceSums::of(&[1u8; 4096], 4096).is_empty());
-        assert_eq!(PieceSums::of(&[1u8; 65536], 4096).as_slice().len(), 16);
-        assert_eq!(PieceSums::of(&[1u8; 5000], 4096).as_slice().len(), 2);
+        assert!(PieceSums::of(&[1u8; 4096], 4096, &PieceKey::UNKEYED).is_empty());
+        assert_eq!(PieceSums::of(&[1u8; 65536], 4096, &PieceKey::UNKEYED).as_slice().len(), 16);
+        assert_eq!(PieceSums::of(&[1u8; 5000], 4096, &PieceKey::UNKEYED).as_slice().len(), 2);
     }
 
     #[test]
@@ -245,7 +319,8 @@ mod tests {
         let mut new = base.clone();
         new[3 * 4096 + 17] = 1;
         new[65535] = 2;
-        let (a, b) = (PieceSums::of(&base, 4096), PieceSums::of(&new, 4096));
+        let key = PieceKey::from_key(&[7; 32]);
+        let (a, b) = (PieceSums::of(&base, 4096, &key), PieceSums::of(&new, 4096, &key));
         assert_eq!(b.differing(&a), Some(1 << 3 | 1 << 15));
         assert_eq!(b.differing(&PieceSums::NONE), None);
         let patch = encode_patch(&new, 4096, 1 << 3 | 1 << 15);
@@ -282,7 +357,7 @@ mod tests {
                 let i = at % new.len();
                 new[i] = new[i].wrapping_add(byte | 1);
             }
-            let (old, cur) = (PieceSums::of(&base, 4096), PieceSums::of(&new, 4096));
+            let (old, cur) = (PieceSums::of(&base, 4096, &PieceKey::UNKEYED), PieceSums::of(&new, 4096, &PieceKey::UNKEYED));
             let mask = cur.differing(&old).unwrap();
             prop_assert!(mask != 0);
             let bytes = encode_patch(&new, 4096, mask);

@@ -220,7 +220,9 @@ impl Vault {
         block_size: u32,
     ) -> Result<Vault, Error> {
         let id = format!("{:032x}", rand::rng().random::<u128>());
-        let config = VaultConfig::new(id, jiff::Timestamp::now(), block_size)?;
+        // The piece-sum key: a secret of the vault, never derived from anything a guest sees.
+        let piece_key: [u8; 32] = rand::rng().random();
+        let config = VaultConfig::new(id, jiff::Timestamp::now(), block_size, piece_key)?;
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         let path = layout::config();
         match store.put_opts(&path, config.encode().into(), opts).await {

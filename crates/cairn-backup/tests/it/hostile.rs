@@ -173,3 +173,67 @@ async fn a_page_that_does_not_cover_its_place_is_refused() {
     let err = f.restore(&m, "sda", &f.path("r.raw")).await.unwrap_err();
     assert!(err.to_string().contains("covers 1 blocks"), "{err}");
 }
+
+/// A guest that can make piece sums collide writes a block whose changed pieces keep their
+/// base's sums: here the previous point's entry carries such sums (as a collision would make
+/// them). The backup reads the base back, sees the patch would not rebuild the block, stores
+/// the block whole and says so; the point restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_sum_collision_cannot_damage_a_point() {
+    use cairn_format::index::{BlockEntry, IndexWriter};
+    use cairn_format::patch::PieceSums;
+
+    let f = Fixture::new(65536).await;
+    assert!(f.vault.config().piece_key().is_keyed(), "a new vault keys its piece sums");
+    let key = f.vault.config().piece_key();
+    let old: Vec<u8> = (0..65536u32).map(|i| (i % 241) as u8 | 1).collect();
+    let mut new = old.clone();
+    new[..4096].fill(0x11); // piece 0
+    new[4096..8192].fill(0x22); // piece 1
+    // The previous point: block 0 stored whole as `old`, with sums that agree with `new`
+    // everywhere but in piece 0.
+    let mut forged = PieceSums::of(&new, 4096, &key).as_slice().to_vec();
+    forged[0] ^= 1;
+    let now = jiff::Timestamp::now();
+    let writer = f.vault.begin_point(&name("vm"), now).await.unwrap();
+    let mut packs = writer.pack_writer();
+    let (old_id, _) = packs.store_plain(&old).await.unwrap();
+    let mut index = IndexWriter::new(65536, 65536, 1024).unwrap();
+    let entry = BlockEntry::Data { digest: old_id, sums: PieceSums::from_slice(&forged).unwrap() };
+    assert!(index.push(entry).is_none());
+    let (last, root) = index.finish().unwrap();
+    packs.store_plain(&last.unwrap().bytes).await.unwrap();
+    packs.store_plain(&root.bytes).await.unwrap();
+    packs.finish().await.unwrap();
+    let disk = DiskRecord {
+        size: 65536,
+        block_size: 65536,
+        index_root: root.digest,
+        previous_point: None,
+        source: "guest".into(),
+        stats: DiskStats::default(),
+    };
+    let first = PointManifest {
+        format: cairn_format::MANIFEST_FORMAT,
+        point: writer.point().clone(),
+        vm: name("vm"),
+        started_at: now,
+        captured_at: now,
+        finished_at: now,
+        consistency: Consistency::None,
+        disks: [(name("sda"), disk)].into_iter().collect(),
+        evidence: vec![],
+        writer: "test".into(),
+    };
+    writer.commit(&first).await.unwrap();
+
+    let image = f.path("guest.raw");
+    std::fs::write(&image, &new).unwrap();
+    let m = f.backup("vm", &[("sda", &image)]).await.unwrap();
+    assert_eq!(m.disks[&name("sda")].previous_point.as_ref(), Some(&first.point));
+    assert_eq!(m.disks[&name("sda")].stats.patched_blocks, 0);
+    assert!(m.evidence.iter().any(|e| e.kind == "patch_refused"), "{:?}", m.evidence);
+    f.restore(&m, "sda", &f.path("r.raw")).await.unwrap();
+    assert_eq!(std::fs::read(f.path("r.raw")).unwrap(), new);
+    assert!(f.verify().await.is_clean());
+}

@@ -163,7 +163,7 @@ async fn a_patch_that_does_not_rebuild_its_block_is_caught() {
                 base: base_id,
                 patch: patch_id,
                 generation: 1,
-                base_sums: PieceSums::of(&base, 4096),
+                base_sums: PieceSums::of(&base, 4096, &f.vault.config().piece_key()),
             }))
             .is_none()
     );
