@@ -56,6 +56,10 @@ step "cargo test (unit, integration and doc tests)"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+step "examples (embedding the job, the engine alone), on small data"
+cargo run -q -p cairn-backup --example vm_backup
+cargo run -q -p cairn-delta --example diff_files
+
 step "no failpoints outside the tests"
 # The freeze-path failpoints (CAIRN_FAILPOINT) exist only in the binary the agent's own tests
 # build (a dev-dependency turns them on); a build without dev-dependencies must not have them.
