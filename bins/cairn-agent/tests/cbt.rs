@@ -224,3 +224,33 @@ fn declared_qcow2_images_with_backing_or_data_files_are_refused() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("external data file"));
 }
+
+/// Two disks named alike (`--disk` names a disk after its file) are refused before anything is
+/// written: no bitmap is added to either image.
+#[test]
+fn two_disks_of_one_name_are_refused_before_any_bitmap_is_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let vault = s("vault");
+    ok(agent(&["init", "--vault", &vault]));
+    std::fs::create_dir(dir.path().join("a")).unwrap();
+    std::fs::create_dir(dir.path().join("b")).unwrap();
+    let (a, b) = (s("a/disk.qcow2"), s("b/disk.qcow2"));
+    for image in [&a, &b] {
+        tool("qemu-img", &["create", "-q", "-f", "qcow2", image, "4M"]);
+    }
+    let out = agent(&[
+        "backup",
+        "--vault",
+        &vault,
+        "--vm",
+        "web",
+        "--disk",
+        &format!("{a},format=qcow2"),
+        "--disk",
+        &format!("{b},format=qcow2"),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("two disks are named disk.qcow2"));
+    assert!(bitmaps(&a).is_empty() && bitmaps(&b).is_empty());
+}

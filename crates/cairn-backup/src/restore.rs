@@ -44,6 +44,12 @@ pub async fn restore_point(
     let folder_error = |source| Error::Target { path: to.to_owned(), source };
     match std::fs::symlink_metadata(to) {
         Ok(meta) if meta.is_dir() => {}
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(folder_error(std::io::Error::other(
+                "it is a symbolic link; a restore writes into the folder it is given, never \
+                 through a link: give the real path",
+            )));
+        }
         Ok(_) => {
             return Err(folder_error(std::io::Error::other(
                 "restoring every disk of a point needs a folder, and this is not one; name one \
@@ -70,11 +76,11 @@ pub async fn restore_point(
 }
 
 /// Restores disk `disk` of `point` to `target`: a file (created sparse and private, 0600), or
-/// a block device. A file is written as `TARGET.cairn-partial`, created afresh (an existing
-/// file or link of that name is removed, never opened), and renamed over the target only once
-/// complete and synced; the folder is synced after the rename, so a finished restore survives
-/// a power cut. A target that is a symbolic link is refused unless it leads to a block device
-/// (`/dev/disk/by-id/...`).
+/// a block device. A file is written as `TARGET.cairn-partial-PID-RANDOM`, this restore's own,
+/// and renamed over the target only once complete and synced; the folder is synced after the
+/// rename, so a finished restore survives a power cut. A target that is a symbolic link is
+/// refused unless it leads to a block device (`/dev/disk/by-id/...`) from a folder only root
+/// may change.
 pub async fn restore_disk(
     vault: &Vault,
     point: &PointManifest,

@@ -1,12 +1,15 @@
 //! Restore targets: what a restore may open, and how a restored file is published.
 //!
 //! The agent runs as root, and a restore target may sit in a folder others can write to.
-//! Nothing here follows a link or truncates a file that was already there: the partial file
-//! is created with `O_CREAT|O_EXCL|O_NOFOLLOW` (whatever had its name is unlinked first, which
-//! never touches what a link points to), data goes only through the descriptor that create
-//! returned, and the finished file is renamed over the target (a rename replaces a name, it
-//! does not write through it). A target that is itself a symbolic link is accepted only when
-//! it leads to a block device, so `/dev/disk/by-id/...` names keep working.
+//! Nothing here follows a link or truncates a file that was already there: each restore's
+//! partial file has a name of its own (`TARGET.cairn-partial-PID-RANDOM`, so two restores to
+//! one target never share one), created with `O_CREAT|O_EXCL|O_NOFOLLOW`; data goes only
+//! through the descriptor that create returned, and the finished file is renamed over the
+//! target (a rename replaces a name, it does not write through it). Partial files of restores
+//! whose process is gone are unlinked, which never touches what a link points to. A target
+//! that is itself a symbolic link is accepted only when it leads to a block device and lies in
+//! a folder only root (or the agent's user) may change, so `/dev/disk/by-id/...` names keep
+//! working and a link planted in a shared folder does not.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -48,6 +51,9 @@ pub(crate) fn open(target: &Path, size: u64, force: bool) -> Result<(File, Kind)
     };
     match meta {
         Some(m) if m.file_type().is_symlink() => {
+            cairn_snapshot::trusted::check_folders(target).map_err(|e| {
+                refuse(format!("it is a symbolic link in a folder others may change ({e})"))
+            })?;
             let resolved = std::fs::canonicalize(target).map_err(|e| {
                 refuse(format!("it is a symbolic link that leads nowhere ({e}); give a real path"))
             })?;
@@ -69,6 +75,7 @@ pub(crate) fn open(target: &Path, size: u64, force: bool) -> Result<(File, Kind)
         }
         Some(m) if m.len() > 0 && !force => Err(Error::TargetExists { path: target.to_owned() }),
         Some(_) | None => {
+            remove_stale_partials(target);
             let partial = partial_path(target);
             let file = create_partial(&partial, size)
                 .map_err(|source| Error::Target { path: partial.clone(), source })?;
@@ -107,22 +114,47 @@ fn open_device(
     Ok((file, Kind::Device))
 }
 
-/// `TARGET.cairn-partial`, beside the target.
-pub(crate) fn partial_path(target: &Path) -> PathBuf {
+/// What every partial file of `target` is named after: `TARGET.cairn-partial`.
+fn partial_stem(target: &Path) -> std::ffi::OsString {
     let mut name = target.file_name().unwrap_or_default().to_os_string();
     name.push(".cairn-partial");
+    name
+}
+
+/// `TARGET.cairn-partial-PID-RANDOM`, beside the target: this restore's own.
+fn partial_path(target: &Path) -> PathBuf {
+    let mut name = partial_stem(target);
+    name.push(format!("-{}-{:08x}", std::process::id(), rand::random::<u32>()));
     target.with_file_name(name)
 }
 
-/// Creates the partial file afresh, private, `size` bytes long and sparse.
-fn create_partial(partial: &Path, size: u64) -> io::Result<File> {
-    // A partial file left by an interrupted restore, or anything planted under its name, is
-    // unlinked, never opened: unlinking a link leaves what it points to alone.
-    match std::fs::remove_file(partial) {
-        Ok(()) => tracing::info!(path = %partial.display(), "removed an old partial restore"),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+/// Unlinks the partial files of `target` whose restore's process is gone (and one of the
+/// name earlier versions used), never opening them: unlinking a link leaves what it points to
+/// alone.
+fn remove_stale_partials(target: &Path) {
+    let stem = partial_stem(target);
+    let stem = stem.to_string_lossy();
+    let folder = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(folder) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(stem.as_ref()) else { continue };
+        let owner = rest.strip_prefix('-').and_then(|r| r.split('-').next()?.parse::<u32>().ok());
+        let stale = match owner {
+            Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+            None => rest.is_empty(),
+        };
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(path = %entry.path().display(), "removed a partial restore left behind");
+        }
     }
+}
+
+/// Creates this restore's partial file, private, `size` bytes long and sparse.
+fn create_partial(partial: &Path, size: u64) -> io::Result<File> {
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -143,7 +175,15 @@ pub(crate) fn publish(partial: &Path, target: &Path) -> io::Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    File::open(folder)?.sync_all()
+    File::open(folder).and_then(|f| f.sync_all()).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "the restored disk is complete and in place, but its folder could not be synced \
+                 ({e}): run `sync` before relying on it after a power cut"
+            ),
+        )
+    })
 }
 
 /// A block device's size: where a seek to its end lands.
@@ -159,19 +199,30 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     #[test]
-    fn a_planted_link_at_the_partial_name_is_replaced_not_followed() {
+    fn links_planted_at_partial_names_are_removed_not_followed() {
         let dir = tempfile::tempdir().unwrap();
         let victim = dir.path().join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         let target = dir.path().join("disk.raw");
-        std::os::unix::fs::symlink(&victim, partial_path(&target)).unwrap();
+        // At the name earlier versions used, and at one of a restore that is gone.
+        let old = dir.path().join("disk.raw.cairn-partial");
+        let dead = dir.path().join("disk.raw.cairn-partial-999999999-0badc0de");
+        std::os::unix::fs::symlink(&victim, &old).unwrap();
+        std::os::unix::fs::symlink(&victim, &dead).unwrap();
         let (file, kind) = open(&target, 4096, false).unwrap();
         drop(file);
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&old).is_err());
+        assert!(std::fs::symlink_metadata(&dead).is_err());
         let Kind::File { partial } = kind else { panic!("{kind:?}") };
         let meta = std::fs::symlink_metadata(&partial).unwrap();
         assert!(meta.is_file() && meta.len() == 4096);
         assert_eq!(meta.mode() & 0o777, 0o600);
+        // A second restore to the same target gets a partial file of its own.
+        let (_, second) = open(&target, 4096, false).unwrap();
+        let Kind::File { partial: other } = second else { panic!("{second:?}") };
+        assert_ne!(partial, other);
+        assert!(partial.exists(), "a live restore's partial file is left alone");
     }
 
     #[test]
@@ -183,6 +234,14 @@ mod tests {
         std::os::unix::fs::symlink(&victim, &target).unwrap();
         let err = open(&target, 4096, true).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
+        // A link to a block device in a folder others may write to is refused too.
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let planted = shared.join("disk.raw");
+        std::os::unix::fs::symlink("/dev/null", &planted).unwrap();
+        let err = open(&planted, 4096, true).unwrap_err().to_string();
+        assert!(err.contains("others may change"), "{err}");
         let dangling = dir.path().join("dangling.raw");
         std::os::unix::fs::symlink(dir.path().join("nothing"), &dangling).unwrap();
         let err = open(&dangling, 4096, true).unwrap_err().to_string();

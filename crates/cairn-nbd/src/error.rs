@@ -47,7 +47,8 @@ pub enum Error {
     /// A qcow2 image has a backing file, and backing files were not allowed for its disk.
     #[error(
         "qcow2 image {image} has a backing file ({backing}); allow backing files for this disk \
-         if you trust them, or flatten it with `qemu-img convert -O qcow2`", image = image.display()
+         (its allow_backing_file setting) if you trust them, or flatten it with `qemu-img \
+         convert -O qcow2`", image = image.display()
     )]
     BackingRefused {
         /// The image.

@@ -129,12 +129,14 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
         data_file: (incompatible & INCOMPAT_DATA_FILE != 0).then(String::new),
         encrypted,
     };
-    // Header extensions, right after the header, until the end marker; all within the first
-    // cluster.
+    // Header extensions, right after the header, until the end marker; like qemu, they end
+    // where the backing file name starts, or at the end of the first cluster.
+    let end = if backing_offset == 0 { cluster } else { backing_offset.min(cluster) };
     let mut at = header_length;
     loop {
-        if at + 8 > cluster {
-            return Err(bad("the header extensions run past the first cluster"));
+        if at + 8 > end {
+            // qemu reads no further either: what follows is the backing file name.
+            break;
         }
         let kind = h.u32(at)?;
         let len = u64::from(h.u32(at + 4)?);
@@ -142,8 +144,8 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
             break;
         }
         let data = at + 8;
-        if data + len > cluster {
-            return Err(bad(format!("header extension {kind:#x} runs past the first cluster")));
+        if data + len > end {
+            return Err(bad(format!("header extension {kind:#x} runs past the header's end")));
         }
         match kind {
             EXT_BACKING_FORMAT => {
@@ -157,11 +159,25 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, Error> {
     Ok(header)
 }
 
-/// Reads the header of the image at `path`.
+/// Reads the header of the image at `path`, which must be a regular file or a block device
+/// (opened without blocking, so a FIFO planted there cannot hang the agent).
 pub fn read_header(path: &Path) -> Result<Header, Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let io = |e: std::io::Error| bad(format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io)?;
+    let kind = file.metadata().map_err(io)?.file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(bad(format!(
+            "{} is neither a regular file nor a block device",
+            path.display()
+        )));
+    }
     let mut bytes = Vec::new();
-    std::fs::File::open(path).map_err(io)?.take(HEADER_READ).read_to_end(&mut bytes).map_err(io)?;
+    file.take(HEADER_READ).read_to_end(&mut bytes).map_err(io)?;
     parse_header(&bytes).map_err(|e| match e {
         Error::Image { detail } => bad(format!("{}: {detail}", path.display())),
         e => e,
@@ -185,19 +201,38 @@ pub fn check_image(path: &Path, allow_backing: bool) -> Result<Header, Error> {
             )));
         }
         if header.encrypted {
-            return Err(refuse("it is encrypted, which Cairn cannot read".into()));
+            return Err(refuse(
+                "it is encrypted, which Cairn cannot read: convert it to an unencrypted image \
+                 with `qemu-img convert -O qcow2`"
+                    .into(),
+            ));
         }
         let Some(backing) = &header.backing_file else { return Ok(first) };
         if backing.starts_with("json:") {
             return Err(refuse(format!(
                 "its backing file is a json: description ({backing:?}), which can name any \
-                 block device or protocol; Cairn refuses it always"
+                 block device or protocol; Cairn refuses it always: flatten the image with \
+                 `qemu-img convert -O qcow2`"
+            )));
+        }
+        if names_a_protocol(backing) {
+            return Err(refuse(format!(
+                "its backing file {backing:?} names a protocol (nbd:, http:, ssh:, file:, ...), \
+                 not a file; Cairn refuses it always: flatten the image with `qemu-img convert \
+                 -O qcow2`"
             )));
         }
         if !allow_backing {
             return Err(Error::BackingRefused { image: image.clone(), backing: backing.clone() });
         }
         let next = backing_path(&image, backing);
+        // A backing file is a file: never a device, a FIFO or anything else qemu could open.
+        if !std::fs::metadata(&next).is_ok_and(|m| m.is_file()) {
+            return Err(refuse(format!(
+                "its backing file {} is not a regular file; Cairn follows regular files only",
+                next.display()
+            )));
+        }
         match header.backing_format.as_deref() {
             Some("raw") => return Ok(first),
             Some("qcow2") => {}
@@ -220,6 +255,13 @@ pub fn check_image(path: &Path, allow_backing: bool) -> Result<Header, Error> {
         image = next;
     }
     Err(bad(format!("{}: its backing chain is longer than {MAX_CHAIN} images", path.display())))
+}
+
+/// Whether qemu would take `name` as a protocol rather than a file: a colon before any slash
+/// (qemu's own rule, `path_has_protocol`).
+fn names_a_protocol(name: &str) -> bool {
+    let head = name.split('/').next().unwrap_or_default();
+    head.contains(':')
 }
 
 /// Where a backing file name leads, relative to the image that names it.
@@ -273,6 +315,17 @@ mod tests {
         assert_eq!(h.data_file.as_deref(), Some("/dev/sda"));
         let h = parse_header(&image(None, &[], INCOMPAT_DATA_FILE)).unwrap();
         assert_eq!(h.data_file.as_deref(), Some(""));
+        // Version 2, the backing name right after the 72-byte header: no room for extensions,
+        // which end where the name starts (as qemu reads them).
+        let mut v2 = vec![0u8; 65536];
+        v2[..4].copy_from_slice(MAGIC);
+        v2[4..8].copy_from_slice(&2u32.to_be_bytes());
+        v2[8..16].copy_from_slice(&72u64.to_be_bytes());
+        v2[16..20].copy_from_slice(&8u32.to_be_bytes());
+        v2[20..24].copy_from_slice(&16u32.to_be_bytes());
+        v2[72..80].copy_from_slice(b"base.img");
+        let h = parse_header(&v2).unwrap();
+        assert_eq!((h.version, h.backing_file.as_deref()), (2, Some("base.img")));
         assert!(parse_header(b"RAW DISK").is_err());
         assert!(parse_header(&image(None, &[], 0)[..90]).is_err());
     }
@@ -285,6 +338,7 @@ mod tests {
             std::fs::write(&p, bytes).unwrap();
             p
         };
+        write("base.raw", vec![0; 4096]);
         let plain = write("plain.qcow2", image(None, &[], 0));
         assert!(check_image(&plain, false).is_ok());
         let backed =
@@ -308,6 +362,14 @@ mod tests {
             write("top.qcow2", image(Some("evil.qcow2"), &[(EXT_BACKING_FORMAT, b"qcow2")], 0));
         let err = check_image(&chained, true).unwrap_err().to_string();
         assert!(err.contains("evil.qcow2") && err.contains("json:"), "{err}");
+        let nbd = write(
+            "nbd.qcow2",
+            image(Some("nbd+unix:///x?socket=/s"), &[(EXT_BACKING_FORMAT, b"raw")], 0),
+        );
+        assert!(check_image(&nbd, true).unwrap_err().to_string().contains("names a protocol"));
+        let device =
+            write("dev.qcow2", image(Some("/dev/null"), &[(EXT_BACKING_FORMAT, b"raw")], 0));
+        assert!(check_image(&device, true).unwrap_err().to_string().contains("not a regular file"));
         let looped =
             write("loop.qcow2", image(Some("loop.qcow2"), &[(EXT_BACKING_FORMAT, b"qcow2")], 0));
         assert!(check_image(&looped, true).unwrap_err().to_string().contains("longer than"));

@@ -200,16 +200,19 @@ impl VmConfig {
     /// Reads and checks `path`. It says what the agent runs as root reads, freezes and
     /// writes next to, so it is held to the rules of a script configuration: mode 600, owned
     /// by the agent's user, in folders nobody else may write to (see [`crate::trusted`]).
+    /// Relative paths in it are relative to its real folder (links resolved).
     pub fn load(path: &Path) -> Result<VmConfig, Error> {
-        let text = TrustedFile::open(path, 0o600).and_then(|f| f.read_to_string()).map_err(
-            |e| match e {
-                Error::Io { what, source } => {
-                    Error::io(format!("reading VM configuration {what}"), source)
-                }
-                e => e,
-            },
-        )?;
-        VmConfig::parse(&text, path)
+        let in_context = |e| match e {
+            Error::Io { what, source } => {
+                Error::io(format!("reading VM configuration {what}"), source)
+            }
+            e => e,
+        };
+        let file = TrustedFile::open(path, 0o600).map_err(in_context)?;
+        let text = file.read_to_string().map_err(in_context)?;
+        // Relative paths in it are relative to where it really is: the folder of a link to it
+        // may belong to someone else.
+        VmConfig::parse(&text, file.real_path())
     }
 
     /// Parses and checks a configuration's text; `file` names it in errors and anchors

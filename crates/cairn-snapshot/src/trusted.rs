@@ -23,6 +23,8 @@ pub struct TrustedFile {
     file: File,
     /// The path it was opened by, as given (for messages).
     path: PathBuf,
+    /// Where it really is (links resolved): what relative paths inside it are relative to.
+    real: PathBuf,
 }
 
 impl TrustedFile {
@@ -41,6 +43,11 @@ impl TrustedFile {
         for folder in real.ancestors().skip(1) {
             check_folder(path, folder, owner)?;
         }
+        // A link is judged where it leads, and where it lies: whoever may write the folder of
+        // the name given may point it elsewhere.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            check_folders_of(path, owner)?;
+        }
         let file =
             std::fs::OpenOptions::new()
                 .read(true)
@@ -53,12 +60,17 @@ impl TrustedFile {
             .metadata()
             .map_err(|e| Error::io(format!("reading the mode of {}", path.display()), e))?;
         check_file(path, &meta, mode, owner)?;
-        Ok(TrustedFile { file, path: path.to_path_buf() })
+        Ok(TrustedFile { file, path: path.to_path_buf(), real })
     }
 
     /// The path it was opened by.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Its real path, links resolved.
+    pub fn real_path(&self) -> &Path {
+        &self.real
     }
 
     /// Its whole content, read from the checked descriptor.
@@ -75,6 +87,27 @@ impl TrustedFile {
     pub(crate) fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }
+}
+
+/// Checks that nobody but root and the agent's user may change what `path` names: every folder
+/// that holds it, up to `/`, links resolved (see [`check_folder`]). For a link the agent is
+/// about to follow, or a folder it is about to write into.
+pub fn check_folders(path: &Path) -> Result<(), Error> {
+    check_folders_of(path, rustix::process::geteuid().as_raw())
+}
+
+fn check_folders_of(path: &Path, owner: u32) -> Result<(), Error> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let real = parent
+        .canonicalize()
+        .map_err(|e| Error::io(format!("{}: cannot resolve its folder", path.display()), e))?;
+    for folder in real.ancestors() {
+        check_folder(path, folder, owner)?;
+    }
+    Ok(())
 }
 
 /// How to name the agent's user in fixes.

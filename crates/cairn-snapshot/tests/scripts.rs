@@ -198,6 +198,29 @@ fn a_vm_configuration_is_held_to_the_rules_of_a_script_configuration() {
 }
 
 #[test]
+fn a_vm_configuration_is_judged_where_it_lies_and_read_where_it_leads() {
+    let s = Setup::new();
+    let real = s.path("real");
+    std::fs::create_dir(&real).unwrap();
+    let file = real.join("vm.toml");
+    std::fs::write(&file, "vm = \"v\"\n[[disk]]\nname = \"os\"\npath = \"os.img\"\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A link to it from a safe folder: relative paths are relative to the real file.
+    let link = s.path("vm.toml");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let c = cairn_snapshot::VmConfig::load(&link).unwrap();
+    assert_eq!(c.disks[0].spec.path, real.canonicalize().unwrap().join("os.img"));
+    // A link from a folder others may write to is refused: they could point it elsewhere.
+    let open = s.path("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let planted = open.join("vm.toml");
+    std::os::unix::fs::symlink(&file, &planted).unwrap();
+    let e = cairn_snapshot::VmConfig::load(&planted).unwrap_err();
+    assert_eq!(fix_of(e), format!("chmod go-w {}", open.display()));
+}
+
+#[test]
 fn a_missing_script_is_refused_by_name() {
     let s = Setup::new();
     let config = s.config(&s.path("nope.sh"), &s.script("post.sh", ""), "");

@@ -41,13 +41,23 @@ impl PrivateLocal {
     fn restrict(&self, location: &Path) {
         let result =
             self.inner.path_to_filesystem(location).map_err(|e| e.to_string()).and_then(|path| {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(FILE_MODE))
-                    .map_err(|e| format!("{}: {e}", path.display()))
+                make_private(&path).map_err(|e| format!("{}: {e}", path.display()))
             });
         if let Err(e) = result {
             tracing::warn!(%location, "cannot make a vault object private (mode 600): {e}");
         }
     }
+}
+
+/// Sets the file at `path` to 0600 through a descriptor opened without following a link (and
+/// without blocking on a FIFO): whatever was swapped in under the name, only a file of the
+/// vault's is changed.
+fn make_private(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(flags.bits() as i32).open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
 }
 
 impl fmt::Display for PrivateLocal {
@@ -138,9 +148,7 @@ impl MultipartUpload for PrivateUpload {
 
     async fn complete(&mut self) -> Result<PutResult> {
         let result = self.inner.complete().await?;
-        if let Err(e) =
-            std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(FILE_MODE))
-        {
+        if let Err(e) = make_private(&self.path) {
             tracing::warn!(path = %self.path.display(), "cannot make a vault object private: {e}");
         }
         Ok(result)

@@ -45,6 +45,9 @@ pub struct LocalSync {
     /// Flushes that failed, and the last failure's message.
     failures: AtomicU64,
     last_failure: Mutex<Option<String>>,
+    /// Held across each `syncfs` and the counting of its failure: a barrier that follows a
+    /// background flush which took the kernel's error then sees it counted.
+    flush: Mutex<()>,
 }
 
 /// Bytes written between two background flushes of a local vault.
@@ -60,11 +63,13 @@ impl LocalSync {
             flushing: AtomicBool::new(false),
             failures: AtomicU64::new(0),
             last_failure: Mutex::new(None),
+            flush: Mutex::new(()),
         }))
     }
 
     /// Flushes the vault's file system; a failure is counted before it is returned.
     fn syncfs(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.flush.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         rustix::fs::syncfs(&self.dir).map_err(|e| {
             let e = std::io::Error::from(e);
             if let Ok(mut last) = self.last_failure.lock() {
@@ -183,9 +188,19 @@ fn make_root(path: &FsPath) -> Result<(), Error> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(ROOT_MODE)).map_err(io)
 }
 
-/// Warns when others may enter a local vault's root.
+/// Warns when others may enter a local vault's root, or when it belongs to someone else.
 fn warn_if_open(path: &FsPath) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(path) else { return };
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        tracing::warn!(
+            "vault folder {} belongs to uid {}, not to this process's user (uid {me}): whoever \
+             owns it may change the vault under Cairn",
+            path.display(),
+            meta.uid()
+        );
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         tracing::warn!(

@@ -54,8 +54,12 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     /// Bad chunks, each with the points it damages.
     pub bad_chunks: Vec<BadChunk>,
-    /// Points that reference a bad chunk (in scope or not).
+    /// Points that reference a bad chunk (in scope or not), or whose index does not fit them.
     pub damaged_points: Vec<(Name, PointId)>,
+    /// Points whose index does not fit their manifest (a root of another disk size, a page
+    /// that does not cover its place), with why. Their chunks may be sound and shared with
+    /// other points, so nothing is quarantined for them: only the point is damaged.
+    pub inconsistent: Vec<(Name, PointId, String)>,
     /// Manifests that could not be read.
     pub unreadable: Vec<UnreadablePoint>,
     /// Pack indexes that could not be read: `(object, reason)`. Their chunks count as missing.
@@ -110,15 +114,27 @@ impl Vault {
         let mut report = VerifyReport { unreadable: listing.unreadable, ..Default::default() };
         let mut refs: BTreeMap<Digest, BTreeSet<(Name, PointId)>> = BTreeMap::new();
         let mut clean_points = Vec::new();
+        let mut misfits: BTreeMap<(Name, PointId), BTreeMap<Digest, String>> = BTreeMap::new();
         for m in &listing.points {
+            let mut misfit = BTreeMap::new();
             let bad = self
-                .verify_point(m, &mut verdicts, &mut rebuilt, &mut progress, on_progress)
+                .verify_point(
+                    m,
+                    &mut verdicts,
+                    &mut misfit,
+                    &mut rebuilt,
+                    &mut progress,
+                    on_progress,
+                )
                 .await?;
             for id in &bad {
                 refs.entry(*id).or_default().insert((m.vm.clone(), m.point.clone()));
             }
-            if bad.is_empty() {
+            if bad.is_empty() && misfit.is_empty() {
                 clean_points.push((m.vm.clone(), m.point.clone()));
+            }
+            if !misfit.is_empty() {
+                misfits.insert((m.vm.clone(), m.point.clone()), misfit);
             }
             progress.points_done += 1;
             on_progress(&progress);
@@ -158,6 +174,12 @@ impl Vault {
                 points: points.iter().cloned().collect(),
             });
         }
+        for (point, reasons) in misfits {
+            for (id, reason) in &reasons {
+                report.inconsistent.push((point.0.clone(), point.1.clone(), reason.clone()));
+                damaged.entry(point.clone()).or_default().insert(*id, reason.clone());
+            }
+        }
         for ((vm, point), bad_chunks) in &damaged {
             let record = DamageRecord {
                 format: 1,
@@ -177,11 +199,13 @@ impl Vault {
         Ok(report)
     }
 
-    /// Checks every chunk of one point; returns the bad ones.
+    /// Checks every chunk of one point; returns the bad ones. An index that does not fit the
+    /// point (its chunks sound) goes into `misfit`, by the chunk that does not fit.
     async fn verify_point(
         &self,
         m: &PointManifest,
         verdicts: &mut Verdicts,
+        misfit: &mut BTreeMap<Digest, String>,
         rebuilt: &mut Rebuilt,
         progress: &mut VerifyProgress,
         on_progress: &(dyn Fn(&VerifyProgress) + Sync),
@@ -194,9 +218,9 @@ impl Vault {
             }
             let root = match self.read_disk_index(disk).await {
                 Ok(root) => root,
+                // The root is a sound chunk (checked above) that does not describe this disk.
                 Err(Error::Corrupt { source, .. }) => {
-                    verdicts.insert(disk.index_root, Some(source.to_string()));
-                    bad.insert(disk.index_root);
+                    misfit.insert(disk.index_root, source.to_string());
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -211,8 +235,7 @@ impl Vault {
                 let misplaced =
                     [first, last].into_iter().find_map(|at| root.check_page(at, &page).err());
                 if let Some(e) = misplaced {
-                    verdicts.insert(page_id, Some(e.to_string()));
-                    bad.insert(page_id);
+                    misfit.insert(page_id, e.to_string());
                     continue;
                 }
                 let mut ids: Vec<Digest> = page.entries().flat_map(|e| e.chunks()).collect();

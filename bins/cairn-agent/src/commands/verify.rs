@@ -46,6 +46,11 @@ pub fn report_json(r: &VerifyReport) -> serde_json::Value {
         "bytes_checked": r.bytes_checked,
         "bad_chunks": bad,
         "damaged_points": damaged,
+        "inconsistent_points": r
+            .inconsistent
+            .iter()
+            .map(|(vm, p, why)| serde_json::json!({ "point": format!("{vm}/{p}"), "reason": why }))
+            .collect::<Vec<_>>(),
         "unreadable_manifests": unreadable,
         "unreadable_pack_indexes": r
             .unreadable_pack_indexes
@@ -67,6 +72,9 @@ pub fn print_report(r: &VerifyReport) {
         for (vm, p) in &b.points {
             println!("    damages point {p} of VM {vm}");
         }
+    }
+    for (vm, p, why) in &r.inconsistent {
+        println!("INCONSISTENT point {p} of VM {vm}: its index does not fit it: {why}");
     }
     for u in &r.unreadable {
         println!("UNREADABLE manifest {}: {}", u.path, u.error);

@@ -15,6 +15,21 @@ pub struct Check {
     pub result: Result<String, String>,
 }
 
+/// Refuses two disks of one name (`--disk` names a disk after its file when no name is given):
+/// before anything starts, so no bitmap is added for a disk the backup would refuse.
+pub(super) fn names(config: &VmConfig) -> Result<(), Error> {
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &config.disks {
+        if !seen.insert(&d.spec.name) {
+            return Err(Error::InvalidRequest(format!(
+                "two disks are named {}; name them apart (NAME=PATH)",
+                d.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks the images of a configuration before anything touches them: every qcow2 image's
 /// header (no backing file unless allowed, no `json:` backing, no external data file), and,
 /// for a stopped VM, that no process or loop device has a disk open for writing.

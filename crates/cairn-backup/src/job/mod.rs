@@ -80,6 +80,7 @@ impl VmJob {
         cancel: &Cancel,
     ) -> Result<PointManifest, Error> {
         let config = &self.config;
+        check::names(config)?;
         check::images(config).await?;
         let point = vault.reserve_point_id(&config.vm, jiff::Timestamp::now()).await?;
         let previous = match config.disks.iter().any(tracking::is_tracked) {

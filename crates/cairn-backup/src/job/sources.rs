@@ -22,12 +22,17 @@ pub(super) async fn open(
 ) -> Result<(DiskInput, Option<Evidence>), Error> {
     let (name, format, path, previous) =
         (disk.spec.name.clone(), disk.format, path.to_path_buf(), previous.cloned());
+    let allow_backing = disk.allow_backing_file;
     let for_disk = name.clone();
     tokio::task::spawn_blocking(move || {
         let (source, warning): (Arc<dyn BlockSource>, _) = match format {
             DiskFormat::Qcow2 => {
+                let image_error = |source| Error::Image { disk: for_disk.clone(), source };
+                // The view is what qemu-nbd opens: its header is checked as the image's was
+                // (a relative backing name resolves from the view's folder).
+                cairn_nbd::qcow2::check_image(&path, allow_backing).map_err(image_error)?;
                 let source = NbdSource::serve(&path, DiskFormat::Qcow2.as_str(), previous.as_ref())
-                    .map_err(|source| Error::Image { disk: for_disk.clone(), source })?;
+                    .map_err(image_error)?;
                 (Arc::new(source), None)
             }
             DiskFormat::Raw => {
