@@ -90,25 +90,29 @@ impl PreviousIndex for VaultPrevious {
 }
 
 /// Bases of patches read back from the vault, for the engine's worker threads (which are not
-/// the runtime's: they may block on it).
-pub(crate) struct VaultBases {
-    vault: Vault,
-    runtime: tokio::runtime::Handle,
-}
+/// the runtime's: they may block).
+pub(crate) struct VaultBases(cairn_vault::FrameReader);
 
 impl VaultBases {
-    /// Reads from `vault` on the current runtime.
+    /// Reads from `vault` (call it within the runtime).
     pub(crate) fn new(vault: &Vault) -> Self {
-        VaultBases { vault: vault.clone(), runtime: tokio::runtime::Handle::current() }
+        VaultBases(vault.frame_reader())
     }
 }
 
 impl cairn_delta::Bases for VaultBases {
-    /// The base's plaintext, its frame's CRC checked. Its SHA-256 is not: the engine compares
-    /// it byte for byte with the new block, so a damaged copy can only fail that comparison
-    /// (and the block is stored whole).
-    fn base(&self, id: &Digest) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
-        let frame = self.runtime.block_on(self.vault.read_chunk_raw(id))?;
-        Ok(cairn_format::decode_chunk(&frame)?.plaintext)
+    /// The bases' plaintexts, each frame's CRC checked. Their SHA-256 is not: the engine
+    /// compares each with the new block byte for byte, so a damaged copy can only fail that
+    /// comparison (and the block is stored whole).
+    fn bases(&self, ids: &[Digest]) -> Vec<Result<Vec<u8>, cairn_delta::BoxError>> {
+        self.0
+            .read(ids)
+            .into_iter()
+            .map(|frame| Ok(cairn_format::decode_chunk(&frame?)?.plaintext))
+            .collect()
+    }
+
+    fn expect(&self, id: &Digest) {
+        self.0.expect(std::slice::from_ref(id));
     }
 }

@@ -17,38 +17,107 @@ use cairn_format::Digest;
 use cairn_format::index::{BlockEntry, PatchRef};
 use cairn_format::patch::{PieceKey, PieceSums, encode_patch};
 
-use crate::{Bases, BlockEncoder, BlockEvent};
+use crate::{BlockEncoder, BlockEvent};
 
 /// How changed blocks may become patches.
 pub(crate) struct Patching<'a> {
     pub(crate) piece_size: u32,
     pub(crate) generations: u8,
     pub(crate) key: &'a PieceKey,
-    /// Where a patch's base is read back from, to check the patch rebuilds its block.
-    pub(crate) bases: &'a dyn Bases,
 }
 
-/// What a block read with content `data` is, against its previous entry `prev`. A patch that
-/// the base read back does not support is counted in `refused` (the block is stored whole).
-pub(crate) fn classify<E: BlockEncoder>(
-    encoder: &E,
-    patching: &Patching<'_>,
-    data: &[u8],
-    prev: Option<BlockEntry>,
-    refused: &mut u64,
-) -> BlockEvent<E::Output> {
+/// What a block is before its base, if it needs one, is read back (rules 1, 2 and the sums
+/// part of rule 3). A worker looks at every block of a batch first, then reads all the bases
+/// the batch needs at once, then [`decide`]s: the reads of a batch overlap instead of
+/// waiting one after another.
+pub(crate) enum Look {
+    /// All zeros.
+    Zero,
+    /// Same content as the previous entry.
+    Unchanged(BlockEntry),
+    /// New content; `patch` when its sums choose a patch, pending the base's check.
+    Changed {
+        /// The block's SHA-256.
+        digest: Digest,
+        /// Its piece sums.
+        sums: PieceSums,
+        /// The patch the sums choose, if any.
+        patch: Option<Candidate>,
+    },
+}
+
+/// A patch the piece sums choose: the pieces in `mask`, over `base`.
+pub(crate) struct Candidate {
+    pub(crate) base: Digest,
+    base_sums: PieceSums,
+    generation: u8,
+    mask: u32,
+}
+
+/// Looks at a block read with content `data`, against its previous entry `prev`.
+pub(crate) fn look(patching: &Patching<'_>, data: &[u8], prev: Option<BlockEntry>) -> Look {
     if is_zero(data) {
-        return BlockEvent::Zero;
+        return Look::Zero;
     }
     let digest = Digest::of(data);
     if let Some(prev) = prev.filter(|p| p.content() == Some(&digest)) {
-        return BlockEvent::Unchanged(prev);
+        return Look::Unchanged(prev);
     }
     let sums = PieceSums::of(data, patching.piece_size, patching.key);
-    match patch(encoder, patching, data, digest, &sums, prev) {
-        Ok(event) => return event,
-        Err(NotPatched::Refused) => *refused += 1,
-        Err(NotPatched::Unfit) => {}
+    let patch = candidate(patching, &sums, prev);
+    Look::Changed { digest, sums, patch }
+}
+
+/// The patch a changed block's sums choose over the base of its previous entry: when that
+/// entry has piece sums, the chain is below its bound, and at most a quarter of the pieces
+/// differ from the base (a patch must be much smaller than the block to be worth a second
+/// read on restore).
+fn candidate(
+    patching: &Patching<'_>,
+    sums: &PieceSums,
+    prev: Option<BlockEntry>,
+) -> Option<Candidate> {
+    let (base, base_sums, generation) = prev?.patch_base()?;
+    if generation >= patching.generations {
+        return None;
+    }
+    let mask = sums.differing(&base_sums)?;
+    let changed = mask.count_ones() as usize;
+    if changed == 0 || changed * 4 > sums.as_slice().len() {
+        return None;
+    }
+    Some(Candidate { base, base_sums, generation, mask })
+}
+
+/// What a changed block becomes, given its base's bytes as read back (`None`: unreadable):
+/// the candidate patch if the base supports it, otherwise the block stored whole (a refused
+/// candidate is counted in `refused`).
+pub(crate) fn decide<E: BlockEncoder>(
+    encoder: &E,
+    patching: &Patching<'_>,
+    data: &[u8],
+    (digest, sums, patch): (Digest, PieceSums, Option<Candidate>),
+    base: Option<&[u8]>,
+    refused: &mut u64,
+) -> BlockEvent<E::Output> {
+    if let Some(c) = patch {
+        if base.is_some_and(|base| rebuilds(patching, base, data, c.mask)) {
+            let bytes = encode_patch(data, patching.piece_size, c.mask);
+            let id = Digest::of(&bytes);
+            return BlockEvent::Changed {
+                entry: BlockEntry::Patch(PatchRef {
+                    digest,
+                    base: c.base,
+                    patch: id,
+                    generation: c.generation + 1,
+                    base_sums: c.base_sums,
+                }),
+                chunk: id,
+                len: data.len() as u32,
+                payload: encoder.encode(&id, &bytes),
+            };
+        }
+        *refused += 1;
     }
     BlockEvent::Changed {
         entry: BlockEntry::Data { digest, sums },
@@ -58,67 +127,17 @@ pub(crate) fn classify<E: BlockEncoder>(
     }
 }
 
-/// Why a changed block is not a patch.
-enum NotPatched {
-    /// It cannot be one: no base, chain at its bound, too many pieces changed.
-    Unfit,
-    /// The sums chose a patch, and the base read back does not rebuild the block with it.
-    Refused,
-}
-
-/// The changed block `data` as a patch over the base of its previous entry, when that entry
-/// has piece sums, the chain is below its bound, at most a quarter of the pieces differ from
-/// the base (a patch must be much smaller than the block to be worth a second read on
-/// restore), and the base read back equals `data` in every piece the patch leaves out.
-fn patch<E: BlockEncoder>(
-    encoder: &E,
-    patching: &Patching<'_>,
-    data: &[u8],
-    digest: Digest,
-    sums: &PieceSums,
-    prev: Option<BlockEntry>,
-) -> Result<BlockEvent<E::Output>, NotPatched> {
-    let (base, base_sums, generation) =
-        prev.and_then(|p| p.patch_base()).ok_or(NotPatched::Unfit)?;
-    if generation >= patching.generations {
-        return Err(NotPatched::Unfit);
-    }
-    let mask = sums.differing(&base_sums).ok_or(NotPatched::Unfit)?;
-    let changed = mask.count_ones() as usize;
-    if changed == 0 || changed * 4 > sums.as_slice().len() {
-        return Err(NotPatched::Unfit);
-    }
-    if !rebuilds(patching, &base, data, mask) {
-        return Err(NotPatched::Refused);
-    }
-    let bytes = encode_patch(data, patching.piece_size, mask);
-    let id = Digest::of(&bytes);
-    Ok(BlockEvent::Changed {
-        entry: BlockEntry::Patch(PatchRef {
-            digest,
-            base,
-            patch: id,
-            generation: generation + 1,
-            base_sums,
-        }),
-        chunk: id,
-        len: data.len() as u32,
-        payload: encoder.encode(&id, &bytes),
-    })
-}
-
-/// Whether the patch of `data`'s pieces in `mask` over base chunk `base` rebuilds `data`: the
-/// base, read back, must equal `data` byte for byte in every other piece (then the rebuilt
-/// block is `data`, and has its SHA-256). Comparing bytes costs nothing beside reading the
-/// base; hashing the rebuilt block again would cost a SHA-256 per patch.
-fn rebuilds(patching: &Patching<'_>, base: &Digest, data: &[u8], mask: u32) -> bool {
-    let Ok(base_bytes) = patching.bases.base(base) else { return false };
-    if base_bytes.len() != data.len() {
+/// Whether the patch of `data`'s pieces in `mask` over `base` rebuilds `data`: the base must
+/// equal `data` byte for byte in every other piece (then the rebuilt block is `data`, and has
+/// its SHA-256). Comparing bytes costs nothing beside reading the base; hashing the rebuilt
+/// block again would cost a SHA-256 per patch.
+fn rebuilds(patching: &Patching<'_>, base: &[u8], data: &[u8], mask: u32) -> bool {
+    if base.len() != data.len() {
         return false;
     }
     let piece = patching.piece_size.max(1) as usize;
     data.chunks(piece)
-        .zip(base_bytes.chunks(piece))
+        .zip(base.chunks(piece))
         .enumerate()
         .all(|(i, (new, old))| mask & (1 << i) != 0 || new == old)
 }

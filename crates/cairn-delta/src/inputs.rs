@@ -58,26 +58,42 @@ impl BlockEncoder for () {
 }
 
 /// The chunks a patch would be applied over, read back for one purpose: to check, before a
-/// patch is stored, that it rebuilds the block. Called on the worker threads, only for the
-/// blocks that would become patches.
+/// patch is stored, that it rebuilds the block. Called on the worker threads, once per batch,
+/// with the bases of every block of the batch that would become a patch, so that an
+/// implementation can read them all at once.
 pub trait Bases: Sync {
-    /// The plaintext of base chunk `id`. An error means the block is stored whole.
-    fn base(&self, id: &Digest) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>>;
+    /// The plaintext of each base chunk in `ids`, in order. An error for one means that
+    /// block is stored whole.
+    fn bases(&self, ids: &[Digest]) -> Vec<Result<Vec<u8>, BoxError>>;
+
+    /// Base `id` will be asked for soon (the worker found a block that needs it and goes on
+    /// hashing the rest of its batch): a reader may start fetching it. Does nothing unless
+    /// implemented.
+    fn expect(&self, id: &Digest) {
+        let _ = id;
+    }
 }
+
+/// An error a [`Bases`] reader gives for one base.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// No bases to read: no block is ever stored as a patch.
 #[derive(Debug, Default)]
 pub struct NoBases;
 
 impl Bases for NoBases {
-    fn base(&self, id: &Digest) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
-        Err(format!("base {id} cannot be read back: patches are off").into())
+    fn bases(&self, ids: &[Digest]) -> Vec<Result<Vec<u8>, BoxError>> {
+        ids.iter()
+            .map(|id| Err(format!("base {id} cannot be read back: patches are off").into()))
+            .collect()
     }
 }
 
 /// Bases held in memory by chunk id (tests, benchmarks, embedders).
 impl<S: std::hash::BuildHasher + Sync> Bases for std::collections::HashMap<Digest, Vec<u8>, S> {
-    fn base(&self, id: &Digest) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
-        self.get(id).cloned().ok_or_else(|| format!("no chunk {id}").into())
+    fn bases(&self, ids: &[Digest]) -> Vec<Result<Vec<u8>, BoxError>> {
+        ids.iter()
+            .map(|id| self.get(id).cloned().ok_or_else(|| format!("no chunk {id}").into()))
+            .collect()
     }
 }

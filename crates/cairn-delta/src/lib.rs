@@ -32,7 +32,7 @@ mod tracking;
 pub use config::{DEFAULT_PATCH_GENERATIONS, EngineConfig};
 pub use error::Error;
 pub use events::{Batch, BlockEvent, ScanSummary};
-pub use inputs::{Bases, BlockEncoder, NoBases, NoPrevious, PreviousIndex};
+pub use inputs::{Bases, BlockEncoder, BoxError, NoBases, NoPrevious, PreviousIndex};
 pub use scan::scan;
 pub use source::{BlockSource, ChangeTracking, Extent, MemSource, RawFile};
 pub use tracking::Tracked;

@@ -11,14 +11,15 @@
 //! the buffer back. The pool size is the memory bound and the backpressure: when the sink (the
 //! uploads) is slow, results back up, workers stall, the pool empties and the reader waits.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use cairn_format::Digest;
 use cairn_format::index::BlockEntry;
 use cairn_format::patch::piece_size;
 use crossbeam_channel::{Receiver, Sender, bounded};
 
-use crate::decide::{Patching, agrees, classify};
+use crate::decide::{Look, Patching, agrees, decide, look};
 use crate::holes::{hole_run, mark_holes, read_runs};
 use crate::tracking::DirtyCursor;
 use crate::{
@@ -190,61 +191,112 @@ fn hash_batches<E: BlockEncoder>(
         piece_size: piece_size(config.block_size),
         generations: config.patch_generations,
         key: &config.piece_key,
-        bases,
     };
     for item in work {
-        let mut batch = Batch {
-            first_block: item.first_block,
-            events: Vec::with_capacity(item.slots.len()),
-            bytes_scanned: 0,
-            carried: 0,
-            sampled: 0,
-            patches_refused: 0,
-        };
-        let mut mismatch = None;
-        for (i, slot) in item.slots.iter().enumerate() {
-            let (prev, hole, sample) = match *slot {
-                Slot::Carry(entry) => {
-                    batch.carried += 1;
-                    batch.events.push(match entry {
-                        BlockEntry::Hole => BlockEvent::Hole,
-                        BlockEntry::Zero => BlockEvent::Zero,
-                        stored => BlockEvent::Unchanged(stored),
-                    });
-                    continue;
-                }
-                Slot::Read { prev, hole, sample } => (prev, hole, sample),
-            };
-            let start = i * block;
-            let data =
-                item.buf.as_deref().and_then(|b| b.get(start..(start + block).min(item.len)));
-            let event = match data {
-                Some(data) if !hole => {
-                    // Bytes hashed: every block that is not a hole, whole (holes inside it
-                    // read as zeros).
-                    batch.bytes_scanned += data.len() as u64;
-                    classify(encoder, &patching, data, prev, &mut batch.patches_refused)
-                }
-                _ => BlockEvent::Hole,
-            };
-            if sample {
-                batch.sampled += 1;
-                if !agrees(&event, prev) {
-                    mismatch.get_or_insert(item.first_block + i as u64);
-                }
-            }
-            batch.events.push(event);
-        }
+        let outcome = hash_batch(encoder, bases, &patching, block, disk, &item);
         if let Some(buf) = item.buf {
             let _ = pool.send(buf);
         }
-        let outcome = match mismatch {
-            Some(block) => Err(Error::TrackingMismatch { disk: disk.to_owned(), block }),
-            None => Ok((item.seq, batch)),
-        };
         if results.send(outcome).is_err() {
             return;
         }
+    }
+}
+
+/// One batch: every block looked at, the bases its patches need read back at once, then
+/// every block decided, in order.
+fn hash_batch<E: BlockEncoder>(
+    encoder: &E,
+    bases: &dyn Bases,
+    patching: &Patching<'_>,
+    block: usize,
+    disk: &str,
+    item: &Work,
+) -> Outcome<E::Output> {
+    let mut batch = Batch {
+        first_block: item.first_block,
+        events: Vec::with_capacity(item.slots.len()),
+        bytes_scanned: 0,
+        carried: 0,
+        sampled: 0,
+        patches_refused: 0,
+    };
+    // First pass: what each block is, short of the patch checks.
+    let mut looks = Vec::with_capacity(item.slots.len());
+    for (i, slot) in item.slots.iter().enumerate() {
+        let Slot::Read { prev, hole: false, .. } = *slot else {
+            looks.push(None);
+            continue;
+        };
+        let start = i * block;
+        let data = item.buf.as_deref().and_then(|b| b.get(start..(start + block).min(item.len)));
+        looks.push(data.map(|data| {
+            // Bytes hashed: every block that is not a hole, whole (holes inside it read as
+            // zeros).
+            batch.bytes_scanned += data.len() as u64;
+            let looked = look(patching, data, prev);
+            if let Look::Changed { patch: Some(c), .. } = &looked {
+                // Fetched while the rest of the batch is hashed.
+                bases.expect(&c.base);
+            }
+            (data, looked)
+        }));
+    }
+    // The bases of the batch's patches, read back together.
+    let mut wanted: Vec<Digest> = looks
+        .iter()
+        .filter_map(|l| match l {
+            Some((_, Look::Changed { patch: Some(c), .. })) => Some(c.base),
+            _ => None,
+        })
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let fetched: HashMap<Digest, Vec<u8>> = match wanted.is_empty() {
+        true => HashMap::new(),
+        false => wanted
+            .iter()
+            .copied()
+            .zip(bases.bases(&wanted))
+            .filter_map(|(id, r)| Some((id, r.ok()?)))
+            .collect(),
+    };
+    // Second pass: events, in order.
+    let mut mismatch = None;
+    for (i, (slot, looked)) in item.slots.iter().zip(looks).enumerate() {
+        let (prev, sample) = match *slot {
+            Slot::Carry(entry) => {
+                batch.carried += 1;
+                batch.events.push(match entry {
+                    BlockEntry::Hole => BlockEvent::Hole,
+                    BlockEntry::Zero => BlockEvent::Zero,
+                    stored => BlockEvent::Unchanged(stored),
+                });
+                continue;
+            }
+            Slot::Read { prev, sample, .. } => (prev, sample),
+        };
+        let event = match looked {
+            None => BlockEvent::Hole,
+            Some((_, Look::Zero)) => BlockEvent::Zero,
+            Some((_, Look::Unchanged(entry))) => BlockEvent::Unchanged(entry),
+            Some((data, Look::Changed { digest, sums, patch })) => {
+                let base = patch.as_ref().and_then(|c| fetched.get(&c.base)).map(Vec::as_slice);
+                let refused = &mut batch.patches_refused;
+                decide(encoder, patching, data, (digest, sums, patch), base, refused)
+            }
+        };
+        if sample {
+            batch.sampled += 1;
+            if !agrees(&event, prev) {
+                mismatch.get_or_insert(item.first_block + i as u64);
+            }
+        }
+        batch.events.push(event);
+    }
+    match mismatch {
+        Some(block) => Err(Error::TrackingMismatch { disk: disk.to_owned(), block }),
+        None => Ok((item.seq, batch)),
     }
 }
 

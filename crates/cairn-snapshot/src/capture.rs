@@ -312,7 +312,8 @@ fn judge_views(
         return;
     }
     if let Some(live) = views.iter().find(|v| !v.is_point_in_time()) {
-        record.fall_back(
+        // Asked for (live_read, or disks named on a command line): recorded, not warned about.
+        record.settle(
             Consistency::None,
             format!(
                 "disk {} was read live, with no snapshot: blocks may come from different instants",

@@ -36,11 +36,25 @@ impl Record {
         self.note(Evidence::new("consistency", None, message));
     }
 
-    /// Lowers the level to `to` (never raises it), with a `fallback` evidence saying why.
+    /// Lowers the level to `to` (never raises it), with a `fallback` evidence saying why, and a
+    /// warning: something fell short.
     pub fn fall_back(&mut self, to: Consistency, message: impl Into<String>) {
-        let message = message.into();
+        self.lower(to, message.into(), true);
+    }
+
+    /// Lowers the level to `to` as [`Record::fall_back`] does, without a warning: for a level
+    /// the configuration asked for (disks read live on purpose).
+    pub fn settle(&mut self, to: Consistency, message: impl Into<String>) {
+        self.lower(to, message.into(), false);
+    }
+
+    fn lower(&mut self, to: Consistency, message: String, warn: bool) {
         if to < self.level {
-            tracing::warn!(from = self.level.as_str(), to = to.as_str(), "{message}");
+            if warn {
+                tracing::warn!(from = self.level.as_str(), to = to.as_str(), "{message}");
+            } else {
+                tracing::info!(from = self.level.as_str(), to = to.as_str(), "{message}");
+            }
             let mut ev = Evidence::new("fallback", None, message);
             ev.details.insert("from".into(), Value::from(self.level.as_str()));
             ev.details.insert("to".into(), Value::from(to.as_str()));

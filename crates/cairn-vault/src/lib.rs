@@ -15,6 +15,7 @@
 mod chunk_map;
 mod chunks;
 mod error;
+mod frame_reader;
 mod layout;
 mod local_pack;
 mod local_store;
@@ -30,6 +31,7 @@ use object_store::ObjectStore;
 
 pub use chunk_map::ChunkLocation;
 pub use error::Error;
+pub use frame_reader::FrameReader;
 pub use local_pack::{ALIGN as DIRECT_IO_ALIGN, AlignedBuf, direct_io_refused};
 pub use open::{Durability, EARLY_FLUSH_BYTES, LocalSync};
 pub use packs::{PackWriter, Stored};
