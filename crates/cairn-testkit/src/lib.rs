@@ -65,3 +65,41 @@ impl Drop for Mount {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Fewest inputs a fuzz target's committed corpus may hold: a missing or emptied corpus fails.
+const MIN_CORPUS: usize = 5;
+
+/// Replays the committed corpus of fuzz target `target`, `fuzz/corpus/<target>/`, through
+/// `body` (the very function the fuzz target runs), naming every input that panics. Fails when
+/// the corpus is missing or holds fewer than five inputs.
+pub fn replay_corpus(target: &str, body: fn(&[u8])) {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    assert!(dir.is_dir(), "the fuzz corpus {} is missing", dir.display());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    assert!(
+        files.len() >= MIN_CORPUS,
+        "the fuzz corpus {} holds {} files, fewer than {MIN_CORPUS}",
+        dir.display(),
+        files.len()
+    );
+    let mut failed = Vec::new();
+    for path in &files {
+        let data =
+            std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| body(&data))) {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(a panic without a message)");
+            failed.push(format!("{}: {message}", path.display()));
+        }
+    }
+    assert!(failed.is_empty(), "{target} panicked on {} input(s): {failed:#?}", failed.len());
+}

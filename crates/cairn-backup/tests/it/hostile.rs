@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cairn_backup::{NoProgress, RestoreOptions};
 use cairn_format::index::{IndexPage, IndexRoot};
-use cairn_format::{Consistency, Digest, DiskRecord, DiskStats, PointManifest};
+use cairn_format::{Digest, PointManifest};
 
 use crate::support::*;
 
@@ -82,39 +82,12 @@ async fn vaults_and_restored_images_are_private_whatever_the_umask() {
     assert_eq!(mode(&all.join("sda")), 0o600);
 }
 
-/// Commits a point of `vm` whose disk `sda` is `size` bytes by its manifest and has `root` as
-/// its index root, as a hostile writer of the vault could.
+/// Commits a point whose disk `sda` is `size` bytes by its manifest and has `root` as its
+/// index root (a page of one hole is stored too), as a hostile writer of the vault could.
 async fn commit_crafted(f: &Fixture, vm: &str, size: u64, root: &IndexRoot) -> PointManifest {
-    let now = jiff::Timestamp::now();
-    let writer = f.vault.begin_point(&name(vm), now).await.unwrap();
-    let mut packs = writer.pack_writer();
     let mut page = IndexPage::default();
     page.push(cairn_format::index::BlockEntry::Hole);
-    packs.store_plain(&page.encode()).await.unwrap();
-    let (root_id, _) = packs.store_plain(&root.encode()).await.unwrap();
-    packs.finish().await.unwrap();
-    let disk = DiskRecord {
-        size,
-        block_size: 65536,
-        index_root: root_id,
-        previous_point: None,
-        source: "crafted".into(),
-        stats: DiskStats::default(),
-    };
-    let manifest = PointManifest {
-        format: cairn_format::MANIFEST_FORMAT,
-        point: writer.point().clone(),
-        vm: name(vm),
-        started_at: now,
-        captured_at: now,
-        finished_at: now,
-        consistency: Consistency::None,
-        disks: [(name("sda"), disk)].into_iter().collect(),
-        evidence: vec![],
-        writer: "crafted".into(),
-    };
-    writer.commit(&manifest).await.unwrap();
-    manifest
+    commit_by_hand(f, vm, size, &[&page.encode()], &root.encode()).await
 }
 
 /// An index root that claims an enormous disk of one repeated page is refused by restore and
@@ -203,38 +176,11 @@ async fn a_piece_sum_collision_cannot_damage_a_point() {
     // everywhere but in piece 0.
     let mut forged = PieceSums::of(&new, 4096, &key).as_slice().to_vec();
     forged[0] ^= 1;
-    let now = jiff::Timestamp::now();
-    let writer = f.vault.begin_point(&name("vm"), now).await.unwrap();
-    let mut packs = writer.pack_writer();
-    let (old_id, _) = packs.store_plain(&old).await.unwrap();
     let mut index = IndexWriter::new(65536, 65536, 1024).unwrap();
-    let entry = BlockEntry::Data { digest: old_id, sums: PieceSums::from_slice(&forged).unwrap() };
-    assert!(index.push(entry).is_none());
+    let sums = PieceSums::from_slice(&forged).unwrap();
+    assert!(index.push(BlockEntry::Data { digest: Digest::of(&old), sums }).is_none());
     let (last, root) = index.finish().unwrap();
-    packs.store_plain(&last.unwrap().bytes).await.unwrap();
-    packs.store_plain(&root.bytes).await.unwrap();
-    packs.finish().await.unwrap();
-    let disk = DiskRecord {
-        size: 65536,
-        block_size: 65536,
-        index_root: root.digest,
-        previous_point: None,
-        source: "guest".into(),
-        stats: DiskStats::default(),
-    };
-    let first = PointManifest {
-        format: cairn_format::MANIFEST_FORMAT,
-        point: writer.point().clone(),
-        vm: name("vm"),
-        started_at: now,
-        captured_at: now,
-        finished_at: now,
-        consistency: Consistency::None,
-        disks: [(name("sda"), disk)].into_iter().collect(),
-        evidence: vec![],
-        writer: "test".into(),
-    };
-    writer.commit(&first).await.unwrap();
+    let first = commit_by_hand(&f, "vm", 65536, &[&old, &last.unwrap().bytes], &root.bytes).await;
 
     let image = f.path("guest.raw");
     std::fs::write(&image, &new).unwrap();

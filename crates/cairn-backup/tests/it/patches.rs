@@ -139,21 +139,16 @@ async fn a_damaged_base_damages_every_point_patched_over_it() {
 /// piece-sum collision would leave. Written by hand through the vault's own API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_patch_that_does_not_rebuild_its_block_is_caught() {
+    use cairn_format::Digest;
     use cairn_format::index::{IndexWriter, PatchRef};
     use cairn_format::patch::{PieceSums, encode_patch};
-    use cairn_format::{Consistency, Digest, DiskRecord, PointManifest};
 
     let f = Fixture::new(65536).await;
     let base = vec![5u8; 65536];
     let mut new = base.clone();
     new[..4096].fill(6);
     let patch = encode_patch(&new, 4096, 1);
-    let vm = name("vm");
-    let started = jiff::Timestamp::now();
-    let writer = f.vault.begin_point(&vm, started).await.unwrap();
-    let mut packs = writer.pack_writer();
-    let (base_id, _) = packs.store_plain(&base).await.unwrap();
-    let (patch_id, _) = packs.store_plain(&patch).await.unwrap();
+    let (base_id, patch_id) = (Digest::of(&base), Digest::of(&patch));
     let mut index = IndexWriter::new(65536, 65536, 1024).unwrap();
     let wrong = Digest::of(b"not the rebuilt block");
     assert!(
@@ -168,30 +163,9 @@ async fn a_patch_that_does_not_rebuild_its_block_is_caught() {
             .is_none()
     );
     let (last, root) = index.finish().unwrap();
-    packs.store_plain(&last.unwrap().bytes).await.unwrap();
-    packs.store_plain(&root.bytes).await.unwrap();
-    packs.finish().await.unwrap();
-    let record = DiskRecord {
-        size: 65536,
-        block_size: 65536,
-        index_root: root.digest,
-        previous_point: None,
-        source: "hand-made".into(),
-        stats: Default::default(),
-    };
-    let manifest = PointManifest {
-        format: cairn_format::MANIFEST_FORMAT,
-        point: writer.point().clone(),
-        vm: vm.clone(),
-        started_at: started,
-        captured_at: started,
-        finished_at: started,
-        consistency: Consistency::None,
-        disks: [(name("sda"), record)].into_iter().collect(),
-        evidence: vec![],
-        writer: "test".into(),
-    };
-    writer.commit(&manifest).await.unwrap();
+    let page = last.unwrap().bytes;
+    let manifest = commit_by_hand(&f, "vm", 65536, &[&base, &patch, &page], &root.bytes).await;
+    let vm = name("vm");
 
     let err = f.restore(&manifest, "sda", &f.path("r.raw")).await.unwrap_err();
     assert!(err.to_string().contains(&wrong.to_hex()), "{err}");

@@ -131,3 +131,45 @@ pub fn dir_size(dir: &Path) -> u64 {
     }
     total
 }
+
+/// Commits a point of `vm`, written by hand as a hostile (or a test's) writer of the vault
+/// could: `chunks` (plaintexts: blocks, pages) are stored, then `root` as the index root of
+/// its one disk `sda`, which its manifest says is `size` bytes in 64 KiB blocks.
+pub async fn commit_by_hand(
+    f: &Fixture,
+    vm: &str,
+    size: u64,
+    chunks: &[&[u8]],
+    root: &[u8],
+) -> PointManifest {
+    let now = jiff::Timestamp::now();
+    let writer = f.vault.begin_point(&name(vm), now).await.unwrap();
+    let mut packs = writer.pack_writer();
+    for chunk in chunks {
+        packs.store_plain(chunk).await.unwrap();
+    }
+    let (root_id, _) = packs.store_plain(root).await.unwrap();
+    packs.finish().await.unwrap();
+    let disk = cairn_format::DiskRecord {
+        size,
+        block_size: 65536,
+        index_root: root_id,
+        previous_point: None,
+        source: "by hand".into(),
+        stats: Default::default(),
+    };
+    let manifest = PointManifest {
+        format: cairn_format::MANIFEST_FORMAT,
+        point: writer.point().clone(),
+        vm: name(vm),
+        started_at: now,
+        captured_at: now,
+        finished_at: now,
+        consistency: Consistency::None,
+        disks: [(name("sda"), disk)].into_iter().collect(),
+        evidence: vec![],
+        writer: "by hand".into(),
+    };
+    writer.commit(&manifest).await.unwrap();
+    manifest
+}
