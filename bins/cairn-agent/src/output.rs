@@ -84,9 +84,7 @@ fn advice(error: &anyhow::Error) -> Option<String> {
                 V::NoVault { url } => {
                     Some(format!("create it with `cairn-agent init --vault {url}`"))
                 }
-                V::Corrupt { source: cairn_format::Error::Invalid { detail, .. }, .. }
-                    if detail.contains("create a new vault") =>
-                {
+                V::Format(cairn_format::Error::Obsolete { .. }) => {
                     Some("`cairn-agent init --vault NEW-URL` creates one".into())
                 }
                 V::Corrupt { .. } | V::ChunkMissing { .. } | V::ChunkTruncated { .. } => {

@@ -134,6 +134,15 @@ fn mistakes_get_clear_errors() {
     let out = run(&["config", "check"]);
     assert!(stderr(&out).contains("needs --config"), "{}", stderr(&out));
 
+    // A vault of an earlier, unreleased layout is not called damaged: it says what to do.
+    let old = e.p("old-vault");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("config.json"), r#"{"format": 1}"#).unwrap();
+    let out = run(&["points", "--vault", old.to_str().unwrap()]);
+    assert!(stderr(&out).contains("create a new vault"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("hint: `cairn-agent init"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("damaged"), "{}", stderr(&out));
+
     let out = run(&["init"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }

@@ -134,10 +134,7 @@ fn partial_path(target: &Path) -> PathBuf {
 fn remove_stale_partials(target: &Path) {
     let stem = partial_stem(target);
     let stem = stem.to_string_lossy();
-    let folder = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let folder = folder_of(target);
     let Ok(entries) = std::fs::read_dir(folder) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -171,10 +168,7 @@ fn create_partial(partial: &Path, size: u64) -> io::Result<File> {
 /// survives a power cut.
 pub(crate) fn publish(partial: &Path, target: &Path) -> io::Result<()> {
     std::fs::rename(partial, target)?;
-    let folder = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let folder = folder_of(target);
     File::open(folder).and_then(|f| f.sync_all()).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -184,6 +178,14 @@ pub(crate) fn publish(partial: &Path, target: &Path) -> io::Result<()> {
             ),
         )
     })
+}
+
+/// The folder a target lies in (`.` for a bare file name).
+fn folder_of(target: &Path) -> &Path {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// A block device's size: where a seek to its end lands.

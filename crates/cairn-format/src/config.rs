@@ -146,12 +146,11 @@ impl VaultConfig {
         let c: VaultConfig = decode_json_formats(bytes, WHAT, OLDEST_FORMAT..=CONFIG_FORMAT)
             .map_err(|e| match e {
                 // Format 1 stored each chunk as its own object; this build reads packs only.
-                Error::Unsupported { what, detail } if detail == "format 1" => Error::Invalid {
+                Error::Unsupported { what, detail } if detail == "format 1" => Error::Obsolete {
                     what,
-                    detail:
-                        "format 1, written by an earlier Cairn that stored one object per chunk; \
-                         this version reads packed chunks only: create a new vault"
-                            .into(),
+                    detail: "format 1, written by an earlier Cairn that stored one object per \
+                             chunk; this version reads packed chunks only"
+                        .into(),
                 },
                 e => e,
             })?;

@@ -41,6 +41,14 @@ pub enum Error {
         /// The unknown version or feature.
         detail: String,
     },
+    /// The bytes are in a format an earlier Cairn wrote that this version no longer reads.
+    #[error("{what} is {detail}; create a new vault")]
+    Obsolete {
+        /// The kind of object.
+        what: &'static str,
+        /// What it is, and why it is not read.
+        detail: String,
+    },
     /// A JSON document (manifest, config, marker) could not be parsed.
     #[error("{what} is not valid: {source}")]
     Json {

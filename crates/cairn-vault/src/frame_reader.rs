@@ -4,9 +4,10 @@
 //! A base check reads one frame per patched block, thousands per incremental. Through the
 //! store each read is a task hop and, on a local vault, an `open` of the pack (what
 //! `LocalFileSystem` does per ranged get). On a local vault this reader `pread`s the packs
-//! through descriptors it keeps open (a few dozen at a time), after asking the kernel for all
-//! the frames of one call at once (`POSIX_FADV_WILLNEED`): packs are written around the page
-//! cache, so bases are read from the disk, and one at a time they would wait on it in turn.
+//! through descriptors it keeps open (a few dozen at a time); a caller announces the frames it
+//! will want ([`FrameReader::expect`]) as soon as it knows them, and the kernel starts reading
+//! them then (`POSIX_FADV_WILLNEED`): packs are written around the page cache, so bases are
+//! read from the disk, and one at a time they would wait on it in turn.
 //! On other stores the reads of one call go through the store together.
 
 use std::collections::HashMap;
@@ -43,21 +44,18 @@ impl Vault {
 }
 
 impl FrameReader {
-    /// The stored frame of each chunk of `ids`, in order (unchecked: decode it).
+    /// The stored frame of each chunk of `ids`, in order (unchecked: decode it). On a local
+    /// vault, frames announced with [`FrameReader::expect`] are read from memory if the disk
+    /// has delivered them by then.
     pub fn read(&self, ids: &[Digest]) -> Vec<Result<Vec<u8>, Error>> {
         let places: Vec<Option<ChunkLocation>> =
             self.vault.chunk_map.read(|m| ids.iter().map(|id| m.locate(id)).collect());
         match self.vault.durability.local_root() {
-            Some(root) => {
-                // Ask for every frame first, so the disk reads them at once; then read them.
-                self.advise_at(root, ids, &places);
-                ids.iter()
-                    .zip(places)
-                    .map(|(id, loc)| {
-                        self.pread(root, id, &loc.ok_or(Error::ChunkMissing { id: *id })?)
-                    })
-                    .collect()
-            }
+            Some(root) => ids
+                .iter()
+                .zip(places)
+                .map(|(id, loc)| self.pread(root, id, &loc.ok_or(Error::ChunkMissing { id: *id })?))
+                .collect(),
             None => self.runtime.block_on(futures::future::join_all(ids.iter().zip(places).map(
                 |(id, loc)| async move {
                     let loc = loc.ok_or(Error::ChunkMissing { id: *id })?;

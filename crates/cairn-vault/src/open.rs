@@ -282,8 +282,13 @@ impl Vault {
             }
             Err(e) => return Err(Error::storage("read", &path, e)),
         };
-        let config = VaultConfig::decode(&bytes)
-            .map_err(|source| Error::Corrupt { path: format!("{url}/{path}"), source })?;
+        let config =
+            VaultConfig::decode(&bytes).map_err(|source| match source {
+                // Not damage: a vault of another version, whose error says what to do.
+                e @ (cairn_format::Error::Unsupported { .. }
+                | cairn_format::Error::Obsolete { .. }) => Error::Format(e),
+                source => Error::Corrupt { path: format!("{url}/{path}"), source },
+            })?;
         Ok(Vault::assemble(store, config, url, durability))
     }
 

@@ -107,9 +107,7 @@ pub fn check(config: &VmConfig, options: &JobOptions) -> Vec<Check> {
         add(format!("scripts {}", scripts.display()), result.map_err(|e| e.to_string()));
     }
     if !config.freeze_mounts.is_empty() {
-        let mut protected = cairn_snapshot::freeze::Protected::of_this_process();
-        protected.extend(options.protected.iter().cloned());
-        protected.extend(quiesce::of_config(config));
+        let protected = quiesce::protected(config, None, options);
         let result = quiesce::quiescer(config, &protected, options.watchdog.as_ref())
             .map(|_| {
                 let mounts: Vec<String> =

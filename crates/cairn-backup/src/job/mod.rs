@@ -93,7 +93,7 @@ impl VmJob {
             previous.as_ref(),
             u64::from(vault.config().block_size),
         );
-        let protected = quiesce::protected(config, vault, &self.options);
+        let protected = quiesce::protected(config, Some(vault), &self.options);
         let quiescer = quiesce::quiescer(config, &protected, self.options.watchdog.as_ref())?;
         let (capture, rotations) =
             capture(config.vm.clone(), config.state, quiescer, views).await?;

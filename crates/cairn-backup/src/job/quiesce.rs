@@ -9,25 +9,23 @@ use cairn_vault::Vault;
 use super::JobOptions;
 use crate::Error;
 
-/// Everything the job writes to: freezing any of these would hang it.
-pub(super) fn protected(config: &VmConfig, vault: &Vault, options: &JobOptions) -> Vec<Protected> {
+/// Everything the job writes to: freezing any of these would hang it. Without a vault (a
+/// configuration checked on its own) the vault is left out; a backup checks it as well.
+pub(super) fn protected(
+    config: &VmConfig,
+    vault: Option<&Vault>,
+    options: &JobOptions,
+) -> Vec<Protected> {
     let mut list = Protected::of_this_process();
     list.extend(options.protected.iter().cloned());
-    if let Some(root) = vault.local_path() {
+    if let Some(root) = vault.and_then(Vault::local_path) {
         list.push(Protected::new("the vault", root));
     }
-    list.extend(of_config(config));
-    list
-}
-
-/// What a configuration itself makes the job write to: the configuration file, and the
-/// folders of the disk images (views are written next to them).
-pub(super) fn of_config(config: &VmConfig) -> Vec<Protected> {
-    let mut list = Vec::new();
     if let Some(file) = &config.file {
         list.push(Protected::new("the VM configuration", file.clone()));
     }
     for d in &config.disks {
+        // Views (reflink clones, btrfs snapshots) are written next to the images.
         list.push(Protected::new(
             format!("disk {} and its views", d.spec.name),
             d.spec.path.clone(),
