@@ -89,9 +89,22 @@ pub enum ConfigCommand {
 
 #[derive(Args, Debug)]
 pub struct VaultArg {
-    /// The vault: a path, file:///path, or memory:// (embedding only).
+    /// The vault: a path, file:///path, s3://bucket/prefix, az://container/prefix or
+    /// gs://bucket/prefix (object stores read their usual AWS_*, AZURE_*, GOOGLE_* variables).
     #[arg(long, value_name = "URL")]
     pub vault: String,
+    /// An option of the object store, KEY=VALUE (repeatable): object_store's config keys, such
+    /// as aws_endpoint, aws_region, aws_allow_http, azure_storage_account_name. Wins over the
+    /// environment.
+    #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = cairn_vault::StoreOptions::parse_pair)]
+    pub store_options: Vec<(String, String)>,
+}
+
+impl VaultArg {
+    /// The store options given.
+    pub fn options(&self) -> cairn_vault::StoreOptions {
+        cairn_vault::StoreOptions(self.store_options.clone())
+    }
 }
 
 #[derive(Args, Debug)]

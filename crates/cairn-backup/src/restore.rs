@@ -94,6 +94,9 @@ pub async fn restore_disk(
         point: point.point.clone(),
         available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
     })?;
+    // What other hosts committed or quarantined since this handle last looked: a copy
+    // quarantined elsewhere is read from its good copy, not from the bad one.
+    vault.refresh_chunk_map().await?;
     let io = |source| Error::Target { path: target.to_owned(), source };
     let (file, kind) = target::open(target, record.size, options.force)?;
     let result = write_disk(vault, record, disk, target, file, kind.is_device(), progress).await;

@@ -103,3 +103,36 @@ pub fn replay_corpus(target: &str, body: fn(&[u8])) {
     }
     assert!(failed.is_empty(), "{target} panicked on {} input(s): {failed:#?}", failed.len());
 }
+
+/// Vault URLs, each under a fresh prefix, in the object-store emulators that
+/// `scripts/object-stores.sh` started (`CAIRN_TEST_S3`, `CAIRN_TEST_AZURE`): `(backend, url)`.
+/// A backend whose variable is unset is left out with "skipped: ..." on stderr, unless
+/// `CAIRN_REQUIRE_OBJECT_STORES` is set (as `scripts/test.sh` does): then a skip would hide a
+/// test, and it panics.
+pub fn object_store_urls() -> Vec<(&'static str, String)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut urls = Vec::new();
+    for (backend, var) in [("s3", "CAIRN_TEST_S3"), ("azure", "CAIRN_TEST_AZURE")] {
+        match std::env::var(var) {
+            Ok(root) if !root.is_empty() => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default();
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let unique = format!("t{nanos:x}-{}-{n}", std::process::id());
+                urls.push((backend, format!("{}/{unique}", root.trim_end_matches('/'))));
+            }
+            _ => {
+                assert!(
+                    std::env::var_os("CAIRN_REQUIRE_OBJECT_STORES").is_none(),
+                    "CAIRN_REQUIRE_OBJECT_STORES is set but {var} is not: start the emulators \
+                     with scripts/object-stores.sh"
+                );
+                eprintln!("skipped: {backend} ({var} unset; scripts/test.sh starts the emulator)");
+            }
+        }
+    }
+    urls
+}

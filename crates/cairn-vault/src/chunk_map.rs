@@ -145,14 +145,24 @@ impl Vault {
                 // Swapped whole, so that readers never see a half-loaded map.
                 self.chunk_map.write(|m| *m = fresh);
             }
-            Load::New | Load::IfNever => self.load_new_indexes_into(None).await?,
+            Load::New | Load::IfNever => {
+                if self.load_new_indexes_into(None).await? {
+                    // Another host quarantined a copy this map points to: the good copy may
+                    // be in an index loaded long ago, and only a fresh map finds it.
+                    let mut fresh = ChunkMap::default();
+                    self.load_new_indexes_into(Some(&mut fresh)).await?;
+                    self.chunk_map.write(|m| *m = fresh);
+                }
+            }
         }
         self.chunk_map.loaded.store(true, Ordering::Release);
         Ok(())
     }
 
     /// Loads pack indexes not loaded yet into `local`, or into the shared map when `None`.
-    async fn load_new_indexes_into(&self, mut local: Option<&mut ChunkMap>) -> Result<(), Error> {
+    /// Returns true if a quarantine marker that is new to the map names a copy the map uses:
+    /// the map must then be loaded again from scratch.
+    async fn load_new_indexes_into(&self, mut local: Option<&mut ChunkMap>) -> Result<bool, Error> {
         let mut apply = |f: &mut dyn FnMut(&mut ChunkMap)| match local.as_deref_mut() {
             Some(m) => f(m),
             None => self.chunk_map.write(|m| f(m)),
@@ -164,8 +174,13 @@ impl Vault {
             .filter_map(layout::parse_quarantined)
             .collect();
         let mut names = self.list_paths(&layout::pack_indexes()).await?;
+        let mut stale = false;
         apply(&mut |m| {
             names.retain(|p| !m.loaded.contains(p.as_ref()));
+            stale = quarantined.iter().any(|(id, pack)| {
+                !m.quarantined.contains(&(*id, *pack))
+                    && m.locate(id).is_some_and(|loc| loc.pack == *pack)
+            });
             m.quarantined.extend(quarantined.iter().copied());
         });
         let new = names;
@@ -194,7 +209,7 @@ impl Vault {
                 }
             }
         }
-        Ok(())
+        Ok(stale)
     }
 
     /// Where chunk `id` is stored, if the vault holds it.

@@ -110,11 +110,12 @@ impl Vault {
     pub async fn quarantine_chunk(&self, id: &Digest, reason: &str) -> Result<(), Error> {
         let Some(loc) = self.locate_chunk(id).await? else { return Ok(()) };
         let path = layout::quarantined(id, &loc.pack);
-        let opts = PutOptions { mode: PutMode::Overwrite, ..Default::default() };
-        self.store
-            .put_opts(&path, Bytes::from(reason.to_owned()).into(), opts)
-            .await
-            .map_err(|e| Error::storage("quarantine", &path, e))?;
+        // Create-only, as every vault object: a marker already there says the same thing.
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&path, Bytes::from(reason.to_owned()).into(), opts).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
+            Err(e) => return Err(Error::storage("quarantine", &path, e)),
+        }
         self.reload_chunk_map().await
     }
 }

@@ -99,6 +99,16 @@ pub enum Error {
         /// How many.
         writers: usize,
     },
+    /// Another writer created the same object first: two backups chose the same point id, or
+    /// two commits raced. Nothing of this job was committed.
+    #[error(
+        "another writer created {path} first (two backups with the same point id, or a \
+         concurrent commit); this job committed nothing: run it again"
+    )]
+    Concurrent {
+        /// The object.
+        path: String,
+    },
     /// No such point.
     #[error("VM {vm} has no recovery point {point}; list its points to choose one")]
     PointNotFound {
@@ -135,6 +145,16 @@ impl Error {
         }
     }
 
+    /// A create-only write refused because the object exists: another writer's.
+    pub(crate) fn concurrent(self, path: &object_store::path::Path) -> Self {
+        match self {
+            Error::Storage { source: object_store::Error::AlreadyExists { .. }, .. } => {
+                Error::Concurrent { path: path.to_string() }
+            }
+            other => other,
+        }
+    }
+
     /// Wraps an error of a local file operation on the vault, recognising a full file system.
     pub(crate) fn local_io(path: &std::path::Path, source: std::io::Error) -> Self {
         if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
@@ -156,7 +176,7 @@ impl Error {
     }
 }
 
-fn is_no_space(e: &object_store::Error) -> bool {
+pub(crate) fn is_no_space(e: &object_store::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>()

@@ -64,15 +64,44 @@ pub(crate) fn inflight(point: &PointId) -> Path {
     Path::from(format!("inflight/{point}.json"))
 }
 
-/// Damage records of one VM, or one point.
+/// Damage records of one VM, or the folder of one point's records.
 pub(crate) fn damage(vm: &Name, point: Option<&PointId>) -> Path {
     match point {
-        Some(p) => Path::from(format!("damage/{vm}/{p}.json")),
+        Some(p) => Path::from(format!("damage/{vm}/{p}")),
         None => Path::from(format!("damage/{vm}")),
     }
 }
 
-/// Parses `points/<vm>/<point>.json` (or `damage/...`) back into its parts.
+/// One damage record of a point, written create-only by the verify run `run`.
+pub(crate) fn damage_record(vm: &Name, point: &PointId, run: &PointId) -> Path {
+    Path::from(format!("damage/{vm}/{point}/{run}.json"))
+}
+
+/// Where vaults before create-only damage records kept a point's one, overwritten, record.
+pub(crate) fn legacy_damage(vm: &Name, point: &PointId) -> Path {
+    Path::from(format!("damage/{vm}/{point}.json"))
+}
+
+/// Parses a damage record's path (`damage/<vm>/<point>/<run>.json`, or a legacy
+/// `damage/<vm>/<point>.json`) into its VM, point and run (`None` for a legacy record).
+pub(crate) fn parse_damage_path(path: &Path) -> Option<(Name, PointId, Option<PointId>)> {
+    let parts: Vec<_> = path.parts().collect();
+    let name = |i: usize| parts.get(i).map(|p| p.as_ref());
+    if name(0)? != "damage" {
+        return None;
+    }
+    let vm = name(1)?.parse().ok()?;
+    match parts.len() {
+        3 => Some((vm, name(2)?.strip_suffix(".json")?.parse().ok()?, None)),
+        4 => {
+            let run = name(3)?.strip_suffix(".json")?.parse().ok()?;
+            Some((vm, name(2)?.parse().ok()?, Some(run)))
+        }
+        _ => None,
+    }
+}
+
+/// Parses `points/<vm>/<point>.json` back into its parts.
 pub(crate) fn parse_point_path(path: &Path) -> Option<(Name, PointId)> {
     let mut parts = path.parts();
     let _root = parts.next()?;

@@ -12,9 +12,11 @@
 //! written so far stable (one `syncfs` on a local vault instead of an fsync per chunk; a no-op
 //! on object stores, where an acknowledged PUT is durable).
 
+mod backend;
 mod chunk_map;
 mod chunks;
 mod error;
+pub mod faults;
 mod frame_reader;
 mod layout;
 mod local_pack;
@@ -22,6 +24,7 @@ mod local_store;
 mod open;
 mod packs;
 mod points;
+mod retry;
 mod verify;
 
 use std::sync::Arc;
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use cairn_format::VaultConfig;
 use object_store::ObjectStore;
 
+pub use backend::StoreOptions;
 pub use chunk_map::ChunkLocation;
 pub use error::Error;
 pub use frame_reader::FrameReader;
@@ -36,11 +40,15 @@ pub use local_pack::{ALIGN as DIRECT_IO_ALIGN, AlignedBuf, direct_io_refused};
 pub use open::{Durability, EARLY_FLUSH_BYTES, LocalSync};
 pub use packs::{PackWriter, Stored};
 pub use points::{PointListing, PointWriter, UnreadablePoint};
+pub use retry::{RetryPolicy, RetryingStore};
 pub use verify::{BadChunk, VerifyProgress, VerifyReport, VerifyScope};
 
 /// An open vault. Cheap to clone; safe to share between tasks.
 #[derive(Clone, Debug)]
 pub struct Vault {
+    /// The store as given, for [`Vault::store`] and to change the retry policy.
+    raw: Arc<dyn ObjectStore>,
+    /// The store with the vault's retries around it: every operation goes through it.
     store: Arc<dyn ObjectStore>,
     config: Arc<VaultConfig>,
     url: Arc<str>,
@@ -65,8 +73,15 @@ impl Vault {
         self.durability.local_root()
     }
 
-    /// The underlying store.
+    /// The underlying store, as it was given (without the vault's retries).
+    #[allow(clippy::misnamed_getters, reason = "the store as given, not the retrying one")]
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
+        &self.raw
+    }
+
+    /// This vault with another retry policy (tests of faults use short timeouts).
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Vault {
+        self.store = Arc::new(RetryingStore::new(Arc::clone(&self.raw), policy));
+        self
     }
 }

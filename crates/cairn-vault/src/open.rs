@@ -11,8 +11,9 @@ use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
 use rand::RngExt;
 
+use crate::backend::{Location, StoreOptions, locate};
 use crate::local_store::PrivateLocal;
-use crate::{Error, Vault, layout};
+use crate::{Error, RetryPolicy, RetryingStore, Vault, layout};
 
 /// How writes to a store become durable.
 #[derive(Clone, Debug)]
@@ -140,33 +141,6 @@ impl Durability {
     }
 }
 
-enum Location {
-    Local(PathBuf),
-    Memory,
-}
-
-fn locate(url: &str) -> Result<Location, Error> {
-    let bad = |detail: &str| Error::Url { url: url.into(), detail: detail.into() };
-    if !url.contains("://") {
-        // A plain path: the friendliest way to name a local vault.
-        let path = std::path::absolute(url).map_err(|e| bad(&e.to_string()))?;
-        return Ok(Location::Local(path));
-    }
-    let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-    match parsed.scheme() {
-        "file" => parsed
-            .to_file_path()
-            .map(Location::Local)
-            .map_err(|()| bad("a file URL needs an absolute path, like file:///srv/vault")),
-        "memory" => Ok(Location::Memory),
-        "s3" | "s3a" | "az" | "azure" | "abfs" | "abfss" | "gs" => Err(bad(
-            "object-store vaults (s3, az, gs) are recognised but not built into this version yet; \
-             use a file:// vault",
-        )),
-        other => Err(bad(&format!("unknown scheme {other:?}; use file:///path or a plain path"))),
-    }
-}
-
 fn local_store(path: &FsPath, url: &str) -> Result<Arc<dyn ObjectStore>, Error> {
     LocalFileSystem::new_with_prefix(path)
         .map(|s| Arc::new(PrivateLocal::new(s)) as Arc<dyn ObjectStore>)
@@ -215,7 +189,17 @@ fn warn_if_open(path: &FsPath) {
 impl Vault {
     /// Creates a vault at `url` with `block_size`-byte blocks (refuses if one exists).
     pub async fn create(url: &str, block_size: u32) -> Result<Vault, Error> {
-        let (store, durability) = match locate(url)? {
+        Vault::create_with(url, block_size, &StoreOptions::default()).await
+    }
+
+    /// Creates a vault at `url` with `block_size`-byte blocks, the object store built with
+    /// `options` (refuses if a vault exists there).
+    pub async fn create_with(
+        url: &str,
+        block_size: u32,
+        options: &StoreOptions,
+    ) -> Result<Vault, Error> {
+        let (store, durability) = match locate(url, options)? {
             Location::Local(path) => {
                 make_root(&path)?;
                 (local_store(&path, url)?, Durability::SyncFs(LocalSync::new(path)?))
@@ -223,6 +207,7 @@ impl Vault {
             Location::Memory => {
                 (Arc::new(InMemory::new()) as Arc<dyn ObjectStore>, Durability::OnAck)
             }
+            Location::Remote(store) => (store, Durability::OnAck),
         };
         Vault::create_in(store, url, durability, block_size).await
     }
@@ -240,7 +225,8 @@ impl Vault {
         let config = VaultConfig::new(id, jiff::Timestamp::now(), block_size, piece_key)?;
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         let path = layout::config();
-        match store.put_opts(&path, config.encode().into(), opts).await {
+        let retrying = RetryingStore::new(Arc::clone(&store), RetryPolicy::default());
+        match retrying.put_opts(&path, config.encode().into(), opts).await {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
                 return Err(Error::AlreadyExists { url: url.into() });
@@ -252,9 +238,16 @@ impl Vault {
         Ok(vault)
     }
 
-    /// Opens the vault at `url`: a plain path, `file:///path` or `memory://`.
+    /// Opens the vault at `url`: a plain path, `file:///path`, `s3://bucket/prefix`,
+    /// `az://container/prefix` or `gs://bucket/prefix` (the store configured by its usual
+    /// environment variables).
     pub async fn open(url: &str) -> Result<Vault, Error> {
-        match locate(url)? {
+        Vault::open_with(url, &StoreOptions::default()).await
+    }
+
+    /// Opens the vault at `url`, its object store built with `options`.
+    pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Vault, Error> {
+        match locate(url, options)? {
             Location::Local(path) => {
                 if !path.is_dir() {
                     return Err(Error::NoVault { url: url.into() });
@@ -265,6 +258,7 @@ impl Vault {
             }
             // A fresh memory store never holds a vault; embedders use `open_store`.
             Location::Memory => Err(Error::NoVault { url: url.into() }),
+            Location::Remote(store) => Vault::open_store(store, url, Durability::OnAck).await,
         }
     }
 
@@ -275,7 +269,8 @@ impl Vault {
         durability: Durability,
     ) -> Result<Vault, Error> {
         let path = layout::config();
-        let bytes = match store.get(&path).await {
+        let retrying = RetryingStore::new(Arc::clone(&store), RetryPolicy::default());
+        let bytes = match retrying.get(&path).await {
             Ok(r) => r.bytes().await.map_err(|e| Error::storage("read", &path, e))?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(Error::NoVault { url: url.into() });
@@ -299,7 +294,8 @@ impl Vault {
         durability: Durability,
     ) -> Vault {
         Vault {
-            store,
+            store: Arc::new(RetryingStore::new(Arc::clone(&store), RetryPolicy::default())),
+            raw: store,
             config: Arc::new(config),
             url: url.into(),
             durability,

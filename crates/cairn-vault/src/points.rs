@@ -152,7 +152,7 @@ impl Vault {
     /// Points of `vm` that verify found damaged.
     pub async fn damaged_points(&self, vm: &Name) -> Result<BTreeSet<PointId>, Error> {
         let paths = self.list_paths(&layout::damage(vm, None)).await?;
-        Ok(paths.iter().filter_map(layout::parse_point_path).map(|(_, p)| p).collect())
+        Ok(paths.iter().filter_map(layout::parse_damage_path).map(|(_, p, _)| p).collect())
     }
 
     /// The base for `vm`'s next incremental: the newest complete point that verify has not
@@ -238,11 +238,10 @@ impl Vault {
             started_at,
             owner: marker_owner(),
         };
+        // Create-only: two writers that picked the same id (the same reserved id, or a
+        // collision of the clock and 32 random bits) cannot both go on.
         let path = layout::inflight(&point);
-        self.store
-            .put(&path, marker.encode().into())
-            .await
-            .map_err(|e| Error::storage("write", &path, e))?;
+        self.put_new(&path, marker.encode(), "write").await.map_err(|e| e.concurrent(&path))?;
         // Deduplicate against everything committed before this backup started.
         self.refresh_chunk_map().await?;
         Ok(PointWriter {
@@ -268,21 +267,57 @@ impl Vault {
         Ok(out)
     }
 
+    /// Records that verify found `record.point` damaged. Records are create-only: each run
+    /// that finds the point's damage changed writes a new one, named by the run, then removes
+    /// the older ones; the point is damaged for as long as any record remains.
     pub(crate) async fn write_damage(&self, record: &DamageRecord) -> Result<(), Error> {
-        let path = layout::damage(&record.vm, Some(&record.point));
-        self.store
-            .put(&path, record.encode().into())
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::storage("write", &path, e))
+        let older = self.damage_records(&record.vm, &record.point).await?;
+        if let Some(newest) = older.last()
+            && let Some(bytes) = self.get_bytes(newest).await?
+            && DamageRecord::decode(&bytes).is_ok_and(|d| d.bad_chunks == record.bad_chunks)
+        {
+            return Ok(());
+        }
+        let run = PointId::new(record.found_at, rand::rng().random());
+        let path = layout::damage_record(&record.vm, &record.point, &run);
+        self.put_new(&path, record.encode(), "write").await?;
+        self.delete_all(&older).await
     }
 
+    /// Removes every damage record of `point` (verify found it clean).
     pub(crate) async fn clear_damage(&self, vm: &Name, point: &PointId) -> Result<(), Error> {
-        let path = layout::damage(vm, Some(point));
-        match self.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(Error::storage("delete", &path, e)),
+        let records = self.damage_records(vm, point).await?;
+        self.delete_all(&records).await
+    }
+
+    /// The damage records of `point`, oldest first (a legacy record first of all).
+    async fn damage_records(&self, vm: &Name, point: &PointId) -> Result<Vec<Path>, Error> {
+        let mut records = vec![];
+        let legacy = layout::legacy_damage(vm, point);
+        if self.head_exists(&legacy).await? {
+            records.push(legacy);
         }
+        records.extend(self.list_paths(&layout::damage(vm, Some(point))).await?);
+        Ok(records)
+    }
+
+    async fn head_exists(&self, path: &Path) -> Result<bool, Error> {
+        match self.store.head(path).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::storage("read", path, e)),
+        }
+    }
+
+    /// Deletes `paths`; one already gone is fine.
+    pub(crate) async fn delete_all(&self, paths: &[Path]) -> Result<(), Error> {
+        for path in paths {
+            match self.store.delete(path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(Error::storage("delete", path, e)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -356,7 +391,10 @@ impl PointWriter {
             self.vault.chunk_map.write(|m| m.add(path.to_string(), &packs));
         }
         let path = layout::manifest(&self.vm, &self.point);
-        self.vault.put_new(&path, manifest.encode(), "commit").await?;
+        self.vault
+            .put_new(&path, manifest.encode(), "commit")
+            .await
+            .map_err(|e| e.concurrent(&path))?;
         self.vault.barrier_since(self.epoch).await?;
         self.remove_marker().await;
         Ok(())

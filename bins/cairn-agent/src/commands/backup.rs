@@ -71,7 +71,7 @@ pub fn job_options(
 }
 
 pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyhow::Result<Exit> {
-    let vault = super::open_vault(&args.vault.vault).await?;
+    let vault = super::open_vault(&args.vault).await?;
     let options = job_options(args.threads, args.parallel_disks)?;
     let config = match (&config, &args.vm) {
         (Some(file), None) if args.disks.is_empty() => VmConfig::load(file)?,

@@ -199,7 +199,7 @@ async fn vault(
     let scratch_name = format!(".cairn-bench-{}", std::process::id());
     let (root, where_) = match &args.vault {
         Some(url) => {
-            let vault = super::open_vault(url).await?;
+            let vault = cairn_vault::Vault::open(url).await?;
             let root = vault.local_path().context("bench measures local vaults only")?;
             (root.join(scratch_name), url.clone())
         }

@@ -8,7 +8,7 @@ use crate::output::{Exit, print_json};
 
 pub async fn run(args: InitArgs, json: bool) -> anyhow::Result<Exit> {
     let block_size = u32::try_from(args.block_size).context("--block-size is too large")?;
-    let vault = Vault::create(&args.vault.vault, block_size).await?;
+    let vault = Vault::create_with(&args.vault.vault, block_size, &args.vault.options()).await?;
     let config = vault.config();
     if json {
         print_json(&serde_json::json!({ "vault": vault.url(), "config": config }));

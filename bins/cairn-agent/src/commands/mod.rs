@@ -39,8 +39,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
-pub(crate) async fn open_vault(url: &str) -> anyhow::Result<Vault> {
-    Ok(Vault::open(url).await?)
+pub(crate) async fn open_vault(arg: &crate::cli::VaultArg) -> anyhow::Result<Vault> {
+    Ok(Vault::open_with(&arg.vault, &arg.options()).await?)
 }
 
 pub(crate) fn vm_name(s: &str) -> anyhow::Result<Name> {

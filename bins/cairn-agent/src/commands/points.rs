@@ -5,7 +5,7 @@ use crate::output::{Exit, print_json, table};
 use crate::units::bytes;
 
 pub async fn run(args: PointsArgs, json: bool) -> anyhow::Result<Exit> {
-    let vault = super::open_vault(&args.vault.vault).await?;
+    let vault = super::open_vault(&args.vault).await?;
     let vm = args.vm.as_deref().map(super::vm_name).transpose()?;
     let listing = vault.list_points(vm.as_ref()).await?;
     if json {

@@ -10,7 +10,7 @@ use crate::output::{Bars, Exit, print_json};
 use crate::units::bytes;
 
 pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<Exit> {
-    let vault = super::open_vault(&args.vault.vault).await?;
+    let vault = super::open_vault(&args.vault).await?;
     let vm = super::vm_name(&args.vm)?;
     let point = super::point_id(&args.point)?;
     let manifest = vault.resolve_point(&vm, point.as_ref()).await?;

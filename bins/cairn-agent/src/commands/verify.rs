@@ -7,7 +7,7 @@ use crate::output::{Exit, print_json};
 use crate::units::bytes;
 
 pub async fn run(args: VerifyArgs, json: bool) -> anyhow::Result<Exit> {
-    let vault = super::open_vault(&args.vault.vault).await?;
+    let vault = super::open_vault(&args.vault).await?;
     let scope = VerifyScope {
         vm: args.vm.as_deref().map(super::vm_name).transpose()?,
         point: match args.point.as_deref() {

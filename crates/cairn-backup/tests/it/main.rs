@@ -1,6 +1,7 @@
 //! End-to-end tests of backup, restore and verify on real files and a real local vault.
 
 mod bad_input;
+mod conformance;
 mod hostile;
 mod patches;
 mod roundtrip;
