@@ -80,6 +80,8 @@ pub struct FaultyStore(Arc<Shared>);
 struct Shared {
     inner: Arc<dyn ObjectStore>,
     faults: Faults,
+    /// The rate now (`f64` bits): [`FaultyStore::set_rate`] changes it.
+    rate: AtomicU64,
     rng: Mutex<Xoshiro256PlusPlus>,
     counts: Arc<FaultCounts>,
 }
@@ -92,7 +94,7 @@ impl fmt::Debug for FaultyStore {
 
 impl fmt::Display for FaultyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "faulty({}) {}", self.0.faults.rate, self.0.inner)
+        write!(f, "faulty({}) {}", self.0.rate(), self.0.inner)
     }
 }
 
@@ -109,9 +111,15 @@ impl FaultyStore {
         FaultyStore(Arc::new(Shared {
             inner,
             faults,
+            rate: AtomicU64::new(faults.rate.to_bits()),
             rng: Mutex::new(Xoshiro256PlusPlus::seed_from_u64(faults.seed)),
             counts: Arc::default(),
         }))
+    }
+
+    /// Changes the share of operations that go wrong from now on.
+    pub fn set_rate(&self, rate: f64) {
+        self.0.rate.store(rate.to_bits(), Ordering::Relaxed);
     }
 
     /// The counts of injected faults (shared: it keeps counting).
@@ -121,12 +129,16 @@ impl FaultyStore {
 }
 
 impl Shared {
+    fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
     /// Waits the drawn latency, then draws whether (and how) this call fails, among `kinds`.
     async fn draw(&self, kinds: &[Fault]) -> Option<Fault> {
         let (wait, fault) = {
             let mut rng = self.rng.lock().unwrap_or_else(PoisonError::into_inner);
             let wait = self.faults.latency.mul_f64(rng.random_range(0.0..1.0));
-            let fault = (rng.random_range(0.0..1.0) < self.faults.rate)
+            let fault = (rng.random_range(0.0..1.0) < self.rate())
                 .then(|| kinds[rng.random_range(0..kinds.len())]);
             (wait, fault)
         };
@@ -241,7 +253,7 @@ impl ObjectStore for FaultyStore {
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
         let fail = {
             let mut rng = self.0.rng.lock().unwrap_or_else(PoisonError::into_inner);
-            rng.random_range(0.0..1.0) < self.0.faults.rate
+            rng.random_range(0.0..1.0) < self.0.rate()
         };
         if fail {
             self.0.counts.before.fetch_add(1, Ordering::Relaxed);
