@@ -47,6 +47,9 @@ pub enum Command {
     /// Measure this machine: hashing, compression, CRC and AEAD rates, vault put/get, disk
     /// reads, and the backup window they project.
     Bench(BenchArgs),
+    /// Manage the keys of an encrypted vault: list, add, remove.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check a VM configuration file (--config) without backing anything up.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -98,6 +101,13 @@ pub struct VaultArg {
     /// environment.
     #[arg(long = "store-option", value_name = "KEY=VALUE", value_parser = cairn_vault::StoreOptions::parse_pair)]
     pub store_options: Vec<(String, String)>,
+    /// The key file of an encrypted vault (`init` creates it when it does not exist).
+    #[arg(long, value_name = "PATH", conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+    /// A file holding the passphrase of an encrypted vault (else CAIRN_PASSPHRASE, else a
+    /// prompt on a terminal).
+    #[arg(long, value_name = "PATH")]
+    pub passphrase_file: Option<PathBuf>,
 }
 
 impl VaultArg {
@@ -114,6 +124,52 @@ pub struct InitArgs {
     /// Block size of disk indexes (4K to 4M, a power of two).
     #[arg(long, default_value = "64K", value_parser = crate::units::parse_size)]
     pub block_size: u64,
+    /// Store the vault's data unencrypted (new vaults are encrypted unless this is given).
+    #[arg(long, conflicts_with_all = ["key_file", "passphrase_file"])]
+    pub no_encryption: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List the key slots of an encrypted vault.
+    List(KeyListArgs),
+    /// Add a key slot: a new key file, a new passphrase, or a recovery key to print.
+    Add(KeyAddArgs),
+    /// Remove a key slot (never the last one).
+    Remove(KeyRemoveArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KeyListArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyAddArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The new key: a key file (created when it does not exist).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["new_passphrase_file", "recovery"])]
+    pub new_key_file: Option<PathBuf>,
+    /// The new key: a passphrase read from this file (or asked for on a terminal).
+    #[arg(long, value_name = "PATH", conflicts_with = "recovery")]
+    pub new_passphrase_file: Option<PathBuf>,
+    /// The new key: a recovery key, printed once; write it down and keep it offline.
+    #[arg(long)]
+    pub recovery: bool,
+    /// A note shown by `key list`.
+    #[arg(long, default_value = "")]
+    pub label: String,
+}
+
+#[derive(Args, Debug)]
+pub struct KeyRemoveArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The slot to remove (from `key list`).
+    #[arg(long)]
+    pub slot: String,
 }
 
 #[derive(Args, Debug)]

@@ -8,6 +8,8 @@ use std::process::{Command, Output, Stdio};
 fn agent(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
         .env_remove("RUST_LOG")
+        // Vaults are encrypted by default; the tests' vaults use this passphrase.
+        .env("CAIRN_PASSPHRASE", "cbt tests")
         .args(args)
         .output()
         .unwrap()

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-agent"));
     cmd.env_remove("RUST_LOG");
+    // Vaults are encrypted by default; the tests' vaults use this passphrase.
+    cmd.env("CAIRN_PASSPHRASE", "cli tests");
     cmd
 }
 

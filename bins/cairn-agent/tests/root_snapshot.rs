@@ -17,6 +17,8 @@ static LOOP_DEVICES: Mutex<()> = Mutex::new(());
 fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn-agent"));
     cmd.env_remove("RUST_LOG").env_remove("CAIRN_FAILPOINT");
+    // Vaults are encrypted by default; the tests' vaults use this passphrase.
+    cmd.env("CAIRN_PASSPHRASE", "snapshot tests");
     cmd
 }
 

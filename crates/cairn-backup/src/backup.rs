@@ -12,11 +12,12 @@ use cairn_delta::{
 use cairn_format::index::{EncodedPage, IndexWriter};
 use cairn_format::{
     Consistency, Digest, DiskRecord, DiskStats, Evidence, Name, PointId, PointManifest,
-    encode_chunk,
+    encode_chunk_in,
 };
 use cairn_vault::{PackWriter, Stored, Vault};
 use futures::StreamExt;
 use jiff::Timestamp;
+use rand::RngExt;
 use tokio::sync::mpsc;
 
 use crate::previous::{VaultBases, VaultPrevious};
@@ -146,15 +147,18 @@ pub async fn backup(
     Ok(manifest)
 }
 
-/// Compresses changed blocks into chunk frames on the engine's worker threads.
+/// Compresses (and in an encrypted vault encrypts) changed blocks into chunk frames on the
+/// engine's worker threads.
 struct FrameEncoder {
     zstd_level: Option<i32>,
+    crypto: cairn_format::Crypto,
 }
 
 impl BlockEncoder for FrameEncoder {
     type Output = Result<Bytes, cairn_format::Error>;
-    fn encode(&self, _: &Digest, block: &[u8]) -> Self::Output {
-        encode_chunk(block, self.zstd_level).map(Bytes::from)
+    fn encode(&self, id: &Digest, block: &[u8]) -> Self::Output {
+        let salt = rand::rng().random();
+        encode_chunk_in(&self.crypto, id, block, self.zstd_level, salt).map(Bytes::from)
     }
 }
 
@@ -211,7 +215,8 @@ async fn backup_disk(
             None => EngineConfig::new(block_size),
         };
         config.tracking = tracking.clone();
-        config.piece_key = vault.config().piece_key();
+        config.piece_key = vault.piece_key();
+        config.ids = vault.crypto().ids().clone();
         let scanned =
             scan_disk(&mut state, &disk, base.as_ref(), config, progress.as_ref(), cancel).await;
         match scanned {
@@ -358,7 +363,10 @@ async fn scan_disk(
         None => (Box::new(NoPrevious), Arc::default()),
     };
     let (tx, rx) = mpsc::channel::<Batch<<FrameEncoder as BlockEncoder>::Output>>(2);
-    let encoder = FrameEncoder { zstd_level: state.vault.config().zstd_level() };
+    let encoder = FrameEncoder {
+        zstd_level: state.vault.config().zstd_level(),
+        crypto: state.vault.crypto().clone(),
+    };
     let source = Arc::clone(&disk.source);
     let bases = VaultBases::new(state.vault);
     let scan_cancel = cancel.clone();
@@ -419,7 +427,8 @@ async fn consume(
     cancel: &Cancel,
 ) -> Result<Digest, Error> {
     let config = state.vault.config();
-    let mut index = IndexWriter::new(size, config.block_size, config.blocks_per_page)?;
+    let mut index = IndexWriter::new(size, config.block_size, config.blocks_per_page)?
+        .with_ids(state.vault.crypto().ids().clone());
     while let Some(batch) = rx.recv().await {
         if cancel.is_cancelled() {
             return Err(Error::Cancelled);

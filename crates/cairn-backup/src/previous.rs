@@ -91,24 +91,27 @@ impl PreviousIndex for VaultPrevious {
 
 /// Bases of patches read back from the vault, for the engine's worker threads (which are not
 /// the runtime's: they may block).
-pub(crate) struct VaultBases(cairn_vault::FrameReader);
+pub(crate) struct VaultBases(cairn_vault::FrameReader, cairn_format::Crypto);
 
 impl VaultBases {
     /// Reads from `vault` (call it within the runtime).
     pub(crate) fn new(vault: &Vault) -> Self {
-        VaultBases(vault.frame_reader())
+        VaultBases(vault.frame_reader(), vault.crypto().clone())
     }
 }
 
 impl cairn_delta::Bases for VaultBases {
-    /// The bases' plaintexts, each frame's CRC checked. Their SHA-256 is not: the engine
-    /// compares each with the new block byte for byte, so a damaged copy can only fail that
-    /// comparison (and the block is stored whole).
+    /// The bases' plaintexts, each frame's CRC checked (and in an encrypted vault its tag).
+    /// Their id is not: the engine compares each with the new block byte for byte, so a
+    /// damaged copy can only fail that comparison (and the block is stored whole).
     fn bases(&self, ids: &[Digest]) -> Vec<Result<Vec<u8>, cairn_delta::BoxError>> {
         self.0
             .read(ids)
             .into_iter()
-            .map(|frame| Ok(cairn_format::decode_chunk(&frame?)?.plaintext))
+            .zip(ids)
+            .map(|(frame, id)| {
+                Ok(cairn_format::ChunkFrame::open_in(&self.1, &frame?, id)?.plaintext)
+            })
             .collect()
     }
 

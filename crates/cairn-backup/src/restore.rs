@@ -312,6 +312,7 @@ async fn read_blocks(
     };
     let bytes = vault.read_frame(&first.id, &span).await?;
     let disk = disk.clone();
+    let crypto = vault.crypto().clone();
     tokio::task::spawn_blocking(move || {
         let chunks = (run.len() + patches.len()) as u64;
         let mut out = Vec::with_capacity(run.len());
@@ -326,13 +327,18 @@ async fn read_blocks(
             let from = (p.loc.offset - start) as usize;
             let raw = bytes.get(from..from + p.loc.len as usize).unwrap_or_default();
             let frame =
-                ChunkFrame::decode_verified(raw, &p.id).map_err(|e| corrupt(e.to_string()))?;
+                ChunkFrame::decode_in(&crypto, raw, &p.id).map_err(|e| corrupt(e.to_string()))?;
             let block = match &p.patch {
                 Some(entry) => {
                     // One patch was fetched per patched piece, in order.
                     let patch = patches.next().unwrap_or_default();
-                    cairn_format::patch::rebuild(&frame.plaintext, &patch, &entry.digest)
-                        .map_err(|e| corrupt(format!("with patch {}: {e}", entry.patch)))?
+                    cairn_format::patch::rebuild(
+                        &frame.plaintext,
+                        &patch,
+                        &entry.digest,
+                        crypto.ids(),
+                    )
+                    .map_err(|e| corrupt(format!("with patch {}: {e}", entry.patch)))?
                 }
                 None => frame.plaintext,
             };

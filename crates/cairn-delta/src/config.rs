@@ -1,5 +1,6 @@
 //! How a scan runs: block size, threads, buffers, tracking, sub-block deltas.
 
+use cairn_format::ChunkIds;
 use cairn_format::patch::PieceKey;
 
 use crate::Error;
@@ -23,6 +24,8 @@ pub struct EngineConfig {
     pub patch_generations: u8,
     /// The key of the vault's piece sums ([`PieceKey::UNKEYED`] for vaults made before keys).
     pub piece_key: PieceKey,
+    /// How chunk ids are computed (SHA-256, or an encrypted vault's keyed HMAC).
+    pub ids: ChunkIds,
 }
 
 /// Points in a row a block may be stored as a patch over one base before it is stored whole
@@ -48,6 +51,7 @@ impl EngineConfig {
             tracking: None,
             patch_generations: DEFAULT_PATCH_GENERATIONS,
             piece_key: PieceKey::UNKEYED,
+            ids: ChunkIds::Sha256,
         }
     }
 

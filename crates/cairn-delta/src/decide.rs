@@ -24,6 +24,7 @@ pub(crate) struct Patching<'a> {
     pub(crate) piece_size: u32,
     pub(crate) generations: u8,
     pub(crate) key: &'a PieceKey,
+    pub(crate) ids: &'a cairn_format::ChunkIds,
 }
 
 /// What a block is before its base, if it needs one, is read back (rules 1, 2 and the sums
@@ -59,7 +60,7 @@ pub(crate) fn look(patching: &Patching<'_>, data: &[u8], prev: Option<BlockEntry
     if is_zero(data) {
         return Look::Zero;
     }
-    let digest = Digest::of(data);
+    let digest = patching.ids.of(data);
     if let Some(prev) = prev.filter(|p| p.content() == Some(&digest)) {
         return Look::Unchanged(prev);
     }
@@ -103,7 +104,7 @@ pub(crate) fn decide<E: BlockEncoder>(
     if let Some(c) = patch {
         if base.is_some_and(|base| rebuilds(patching, base, data, c.mask)) {
             let bytes = encode_patch(data, patching.piece_size, c.mask);
-            let id = Digest::of(&bytes);
+            let id = patching.ids.of(&bytes);
             return BlockEvent::Changed {
                 entry: BlockEntry::Patch(PatchRef {
                     digest,

@@ -46,8 +46,8 @@ impl PreviousIndex for NoPrevious {
 pub trait BlockEncoder: Sync {
     /// What a changed block becomes.
     type Output: Send;
-    /// Encodes the bytes to store under chunk id `id` (their SHA-256): a changed block, or the
-    /// patch that rebuilds it.
+    /// Encodes the bytes to store under chunk id `id` (their id under the config's
+    /// [`cairn_format::ChunkIds`]): a changed block, or the patch that rebuilds it.
     fn encode(&self, id: &Digest, bytes: &[u8]) -> Self::Output;
 }
 

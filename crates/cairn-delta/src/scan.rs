@@ -191,6 +191,7 @@ fn hash_batches<E: BlockEncoder>(
         piece_size: piece_size(config.block_size),
         generations: config.patch_generations,
         key: &config.piece_key,
+        ids: &config.ids,
     };
     for item in work {
         let outcome = hash_batch(encoder, bases, &patching, block, disk, &item);

@@ -27,6 +27,7 @@ fn config(threads: usize) -> EngineConfig {
         tracking: None,
         patch_generations: DEFAULT_PATCH_GENERATIONS,
         piece_key: PieceKey::UNKEYED,
+        ids: cairn_format::ChunkIds::Sha256,
     }
 }
 

@@ -13,13 +13,25 @@
 //! 16+n    4     CRC-32 (IEEE) of bytes 0 .. 16+n, u32 LE
 //! ```
 //!
-//! The chunk's identity is not in the frame: it is the SHA-256 of the plaintext, and the object
-//! is stored under that name. The CRC lets `verify` spot bit rot without decrypting; the
-//! SHA-256 proves the content once decoded.
+//! The chunk's identity is not in the frame: it is the SHA-256 of the plaintext (HMAC-SHA256
+//! in an encrypted vault), and the pack table names it. The CRC lets `verify` spot bit rot
+//! without keys; the id proves the content once decoded.
+//!
+//! Cipher 1 (encrypted vaults, see the crypto module) hides the compression byte and the
+//! plaintext length (both zero in the clear header) inside the payload:
+//!
+//! ```text
+//! payload = salt (24) || AES-256-GCM(inner) || tag (16)
+//! inner   = compression u8, 0 0 0, plaintext length u32 LE, body length u32 LE, body,
+//!           zero padding up to the frame's size class
+//! ```
+//! The associated data is the header's first 8 bytes and the chunk id, so a frame read under
+//! another id does not open.
 
 use std::cell::RefCell;
 
 use crate::codec::Reader;
+use crate::crypto::{Crypto, SALT_LEN, TAG_LEN};
 use crate::{Digest, Error};
 
 const MAGIC: &[u8; 4] = b"CRNC";
@@ -40,12 +52,26 @@ pub enum Compression {
     Zstd,
 }
 
-/// How the payload is encrypted. Only `None` exists today; the byte is in every frame so that
-/// encryption at rest arrives without a new frame version.
+/// How the payload is encrypted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cipher {
     /// Not encrypted.
     None,
+    /// AES-256-GCM under a key derived per frame (cipher byte 1).
+    Aes256Gcm,
+}
+
+/// Bytes of the inner header of an encrypted frame.
+const INNER_HEADER_LEN: usize = 12;
+
+/// The size class of an encrypted frame's inner bytes: `len` rounded up to a multiple of
+/// `max(256, 2^(floor(log2 len) - 3))` (eight classes per doubling, at most 12.5% more), but
+/// never beyond `cap`, the size of the block stored uncompressed: an incompressible block is
+/// not padded, and a compressed one never grows past it.
+pub fn size_class(len: usize, cap: usize) -> usize {
+    let log = (usize::BITS - 1).saturating_sub(len.max(1).leading_zeros());
+    let step = 1usize << log.saturating_sub(3).max(8);
+    len.div_ceil(step).saturating_mul(step).min(cap).max(len)
 }
 
 /// A decoded chunk.
@@ -63,19 +89,8 @@ pub struct ChunkFrame {
 /// saves at least one eighth of the bytes, and stored plain otherwise (random data does not
 /// pay for its decompression).
 pub fn encode_chunk(plaintext: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>, Error> {
-    let plain_len = u32::try_from(plaintext.len())
-        .ok()
-        .filter(|len| *len <= MAX_CHUNK_LEN)
-        .ok_or_else(|| Error::Invalid {
-            what: "chunk",
-            detail: format!("{} bytes is larger than {MAX_CHUNK_LEN}", plaintext.len()),
-        })?;
-    let compressed = match zstd_level {
-        Some(level) if !plaintext.is_empty() && worth_compressing(plaintext, level) => {
-            compress_within(plaintext, level, plaintext.len() - plaintext.len() / 8)
-        }
-        _ => None,
-    };
+    let plain_len = check_len(plaintext)?;
+    let compressed = compress(plaintext, zstd_level);
     let (compression, payload): (u8, &[u8]) = match &compressed {
         Some(buf) => (1, buf),
         None => (0, plaintext),
@@ -89,6 +104,82 @@ pub fn encode_chunk(plaintext: &[u8], zstd_level: Option<i32>) -> Result<Vec<u8>
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)
+}
+
+/// Encodes chunk `id` (the id of `plaintext`) as a frame of a vault with `crypto`: as
+/// [`encode_chunk`] in a plaintext vault; in an encrypted one, a cipher-1 frame whose key is
+/// derived from `salt` (fresh random bytes from the caller), its inner bytes padded to their
+/// [`size_class`].
+pub fn encode_chunk_in(
+    crypto: &Crypto,
+    id: &Digest,
+    plaintext: &[u8],
+    zstd_level: Option<i32>,
+    salt: [u8; SALT_LEN],
+) -> Result<Vec<u8>, Error> {
+    if !crypto.is_encrypted() {
+        return encode_chunk(plaintext, zstd_level);
+    }
+    let plain_len = check_len(plaintext)?;
+    let compressed = compress(plaintext, zstd_level);
+    let (compression, body): (u8, &[u8]) = match &compressed {
+        Some(buf) => (1, buf),
+        None => (0, plaintext),
+    };
+    let inner_len = size_class(INNER_HEADER_LEN + body.len(), INNER_HEADER_LEN + plaintext.len());
+    let payload_len = SALT_LEN + inner_len + TAG_LEN;
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + payload_len + 4);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[VERSION, 0, 1, 0]);
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(&salt);
+    let inner_at = out.len();
+    out.extend_from_slice(&[compression, 0, 0, 0]);
+    out.extend_from_slice(&plain_len.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out.resize(inner_at + inner_len, 0);
+    let aad = frame_aad(&out, id);
+    let failed = || Error::Invalid { what: "chunk", detail: "encryption failed".into() };
+    let tag = crypto
+        .seal_frame(&salt, &aad, out.get_mut(inner_at..).ok_or_else(failed)?)
+        .ok_or_else(failed)?;
+    out.extend_from_slice(&tag);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// The associated data of an encrypted frame: its first 8 header bytes and its chunk id.
+fn frame_aad(frame: &[u8], id: &Digest) -> [u8; 40] {
+    let mut aad = [0u8; 40];
+    if let (Some(to), Some(from)) = (aad.get_mut(..8), frame.get(..8)) {
+        to.copy_from_slice(from);
+    }
+    if let Some(to) = aad.get_mut(8..) {
+        to.copy_from_slice(id.as_bytes());
+    }
+    aad
+}
+
+fn check_len(plaintext: &[u8]) -> Result<u32, Error> {
+    u32::try_from(plaintext.len()).ok().filter(|len| *len <= MAX_CHUNK_LEN).ok_or_else(|| {
+        Error::Invalid {
+            what: "chunk",
+            detail: format!("{} bytes is larger than {MAX_CHUNK_LEN}", plaintext.len()),
+        }
+    })
+}
+
+/// The zstd frame of `plaintext` if compressing it saves at least an eighth.
+fn compress(plaintext: &[u8], zstd_level: Option<i32>) -> Option<Vec<u8>> {
+    match zstd_level {
+        Some(level) if !plaintext.is_empty() && worth_compressing(plaintext, level) => {
+            compress_within(plaintext, level, plaintext.len() - plaintext.len() / 8)
+        }
+        _ => None,
+    }
 }
 
 thread_local! {
@@ -141,8 +232,17 @@ fn decompress(payload: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// Decodes a frame, checking magic, version, lengths and CRC, and decompressing.
-pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkFrame, Error> {
+/// A frame whose header and CRC are checked.
+struct Checked<'a> {
+    compression: u8,
+    cipher: Cipher,
+    plain_len: u32,
+    payload: &'a [u8],
+}
+
+/// Checks a frame's magic, version, fields, lengths and CRC: all that can be checked without
+/// keys.
+fn check(bytes: &[u8]) -> Result<Checked<'_>, Error> {
     let mut r = Reader::new(bytes, WHAT);
     if r.take(4)? != MAGIC {
         return Err(Error::corrupt(WHAT, "bad magic: not a Cairn chunk"));
@@ -151,15 +251,16 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkFrame, Error> {
     if version != VERSION {
         return Err(Error::Unsupported { what: WHAT, detail: format!("frame version {version}") });
     }
-    let compression = match r.u8()? {
-        0 => Compression::None,
-        1 => Compression::Zstd,
-        other => {
-            return Err(Error::Unsupported { what: WHAT, detail: format!("compression {other}") });
-        }
-    };
+    let compression = r.u8()?;
+    if compression > 1 {
+        return Err(Error::Unsupported {
+            what: WHAT,
+            detail: format!("compression {compression}"),
+        });
+    }
     let cipher = match r.u8()? {
         0 => Cipher::None,
+        1 => Cipher::Aes256Gcm,
         other => return Err(Error::Unsupported { what: WHAT, detail: format!("cipher {other}") }),
     };
     if r.u8()? != 0 {
@@ -182,10 +283,31 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkFrame, Error> {
             format!("CRC mismatch: stored {stored_crc:08x}, computed {computed:08x}"),
         ));
     }
-    let plaintext = match compression {
-        Compression::None => payload.to_vec(),
-        Compression::Zstd => decompress(payload, plain_len as usize)
-            .map_err(|e| Error::corrupt(WHAT, format!("zstd payload does not decode: {e}")))?,
+    if cipher == Cipher::Aes256Gcm && (compression != 0 || plain_len != 0) {
+        return Err(Error::corrupt(WHAT, "an encrypted frame shows its compression or length"));
+    }
+    Ok(Checked { compression, cipher, plain_len, payload })
+}
+
+/// Checks what can be checked of a frame without keys: magic, version, fields, lengths, CRC.
+/// An encrypted frame is then known to be stored as written, not to be right.
+pub fn check_chunk(bytes: &[u8]) -> Result<Cipher, Error> {
+    check(bytes).map(|c| c.cipher)
+}
+
+/// The plaintext of a plain payload (`compression` 0 or 1).
+fn unpack(
+    compression: u8,
+    payload: &[u8],
+    plain_len: u32,
+) -> Result<(Vec<u8>, Compression), Error> {
+    let (plaintext, compression) = match compression {
+        0 => (payload.to_vec(), Compression::None),
+        _ => (
+            decompress(payload, plain_len as usize)
+                .map_err(|e| Error::corrupt(WHAT, format!("zstd payload does not decode: {e}")))?,
+            Compression::Zstd,
+        ),
     };
     if plaintext.len() != plain_len as usize {
         return Err(Error::corrupt(
@@ -193,20 +315,98 @@ pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkFrame, Error> {
             format!("plaintext is {} bytes, header says {plain_len}", plaintext.len()),
         ));
     }
-    Ok(ChunkFrame { plaintext, compression, cipher })
+    Ok((plaintext, compression))
+}
+
+/// Decodes a plain frame, checking magic, version, lengths and CRC, and decompressing. An
+/// encrypted frame is refused: it needs [`ChunkFrame::decode_in`] and the vault's keys.
+pub fn decode_chunk(bytes: &[u8]) -> Result<ChunkFrame, Error> {
+    let c = check(bytes)?;
+    if c.cipher != Cipher::None {
+        return Err(Error::corrupt(WHAT, "it is encrypted, and this vault is not"));
+    }
+    let (plaintext, compression) = unpack(c.compression, c.payload, c.plain_len)?;
+    Ok(ChunkFrame { plaintext, compression, cipher: Cipher::None })
+}
+
+/// Opens an encrypted frame's payload: the inner header and body, padding dropped.
+fn decrypt(
+    crypto: &Crypto,
+    frame: &[u8],
+    payload: &[u8],
+    id: &Digest,
+) -> Result<ChunkFrame, Error> {
+    if payload.len() < SALT_LEN + INNER_HEADER_LEN + TAG_LEN {
+        return Err(Error::corrupt(WHAT, "an encrypted payload shorter than its overhead"));
+    }
+    let (salt, rest) = payload.split_at(SALT_LEN);
+    let (sealed, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let mut inner = sealed.to_vec();
+    if !crypto.open_frame(salt, &frame_aad(frame, id), &mut inner, tag) {
+        return Err(Error::corrupt(
+            WHAT,
+            format!("it does not authenticate as chunk {id} (damaged, or not this vault's)"),
+        ));
+    }
+    let mut r = Reader::new(&inner, WHAT);
+    let compression = r.u8()?;
+    if compression > 1 || r.take(3)? != [0, 0, 0] {
+        return Err(Error::corrupt(WHAT, "bad inner header"));
+    }
+    let plain_len = r.u32()?;
+    let body_len = r.u32()? as usize;
+    if plain_len > MAX_CHUNK_LEN {
+        return Err(Error::corrupt(WHAT, format!("plaintext length {plain_len} is too large")));
+    }
+    let body = r.take(body_len)?;
+    let (plaintext, compression) = unpack(compression, body, plain_len)?;
+    Ok(ChunkFrame { plaintext, compression, cipher: Cipher::Aes256Gcm })
 }
 
 impl ChunkFrame {
-    /// Decodes a frame and checks that its plaintext hashes to `expected`.
+    /// Decodes a plain frame and checks that its plaintext hashes (SHA-256) to `expected`.
     pub fn decode_verified(bytes: &[u8], expected: &Digest) -> Result<ChunkFrame, Error> {
-        let frame = decode_chunk(bytes)?;
-        let got = Digest::of(&frame.plaintext);
+        ChunkFrame::decode_in(&Crypto::none(), bytes, expected)
+    }
+
+    /// Decodes a frame of a vault with `crypto` and checks that its plaintext has the id
+    /// `expected`. A plaintext vault accepts plain frames only, an encrypted vault encrypted
+    /// ones only.
+    pub fn decode_in(
+        crypto: &Crypto,
+        bytes: &[u8],
+        expected: &Digest,
+    ) -> Result<ChunkFrame, Error> {
+        let frame = ChunkFrame::open_in(crypto, bytes, expected)?;
+        let got = crypto.ids().of(&frame.plaintext);
         if &got != expected {
             return Err(Error::corrupt(
                 WHAT,
                 format!("content hashes to {got}, not to its id {expected}"),
             ));
         }
+        Ok(frame)
+    }
+
+    /// Decodes a frame of a vault with `crypto` stored as chunk `id`, without hashing its
+    /// plaintext: the CRC is checked, and in an encrypted vault the AEAD tag (bound to `id`),
+    /// but a plaintext vault's frame is not proven to be `id`. For readers that check the
+    /// content another way (the engine compares a base with the new block byte for byte).
+    pub fn open_in(crypto: &Crypto, bytes: &[u8], id: &Digest) -> Result<ChunkFrame, Error> {
+        let c = check(bytes)?;
+        let frame = match (c.cipher, crypto.is_encrypted()) {
+            (Cipher::None, false) => {
+                let (plaintext, compression) = unpack(c.compression, c.payload, c.plain_len)?;
+                ChunkFrame { plaintext, compression, cipher: Cipher::None }
+            }
+            (Cipher::Aes256Gcm, true) => decrypt(crypto, bytes, c.payload, id)?,
+            (Cipher::None, true) => {
+                return Err(Error::corrupt(WHAT, "it is not encrypted, in an encrypted vault"));
+            }
+            (Cipher::Aes256Gcm, false) => {
+                return Err(Error::corrupt(WHAT, "it is encrypted, and this vault is not"));
+            }
+        };
         Ok(frame)
     }
 }

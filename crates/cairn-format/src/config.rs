@@ -8,8 +8,11 @@ use crate::manifest::decode_json_formats;
 use crate::patch::PieceKey;
 use crate::{Error, check_block_size};
 
-/// The config format this build writes. It also reads format 2, whose piece sums are unkeyed.
+/// The config format this build writes for plaintext vaults. It also reads format 2, whose
+/// piece sums are unkeyed.
 pub const CONFIG_FORMAT: u32 = 3;
+/// The config format of encrypted vaults: keyed chunk ids, AES-256-GCM, keys in key slots.
+pub const ENCRYPTED_CONFIG_FORMAT: u32 = 4;
 /// The oldest config format this build reads.
 const OLDEST_FORMAT: u32 = 2;
 
@@ -20,19 +23,24 @@ pub const DEFAULT_PACK_SIZE: u32 = 8 << 20;
 /// The smallest and largest pack target a config may set.
 pub const PACK_SIZE_RANGE: std::ops::RangeInclusive<u32> = (1 << 20)..=(512 << 20);
 
-/// How chunk ids are computed. Today `sha256` (plain SHA-256 of the plaintext); keyed ids
-/// (an HMAC, so that ids do not reveal content) will add an algorithm and a key reference.
+/// How chunk ids are computed: `sha256` (plaintext vaults) or `hmac-sha256` (encrypted
+/// vaults: keyed with a key derived from the master key, so ids do not reveal content).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkIdParams {
-    /// `sha256`.
+    /// `sha256` or `hmac-sha256`.
     pub algorithm: String,
 }
 
-/// How chunks are encrypted. Today `none`; encryption at rest adds algorithms and wrapped keys.
+/// How chunks and objects are encrypted: `none`, or `aes-256-gcm` with the master key in key
+/// slots (`keys/`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CipherParams {
-    /// `none`.
+    /// `none` or `aes-256-gcm`.
     pub algorithm: String,
+    /// `aes-256-gcm`: HMAC of the vault id under a key derived from the master key (hex), so
+    /// that a key slot that opens to another key is known at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_check: Option<String>,
 }
 
 /// How piece sums (sub-block deltas) are computed.
@@ -113,7 +121,7 @@ impl VaultConfig {
             blocks_per_page: DEFAULT_BLOCKS_PER_PAGE,
             pack_size: DEFAULT_PACK_SIZE,
             chunk_id: ChunkIdParams { algorithm: "sha256".into() },
-            cipher: CipherParams { algorithm: "none".into() },
+            cipher: CipherParams { algorithm: "none".into(), key_check: None },
             compression: CompressionParams { algorithm: "zstd".into(), level: 1 },
             piece_sums: PieceSumParams {
                 algorithm: "xxh3-64-keyed".into(),
@@ -122,7 +130,30 @@ impl VaultConfig {
         })
     }
 
-    /// The key of this vault's piece sums.
+    /// A config for an encrypted vault whose master key gives `key_check`
+    /// ([`crate::Crypto::key_check`] of `vault_id`).
+    pub fn new_encrypted(
+        vault_id: String,
+        created_at: Timestamp,
+        block_size: u32,
+        key_check: String,
+    ) -> Result<Self, Error> {
+        let mut c = VaultConfig::new(vault_id, created_at, block_size, [0; 32])?;
+        c.format = ENCRYPTED_CONFIG_FORMAT;
+        c.chunk_id.algorithm = "hmac-sha256".into();
+        c.cipher = CipherParams { algorithm: "aes-256-gcm".into(), key_check: Some(key_check) };
+        // The piece-sum key is derived from the master key: none in the plaintext config.
+        c.piece_sums.key = None;
+        Ok(c)
+    }
+
+    /// True if the vault is encrypted (its keys are in key slots).
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.algorithm == "aes-256-gcm"
+    }
+
+    /// The key of this vault's piece sums (plaintext vaults; an encrypted vault's is derived
+    /// from its master key: [`crate::Crypto::piece_key`]).
     pub fn piece_key(&self) -> PieceKey {
         match self.piece_sums.key.as_deref().map(decode_key) {
             Some(Some(key)) => PieceKey::from_key(&key),
@@ -143,17 +174,21 @@ impl VaultConfig {
     /// Decodes and checks a config; unknown algorithms are refused as unsupported.
     pub fn decode(bytes: &[u8]) -> Result<VaultConfig, Error> {
         const WHAT: &str = "vault config";
-        let c: VaultConfig = decode_json_formats(bytes, WHAT, OLDEST_FORMAT..=CONFIG_FORMAT)
-            .map_err(|e| match e {
-                // Format 1 stored each chunk as its own object; this build reads packs only.
-                Error::Unsupported { what, detail } if detail == "format 1" => Error::Obsolete {
-                    what,
-                    detail: "format 1, written by an earlier Cairn that stored one object per \
+        let c: VaultConfig = decode_json_formats(
+            bytes,
+            WHAT,
+            OLDEST_FORMAT..=ENCRYPTED_CONFIG_FORMAT,
+        )
+        .map_err(|e| match e {
+            // Format 1 stored each chunk as its own object; this build reads packs only.
+            Error::Unsupported { what, detail } if detail == "format 1" => Error::Obsolete {
+                what,
+                detail: "format 1, written by an earlier Cairn that stored one object per \
                              chunk; this version reads packed chunks only"
-                        .into(),
-                },
-                e => e,
-            })?;
+                    .into(),
+            },
+            e => e,
+        })?;
         check_block_size(c.block_size)
             .map_err(|e| Error::Corrupt { what: WHAT, detail: e.to_string() })?;
         if c.blocks_per_page == 0 || c.blocks_per_page > MAX_BLOCKS_PER_PAGE {
@@ -163,17 +198,31 @@ impl VaultConfig {
             return Err(Error::corrupt(WHAT, format!("pack size {}", c.pack_size)));
         }
         let unsupported = |detail: String| Error::Unsupported { what: WHAT, detail };
-        if c.chunk_id.algorithm != "sha256" {
-            return Err(unsupported(format!("chunk id algorithm {:?}", c.chunk_id.algorithm)));
+        // Format 4 is encrypted, and only format 4.
+        let encrypted = c.format == ENCRYPTED_CONFIG_FORMAT;
+        let (id, cipher) =
+            if encrypted { ("hmac-sha256", "aes-256-gcm") } else { ("sha256", "none") };
+        if c.chunk_id.algorithm != id {
+            return Err(unsupported(format!(
+                "chunk id algorithm {:?} in format {}",
+                c.chunk_id.algorithm, c.format
+            )));
         }
-        if c.cipher.algorithm != "none" {
-            return Err(unsupported(format!("cipher {:?}", c.cipher.algorithm)));
+        if c.cipher.algorithm != cipher {
+            return Err(unsupported(format!(
+                "cipher {:?} in format {}",
+                c.cipher.algorithm, c.format
+            )));
         }
-        // Format 3 and later key their piece sums; format 2 did not.
+        if encrypted && c.cipher.key_check.as_deref().and_then(decode_key).is_none() {
+            return Err(Error::corrupt(WHAT, "the key check is not 32 bytes of hex"));
+        }
+        // Format 3 and later key their piece sums; format 2 did not; format 4 derives the key.
         let keyed = c.format >= 3;
         match (c.piece_sums.algorithm.as_str(), &c.piece_sums.key) {
             ("xxh3-64", None) if !keyed => {}
-            ("xxh3-64-keyed", Some(key)) if keyed => {
+            ("xxh3-64-keyed", None) if encrypted => {}
+            ("xxh3-64-keyed", Some(key)) if keyed && !encrypted => {
                 if decode_key(key).is_none() {
                     return Err(Error::corrupt(WHAT, "the piece-sum key is not 32 bytes of hex"));
                 }
@@ -216,9 +265,26 @@ mod tests {
     }
 
     #[test]
+    fn encrypted_configs_round_trip_and_hold_no_key() {
+        let c =
+            VaultConfig::new_encrypted("v1".into(), config().created_at, 65536, "ab".repeat(32))
+                .unwrap();
+        let back = VaultConfig::decode(&c.encode()).unwrap();
+        assert!(back.is_encrypted());
+        assert_eq!(back, c);
+        assert!(c.piece_sums.key.is_none());
+        let mut no_check = c.clone();
+        no_check.cipher.key_check = None;
+        assert!(VaultConfig::decode(&no_check.encode()).is_err());
+        let mut plain_ids = c;
+        plain_ids.chunk_id.algorithm = "sha256".into();
+        assert!(VaultConfig::decode(&plain_ids.encode()).is_err());
+    }
+
+    #[test]
     fn refuses_unknown_cipher_and_bad_block_size() {
         let mut c = config();
-        c.cipher.algorithm = "aes-256-gcm".into();
+        c.cipher.algorithm = "chacha".into();
         let err = VaultConfig::decode(&c.encode()).unwrap_err();
         assert!(err.to_string().contains("upgrade"), "{err}");
         let mut c = config();

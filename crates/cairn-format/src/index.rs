@@ -495,9 +495,16 @@ pub struct IndexWriter {
     page: IndexPage,
     pages: Vec<(Digest, u64)>,
     pushed: u64,
+    ids: crate::ChunkIds,
 }
 
 impl IndexWriter {
+    /// Names pages and the root with `ids` (an encrypted vault's keyed ids) instead of SHA-256.
+    pub fn with_ids(mut self, ids: crate::ChunkIds) -> Self {
+        self.ids = ids;
+        self
+    }
+
     /// A writer for a disk of `disk_size` bytes.
     pub fn new(disk_size: u64, block_size: u32, blocks_per_page: u32) -> Result<Self, Error> {
         check_block_size(block_size)?;
@@ -514,6 +521,7 @@ impl IndexWriter {
             page: IndexPage::default(),
             pages: Vec::new(),
             pushed: 0,
+            ids: crate::ChunkIds::Sha256,
         })
     }
 
@@ -529,7 +537,7 @@ impl IndexWriter {
             return None;
         }
         let bytes = std::mem::take(&mut self.page).encode();
-        let digest = Digest::of(&bytes);
+        let digest = self.ids.of(&bytes);
         match self.pages.last_mut() {
             Some((last, n)) if *last == digest => *n += 1,
             _ => self.pages.push((digest, 1)),
@@ -554,7 +562,7 @@ impl IndexWriter {
             pages: self.pages,
         };
         let bytes = root.encode();
-        Ok((last, EncodedPage { digest: Digest::of(&bytes), bytes }))
+        Ok((last, EncodedPage { digest: self.ids.of(&bytes), bytes }))
     }
 }
 

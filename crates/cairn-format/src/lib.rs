@@ -15,9 +15,11 @@
 mod chunk;
 mod codec;
 mod config;
+pub mod crypto;
 mod digest;
 mod error;
 pub mod index;
+pub mod keyslot;
 mod manifest;
 mod name;
 pub mod pack;
@@ -25,12 +27,14 @@ pub mod patch;
 mod point_id;
 
 pub use chunk::{
-    ChunkFrame, Cipher, Compression, FRAME_HEADER_LEN, MAX_CHUNK_LEN, decode_chunk, encode_chunk,
+    ChunkFrame, Cipher, Compression, FRAME_HEADER_LEN, MAX_CHUNK_LEN, check_chunk, decode_chunk,
+    encode_chunk, encode_chunk_in, size_class,
 };
 pub use config::{
     CONFIG_FORMAT, ChunkIdParams, CipherParams, CompressionParams, DEFAULT_PACK_SIZE,
-    PACK_SIZE_RANGE, PieceSumParams, VaultConfig,
+    ENCRYPTED_CONFIG_FORMAT, PACK_SIZE_RANGE, PieceSumParams, VaultConfig,
 };
+pub use crypto::{ChunkIds, Crypto, MasterKey};
 pub use digest::Digest;
 pub use error::Error;
 pub use manifest::{

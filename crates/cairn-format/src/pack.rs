@@ -18,6 +18,14 @@
 //!  -8  4  CRC-32 of the table and the count
 //!  -4  4  magic "CRNT"
 //! ```
+//! A pack of an encrypted vault has version 2, and its table and count are sealed (see the
+//! crypto module; the pack's path is the associated data):
+//! ```text
+//!  …  n  sealed table: "CRNS" 1 0 0 0, salt (24), AES-256-GCM(table || count), tag (16)
+//! -12  4  n, the sealed table's length, u32 LE
+//!  -8  4  CRC-32 of the sealed table and its length
+//!  -4  4  magic "CRNT"
+//! ```
 //! A pack's name is 32 random bytes, chosen by its writer: never derived from content, so that
 //! a chunk stored again after verify found its copy bad can never land in an object that
 //! already exists (and may be the damaged one).
@@ -33,6 +41,7 @@
 //! ```
 
 use crate::codec::Reader;
+use crate::crypto::{Crypto, SALT_LEN};
 use crate::{Digest, Error};
 
 const PACK_MAGIC: &[u8; 4] = b"CRNP";
@@ -61,9 +70,93 @@ pub struct PackEntry {
     pub len: u32,
 }
 
-/// The header every pack starts with.
+/// The header every pack of a plaintext vault starts with.
 pub const PACK_HEADER: [u8; PACK_HEADER_LEN] =
     [PACK_MAGIC[0], PACK_MAGIC[1], PACK_MAGIC[2], PACK_MAGIC[3], VERSION, 0, 0, 0];
+/// The header every pack of an encrypted vault starts with (version 2: a sealed table).
+pub const SEALED_PACK_HEADER: [u8; PACK_HEADER_LEN] =
+    [PACK_MAGIC[0], PACK_MAGIC[1], PACK_MAGIC[2], PACK_MAGIC[3], SEALED_VERSION, 0, 0, 0];
+const SEALED_VERSION: u8 = 2;
+
+/// The header of a pack of a vault with `crypto`.
+pub fn pack_header(crypto: &Crypto) -> [u8; PACK_HEADER_LEN] {
+    if crypto.is_encrypted() { SEALED_PACK_HEADER } else { PACK_HEADER }
+}
+
+/// The bytes that end a pack of a vault with `crypto`, whose path is `path`: its table (sealed
+/// with `salt` in an encrypted vault) and footer.
+pub fn pack_trailer_in(
+    crypto: &Crypto,
+    path: &str,
+    entries: &[PackEntry],
+    salt: [u8; SALT_LEN],
+) -> Vec<u8> {
+    if !crypto.is_encrypted() {
+        return pack_trailer(entries);
+    }
+    let mut table = Vec::with_capacity(entries.len() * PACK_ENTRY_LEN + 4);
+    put_entries(&mut table, entries);
+    table.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    let mut out = crypto.seal(path, table, salt);
+    out.extend_from_slice(&(out.len() as u32).to_le_bytes());
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(TABLE_MAGIC);
+    out
+}
+
+/// Reads the table of a whole pack of a vault with `crypto` (the pack at `path`), checked
+/// against the pack's bytes: a plain table (version 1) in a plaintext vault, a sealed one
+/// (version 2) in an encrypted vault.
+pub fn decode_pack_table_in(
+    crypto: &Crypto,
+    path: &str,
+    pack: &[u8],
+) -> Result<Vec<PackEntry>, Error> {
+    let version = pack.get(4).copied().unwrap_or(0);
+    if !crypto.is_encrypted() {
+        return decode_pack_table(pack);
+    }
+    Reader::new(pack, PACK).header(PACK_MAGIC, SEALED_VERSION).map_err(|e| match e {
+        Error::Unsupported { .. } if version == VERSION => {
+            Error::corrupt(PACK, "a plain pack in an encrypted vault")
+        }
+        e => e,
+    })?;
+    let footer_at = pack
+        .len()
+        .checked_sub(PACK_FOOTER_LEN)
+        .filter(|at| *at >= PACK_HEADER_LEN)
+        .ok_or(Error::Truncated { what: PACK, offset: pack.len(), needed: PACK_FOOTER_LEN })?;
+    let mut foot = Reader::new(pack.get(footer_at..).unwrap_or_default(), PACK);
+    let sealed_len = foot.u32()? as usize;
+    let crc = foot.u32()?;
+    if foot.take(4)? != TABLE_MAGIC {
+        return Err(Error::corrupt(PACK, "bad table magic (the pack is truncated or damaged)"));
+    }
+    let table_at =
+        footer_at.checked_sub(sealed_len).filter(|at| *at >= PACK_HEADER_LEN).ok_or_else(|| {
+            Error::corrupt(PACK, format!("a sealed table of {sealed_len} bytes cannot fit"))
+        })?;
+    if crc32fast::hash(pack.get(table_at..footer_at + 4).unwrap_or_default()) != crc {
+        return Err(Error::corrupt(PACK, "table CRC mismatch"));
+    }
+    let table = crypto.open(PACK, path, pack.get(table_at..footer_at).unwrap_or_default())?;
+    let count_at =
+        table.len().checked_sub(4).ok_or(Error::Truncated { what: PACK, offset: 0, needed: 4 })?;
+    let mut r = Reader::new(table.get(count_at..).unwrap_or_default(), PACK);
+    let count = r.u32()? as usize;
+    if count.checked_mul(PACK_ENTRY_LEN) != Some(count_at) {
+        return Err(Error::corrupt(
+            PACK,
+            format!("a sealed table of {count} entries is {count_at} bytes"),
+        ));
+    }
+    let mut r = Reader::new(table.get(..count_at).unwrap_or_default(), PACK);
+    let entries = read_entries(&mut r, count, PACK)?;
+    check_layout(&entries, table_at as u64, PACK)?;
+    Ok(entries)
+}
 
 fn put_entries(out: &mut Vec<u8>, entries: &[PackEntry]) {
     for e in entries {

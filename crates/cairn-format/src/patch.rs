@@ -270,10 +270,15 @@ impl<'a> Patch<'a> {
 }
 
 /// The block a patch entry names: `patch` (patch plaintext) applied over `base` (the base
-/// chunk's plaintext), checked against the block's SHA-256 `digest`.
-pub fn rebuild(base: &[u8], patch: &[u8], digest: &crate::Digest) -> Result<Vec<u8>, Error> {
+/// chunk's plaintext), checked against the block's id `digest` (computed with `ids`).
+pub fn rebuild(
+    base: &[u8],
+    patch: &[u8],
+    digest: &crate::Digest,
+    ids: &crate::ChunkIds,
+) -> Result<Vec<u8>, Error> {
     let block = Patch::decode(patch)?.apply(base)?;
-    let got = crate::Digest::of(&block);
+    let got = ids.of(&block);
     if got != *digest {
         return Err(Error::corrupt(
             "patched block",
@@ -326,8 +331,13 @@ mod tests {
         let patch = encode_patch(&new, 4096, 1 << 3 | 1 << 15);
         assert_eq!(patch.len(), HEADER_LEN + 2 * 4096);
         assert_eq!(Patch::decode(&patch).unwrap().apply(&base).unwrap(), new);
-        assert_eq!(rebuild(&base, &patch, &crate::Digest::of(&new)).unwrap(), new);
-        assert!(rebuild(&base, &patch, &crate::Digest::of(&base)).is_err());
+        assert_eq!(
+            rebuild(&base, &patch, &crate::Digest::of(&new), &crate::ChunkIds::Sha256).unwrap(),
+            new
+        );
+        assert!(
+            rebuild(&base, &patch, &crate::Digest::of(&base), &crate::ChunkIds::Sha256).is_err()
+        );
     }
 
     #[test]

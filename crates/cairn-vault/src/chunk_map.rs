@@ -194,7 +194,10 @@ impl Vault {
             let decoded = match bytes? {
                 // Listed a moment ago and gone now: a collector removed it; nothing to load.
                 None => continue,
-                Some(bytes) => decode_pack_index(&bytes),
+                Some(bytes) => self
+                    .crypto
+                    .open("pack index", path.as_ref(), &bytes)
+                    .and_then(|plain| decode_pack_index(&plain)),
             };
             match decoded {
                 Ok(packs) => apply(&mut |m| m.add(path.to_string(), &packs)),

@@ -4,6 +4,7 @@ use bytes::Bytes;
 use cairn_format::index::{IndexPage, IndexRoot, PatchRef};
 use cairn_format::{ChunkFrame, Digest, DiskRecord};
 use object_store::{ObjectStoreExt, PutMode, PutOptions};
+use rand::RngExt;
 
 use crate::{ChunkLocation, Error, Vault, layout};
 
@@ -42,7 +43,8 @@ impl Vault {
     pub async fn read_chunk(&self, id: &Digest) -> Result<Vec<u8>, Error> {
         let raw = self.read_chunk_raw(id).await?;
         let id = *id;
-        let frame = tokio::task::spawn_blocking(move || ChunkFrame::decode_verified(&raw, &id))
+        let crypto = self.crypto.clone();
+        let frame = tokio::task::spawn_blocking(move || ChunkFrame::decode_in(&crypto, &raw, &id))
             .await
             .map_err(|e| Error::Io {
                 path: "chunk decode".into(),
@@ -59,13 +61,13 @@ impl Vault {
         let base = self.read_chunk(&p.base).await?;
         let patch = self.read_chunk(&p.patch).await?;
         let digest = p.digest;
-        tokio::task::spawn_blocking(move || cairn_format::patch::rebuild(&base, &patch, &digest))
-            .await
-            .map_err(|e| Error::Io {
-                path: "patch rebuild".into(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|source| Error::Corrupt { path: chunk_name(&p.patch), source })
+        let ids = self.crypto.ids().clone();
+        tokio::task::spawn_blocking(move || {
+            cairn_format::patch::rebuild(&base, &patch, &digest, &ids)
+        })
+        .await
+        .map_err(|e| Error::Io { path: "patch rebuild".into(), source: std::io::Error::other(e) })?
+        .map_err(|source| Error::Corrupt { path: chunk_name(&p.patch), source })
     }
 
     /// Reads an index root.
@@ -112,7 +114,9 @@ impl Vault {
         let path = layout::quarantined(id, &loc.pack);
         // Create-only, as every vault object: a marker already there says the same thing.
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.store.put_opts(&path, Bytes::from(reason.to_owned()).into(), opts).await {
+        let reason =
+            self.crypto.seal(path.as_ref(), reason.as_bytes().to_vec(), rand::rng().random());
+        match self.store.put_opts(&path, Bytes::from(reason).into(), opts).await {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
             Err(e) => return Err(Error::storage("quarantine", &path, e)),
         }

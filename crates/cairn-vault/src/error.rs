@@ -109,6 +109,52 @@ pub enum Error {
         /// The object.
         path: String,
     },
+    /// The vault is encrypted and no key was given.
+    #[error(
+        "vault {url} is encrypted: give its key with --key-file PATH, --passphrase-file PATH \
+         or the CAIRN_PASSPHRASE variable"
+    )]
+    KeyRequired {
+        /// The URL.
+        url: String,
+    },
+    /// The key given opens no key slot.
+    #[error("wrong key for vault {url}: {detail}; check the passphrase or key file")]
+    WrongKey {
+        /// The URL.
+        url: String,
+        /// What was tried.
+        detail: String,
+    },
+    /// A key slot opened to a key that is not the vault's: the slot was tampered with.
+    #[error(
+        "key slot {slot} of vault {url} opens to a key that is not this vault's (the slot was \
+         altered or planted); remove it with `cairn-agent key remove` using another key"
+    )]
+    KeyMismatch {
+        /// The URL.
+        url: String,
+        /// The slot.
+        slot: String,
+    },
+    /// A key operation on a vault that is not encrypted.
+    #[error("vault {url} is not encrypted: it has no keys to manage")]
+    NotEncrypted {
+        /// The URL.
+        url: String,
+    },
+    /// No key slot has this id.
+    #[error("the vault has no key slot {id}; `cairn-agent key list` shows them")]
+    NoSuchKey {
+        /// The id asked for.
+        id: String,
+    },
+    /// The last key slot cannot be removed.
+    #[error("key slot {id} is the vault's last: add another key before removing it")]
+    LastKey {
+        /// The slot.
+        id: String,
+    },
     /// No such point.
     #[error("VM {vm} has no recovery point {point}; list its points to choose one")]
     PointNotFound {

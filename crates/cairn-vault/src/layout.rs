@@ -3,6 +3,14 @@
 use cairn_format::{Digest, Name, PointId};
 use object_store::path::Path;
 
+/// The folder of key slots.
+pub(crate) const KEYS: &str = "keys";
+
+/// Key slot `id`.
+pub(crate) fn key_slot(id: &str) -> Path {
+    Path::from(format!("{KEYS}/{id}.json"))
+}
+
 /// The vault config.
 pub(crate) fn config() -> Path {
     Path::from("config.json")

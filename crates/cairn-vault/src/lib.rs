@@ -18,6 +18,7 @@ mod chunks;
 mod error;
 pub mod faults;
 mod frame_reader;
+mod keys;
 mod layout;
 mod local_pack;
 mod local_store;
@@ -29,15 +30,17 @@ mod verify;
 
 use std::sync::Arc;
 
-use cairn_format::VaultConfig;
+use cairn_format::patch::PieceKey;
+use cairn_format::{Crypto, MasterKey, VaultConfig};
 use object_store::ObjectStore;
 
 pub use backend::StoreOptions;
 pub use chunk_map::ChunkLocation;
 pub use error::Error;
 pub use frame_reader::FrameReader;
+pub use keys::Credential;
 pub use local_pack::{ALIGN as DIRECT_IO_ALIGN, AlignedBuf, direct_io_refused};
-pub use open::{Durability, EARLY_FLUSH_BYTES, LocalSync};
+pub use open::{CreateOptions, Durability, EARLY_FLUSH_BYTES, LocalSync, OpenOptions};
 pub use packs::{PackWriter, Stored};
 pub use points::{PointListing, PointWriter, UnreadablePoint};
 pub use retry::{RetryPolicy, RetryingStore};
@@ -51,6 +54,10 @@ pub struct Vault {
     /// The store with the vault's retries around it: every operation goes through it.
     store: Arc<dyn ObjectStore>,
     config: Arc<VaultConfig>,
+    /// What the vault does to its bytes: keyed ids and encryption, or plain SHA-256.
+    crypto: Crypto,
+    /// The master key of an encrypted vault (to add key slots).
+    master: Option<Arc<MasterKey>>,
     url: Arc<str>,
     durability: Durability,
     chunk_map: Arc<chunk_map::SharedChunkMap>,
@@ -60,6 +67,21 @@ impl Vault {
     /// The vault's config.
     pub fn config(&self) -> &VaultConfig {
         &self.config
+    }
+
+    /// What the vault does to its bytes (ids, frames, sealed objects).
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    /// True if the vault is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.crypto.is_encrypted()
+    }
+
+    /// The key of the vault's piece sums.
+    pub fn piece_key(&self) -> PieceKey {
+        self.crypto.piece_key().unwrap_or_else(|| self.config.piece_key())
     }
 
     /// The URL it was opened with (for messages).

@@ -5,13 +5,15 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cairn_format::VaultConfig;
+use cairn_format::keyslot::Argon2Costs;
+use cairn_format::{Crypto, VaultConfig};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions};
+use object_store::{ObjectStore, ObjectStoreExt};
 use rand::RngExt;
 
 use crate::backend::{Location, StoreOptions, locate};
+use crate::keys::{self, Credential};
 use crate::local_store::PrivateLocal;
 use crate::{Error, RetryPolicy, RetryingStore, Vault, layout};
 
@@ -186,20 +188,55 @@ fn warn_if_open(path: &FsPath) {
     }
 }
 
-impl Vault {
-    /// Creates a vault at `url` with `block_size`-byte blocks (refuses if one exists).
-    pub async fn create(url: &str, block_size: u32) -> Result<Vault, Error> {
-        Vault::create_with(url, block_size, &StoreOptions::default()).await
+/// How to create a vault.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Block size of disk indexes.
+    pub block_size: u32,
+    /// Options of the object store.
+    pub store: StoreOptions,
+    /// The first key of an encrypted vault; `None` creates a plaintext vault.
+    pub key: Option<Credential>,
+    /// Argon2id costs of a passphrase slot.
+    pub argon2: Argon2Costs,
+}
+
+impl CreateOptions {
+    /// A plaintext vault with `block_size`-byte blocks.
+    pub fn plain(block_size: u32) -> Self {
+        CreateOptions {
+            block_size,
+            store: StoreOptions::default(),
+            key: None,
+            argon2: Argon2Costs::default(),
+        }
     }
 
-    /// Creates a vault at `url` with `block_size`-byte blocks, the object store built with
-    /// `options` (refuses if a vault exists there).
-    pub async fn create_with(
-        url: &str,
-        block_size: u32,
-        options: &StoreOptions,
-    ) -> Result<Vault, Error> {
-        let (store, durability) = match locate(url, options)? {
+    /// An encrypted vault with `block_size`-byte blocks, opened by `key`.
+    pub fn encrypted(block_size: u32, key: Credential) -> Self {
+        CreateOptions { key: Some(key), ..CreateOptions::plain(block_size) }
+    }
+}
+
+/// How to open a vault.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Options of the object store.
+    pub store: StoreOptions,
+    /// The key of an encrypted vault (ignored, with a note in the log, by a plaintext one).
+    pub key: Option<Credential>,
+}
+
+impl Vault {
+    /// Creates a plaintext vault at `url` with `block_size`-byte blocks (refuses if one
+    /// exists).
+    pub async fn create(url: &str, block_size: u32) -> Result<Vault, Error> {
+        Vault::create_with(url, &CreateOptions::plain(block_size)).await
+    }
+
+    /// Creates a vault at `url` as `options` say (refuses if one exists).
+    pub async fn create_with(url: &str, options: &CreateOptions) -> Result<Vault, Error> {
+        let (store, durability) = match locate(url, &options.store)? {
             Location::Local(path) => {
                 make_root(&path)?;
                 (local_store(&path, url)?, Durability::SyncFs(LocalSync::new(path)?))
@@ -209,64 +246,126 @@ impl Vault {
             }
             Location::Remote(store) => (store, Durability::OnAck),
         };
-        Vault::create_in(store, url, durability, block_size).await
+        Vault::create_in_with(store, url, durability, options).await
     }
 
-    /// Creates a vault in any object store.
+    /// Creates a plaintext vault in any object store.
     pub async fn create_in(
         store: Arc<dyn ObjectStore>,
         url: &str,
         durability: Durability,
         block_size: u32,
     ) -> Result<Vault, Error> {
+        Vault::create_in_with(store, url, durability, &CreateOptions::plain(block_size)).await
+    }
+
+    /// Creates a vault in any object store, as `options` say.
+    ///
+    /// An encrypted vault's first key slot is written before its config: a vault whose config
+    /// exists always has a way in. A slot left by a create that lost its race for the config
+    /// is removed again.
+    pub async fn create_in_with(
+        store: Arc<dyn ObjectStore>,
+        url: &str,
+        durability: Durability,
+        options: &CreateOptions,
+    ) -> Result<Vault, Error> {
         let id = format!("{:032x}", rand::rng().random::<u128>());
-        // The piece-sum key: a secret of the vault, never derived from anything a guest sees.
-        let piece_key: [u8; 32] = rand::rng().random();
-        let config = VaultConfig::new(id, jiff::Timestamp::now(), block_size, piece_key)?;
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        let path = layout::config();
-        let retrying = RetryingStore::new(Arc::clone(&store), RetryPolicy::default());
-        match retrying.put_opts(&path, config.encode().into(), opts).await {
-            Ok(_) => {}
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                return Err(Error::AlreadyExists { url: url.into() });
+        let now = jiff::Timestamp::now();
+        let (config, crypto, master) = match &options.key {
+            None => {
+                // The piece-sum key: a secret of the vault, never derived from anything a
+                // guest sees.
+                let piece_key: [u8; 32] = rand::rng().random();
+                (VaultConfig::new(id, now, options.block_size, piece_key)?, Crypto::none(), None)
             }
-            Err(e) => return Err(Error::storage("write", &path, e)),
+            Some(_) => {
+                let master = keys::new_master_key();
+                let crypto = Crypto::from_master(&master);
+                let check = crypto.key_check(&id).unwrap_or_default();
+                let config = VaultConfig::new_encrypted(id, now, options.block_size, check)?;
+                (config, crypto, Some(Arc::new(master)))
+            }
+        };
+        let mut vault = Vault::assemble(store, config, url, durability);
+        vault.crypto = crypto;
+        vault.master = master;
+        let mut first_slot = None;
+        if let (Some(key), Some(master)) = (&options.key, &vault.master) {
+            let slot = keys::new_slot(
+                &vault.config.vault_id,
+                master,
+                key,
+                None,
+                options.argon2,
+                "created with the vault".into(),
+            )?;
+            let path = layout::key_slot(&slot.slot);
+            vault.put_raw_new(&path, slot.encode(), "write").await?;
+            first_slot = Some(path);
         }
-        let vault = Vault::assemble(store, config, url, durability);
+        let path = layout::config();
+        match vault.put_raw_new(&path, vault.config.encode(), "write").await {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(slot) = &first_slot {
+                    let _ = vault.delete_all(std::slice::from_ref(slot)).await;
+                }
+                return Err(match e {
+                    Error::Storage {
+                        source: object_store::Error::AlreadyExists { .. }, ..
+                    } => Error::AlreadyExists { url: url.into() },
+                    e => e,
+                });
+            }
+        }
         vault.barrier().await?;
         Ok(vault)
     }
 
-    /// Opens the vault at `url`: a plain path, `file:///path`, `s3://bucket/prefix`,
+    /// Opens the plaintext vault at `url`: a plain path, `file:///path`, `s3://bucket/prefix`,
     /// `az://container/prefix` or `gs://bucket/prefix` (the store configured by its usual
-    /// environment variables).
+    /// environment variables). An encrypted vault needs [`Vault::open_with`] and its key.
     pub async fn open(url: &str) -> Result<Vault, Error> {
-        Vault::open_with(url, &StoreOptions::default()).await
+        Vault::open_with(url, &OpenOptions::default()).await
     }
 
-    /// Opens the vault at `url`, its object store built with `options`.
-    pub async fn open_with(url: &str, options: &StoreOptions) -> Result<Vault, Error> {
-        match locate(url, options)? {
+    /// Opens the vault at `url` as `options` say.
+    pub async fn open_with(url: &str, options: &OpenOptions) -> Result<Vault, Error> {
+        let key = options.key.as_ref();
+        match locate(url, &options.store)? {
             Location::Local(path) => {
                 if !path.is_dir() {
                     return Err(Error::NoVault { url: url.into() });
                 }
                 warn_if_open(&path);
                 let store = local_store(&path, url)?;
-                Vault::open_store(store, url, Durability::SyncFs(LocalSync::new(path)?)).await
+                let durability = Durability::SyncFs(LocalSync::new(path)?);
+                Vault::open_store_with(store, url, durability, key).await
             }
             // A fresh memory store never holds a vault; embedders use `open_store`.
             Location::Memory => Err(Error::NoVault { url: url.into() }),
-            Location::Remote(store) => Vault::open_store(store, url, Durability::OnAck).await,
+            Location::Remote(store) => {
+                Vault::open_store_with(store, url, Durability::OnAck, key).await
+            }
         }
     }
 
-    /// Opens a vault in any object store.
+    /// Opens a plaintext vault in any object store.
     pub async fn open_store(
         store: Arc<dyn ObjectStore>,
         url: &str,
         durability: Durability,
+    ) -> Result<Vault, Error> {
+        Vault::open_store_with(store, url, durability, None).await
+    }
+
+    /// Opens a vault in any object store, with `key` if it is encrypted.
+    pub async fn open_store_with(
+        store: Arc<dyn ObjectStore>,
+        url: &str,
+        durability: Durability,
+        key: Option<&Credential>,
     ) -> Result<Vault, Error> {
         let path = layout::config();
         let retrying = RetryingStore::new(Arc::clone(&store), RetryPolicy::default());
@@ -284,7 +383,16 @@ impl Vault {
                 | cairn_format::Error::Obsolete { .. }) => Error::Format(e),
                 source => Error::Corrupt { path: format!("{url}/{path}"), source },
             })?;
-        Ok(Vault::assemble(store, config, url, durability))
+        let mut vault = Vault::assemble(store, config, url, durability);
+        if vault.config.is_encrypted() {
+            let key = key.ok_or_else(|| Error::KeyRequired { url: url.into() })?;
+            let (master, crypto) = keys::unlock(&vault, key).await?;
+            vault.crypto = crypto;
+            vault.master = Some(Arc::new(master));
+        } else if key.is_some() {
+            tracing::info!("vault {url} is not encrypted: the key given was not needed");
+        }
+        Ok(vault)
     }
 
     fn assemble(
@@ -297,6 +405,8 @@ impl Vault {
             store: Arc::new(RetryingStore::new(Arc::clone(&store), RetryPolicy::default())),
             raw: store,
             config: Arc::new(config),
+            crypto: Crypto::none(),
+            master: None,
             url: url.into(),
             durability,
             chunk_map: Arc::default(),

@@ -5,8 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
-use cairn_format::pack::{IndexedPack, PACK_FOOTER_LEN, PACK_HEADER, PackEntry, pack_trailer};
-use cairn_format::{Digest, encode_chunk};
+use cairn_format::pack::{
+    IndexedPack, PACK_FOOTER_LEN, PACK_HEADER_LEN, PackEntry, pack_header, pack_trailer_in,
+};
+use cairn_format::{Digest, encode_chunk_in};
 use object_store::{PutMode, PutOptions, PutPayload};
 use rand::RngExt;
 use tokio::task::JoinSet;
@@ -129,15 +131,20 @@ impl PackWriter {
     async fn store_claimed(&mut self, id: &Digest, frame: Bytes) -> Result<Stored, Error> {
         // The frame, its table entry, the table's footer and the padding must fit without
         // moving the buffer; otherwise close this pack first, or take a bigger buffer.
-        let need = frame.len() + (self.entries.len() + 1) * ENTRY_ROOM + PACK_FOOTER_LEN + ALIGN;
+        let need = frame.len()
+            + (self.entries.len() + 1) * ENTRY_ROOM
+            + PACK_FOOTER_LEN
+            + cairn_format::crypto::SEAL_OVERHEAD
+            + 4
+            + ALIGN;
         if self.buf.room() < need && !self.entries.is_empty() {
             self.seal().await?;
         }
-        if self.buf.room() < need + PACK_HEADER.len() {
+        if self.buf.room() < need + PACK_HEADER_LEN {
             self.buf = AlignedBuf::with_capacity(pack_capacity(&self.vault, need));
         }
         if self.buf.is_empty() {
-            self.buf.extend(&PACK_HEADER);
+            self.buf.extend(&pack_header(&self.vault.crypto));
         }
         let len = frame.len() as u64;
         let offset = self.buf.len() as u32;
@@ -149,14 +156,15 @@ impl PackWriter {
         Ok(Stored::Written(len))
     }
 
-    /// Stores `plaintext` (its id is its SHA-256) if absent, encoding it only then: most index
-    /// pages of an incremental are unchanged, and compressing them to find that out was waste.
+    /// Stores `plaintext` (its id is computed by the vault's [`cairn_format::ChunkIds`]) if
+    /// absent, encoding it only then: most index pages of an incremental are unchanged, and
+    /// compressing them to find that out was waste.
     pub async fn store_plain(&mut self, plaintext: &[u8]) -> Result<(Digest, Stored), Error> {
-        let id = Digest::of(plaintext);
+        let id = self.vault.crypto.ids().of(plaintext);
         if !self.claim_new(&id) {
             return Ok((id, Stored::Present));
         }
-        let frame = encode_chunk(plaintext, self.vault.config.zstd_level())?;
+        let frame = self.vault.encode_chunk(&id, plaintext)?;
         Ok((id, self.store_claimed(&id, frame.into()).await?))
     }
 
@@ -174,9 +182,11 @@ impl PackWriter {
             None => AlignedBuf::with_capacity(pack_capacity(&self.vault, 0)),
         };
         let mut buf = std::mem::replace(&mut self.buf, next);
-        buf.extend(&pack_trailer(&entries));
         // A fresh random name: see the pack module of cairn-format for why not a content hash.
         let name = Digest(rand::rng().random());
+        let path = layout::pack(&name);
+        let crypto = &self.vault.crypto;
+        buf.extend(&pack_trailer_in(crypto, path.as_ref(), &entries, rand::rng().random()));
         let vault = self.vault.clone();
         self.uploads.spawn(async move {
             let path = layout::pack(&name);
@@ -240,6 +250,15 @@ impl PackWriter {
         }
         self.job.closed();
         Ok(())
+    }
+}
+
+impl Vault {
+    /// The frame of chunk `id` (whose plaintext is `plaintext`) as this vault stores it:
+    /// compressed when that pays, encrypted in an encrypted vault.
+    pub fn encode_chunk(&self, id: &Digest, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        let level = self.config.zstd_level();
+        Ok(encode_chunk_in(&self.crypto, id, plaintext, level, rand::rng().random())?)
     }
 }
 

@@ -49,8 +49,20 @@ impl Vault {
         Ok(paths)
     }
 
-    /// Writes a new object, create-only: an existing one is an error, never overwritten.
+    /// Writes a new object, sealed (in an encrypted vault), create-only: an existing one is
+    /// an error, never overwritten.
     pub(crate) async fn put_new(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        op: &'static str,
+    ) -> Result<(), Error> {
+        let sealed = self.crypto.seal(path.as_ref(), bytes, rand::rng().random());
+        self.put_raw_new(path, sealed, op).await
+    }
+
+    /// Writes a new object as it is (the config, key slots), create-only.
+    pub(crate) async fn put_raw_new(
         &self,
         path: &Path,
         bytes: Vec<u8>,
@@ -62,6 +74,20 @@ impl Vault {
             .await
             .map(|_| ())
             .map_err(|e| Error::storage(op, path, e))
+    }
+
+    /// The bytes of the sealed object `path` (a `what`), opened: in an encrypted vault an
+    /// object that does not authenticate is corrupt.
+    pub(crate) async fn get_opened(
+        &self,
+        what: &'static str,
+        path: &Path,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let Some(raw) = self.get_bytes(path).await? else { return Ok(None) };
+        self.crypto
+            .open(what, path.as_ref(), &raw)
+            .map(Some)
+            .map_err(|source| Error::Corrupt { path: path.to_string(), source })
     }
 
     pub(crate) async fn get_bytes(&self, path: &Path) -> Result<Option<bytes::Bytes>, Error> {
@@ -113,7 +139,7 @@ impl Vault {
         id: &PointId,
     ) -> Result<PointManifest, Error> {
         let bytes = self
-            .get_bytes(path)
+            .get_opened("manifest", path)
             .await?
             .ok_or_else(|| Error::PointNotFound { vm: vm.clone(), point: id.clone() })?;
         let corrupt = |source| Error::Corrupt { path: path.to_string(), source };
@@ -258,7 +284,7 @@ impl Vault {
     pub async fn inflight(&self) -> Result<Vec<InflightMarker>, Error> {
         let mut out = Vec::new();
         for path in self.list_paths(&Path::from("inflight")).await? {
-            if let Some(bytes) = self.get_bytes(&path).await? {
+            if let Some(bytes) = self.get_opened("in-flight marker", &path).await? {
                 let m = InflightMarker::decode(&bytes)
                     .map_err(|source| Error::Corrupt { path: path.to_string(), source })?;
                 out.push(m);
@@ -273,7 +299,7 @@ impl Vault {
     pub(crate) async fn write_damage(&self, record: &DamageRecord) -> Result<(), Error> {
         let older = self.damage_records(&record.vm, &record.point).await?;
         if let Some(newest) = older.last()
-            && let Some(bytes) = self.get_bytes(newest).await?
+            && let Ok(Some(bytes)) = self.get_opened("damage record", newest).await
             && DamageRecord::decode(&bytes).is_ok_and(|d| d.bad_chunks == record.bad_chunks)
         {
             return Ok(());

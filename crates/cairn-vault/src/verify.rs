@@ -319,13 +319,12 @@ impl Vault {
         };
         let id = *id;
         let len = raw.len() as u64;
-        let checked =
-            tokio::task::spawn_blocking(move || ChunkFrame::decode_verified(&raw, &id).map(|_| ()))
-                .await
-                .map_err(|e| Error::Io {
-                    path: "chunk check".into(),
-                    source: std::io::Error::other(e),
-                })?;
+        let crypto = self.crypto.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            ChunkFrame::decode_in(&crypto, &raw, &id).map(|_| ())
+        })
+        .await
+        .map_err(|e| Error::Io { path: "chunk check".into(), source: std::io::Error::other(e) })?;
         Ok(checked.map(|()| len).map_err(|e| e.to_string()))
     }
 

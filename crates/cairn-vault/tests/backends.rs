@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_vault::faults::{Faults, FaultyStore};
-use cairn_vault::{RetryPolicy, RetryingStore, StoreOptions, Vault};
+use cairn_vault::{CreateOptions, RetryPolicy, RetryingStore, Vault};
 use object_store::ObjectStore;
 use object_store::integration::*;
 
 /// The vault's stack over `url`'s store: retries above a fault injector that injects nothing.
 async fn wrapped(url: &str) -> RetryingStore {
     // A vault is created to get the store the vault itself would build from the URL.
-    let vault = Vault::create_with(url, 65536, &StoreOptions::default()).await.unwrap();
+    let vault = Vault::create_with(url, &CreateOptions::plain(65536)).await.unwrap();
     let store: Arc<dyn ObjectStore> = Arc::clone(vault.store());
     let quiet = Faults { rate: 0.0, seed: 7, latency: Duration::ZERO, stall: Duration::ZERO };
     RetryingStore::new(Arc::new(FaultyStore::new(store, quiet)), RetryPolicy::default())

@@ -199,8 +199,9 @@ async fn vault(
     let scratch_name = format!(".cairn-bench-{}", std::process::id());
     let (root, where_) = match &args.vault {
         Some(url) => {
-            let vault = cairn_vault::Vault::open(url).await?;
-            let root = vault.local_path().context("bench measures local vaults only")?;
+            // Only the folder matters (an encrypted vault need not be opened): the scratch
+            // vault goes beside the vault's objects, on the same file system.
+            let root = local_vault_folder(url).context("bench measures local vaults only")?;
             (root.join(scratch_name), url.clone())
         }
         None => (temp.join(scratch_name), "a temporary local vault".to_string()),
@@ -307,4 +308,14 @@ fn duration(secs: f64) -> String {
         60..3600 => format!("{} min {} s", s / 60, s % 60),
         _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
     }
+}
+
+/// The folder of a local vault URL (a path or file://), if it holds a vault.
+fn local_vault_folder(url: &str) -> Option<std::path::PathBuf> {
+    let path = match url.strip_prefix("file://") {
+        Some(rest) => std::path::PathBuf::from(rest),
+        None if !url.contains("://") => std::path::PathBuf::from(url),
+        None => return None,
+    };
+    path.join("config.json").is_file().then_some(path)
 }

@@ -4,6 +4,7 @@ mod backup;
 mod bench;
 mod config;
 mod init;
+mod key;
 mod points;
 mod quickstart;
 mod restore;
@@ -12,7 +13,7 @@ mod verify;
 
 use anyhow::{Context, bail};
 use cairn_format::{Name, PointId};
-use cairn_vault::Vault;
+use cairn_vault::{OpenOptions, Vault};
 
 use crate::cli::{Cli, Command, ConfigCommand};
 use crate::output::Exit;
@@ -28,6 +29,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Restore(args) => restore::run(args, json).await,
         Command::Verify(args) => verify::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
+        Command::Key(cmd) => key::run(cmd, json).await,
         Command::Sample(cmd) => sample::run(cmd, json),
         Command::Bench(args) => bench::run(args, json).await,
         Command::Config(ConfigCommand::Check) => match config {
@@ -39,8 +41,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
+/// Opens the vault `arg` names, with the key its flags or the environment give, or one
+/// asked for on a terminal when the vault turns out to be encrypted.
 pub(crate) async fn open_vault(arg: &crate::cli::VaultArg) -> anyhow::Result<Vault> {
-    Ok(Vault::open_with(&arg.vault, &arg.options()).await?)
+    let key = crate::keys::given(arg.key_file.as_deref(), arg.passphrase_file.as_deref())?;
+    let prompted = key.is_none();
+    let options = OpenOptions { store: arg.options(), key };
+    match Vault::open_with(&arg.vault, &options).await {
+        Err(e @ cairn_vault::Error::KeyRequired { .. }) if prompted => {
+            match crate::keys::prompt(&arg.vault)? {
+                Some(key) => {
+                    let options = OpenOptions { key: Some(key), ..options };
+                    Ok(Vault::open_with(&arg.vault, &options).await?)
+                }
+                None => Err(e.into()),
+            }
+        }
+        result => Ok(result?),
+    }
 }
 
 pub(crate) fn vm_name(s: &str) -> anyhow::Result<Name> {

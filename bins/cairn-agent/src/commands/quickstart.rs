@@ -9,7 +9,7 @@ use anyhow::{Context, bail, ensure};
 use cairn_backup::{JobOptions, RestoreOptions, VmJob};
 use cairn_format::Name;
 use cairn_snapshot::{DiskConfig, DiskFormat, VmConfig};
-use cairn_vault::{Vault, VerifyScope};
+use cairn_vault::{CreateOptions, Vault, VerifyScope};
 
 use crate::cli::QuickstartArgs;
 use crate::output::{Bars, Exit, print_json, table};
@@ -47,7 +47,7 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
     let vault_dir = dir.join("vault");
     let restore_dir = dir.join("restored");
     std::fs::create_dir_all(&disks_dir)?;
-    if vault_dir.exists() || restore_dir.exists() {
+    if vault_dir.exists() || restore_dir.exists() || dir.join("vault.key").exists() {
         bail!("{} already holds a quickstart; remove it or choose another --dir", dir.display());
     }
     let disks: Vec<(Name, PathBuf)> = vec![
@@ -64,10 +64,17 @@ pub async fn run(args: QuickstartArgs, json: bool) -> anyhow::Result<Exit> {
     cairn_sample::create_disk(&disks[0].1, args.size, args.seed)?;
     cairn_sample::create_disk(&disks[1].1, args.size / 2, args.seed + 1)?;
 
-    say(format!("2/6 creating a vault in {}", vault_dir.display()));
-    let vault = Vault::create(
+    // An encrypted vault, as every new vault is, with the quickstart's own key file: no prompt.
+    let key_file = dir.join("vault.key");
+    say(format!(
+        "2/6 creating an encrypted vault in {} (its key: {})",
+        vault_dir.display(),
+        key_file.display()
+    ));
+    let key = crate::keys::create_key_file(&key_file)?;
+    let vault = Vault::create_with(
         vault_dir.to_str().context("the folder's path is not UTF-8")?,
-        cairn_format::DEFAULT_BLOCK_SIZE,
+        &CreateOptions::encrypted(cairn_format::DEFAULT_BLOCK_SIZE, key),
     )
     .await?;
 

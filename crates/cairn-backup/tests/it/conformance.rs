@@ -1,6 +1,6 @@
 //! One vault conformance suite, run on every backend: a local folder, memory, S3 (moto) and
-//! Azure Blob (Azurite), the emulators started by `scripts/object-stores.sh`. Each backend
-//! goes through init, a full backup, an incremental, restores of both, verify, a damaged
+//! Azure Blob (Azurite), the emulators started by `scripts/object-stores.sh`, each encrypted
+//! and in plaintext. Each goes through init, a full backup, an incremental, restores of both, verify, a damaged
 //! chunk found, quarantined and stored again, two writers at once, and a concurrent writer
 //! detected.
 
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use cairn_backup::Cancel;
 use cairn_format::{Digest, PointManifest};
-use cairn_vault::{Durability, StoreOptions, Vault};
+use cairn_vault::{CreateOptions, Credential, Durability, OpenOptions, Vault};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
@@ -18,15 +18,21 @@ use crate::support::{backup_with, name, restore_from, same};
 
 /// A backend under test: how to create its vault, and how a second host opens it.
 struct Backend {
-    name: &'static str,
+    name: String,
     url: String,
+    /// The key of an encrypted vault.
+    key: Option<Credential>,
     /// The memory store is only reachable through the first handle's store.
     shared: Option<Arc<dyn ObjectStore>>,
 }
 
 impl Backend {
+    fn options(&self) -> CreateOptions {
+        CreateOptions { key: self.key.clone(), ..CreateOptions::plain(65536) }
+    }
+
     async fn create(&mut self) -> Vault {
-        let vault = Vault::create_with(&self.url, 65536, &StoreOptions::default())
+        let vault = Vault::create_with(&self.url, &self.options())
             .await
             .unwrap_or_else(|e| panic!("{}: create {}: {e}", self.name, self.url));
         if self.url.starts_with("memory:") {
@@ -37,22 +43,37 @@ impl Backend {
 
     /// The same vault opened again, as another host would.
     async fn reopen(&self) -> Vault {
+        let key = self.key.as_ref();
         match &self.shared {
             Some(store) => {
-                Vault::open_store(Arc::clone(store), &self.url, Durability::OnAck).await.unwrap()
+                Vault::open_store_with(Arc::clone(store), &self.url, Durability::OnAck, key)
+                    .await
+                    .unwrap()
             }
-            None => Vault::open(&self.url).await.unwrap(),
+            None => {
+                let options = OpenOptions { key: key.cloned(), ..Default::default() };
+                Vault::open_with(&self.url, &options).await.unwrap()
+            }
         }
     }
 }
 
 fn backends(dir: &Path) -> Vec<Backend> {
-    let mut all = vec![
-        Backend { name: "local", url: dir.join("vault").display().to_string(), shared: None },
-        Backend { name: "memory", url: "memory://conformance".into(), shared: None },
+    let mut places = vec![
+        ("local", dir.join("vault").display().to_string()),
+        ("memory", "memory://conformance".to_string()),
     ];
-    for (name, url) in cairn_testkit::object_store_urls() {
-        all.push(Backend { name, url, shared: None });
+    places.extend(cairn_testkit::object_store_urls());
+    let mut all = Vec::new();
+    for (name, url) in places {
+        for encrypted in [true, false] {
+            let key = encrypted.then(|| Credential::KeyFile(vec![b'k'; 64].into()));
+            let (suffix, mode) =
+                if encrypted { ("enc", "encrypted") } else { ("plain", "plaintext") };
+            let url =
+                if url.starts_with("memory:") { url.clone() } else { format!("{url}-{suffix}") };
+            all.push(Backend { name: format!("{name} {mode}"), url, key, shared: None });
+        }
     }
     all
 }
@@ -92,13 +113,14 @@ async fn every_backend_backs_up_restores_verifies_and_quarantines_alike() {
     let a = dir.path().join("a.raw");
     let b = dir.path().join("b.raw");
     for mut backend in backends(dir.path()) {
-        let label = backend.name;
+        let label = backend.name.clone();
+        let label = label.as_str();
         eprintln!("backend {label}: {}", backend.url);
         cairn_sample::create_disk(&a, 12 << 20, 1).unwrap();
         cairn_sample::create_disk(&b, 6 << 20, 2).unwrap();
         let vault = backend.create().await;
         // Creating it twice is refused, on every backend.
-        let again = Vault::create_with(&backend.url, 65536, &StoreOptions::default()).await;
+        let again = Vault::create_with(&backend.url, &backend.options()).await;
         if backend.shared.is_none() {
             assert!(matches!(again, Err(cairn_vault::Error::AlreadyExists { .. })), "{label}");
         }

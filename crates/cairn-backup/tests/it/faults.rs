@@ -11,7 +11,7 @@ use std::time::Duration;
 use cairn_backup::Cancel;
 use cairn_format::Digest;
 use cairn_vault::faults::{Faults, FaultyStore};
-use cairn_vault::{Durability, RetryPolicy, StoreOptions, Vault};
+use cairn_vault::{CreateOptions, Credential, Durability, RetryPolicy, Vault};
 
 use crate::support::{backup_with, name, restore_from};
 
@@ -33,7 +33,7 @@ fn digest_of(path: &std::path::Path) -> Digest {
     Digest::of(&std::fs::read(path).unwrap())
 }
 
-async fn faulty_backups_on(label: &str, clean: Vault, seed: u64) {
+async fn faulty_backups_on(label: &str, clean: Vault, key: Option<Credential>, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("sda.raw");
     cairn_sample::create_disk(&disk, 8 << 20, seed).unwrap();
@@ -45,10 +45,15 @@ async fn faulty_backups_on(label: &str, clean: Vault, seed: u64) {
     };
     let faulty = Arc::new(FaultyStore::new(Arc::clone(clean.store()), faults));
     let counts = faulty.counts();
-    let vault = Vault::open_store(Arc::clone(&faulty) as _, clean.url(), Durability::OnAck)
-        .await
-        .unwrap()
-        .with_retry_policy(quick_retries());
+    let vault = Vault::open_store_with(
+        Arc::clone(&faulty) as _,
+        clean.url(),
+        Durability::OnAck,
+        key.as_ref(),
+    )
+    .await
+    .unwrap()
+    .with_retry_policy(quick_retries());
     let vm = name("vm");
     // What the disk held at each point that became visible.
     let mut expected: Vec<(cairn_format::PointId, Digest)> = Vec::new();
@@ -110,7 +115,7 @@ async fn faulty_backups_on(label: &str, clean: Vault, seed: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_percent_faults_in_memory_fail_cleanly_or_commit_whole_points() {
     let clean = Vault::create("memory://faults", 65536).await.unwrap();
-    faulty_backups_on("memory", clean, 11).await;
+    faulty_backups_on("memory", clean, None, 11).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +124,10 @@ async fn five_percent_faults_on_s3_fail_cleanly_or_commit_whole_points() {
         if backend != "s3" {
             continue;
         }
-        let clean = Vault::create_with(&url, 65536, &StoreOptions::default()).await.unwrap();
-        faulty_backups_on(backend, clean, 12).await;
+        // Encrypted, as an S3 vault should be: sealed objects under faults too.
+        let key = Credential::KeyFile(vec![b'f'; 64].into());
+        let clean =
+            Vault::create_with(&url, &CreateOptions::encrypted(65536, key.clone())).await.unwrap();
+        faulty_backups_on(backend, clean, Some(key), 12).await;
     }
 }

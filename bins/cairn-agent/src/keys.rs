@@ -1,0 +1,133 @@
+//! Where the agent gets a vault's key: `--key-file`, `--passphrase-file`, the
+//! `CAIRN_PASSPHRASE` variable, or (on a terminal only) a prompt. Key files the agent makes
+//! hold 32 random bytes as 64 hex digits; recovery keys are the same, printed in groups.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use cairn_vault::Credential;
+use rand::RngExt;
+use zeroize::Zeroizing;
+
+/// The variable that may hold a passphrase (as restic's RESTIC_PASSWORD).
+pub const PASSPHRASE_VAR: &str = "CAIRN_PASSPHRASE";
+
+/// The largest key or passphrase file read.
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// The credential given by flags or the environment, if any (never a prompt).
+pub fn given(
+    key_file: Option<&Path>,
+    passphrase_file: Option<&Path>,
+) -> anyhow::Result<Option<Credential>> {
+    if let Some(path) = key_file {
+        return Ok(Some(Credential::KeyFile(read_key_file(path)?)));
+    }
+    if let Some(path) = passphrase_file {
+        let text = read_secret_file(path)?;
+        return Ok(Some(Credential::Passphrase(text)));
+    }
+    if let Some(value) = std::env::var_os(PASSPHRASE_VAR) {
+        let value =
+            value.into_string().map_err(|_| anyhow::anyhow!("{PASSPHRASE_VAR} is not UTF-8"))?;
+        return Ok(Some(Credential::Passphrase(Zeroizing::new(value.into_bytes()))));
+    }
+    Ok(None)
+}
+
+/// Asks for the passphrase of `url` on the terminal; `None` when stdin is not a terminal.
+pub fn prompt(url: &str) -> anyhow::Result<Option<Credential>> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let pass = rpassword::prompt_password(format!("passphrase for vault {url}: "))
+        .context("reading the passphrase")?;
+    Ok(Some(Credential::Passphrase(Zeroizing::new(pass.into_bytes()))))
+}
+
+/// Asks for a new passphrase twice on the terminal; `None` when stdin is not a terminal.
+pub fn prompt_new(what: &str) -> anyhow::Result<Option<Credential>> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let first = Zeroizing::new(rpassword::prompt_password(format!("new passphrase for {what}: "))?);
+    let second = Zeroizing::new(rpassword::prompt_password("the same passphrase again: ")?);
+    if first != second {
+        bail!("the two passphrases differ; nothing was changed");
+    }
+    Ok(Some(Credential::Passphrase(Zeroizing::new(first.as_bytes().to_vec()))))
+}
+
+/// A key file's secret: its bytes without trailing whitespace; a recovery key's groups are
+/// joined (dashes dropped).
+pub fn read_key_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let text = read_secret_file(path)?;
+    let joined: Vec<u8> = text.iter().copied().filter(|b| *b != b'-').collect();
+    if joined.len() == 64 && joined.iter().all(u8::is_ascii_hexdigit) {
+        return Ok(Zeroizing::new(joined.to_ascii_lowercase()));
+    }
+    Ok(text)
+}
+
+/// A secret file's bytes, trailing whitespace dropped: a regular file, at most 4 KiB.
+fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = file.metadata().with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    warn_if_readable(path, &meta);
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        bail!("{} is larger than {MAX_SECRET_FILE} bytes: not a key file", path.display());
+    }
+    while bytes.last().is_some_and(u8::is_ascii_whitespace) {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+fn warn_if_readable(path: &Path, meta: &std::fs::Metadata) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            "key file {} has mode {mode:o}: other users may read the vault's key; `chmod 600` it",
+            path.display()
+        );
+    }
+}
+
+/// 32 random bytes as 64 lowercase hex digits.
+fn random_hex_key() -> Zeroizing<String> {
+    let bytes: [u8; 32] = rand::rng().random();
+    Zeroizing::new(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes a new key file at `path` (mode 600, never over an existing file) and returns its
+/// credential.
+pub fn create_key_file(path: &Path) -> anyhow::Result<Credential> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = random_hex_key();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating key file {}", path.display()))?;
+    file.write_all(format!("{}\n", key.as_str()).as_bytes())?;
+    file.sync_all()?;
+    Ok(Credential::KeyFile(Zeroizing::new(key.as_bytes().to_vec())))
+}
+
+/// A new recovery key: its credential, and the text to print (16 groups of 4 hex digits).
+pub fn new_recovery_key() -> (Credential, Zeroizing<String>) {
+    let key = random_hex_key();
+    let groups: Vec<&str> =
+        (0..16).map(|i| key.get(i * 4..i * 4 + 4).unwrap_or_default()).collect();
+    let printed = Zeroizing::new(groups.join("-"));
+    (Credential::KeyFile(Zeroizing::new(key.as_bytes().to_vec())), printed)
+}
