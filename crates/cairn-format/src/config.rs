@@ -37,8 +37,9 @@ pub struct ChunkIdParams {
 pub struct CipherParams {
     /// `none` or `aes-256-gcm`.
     pub algorithm: String,
-    /// `aes-256-gcm`: HMAC of the vault id under a key derived from the master key (hex), so
-    /// that a key slot that opens to another key is known at once.
+    /// `aes-256-gcm`: HMAC of the rest of the config under a key derived from the master key
+    /// (hex): a key slot that opens to another key, and any change to the config, are known
+    /// at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_check: Option<String>,
 }
@@ -130,21 +131,42 @@ impl VaultConfig {
         })
     }
 
-    /// A config for an encrypted vault whose master key gives `key_check`
-    /// ([`crate::Crypto::key_check`] of `vault_id`).
+    /// A config for an encrypted vault, checked with `crypto`'s keys
+    /// ([`crate::Crypto::config_check`]).
     pub fn new_encrypted(
         vault_id: String,
         created_at: Timestamp,
         block_size: u32,
-        key_check: String,
+        crypto: &crate::Crypto,
     ) -> Result<Self, Error> {
         let mut c = VaultConfig::new(vault_id, created_at, block_size, [0; 32])?;
         c.format = ENCRYPTED_CONFIG_FORMAT;
         c.chunk_id.algorithm = "hmac-sha256".into();
-        c.cipher = CipherParams { algorithm: "aes-256-gcm".into(), key_check: Some(key_check) };
+        c.cipher = CipherParams { algorithm: "aes-256-gcm".into(), key_check: None };
         // The piece-sum key is derived from the master key: none in the plaintext config.
         c.piece_sums.key = None;
+        c.cipher.key_check = crypto.config_check(&c.checked_bytes());
+        if c.cipher.key_check.is_none() {
+            return Err(Error::Invalid {
+                what: "vault config",
+                detail: "no keys to check it with".into(),
+            });
+        }
         Ok(c)
+    }
+
+    /// The bytes the key check covers: the config as encoded, without the check.
+    pub fn checked_bytes(&self) -> Vec<u8> {
+        let mut c = self.clone();
+        c.cipher.key_check = None;
+        c.encode()
+    }
+
+    /// True if `crypto` (opened from a key slot) is the key this config was written with, and
+    /// the config is as it was written.
+    pub fn checks_with(&self, crypto: &crate::Crypto) -> bool {
+        self.cipher.key_check.is_some()
+            && crypto.config_check(&self.checked_bytes()) == self.cipher.key_check
     }
 
     /// True if the vault is encrypted (its keys are in key slots).
@@ -266,9 +288,15 @@ mod tests {
 
     #[test]
     fn encrypted_configs_round_trip_and_hold_no_key() {
+        let crypto = crate::Crypto::from_master(&crate::MasterKey::from_bytes([4; 32]));
         let c =
-            VaultConfig::new_encrypted("v1".into(), config().created_at, 65536, "ab".repeat(32))
-                .unwrap();
+            VaultConfig::new_encrypted("v1".into(), config().created_at, 65536, &crypto).unwrap();
+        assert!(c.checks_with(&crypto));
+        let other = crate::Crypto::from_master(&crate::MasterKey::from_bytes([5; 32]));
+        assert!(!c.checks_with(&other));
+        let mut changed = c.clone();
+        changed.compression.level = 3;
+        assert!(!changed.checks_with(&crypto), "a changed config fails its check");
         let back = VaultConfig::decode(&c.encode()).unwrap();
         assert!(back.is_encrypted());
         assert_eq!(back, c);

@@ -180,11 +180,13 @@ impl Crypto {
         self.keys.as_ref().map(|k| k.pieces.clone())
     }
 
-    /// The value the config records to recognise this master key, for vault `vault_id`:
-    /// `HMAC(check key, vault id)`, hex.
-    pub fn key_check(&self, vault_id: &str) -> Option<String> {
+    /// The value an encrypted vault's config records to prove it was written with this master
+    /// key and not changed since: `HMAC(check key, config)` in hex, over the config's bytes as
+    /// [`crate::VaultConfig::encode`] writes them with the check itself left out
+    /// ([`crate::VaultConfig::checked_bytes`]).
+    pub fn config_check(&self, checked_bytes: &[u8]) -> Option<String> {
         let keys = self.keys.as_ref()?;
-        Some(hex::encode(*prf(&keys.check[..], &[vault_id.as_bytes()])))
+        Some(hex::encode(*prf(&keys.check[..], &[checked_bytes])))
     }
 
     /// The AES-256-GCM key for `salt` under the derivation key `base`.

@@ -196,14 +196,20 @@ impl KeySlot {
         Ok(opened.ok().map(|()| MasterKey::from_bytes(*key)))
     }
 
-    /// The associated data of the wrap: the slot is bound to its vault, id and kind.
+    /// The associated data of the wrap: the slot is bound to its vault, id, kind, time and
+    /// label (its KDF parameters are bound through the key they derive), so no byte of a slot
+    /// changes unnoticed.
     fn aad(&self, vault_id: &str) -> Vec<u8> {
         let kind = match self.kind {
             SlotKind::Passphrase => "passphrase",
             SlotKind::KeyFile => "key-file",
             SlotKind::Recovery => "recovery",
         };
-        format!("cairn key slot v1\0{vault_id}\0{}\0{kind}", self.slot).into_bytes()
+        format!(
+            "cairn key slot v1\0{vault_id}\0{}\0{kind}\0{}\0{}",
+            self.slot, self.created_at, self.label
+        )
+        .into_bytes()
     }
 
     /// The key-encryption key `secret` gives under this slot's KDF.

@@ -113,48 +113,106 @@ pub fn decode_pack_table_in(
     path: &str,
     pack: &[u8],
 ) -> Result<Vec<PackEntry>, Error> {
-    let version = pack.get(4).copied().unwrap_or(0);
-    if !crypto.is_encrypted() {
-        return decode_pack_table(pack);
-    }
-    Reader::new(pack, PACK).header(PACK_MAGIC, SEALED_VERSION).map_err(|e| match e {
-        Error::Unsupported { .. } if version == VERSION => {
-            Error::corrupt(PACK, "a plain pack in an encrypted vault")
-        }
-        e => e,
-    })?;
     let footer_at = pack
         .len()
         .checked_sub(PACK_FOOTER_LEN)
         .filter(|at| *at >= PACK_HEADER_LEN)
         .ok_or(Error::Truncated { what: PACK, offset: pack.len(), needed: PACK_FOOTER_LEN })?;
-    let mut foot = Reader::new(pack.get(footer_at..).unwrap_or_default(), PACK);
-    let sealed_len = foot.u32()? as usize;
-    let crc = foot.u32()?;
+    let table_len = pack_table_len(crypto, pack.get(footer_at..).unwrap_or_default())?;
+    let table_at = footer_at
+        .checked_sub(table_len)
+        .filter(|at| *at >= PACK_HEADER_LEN)
+        .ok_or_else(|| Error::corrupt(PACK, format!("a table of {table_len} bytes cannot fit")))?;
+    decode_pack_tail_in(
+        crypto,
+        path,
+        pack.get(..PACK_HEADER_LEN).unwrap_or_default(),
+        pack.get(table_at..).unwrap_or_default(),
+        table_at as u64,
+    )
+}
+
+/// The length of a pack's table (sealed or not), from the pack's last [`PACK_FOOTER_LEN`]
+/// bytes: what to fetch before the footer to read the table without the whole pack.
+pub fn pack_table_len(crypto: &Crypto, footer: &[u8]) -> Result<usize, Error> {
+    let mut foot = Reader::new(footer, PACK);
+    let n = foot.u32()? as usize;
+    let _crc = foot.u32()?;
     if foot.take(4)? != TABLE_MAGIC {
         return Err(Error::corrupt(PACK, "bad table magic (the pack is truncated or damaged)"));
     }
-    let table_at =
-        footer_at.checked_sub(sealed_len).filter(|at| *at >= PACK_HEADER_LEN).ok_or_else(|| {
-            Error::corrupt(PACK, format!("a sealed table of {sealed_len} bytes cannot fit"))
-        })?;
-    if crc32fast::hash(pack.get(table_at..footer_at + 4).unwrap_or_default()) != crc {
-        return Err(Error::corrupt(PACK, "table CRC mismatch"));
+    foot.expect_end()?;
+    if crypto.is_encrypted() {
+        Ok(n)
+    } else {
+        n.checked_mul(PACK_ENTRY_LEN)
+            .ok_or_else(|| Error::corrupt(PACK, format!("a table of {n} entries cannot fit")))
     }
-    let table = crypto.open(PACK, path, pack.get(table_at..footer_at).unwrap_or_default())?;
-    let count_at =
-        table.len().checked_sub(4).ok_or(Error::Truncated { what: PACK, offset: 0, needed: 4 })?;
-    let mut r = Reader::new(table.get(count_at..).unwrap_or_default(), PACK);
-    let count = r.u32()? as usize;
-    if count.checked_mul(PACK_ENTRY_LEN) != Some(count_at) {
+}
+
+/// Reads a pack's table from its `header` (first [`PACK_HEADER_LEN`] bytes) and `tail` (its
+/// bytes from the table, at offset `table_at`, to the end): what verify checks of each pack
+/// without reading its frames twice.
+pub fn decode_pack_tail_in(
+    crypto: &Crypto,
+    path: &str,
+    header: &[u8],
+    tail: &[u8],
+    table_at: u64,
+) -> Result<Vec<PackEntry>, Error> {
+    let want = if crypto.is_encrypted() { SEALED_VERSION } else { VERSION };
+    let version = header.get(4).copied().unwrap_or(0);
+    Reader::new(header, PACK).header(PACK_MAGIC, want).map_err(|e| match e {
+        Error::Unsupported { .. } if version == VERSION => {
+            Error::corrupt(PACK, "a plain pack in an encrypted vault")
+        }
+        Error::Unsupported { .. } if version == SEALED_VERSION => {
+            Error::corrupt(PACK, "an encrypted pack in a plaintext vault")
+        }
+        e => e,
+    })?;
+    let footer_at = tail.len().checked_sub(PACK_FOOTER_LEN).ok_or(Error::Truncated {
+        what: PACK,
+        offset: tail.len(),
+        needed: PACK_FOOTER_LEN,
+    })?;
+    let table_len = pack_table_len(crypto, tail.get(footer_at..).unwrap_or_default())?;
+    if table_len != footer_at {
         return Err(Error::corrupt(
             PACK,
-            format!("a sealed table of {count} entries is {count_at} bytes"),
+            format!("the table is {footer_at} bytes, its footer says {table_len}"),
         ));
     }
-    let mut r = Reader::new(table.get(..count_at).unwrap_or_default(), PACK);
-    let entries = read_entries(&mut r, count, PACK)?;
-    check_layout(&entries, table_at as u64, PACK)?;
+    let crc = u32::from_le_bytes(
+        tail.get(footer_at + 4..footer_at + 8).and_then(|b| b.try_into().ok()).unwrap_or_default(),
+    );
+    if crc32fast::hash(tail.get(..footer_at + 4).unwrap_or_default()) != crc {
+        return Err(Error::corrupt(PACK, "table CRC mismatch"));
+    }
+    let table = tail.get(..footer_at).unwrap_or_default();
+    let (entries, count) = if crypto.is_encrypted() {
+        let plain = crypto.open(PACK, path, table)?;
+        let count_at = plain.len().checked_sub(4).ok_or(Error::Truncated {
+            what: PACK,
+            offset: 0,
+            needed: 4,
+        })?;
+        let count = Reader::new(plain.get(count_at..).unwrap_or_default(), PACK).u32()? as usize;
+        if count.checked_mul(PACK_ENTRY_LEN) != Some(count_at) {
+            return Err(Error::corrupt(
+                PACK,
+                format!("a sealed table of {count} entries is {count_at} bytes"),
+            ));
+        }
+        let mut r = Reader::new(plain.get(..count_at).unwrap_or_default(), PACK);
+        (read_entries(&mut r, count, PACK)?, count)
+    } else {
+        let count = table.len() / PACK_ENTRY_LEN;
+        let mut r = Reader::new(table, PACK);
+        (read_entries(&mut r, count, PACK)?, count)
+    };
+    debug_assert_eq!(entries.len(), count);
+    check_layout(&entries, table_at, PACK)?;
     Ok(entries)
 }
 

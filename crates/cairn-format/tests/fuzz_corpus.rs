@@ -56,3 +56,18 @@ fn patch() {
 fn vault_config() {
     replay("vault_config", bodies::vault_config);
 }
+
+#[test]
+fn encrypted_frame() {
+    replay("encrypted_frame", bodies::encrypted_frame);
+}
+
+#[test]
+fn sealed_object() {
+    replay("sealed_object", bodies::sealed_object);
+}
+
+#[test]
+fn key_slot() {
+    replay("key_slot", bodies::key_slot);
+}

@@ -126,10 +126,12 @@ pub enum Error {
         /// What was tried.
         detail: String,
     },
-    /// A key slot opened to a key that is not the vault's: the slot was tampered with.
+    /// A key slot opened to a key that does not check the config: the slot was planted, or
+    /// the config was altered.
     #[error(
-        "key slot {slot} of vault {url} opens to a key that is not this vault's (the slot was \
-         altered or planted); remove it with `cairn-agent key remove` using another key"
+        "key slot {slot} of vault {url} opens, but its key does not check the vault's config: \
+         the config was altered, or the slot planted; restore config.json from a copy, or \
+         remove the slot with `cairn-agent key remove` using another key"
     )]
     KeyMismatch {
         /// The URL.

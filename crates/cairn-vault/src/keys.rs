@@ -182,7 +182,7 @@ pub(crate) async fn unlock(
             }
         };
         let crypto = Crypto::from_master(&master);
-        if crypto.key_check(&vault_id) != vault.config.cipher.key_check {
+        if !vault.config.checks_with(&crypto) {
             return Err(Error::KeyMismatch { url, slot: slot.slot.clone() });
         }
         return Ok((master, crypto));

@@ -282,8 +282,7 @@ impl Vault {
             Some(_) => {
                 let master = keys::new_master_key();
                 let crypto = Crypto::from_master(&master);
-                let check = crypto.key_check(&id).unwrap_or_default();
-                let config = VaultConfig::new_encrypted(id, now, options.block_size, check)?;
+                let config = VaultConfig::new_encrypted(id, now, options.block_size, &crypto)?;
                 (config, crypto, Some(Arc::new(master)))
             }
         };

@@ -8,7 +8,7 @@ use cairn_format::index::{BlockEntry, IndexRoot, PatchRef};
 use cairn_format::{ChunkFrame, DamageRecord, Digest, Name, PointId, PointManifest};
 use futures::StreamExt;
 
-use crate::{Error, UnreadablePoint, Vault};
+use crate::{ChunkLocation, Error, UnreadablePoint, Vault, layout};
 
 /// Which points to verify.
 #[derive(Clone, Debug, Default)]
@@ -64,6 +64,10 @@ pub struct VerifyReport {
     pub unreadable: Vec<UnreadablePoint>,
     /// Pack indexes that could not be read: `(object, reason)`. Their chunks count as missing.
     pub unreadable_pack_indexes: Vec<(String, String)>,
+    /// Packs whose header or table is damaged, or whose table disagrees with the pack index:
+    /// `(object, reason)`. Their chunks are checked one by one above (the pack index locates
+    /// them); the pack's own table, which would rebuild a lost index, is what is bad.
+    pub damaged_packs: Vec<(String, String)>,
 }
 
 impl VerifyReport {
@@ -73,6 +77,7 @@ impl VerifyReport {
             && self.damaged_points.is_empty()
             && self.unreadable.is_empty()
             && self.unreadable_pack_indexes.is_empty()
+            && self.damaged_packs.is_empty()
     }
 }
 
@@ -143,6 +148,7 @@ impl Vault {
         report.chunks_checked = progress.chunks_checked;
         report.bytes_checked = progress.bytes_checked;
 
+        report.damaged_packs = self.check_packs(verdicts.keys()).await?;
         let bad: BTreeMap<Digest, String> =
             verdicts.into_iter().filter_map(|(id, v)| v.map(|reason| (id, reason))).collect();
         if !bad.is_empty() {
@@ -304,6 +310,91 @@ impl Vault {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Checks the header and table of every pack that holds one of `chunks` (as the chunk map
+    /// places them), and that the table places those chunks as the pack index does.
+    async fn check_packs(
+        &self,
+        chunks: impl Iterator<Item = &Digest>,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let mut by_pack: BTreeMap<Digest, Vec<(Digest, ChunkLocation)>> = BTreeMap::new();
+        let ids: Vec<Digest> = chunks.copied().collect();
+        for (id, loc) in ids.iter().zip(self.locate_chunks(&ids).await?) {
+            if let Some(loc) = loc {
+                by_pack.entry(loc.pack).or_default().push((*id, loc));
+            }
+        }
+        let checked: Vec<_> = futures::stream::iter(by_pack)
+            .map(|(pack, placed)| async move {
+                let path = layout::pack(&pack);
+                (path.to_string(), self.check_pack(&path, &placed).await)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut damaged = Vec::new();
+        for (path, result) in checked {
+            if let Some(reason) = result? {
+                tracing::warn!(%path, %reason, "damaged pack table");
+                damaged.push((path, reason));
+            }
+        }
+        damaged.sort();
+        Ok(damaged)
+    }
+
+    /// `Ok(Some(reason))` if the pack at `path` has a bad header or table, or a table that
+    /// does not place `placed` as the chunk map does; `Ok(None)` if it is sound or gone (its
+    /// chunks are then reported missing).
+    async fn check_pack(
+        &self,
+        path: &object_store::path::Path,
+        placed: &[(Digest, ChunkLocation)],
+    ) -> Result<Option<String>, Error> {
+        use cairn_format::pack::{
+            PACK_FOOTER_LEN, PACK_HEADER_LEN, decode_pack_tail_in, pack_table_len,
+        };
+        use object_store::ObjectStoreExt;
+        let size = match self.store.head(path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(Error::storage("read", path, e)),
+        };
+        let range = |r: std::ops::Range<u64>| async move {
+            self.store.get_range(path, r).await.map_err(|e| Error::storage("read", path, e))
+        };
+        let (header_len, footer_len) = (PACK_HEADER_LEN as u64, PACK_FOOTER_LEN as u64);
+        if size < header_len + footer_len {
+            return Ok(Some(format!("{size} bytes is too short for a pack")));
+        }
+        let header = range(0..header_len).await?;
+        let footer = range(size - footer_len..size).await?;
+        let table_len = match pack_table_len(&self.crypto, &footer) {
+            Ok(len) => len as u64,
+            Err(e) => return Ok(Some(e.to_string())),
+        };
+        let Some(table_at) =
+            (size - footer_len).checked_sub(table_len).filter(|at| *at >= header_len)
+        else {
+            return Ok(Some(format!("a table of {table_len} bytes does not fit in {size}")));
+        };
+        let tail = range(table_at..size).await?;
+        let entries =
+            match decode_pack_tail_in(&self.crypto, path.as_ref(), &header, &tail, table_at) {
+                Ok(entries) => entries,
+                Err(e) => return Ok(Some(e.to_string())),
+            };
+        let table: HashSet<(Digest, u32, u32)> =
+            entries.iter().map(|e| (e.id, e.offset, e.len)).collect();
+        for (id, loc) in placed {
+            if !table.contains(&(*id, loc.offset, loc.len)) {
+                return Ok(Some(format!(
+                    "its table does not list chunk {id} where its pack index does"
+                )));
+            }
+        }
+        Ok(None)
     }
 
     /// `Ok(Ok(stored bytes))` for a good chunk, `Ok(Err(reason))` for a bad or missing one, and

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod conformance;
+mod encryption;
 mod faults;
 mod hostile;
 mod patches;
