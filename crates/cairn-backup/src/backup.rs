@@ -130,6 +130,7 @@ pub async fn backup(
         writer.abandon().await;
         return Err(e);
     }
+    evidence.extend(writer.resume_evidence());
     let manifest = PointManifest {
         format: cairn_format::MANIFEST_FORMAT,
         point,

@@ -39,7 +39,7 @@ pub use digest::Digest;
 pub use error::Error;
 pub use manifest::{
     Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, MANIFEST_FORMAT,
-    PointManifest,
+    PointManifest, ResumeRecord, SizedPack,
 };
 pub use name::Name;
 pub use point_id::PointId;

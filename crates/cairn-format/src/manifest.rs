@@ -195,6 +195,38 @@ impl InflightMarker {
     }
 }
 
+/// A pack, named with its size: what a resume record lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SizedPack {
+    /// The pack's name.
+    pub pack: Digest,
+    /// Its size in bytes, as uploaded.
+    pub size: u64,
+}
+
+/// Written beside an in-flight marker, create-only: packs a running backup has, so that the
+/// next backup of its VM can use them if it dies (a resume). `inflight/<point>/<pack>.json`
+/// records one pack it uploaded; `inflight/<point>/adopted.json` the packs it took over from
+/// an interrupted backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeRecord {
+    /// Record format (1).
+    pub format: u32,
+    /// The packs.
+    pub packs: Vec<SizedPack>,
+}
+
+impl ResumeRecord {
+    /// The record's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+    /// Decodes a record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode_json(bytes, "resume record", 1)
+    }
+}
+
 /// Written by verify for a point that references bad or missing chunks. A damaged point is
 /// never used as the base of an incremental backup.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -71,6 +71,11 @@ impl ChunkMap {
         }
     }
 
+    /// True if a loaded pack index names `pack`.
+    pub(crate) fn has_pack(&self, pack: &Digest) -> bool {
+        self.pack_numbers.contains_key(pack)
+    }
+
     pub(crate) fn contains(&self, id: &Digest) -> bool {
         self.chunks.contains_key(id)
     }

@@ -72,6 +72,26 @@ pub(crate) fn inflight(point: &PointId) -> Path {
     Path::from(format!("inflight/{point}.json"))
 }
 
+/// The folder of a running backup's resume records.
+pub(crate) fn resume_records(point: &PointId) -> Path {
+    Path::from(format!("inflight/{point}"))
+}
+
+/// The resume record of one pack a running backup uploaded.
+pub(crate) fn uploaded_record(point: &PointId, pack: &Digest) -> Path {
+    Path::from(format!("inflight/{point}/{}.json", pack.to_hex()))
+}
+
+/// The resume record of the packs a running backup adopted from interrupted ones.
+pub(crate) fn adopted_record(point: &PointId) -> Path {
+    Path::from(format!("inflight/{point}/adopted.json"))
+}
+
+/// True for `inflight/<point>.json` (a marker, not a record below one).
+pub(crate) fn is_marker(path: &Path) -> bool {
+    path.parts().count() == 2
+}
+
 /// Damage records of one VM, or the folder of one point's records.
 pub(crate) fn damage(vm: &Name, point: Option<&PointId>) -> Path {
     match point {

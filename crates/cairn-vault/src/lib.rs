@@ -25,6 +25,7 @@ mod local_store;
 mod open;
 mod packs;
 mod points;
+mod resume;
 mod retry;
 mod verify;
 

@@ -1,6 +1,6 @@
 //! Writing chunks: frames gathered into packs, uploaded as they fill, indexed at commit.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -8,12 +8,13 @@ use bytes::Bytes;
 use cairn_format::pack::{
     IndexedPack, PACK_FOOTER_LEN, PACK_HEADER_LEN, PackEntry, pack_header, pack_trailer_in,
 };
-use cairn_format::{Digest, encode_chunk_in};
+use cairn_format::{Digest, PointId, ResumeRecord, SizedPack, encode_chunk_in};
 use object_store::{PutMode, PutOptions, PutPayload};
 use rand::RngExt;
 use tokio::task::JoinSet;
 
 use crate::local_pack::{ALIGN, AlignedBuf, write_pack_file};
+use crate::resume::Resumable;
 use crate::{Error, Vault, layout};
 
 /// What storing a chunk did.
@@ -29,20 +30,40 @@ pub enum Stored {
 /// each holds up to one pack of memory.
 const PACKS_IN_FLIGHT: usize = 2;
 
-/// The chunks of one backup job: which it claimed, which packs it wrote.
-#[derive(Debug, Default)]
+/// The chunks of one backup job: which it claimed, which packs it wrote, and the packs of
+/// interrupted backups it may adopt (see the resume module).
+#[derive(Debug)]
 pub(crate) struct JobChunks {
     state: Mutex<JobState>,
     open_writers: AtomicUsize,
+    /// The point, for the resume records of the packs it uploads.
+    point: PointId,
+    resumable: Resumable,
+    /// The adoption record was written at the start.
+    recorded_adoption: bool,
 }
 
 #[derive(Debug, Default)]
 struct JobState {
     claimed: HashSet<Digest>,
     packs: Vec<IndexedPack>,
+    /// Resumable packs used: indexes into `resumable.packs`.
+    adopted: BTreeSet<usize>,
+    /// Resume records written (a failed job then leaves its marker for the next one).
+    recorded: bool,
 }
 
 impl JobChunks {
+    pub(crate) fn new(point: PointId, resumable: Resumable) -> Self {
+        JobChunks {
+            state: Mutex::default(),
+            open_writers: AtomicUsize::new(0),
+            point,
+            recorded_adoption: !resumable.is_empty(),
+            resumable,
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, JobState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -52,17 +73,47 @@ impl JobChunks {
         self.state().claimed.insert(*id)
     }
 
+    /// True if `id` is in a resumable pack; the pack is then adopted.
+    fn adopt(&self, id: &Digest) -> bool {
+        match self.resumable.by_chunk.get(id) {
+            Some(n) => {
+                self.state().adopted.insert(*n);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn wrote(&self, pack: IndexedPack) {
         self.state().packs.push(pack);
     }
 
-    /// The packs written, once every writer has finished.
+    fn recorded(&self) {
+        self.state().recorded = true;
+    }
+
+    /// True if a failed job leaves something for the next one to resume from.
+    pub(crate) fn resumable_after_failure(&self) -> bool {
+        self.recorded_adoption || self.state().recorded
+    }
+
+    /// The packs written and adopted, once every writer has finished.
     pub(crate) fn take_packs(&self) -> Result<Vec<IndexedPack>, Error> {
         let open = self.open_writers.load(Ordering::Acquire);
         if open != 0 {
             return Err(Error::Unfinished { writers: open });
         }
-        Ok(std::mem::take(&mut self.state().packs))
+        let mut state = self.state();
+        let mut packs = std::mem::take(&mut state.packs);
+        packs.extend(state.adopted.iter().filter_map(|n| self.resumable.packs.get(*n)).cloned());
+        Ok(packs)
+    }
+
+    /// What was resumed: packs adopted, their bytes, and the backups they came from.
+    pub(crate) fn resumed(&self) -> (usize, u64, Vec<PointId>) {
+        let state = self.state();
+        let bytes = state.adopted.iter().filter_map(|n| self.resumable.sizes.get(*n)).sum();
+        (state.adopted.len(), bytes, self.resumable.from.clone())
     }
 
     fn opened(&self) {
@@ -86,7 +137,7 @@ pub struct PackWriter {
     job: Arc<JobChunks>,
     buf: AlignedBuf,
     entries: Vec<PackEntry>,
-    uploads: JoinSet<Result<(IndexedPack, Option<AlignedBuf>), Error>>,
+    uploads: JoinSet<Result<Uploaded, Error>>,
     /// Buffers of finished uploads, reused: fresh memory is slow to touch the first time.
     spare: Vec<AlignedBuf>,
 }
@@ -96,6 +147,10 @@ impl std::fmt::Debug for PackWriter {
         f.debug_struct("PackWriter").field("chunks", &self.entries.len()).finish_non_exhaustive()
     }
 }
+
+/// A finished upload: the pack, its buffer to reuse (local vaults), and whether its resume
+/// record was written.
+type Uploaded = (IndexedPack, Option<AlignedBuf>, bool);
 
 /// Room for the trailer entry of one more chunk.
 const ENTRY_ROOM: usize = cairn_format::pack::PACK_ENTRY_LEN;
@@ -122,10 +177,11 @@ impl PackWriter {
         self.store_claimed(id, frame).await
     }
 
-    /// True if neither the vault nor this job holds `id`; the caller must then store it.
+    /// True if neither the vault nor this job holds `id` (nor a pack of an interrupted backup
+    /// this job may adopt); the caller must then store it.
     fn claim_new(&mut self, id: &Digest) -> bool {
         let known = self.vault.chunk_map.read(|m| m.contains(id));
-        !known && self.job.claim(id)
+        !known && self.job.claim(id) && !self.job.adopt(id)
     }
 
     async fn store_claimed(&mut self, id: &Digest, frame: Bytes) -> Result<Stored, Error> {
@@ -188,6 +244,7 @@ impl PackWriter {
         let crypto = &self.vault.crypto;
         buf.extend(&pack_trailer_in(crypto, path.as_ref(), &entries, rand::rng().random()));
         let vault = self.vault.clone();
+        let point = self.job.point.clone();
         self.uploads.spawn(async move {
             let path = layout::pack(&name);
             let len = buf.len() as u64;
@@ -216,7 +273,18 @@ impl PackWriter {
                 }
             };
             vault.durability.wrote(len);
-            Ok((IndexedPack { pack: name, entries }, buf))
+            // Recorded for a resume should this job die; a failure costs only that.
+            let record =
+                ResumeRecord { format: 1, packs: vec![SizedPack { pack: name, size: len }] };
+            let recorded = layout::uploaded_record(&point, &name);
+            let recorded = match vault.put_new(&recorded, record.encode(), "write").await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(%recorded, "cannot record an uploaded pack for a resume: {e}");
+                    false
+                }
+            };
+            Ok((IndexedPack { pack: name, entries }, buf, recorded))
         });
         Ok(())
     }
@@ -224,8 +292,11 @@ impl PackWriter {
     async fn collect_one(&mut self) -> Result<(), Error> {
         match self.uploads.join_next().await {
             Some(Ok(result)) => {
-                let (pack, buf) = result?;
+                let (pack, buf, recorded) = result?;
                 self.job.wrote(pack);
+                if recorded {
+                    self.job.recorded();
+                }
                 if let Some(mut buf) = buf
                     && self.spare.len() < PACKS_IN_FLIGHT
                 {

@@ -268,14 +268,20 @@ impl Vault {
         // collision of the clock and 32 random bits) cannot both go on.
         let path = layout::inflight(&point);
         self.put_new(&path, marker.encode(), "write").await.map_err(|e| e.concurrent(&path))?;
-        // Deduplicate against everything committed before this backup started.
+        // Deduplicate against everything committed before this backup started, and against
+        // what interrupted backups of this VM uploaded (recorded before any of it is used).
         self.refresh_chunk_map().await?;
+        let resumable = self.resumable(vm, &point).await?;
+        if !resumable.is_empty() {
+            let path = layout::adopted_record(&point);
+            self.put_new(&path, resumable.record().encode(), "write").await?;
+        }
         Ok(PointWriter {
             vault: self.clone(),
             vm: vm.clone(),
+            job: Arc::new(JobChunks::new(point.clone(), resumable)),
             point,
             started_at,
-            job: Arc::default(),
             epoch,
         })
     }
@@ -284,6 +290,9 @@ impl Vault {
     pub async fn inflight(&self) -> Result<Vec<InflightMarker>, Error> {
         let mut out = Vec::new();
         for path in self.list_paths(&Path::from("inflight")).await? {
+            if !layout::is_marker(&path) {
+                continue;
+            }
             if let Some(bytes) = self.get_opened("in-flight marker", &path).await? {
                 let m = InflightMarker::decode(&bytes)
                     .map_err(|source| Error::Corrupt { path: path.to_string(), source })?;
@@ -345,6 +354,12 @@ impl Vault {
         }
         Ok(())
     }
+}
+
+/// Points this process gave up while leaving their markers for a resume.
+fn abandoned_here() -> std::sync::MutexGuard<'static, BTreeSet<PointId>> {
+    static ABANDONED: std::sync::Mutex<BTreeSet<PointId>> = std::sync::Mutex::new(BTreeSet::new());
+    ABANDONED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Who runs a backup, for people reading an in-flight marker: `HOST pid PID`.
@@ -422,21 +437,93 @@ impl PointWriter {
             .await
             .map_err(|e| e.concurrent(&path))?;
         self.vault.barrier_since(self.epoch).await?;
-        self.remove_marker().await;
+        self.vault.remove_inflight(&self.point).await;
+        // The interrupted backups this one resumed from, if they died on this host: their
+        // packs that mattered are indexed now.
+        let (adopted, _, from) = self.job.resumed();
+        if adopted > 0 {
+            for point in from {
+                if self.vault.marker_is_dead(&point).await {
+                    self.vault.remove_inflight(&point).await;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Gives the point up: nothing becomes visible. Packs already written stay, unindexed: no
-    /// point references them and no backup deduplicates against them (the chunk map holds
-    /// committed chunks only); a garbage collector removes them.
-    pub async fn abandon(self) {
-        self.remove_marker().await;
+    /// What this backup took over from interrupted ones: evidence for its manifest, or `None`
+    /// when it resumed nothing.
+    pub fn resume_evidence(&self) -> Option<Evidence> {
+        let (packs, bytes, from) = self.job.resumed();
+        (packs > 0).then(|| {
+            let from: Vec<String> = from.iter().map(ToString::to_string).collect();
+            Evidence::new(
+                "resume",
+                None,
+                format!(
+                    "resumed: {packs} pack(s), {bytes} bytes, uploaded by interrupted backup(s) \
+                     {} were checked (size, table) and used instead of uploading their chunks again",
+                    from.join(", ")
+                ),
+            )
+        })
     }
 
-    async fn remove_marker(&self) {
-        let path = layout::inflight(&self.point);
-        if let Err(e) = self.vault.store.delete(&path).await {
+    /// Gives the point up: nothing becomes visible. Packs already written stay, unindexed,
+    /// and so do the in-flight marker and its resume records when there are any: the next
+    /// backup of the VM checks those packs and uses their chunks (see the resume module).
+    pub async fn abandon(self) {
+        if self.job.resumable_after_failure() {
+            abandoned_here().insert(self.point.clone());
+        } else {
+            self.vault.remove_inflight(&self.point).await;
+        }
+    }
+}
+
+impl Vault {
+    /// Removes the resume records of `point`, then its in-flight marker; failures are logged
+    /// (a collector removes what is left).
+    async fn remove_inflight(&self, point: &PointId) {
+        let records = self.list_paths(&layout::resume_records(point)).await.unwrap_or_default();
+        let failed = futures::stream::iter(records)
+            .map(|path| async move { self.store.delete(&path).await.err().map(|e| (path, e)) })
+            .buffer_unordered(32)
+            .filter_map(|r| async move { r })
+            .collect::<Vec<_>>()
+            .await;
+        for (path, e) in failed {
+            tracing::warn!(%path, error = %e, "could not remove a resume record");
+        }
+        let path = layout::inflight(point);
+        if let Err(e) = self.store.delete(&path).await {
             tracing::warn!(%path, error = %e, "could not remove the in-flight marker");
+        }
+    }
+
+    /// True if the backup of marker `point` ran on this host and its process is gone, or was
+    /// given up by this process.
+    async fn marker_is_dead(&self, point: &PointId) -> bool {
+        if abandoned_here().contains(point) {
+            return true;
+        }
+        let Ok(Some(bytes)) = self.get_opened("in-flight marker", &layout::inflight(point)).await
+        else {
+            return false;
+        };
+        let Ok(marker) = InflightMarker::decode(&bytes) else { return false };
+        let Some((host, pid)) = marker.owner.rsplit_once(" pid ") else { return false };
+        let Ok(pid) = pid.parse::<i32>() else { return false };
+        let here = rustix::system::uname();
+        if host != here.nodename().to_string_lossy() {
+            return false;
+        }
+        // No such process: kill(pid, 0) fails with ESRCH.
+        match rustix::process::Pid::from_raw(pid) {
+            Some(pid) => {
+                rustix::process::test_kill_process(pid).is_err_and(|e| e == rustix::io::Errno::SRCH)
+            }
+            None => false,
         }
     }
 }

@@ -6,6 +6,7 @@ mod encryption;
 mod faults;
 mod hostile;
 mod patches;
+mod resume;
 mod roundtrip;
 mod support;
 mod tracking;
