@@ -22,7 +22,8 @@ for round in $(seq "$ROUNDS"); do
     for which in old new; do
         bin=$OLD; [ "$which" = new ] && bin=$NEW
         rm -rf vault disk.img; cp --sparse=always base.img disk.img; sync
-        "$bin" init --vault vault >/dev/null
+        # Plaintext on both sides (a binary from before encryption knows no --no-encryption).
+        "$bin" init --vault vault --no-encryption >/dev/null 2>&1 || "$bin" init --vault vault >/dev/null
         "$bin" backup --vault vault --vm v --disk os=disk.img >/dev/null; sync
         "$bin" sample mutate disk.img --fraction 0.01 --seed 2 >/dev/null; sync
         cat disk.img >/dev/null

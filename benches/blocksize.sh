@@ -21,7 +21,7 @@ echo "|---:|---:|---:|---:|---:|---:|"
 for bs in $sizes; do
     cp --sparse=always "$work/pristine.img" "$work/disk.img"
     vault="$work/vault-$bs"
-    "$agent" init --vault "$vault" --block-size "$bs" >/dev/null
+    "$agent" init --vault "$vault" --block-size "$bs" --no-encryption >/dev/null
     a=$(du_b "$vault"); t0=$(date +%s.%N)
     "$agent" backup --vault "$vault" --vm bench --disk disk="$work/disk.img" >/dev/null
     t1=$(date +%s.%N); b=$(du_b "$vault")

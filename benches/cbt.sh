@@ -60,7 +60,7 @@ for run in $(seq 1 "$RUNS"); do
     for work in contiguous scattered; do
         rm -rf vault vault2 img.qcow2 img2.qcow2
         qemu-img convert -O qcow2 seed.raw img.qcow2
-        "$AGENT" init --vault vault >/dev/null
+        "$AGENT" init --vault vault --no-encryption >/dev/null
         timed "full-qcow2" "$AGENT" backup --vault vault --vm vm --disk os=img.qcow2 >/dev/null
         cp -a vault vault2
         cp --reflink=auto img.qcow2 img2.qcow2

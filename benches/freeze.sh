@@ -71,7 +71,7 @@ for kind in scripts freeze; do
 done
 
 bash "$work/app.sh" "$work/guest" "$work/ctl" & app=$!
-"$agent" init --vault "$work/vault" >/dev/null
+"$agent" init --vault "$work/vault" --no-encryption >/dev/null
 printf '%-8s %4s %10s %10s %10s %10s %s\n' kind run freeze_ms fifreeze_ms view_ms backup_s consistency
 for kind in scripts freeze; do
     for run in $(seq "$RUNS"); do

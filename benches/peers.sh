@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Peer benchmark: Cairn against restic and borg on one seeded sample disk image.
 #
-# For each run and each tool (cairn; restic; borg --encryption=none with its default
-# chunker; borg-fixed: the same with --chunker-params fixed,65536): fresh repository, full
+# For each run and each tool (cairn: an encrypted vault, the default; cairn-plain: init
+# --no-encryption; restic, which always encrypts; borg --encryption=repokey-blake2 with its
+# default chunker; borg-fixed: the same with --chunker-params fixed,65536): fresh repository, full
 # backup of the image, 1% of its 4 KiB blocks overwritten at random offsets and an
 # incremental backup, then 64 MiB overwritten contiguously and another incremental
 # ("contiguous"), then a restore of the last backup (checked byte for byte with cmp).
@@ -34,7 +35,7 @@ SIZE=${SIZE:-4G}
 RUNS=${RUNS:-3}
 COLD=${COLD:-0}
 KEEP=${KEEP:-0}
-TOOLS=(cairn restic borg borg-fixed)
+TOOLS=(cairn cairn-plain restic borg borg-fixed)
 STEPS=(full incremental contiguous restore)
 BASELINES=(cp sha256)
 
@@ -160,6 +161,9 @@ mkdir -p "$DATA" "$DATA/cache"
 
 # Keep tool caches and state inside the scratch folder.
 export RESTIC_PASSWORD=bench
+export BORG_PASSPHRASE=bench
+# Cairn's key: a key file made by init (a passphrase would add one Argon2id per command).
+CAIRN_KEY=$DATA/cairn.key
 export RESTIC_CACHE_DIR=$DATA/cache/restic
 export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 export BORG_BASE_DIR=$DATA/cache/borg
@@ -251,9 +255,10 @@ bench_tool() { # bench_tool RUN TOOL SEED
     cp --sparse=always "$PRISTINE" "$IMG" || die "cannot reset $IMG from $PRISTINE"
 
     case $tool in
-    cairn) run "$CAIRN_AGENT" init --vault "$REPO" ;;
+    cairn) rm -f "$CAIRN_KEY" && run "$CAIRN_AGENT" init --vault "$REPO" --key-file "$CAIRN_KEY" ;;
+    cairn-plain) run "$CAIRN_AGENT" init --vault "$REPO" --no-encryption ;;
     restic) run restic init -r "$REPO" ;;
-    borg | borg-fixed) run borg init --encryption=none "$REPO" ;;
+    borg | borg-fixed) run borg init --encryption=repokey-blake2 "$REPO" ;;
     esac
 
     local step
@@ -264,7 +269,8 @@ bench_tool() { # bench_tool RUN TOOL SEED
         esac
         prepare "$IMG"
         case $tool in
-        cairn) timed "$run_no" cairn "$step" "$DATA" "$CAIRN_AGENT" backup --vault "$REPO" --vm bench --disk "disk=$IMG" ;;
+        cairn) timed "$run_no" cairn "$step" "$DATA" "$CAIRN_AGENT" backup --vault "$REPO" --key-file "$CAIRN_KEY" --vm bench --disk "disk=$IMG" ;;
+        cairn-plain) timed "$run_no" cairn-plain "$step" "$DATA" "$CAIRN_AGENT" backup --vault "$REPO" --vm bench --disk "disk=$IMG" ;;
         restic) timed "$run_no" restic "$step" "$DATA" restic -r "$REPO" backup "$IMG_NAME" ;;
         borg) timed "$run_no" borg "$step" "$DATA" borg create "$REPO::$step" "$IMG_NAME" ;;
         borg-fixed)
@@ -277,7 +283,11 @@ bench_tool() { # bench_tool RUN TOOL SEED
     prepare "$REPO"
     case $tool in
     cairn)
-        timed "$run_no" cairn restore "$OUT" "$CAIRN_AGENT" restore --vault "$REPO" --vm bench --disk disk --to "$OUT/$IMG_NAME"
+        timed "$run_no" cairn restore "$OUT" "$CAIRN_AGENT" restore --vault "$REPO" --key-file "$CAIRN_KEY" --vm bench --disk disk --to "$OUT/$IMG_NAME"
+        restored=$OUT/$IMG_NAME
+        ;;
+    cairn-plain)
+        timed "$run_no" cairn-plain restore "$OUT" "$CAIRN_AGENT" restore --vault "$REPO" --vm bench --disk disk --to "$OUT/$IMG_NAME"
         restored=$OUT/$IMG_NAME
         ;;
     restic)
@@ -375,7 +385,7 @@ cairn_ver=$("$CAIRN_AGENT" --version 2>/dev/null | awk '{ print $NF }')
     echo
     echo "| wall-time ratio | full | incremental | contiguous | restore |"
     echo "|---|---:|---:|---:|---:|"
-    for peer in borg borg-fixed restic; do
+    for peer in cairn-plain borg borg-fixed restic; do
         printf '| %s/cairn |' "$peer"
         for step in "${STEPS[@]}"; do
             awk -v p="${WALL[$peer.$step]}" -v c="${WALL[cairn.$step]}" \
@@ -384,8 +394,8 @@ cairn_ver=$("$CAIRN_AGENT" --version 2>/dev/null | awk '{ print $NF }')
         echo
     done
     echo
-    echo "Not like-for-like: restic encrypts its repository (AES-256 + Poly1305) and Cairn does not yet;" \
-        "borg ran with --encryption=none. Cairn and borg restore sparse files;" \
+    echo "Encryption: cairn AES-256-GCM (keyed HMAC-SHA256 chunk ids), cairn-plain none; restic AES-256-CTR + Poly1305-AES;" \
+        "borg --encryption=repokey-blake2 (AES-256-CTR + BLAKE2b MAC). Cairn and borg restore sparse files;" \
         "restic $restic_ver restores$( ((${#RESTIC_RESTORE_SPARSE[@]})) && echo " with --sparse" || echo " without --sparse (not supported), writing zeros in full")."
     echo "Defaults of each tool: cairn 64 KiB fixed blocks, zstd level 1; restic content-defined chunks (~1 MiB average)," \
         "zstd (auto, repository v2); borg content-defined chunks (~2 MiB average), lz4; borg-fixed: 64 KiB fixed chunks, lz4." \

@@ -94,6 +94,16 @@ fn advice(error: &anyhow::Error) -> Option<String> {
                     Some(format!("`cairn-agent points --vault URL --vm {vm}` lists its points"))
                 }
                 V::NoPoints { .. } => Some("`cairn-agent points --vault URL` lists the VMs".into()),
+                V::NoSuchKey { .. } => {
+                    Some("`cairn-agent key list --vault URL` lists the key slots".into())
+                }
+                V::LastKey { .. } => Some(
+                    "`cairn-agent key add --vault URL --new-key-file PATH` adds another first"
+                        .into(),
+                ),
+                V::Concurrent { .. } => {
+                    Some("another backup of this VM may be running; run this one again".into())
+                }
                 _ => None,
             };
         }
