@@ -22,6 +22,7 @@
 #   BENCH_DIR=        scratch folder (default: a new mktemp -d under /var/tmp; never tmpfs)
 #   KEEP=0            1: keep images, repositories and restores (otherwise removed at the end;
 #                     results.md and bench.log are always kept)
+#   TOOLS=            the tools to run, space-separated (default: cairn cairn-plain restic borg borg-fixed)
 #   CAIRN_AGENT=      the agent binary (default: target/release/cairn-agent of this repository,
 #                     built with `cargo build --release -p cairn-agent` if missing)
 #
@@ -35,7 +36,7 @@ SIZE=${SIZE:-4G}
 RUNS=${RUNS:-3}
 COLD=${COLD:-0}
 KEEP=${KEEP:-0}
-TOOLS=(cairn cairn-plain restic borg borg-fixed)
+read -r -a TOOLS <<<"${TOOLS:-cairn cairn-plain restic borg borg-fixed}"
 STEPS=(full incremental contiguous restore)
 BASELINES=(cp sha256)
 

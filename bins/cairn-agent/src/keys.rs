@@ -16,6 +16,27 @@ pub const PASSPHRASE_VAR: &str = "CAIRN_PASSPHRASE";
 /// The largest key or passphrase file read.
 const MAX_SECRET_FILE: u64 = 4096;
 
+/// The passphrase `CAIRN_PASSPHRASE` held when the agent started.
+static ENV_PASSPHRASE: std::sync::OnceLock<Option<Zeroizing<Vec<u8>>>> = std::sync::OnceLock::new();
+
+/// Reads `CAIRN_PASSPHRASE` and removes it from the environment. Call it first thing in
+/// `main`, while the process has one thread.
+pub fn take_passphrase_from_env() {
+    let value = std::env::var_os(PASSPHRASE_VAR).map(|v| {
+        use std::os::unix::ffi::OsStringExt;
+        Zeroizing::new(v.into_vec())
+    });
+    if value.is_some() {
+        // SAFETY: called at the start of main, before any other thread exists, so nothing
+        // reads the environment while it changes.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::remove_var(PASSPHRASE_VAR);
+        }
+    }
+    let _ = ENV_PASSPHRASE.set(value);
+}
+
 /// The credential given by flags or the environment, if any (never a prompt).
 pub fn given(
     key_file: Option<&Path>,
@@ -25,15 +46,22 @@ pub fn given(
         return Ok(Some(Credential::KeyFile(read_key_file(path)?)));
     }
     if let Some(path) = passphrase_file {
+        // The first line, as restic reads a password file: a passphrase from a file, the
+        // variable or the prompt is the same bytes.
         let text = read_secret_file(path)?;
-        return Ok(Some(Credential::Passphrase(text)));
+        let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        return Ok(Some(Credential::Passphrase(Zeroizing::new(line.to_vec()))));
     }
-    if let Some(value) = std::env::var_os(PASSPHRASE_VAR) {
-        let value =
-            value.into_string().map_err(|_| anyhow::anyhow!("{PASSPHRASE_VAR} is not UTF-8"))?;
-        return Ok(Some(Credential::Passphrase(Zeroizing::new(value.into_bytes()))));
-    }
-    Ok(None)
+    let from_env = match ENV_PASSPHRASE.get() {
+        Some(value) => value.clone(),
+        // Not taken at start: read it as it is.
+        None => std::env::var_os(PASSPHRASE_VAR).map(|v| {
+            use std::os::unix::ffi::OsStringExt;
+            Zeroizing::new(v.into_vec())
+        }),
+    };
+    Ok(from_env.map(Credential::Passphrase))
 }
 
 /// Asks for the passphrase of `url` on the terminal; `None` when stdin is not a terminal.

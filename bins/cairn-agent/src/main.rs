@@ -16,6 +16,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     memory::limit_malloc_arenas();
+    // Taken out of the environment before any thread or child exists: scripts, qemu tools
+    // and the watchdog the agent starts must not inherit the vault's passphrase.
+    keys::take_passphrase_from_env();
     // Everything the agent creates (vaults, views, restored disks, temporary files) is its
     // own: the libraries set modes explicitly where it matters; this covers the rest.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));

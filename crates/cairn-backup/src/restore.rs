@@ -200,9 +200,9 @@ async fn write_disk(
 }
 
 /// Frames adjacent in one pack are fetched with one ranged read of at most this many bytes.
-const MAX_RUN_BYTES: u64 = 1 << 20;
+const MAX_RUN_BYTES: u64 = 8 << 20;
 /// Ranged reads (runs) in flight at once.
-const RUNS_IN_FLIGHT: usize = 8;
+const RUNS_IN_FLIGHT: usize = 4;
 
 /// One block of data to restore, and where its chunk is stored.
 struct Piece {
@@ -224,9 +224,11 @@ enum Read {
 }
 
 /// The reads for one page starting at disk offset `base`: data blocks grouped into runs of
-/// frames that are adjacent in one pack (a full backup writes a disk's blocks in order). A
-/// patched block reads its base in the run (the base usually sits where the full backup put
-/// the block) and its small patch on the side.
+/// frames that are adjacent in one pack. The page's frames are taken in pack and offset
+/// order, not disk order: a full backup writes a disk's blocks into packs in disk order, and
+/// an encrypted vault shuffles them within each pack, so pack order is what keeps reads
+/// large either way. A patched block reads its base in the run (the base usually sits where
+/// the full backup put the block) and its small patch on the side.
 async fn plan_page(
     vault: &Vault,
     page: &cairn_format::index::IndexPage,
@@ -245,7 +247,7 @@ async fn plan_page(
         .collect();
     let mut places = vault.locate_chunks(&ids).await?.into_iter();
     let mut reads = Vec::new();
-    let mut run: Vec<Piece> = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
     for (i, entry) in page.entries().enumerate() {
         let at = base + i as u64 * block;
         let len = block.min(size.saturating_sub(at));
@@ -260,6 +262,12 @@ async fn plan_page(
             }
         };
         let loc = places.next().flatten().ok_or(cairn_vault::Error::ChunkMissing { id })?;
+        pieces.push(Piece { at, len, id, loc, patch });
+    }
+    pieces.sort_by_key(|p| (p.loc.pack, p.loc.offset));
+    let mut run: Vec<Piece> = Vec::new();
+    for piece in pieces {
+        let loc = piece.loc;
         let end = u64::from(loc.offset) + u64::from(loc.len);
         let extends = run.first().zip(run.last()).is_some_and(|(first, last)| {
             last.loc.pack == loc.pack
@@ -269,7 +277,7 @@ async fn plan_page(
         if !extends && !run.is_empty() {
             reads.push(Read::Run(std::mem::take(&mut run)));
         }
-        run.push(Piece { at, len, id, loc, patch });
+        run.push(piece);
     }
     if !run.is_empty() {
         reads.push(Read::Run(run));
@@ -351,6 +359,8 @@ async fn read_blocks(
             }
             out.push((p.at, block));
         }
+        // In disk order, so that the writer gathers neighbours into large writes.
+        out.sort_unstable_by_key(|(at, _)| *at);
         Ok((out, chunks))
     })
     .await?

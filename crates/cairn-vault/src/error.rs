@@ -118,6 +118,41 @@ pub enum Error {
         /// The URL.
         url: String,
     },
+    /// A key was given for a vault whose config says it is not encrypted: a plaintext config
+    /// where an encrypted vault was expected may be a downgrade by whoever holds the storage.
+    #[error(
+        "vault {url} is not encrypted, but a key was given: Cairn will not write plaintext into \
+         a vault expected to be encrypted (its config.json may have been replaced). If the vault \
+         was made with --no-encryption, open it without a key"
+    )]
+    UnexpectedPlaintext {
+        /// The URL.
+        url: String,
+    },
+    /// An object is larger than its kind ever is.
+    #[error(
+        "vault object {path} is {size} bytes, more than a {what} can be ({max}); it is not Cairn's"
+    )]
+    TooLarge {
+        /// The object.
+        path: String,
+        /// What it should be.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// The most it may be.
+        max: u64,
+    },
+    /// The object store does not honour create-only writes.
+    #[error(
+        "the object store at {url} overwrote an object a create-only write should have refused \
+         (it ignores If-None-Match): Cairn cannot commit safely there; use a store that supports \
+         conditional writes"
+    )]
+    NoCreateOnly {
+        /// The URL.
+        url: String,
+    },
     /// The key given opens no key slot.
     #[error("wrong key for vault {url}: {detail}; check the passphrase or key file")]
     WrongKey {
@@ -130,8 +165,9 @@ pub enum Error {
     /// the config was altered.
     #[error(
         "key slot {slot} of vault {url} opens, but its key does not check the vault's config: \
-         the config was altered, or the slot planted; restore config.json from a copy, or \
-         remove the slot with `cairn-agent key remove` using another key"
+         the config was altered, or the slot planted; nothing was read or written. If another \
+         key opens the vault, remove this slot with it; if none does, config.json itself was \
+         changed: put back a copy of it"
     )]
     KeyMismatch {
         /// The URL.
@@ -151,8 +187,11 @@ pub enum Error {
         /// The id asked for.
         id: String,
     },
-    /// The last key slot cannot be removed.
-    #[error("key slot {id} is the vault's last: add another key before removing it")]
+    /// The slot that opened the vault (or the last one) cannot be removed.
+    #[error(
+        "key slot {id} is the one this vault was opened with, or its last: open the vault with \
+         another key to remove it (add one first if there is none)"
+    )]
     LastKey {
         /// The slot.
         id: String,

@@ -112,10 +112,16 @@ impl Vault {
         Ok(slot)
     }
 
-    /// Removes key slot `id`; the last slot that opens the vault is never removed.
+    /// Removes key slot `id`. The slot this vault was opened with is never removed (open the
+    /// vault with another key to remove it): a slot known to open the vault always remains.
+    /// Removing a slot is not revocation: the master key stays the same, so whoever kept a
+    /// copy of the slot and its secret can still open the vault.
     pub async fn remove_key(&self, id: &str) -> Result<(), Error> {
         if self.master.is_none() {
             return Err(Error::NotEncrypted { url: self.url().into() });
+        }
+        if self.unlocked_by.as_deref() == Some(id) {
+            return Err(Error::LastKey { id: id.into() });
         }
         let (slots, _) = self.key_slots().await?;
         if !slots.iter().any(|s| s.slot == id) {
@@ -128,12 +134,28 @@ impl Vault {
     }
 }
 
+/// The largest key slot read (a slot is a few hundred bytes).
+const MAX_SLOT_BYTES: u64 = 64 << 10;
+
+/// Key slots an unlock tries at most.
+const MAX_SLOTS_TRIED: usize = 32;
+
+/// What opening a slot costs, in KiB-passes of Argon2id (0 for the HMAC of a key file).
+fn slot_cost(slot: &KeySlot) -> u64 {
+    match &slot.kdf {
+        cairn_format::keyslot::Kdf::Argon2id { memory_kib, iterations, .. } => {
+            u64::from(*memory_kib) * u64::from(*iterations)
+        }
+        cairn_format::keyslot::Kdf::HmacSha256 { .. } => 0,
+    }
+}
+
 /// Reads every slot under `keys/`.
 async fn read_slots(vault: &Vault) -> Result<(Vec<KeySlot>, Vec<(String, String)>), Error> {
     let mut slots = Vec::new();
     let mut unreadable = Vec::new();
     for path in vault.list_paths(&Path::from(layout::KEYS)).await? {
-        let Some(bytes) = vault.get_bytes(&path).await? else { continue };
+        let Some(bytes) = vault.get_small(&path, MAX_SLOT_BYTES).await? else { continue };
         match KeySlot::decode(&bytes) {
             Ok(slot) if layout::key_slot(&slot.slot) == path => slots.push(slot),
             Ok(slot) => unreadable.push((path.to_string(), format!("it names slot {}", slot.slot))),
@@ -148,13 +170,17 @@ async fn read_slots(vault: &Vault) -> Result<(Vec<KeySlot>, Vec<(String, String)
 pub(crate) async fn unlock(
     vault: &Vault,
     credential: &Credential,
-) -> Result<(MasterKey, Crypto), Error> {
+) -> Result<(MasterKey, Crypto, String), Error> {
     let url = vault.url().to_string();
     let (slots, unreadable) = read_slots(vault).await?;
     for (path, why) in &unreadable {
         tracing::warn!(%path, "unreadable key slot: {why}");
     }
-    let candidates: Vec<&KeySlot> = slots.iter().filter(|s| credential.opens(s.kind)).collect();
+    // Cheapest first, and a bounded number: slots come from the bucket, and whoever writes
+    // there must not make an unlock run for hours.
+    let mut candidates: Vec<&KeySlot> = slots.iter().filter(|s| credential.opens(s.kind)).collect();
+    candidates.sort_by_key(|s| (slot_cost(s), s.created_at));
+    candidates.truncate(MAX_SLOTS_TRIED);
     if candidates.is_empty() {
         return Err(Error::WrongKey {
             url,
@@ -185,7 +211,7 @@ pub(crate) async fn unlock(
         if !vault.config.checks_with(&crypto) {
             return Err(Error::KeyMismatch { url, slot: slot.slot.clone() });
         }
-        return Ok((master, crypto));
+        return Ok((master, crypto, slot.slot.clone()));
     }
     Err(Error::WrongKey {
         url,

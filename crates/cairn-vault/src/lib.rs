@@ -59,6 +59,8 @@ pub struct Vault {
     crypto: Crypto,
     /// The master key of an encrypted vault (to add key slots).
     master: Option<Arc<MasterKey>>,
+    /// The key slot this handle was opened with.
+    unlocked_by: Option<Arc<str>>,
     url: Arc<str>,
     durability: Durability,
     chunk_map: Arc<chunk_map::SharedChunkMap>,

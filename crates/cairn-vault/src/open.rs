@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use cairn_format::keyslot::Argon2Costs;
 use cairn_format::{Crypto, VaultConfig};
+use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
-use object_store::{ObjectStore, ObjectStoreExt};
 use rand::RngExt;
 
 use crate::backend::{Location, StoreOptions, locate};
@@ -148,6 +148,9 @@ fn local_store(path: &FsPath, url: &str) -> Result<Arc<dyn ObjectStore>, Error> 
         .map(|s| Arc::new(PrivateLocal::new(s)) as Arc<dyn ObjectStore>)
         .map_err(|e| Error::Url { url: url.into(), detail: e.to_string() })
 }
+
+/// The largest config read: a config is under a kilobyte.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Mode of a local vault's root folder: the vault holds every VM's disks.
 const ROOT_MODE: u32 = 0o700;
@@ -305,7 +308,14 @@ impl Vault {
         }
         let path = layout::config();
         match vault.put_raw_new(&path, vault.config.encode(), "write").await {
-            Ok(()) => {}
+            Ok(()) => {
+                // Every commit rests on create-only writes: a store that ignores them (some
+                // S3-compatible servers do) is refused before anything else is written.
+                let again = vault.put_raw_new(&path, vault.config.encode(), "write").await;
+                if again.is_ok() {
+                    return Err(Error::NoCreateOnly { url: url.into() });
+                }
+            }
             Err(e) => {
                 if let Some(slot) = &first_slot {
                     let _ = vault.delete_all(std::slice::from_ref(slot)).await;
@@ -368,12 +378,9 @@ impl Vault {
     ) -> Result<Vault, Error> {
         let path = layout::config();
         let retrying = RetryingStore::new(Arc::clone(&store), RetryPolicy::default());
-        let bytes = match retrying.get(&path).await {
-            Ok(r) => r.bytes().await.map_err(|e| Error::storage("read", &path, e))?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(Error::NoVault { url: url.into() });
-            }
-            Err(e) => return Err(Error::storage("read", &path, e)),
+        let bytes = match crate::points::get_small(&retrying, &path, MAX_CONFIG_BYTES).await? {
+            Some(bytes) => bytes,
+            None => return Err(Error::NoVault { url: url.into() }),
         };
         let config =
             VaultConfig::decode(&bytes).map_err(|source| match source {
@@ -385,11 +392,12 @@ impl Vault {
         let mut vault = Vault::assemble(store, config, url, durability);
         if vault.config.is_encrypted() {
             let key = key.ok_or_else(|| Error::KeyRequired { url: url.into() })?;
-            let (master, crypto) = keys::unlock(&vault, key).await?;
+            let (master, crypto, slot) = keys::unlock(&vault, key).await?;
             vault.crypto = crypto;
             vault.master = Some(Arc::new(master));
+            vault.unlocked_by = Some(slot.into());
         } else if key.is_some() {
-            tracing::info!("vault {url} is not encrypted: the key given was not needed");
+            return Err(Error::UnexpectedPlaintext { url: url.into() });
         }
         Ok(vault)
     }
@@ -406,6 +414,7 @@ impl Vault {
             config: Arc::new(config),
             crypto: Crypto::none(),
             master: None,
+            unlocked_by: None,
             url: url.into(),
             durability,
             chunk_map: Arc::default(),

@@ -137,6 +137,10 @@ pub struct PackWriter {
     job: Arc<JobChunks>,
     buf: AlignedBuf,
     entries: Vec<PackEntry>,
+    /// Encrypted vaults: the frames of `entries`, held until the pack is sealed and then
+    /// written in a random order (see [`PackWriter::lay_out_held`]).
+    held: Vec<Bytes>,
+    held_bytes: usize,
     uploads: JoinSet<Result<Uploaded, Error>>,
     /// Buffers of finished uploads, reused: fresh memory is slow to touch the first time.
     spare: Vec<AlignedBuf>,
@@ -164,6 +168,8 @@ impl PackWriter {
             job,
             buf,
             entries: Vec::new(),
+            held: Vec::new(),
+            held_bytes: 0,
             uploads: JoinSet::new(),
             spare: Vec::new(),
         }
@@ -185,6 +191,18 @@ impl PackWriter {
     }
 
     async fn store_claimed(&mut self, id: &Digest, frame: Bytes) -> Result<Stored, Error> {
+        let len = frame.len() as u64;
+        if self.vault.crypto.is_encrypted() {
+            // Laid out when the pack is sealed, in a random order.
+            self.entries.push(PackEntry { id: *id, offset: 0, len: len as u32 });
+            self.held_bytes += frame.len();
+            self.held.push(frame);
+            if (PACK_HEADER_LEN + self.held_bytes) as u64 >= u64::from(self.vault.config.pack_size)
+            {
+                self.seal().await?;
+            }
+            return Ok(Stored::Written(len));
+        }
         // The frame, its table entry, the table's footer and the padding must fit without
         // moving the buffer; otherwise close this pack first, or take a bigger buffer.
         let need = frame.len()
@@ -202,7 +220,6 @@ impl PackWriter {
         if self.buf.is_empty() {
             self.buf.extend(&pack_header(&self.vault.crypto));
         }
-        let len = frame.len() as u64;
         let offset = self.buf.len() as u32;
         self.entries.push(PackEntry { id: *id, offset, len: len as u32 });
         self.buf.extend(&frame);
@@ -232,6 +249,7 @@ impl PackWriter {
         while self.uploads.len() >= PACKS_IN_FLIGHT {
             self.collect_one().await?;
         }
+        self.lay_out_held();
         let entries = std::mem::take(&mut self.entries);
         let next = match self.spare.pop() {
             Some(b) => b,
@@ -311,6 +329,42 @@ impl PackWriter {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Encrypted vaults: writes the held frames into the buffer after the header, in a random
+    /// order, so that the order inside a pack says nothing of where their blocks are on the
+    /// disk (packs still fill in disk order: which pack a block lands in is coarse locality,
+    /// `docs/formats.md`). One copy per frame, as in a plaintext vault.
+    fn lay_out_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        use rand::seq::SliceRandom;
+        let room = PACK_HEADER_LEN
+            + self.held_bytes
+            + self.entries.len() * ENTRY_ROOM
+            + PACK_FOOTER_LEN
+            + cairn_format::crypto::SEAL_OVERHEAD
+            + 4
+            + ALIGN;
+        if self.buf.len() + self.buf.room() < room {
+            self.buf = AlignedBuf::with_capacity(room);
+        }
+        self.buf.clear();
+        self.buf.extend(&pack_header(&self.vault.crypto));
+        let mut order: Vec<usize> = (0..self.held.len()).collect();
+        order.shuffle(&mut rand::rng());
+        let mut laid = Vec::with_capacity(order.len());
+        for i in order {
+            let (Some(entry), Some(frame)) = (self.entries.get(i), self.held.get(i)) else {
+                continue;
+            };
+            laid.push(PackEntry { offset: self.buf.len() as u32, ..*entry });
+            self.buf.extend(frame);
+        }
+        self.entries = laid;
+        self.held.clear();
+        self.held_bytes = 0;
     }
 
     /// Uploads the last pack and waits for every upload; the packs are then part of the job.

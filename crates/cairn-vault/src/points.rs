@@ -76,18 +76,28 @@ impl Vault {
             .map_err(|e| Error::storage(op, path, e))
     }
 
-    /// The bytes of the sealed object `path` (a `what`), opened: in an encrypted vault an
-    /// object that does not authenticate is corrupt.
+    /// The bytes of the sealed object `path` (a `what`: a manifest, a marker, a record, at most
+    /// [`MAX_METADATA_BYTES`]), opened: in an encrypted vault an object that does not
+    /// authenticate is corrupt.
     pub(crate) async fn get_opened(
         &self,
         what: &'static str,
         path: &Path,
     ) -> Result<Option<Vec<u8>>, Error> {
-        let Some(raw) = self.get_bytes(path).await? else { return Ok(None) };
+        let Some(raw) = self.get_small(path, MAX_METADATA_BYTES).await? else { return Ok(None) };
         self.crypto
             .open(what, path.as_ref(), &raw)
             .map(Some)
             .map_err(|source| Error::Corrupt { path: path.to_string(), source })
+    }
+
+    /// The bytes of `path` if it is at most `max` bytes: see [`get_small`].
+    pub(crate) async fn get_small(
+        &self,
+        path: &Path,
+        max: u64,
+    ) -> Result<Option<bytes::Bytes>, Error> {
+        get_small(self.store.as_ref(), path, max).await
     }
 
     pub(crate) async fn get_bytes(&self, path: &Path) -> Result<Option<bytes::Bytes>, Error> {
@@ -356,6 +366,30 @@ impl Vault {
     }
 }
 
+/// The largest manifest, marker or record read (the largest real ones are a few KiB).
+pub(crate) const MAX_METADATA_BYTES: u64 = 16 << 20;
+
+/// The bytes of `path` in `store` if it is at most `max` bytes; one ranged read of `max + 1`
+/// bytes, so that an object planted in the bucket cannot make a reader allocate without bound.
+pub(crate) async fn get_small(
+    store: &dyn object_store::ObjectStore,
+    path: &Path,
+    max: u64,
+) -> Result<Option<bytes::Bytes>, Error> {
+    let options =
+        object_store::GetOptions { range: Some((0..max + 1).into()), ..Default::default() };
+    let result = match store.get_opts(path, options).await {
+        Ok(r) => r,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(Error::storage("read", path, e)),
+    };
+    let size = result.meta.size;
+    if size > max {
+        return Err(Error::TooLarge { path: path.to_string(), what: "metadata object", size, max });
+    }
+    result.bytes().await.map(Some).map_err(|e| Error::storage("read", path, e))
+}
+
 /// Points this process gave up while leaving their markers for a resume.
 fn abandoned_here() -> std::sync::MutexGuard<'static, BTreeSet<PointId>> {
     static ABANDONED: std::sync::Mutex<BTreeSet<PointId>> = std::sync::Mutex::new(BTreeSet::new());
@@ -366,7 +400,14 @@ fn abandoned_here() -> std::sync::MutexGuard<'static, BTreeSet<PointId>> {
 fn marker_owner() -> String {
     let uname = rustix::system::uname();
     let host = uname.nodename().to_string_lossy();
-    format!("{host} pid {}", std::process::id())
+    format!("{host} pid {} ns {}", std::process::id(), pid_namespace())
+}
+
+/// This process's pid namespace (`pid:[4026531836]`): a pid means a process only within it.
+fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// A new id for a point started at `at` that sorts after `last`, even if the clock went back.
@@ -512,10 +553,12 @@ impl Vault {
             return false;
         };
         let Ok(marker) = InflightMarker::decode(&bytes) else { return false };
-        let Some((host, pid)) = marker.owner.rsplit_once(" pid ") else { return false };
+        // `HOST pid PID ns NS`: only a marker of this host and pid namespace is judged.
+        let Some((host, rest)) = marker.owner.split_once(" pid ") else { return false };
+        let Some((pid, ns)) = rest.split_once(" ns ") else { return false };
         let Ok(pid) = pid.parse::<i32>() else { return false };
         let here = rustix::system::uname();
-        if host != here.nodename().to_string_lossy() {
+        if host != here.nodename().to_string_lossy() || ns != pid_namespace() || ns == "unknown" {
             return false;
         }
         // No such process: kill(pid, 0) fails with ESRCH.

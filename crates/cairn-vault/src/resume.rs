@@ -108,7 +108,9 @@ impl Vault {
             .await;
         let mut out = Resumable { from, ..Default::default() };
         for (pack, size, result) in checked {
-            match result? {
+            // A store error on one pack costs only that pack's resume, never the backup.
+            let result = result.unwrap_or_else(|e| Err(e.to_string()));
+            match result {
                 Ok(entries) => {
                     let n = out.packs.len();
                     for e in &entries {

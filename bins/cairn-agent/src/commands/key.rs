@@ -32,7 +32,8 @@ pub async fn run(cmd: KeyCommand, json: bool) -> anyhow::Result<Exit> {
                     "{:<16}  {kind:<10}  {:<24}  {}",
                     s.slot,
                     s.created_at.to_string(),
-                    s.label
+                    // Labels come from the bucket: shown escaped, never as terminal controls.
+                    s.label.escape_debug()
                 );
             }
             for (path, why) in &unreadable {
@@ -48,6 +49,10 @@ pub async fn run(cmd: KeyCommand, json: bool) -> anyhow::Result<Exit> {
                 print_json(&json!({ "removed": args.slot }));
             } else {
                 println!("removed key slot {} from {}", args.slot, vault.url());
+                println!(
+                    "note: this is not revocation: the vault's master key is unchanged, so a copy \
+                     of the slot kept elsewhere still opens it with its old secret"
+                );
             }
             Ok(Exit::Ok)
         }

@@ -132,7 +132,11 @@ async fn keys_open_only_their_vault_and_slots_rotate_without_rewriting_data() {
     assert_eq!(slots.len(), 4);
     assert!(unreadable.is_empty());
     let old = slots.iter().find(|s| s.label == "created with the vault").unwrap().slot.clone();
-    opened.remove_key(&old).await.unwrap();
+    // The slot a handle was opened with is not removed through that handle...
+    let err = opened.remove_key(&old).await.unwrap_err();
+    assert!(matches!(err, cairn_vault::Error::LastKey { .. }), "{err}");
+    // ...but through one opened with another key.
+    open(&url, Some(passphrase("new"))).await.unwrap().remove_key(&old).await.unwrap();
     assert!(matches!(
         open(&url, Some(passphrase("old"))).await,
         Err(cairn_vault::Error::WrongKey { .. })
@@ -171,11 +175,19 @@ async fn keys_open_only_their_vault_and_slots_rotate_without_rewriting_data() {
         open(&url, Some(key_file(5))).await,
         Err(cairn_vault::Error::WrongKey { .. })
     ));
-    // A plaintext vault's key operations say it has none.
-    let plain =
-        Vault::create(&dir.path().join("plain").display().to_string(), 65536).await.unwrap();
+    // A plaintext vault's key operations say it has none, and a key given for a plaintext
+    // vault is refused: its config may have been swapped for a plaintext one.
+    let plain_url = dir.path().join("plain").display().to_string();
+    let plain = Vault::create(&plain_url, 65536).await.unwrap();
     let err = plain.add_key(&key_file(1), None, cheap(), String::new()).await.unwrap_err();
     assert!(matches!(err, cairn_vault::Error::NotEncrypted { .. }), "{err}");
+    let err = open(&plain_url, Some(key_file(1))).await.unwrap_err();
+    assert!(matches!(err, cairn_vault::Error::UnexpectedPlaintext { .. }), "{err}");
+    // A planted giant slot is refused by its size, not read.
+    std::fs::write(Path::new(&url).join("keys/ffffffffffffffff.json"), vec![b' '; 1 << 20])
+        .unwrap();
+    let err = open(&url, Some(key_file(3))).await.unwrap_err();
+    assert!(matches!(err, cairn_vault::Error::TooLarge { .. }), "{err}");
 }
 
 fn rand_suffix() -> u64 {
