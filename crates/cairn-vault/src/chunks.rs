@@ -124,6 +124,61 @@ impl Vault {
     }
 }
 
+/// What reading a pack's own table found.
+pub(crate) enum PackTable {
+    /// No such pack.
+    Gone,
+    /// Its header or table is bad: why.
+    Bad(String),
+    /// Its size and table.
+    Read(u64, Vec<cairn_format::pack::PackEntry>),
+}
+
+impl Vault {
+    /// Reads the table of pack `pack` from its header and tail (a head and three ranged
+    /// reads, not the whole pack), checked: header version, CRC, and in an encrypted vault
+    /// the sealed table's tag. `Err` only when the store cannot answer.
+    pub(crate) async fn read_pack_table(&self, pack: &Digest) -> Result<PackTable, Error> {
+        use cairn_format::pack::{
+            PACK_FOOTER_LEN, PACK_HEADER_LEN, decode_pack_tail_in, pack_table_len,
+        };
+        let path = layout::pack(pack);
+        let size = match self.store.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Ok(PackTable::Gone),
+            Err(e) => return Err(Error::storage("read", &path, e)),
+        };
+        let range = |r: std::ops::Range<u64>| {
+            let path = &path;
+            async move {
+                self.store.get_range(path, r).await.map_err(|e| Error::storage("read", path, e))
+            }
+        };
+        let (header_len, footer_len) = (PACK_HEADER_LEN as u64, PACK_FOOTER_LEN as u64);
+        if size < header_len + footer_len {
+            return Ok(PackTable::Bad(format!("{size} bytes is too short for a pack")));
+        }
+        let header = range(0..header_len).await?;
+        let footer = range(size - footer_len..size).await?;
+        let table_len = match pack_table_len(&self.crypto, &footer) {
+            Ok(len) => len as u64,
+            Err(e) => return Ok(PackTable::Bad(e.to_string())),
+        };
+        let Some(table_at) =
+            (size - footer_len).checked_sub(table_len).filter(|at| *at >= header_len)
+        else {
+            return Ok(PackTable::Bad(format!(
+                "a table of {table_len} bytes does not fit in {size}"
+            )));
+        };
+        let tail = range(table_at..size).await?;
+        Ok(match decode_pack_tail_in(&self.crypto, path.as_ref(), &header, &tail, table_at) {
+            Ok(entries) => PackTable::Read(size, entries),
+            Err(e) => PackTable::Bad(e.to_string()),
+        })
+    }
+}
+
 /// How messages name a chunk.
 fn chunk_name(id: &Digest) -> String {
     format!("chunk {id}")

@@ -15,14 +15,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cairn_format::pack::{
-    IndexedPack, PACK_FOOTER_LEN, PACK_HEADER_LEN, decode_pack_tail_in, pack_table_len,
-};
+use cairn_format::pack::IndexedPack;
 use cairn_format::{Digest, InflightMarker, Name, PointId, ResumeRecord, SizedPack};
 use futures::StreamExt;
-use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
+use crate::chunks::PackTable;
 use crate::{Error, Vault, layout};
 
 /// Packs of interrupted backups that a new backup may adopt.
@@ -132,35 +130,13 @@ impl Vault {
         pack: &Digest,
         size: u64,
     ) -> Result<Result<Vec<cairn_format::pack::PackEntry>, String>, Error> {
-        let path = layout::pack(pack);
-        match self.store.head(&path).await {
-            Ok(meta) if meta.size == size => {}
-            Ok(meta) => return Ok(Err(format!("{} bytes, its record says {size}", meta.size))),
-            Err(object_store::Error::NotFound { .. }) => return Ok(Err("gone".into())),
-            Err(e) => return Err(Error::storage("read", &path, e)),
-        }
-        let (head_len, foot_len) = (PACK_HEADER_LEN as u64, PACK_FOOTER_LEN as u64);
-        if size < head_len + foot_len {
-            return Ok(Err("too short for a pack".into()));
-        }
-        let read = |r: std::ops::Range<u64>| {
-            let path = path.clone();
-            async move {
-                self.store.get_range(&path, r).await.map_err(|e| Error::storage("read", &path, e))
+        Ok(match self.read_pack_table(pack).await? {
+            PackTable::Gone => Err("gone".into()),
+            PackTable::Bad(why) => Err(why),
+            PackTable::Read(found, _) if found != size => {
+                Err(format!("{found} bytes, its record says {size}"))
             }
-        };
-        let header = read(0..head_len).await?;
-        let footer = read(size - foot_len..size).await?;
-        let table_len = match pack_table_len(&self.crypto, &footer) {
-            Ok(len) => len as u64,
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        let Some(table_at) = (size - foot_len).checked_sub(table_len).filter(|at| *at >= head_len)
-        else {
-            return Ok(Err("its table does not fit".into()));
-        };
-        let tail = read(table_at..size).await?;
-        Ok(decode_pack_tail_in(&self.crypto, path.as_ref(), &header, &tail, table_at)
-            .map_err(|e| e.to_string()))
+            PackTable::Read(_, entries) => Ok(entries),
+        })
     }
 }

@@ -8,6 +8,7 @@ use cairn_format::index::{BlockEntry, IndexRoot, PatchRef};
 use cairn_format::{ChunkFrame, DamageRecord, Digest, Name, PointId, PointManifest};
 use futures::StreamExt;
 
+use crate::chunks::PackTable;
 use crate::{ChunkLocation, Error, UnreadablePoint, Vault, layout};
 
 /// Which points to verify.
@@ -327,8 +328,7 @@ impl Vault {
         }
         let checked: Vec<_> = futures::stream::iter(by_pack)
             .map(|(pack, placed)| async move {
-                let path = layout::pack(&pack);
-                (path.to_string(), self.check_pack(&path, &placed).await)
+                (layout::pack(&pack).to_string(), self.check_pack(&pack, &placed).await)
             })
             .buffer_unordered(8)
             .collect()
@@ -344,47 +344,19 @@ impl Vault {
         Ok(damaged)
     }
 
-    /// `Ok(Some(reason))` if the pack at `path` has a bad header or table, or a table that
-    /// does not place `placed` as the chunk map does; `Ok(None)` if it is sound or gone (its
-    /// chunks are then reported missing).
+    /// `Ok(Some(reason))` if pack `pack` has a bad header or table, or a table that does not
+    /// place `placed` as the chunk map does; `Ok(None)` if it is sound or gone (its chunks are
+    /// then reported missing).
     async fn check_pack(
         &self,
-        path: &object_store::path::Path,
+        pack: &Digest,
         placed: &[(Digest, ChunkLocation)],
     ) -> Result<Option<String>, Error> {
-        use cairn_format::pack::{
-            PACK_FOOTER_LEN, PACK_HEADER_LEN, decode_pack_tail_in, pack_table_len,
+        let entries = match self.read_pack_table(pack).await? {
+            PackTable::Gone => return Ok(None),
+            PackTable::Bad(why) => return Ok(Some(why)),
+            PackTable::Read(_, entries) => entries,
         };
-        use object_store::ObjectStoreExt;
-        let size = match self.store.head(path).await {
-            Ok(meta) => meta.size,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(Error::storage("read", path, e)),
-        };
-        let range = |r: std::ops::Range<u64>| async move {
-            self.store.get_range(path, r).await.map_err(|e| Error::storage("read", path, e))
-        };
-        let (header_len, footer_len) = (PACK_HEADER_LEN as u64, PACK_FOOTER_LEN as u64);
-        if size < header_len + footer_len {
-            return Ok(Some(format!("{size} bytes is too short for a pack")));
-        }
-        let header = range(0..header_len).await?;
-        let footer = range(size - footer_len..size).await?;
-        let table_len = match pack_table_len(&self.crypto, &footer) {
-            Ok(len) => len as u64,
-            Err(e) => return Ok(Some(e.to_string())),
-        };
-        let Some(table_at) =
-            (size - footer_len).checked_sub(table_len).filter(|at| *at >= header_len)
-        else {
-            return Ok(Some(format!("a table of {table_len} bytes does not fit in {size}")));
-        };
-        let tail = range(table_at..size).await?;
-        let entries =
-            match decode_pack_tail_in(&self.crypto, path.as_ref(), &header, &tail, table_at) {
-                Ok(entries) => entries,
-                Err(e) => return Ok(Some(e.to_string())),
-            };
         let table: HashSet<(Digest, u32, u32)> =
             entries.iter().map(|e| (e.id, e.offset, e.len)).collect();
         for (id, loc) in placed {
