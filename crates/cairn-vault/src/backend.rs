@@ -128,32 +128,24 @@ fn build(
     // The builders take the bucket from the URL; the rest of its path is ours.
     let store: Arc<dyn ObjectStore> = match cloud {
         Cloud::S3 => {
-            let mut b = AmazonS3Builder::from_env().with_url(url);
-            for (k, v) in &options.0 {
-                let key: AmazonS3ConfigKey =
-                    k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
-                b = b.with_config(key, v);
-            }
+            let b = AmazonS3Builder::from_env().with_url(url);
+            let b =
+                configure(b, options, &unknown, |b, k: AmazonS3ConfigKey, v| b.with_config(k, v))?;
             Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
         }
         Cloud::Azure => {
-            let mut b = MicrosoftAzureBuilder::from_env().with_url(url);
-            for (k, v) in &options.0 {
-                let key: AzureConfigKey = k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
-                b = b.with_config(key, v);
-            }
+            let b = MicrosoftAzureBuilder::from_env().with_url(url);
+            let b = configure(b, options, &unknown, |b, k: AzureConfigKey, v| b.with_config(k, v))?;
             Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
         }
         Cloud::Gcs => {
-            let mut b = GoogleCloudStorageBuilder::from_env().with_url(url);
-            for (k, v) in &options.0 {
-                let key: GoogleConfigKey =
-                    k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
-                b = b.with_config(key, v);
-            }
+            let b = GoogleCloudStorageBuilder::from_env().with_url(url);
+            let b =
+                configure(b, options, &unknown, |b, k: GoogleConfigKey, v| b.with_config(k, v))?;
             Arc::new(b.build().map_err(|e| bad(e.to_string()))?)
         }
     };
+    warn_if_plain_http(cloud, options);
     let prefix = parsed.path().trim_matches('/');
     if prefix.is_empty() {
         return Ok(store);
@@ -161,6 +153,42 @@ fn build(
     let prefix = object_store::path::Path::parse(prefix)
         .map_err(|e| bad(format!("the prefix {prefix:?} is not a valid object path: {e}")))?;
     Ok(Arc::new(PrefixStore::new(store, prefix)))
+}
+
+/// `builder` with every option applied: each key parsed as the builder's config key (the
+/// environment variable names, lowercased, parse too), an unknown one refused.
+fn configure<B, K: std::str::FromStr>(
+    builder: B,
+    options: &StoreOptions,
+    unknown: &dyn Fn(&str) -> Error,
+    set: impl Fn(B, K, &str) -> B,
+) -> Result<B, Error> {
+    options.0.iter().try_fold(builder, |b, (k, v)| {
+        let key = k.to_ascii_lowercase().parse().map_err(|_| unknown(k))?;
+        Ok(set(b, key, v))
+    })
+}
+
+/// Warns when the store is reached without TLS (an emulator's setting, left in the
+/// environment or given by mistake): the data is encrypted by Cairn, the credentials are not.
+fn warn_if_plain_http(cloud: Cloud, options: &StoreOptions) {
+    let truthy = |v: &str| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes");
+    let from_options = options.0.iter().any(|(k, v)| {
+        let k = k.to_ascii_lowercase();
+        (k.ends_with("allow_http") || k.ends_with("use_emulator")) && truthy(v)
+    });
+    let var = match cloud {
+        Cloud::S3 => "AWS_ALLOW_HTTP",
+        Cloud::Azure => "AZURE_STORAGE_USE_EMULATOR",
+        Cloud::Gcs => "GOOGLE_ALLOW_HTTP",
+    };
+    if from_options || std::env::var(var).is_ok_and(|v| truthy(&v)) {
+        tracing::warn!(
+            "the {cloud:?} store may be reached over plain HTTP ({}): fine for an emulator on \
+             loopback, not for a real store",
+            if from_options { "a store option" } else { var }
+        );
+    }
 }
 
 /// Makes `ring` the TLS crypto of the process (see `docs/ARCHITECTURE.md`, "TLS"), once. An

@@ -18,8 +18,8 @@ use futures::stream::BoxStream;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
 };
 use rand::{RngExt, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -195,17 +195,12 @@ impl ObjectStore for FaultyStore {
         match self.0.draw(READ).await {
             None => self.0.inner.get_opts(location, options).await,
             Some(Fault::Cut) => {
-                let mut result = self.0.inner.get_opts(location, options).await?;
-                let payload = std::mem::replace(
-                    &mut result.payload,
-                    GetResultPayload::Stream(futures::stream::empty().boxed()),
-                );
-                let whole = GetResult { payload, ..clone_head(&result) }.bytes().await?;
+                let result = self.0.inner.get_opts(location, options).await?;
+                let (meta, range) = (result.meta.clone(), result.range.clone());
+                let attributes = result.attributes.clone();
+                let whole = result.bytes().await?;
                 let cut = whole.slice(..whole.len() / 2);
-                result.payload = GetResultPayload::Stream(
-                    futures::stream::once(futures::future::ready(Ok(cut))).boxed(),
-                );
-                Ok(result)
+                Ok(crate::retry::with_body(meta, range, attributes, cut))
             }
             Some(_) => Err(injected("read failed", location.as_ref())),
         }
@@ -285,17 +280,6 @@ impl ObjectStore for FaultyStore {
             }
             Some(_) => Err(injected("copy failed", from.as_ref())),
         }
-    }
-}
-
-/// `result` without its payload, to rebuild one around another payload.
-fn clone_head(result: &GetResult) -> GetResult {
-    GetResult {
-        payload: GetResultPayload::Stream(futures::stream::empty().boxed()),
-        meta: result.meta.clone(),
-        range: result.range.clone(),
-        attributes: result.attributes.clone(),
-        extensions: Default::default(),
     }
 }
 

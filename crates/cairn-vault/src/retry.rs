@@ -75,24 +75,36 @@ impl RetryingStore {
     }
 
     /// Runs `op` until it succeeds, fails for good, or runs out of attempts.
-    async fn run<T, F, Fut>(&self, what: &str, location: &str, mut op: F) -> Result<T>
+    async fn run<T, F, Fut>(&self, what: &str, location: &str, op: F) -> Result<T>
     where
         F: FnMut(u32) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
+        self.run_sized(what, location, 0, op).await
+    }
+
+    /// As [`RetryingStore::run`], for an operation that moves `bytes`: each attempt may also
+    /// take one second per MiB (a 512 MiB pack over a slow link must not time out forever).
+    async fn run_sized<T, F, Fut>(
+        &self,
+        what: &str,
+        location: &str,
+        bytes: u64,
+        mut op: F,
+    ) -> Result<T>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let timeout = self.policy.attempt_timeout + Duration::from_secs(bytes >> 20);
         let mut backoff = self.policy.first_backoff;
         let mut attempt = 0;
         loop {
-            let result = match tokio::time::timeout(self.policy.attempt_timeout, op(attempt)).await
-            {
+            let result = match tokio::time::timeout(timeout, op(attempt)).await {
                 Ok(r) => r,
                 Err(_) => Err(object_store::Error::Generic {
                     store: "retry",
-                    source: format!(
-                        "{what} {location} did not finish within {:?}",
-                        self.policy.attempt_timeout
-                    )
-                    .into(),
+                    source: format!("{what} {location} did not finish within {timeout:?}").into(),
                 }),
             };
             attempt += 1;
@@ -145,15 +157,24 @@ async fn whole_body(result: GetResult) -> Result<(GetResult, Bytes)> {
                 .into(),
         });
     }
-    let once = futures::stream::once(futures::future::ready(Ok(body.clone()))).boxed();
-    let out = GetResult {
+    Ok((with_body(meta, range, attributes, body.clone()), body))
+}
+
+/// A get result whose payload is `body`, already in memory.
+pub(crate) fn with_body(
+    meta: ObjectMeta,
+    range: Range<u64>,
+    attributes: object_store::Attributes,
+    body: Bytes,
+) -> GetResult {
+    let once = futures::stream::once(futures::future::ready(Ok(body))).boxed();
+    GetResult {
         payload: GetResultPayload::Stream(once),
         meta,
         range,
         attributes,
         extensions: Default::default(),
-    };
-    Ok((out, body))
+    }
 }
 
 #[async_trait]
@@ -168,7 +189,7 @@ impl ObjectStore for RetryingStore {
         let create = matches!(opts.mode, PutMode::Create);
         let retried = std::sync::atomic::AtomicBool::new(false);
         let result = self
-            .run("write", location.as_ref(), |attempt| {
+            .run_sized("write", location.as_ref(), bytes.len() as u64, |attempt| {
                 if attempt > 0 {
                     retried.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -226,6 +247,17 @@ impl ObjectStore for RetryingStore {
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
         self.run("read", location.as_ref(), |_| async move {
             let got = self.inner.get_ranges(location, ranges).await?;
+            if got.len() != ranges.len() {
+                return Err(object_store::Error::Generic {
+                    store: "retry",
+                    source: format!(
+                        "{location}: {} ranges asked, {} answered",
+                        ranges.len(),
+                        got.len()
+                    )
+                    .into(),
+                });
+            }
             let short = ranges.iter().zip(&got).any(|(r, b)| (b.len() as u64) < r.end - r.start);
             if short || got.len() != ranges.len() {
                 // A cut read, or the object really ends early: the head tells which.
