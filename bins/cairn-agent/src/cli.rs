@@ -47,6 +47,16 @@ pub enum Command {
     /// Measure this machine: hashing, compression, CRC and AEAD rates, vault put/get, disk
     /// reads, and the backup window they project.
     Bench(BenchArgs),
+    /// Expire the points a retention policy no longer keeps (soft delete), and purge the
+    /// soft-deleted points whose grace time has passed.
+    Prune(PruneArgs),
+    /// Soft-delete one point: it stays restorable by id, and `undelete` brings it back, until
+    /// its grace time has passed and a prune purges it.
+    Delete(DeleteArgs),
+    /// Bring a soft-deleted point back.
+    Undelete(UndeleteArgs),
+    /// Lock a point: nothing may delete it before the time given (a lock cannot be shortened).
+    Lock(LockArgs),
     /// Manage the keys of an encrypted vault: list, add, remove.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -108,6 +118,9 @@ pub struct VaultArg {
     /// prompt on a terminal).
     #[arg(long, value_name = "PATH")]
     pub passphrase_file: Option<PathBuf>,
+    /// Open the vault append-only: add chunks, points and notes; refuse every delete.
+    #[arg(long)]
+    pub append_only: bool,
 }
 
 impl VaultArg {
@@ -191,6 +204,10 @@ pub struct BackupArgs {
     /// Disks read at once (default 2); each costs about 50 MiB of memory while it is read.
     #[arg(long, value_name = "N")]
     pub parallel_disks: Option<usize>,
+    /// Keep this point until then whatever retention says (an on-demand backup): a time
+    /// (2027-01-31, 2027-01-31T12:00:00Z) or a span from now (30d).
+    #[arg(long, value_name = "TIME", value_parser = crate::units::parse_time)]
+    pub retain_until: Option<jiff::Timestamp>,
 }
 
 #[derive(Args, Debug)]
@@ -200,6 +217,112 @@ pub struct PointsArgs {
     /// Only this VM.
     #[arg(long)]
     pub vm: Option<String>,
+    /// List the soft-deleted points (restorable by id until purged) instead.
+    #[arg(long)]
+    pub deleted: bool,
+}
+
+/// Retention rules; the names are those of policy files (`keep-daily = 7`).
+#[derive(Args, Debug, Clone)]
+pub struct RetentionArgs {
+    /// Keep the N newest points.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest point of each of the N newest hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the N newest days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest point of each of the N newest ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the N newest months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest point of each of the N newest years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every point taken within this span of the newest one: 14d, 36h, 6mo, "1y 6mo".
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<cairn_policy::KeepWithin>,
+    /// The IANA time zone of hours, days, weeks, months and years (default UTC).
+    #[arg(long, value_name = "ZONE")]
+    pub time_zone: Option<String>,
+}
+
+impl RetentionArgs {
+    /// The policy these flags describe.
+    pub fn retention(&self) -> cairn_policy::Retention {
+        cairn_policy::Retention {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            keep_within: self.keep_within,
+            time_zone: self.time_zone.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// Only this VM (default: every VM, each on its own).
+    #[arg(long)]
+    pub vm: Option<String>,
+    #[command(flatten)]
+    pub retention: RetentionArgs,
+    /// How long an expired point stays soft-deleted (restorable, undeletable) before it is
+    /// purged.
+    #[arg(long, default_value = "14d", value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    pub grace: jiff::SignedDuration,
+    /// Print what would be expired and purged, and which rule keeps each kept point.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// One point of one VM.
+#[derive(Args, Debug)]
+pub struct PointArg {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    #[arg(long)]
+    pub vm: String,
+    /// The point's id (from `cairn-agent points`).
+    #[arg(long)]
+    pub point: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub target: PointArg,
+    /// How long it stays soft-deleted before a prune purges it.
+    #[arg(long, default_value = "14d", value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    pub grace: jiff::SignedDuration,
+}
+
+#[derive(Args, Debug)]
+pub struct UndeleteArgs {
+    #[command(flatten)]
+    pub target: PointArg,
+    /// Also keep it until then, whatever retention says (so that the next prune leaves it): a
+    /// time (2027-01-31, 2027-01-31T12:00:00Z) or a span from now (30d).
+    #[arg(long, value_name = "TIME", value_parser = crate::units::parse_time)]
+    pub retain_until: Option<jiff::Timestamp>,
+}
+
+#[derive(Args, Debug)]
+pub struct LockArgs {
+    #[command(flatten)]
+    pub target: PointArg,
+    /// The end of the lock: a time (2027-01-31, 2027-01-31T12:00:00Z) or a span from now (90d).
+    #[arg(long, value_name = "TIME", value_parser = crate::units::parse_time)]
+    pub until: jiff::Timestamp,
 }
 
 #[derive(Args, Debug)]

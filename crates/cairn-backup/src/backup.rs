@@ -51,6 +51,9 @@ pub struct BackupRequest {
     /// Disks read at once (default [`DEFAULT_PARALLEL_DISKS`]); each costs about 50 MiB of
     /// buffers and packs in flight, so this bounds the job's memory whatever the disk count.
     pub parallel_disks: Option<usize>,
+    /// Keep the point until then whatever retention says; written as a note before the
+    /// manifest, so that no prune sees the point without it.
+    pub retain_until: Option<Timestamp>,
 }
 
 /// Disks read at once by default: on 2 cores two disks already keep both busy, and the job's
@@ -69,6 +72,7 @@ impl BackupRequest {
             threads: None,
             point: None,
             parallel_disks: None,
+            retain_until: None,
         }
     }
 }
@@ -91,9 +95,18 @@ pub async fn backup(
         ));
     }
     let started_at = Timestamp::now();
-    let (previous, mut evidence) = vault.previous_point(&request.vm).await?;
-    evidence.extend(request.evidence);
+    // The marker first, then the base: a collector that condemns chunks after this marker
+    // exists waits for this backup, and one that condemned them before is seen by it (the
+    // gc module of cairn-vault), so the base chosen now stays whole until the commit.
     let writer = vault.begin_point_as(&request.vm, started_at, request.point).await?;
+    let (previous, mut evidence) = match vault.previous_point(&request.vm).await {
+        Ok(found) => found,
+        Err(e) => {
+            writer.abandon().await;
+            return Err(e.into());
+        }
+    };
+    evidence.extend(request.evidence);
     let point = writer.point().clone();
     tracing::info!(vm = %request.vm, %point, disks = request.disks.len(), "backup started");
 
@@ -143,6 +156,13 @@ pub async fn backup(
         evidence,
         writer: format!("cairn {}", env!("CARGO_PKG_VERSION")),
     };
+    if let Some(until) = request.retain_until {
+        let change = cairn_format::Change::RetainUntil(Some(until));
+        if let Err(e) = vault.write_note(&manifest.vm, &manifest.point, "backup", &[change]).await {
+            writer.abandon().await;
+            return Err(e.into());
+        }
+    }
     writer.commit(&manifest).await?;
     tracing::info!(vm = %manifest.vm, point = %manifest.point, "recovery point committed");
     Ok(manifest)

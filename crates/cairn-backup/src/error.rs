@@ -47,6 +47,9 @@ pub enum Error {
         "the backup was cancelled; no recovery point was committed and earlier points are intact"
     )]
     Cancelled,
+    /// A retention policy is wrong.
+    #[error(transparent)]
+    Policy(#[from] cairn_policy::Error),
     /// The request itself is wrong.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

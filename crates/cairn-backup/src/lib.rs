@@ -4,7 +4,9 @@
 //! finds the previous point to compare against, runs every disk through the delta engine in
 //! parallel, stores changed blocks and index pages in the vault, and commits the recovery point.
 //! [`restore_disk`] and [`restore_point`] write a point's disks back, holes kept and every
-//! chunk checked. Data flows one way: source -> engine -> vault -> manifest.
+//! chunk checked. [`prune`] applies a retention policy: expired points are soft-deleted,
+//! then purged after their grace time. Data flows one way: source -> engine -> vault ->
+//! manifest.
 
 mod backup;
 mod cancel;
@@ -13,6 +15,7 @@ mod error;
 mod job;
 mod previous;
 mod progress;
+mod prune;
 mod restore;
 mod target;
 
@@ -21,6 +24,7 @@ pub use cancel::Cancel;
 pub use error::Error;
 pub use job::{Check, JobOptions, VmJob, check};
 pub use progress::{DiskProgress, NoProgress, Progress};
+pub use prune::{Action, PointDecision, PruneOptions, PruneReport, prune};
 pub use restore::{RestoreOptions, RestoreStats, restore_disk, restore_point};
 
 /// The README's examples compile: this runs them as doc tests.

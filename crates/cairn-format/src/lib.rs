@@ -2,7 +2,7 @@
 //!
 //! Everything Cairn writes to a vault is defined here, and only here: digests and names, the
 //! chunk frame (compression, cipher field, CRC-32), packs of chunk frames and their indexes, the paged, content-addressed disk index, the
-//! recovery-point manifest and the vault config. The crate is synchronous and does no I/O:
+//! recovery-point manifest, the notes that carry a point's changing state, and the vault config. The crate is synchronous and does no I/O:
 //! encoders take values and return bytes, decoders take bytes and return values or an
 //! [`Error`], and never panic on any input (each decoder has a fuzz target in `fuzz/` and
 //! property tests in its module). `docs/formats.md` describes every byte.
@@ -22,6 +22,7 @@ pub mod index;
 pub mod keyslot;
 mod manifest;
 mod name;
+pub mod note;
 pub mod pack;
 pub mod patch;
 mod point_id;
@@ -42,6 +43,7 @@ pub use manifest::{
     PointManifest, ResumeRecord, SizedPack,
 };
 pub use name::Name;
+pub use note::{Change, Deletion, PointNote, PointState, Verification};
 pub use point_id::PointId;
 
 /// The smallest block size a disk index may use: 4 KiB.

@@ -196,6 +196,66 @@ pub enum Error {
         /// The slot.
         id: String,
     },
+    /// An append-only agent was asked to delete or overwrite something.
+    #[error(
+        "this agent opened vault {url} append-only: it may add chunks, points and notes, but \
+         not {what}; run that from an agent allowed to delete"
+    )]
+    AppendOnly {
+        /// The URL.
+        url: String,
+        /// What was refused.
+        what: String,
+    },
+    /// A point's lock forbids deleting it.
+    #[error(
+        "point {point} of VM {vm} is locked until {until}: nothing may delete it before then \
+         (a lock cannot be shortened)"
+    )]
+    Locked {
+        /// The VM.
+        vm: Name,
+        /// The point.
+        point: PointId,
+        /// When the lock ends.
+        until: jiff::Timestamp,
+    },
+    /// A purge of a point that is not soft-deleted.
+    #[error(
+        "point {point} of VM {vm} is not deleted: delete it first (prune, or `cairn-agent delete`)"
+    )]
+    NotDeleted {
+        /// The VM.
+        vm: Name,
+        /// The point.
+        point: PointId,
+    },
+    /// A purge of a soft-deleted point still in its grace time.
+    #[error(
+        "point {point} of VM {vm} is soft-deleted and may be purged only after {purge_after}; \
+         until then it restores by id and `cairn-agent undelete` brings it back"
+    )]
+    InGrace {
+        /// The VM.
+        vm: Name,
+        /// The point.
+        point: PointId,
+        /// The end of its grace time.
+        purge_after: jiff::Timestamp,
+    },
+    /// A point's notes cannot be read, so its state (deleted, locked) is unknown.
+    #[error(
+        "the notes of point {point} of VM {vm} cannot be read ({detail}); its state (deletion, \
+         lock) is unknown, so nothing deletes it; verify the vault"
+    )]
+    UnreadableNotes {
+        /// The VM.
+        vm: Name,
+        /// The point.
+        point: PointId,
+        /// What is wrong.
+        detail: String,
+    },
     /// No such point.
     #[error("VM {vm} has no recovery point {point}; list its points to choose one")]
     PointNotFound {

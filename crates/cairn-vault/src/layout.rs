@@ -67,6 +67,31 @@ pub(crate) fn manifest(vm: &Name, point: &PointId) -> Path {
     Path::from(format!("points/{vm}/{point}.json"))
 }
 
+/// Notes of all points, of one VM's, or of one point.
+pub(crate) fn notes(vm: Option<&Name>, point: Option<&PointId>) -> Path {
+    match (vm, point) {
+        (Some(vm), Some(p)) => Path::from(format!("notes/{vm}/{p}")),
+        (Some(vm), None) => Path::from(format!("notes/{vm}")),
+        _ => Path::from("notes"),
+    }
+}
+
+/// Note `id` of a point.
+pub(crate) fn note(vm: &Name, point: &PointId, id: &PointId) -> Path {
+    Path::from(format!("notes/{vm}/{point}/{id}.json"))
+}
+
+/// Parses `notes/<vm>/<point>/<id>.json` into its parts.
+pub(crate) fn parse_note_path(path: &Path) -> Option<(Name, PointId, PointId)> {
+    let parts: Vec<_> = path.parts().collect();
+    let [root, vm, point, file] = parts.as_slice() else { return None };
+    if root.as_ref() != "notes" {
+        return None;
+    }
+    let id = file.as_ref().strip_suffix(".json")?.parse().ok()?;
+    Some((vm.as_ref().parse().ok()?, point.as_ref().parse().ok()?, id))
+}
+
 /// A backup's in-flight marker.
 pub(crate) fn inflight(point: &PointId) -> Path {
     Path::from(format!("inflight/{point}.json"))

@@ -20,8 +20,10 @@ pub mod faults;
 mod frame_reader;
 mod keys;
 mod layout;
+mod lifecycle;
 mod local_pack;
 mod local_store;
+mod notes;
 mod open;
 mod packs;
 mod points;
@@ -40,7 +42,9 @@ pub use chunk_map::ChunkLocation;
 pub use error::Error;
 pub use frame_reader::FrameReader;
 pub use keys::Credential;
+pub use lifecycle::DEFAULT_GRACE;
 pub use local_pack::{ALIGN as DIRECT_IO_ALIGN, AlignedBuf, direct_io_refused};
+pub use notes::PointStates;
 pub use open::{CreateOptions, Durability, EARLY_FLUSH_BYTES, LocalSync, OpenOptions};
 pub use packs::{PackWriter, Stored};
 pub use points::{PointListing, PointWriter, UnreadablePoint};
@@ -63,6 +67,8 @@ pub struct Vault {
     unlocked_by: Option<Arc<str>>,
     url: Arc<str>,
     durability: Durability,
+    /// Deletes and overwrites are refused (an append-only agent).
+    append_only: bool,
     chunk_map: Arc<chunk_map::SharedChunkMap>,
 }
 
@@ -102,6 +108,26 @@ impl Vault {
     #[allow(clippy::misnamed_getters, reason = "the store as given, not the retrying one")]
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.raw
+    }
+
+    /// This vault handle, append-only: it adds chunks, points and notes, and refuses every
+    /// delete (prune, gc, undone markers are left in place and treated as done).
+    pub fn into_append_only(mut self) -> Vault {
+        self.append_only = true;
+        self
+    }
+
+    /// True if this handle refuses deletes.
+    pub fn is_append_only(&self) -> bool {
+        self.append_only
+    }
+
+    /// Refuses `what` (a deleting operation, for the message) on an append-only handle.
+    pub fn check_may_delete(&self, what: impl Into<String>) -> Result<(), Error> {
+        match self.append_only {
+            true => Err(Error::AppendOnly { url: self.url.to_string(), what: what.into() }),
+            false => Ok(()),
+        }
     }
 
     /// This vault with another retry policy (tests of faults use short timeouts).

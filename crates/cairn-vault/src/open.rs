@@ -228,6 +228,8 @@ pub struct OpenOptions {
     pub store: StoreOptions,
     /// The key of an encrypted vault (ignored, with a note in the log, by a plaintext one).
     pub key: Option<Credential>,
+    /// Open append-only: see [`Vault::into_append_only`].
+    pub append_only: bool,
 }
 
 impl Vault {
@@ -341,6 +343,11 @@ impl Vault {
 
     /// Opens the vault at `url` as `options` say.
     pub async fn open_with(url: &str, options: &OpenOptions) -> Result<Vault, Error> {
+        let vault = Vault::open_located(url, options).await?;
+        Ok(if options.append_only { vault.into_append_only() } else { vault })
+    }
+
+    async fn open_located(url: &str, options: &OpenOptions) -> Result<Vault, Error> {
         let key = options.key.as_ref();
         match locate(url, &options.store)? {
             Location::Local(path) => {
@@ -417,6 +424,7 @@ impl Vault {
             unlocked_by: None,
             url: url.into(),
             durability,
+            append_only: false,
             chunk_map: Arc::default(),
         }
     }

@@ -168,7 +168,8 @@ impl Vault {
         self.read_manifest_at(&layout::manifest(vm, id), vm, id).await
     }
 
-    /// Reads the point `id`, or the newest readable one when `id` is `None`.
+    /// Reads the point `id` (soft-deleted or not), or the newest readable point that is not
+    /// soft-deleted when `id` is `None`.
     pub async fn resolve_point(
         &self,
         vm: &Name,
@@ -176,12 +177,18 @@ impl Vault {
     ) -> Result<PointManifest, Error> {
         match id {
             Some(id) => self.read_point(vm, id).await,
-            None => self
-                .list_points(Some(vm))
-                .await?
-                .points
-                .pop()
-                .ok_or_else(|| Error::NoPoints { vm: vm.clone() }),
+            None => {
+                let states = self.point_states(Some(vm)).await?;
+                let deleted = |m: &PointManifest| {
+                    states.get(&m.vm, &m.point).map(|s| s.deleted.is_some()).unwrap_or(false)
+                };
+                let points = self.list_points(Some(vm)).await?.points;
+                points
+                    .into_iter()
+                    .rev()
+                    .find(|m| !deleted(m))
+                    .ok_or_else(|| Error::NoPoints { vm: vm.clone() })
+            }
         }
     }
 
@@ -354,8 +361,11 @@ impl Vault {
         }
     }
 
-    /// Deletes `paths`; one already gone is fine.
+    /// Deletes `paths`; one already gone is fine. Refused on an append-only handle.
     pub(crate) async fn delete_all(&self, paths: &[Path]) -> Result<(), Error> {
+        if let Some(first) = paths.first() {
+            self.check_may_delete(format!("delete {first}"))?;
+        }
         for path in paths {
             match self.store.delete(path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -411,7 +421,7 @@ fn pid_namespace() -> String {
 }
 
 /// A new id for a point started at `at` that sorts after `last`, even if the clock went back.
-fn id_after(last: Option<&PointId>, at: Timestamp) -> PointId {
+pub(crate) fn id_after(last: Option<&PointId>, at: Timestamp) -> PointId {
     let mut at = at;
     if let Some(last) = last {
         while PointId::new(at, u32::MAX) <= *last {
@@ -526,6 +536,10 @@ impl Vault {
     /// Removes the resume records of `point`, then its in-flight marker; failures are logged
     /// (a collector removes what is left).
     async fn remove_inflight(&self, point: &PointId) {
+        if self.append_only {
+            // Left in place; a marker whose manifest exists is done (see the gc module).
+            return;
+        }
         let records = self.list_paths(&layout::resume_records(point)).await.unwrap_or_default();
         let failed = futures::stream::iter(records)
             .map(|path| async move { self.store.delete(&path).await.err().map(|e| (path, e)) })

@@ -197,13 +197,42 @@ impl Vault {
             };
             self.write_damage(&record).await?;
         }
+        let states = self.point_states(scope.vm.as_ref()).await?;
+        let now = jiff::Timestamp::now();
         for (vm, point) in clean_points {
             self.clear_damage(&vm, &point).await?;
+            self.note_verification(&states, &vm, &point, now, true).await?;
+        }
+        for (vm, point) in damaged.keys() {
+            self.note_verification(&states, vm, point, now, false).await?;
         }
         report.damaged_points = damaged.into_keys().collect();
         report.unreadable_pack_indexes = self.unreadable_pack_indexes();
         self.quarantine_pack_indexes().await?;
         Ok(report)
+    }
+
+    /// Records verify's outcome on a point in a note, when it differs from the last one
+    /// recorded (a vault verified daily does not gain a note per point per day). A point
+    /// whose manifest is gone (purged meanwhile) gets none.
+    async fn note_verification(
+        &self,
+        states: &crate::PointStates,
+        vm: &Name,
+        point: &PointId,
+        at: jiff::Timestamp,
+        clean: bool,
+    ) -> Result<(), Error> {
+        let known = states.get(vm, point).ok().and_then(|s| s.verified).map(|v| v.clean);
+        if known == Some(clean) {
+            return Ok(());
+        }
+        let change = cairn_format::Change::Verified(cairn_format::Verification { at, clean });
+        match self.read_point(vm, point).await {
+            Ok(_) => self.write_note(vm, point, "verify", &[change]).await.map(|_| ()),
+            Err(Error::PointNotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Checks every chunk of one point; returns the bad ones. An index that does not fit the

@@ -67,12 +67,14 @@ pub fn job_options(
         parallel_disks,
         watchdog: Some(watchdog_command()?),
         protected: vec![],
+        retain_until: None,
     })
 }
 
 pub async fn run(args: BackupArgs, config: Option<PathBuf>, json: bool) -> anyhow::Result<Exit> {
     let vault = super::open_vault(&args.vault).await?;
-    let options = job_options(args.threads, args.parallel_disks)?;
+    let mut options = job_options(args.threads, args.parallel_disks)?;
+    options.retain_until = args.retain_until;
     let config = match (&config, &args.vm) {
         (Some(file), None) if args.disks.is_empty() => VmConfig::load(file)?,
         (None, Some(vm)) if !args.disks.is_empty() => {

@@ -5,6 +5,7 @@ mod bench;
 mod config;
 mod init;
 mod key;
+mod lifecycle;
 mod points;
 mod quickstart;
 mod restore;
@@ -29,6 +30,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Restore(args) => restore::run(args, json).await,
         Command::Verify(args) => verify::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
+        Command::Prune(args) => lifecycle::prune(args, json).await,
+        Command::Delete(args) => lifecycle::delete(args, json).await,
+        Command::Undelete(args) => lifecycle::undelete(args, json).await,
+        Command::Lock(args) => lifecycle::lock(args, json).await,
         Command::Key(cmd) => key::run(cmd, json).await,
         Command::Sample(cmd) => sample::run(cmd, json),
         Command::Bench(args) => bench::run(args, json).await,
@@ -46,7 +51,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
 pub(crate) async fn open_vault(arg: &crate::cli::VaultArg) -> anyhow::Result<Vault> {
     let key = crate::keys::given(arg.key_file.as_deref(), arg.passphrase_file.as_deref())?;
     let prompted = key.is_none();
-    let options = OpenOptions { store: arg.options(), key };
+    let options = OpenOptions { store: arg.options(), key, append_only: arg.append_only };
     match Vault::open_with(&arg.vault, &options).await {
         Err(e @ cairn_vault::Error::KeyRequired { .. }) if prompted => {
             match crate::keys::prompt(&arg.vault)? {

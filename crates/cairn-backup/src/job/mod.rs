@@ -43,6 +43,9 @@ pub struct JobOptions {
     /// What the caller writes to during the job besides the vault (its log file, say): never
     /// frozen. The process's temporary folder, working folder and log are always protected.
     pub protected: Vec<Protected>,
+    /// Keep the point until then, whatever retention says (an on-demand backup's own
+    /// retention), recorded in a note before the point is committed.
+    pub retain_until: Option<jiff::Timestamp>,
 }
 
 /// A VM to back up: its configuration (disks, formats, views, freeze, scripts) and options.
@@ -133,6 +136,7 @@ impl VmJob {
             threads: self.options.threads,
             point: Some(point),
             parallel_disks: self.options.parallel_disks,
+            retain_until: self.options.retain_until,
         };
         crate::backup(vault, request, progress, cancel).await
     }

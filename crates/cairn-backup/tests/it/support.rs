@@ -105,6 +105,7 @@ pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest
         threads: Some(threads),
         point: None,
         parallel_disks: None,
+        retain_until: None,
     }
 }
 

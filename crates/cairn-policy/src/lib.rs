@@ -1,0 +1,21 @@
+//! Cairn's policies, as pure functions of their inputs: time is a parameter, nothing here
+//! reads a clock, a file or the network.
+//!
+//! Today: retention ([`Retention`], [`evaluate`]): which recovery points of a VM to keep,
+//! by the rules users of restic and Proxmox know (the last N; hourly, daily, weekly, monthly
+//! and yearly counts; everything within a span of the newest point), plus a per-point "retain
+//! until" for on-demand backups, locks, and the newest verified point, which is never
+//! expired. Calendar rules work in a named time zone, resolved from the IANA database bundled
+//! into the binary (`jiff`'s `tzdb-bundle-always`), so a policy gives the same answer on every
+//! host, whatever its own tzdata.
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)
+)]
+
+mod error;
+mod retention;
+
+pub use error::Error;
+pub use retention::{KeepWithin, PointFacts, Reason, Retention, Verdict, evaluate, time_zone};
