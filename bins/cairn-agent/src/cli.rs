@@ -55,6 +55,13 @@ pub enum Command {
     Delete(DeleteArgs),
     /// Bring a soft-deleted point back.
     Undelete(UndeleteArgs),
+    /// Free the space no point needs: delete dead packs, repack mostly-dead ones, reap
+    /// backups that died long ago. Safe beside running backups (it waits for those that
+    /// started before it).
+    Gc(GcArgs),
+    /// Repair a damaged vault: `repair index` rebuilds lost pack indexes from the packs.
+    #[command(subcommand)]
+    Repair(RepairCommand),
     /// Lock a point: nothing may delete it before the time given (a lock cannot be shortened).
     Lock(LockArgs),
     /// Manage the keys of an encrypted vault: list, add, remove.
@@ -401,4 +408,39 @@ pub enum SampleCommand {
         #[arg(long, default_value_t = 2)]
         seed: u64,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// Report what would be freed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// A backup whose in-flight marker is older than this is taken for dead: its leftovers
+    /// are removed and it may not commit. Must exceed the longest backup.
+    #[arg(long, default_value = "48h", value_name = "DURATION", value_parser = crate::units::parse_duration)]
+    pub stale_after: jiff::SignedDuration,
+    /// Repack a pack when less than this percentage of its bytes is still needed.
+    #[arg(long, default_value_t = 50.0, value_name = "PERCENT")]
+    pub repack_below: f64,
+    /// Do not wait for backups that started before this run: leave its plan for a later run.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepairCommand {
+    /// Rebuild the pack index of every pack no readable pack index names, from the pack's own
+    /// table, each frame checked (a bad one is left out).
+    Index(RepairIndexArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RepairIndexArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// Read and check, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }

@@ -318,24 +318,40 @@ async fn read_blocks(
         offset: start,
         len: (u64::from(last.loc.offset) + u64::from(last.loc.len) - u64::from(start)) as u32,
     };
-    let bytes = vault.read_frame(&first.id, &span).await?;
+    let frames: Vec<bytes::Bytes> = match vault.read_frame(&first.id, &span).await {
+        Ok(bytes) => run
+            .iter()
+            .map(|p| {
+                let from = (p.loc.offset - start) as usize;
+                bytes.slice(from.min(bytes.len())..(from + p.loc.len as usize).min(bytes.len()))
+            })
+            .collect(),
+        // The pack went away under the restore (a collector repacked it): each chunk is read
+        // again from the place a fresh chunk map gives.
+        Err(cairn_vault::Error::ChunkMissing { .. }) => {
+            let mut frames = Vec::with_capacity(run.len());
+            for p in &run {
+                frames.push(vault.read_chunk_raw(&p.id).await?);
+            }
+            frames
+        }
+        Err(e) => return Err(e.into()),
+    };
     let disk = disk.clone();
     let crypto = vault.crypto().clone();
     tokio::task::spawn_blocking(move || {
         let chunks = (run.len() + patches.len()) as u64;
         let mut out = Vec::with_capacity(run.len());
         let mut patches = patches.into_iter();
-        for p in run {
+        for (p, raw) in run.into_iter().zip(frames) {
             let corrupt = |detail: String| Error::Corrupt {
                 disk: disk.clone(),
                 offset: p.at,
                 id: p.id,
                 detail,
             };
-            let from = (p.loc.offset - start) as usize;
-            let raw = bytes.get(from..from + p.loc.len as usize).unwrap_or_default();
             let frame =
-                ChunkFrame::decode_in(&crypto, raw, &p.id).map_err(|e| corrupt(e.to_string()))?;
+                ChunkFrame::decode_in(&crypto, &raw, &p.id).map_err(|e| corrupt(e.to_string()))?;
             let block = match &p.patch {
                 Some(entry) => {
                     // One patch was fetched per patched piece, in order.

@@ -18,6 +18,7 @@ mod config;
 pub mod crypto;
 mod digest;
 mod error;
+pub mod gc;
 pub mod index;
 pub mod keyslot;
 mod manifest;
@@ -38,6 +39,7 @@ pub use config::{
 pub use crypto::{ChunkIds, Crypto, MasterKey};
 pub use digest::Digest;
 pub use error::Error;
+pub use gc::{Fate, FateKind, GcPlan};
 pub use manifest::{
     Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, MANIFEST_FORMAT,
     PointManifest, ResumeRecord, SizedPack,

@@ -71,13 +71,14 @@ impl ChunkMap {
         }
     }
 
+    /// The bad copies the map leaves out: (chunk, pack).
+    pub(crate) fn quarantined(&self) -> &HashSet<(Digest, Digest)> {
+        &self.quarantined
+    }
+
     /// True if a loaded pack index names `pack`.
     pub(crate) fn has_pack(&self, pack: &Digest) -> bool {
         self.pack_numbers.contains_key(pack)
-    }
-
-    pub(crate) fn contains(&self, id: &Digest) -> bool {
-        self.chunks.contains_key(id)
     }
 
     pub(crate) fn locate(&self, id: &Digest) -> Option<ChunkLocation> {
@@ -165,8 +166,8 @@ impl Vault {
     }
 
     /// Loads pack indexes not loaded yet into `local`, or into the shared map when `None`.
-    /// Returns true if a quarantine marker that is new to the map names a copy the map uses:
-    /// the map must then be loaded again from scratch.
+    /// Returns true if a quarantine marker that is new to the map names a copy the map uses,
+    /// or a pack index the map loaded is gone: the map must then be loaded again from scratch.
     async fn load_new_indexes_into(&self, mut local: Option<&mut ChunkMap>) -> Result<bool, Error> {
         let mut apply = |f: &mut dyn FnMut(&mut ChunkMap)| match local.as_deref_mut() {
             Some(m) => f(m),
@@ -179,13 +180,18 @@ impl Vault {
             .filter_map(layout::parse_quarantined)
             .collect();
         let mut names = self.list_paths(&layout::pack_indexes()).await?;
+        let listed: HashSet<String> = names.iter().map(ToString::to_string).collect();
         let mut stale = false;
         apply(&mut |m| {
+            // A pack index loaded before and gone now was rewritten by a collector: the
+            // packs it named may be gone, and only a fresh map forgets them.
+            let removed = m.loaded.iter().any(|l| !listed.contains(l));
             names.retain(|p| !m.loaded.contains(p.as_ref()));
-            stale = quarantined.iter().any(|(id, pack)| {
-                !m.quarantined.contains(&(*id, *pack))
-                    && m.locate(id).is_some_and(|loc| loc.pack == *pack)
-            });
+            stale = removed
+                || quarantined.iter().any(|(id, pack)| {
+                    !m.quarantined.contains(&(*id, *pack))
+                        && m.locate(id).is_some_and(|loc| loc.pack == *pack)
+                });
             m.quarantined.extend(quarantined.iter().copied());
         });
         let new = names;

@@ -12,7 +12,20 @@ impl Vault {
     /// The stored bytes (the frame) of chunk `id`, unchecked.
     pub async fn read_chunk_raw(&self, id: &Digest) -> Result<Bytes, Error> {
         let loc = self.locate_chunk(id).await?.ok_or(Error::ChunkMissing { id: *id })?;
-        self.read_frame(id, &loc).await
+        match self.read_frame(id, &loc).await {
+            Err(Error::ChunkMissing { .. }) => self.read_moved(id, &loc).await,
+            result => result,
+        }
+    }
+
+    /// Reads chunk `id` again after its pack at `was` turned out to be gone: a collector may
+    /// have repacked it, and a fresh chunk map knows its new place.
+    pub async fn read_moved(&self, id: &Digest, was: &ChunkLocation) -> Result<Bytes, Error> {
+        self.reload_chunk_map().await?;
+        match self.locate_chunk(id).await? {
+            Some(loc) if loc != *was => self.read_frame(id, &loc).await,
+            _ => Err(Error::ChunkMissing { id: *id }),
+        }
     }
 
     /// The frame at `loc`, which should hold chunk `id`.

@@ -220,6 +220,32 @@ pub enum Error {
         /// When the lock ends.
         until: jiff::Timestamp,
     },
+    /// A collector took this backup for dead (its marker was older than the stale age) and
+    /// may have freed chunks it needed: it must not commit.
+    #[error(
+        "backup {point} ran longer than the collector's stale age, and a gc run reaped it as \
+         dead; nothing was committed. Run the backup again (and give gc a longer --stale-after \
+         if backups really run that long)"
+    )]
+    Reaped {
+        /// The point.
+        point: PointId,
+    },
+    /// Verify quarantined a chunk this backup needs while it ran, and no good copy is left.
+    #[error(
+        "verify found chunk {chunk} bad while this backup ran, and the point would need it; \
+         nothing was committed: run the backup again (it stores that block anew)"
+    )]
+    QuarantinedUnderBackup {
+        /// The chunk.
+        chunk: Digest,
+    },
+    /// The collector cannot work safely on this vault as it is.
+    #[error("gc cannot run safely: {detail}")]
+    GcUnsafe {
+        /// Why, and what to do.
+        detail: String,
+    },
     /// A purge of a point that is not soft-deleted.
     #[error(
         "point {point} of VM {vm} is not deleted: delete it first (prune, or `cairn-agent delete`)"

@@ -54,12 +54,25 @@ impl FrameReader {
             Some(root) => ids
                 .iter()
                 .zip(places)
-                .map(|(id, loc)| self.pread(root, id, &loc.ok_or(Error::ChunkMissing { id: *id })?))
+                .map(|(id, loc)| {
+                    let loc = loc.ok_or(Error::ChunkMissing { id: *id })?;
+                    match self.pread(root, id, &loc) {
+                        Err(Error::ChunkMissing { .. }) => self
+                            .runtime
+                            .block_on(self.vault.read_moved(id, &loc))
+                            .map(|b| b.to_vec()),
+                        result => result,
+                    }
+                })
                 .collect(),
             None => self.runtime.block_on(futures::future::join_all(ids.iter().zip(places).map(
                 |(id, loc)| async move {
                     let loc = loc.ok_or(Error::ChunkMissing { id: *id })?;
-                    Ok(self.vault.read_frame(id, &loc).await?.to_vec())
+                    match self.vault.read_frame(id, &loc).await {
+                        Err(Error::ChunkMissing { .. }) => self.vault.read_moved(id, &loc).await,
+                        result => result,
+                    }
+                    .map(|b| b.to_vec())
                 },
             ))),
         }

@@ -22,6 +22,19 @@ pub(crate) fn pack(name: &Digest) -> Path {
     Path::from(format!("packs/{}/{hex}", &hex[..2]))
 }
 
+/// All packs.
+pub(crate) fn packs() -> Path {
+    Path::from("packs")
+}
+
+/// Parses `packs/<2 hex>/<64 hex>` into the pack's name (staging files and strays: `None`).
+pub(crate) fn parse_pack_path(path: &Path) -> Option<Digest> {
+    let parts: Vec<_> = path.parts().collect();
+    let [root, fan, file] = parts.as_slice() else { return None };
+    let name: Digest = file.as_ref().parse().ok()?;
+    (root.as_ref() == "packs" && name.to_hex().starts_with(fan.as_ref())).then_some(name)
+}
+
 /// All pack indexes.
 pub(crate) fn pack_indexes() -> Path {
     Path::from("pack-index")
@@ -30,6 +43,28 @@ pub(crate) fn pack_indexes() -> Path {
 /// The pack index of the packs point `point` wrote (each point writes at most one).
 pub(crate) fn pack_index(point: &PointId) -> Path {
     Path::from(format!("pack-index/{point}"))
+}
+
+/// The pack index a collector run writes: the packs it repacked and what survives of the
+/// pack indexes it rewrote. Named by the run, with `.gc`, so that it never collides with a
+/// point's, and sorts beside the points of its time.
+pub(crate) fn gc_pack_index(run: &PointId) -> Path {
+    Path::from(format!("pack-index/{run}.gc"))
+}
+
+/// The pack index a repair run writes for packs no readable pack index names.
+pub(crate) fn repair_pack_index(run: &PointId) -> Path {
+    Path::from(format!("pack-index/{run}.repair"))
+}
+
+/// All collector plans.
+pub(crate) fn gc_plans() -> Path {
+    Path::from("gc")
+}
+
+/// The plan of collector run `run`.
+pub(crate) fn gc_plan(run: &PointId) -> Path {
+    Path::from(format!("gc/{run}.json"))
 }
 
 /// Where verify moves an unreadable pack index.
@@ -110,6 +145,16 @@ pub(crate) fn uploaded_record(point: &PointId, pack: &Digest) -> Path {
 /// The resume record of the packs a running backup adopted from interrupted ones.
 pub(crate) fn adopted_record(point: &PointId) -> Path {
     Path::from(format!("inflight/{point}/adopted.json"))
+}
+
+/// The fate record of a backup: `commit` or `reaped`, written once (see the gc module).
+pub(crate) fn fate(point: &PointId) -> Path {
+    Path::from(format!("inflight/{point}/fate.json"))
+}
+
+/// True for a fate record (not a resume record).
+pub(crate) fn is_fate(path: &Path) -> bool {
+    path.filename() == Some("fate.json")
 }
 
 /// True for `inflight/<point>.json` (a marker, not a record below one).

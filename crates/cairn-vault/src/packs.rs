@@ -41,6 +41,8 @@ pub(crate) struct JobChunks {
     resumable: Resumable,
     /// The adoption record was written at the start.
     recorded_adoption: bool,
+    /// Packs a collector's pending plan condemns: chunks found only there are stored again.
+    condemned: HashSet<Digest>,
 }
 
 #[derive(Debug, Default)]
@@ -54,13 +56,14 @@ struct JobState {
 }
 
 impl JobChunks {
-    pub(crate) fn new(point: PointId, resumable: Resumable) -> Self {
+    pub(crate) fn new(point: PointId, resumable: Resumable, condemned: HashSet<Digest>) -> Self {
         JobChunks {
             state: Mutex::default(),
             open_writers: AtomicUsize::new(0),
             point,
             recorded_adoption: !resumable.is_empty(),
             resumable,
+            condemned,
         }
     }
 
@@ -186,7 +189,11 @@ impl PackWriter {
     /// True if neither the vault nor this job holds `id` (nor a pack of an interrupted backup
     /// this job may adopt); the caller must then store it.
     fn claim_new(&mut self, id: &Digest) -> bool {
-        let known = self.vault.chunk_map.read(|m| m.contains(id));
+        let known = self
+            .vault
+            .chunk_map
+            .read(|m| m.locate(id))
+            .is_some_and(|loc| !self.job.condemned.contains(&loc.pack));
         !known && self.job.claim(id) && !self.job.adopt(id)
     }
 

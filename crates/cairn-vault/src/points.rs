@@ -127,6 +127,8 @@ impl Vault {
         for (path, vm, point, result) in loaded {
             match result {
                 Ok(m) => listing.points.push(m),
+                // Listed, then purged before it could be read: it is gone.
+                Err(Error::PointNotFound { .. }) => {}
                 Err(e @ (Error::Corrupt { .. } | Error::Format(_))) => {
                     listing.unreadable.push(UnreadablePoint {
                         path: path.to_string(),
@@ -288,18 +290,23 @@ impl Vault {
         // Deduplicate against everything committed before this backup started, and against
         // what interrupted backups of this VM uploaded (recorded before any of it is used).
         self.refresh_chunk_map().await?;
-        let resumable = self.resumable(vm, &point).await?;
+        // Read after the marker exists: a collector that condemned packs before it is seen
+        // here, and one that condemns packs later waits for this backup (the gc module).
+        let condemned = self.condemned_packs().await?;
+        let resumable = self.resumable(vm, &point, &condemned).await?;
         if !resumable.is_empty() {
             let path = layout::adopted_record(&point);
             self.put_new(&path, resumable.record().encode(), "write").await?;
         }
+        let quarantined = self.chunk_map.read(|m| m.quarantined().clone());
         Ok(PointWriter {
             vault: self.clone(),
             vm: vm.clone(),
-            job: Arc::new(JobChunks::new(point.clone(), resumable)),
+            job: Arc::new(JobChunks::new(point.clone(), resumable, condemned)),
             point,
             started_at,
             epoch,
+            quarantined,
         })
     }
 
@@ -353,7 +360,7 @@ impl Vault {
         Ok(records)
     }
 
-    async fn head_exists(&self, path: &Path) -> Result<bool, Error> {
+    pub(crate) async fn head_exists(&self, path: &Path) -> Result<bool, Error> {
         match self.store.head(path).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -441,6 +448,9 @@ pub struct PointWriter {
     job: Arc<JobChunks>,
     /// The vault's write-back failure count when the job began: see `Vault::barrier_since`.
     epoch: u64,
+    /// The bad copies known when the job began; one verify finds later may be a copy this
+    /// job deduplicated against.
+    quarantined: std::collections::HashSet<(cairn_format::Digest, cairn_format::Digest)>,
 }
 
 impl PointWriter {
@@ -482,6 +492,10 @@ impl PointWriter {
             self.vault.barrier_since(self.epoch).await?;
             self.vault.chunk_map.write(|m| m.add(path.to_string(), &packs));
         }
+        self.check_quarantine(manifest).await?;
+        // Decided once, create-only: a collector that took this backup for dead and reaped
+        // it has written "reaped" first, and may have freed chunks this point needs.
+        self.vault.claim_commit(&self.point).await?;
         let path = layout::manifest(&self.vm, &self.point);
         self.vault
             .put_new(&path, manifest.encode(), "commit")
@@ -498,6 +512,39 @@ impl PointWriter {
                     self.vault.remove_inflight(&point).await;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses to commit a point that needs a chunk verify quarantined while this job ran
+    /// and that has no good copy left: the job may have deduplicated against the bad copy.
+    /// Quarantines are rare; only then is the point's index read back to look.
+    async fn check_quarantine(&self, manifest: &PointManifest) -> Result<(), Error> {
+        let new: Vec<(cairn_format::Digest, cairn_format::Digest)> = self
+            .vault
+            .list_paths(&layout::quarantine())
+            .await?
+            .iter()
+            .filter_map(layout::parse_quarantined)
+            .filter(|q| !self.quarantined.contains(q))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.vault.reload_chunk_map().await?;
+        let mut lost = std::collections::HashSet::new();
+        for (chunk, _) in new {
+            // Stored again since (by this job, whose pack index is in the map now, or another):
+            // a good copy serves the point.
+            if self.vault.locate_chunk(&chunk).await?.is_none() {
+                lost.insert(chunk);
+            }
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        if let Some(chunk) = self.vault.references_any(manifest, &lost).await? {
+            return Err(Error::QuarantinedUnderBackup { chunk });
         }
         Ok(())
     }
@@ -558,7 +605,7 @@ impl Vault {
 
     /// True if the backup of marker `point` ran on this host and its process is gone, or was
     /// given up by this process.
-    async fn marker_is_dead(&self, point: &PointId) -> bool {
+    pub(crate) async fn marker_is_dead(&self, point: &PointId) -> bool {
         if abandoned_here().contains(point) {
             return true;
         }
@@ -582,5 +629,36 @@ impl Vault {
             }
             None => false,
         }
+    }
+}
+
+impl Vault {
+    /// The first of `ids` that `manifest`'s disks reference (roots, pages, page entries).
+    pub(crate) async fn references_any(
+        &self,
+        manifest: &PointManifest,
+        ids: &std::collections::HashSet<cairn_format::Digest>,
+    ) -> Result<Option<cairn_format::Digest>, Error> {
+        for disk in manifest.disks.values() {
+            if ids.contains(&disk.index_root) {
+                return Ok(Some(disk.index_root));
+            }
+            let root = self.read_disk_index(disk).await?;
+            let mut seen = std::collections::HashSet::new();
+            for (page_id, _, _) in crate::verify::page_runs(&root) {
+                if !seen.insert(page_id) {
+                    continue;
+                }
+                if ids.contains(&page_id) {
+                    return Ok(Some(page_id));
+                }
+                let page = self.read_index_page(&page_id).await?;
+                if let Some(hit) = page.entries().flat_map(|e| e.chunks()).find(|c| ids.contains(c))
+                {
+                    return Ok(Some(hit));
+                }
+            }
+        }
+        Ok(None)
     }
 }

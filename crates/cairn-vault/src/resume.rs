@@ -13,7 +13,7 @@
 //! The rule a collector must keep: a pack named by a record under a marker that is not stale
 //! is live, however old the pack.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cairn_format::pack::IndexedPack;
 use cairn_format::{Digest, InflightMarker, Name, PointId, ResumeRecord, SizedPack};
@@ -56,10 +56,15 @@ impl Resumable {
 impl Vault {
     /// The packs that interrupted backups of `vm` (other than `ours`) uploaded or adopted and
     /// that no pack index names, each checked; a pack that fails a check is left alone.
-    pub(crate) async fn resumable(&self, vm: &Name, ours: &PointId) -> Result<Resumable, Error> {
+    pub(crate) async fn resumable(
+        &self,
+        vm: &Name,
+        ours: &PointId,
+        condemned: &HashSet<Digest>,
+    ) -> Result<Resumable, Error> {
         let all = self.list_paths(&Path::from("inflight")).await?;
         let mut records: BTreeMap<PointId, Vec<Path>> = BTreeMap::new();
-        for path in all.iter().filter(|p| !layout::is_marker(p)) {
+        for path in all.iter().filter(|p| !layout::is_marker(p) && !layout::is_fate(p)) {
             let mut parts = path.parts().skip(1);
             if let Some(point) = parts.next().and_then(|p| p.as_ref().parse::<PointId>().ok()) {
                 records.entry(point).or_default().push(path.clone());
@@ -97,6 +102,8 @@ impl Vault {
         for pack in indexed {
             wanted.remove(&pack);
         }
+        // A collector is about to delete these: adopting one would reference a dying pack.
+        wanted.retain(|pack, _| !condemned.contains(pack));
         let checked: Vec<_> = futures::stream::iter(wanted)
             .map(
                 |(pack, size)| async move { (pack, size, self.check_resumable(&pack, size).await) },

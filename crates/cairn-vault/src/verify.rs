@@ -451,7 +451,7 @@ impl Vault {
 
 /// The distinct pages of an index in order, each with the first and last page number it is
 /// at (consecutive repeats of one page are one run; a page may recur further on).
-fn page_runs(root: &IndexRoot) -> Vec<(Digest, u64, u64)> {
+pub(crate) fn page_runs(root: &IndexRoot) -> Vec<(Digest, u64, u64)> {
     let mut runs: Vec<(Digest, u64, u64)> = Vec::new();
     let mut at = 0u64;
     for (digest, repeat) in &root.pages {

@@ -3,6 +3,7 @@
 mod backup;
 mod bench;
 mod config;
+mod gc;
 mod init;
 mod key;
 mod lifecycle;
@@ -33,6 +34,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Prune(args) => lifecycle::prune(args, json).await,
         Command::Delete(args) => lifecycle::delete(args, json).await,
         Command::Undelete(args) => lifecycle::undelete(args, json).await,
+        Command::Gc(args) => gc::run(args, json).await,
+        Command::Repair(crate::cli::RepairCommand::Index(args)) => {
+            gc::repair_index(args, json).await
+        }
         Command::Lock(args) => lifecycle::lock(args, json).await,
         Command::Key(cmd) => key::run(cmd, json).await,
         Command::Sample(cmd) => sample::run(cmd, json),

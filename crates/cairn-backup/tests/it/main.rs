@@ -5,6 +5,7 @@ mod conformance;
 mod encryption;
 mod faults;
 mod hostile;
+mod lifecycle;
 mod patches;
 mod resume;
 mod roundtrip;

@@ -1,0 +1,102 @@
+//! The collector's objects: its plan (`gc/<run>.json`) and the fate of a backup it may reap
+//! (`inflight/<point>/fate.json`). See "Garbage collection" in `docs/formats.md`.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::decode_json;
+use crate::{Digest, Error, PointId};
+
+/// A collector run's plan, written create-only before it deletes anything and deleted when
+/// the run is over. While it exists, backups neither deduplicate against nor adopt the packs
+/// it condemns: they store those chunks again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcPlan {
+    /// Plan format (1).
+    pub format: u32,
+    /// The run (a point-id-shaped id: its start time and random digits).
+    pub run: PointId,
+    /// When the run started.
+    pub started_at: Timestamp,
+    /// Packs the run may delete (no live chunk) or repack (live chunks copied out first).
+    pub condemned: Vec<Digest>,
+}
+
+impl GcPlan {
+    /// The plan's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+    /// Decodes a plan.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode_json(bytes, "gc plan", 1)
+    }
+}
+
+/// How a backup's in-flight marker ends, decided once by a create-only write: the backup
+/// writes `commit` just before its manifest; a collector that finds the marker stale writes
+/// `reaped` before it deletes the marker. Whoever writes first wins: a reaped backup never
+/// commits, and a committing backup is never reaped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FateKind {
+    /// The backup is committing its manifest.
+    Commit,
+    /// A collector took the backup for dead (stale marker) and is removing its leftovers.
+    Reaped,
+}
+
+/// The fate record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fate {
+    /// Record format (1).
+    pub format: u32,
+    /// What was decided.
+    pub fate: FateKind,
+    /// When.
+    pub at: Timestamp,
+}
+
+impl Fate {
+    /// A fate decided now.
+    pub fn new(fate: FateKind, at: Timestamp) -> Self {
+        Fate { format: 1, fate, at }
+    }
+    /// The record's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+    /// Decodes a record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode_json(bytes, "fate record", 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trips() {
+        let at: Timestamp = "2026-12-02T10:00:00Z".parse().unwrap();
+        let plan = GcPlan {
+            format: 1,
+            run: PointId::new(at, 9),
+            started_at: at,
+            condemned: vec![Digest([7; 32])],
+        };
+        assert_eq!(GcPlan::decode(&plan.encode()).unwrap(), plan);
+        let fate = Fate::new(FateKind::Reaped, at);
+        assert_eq!(Fate::decode(&fate.encode()).unwrap(), fate);
+        assert!(String::from_utf8(fate.encode()).unwrap().contains("\"reaped\""));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = GcPlan::decode(&bytes);
+            let _ = Fate::decode(&bytes);
+        }
+    }
+}

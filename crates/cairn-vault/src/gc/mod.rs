@@ -1,0 +1,317 @@
+//! Garbage collection, safe beside running backups, with no lock.
+//!
+//! A run:
+//! 1. Classifies the in-flight markers: running, dead (this host, process gone), done
+//!    (manifest exists: an append-only agent leaves its marker), stale (older than the stale
+//!    age). A stale backup is *reaped*: its fate record says `reaped` (create-only, so a
+//!    backup that claimed its commit first wins and is left alone), then its records and
+//!    marker go. Done markers are removed.
+//! 2. Finishes the plans of earlier runs that were interrupted or told not to wait.
+//! 3. Analyses the vault: every manifest, live or soft-deleted, makes its chunks live (index
+//!    roots, pages, data and both chunks of a patch, so patch chains stay whole); packs with
+//!    no live chunk, and unindexed packs no resume record of a live marker names, are dead;
+//!    packs whose live bytes are under the repack threshold are to be repacked.
+//! 4. Writes its plan (`gc/<run>.json`, create-only) naming those packs, *before* deleting
+//!    anything. A backup reads the pending plans right after writing its marker, and from
+//!    then on neither deduplicates against nor adopts a condemned pack: it stores those chunks
+//!    again.
+//! 5. Waits for every backup whose marker the store wrote no later than the plan: those may
+//!    have looked before the plan existed. Later backups saw it. (Both sides write, then list:
+//!    with a store that lists what it acknowledged, one of them sees the other.)
+//! 6. Analyses again (the backups it waited for have committed or failed), and carries out
+//!    the plan only for packs that are still condemned: copies live chunks that have no other
+//!    copy out of packs to repack, writes one pack index for the new packs and what survives
+//!    of the pack indexes it replaces, makes it durable, deletes those indexes, then the
+//!    packs; then deletes the plan.
+//!
+//! A backup that runs longer than the stale age is reaped, and its commit is refused (its
+//! fate says `reaped`, or its marker is gone). With no backup running, one run frees
+//! everything; with backups running it waits only for those that started before its plan.
+
+mod analysis;
+mod execute;
+mod markers;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use cairn_format::{Digest, GcPlan, Name, PointId};
+use jiff::{SignedDuration, Timestamp};
+use rand::RngExt;
+
+use object_store::ObjectStoreExt;
+
+use crate::{Error, Vault, layout};
+use markers::MarkerKind;
+
+/// A store's object time (seconds and nanoseconds since the epoch) as a timestamp.
+fn store_time(secs: i64, nanos: u32) -> Timestamp {
+    Timestamp::new(secs, nanos as i32).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// How a collector run works.
+#[derive(Clone, Debug)]
+pub struct GcOptions {
+    /// Analyse and report; write and delete nothing.
+    pub dry_run: bool,
+    /// A backup whose marker is older than this is taken for dead and reaped (and its commit
+    /// refused, should it still be running). Must exceed the longest backup.
+    pub stale_after: SignedDuration,
+    /// Repack a pack whose live bytes are under this fraction of its size.
+    pub repack_below: f64,
+    /// Wait for the backups that started before the plan; `false`: leave the plan pending
+    /// for a later run when any is running.
+    pub wait: bool,
+    /// How often to look while waiting.
+    pub poll: Duration,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            dry_run: false,
+            stale_after: DEFAULT_STALE_AFTER,
+            repack_below: DEFAULT_REPACK_BELOW,
+            wait: true,
+            poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Markers older than this are stale: two days, well past a daily backup's 24-hour budget.
+pub const DEFAULT_STALE_AFTER: SignedDuration = SignedDuration::from_hours(48);
+
+/// Packs with less than this fraction of live bytes are repacked (docs/performance.md).
+pub const DEFAULT_REPACK_BELOW: f64 = 0.5;
+
+/// What a collector run found and did.
+#[derive(Clone, Debug, Default)]
+pub struct GcReport {
+    /// The run's id (its plan's name).
+    pub run: Option<PointId>,
+    /// Points whose chunks were kept (every manifest, soft-deleted ones included).
+    pub points: usize,
+    /// Packs in the vault before the run, and their bytes.
+    pub packs_before: u64,
+    /// Their bytes.
+    pub bytes_before: u64,
+    /// Packs with no live chunk (deleted, or to be deleted in a dry run).
+    pub packs_dead: u64,
+    /// Packs repacked (or to be).
+    pub packs_repacked: u64,
+    /// Bytes the condemned packs hold.
+    pub bytes_condemned: u64,
+    /// Bytes of packs deleted.
+    pub bytes_deleted: u64,
+    /// Bytes of new packs written by repacking.
+    pub bytes_written: u64,
+    /// Chunks copied by repacking.
+    pub chunks_copied: u64,
+    /// Pack indexes replaced.
+    pub indexes_rewritten: u64,
+    /// Stale backups reaped.
+    pub reaped: Vec<PointId>,
+    /// Markers of committed backups removed.
+    pub done_markers_removed: u64,
+    /// Backups waited for.
+    pub waited_for: Vec<PointId>,
+    /// How long the run waited for them.
+    pub waited: Duration,
+    /// Plans left pending (backups running and `wait` off).
+    pub pending: Vec<PointId>,
+    /// Notes of points that do not exist (a backup that failed after writing them) removed.
+    pub orphan_notes_removed: u64,
+    /// Stray staging files removed.
+    pub strays_removed: u64,
+    /// Live chunks whose only copy was bad when read to be repacked: (chunk, pack, why).
+    pub bad_copies: Vec<(Digest, Digest, String)>,
+}
+
+impl Vault {
+    /// Runs the collector; see the module docs. `say` receives progress for people.
+    pub async fn gc(
+        &self,
+        options: &GcOptions,
+        say: &(dyn Fn(&str) + Sync),
+    ) -> Result<GcReport, Error> {
+        if !options.dry_run {
+            self.check_may_delete("garbage collection")?;
+        }
+        let mut report = GcReport::default();
+        let now = Timestamp::now();
+        let markers = self.classify_markers(now, options.stale_after).await?;
+        if !options.dry_run {
+            for m in &markers {
+                match m.kind {
+                    MarkerKind::Stale => {
+                        if self.reap(&m.point).await? {
+                            say(&format!(
+                                "reaped the stale backup {} (its marker is older than {:#})",
+                                m.point, options.stale_after
+                            ));
+                            report.reaped.push(m.point.clone());
+                        }
+                    }
+                    MarkerKind::Done => {
+                        self.remove_marker_and_records(&m.point).await?;
+                        report.done_markers_removed += 1;
+                    }
+                    MarkerKind::Running | MarkerKind::Dead => {}
+                }
+            }
+            for plan in self.pending_plans().await? {
+                say(&format!("finishing the plan of an earlier gc run, {}", plan.run));
+                self.carry_out(&plan, options, &mut report, say).await?;
+            }
+        }
+        let markers = self.classify_markers(Timestamp::now(), options.stale_after).await?;
+        let a = self.analyse(&markers, options.repack_below, now, options.stale_after).await?;
+        report.points = a.points;
+        report.packs_before = a.packs.len() as u64;
+        report.bytes_before = a.packs.values().map(|f| f.size).sum();
+        report.packs_dead = a.dead.len() as u64;
+        report.packs_repacked = a.repack.len() as u64;
+        let condemned = a.condemned();
+        report.bytes_condemned =
+            condemned.iter().filter_map(|p| a.packs.get(p)).map(|f| f.size).sum();
+        if options.dry_run {
+            return Ok(report);
+        }
+        self.delete_all(&a.strays).await?;
+        report.strays_removed = a.strays.len() as u64;
+        if !condemned.is_empty() {
+            let run = PointId::new(Timestamp::now(), rand::rng().random());
+            let plan = GcPlan {
+                format: 1,
+                run: run.clone(),
+                started_at: now,
+                condemned: condemned.into_iter().collect(),
+            };
+            self.put_new(&layout::gc_plan(&run), plan.encode(), "write").await?;
+            report.run = Some(run);
+            // The counts above were the analysis; what is done comes from the second one.
+            report.packs_dead = 0;
+            report.packs_repacked = 0;
+            self.carry_out(&plan, options, &mut report, say).await?;
+        }
+        report.orphan_notes_removed = self.remove_orphan_notes().await?;
+        Ok(report)
+    }
+
+    /// Waits for the backups that may not have seen `plan`, analyses again, and carries the
+    /// plan out for the packs still condemned; then deletes it. Leaves it pending when
+    /// backups run and `options.wait` is off.
+    async fn carry_out(
+        &self,
+        plan: &GcPlan,
+        options: &GcOptions,
+        report: &mut GcReport,
+        say: &(dyn Fn(&str) + Sync),
+    ) -> Result<(), Error> {
+        let path = layout::gc_plan(&plan.run);
+        let written = match self.store.head(&path).await {
+            Ok(meta) => store_time(
+                meta.last_modified.timestamp(),
+                meta.last_modified.timestamp_subsec_nanos(),
+            ),
+            Err(object_store::Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(Error::storage("read", &path, e)),
+        };
+        let started = std::time::Instant::now();
+        let mut announced = HashSet::new();
+        let markers = loop {
+            let markers = self.classify_markers(Timestamp::now(), options.stale_after).await?;
+            let before: Vec<&markers::MarkerInfo> = markers
+                .iter()
+                .filter(|m| m.kind == MarkerKind::Running && m.written <= written)
+                .collect();
+            if before.is_empty() {
+                break markers;
+            }
+            if !options.wait {
+                say(&format!(
+                    "{} backup(s) started before this gc's plan are running: the plan stays \
+                     pending, and a later gc run finishes it",
+                    before.len()
+                ));
+                report.pending.push(plan.run.clone());
+                return Ok(());
+            }
+            for m in before {
+                if announced.insert(m.point.clone()) {
+                    let who = m.marker.as_ref().map(|k| format!(" of VM {} ({})", k.vm, k.owner));
+                    say(&format!(
+                        "waiting for backup {}{}, which started before this gc's plan",
+                        m.point,
+                        who.unwrap_or_default()
+                    ));
+                    report.waited_for.push(m.point.clone());
+                }
+            }
+            tokio::time::sleep(options.poll).await;
+        };
+        report.waited += started.elapsed();
+        let now = Timestamp::now();
+        let a = self.analyse(&markers, options.repack_below, now, options.stale_after).await?;
+        let planned: BTreeSet<Digest> = plan.condemned.iter().copied().collect();
+        let to_do: BTreeSet<Digest> = a.condemned().intersection(&planned).copied().collect();
+        report.packs_dead += a.dead.intersection(&to_do).count() as u64;
+        report.packs_repacked += a.repack.intersection(&to_do).count() as u64;
+        if !to_do.is_empty() {
+            let id = PointId::new(now, rand::rng().random());
+            let done = self.execute(&a, &to_do, &id).await?;
+            report.bytes_deleted += done.bytes_deleted;
+            report.bytes_written += done.bytes_written;
+            report.chunks_copied += done.chunks_copied;
+            report.indexes_rewritten += done.indexes_rewritten;
+            report.bad_copies.extend(done.bad_copies);
+        }
+        self.delete_all(&[path]).await
+    }
+
+    /// The plans of collector runs not finished yet.
+    async fn pending_plans(&self) -> Result<Vec<GcPlan>, Error> {
+        let mut plans = vec![];
+        for path in self.list_paths(&layout::gc_plans()).await? {
+            let Some(bytes) = self.get_opened("gc plan", &path).await? else { continue };
+            let plan = GcPlan::decode(&bytes)
+                .map_err(|source| Error::Corrupt { path: path.to_string(), source })?;
+            plans.push(plan);
+        }
+        Ok(plans)
+    }
+
+    /// Every pack a pending collector plan condemns. A backup reads them once its marker
+    /// exists and then neither deduplicates against nor adopts them.
+    pub(crate) async fn condemned_packs(&self) -> Result<HashSet<Digest>, Error> {
+        Ok(self.pending_plans().await?.into_iter().flat_map(|p| p.condemned).collect())
+    }
+
+    /// Removes the notes of points that have no manifest and no in-flight marker: written by
+    /// a backup (its retain-until) that then failed, or left by an interrupted purge.
+    async fn remove_orphan_notes(&self) -> Result<u64, Error> {
+        let paths = self.list_paths(&layout::notes(None, None)).await?;
+        let mut points: std::collections::BTreeMap<(Name, PointId), Vec<object_store::path::Path>> =
+            Default::default();
+        for path in paths {
+            if let Some((vm, point, _)) = layout::parse_note_path(&path) {
+                points.entry((vm, point)).or_default().push(path);
+            }
+        }
+        let mut removed = 0;
+        for ((vm, point), paths) in points {
+            let manifest = layout::manifest(&vm, &point);
+            // Manifest, marker, manifest: a commit writes its manifest before it removes its
+            // marker, so a point committing meanwhile is seen by the second look.
+            if self.head_exists(&manifest).await?
+                || self.head_exists(&layout::inflight(&point)).await?
+                || self.head_exists(&manifest).await?
+            {
+                continue;
+            }
+            self.delete_all(&paths).await?;
+            removed += paths.len() as u64;
+        }
+        Ok(removed)
+    }
+}
