@@ -59,6 +59,9 @@ pub enum Command {
     /// backups that died long ago. Safe beside running backups (it waits for those that
     /// started before it).
     Gc(GcArgs),
+    /// Copy points into a second vault (3-2-1 backups; from a plaintext vault into an
+    /// encrypted one), uploading only the chunks it lacks.
+    Copy(CopyArgs),
     /// Repair a damaged vault: `repair index` rebuilds lost pack indexes from the packs.
     #[command(subcommand)]
     Repair(RepairCommand),
@@ -443,4 +446,32 @@ pub struct RepairIndexArgs {
     /// Read and check, write nothing.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The vault to copy from.
+    #[arg(long, value_name = "URL")]
+    pub from: String,
+    /// Its key file, if it is encrypted.
+    #[arg(long, value_name = "PATH", conflicts_with = "from_passphrase_file")]
+    pub from_key_file: Option<PathBuf>,
+    /// Its passphrase file, if it is encrypted.
+    #[arg(long, value_name = "PATH")]
+    pub from_passphrase_file: Option<PathBuf>,
+    /// The vault to copy into (created beforehand with `init`).
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+    /// Its key file, if it is encrypted.
+    #[arg(long, value_name = "PATH", conflicts_with = "to_passphrase_file")]
+    pub to_key_file: Option<PathBuf>,
+    /// Its passphrase file, if it is encrypted.
+    #[arg(long, value_name = "PATH")]
+    pub to_passphrase_file: Option<PathBuf>,
+    /// Only this VM's points.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Only this point (needs --vm; copied even if soft-deleted).
+    #[arg(long, requires = "vm")]
+    pub point: Option<String>,
 }

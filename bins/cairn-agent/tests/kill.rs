@@ -185,3 +185,107 @@ async fn backups_killed_at_random_moments_commit_whole_points_and_resume() {
         std::fs::remove_file(&to).unwrap();
     }
 }
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Runs `args` to completion and returns how long it took.
+fn timed(args: &[&str]) -> Duration {
+    let started = Instant::now();
+    let out = agent(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    started.elapsed()
+}
+
+/// Starts `args` and kills it after `delay`; true if it was still running.
+fn kill_after(args: &[&str], delay: Duration) -> bool {
+    let mut child = agent(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(delay);
+    let running = child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    running
+}
+
+/// kill -9 at random moments of prune and gc, in a loop beside backups: every point left
+/// restores to what its disk held, nothing is half-deleted, and a later gc finishes what a
+/// killed one started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_and_gc_killed_at_random_moments_leave_every_point_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("sda.raw");
+    cairn_sample::create_disk(&disk, 16 << 20, 41).unwrap();
+    let vault_dir = dir.path().join("vault");
+    let url = vault_dir.to_str().unwrap().to_owned();
+    let key = dir.path().join("vault.key");
+    let key_s = key.to_str().unwrap().to_owned();
+    let disk_arg = format!("sda={}", disk.display());
+    let vault_args = ["--vault", url.as_str(), "--key-file", key_s.as_str()];
+    let with = |cmd: &[&'static str]| -> Vec<String> {
+        cmd.iter().map(|s| s.to_string()).chain(vault_args.iter().map(|s| s.to_string())).collect()
+    };
+    let backup =
+        [with(&["backup", "--json", "--vm", "web"]), vec!["--disk".into(), disk_arg]].concat();
+    let prune = with(&["prune", "--keep-last", "3", "--grace", "0"]);
+    let gc = with(&["gc"]);
+    let init = agent(&["init", "--vault", &url, "--key-file", &key_s]).output().unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+
+    let mut content: BTreeMap<PointId, Digest> = BTreeMap::new();
+    let mut draws = Draws(0x2545_f491_4f6c_dd1d);
+    let mut back_up = |round: u64, content: &mut BTreeMap<PointId, Digest>| {
+        let at = (draws.next() % 12) << 20;
+        cairn_sample::mutate_range(&disk, at, 4 << 20, 500 + round).unwrap();
+        let out = agent(&as_strs(&backup)).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let point: PointId = m["point"].as_str().unwrap().parse().unwrap();
+        content.insert(point, digest_of(&disk));
+    };
+    for round in 0..5 {
+        back_up(round, &mut content);
+    }
+    let prune_span = timed(&as_strs(&prune)).mul_f64(1.2).max(Duration::from_millis(30));
+    let gc_span = timed(&as_strs(&gc)).mul_f64(1.2).max(Duration::from_millis(30));
+    let mut draws = Draws(0x9e37_79b9_7f4a_7c15);
+    let mut killed = 0;
+    for round in 0..rounds() {
+        back_up(100 + round, &mut content);
+        back_up(200 + round, &mut content);
+        let delay = prune_span.mul_f64((draws.next() % 1000) as f64 / 1000.0);
+        killed += u64::from(kill_after(&as_strs(&prune), delay));
+        let delay = gc_span.mul_f64((draws.next() % 1000) as f64 / 1000.0);
+        killed += u64::from(kill_after(&as_strs(&gc), delay));
+        // Every point still listed is whole.
+        let vault = open(&url, &key).await;
+        let listing = vault.list_points(None).await.unwrap();
+        assert!(listing.unreadable.is_empty(), "round {round}: {:?}", listing.unreadable);
+        let report = vault.verify(&Default::default(), &|_| {}).await.unwrap();
+        assert!(report.is_clean(), "round {round}: {report:?}");
+    }
+    // Finished without kills: what killed runs left is done now.
+    timed(&as_strs(&prune));
+    timed(&as_strs(&gc));
+    let vault = open(&url, &key).await;
+    let listing = vault.list_points(None).await.unwrap();
+    assert_eq!(listing.points.len(), 3, "keep-last 3 holds once prune runs whole");
+    assert!(
+        std::fs::read_dir(vault_dir.join("gc")).map(|d| d.count()).unwrap_or(0) == 0,
+        "no plan left pending"
+    );
+    let report = vault.verify(&Default::default(), &|_| {}).await.unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    for p in &listing.points {
+        let to = dir.path().join(format!("restored-{}", p.point));
+        let opts = cairn_backup::RestoreOptions::default();
+        let progress = std::sync::Arc::new(cairn_backup::NoProgress);
+        cairn_backup::restore_disk(&vault, p, &"sda".parse().unwrap(), &to, &opts, progress)
+            .await
+            .unwrap();
+        assert_eq!(digest_of(&to), content[&p.point], "point {}", p.point);
+        std::fs::remove_file(&to).unwrap();
+    }
+    eprintln!("{} rounds, {killed} prune/gc runs killed mid-way", rounds());
+    assert!(killed > 0, "no kill landed mid-run");
+}

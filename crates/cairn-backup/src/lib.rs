@@ -10,6 +10,7 @@
 
 mod backup;
 mod cancel;
+mod copy;
 mod direct_write;
 mod error;
 mod job;
@@ -21,6 +22,7 @@ mod target;
 
 pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;
+pub use copy::{CopyOptions, CopyReport, copy_points};
 pub use error::Error;
 pub use job::{Check, JobOptions, VmJob, check};
 pub use progress::{DiskProgress, NoProgress, Progress};

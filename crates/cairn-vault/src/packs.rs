@@ -186,6 +186,16 @@ impl PackWriter {
         self.store_claimed(id, frame).await
     }
 
+    /// True if the vault (its committed pack indexes) or this job holds `id` already: a
+    /// copy need not fetch it from elsewhere.
+    pub fn holds(&self, id: &Digest) -> bool {
+        self.vault
+            .chunk_map
+            .read(|m| m.locate(id))
+            .is_some_and(|l| !self.job.condemned.contains(&l.pack))
+            || self.job.state().claimed.contains(id)
+    }
+
     /// True if neither the vault nor this job holds `id` (nor a pack of an interrupted backup
     /// this job may adopt); the caller must then store it.
     fn claim_new(&mut self, id: &Digest) -> bool {

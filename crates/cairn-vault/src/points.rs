@@ -275,6 +275,15 @@ impl Vault {
             Some(r) if last.as_ref().is_none_or(|l| r > *l) => r,
             _ => id_after(last.as_ref(), started_at),
         };
+        self.begin_exact(vm, started_at, point).await
+    }
+
+    async fn begin_exact(
+        &self,
+        vm: &Name,
+        started_at: Timestamp,
+        point: PointId,
+    ) -> Result<PointWriter, Error> {
         let epoch = self.durability.epoch();
         let marker = InflightMarker {
             format: 1,
@@ -308,6 +317,21 @@ impl Vault {
             epoch,
             quarantined,
         })
+    }
+
+    /// Starts a point of `vm` under exactly the id `point` (a copy from another vault keeps
+    /// its id); refused if the vault holds that point already.
+    pub async fn begin_point_with_id(
+        &self,
+        vm: &Name,
+        started_at: Timestamp,
+        point: &PointId,
+    ) -> Result<PointWriter, Error> {
+        let path = layout::manifest(vm, point);
+        if self.head_exists(&path).await? {
+            return Err(Error::Concurrent { path: path.to_string() });
+        }
+        self.begin_exact(vm, started_at, point.clone()).await
     }
 
     /// In-flight markers: backups started and not yet committed or abandoned.

@@ -3,6 +3,7 @@
 mod backup;
 mod bench;
 mod config;
+mod copy;
 mod gc;
 mod init;
 mod key;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Delete(args) => lifecycle::delete(args, json).await,
         Command::Undelete(args) => lifecycle::undelete(args, json).await,
         Command::Gc(args) => gc::run(args, json).await,
+        Command::Copy(args) => copy::run(args, json).await,
         Command::Repair(crate::cli::RepairCommand::Index(args)) => {
             gc::repair_index(args, json).await
         }
