@@ -71,3 +71,8 @@ fn sealed_object() {
 fn key_slot() {
     replay("key_slot", bodies::key_slot);
 }
+
+#[test]
+fn lifecycle() {
+    replay("lifecycle", bodies::lifecycle);
+}

@@ -478,3 +478,61 @@ async fn copies_between_vaults_restore_identically_and_send_only_what_is_missing
     let e = cairn_backup::copy_points(&f.vault, &second, &missing).await.unwrap_err();
     assert!(e.to_string().contains("0123abcd"), "{e}");
 }
+
+/// A container SAS of Azurite's well-known account with every right but delete.
+fn sas_without_delete(container: &str) -> String {
+    let script = format!(
+        "from datetime import datetime, timedelta, timezone\n\
+         from azure.storage.blob import generate_container_sas, ContainerSasPermissions\n\
+         key = 'Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='\n\
+         p = ContainerSasPermissions(read=True, add=True, create=True, write=True, list=True)\n\
+         print(generate_container_sas('devstoreaccount1', '{container}', account_key=key, \
+         permission=p, expiry=datetime.now(timezone.utc) + timedelta(hours=1)))\n"
+    );
+    let out = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// An agent that holds only an Azure SAS without delete rights backs up (append-only), and
+/// whatever tries to delete with it is refused by the store (Azurite checks SAS rights),
+/// losing nothing.
+#[tokio::test]
+async fn an_azure_sas_without_delete_makes_the_agent_append_only() {
+    let Some((_, url)) = cairn_testkit::object_store_urls().into_iter().find(|(b, _)| *b == "azure")
+    else {
+        return;
+    };
+    let key = Credential::KeyFile(vec![b's'; 64].into());
+    let admin = Vault::create_with(&url, &CreateOptions::encrypted(65536, key.clone())).await.unwrap();
+    let container = url.trim_start_matches("az://").split('/').next().unwrap().to_string();
+    let store = cairn_vault::StoreOptions(vec![("azure_storage_sas_key".into(), sas_without_delete(&container))]);
+    let open = |append_only| OpenOptions { store: store.clone(), key: Some(key.clone()), append_only };
+    let agent = Vault::open_with(&url, &open(true)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    cairn_sample::create_disk(&disk, 1 << 20, 13).unwrap();
+    let first = backup_at(&agent, "vm", &disk, None).await;
+    cairn_sample::mutate_range(&disk, 0, 65536, 14).unwrap();
+    let second = backup_at(&agent, "vm", &disk, None).await;
+    // The same SAS without Cairn's append-only flag: the store itself refuses the deletes.
+    let careless = Vault::open_with(&url, &open(false)).await.unwrap();
+    careless
+        .soft_delete(&name("vm"), &first.point, "test", SignedDuration::ZERO, Timestamp::now())
+        .await
+        .unwrap();
+    let e = careless.purge(&name("vm"), &first.point, Timestamp::now()).await.unwrap_err();
+    assert!(e.to_string().contains("not authorized"), "Azurite refused the delete: {e}");
+    let e = careless.gc(&fast_gc(), &|_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("delete"), "{e}");
+    // Nothing was lost: both points are there and whole, and the admin (with delete rights)
+    // purges and collects normally.
+    let points = admin.list_points(None).await.unwrap().points;
+    assert_eq!(points.len(), 2);
+    assert!(admin.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
+    admin.purge(&name("vm"), &first.point, Timestamp::now()).await.unwrap();
+    admin.gc(&fast_gc(), &|_| {}).await.unwrap();
+    let left = admin.list_points(None).await.unwrap().points;
+    assert_eq!(left.iter().map(|m| &m.point).collect::<Vec<_>>(), vec![&second.point]);
+    assert!(admin.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
+}
