@@ -9,7 +9,11 @@ pub fn retention(data: &[u8]) {
         return;
     }
     let points: Vec<cairn_policy::PointFacts> = (0..40)
-        .map(|i| cairn_policy::PointFacts::at(jiff::Timestamp::from_second(1_700_000_000 + i * 20_000).expect("in range")))
+        .map(|i| {
+            cairn_policy::PointFacts::at(
+                jiff::Timestamp::from_second(1_700_000_000 + i * 20_000).expect("in range"),
+            )
+        })
         .collect();
     let now = jiff::Timestamp::from_second(1_800_000_000).expect("in range");
     let verdicts = cairn_policy::evaluate(&r, &points, now).expect("a checked policy evaluates");

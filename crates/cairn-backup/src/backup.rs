@@ -99,13 +99,33 @@ pub async fn backup(
     // exists waits for this backup, and one that condemned them before is seen by it (the
     // gc module of cairn-vault), so the base chosen now stays whole until the commit.
     let writer = vault.begin_point_as(&request.vm, started_at, request.point).await?;
-    let (previous, mut evidence) = match vault.previous_point(&request.vm).await {
+    let (mut previous, mut evidence) = match vault.previous_point(&request.vm).await {
         Ok(found) => found,
         Err(e) => {
             writer.abandon().await;
             return Err(e.into());
         }
     };
+    if let Some(base) = &previous {
+        match writer.protect_base(base).await {
+            Ok(true) => {}
+            Ok(false) => {
+                evidence.push(Evidence::new(
+                    "previous_point_skipped",
+                    None,
+                    format!(
+                        "point {} was purged as this backup began; not used as a base",
+                        base.point
+                    ),
+                ));
+                previous = None;
+            }
+            Err(e) => {
+                writer.abandon().await;
+                return Err(e.into());
+            }
+        }
+    }
     evidence.extend(request.evidence);
     let point = writer.point().clone();
     tracing::info!(vm = %request.vm, %point, disks = request.disks.len(), "backup started");

@@ -106,7 +106,7 @@ async fn copy_point(
         }
     }
     if let Some(e) = failed {
-        writer.abandon().await;
+        writer.discard().await;
         return Err(e);
     }
     let mut evidence = m.evidence.clone();

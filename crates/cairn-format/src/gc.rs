@@ -72,6 +72,55 @@ impl Fate {
     }
 }
 
+/// The base a running backup compares against, recorded beside its marker before it reads
+/// anything of it: a collector keeps everything those index roots reach alive while the
+/// marker exists, even if the base point itself is purged meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRecord {
+    /// Record format (1).
+    pub format: u32,
+    /// The base point.
+    pub point: PointId,
+    /// The index roots of its disks.
+    pub roots: Vec<Digest>,
+}
+
+impl BaseRecord {
+    /// The record's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+    /// Decodes a record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode_json(bytes, "base record", 1)
+    }
+}
+
+/// The lease one collector (or repair) run holds on a vault, `lease/gc.json`, create-only:
+/// two runs at once would each trust pack indexes the other is rewriting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Record format (1).
+    pub format: u32,
+    /// Who holds it: `HOST pid PID ns NS boot BOOT`.
+    pub owner: String,
+    /// What runs: `gc` or `repair`.
+    pub what: String,
+    /// Since when.
+    pub at: Timestamp,
+}
+
+impl Lease {
+    /// The record's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+    /// Decodes a record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+        decode_json(bytes, "lease", 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +146,8 @@ mod tests {
         fn decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = GcPlan::decode(&bytes);
             let _ = Fate::decode(&bytes);
+            let _ = BaseRecord::decode(&bytes);
+            let _ = Lease::decode(&bytes);
         }
     }
 }

@@ -39,7 +39,7 @@ pub use config::{
 pub use crypto::{ChunkIds, Crypto, MasterKey};
 pub use digest::Digest;
 pub use error::Error;
-pub use gc::{Fate, FateKind, GcPlan};
+pub use gc::{BaseRecord, Fate, FateKind, GcPlan, Lease};
 pub use manifest::{
     Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, MANIFEST_FORMAT,
     PointManifest, ResumeRecord, SizedPack,

@@ -57,6 +57,11 @@ pub(crate) fn repair_pack_index(run: &PointId) -> Path {
     Path::from(format!("pack-index/{run}.repair"))
 }
 
+/// The lease of the collector (or repair) run working on the vault.
+pub(crate) fn gc_lease() -> Path {
+    Path::from("lease/gc.json")
+}
+
 /// All collector plans.
 pub(crate) fn gc_plans() -> Path {
     Path::from("gc")
@@ -152,9 +157,19 @@ pub(crate) fn fate(point: &PointId) -> Path {
     Path::from(format!("inflight/{point}/fate.json"))
 }
 
-/// True for a fate record (not a resume record).
+/// True for a fate record.
 pub(crate) fn is_fate(path: &Path) -> bool {
     path.filename() == Some("fate.json")
+}
+
+/// The base record of a backup: the point it compares against (see the gc module).
+pub(crate) fn base_record(point: &PointId) -> Path {
+    Path::from(format!("inflight/{point}/base.json"))
+}
+
+/// True for a record beside a marker that is not a resume record (a fate or base record).
+pub(crate) fn is_side_record(path: &Path) -> bool {
+    matches!(path.filename(), Some("fate.json" | "base.json"))
 }
 
 /// True for `inflight/<point>.json` (a marker, not a record below one).

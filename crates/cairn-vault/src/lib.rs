@@ -18,7 +18,7 @@ mod chunks;
 mod error;
 pub mod faults;
 mod frame_reader;
-mod gc;
+pub(crate) mod gc;
 mod keys;
 mod layout;
 mod lifecycle;
@@ -132,6 +132,12 @@ impl Vault {
             true => Err(Error::AppendOnly { url: self.url.to_string(), what: what.into() }),
             false => Ok(()),
         }
+    }
+
+    /// The largest pack this vault's writers make: a full pack, one more frame of the largest
+    /// block, and its table. Anything bigger in `packs/` is not loaded whole.
+    pub(crate) fn max_pack_bytes(&self) -> u64 {
+        2 * u64::from(self.config.pack_size) + u64::from(cairn_format::MAX_BLOCK_SIZE) + (1 << 20)
     }
 
     /// This vault with another retry policy (tests of faults use short timeouts).

@@ -42,7 +42,7 @@ pub(crate) struct JobChunks {
     /// The adoption record was written at the start.
     recorded_adoption: bool,
     /// Packs a collector's pending plan condemns: chunks found only there are stored again.
-    condemned: HashSet<Digest>,
+    condemned: crate::gc::Condemned,
 }
 
 #[derive(Debug, Default)]
@@ -56,7 +56,11 @@ struct JobState {
 }
 
 impl JobChunks {
-    pub(crate) fn new(point: PointId, resumable: Resumable, condemned: HashSet<Digest>) -> Self {
+    pub(crate) fn new(
+        point: PointId,
+        resumable: Resumable,
+        condemned: crate::gc::Condemned,
+    ) -> Self {
         JobChunks {
             state: Mutex::default(),
             open_writers: AtomicUsize::new(0),

@@ -208,9 +208,18 @@ impl Vault {
     ) -> Result<(Option<PointManifest>, Vec<Evidence>), Error> {
         let listing = self.list_points(Some(vm)).await?;
         let damaged = self.damaged_points(vm).await?;
+        let states = self.point_states(Some(vm)).await?;
         let mut evidence = Vec::new();
         let mut chosen = None;
         for m in listing.points.into_iter().rev() {
+            if states.get(vm, &m.point).is_ok_and(|s| s.deleted.is_some()) {
+                evidence.push(Evidence::new(
+                    "previous_point_skipped",
+                    None,
+                    format!("point {} is soft-deleted; not used as a base", m.point),
+                ));
+                continue;
+            }
             if damaged.contains(&m.point) {
                 evidence.push(Evidence::new(
                     "previous_point_skipped",
@@ -438,10 +447,44 @@ fn abandoned_here() -> std::sync::MutexGuard<'static, BTreeSet<PointId>> {
 }
 
 /// Who runs a backup, for people reading an in-flight marker: `HOST pid PID`.
-fn marker_owner() -> String {
+pub(crate) fn marker_owner() -> String {
     let uname = rustix::system::uname();
     let host = uname.nodename().to_string_lossy();
-    format!("{host} pid {} ns {}", std::process::id(), pid_namespace())
+    format!("{host} pid {} ns {} boot {}", std::process::id(), pid_namespace(), boot_id())
+}
+
+/// This boot's id: host names and the root pid namespace's inode repeat across cloned hosts,
+/// a boot id does not.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// True if `owner` (as [`marker_owner`] writes it) is a process of this host, pid namespace
+/// and boot that no longer exists. Anything else, an owner of an older format included, is
+/// not judged dead.
+pub(crate) fn owner_is_dead(owner: &str) -> bool {
+    let Some((host, rest)) = owner.split_once(" pid ") else { return false };
+    let Some((pid, rest)) = rest.split_once(" ns ") else { return false };
+    let Some((ns, boot)) = rest.split_once(" boot ") else { return false };
+    let Ok(pid) = pid.parse::<i32>() else { return false };
+    let here = rustix::system::uname();
+    if host != here.nodename().to_string_lossy()
+        || ns != pid_namespace()
+        || ns == "unknown"
+        || boot != boot_id()
+        || boot == "unknown"
+    {
+        return false;
+    }
+    // No such process: kill(pid, 0) fails with ESRCH.
+    match rustix::process::Pid::from_raw(pid) {
+        Some(pid) => {
+            rustix::process::test_kill_process(pid).is_err_and(|e| e == rustix::io::Errno::SRCH)
+        }
+        None => false,
+    }
 }
 
 /// This process's pid namespace (`pid:[4026531836]`): a pid means a process only within it.
@@ -540,6 +583,21 @@ impl PointWriter {
         Ok(())
     }
 
+    /// Records `base` as the point this backup compares against, before anything of it is
+    /// read, then checks it still exists. While the record and the marker exist a collector
+    /// keeps what the base's index reaches, purged or not. Returns false (use no base) when
+    /// the base was purged before the record was written.
+    pub async fn protect_base(&self, base: &PointManifest) -> Result<bool, Error> {
+        let record = cairn_format::BaseRecord {
+            format: 1,
+            point: base.point.clone(),
+            roots: base.disks.values().map(|d| d.index_root).collect(),
+        };
+        let path = layout::base_record(&self.point);
+        self.vault.put_new(&path, record.encode(), "write").await?;
+        self.vault.head_exists(&layout::manifest(&base.vm, &base.point)).await
+    }
+
     /// Refuses to commit a point that needs a chunk verify quarantined while this job ran
     /// and that has no good copy left: the job may have deduplicated against the bad copy.
     /// Quarantines are rare; only then is the point's index read back to look.
@@ -591,6 +649,14 @@ impl PointWriter {
         })
     }
 
+    /// Gives the point up and removes its marker and records whatever it uploaded (a copy
+    /// between vaults: nothing to resume, and a retry must be able to start under the same id).
+    pub async fn discard(self) {
+        if !self.vault.append_only {
+            self.vault.remove_inflight(&self.point).await;
+        }
+    }
+
     /// Gives the point up: nothing becomes visible. Packs already written stay, unindexed,
     /// and so do the in-flight marker and its resume records when there are any: the next
     /// backup of the VM checks those packs and uses their chunks (see the resume module).
@@ -638,21 +704,7 @@ impl Vault {
             return false;
         };
         let Ok(marker) = InflightMarker::decode(&bytes) else { return false };
-        // `HOST pid PID ns NS`: only a marker of this host and pid namespace is judged.
-        let Some((host, rest)) = marker.owner.split_once(" pid ") else { return false };
-        let Some((pid, ns)) = rest.split_once(" ns ") else { return false };
-        let Ok(pid) = pid.parse::<i32>() else { return false };
-        let here = rustix::system::uname();
-        if host != here.nodename().to_string_lossy() || ns != pid_namespace() || ns == "unknown" {
-            return false;
-        }
-        // No such process: kill(pid, 0) fails with ESRCH.
-        match rustix::process::Pid::from_raw(pid) {
-            Some(pid) => {
-                rustix::process::test_kill_process(pid).is_err_and(|e| e == rustix::io::Errno::SRCH)
-            }
-            None => false,
-        }
+        owner_is_dead(&marker.owner)
     }
 }
 

@@ -38,6 +38,17 @@ impl Vault {
     /// Rebuilds the pack index of every pack no readable pack index names; see the module
     /// docs. In a dry run, reads and checks but writes nothing.
     pub async fn repair_index(&self, dry_run: bool) -> Result<RepairReport, Error> {
+        if dry_run {
+            return self.repair_unlocked(true).await;
+        }
+        self.check_may_delete("repair")?;
+        self.take_lease("repair", crate::DEFAULT_STALE_AFTER).await?;
+        let result = self.repair_unlocked(false).await;
+        self.release_lease().await;
+        result
+    }
+
+    async fn repair_unlocked(&self, dry_run: bool) -> Result<RepairReport, Error> {
         let mut report = RepairReport::default();
         let packs: Vec<Digest> = self
             .list_paths(&layout::packs())
@@ -60,17 +71,25 @@ impl Vault {
                 }
             }
         }
+        // A collector is about to delete these: indexing them again would name dying packs.
+        let condemned = self.condemned_packs().await?;
         let mut rebuilt: Vec<IndexedPack> = vec![];
-        for pack in packs.into_iter().filter(|p| !indexed.contains(p)) {
+        for pack in packs.into_iter().filter(|p| !indexed.contains(p) && !condemned.contains(p)) {
             report.unindexed += 1;
-            let entries = match self.read_pack_table(&pack).await? {
+            let (size, entries) = match self.read_pack_table(&pack).await? {
                 PackTable::Gone => continue,
                 PackTable::Bad(why) => {
                     report.left_out.push((pack, format!("its table cannot be read: {why}")));
                     continue;
                 }
-                PackTable::Read(_, entries) => entries,
+                PackTable::Read(size, entries) => (size, entries),
             };
+            if size > self.max_pack_bytes() {
+                report
+                    .left_out
+                    .push((pack, format!("{size} bytes: larger than any pack Cairn writes")));
+                continue;
+            }
             let Some(bytes) = self.get_bytes(&layout::pack(&pack)).await? else { continue };
             let mut good = vec![];
             for e in entries {

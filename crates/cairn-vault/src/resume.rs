@@ -13,7 +13,7 @@
 //! The rule a collector must keep: a pack named by a record under a marker that is not stale
 //! is live, however old the pack.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use cairn_format::pack::IndexedPack;
 use cairn_format::{Digest, InflightMarker, Name, PointId, ResumeRecord, SizedPack};
@@ -60,11 +60,11 @@ impl Vault {
         &self,
         vm: &Name,
         ours: &PointId,
-        condemned: &HashSet<Digest>,
+        condemned: &crate::gc::Condemned,
     ) -> Result<Resumable, Error> {
         let all = self.list_paths(&Path::from("inflight")).await?;
         let mut records: BTreeMap<PointId, Vec<Path>> = BTreeMap::new();
-        for path in all.iter().filter(|p| !layout::is_marker(p) && !layout::is_fate(p)) {
+        for path in all.iter().filter(|p| !layout::is_marker(p) && !layout::is_side_record(p)) {
             let mut parts = path.parts().skip(1);
             if let Some(point) = parts.next().and_then(|p| p.as_ref().parse::<PointId>().ok()) {
                 records.entry(point).or_default().push(path.clone());

@@ -499,15 +499,21 @@ fn sas_without_delete(container: &str) -> String {
 /// losing nothing.
 #[tokio::test]
 async fn an_azure_sas_without_delete_makes_the_agent_append_only() {
-    let Some((_, url)) = cairn_testkit::object_store_urls().into_iter().find(|(b, _)| *b == "azure")
+    let Some((_, url)) =
+        cairn_testkit::object_store_urls().into_iter().find(|(b, _)| *b == "azure")
     else {
         return;
     };
     let key = Credential::KeyFile(vec![b's'; 64].into());
-    let admin = Vault::create_with(&url, &CreateOptions::encrypted(65536, key.clone())).await.unwrap();
+    let admin =
+        Vault::create_with(&url, &CreateOptions::encrypted(65536, key.clone())).await.unwrap();
     let container = url.trim_start_matches("az://").split('/').next().unwrap().to_string();
-    let store = cairn_vault::StoreOptions(vec![("azure_storage_sas_key".into(), sas_without_delete(&container))]);
-    let open = |append_only| OpenOptions { store: store.clone(), key: Some(key.clone()), append_only };
+    let store = cairn_vault::StoreOptions(vec![(
+        "azure_storage_sas_key".into(),
+        sas_without_delete(&container),
+    )]);
+    let open =
+        |append_only| OpenOptions { store: store.clone(), key: Some(key.clone()), append_only };
     let agent = Vault::open_with(&url, &open(true)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("d.img");
@@ -535,4 +541,89 @@ async fn an_azure_sas_without_delete_makes_the_agent_append_only() {
     let left = admin.list_points(None).await.unwrap().points;
     assert_eq!(left.iter().map(|m| &m.point).collect::<Vec<_>>(), vec![&second.point]);
     assert!(admin.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
+}
+
+/// A backup's base stays whole while the backup runs, even if the base is purged and a
+/// collector runs meanwhile: the backup recorded it before reading it.
+#[tokio::test]
+async fn a_base_purged_under_a_running_backup_keeps_its_chunks() {
+    let f = Fixture::new(65536).await;
+    let disk = f.sample("d.img", 1 << 20, 21);
+    let base = backup_at(&f.vault, "vm", &disk, None).await;
+    let want = digest_of(&disk);
+    let writer = f.vault.begin_point(&name("vm"), Timestamp::now()).await.unwrap();
+    assert!(writer.protect_base(&base).await.unwrap());
+    let vm = name("vm");
+    f.vault
+        .soft_delete(&vm, &base.point, "t", SignedDuration::ZERO, Timestamp::now())
+        .await
+        .unwrap();
+    f.vault.purge(&vm, &base.point, Timestamp::now()).await.unwrap();
+    let other = Vault::open(f.vault_dir().to_str().unwrap()).await.unwrap();
+    // The writer's process is this one, alive: the collector waits for it unless told not
+    // to; with --no-wait the plan stays pending and nothing goes.
+    let report = other.gc(&GcOptions { wait: false, ..fast_gc() }, &|_| {}).await.unwrap();
+    assert!(report.bytes_deleted == 0, "{report:?}");
+    // The backup carries its base's disk whole (an unchanged disk) and commits.
+    let manifest = PointManifest { point: writer.point().clone(), ..base.clone() };
+    writer.commit(&manifest).await.unwrap();
+    other.gc(&fast_gc(), &|_| {}).await.unwrap();
+    assert!(other.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
+    let m = other.read_point(&vm, &manifest.point).await.unwrap();
+    let to = f.path("r");
+    restore_from(&other, &m, "d", &to).await.unwrap();
+    assert_eq!(digest_of(&to), want);
+}
+
+/// A lost pack index does not let the collector delete the packs it named: their own tables
+/// show live chunks, so they are kept until `repair index` indexes them again. One gc or
+/// repair at a time: a lease held by a live process is respected, one of a dead process taken.
+#[tokio::test]
+async fn gc_keeps_packs_whose_index_is_lost_and_holds_a_lease() {
+    let f = Fixture::new(65536).await;
+    let disk = f.sample("d.img", 1 << 20, 22);
+    cairn_sample::mutate_range(&disk, 0, 1 << 20, 25).unwrap();
+    let first = backup_at(&f.vault, "vm", &disk, None).await;
+    cairn_sample::mutate_range(&disk, 0, 65536, 23).unwrap();
+    let m = backup_at(&f.vault, "vm", &disk, None).await;
+    let want = digest_of(&disk);
+    let vm = name("vm");
+    f.vault
+        .soft_delete(&vm, &first.point, "t", SignedDuration::ZERO, Timestamp::now())
+        .await
+        .unwrap();
+    f.vault.purge(&vm, &first.point, Timestamp::now()).await.unwrap();
+    // The first point's pack index is lost: the second point's root and pages are in its
+    // own packs, the blocks it shares with the first only in packs no index names now.
+    std::fs::remove_file(f.vault_dir().join(format!("pack-index/{}", first.point))).unwrap();
+    let vault = Vault::open(f.vault_dir().to_str().unwrap()).await.unwrap();
+    let report = vault.gc(&fast_gc(), &|_| {}).await.unwrap();
+    assert_eq!(report.bytes_deleted, 0, "{report:?}");
+    assert!(!report.unindexed_live.is_empty());
+    vault.repair_index(false).await.unwrap();
+    assert!(vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
+    let to = f.path("r");
+    restore_from(&vault, &m, "d", &to).await.unwrap();
+    assert_eq!(digest_of(&to), want);
+
+    // A lease of a live process (this one) is respected...
+    let host = cairn_testkit::sh("uname", &["-n"]).trim().to_string();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap().display().to_string();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let lease = |pid: u32| {
+        let owner = format!("{host} pid {pid} ns {ns} boot {}", boot.trim());
+        let lease =
+            cairn_format::Lease { format: 1, owner, what: "gc".into(), at: Timestamp::now() };
+        lease.encode()
+    };
+    std::fs::create_dir_all(f.vault_dir().join("lease")).unwrap();
+    let path = f.vault_dir().join("lease/gc.json");
+    std::fs::write(&path, lease(std::process::id())).unwrap();
+    let e = vault.gc(&fast_gc(), &|_| {}).await.unwrap_err();
+    assert!(e.to_string().contains("lease"), "{e}");
+    // ... one of a process that is gone is taken over.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::write(&path, lease(4_000_000)).unwrap();
+    vault.gc(&fast_gc(), &|_| {}).await.unwrap();
+    assert!(!path.exists(), "the lease is given back");
 }

@@ -55,12 +55,18 @@ pub(crate) struct Analysis {
     pub(crate) repack: BTreeSet<Digest>,
     /// Stray files under `packs/` (staging files a crash left), older than the stale age.
     pub(crate) strays: Vec<Path>,
+    /// Packs a pack index names that the store does not hold (lost): condemned, so that the
+    /// indexes stop naming them and no backup deduplicates against their chunks.
+    pub(crate) missing: BTreeSet<Digest>,
+    /// Packs no pack index names that hold live chunks (their index was lost or set aside):
+    /// kept; `repair index` indexes them again.
+    pub(crate) unindexed_live: BTreeSet<Digest>,
 }
 
 impl Analysis {
     /// Every condemned pack.
     pub(crate) fn condemned(&self) -> BTreeSet<Digest> {
-        self.dead.union(&self.repack).copied().collect()
+        self.dead.union(&self.repack).chain(&self.missing).copied().collect()
     }
 }
 
@@ -86,10 +92,29 @@ impl Vault {
             .filter_map(layout::parse_quarantined)
             .collect();
         self.mark_live(&mut a).await?;
+        self.mark_bases_live(&mut a, markers).await?;
         for (name, facts) in &mut a.packs {
             let Some(entries) = &facts.entries else {
                 if !facts.protected {
-                    a.dead.insert(*name);
+                    // Unindexed and unclaimed: dead, unless its own table says it holds a
+                    // chunk a point needs (its pack index lost, or set aside by verify).
+                    match self.read_pack_table(name).await? {
+                        crate::chunks::PackTable::Read(_, entries)
+                            if entries.iter().any(|e| a.live.contains(&short(&e.id))) =>
+                        {
+                            a.unindexed_live.insert(*name);
+                        }
+                        crate::chunks::PackTable::Read(..) | crate::chunks::PackTable::Gone => {
+                            a.dead.insert(*name);
+                        }
+                        crate::chunks::PackTable::Bad(_) => {
+                            let old =
+                                facts.written.is_some_and(|w| now.duration_since(w) > stale_after);
+                            if old {
+                                a.dead.insert(*name);
+                            }
+                        }
+                    }
                 }
                 continue;
             };
@@ -176,8 +201,14 @@ impl Vault {
             }
             a.indexes.push((path, packs));
         }
-        // A pack an index names and the store does not hold: nothing to collect there.
-        a.packs.retain(|_, f| f.written.is_some());
+        // A pack an index names and the store does not hold: lost. Its entries go from the
+        // indexes (the points that need it are damaged either way; verify names them).
+        let missing: Vec<Digest> =
+            a.packs.iter().filter(|(_, f)| f.written.is_none()).map(|(n, _)| *n).collect();
+        for name in missing {
+            a.packs.remove(&name);
+            a.missing.insert(name);
+        }
         Ok(())
     }
 
@@ -195,7 +226,7 @@ impl Vault {
             .collect();
         for point in keep {
             for path in self.list_paths(&layout::resume_records(point)).await? {
-                if layout::is_fate(&path) {
+                if layout::is_side_record(&path) {
                     continue;
                 }
                 let record = match self.get_opened("resume record", &path).await {
@@ -264,6 +295,42 @@ impl Vault {
                     let page = page.map_err(|e| unsafe_point(format!("index page {id}"), e))?;
                     a.live.insert(short(&id));
                     a.live.extend(page.entries().flat_map(|e| e.chunks()).map(|c| short(&c)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Vault {
+    /// What the bases of backups still in flight reach is live too: such a backup carries
+    /// chunks of its base into its point even if the base is purged meanwhile. A base whose
+    /// index cannot be read any more is skipped (nothing of it is left to keep).
+    async fn mark_bases_live(&self, a: &mut Analysis, markers: &[MarkerInfo]) -> Result<(), Error> {
+        let mut pages_seen: HashSet<ShortId> = HashSet::new();
+        for m in markers {
+            let path = layout::base_record(&m.point);
+            let record = match self.get_opened("base record", &path).await {
+                Ok(Some(bytes)) => cairn_format::BaseRecord::decode(&bytes).ok(),
+                Ok(None) => continue,
+                Err(Error::Corrupt { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let Some(record) = record else {
+                tracing::warn!(%path, "unreadable base record; its base is not protected");
+                continue;
+            };
+            for root_id in record.roots {
+                a.live.insert(short(&root_id));
+                let Ok(root) = self.read_index_root(&root_id).await else { continue };
+                for (page, _, _) in crate::verify::page_runs(&root) {
+                    if !pages_seen.insert(short(&page)) {
+                        continue;
+                    }
+                    a.live.insert(short(&page));
+                    if let Ok(page) = self.read_index_page(&page).await {
+                        a.live.extend(page.entries().flat_map(|e| e.chunks()).map(|c| short(&c)));
+                    }
                 }
             }
         }

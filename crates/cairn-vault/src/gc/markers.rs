@@ -4,6 +4,7 @@
 use cairn_format::{Fate, FateKind, InflightMarker, PointId};
 use futures::TryStreamExt;
 use jiff::{SignedDuration, Timestamp};
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use crate::{Error, Vault, layout};
@@ -26,8 +27,6 @@ pub(crate) enum MarkerKind {
 #[derive(Clone, Debug)]
 pub(crate) struct MarkerInfo {
     pub(crate) point: PointId,
-    /// When the store wrote it.
-    pub(crate) written: Timestamp,
     pub(crate) marker: Option<InflightMarker>,
     pub(crate) kind: MarkerKind,
 }
@@ -81,15 +80,7 @@ impl Vault {
             } else {
                 MarkerKind::Running
             };
-            out.push(MarkerInfo {
-                point,
-                written: super::store_time(
-                    meta.last_modified.timestamp(),
-                    meta.last_modified.timestamp_subsec_nanos(),
-                ),
-                marker,
-                kind,
-            });
+            out.push(MarkerInfo { point, marker, kind });
         }
         Ok(out)
     }
@@ -126,13 +117,17 @@ impl Vault {
         self.delete_all(&fate).await
     }
 
+    /// The fate of `point`'s backup. One that cannot be read counts as `reaped`: its backup
+    /// then refuses to commit, and a collector may remove it.
     async fn read_fate(&self, point: &PointId) -> Result<Option<FateKind>, Error> {
         let path = layout::fate(point);
-        match self.get_opened("fate record", &path).await? {
-            None => Ok(None),
-            Some(bytes) => Fate::decode(&bytes)
-                .map(|f| Some(f.fate))
-                .map_err(|source| Error::Corrupt { path: path.to_string(), source }),
+        match self.get_opened("fate record", &path).await {
+            Ok(None) => Ok(None),
+            Ok(Some(bytes)) => {
+                Ok(Some(Fate::decode(&bytes).map(|f| f.fate).unwrap_or(FateKind::Reaped)))
+            }
+            Err(Error::Corrupt { .. }) => Ok(Some(FateKind::Reaped)),
+            Err(e) => Err(e),
         }
     }
 
@@ -155,5 +150,27 @@ impl Vault {
             return Err(Error::Reaped { point: point.clone() });
         }
         Ok(())
+    }
+
+    /// True if the backup of `point` claimed its commit longer than `age` ago (by the store's
+    /// clock): a commit takes milliseconds, so that backup died between its claim and its
+    /// manifest, and will not write one.
+    pub(crate) async fn commit_claim_older_than(
+        &self,
+        point: &PointId,
+        age: SignedDuration,
+    ) -> Result<bool, Error> {
+        let path = layout::fate(point);
+        match self.store.head(&path).await {
+            Ok(meta) => {
+                let at = super::store_time(
+                    meta.last_modified.timestamp(),
+                    meta.last_modified.timestamp_subsec_nanos(),
+                );
+                Ok(Timestamp::now().duration_since(at) > age)
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(Error::storage("read", &path, e)),
+        }
     }
 }

@@ -15,8 +15,8 @@
 //!    anything. A backup reads the pending plans right after writing its marker, and from
 //!    then on neither deduplicates against nor adopts a condemned pack: it stores those chunks
 //!    again.
-//! 5. Waits for every backup whose marker the store wrote no later than the plan: those may
-//!    have looked before the plan existed. Later backups saw it. (Both sides write, then list:
+//! 5. Waits for every backup running at its first look after the plan was written: those may
+//!    have looked before the plan existed. Later backups see it. (Both sides write, then list:
 //!    with a store that lists what it acknowledged, one of them sees the other.)
 //! 6. Analyses again (the backups it waited for have committed or failed), and carries out
 //!    the plan only for packs that are still condemned: copies live chunks that have no other
@@ -30,6 +30,7 @@
 
 mod analysis;
 mod execute;
+mod lease;
 mod markers;
 
 use std::collections::{BTreeSet, HashSet};
@@ -39,13 +40,11 @@ use cairn_format::{Digest, GcPlan, Name, PointId};
 use jiff::{SignedDuration, Timestamp};
 use rand::RngExt;
 
-use object_store::ObjectStoreExt;
-
 use crate::{Error, Vault, layout};
 use markers::MarkerKind;
 
 /// A store's object time (seconds and nanoseconds since the epoch) as a timestamp.
-fn store_time(secs: i64, nanos: u32) -> Timestamp {
+pub(crate) fn store_time(secs: i64, nanos: u32) -> Timestamp {
     Timestamp::new(secs, nanos as i32).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
@@ -74,6 +73,26 @@ impl Default for GcOptions {
             repack_below: DEFAULT_REPACK_BELOW,
             wait: true,
             poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Packs a backup must not rely on: those pending collector plans condemn.
+#[derive(Debug, Default)]
+pub(crate) enum Condemned {
+    /// These packs.
+    Packs(HashSet<Digest>),
+    /// Every pack (a plan could not be read).
+    #[default]
+    All,
+}
+
+impl Condemned {
+    /// True if `pack` is off limits.
+    pub(crate) fn contains(&self, pack: &Digest) -> bool {
+        match self {
+            Condemned::Packs(packs) => packs.contains(pack),
+            Condemned::All => true,
         }
     }
 }
@@ -125,6 +144,10 @@ pub struct GcReport {
     pub strays_removed: u64,
     /// Live chunks whose only copy was bad when read to be repacked: (chunk, pack, why).
     pub bad_copies: Vec<(Digest, Digest, String)>,
+    /// Packs pack indexes named that the store does not hold (lost; dropped from the indexes).
+    pub missing_packs: Vec<Digest>,
+    /// Packs no pack index names that hold live chunks: kept; run `repair index`.
+    pub unindexed_live: Vec<Digest>,
 }
 
 impl Vault {
@@ -134,9 +157,21 @@ impl Vault {
         options: &GcOptions,
         say: &(dyn Fn(&str) + Sync),
     ) -> Result<GcReport, Error> {
-        if !options.dry_run {
-            self.check_may_delete("garbage collection")?;
+        if options.dry_run {
+            return self.collect(options, say).await;
         }
+        self.check_may_delete("garbage collection")?;
+        self.take_lease("gc", options.stale_after).await?;
+        let result = self.collect(options, say).await;
+        self.release_lease().await;
+        result
+    }
+
+    async fn collect(
+        &self,
+        options: &GcOptions,
+        say: &(dyn Fn(&str) + Sync),
+    ) -> Result<GcReport, Error> {
         let mut report = GcReport::default();
         let now = Timestamp::now();
         let markers = self.classify_markers(now, options.stale_after).await?;
@@ -171,6 +206,22 @@ impl Vault {
         report.bytes_before = a.packs.values().map(|f| f.size).sum();
         report.packs_dead = a.dead.len() as u64;
         report.packs_repacked = a.repack.len() as u64;
+        report.missing_packs = a.missing.iter().copied().collect();
+        report.unindexed_live = a.unindexed_live.iter().copied().collect();
+        if !a.unindexed_live.is_empty() {
+            say(&format!(
+                "{} pack(s) that no pack index names hold chunks points need: kept; run \
+                 `cairn-agent repair index` to index them again",
+                a.unindexed_live.len()
+            ));
+        }
+        if !a.missing.is_empty() {
+            say(&format!(
+                "{} pack(s) that pack indexes name are missing from the store: the points that \
+                 need them are damaged (run `cairn-agent verify`); their entries are dropped",
+                a.missing.len()
+            ));
+        }
         let condemned = a.condemned();
         report.bytes_condemned =
             condemned.iter().filter_map(|p| a.packs.get(p)).map(|f| f.size).sum();
@@ -209,22 +260,43 @@ impl Vault {
         say: &(dyn Fn(&str) + Sync),
     ) -> Result<(), Error> {
         let path = layout::gc_plan(&plan.run);
-        let written = match self.store.head(&path).await {
-            Ok(meta) => store_time(
-                meta.last_modified.timestamp(),
-                meta.last_modified.timestamp_subsec_nanos(),
-            ),
-            Err(object_store::Error::NotFound { .. }) => return Ok(()),
-            Err(e) => return Err(Error::storage("read", &path, e)),
-        };
+        if !self.head_exists(&path).await? {
+            return Ok(());
+        }
         let started = std::time::Instant::now();
         let mut announced = HashSet::new();
+        // The backups running at the first look after the plan exists: a backup that writes
+        // its marker after that look reads the plan after it, and keeps away from its packs.
+        // Store times are not used to tell them apart: a marker's time is when its upload
+        // began, not when it became visible.
+        let mut waiting: Option<HashSet<PointId>> = None;
         let markers = loop {
             let markers = self.classify_markers(Timestamp::now(), options.stale_after).await?;
-            let before: Vec<&markers::MarkerInfo> = markers
-                .iter()
-                .filter(|m| m.kind == MarkerKind::Running && m.written <= written)
-                .collect();
+            let running = |m: &&markers::MarkerInfo| m.kind == MarkerKind::Running;
+            // Stale ones too: one that claimed its commit cannot be reaped, and is waited for.
+            let first = waiting.get_or_insert_with(|| {
+                markers
+                    .iter()
+                    .filter(|m| matches!(m.kind, MarkerKind::Running | MarkerKind::Stale))
+                    .map(|m| m.point.clone())
+                    .collect()
+            });
+            // One waited for that went stale meanwhile is reaped, never just dropped: once
+            // reaped it cannot commit; if it claimed its commit first, it is still waited for.
+            let mut committing = vec![];
+            for m in
+                markers.iter().filter(|m| m.kind == MarkerKind::Stale && first.contains(&m.point))
+            {
+                if self.reap(&m.point).await? {
+                    say(&format!("reaped the stale backup {}", m.point));
+                    report.reaped.push(m.point.clone());
+                } else if !self.commit_claim_older_than(&m.point, options.stale_after).await? {
+                    committing.push(m);
+                }
+            }
+            let mut before: Vec<&markers::MarkerInfo> =
+                markers.iter().filter(running).filter(|m| first.contains(&m.point)).collect();
+            before.extend(committing);
             if before.is_empty() {
                 break markers;
             }
@@ -254,7 +326,21 @@ impl Vault {
         let now = Timestamp::now();
         let a = self.analyse(&markers, options.repack_below, now, options.stale_after).await?;
         let planned: BTreeSet<Digest> = plan.condemned.iter().copied().collect();
-        let to_do: BTreeSet<Digest> = a.condemned().intersection(&planned).copied().collect();
+        let mut to_do: BTreeSet<Digest> = a.condemned().intersection(&planned).copied().collect();
+        // A pack to repack is read whole: one larger than any pack Cairn writes is not
+        // Cairn's doing, is not loaded, and is kept.
+        let max = self.max_pack_bytes();
+        let oversized: Vec<Digest> = a
+            .repack
+            .iter()
+            .filter(|p| a.packs.get(p).is_some_and(|f| f.size > max))
+            .copied()
+            .collect();
+        for p in oversized {
+            if to_do.remove(&p) {
+                say(&format!("pack {p} is larger than any pack Cairn writes: kept, not repacked"));
+            }
+        }
         report.packs_dead += a.dead.intersection(&to_do).count() as u64;
         report.packs_repacked += a.repack.intersection(&to_do).count() as u64;
         if !to_do.is_empty() {
@@ -269,22 +355,52 @@ impl Vault {
         self.delete_all(&[path]).await
     }
 
-    /// The plans of collector runs not finished yet.
-    async fn pending_plans(&self) -> Result<Vec<GcPlan>, Error> {
+    /// The plans of collector runs not finished yet; one that cannot be read is `Err` (its
+    /// path and why).
+    async fn read_plans(&self) -> Result<Vec<Result<GcPlan, String>>, Error> {
         let mut plans = vec![];
         for path in self.list_paths(&layout::gc_plans()).await? {
-            let Some(bytes) = self.get_opened("gc plan", &path).await? else { continue };
-            let plan = GcPlan::decode(&bytes)
-                .map_err(|source| Error::Corrupt { path: path.to_string(), source })?;
+            let plan = match self.get_opened("gc plan", &path).await {
+                Ok(Some(bytes)) => GcPlan::decode(&bytes).map_err(|e| format!("{path}: {e}")),
+                Ok(None) => continue,
+                Err(e @ (Error::Corrupt { .. } | Error::TooLarge { .. })) => Err(e.to_string()),
+                Err(e) => return Err(e),
+            };
             plans.push(plan);
         }
         Ok(plans)
     }
 
-    /// Every pack a pending collector plan condemns. A backup reads them once its marker
-    /// exists and then neither deduplicates against nor adopts them.
-    pub(crate) async fn condemned_packs(&self) -> Result<HashSet<Digest>, Error> {
-        Ok(self.pending_plans().await?.into_iter().flat_map(|p| p.condemned).collect())
+    /// The plans a collector can carry out; unreadable ones are left for people (and keep
+    /// backups from deduplicating at all while they exist).
+    async fn pending_plans(&self) -> Result<Vec<GcPlan>, Error> {
+        let mut plans = vec![];
+        for plan in self.read_plans().await? {
+            match plan {
+                Ok(plan) => plans.push(plan),
+                Err(why) => tracing::warn!("an unreadable gc plan is left alone: {why}"),
+            }
+        }
+        Ok(plans)
+    }
+
+    /// What pending collector plans condemn. A backup reads this once its marker exists and
+    /// then neither deduplicates against nor adopts those packs. An unreadable plan might
+    /// name any pack: then every pack is off limits for this backup (it stores everything).
+    pub(crate) async fn condemned_packs(&self) -> Result<Condemned, Error> {
+        let mut packs = HashSet::new();
+        for plan in self.read_plans().await? {
+            match plan {
+                Ok(plan) => packs.extend(plan.condemned),
+                Err(why) => {
+                    tracing::warn!(
+                        "an unreadable gc plan ({why}): this backup deduplicates against nothing"
+                    );
+                    return Ok(Condemned::All);
+                }
+            }
+        }
+        Ok(Condemned::Packs(packs))
     }
 
     /// Removes the notes of points that have no manifest and no in-flight marker: written by
@@ -312,6 +428,15 @@ impl Vault {
             self.delete_all(&paths).await?;
             removed += paths.len() as u64;
         }
+        // Damage records of points that are gone (a purge interrupted after the manifest).
+        let mut gone = vec![];
+        for path in self.list_paths(&object_store::path::Path::from("damage")).await? {
+            let Some((vm, point, _)) = layout::parse_damage_path(&path) else { continue };
+            if !self.head_exists(&layout::manifest(&vm, &point)).await? {
+                gone.push(path);
+            }
+        }
+        self.delete_all(&gone).await?;
         Ok(removed)
     }
 }
