@@ -11,6 +11,9 @@
 # `gc --repack-below P` for P in THRESHOLDS: time, bytes freed, bytes rewritten.
 #
 # Settings: SIZE=1G ROUNDS=10 THRESHOLDS="0 25 50 75 90" BENCH_DIR= KEEP=0 CAIRN_AGENT=
+#   CHANGE=contiguous   contiguous: 10% of the image overwritten in one run per round;
+#                       scattered: 3% of its 4 KiB blocks overwritten at random places per round
+#                       (old packs then hold a mix of live and dead chunks: repacking matters)
 # Example: SIZE=256M ROUNDS=6 benches/gc.sh      (results in $BENCH_DIR/results.md)
 set -euo pipefail
 SCRIPT_PATH=$(readlink -f "${BASH_SOURCE[0]}")
@@ -19,6 +22,7 @@ SIZE=${SIZE:-1G}
 ROUNDS=${ROUNDS:-10}
 THRESHOLDS=${THRESHOLDS:-0 25 50 75 90}
 KEEP=${KEEP:-0}
+CHANGE=${CHANGE:-contiguous}
 die() { echo "gc.sh: error: $*" >&2; exit 1; }
 note() { echo "gc.sh: $*" >&2; }
 command -v restic >/dev/null || { [[ $(id -u) == 0 ]] && apt-get install -y -q restic >/dev/null; } || die "install restic"
@@ -45,9 +49,13 @@ size_bytes=$(stat -c %s img)
 "$AGENT" init --vault cairn --passphrase-file <(echo bench) >/dev/null 2>&1 || "$AGENT" init --vault cairn >/dev/null
 restic init --repo restic -q
 for r in $(seq 1 "$ROUNDS"); do
-    len=$((size_bytes / 10))
-    off=$(( (r * 7919 % 9) * size_bytes / 10 ))
-    "$AGENT" sample mutate img --range "$off:$len" --seed "$r" >/dev/null
+    if [[ $CHANGE == scattered ]]; then
+        "$AGENT" sample mutate img --fraction 0.03 --seed "$r" >/dev/null
+    else
+        len=$((size_bytes / 10))
+        off=$(( (r * 7919 % 9) * size_bytes / 10 ))
+        "$AGENT" sample mutate img --range "$off:$len" --seed "$r" >/dev/null
+    fi
     "$AGENT" backup --vault cairn --vm bench --disk d=img >/dev/null
     restic --repo restic backup -q img >/dev/null
 done
@@ -61,7 +69,7 @@ read -r cp_s cp_kb < cairn-prune.t; read -r cg_s cg_kb < cairn-gc.t; read -r rp_
 "$AGENT" verify --vault cairn >/dev/null || die "cairn verify failed after gc"
 restic --repo restic check -q || die "restic check failed after prune"
 {
-    echo "## Space reclamation: $SIZE image, $ROUNDS backups of 10% contiguous changes, keep the last 2"
+    echo "## Space reclamation: $SIZE image, $ROUNDS backups of $CHANGE changes, keep the last 2"
     echo
     echo "| tool | repository before | after | freed | time | peak RSS |"
     echo "|---|---|---|---|---|---|"
