@@ -83,16 +83,53 @@ async fn duplicated_bytes(vault: &Vault, root: &Path) -> (u64, u64, u64) {
     (twice, cut, stored)
 }
 
+/// Restores each of `points` and checks it holds what its disk held at backup.
+async fn restores_as_recorded(
+    vault: &Vault,
+    points: &[cairn_format::PointManifest],
+    content: &BTreeMap<PointId, Digest>,
+    dir: &Path,
+) {
+    for p in points {
+        let to = dir.join(format!("restored-{}", p.point));
+        let opts = cairn_backup::RestoreOptions::default();
+        let progress = std::sync::Arc::new(cairn_backup::NoProgress);
+        cairn_backup::restore_disk(vault, p, &"sda".parse().unwrap(), &to, &opts, progress)
+            .await
+            .unwrap();
+        assert_eq!(digest_of(&to), content[&p.point], "point {}", p.point);
+        std::fs::remove_file(&to).unwrap();
+    }
+}
+
+/// A sample disk and where its vault and key go, in a fresh folder.
+struct Setup {
+    dir: tempfile::TempDir,
+    disk: std::path::PathBuf,
+    vault_dir: std::path::PathBuf,
+    url: String,
+    key: std::path::PathBuf,
+    key_s: String,
+    disk_arg: String,
+}
+
+impl Setup {
+    fn new(size: u64, seed: u64) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("sda.raw");
+        cairn_sample::create_disk(&disk, size, seed).unwrap();
+        let vault_dir = dir.path().join("vault");
+        let url = vault_dir.to_str().unwrap().to_owned();
+        let key = dir.path().join("vault.key");
+        let key_s = key.to_str().unwrap().to_owned();
+        let disk_arg = format!("sda={}", disk.display());
+        Setup { dir, disk, vault_dir, url, key, key_s, disk_arg }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_killed_at_random_moments_commit_whole_points_and_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("sda.raw");
-    cairn_sample::create_disk(&disk, 128 << 20, 31).unwrap();
-    let vault_dir = dir.path().join("vault");
-    let url = vault_dir.to_str().unwrap().to_owned();
-    let key = dir.path().join("vault.key");
-    let key_s = key.to_str().unwrap().to_owned();
-    let disk_arg = format!("sda={}", disk.display());
+    let Setup { dir, disk, vault_dir, url, key, key_s, disk_arg } = Setup::new(128 << 20, 31);
     let backup_args = [
         "backup",
         "--json",
@@ -108,17 +145,24 @@ async fn backups_killed_at_random_moments_commit_whole_points_and_resume() {
     let init = agent(&["init", "--vault", &url, "--key-file", &key_s]).output().unwrap();
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
 
-    // How long an uninterrupted full backup takes: kills land anywhere in [0, 1.2 x that).
+    let out = agent(&backup_args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut content: BTreeMap<PointId, Digest> = BTreeMap::new();
+    for p in open(&url, &key).await.list_points(None).await.unwrap().points {
+        content.insert(p.point, digest_of(&disk));
+    }
+    // How long an uninterrupted incremental of the rounds' size takes: kills land anywhere in
+    // [0, 1.2 x that) of the incrementals below.
+    cairn_sample::mutate_range(&disk, 0, 48 << 20, 999).unwrap();
     let started = Instant::now();
     let out = agent(&backup_args).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let span = started.elapsed().mul_f64(1.2).max(Duration::from_millis(50));
 
     let mut draws = Draws(0x9e37_79b9_7f4a_7c15);
-    let mut content: BTreeMap<PointId, Digest> = BTreeMap::new();
     let vault = open(&url, &key).await;
     for p in vault.list_points(None).await.unwrap().points {
-        content.insert(p.point, digest_of(&disk));
+        content.entry(p.point).or_insert_with(|| digest_of(&disk));
     }
     let (mut killed, mut resumed) = (0, 0);
     for round in 0..rounds() {
@@ -174,16 +218,7 @@ async fn backups_killed_at_random_moments_commit_whole_points_and_resume() {
     assert!(report.is_clean(), "{report:?}");
     let listing = vault.list_points(None).await.unwrap();
     assert_eq!(listing.points.len(), content.len());
-    for p in &listing.points {
-        let to = dir.path().join(format!("restored-{}", p.point));
-        let opts = cairn_backup::RestoreOptions::default();
-        let progress = std::sync::Arc::new(cairn_backup::NoProgress);
-        cairn_backup::restore_disk(&vault, p, &"sda".parse().unwrap(), &to, &opts, progress)
-            .await
-            .unwrap();
-        assert_eq!(digest_of(&to), content[&p.point], "point {}", p.point);
-        std::fs::remove_file(&to).unwrap();
-    }
+    restores_as_recorded(&vault, &listing.points, &content, dir.path()).await;
 }
 
 fn as_strs(v: &[String]) -> Vec<&str> {
@@ -213,14 +248,7 @@ fn kill_after(args: &[&str], delay: Duration) -> bool {
 /// killed one started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_and_gc_killed_at_random_moments_leave_every_point_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("sda.raw");
-    cairn_sample::create_disk(&disk, 16 << 20, 41).unwrap();
-    let vault_dir = dir.path().join("vault");
-    let url = vault_dir.to_str().unwrap().to_owned();
-    let key = dir.path().join("vault.key");
-    let key_s = key.to_str().unwrap().to_owned();
-    let disk_arg = format!("sda={}", disk.display());
+    let Setup { dir, disk, vault_dir, url, key, key_s, disk_arg } = Setup::new(16 << 20, 41);
     let vault_args = ["--vault", url.as_str(), "--key-file", key_s.as_str()];
     let with = |cmd: &[&'static str]| -> Vec<String> {
         cmd.iter().map(|s| s.to_string()).chain(vault_args.iter().map(|s| s.to_string())).collect()
@@ -276,16 +304,7 @@ async fn prune_and_gc_killed_at_random_moments_leave_every_point_whole() {
     );
     let report = vault.verify(&Default::default(), &|_| {}).await.unwrap();
     assert!(report.is_clean(), "{report:?}");
-    for p in &listing.points {
-        let to = dir.path().join(format!("restored-{}", p.point));
-        let opts = cairn_backup::RestoreOptions::default();
-        let progress = std::sync::Arc::new(cairn_backup::NoProgress);
-        cairn_backup::restore_disk(&vault, p, &"sda".parse().unwrap(), &to, &opts, progress)
-            .await
-            .unwrap();
-        assert_eq!(digest_of(&to), content[&p.point], "point {}", p.point);
-        std::fs::remove_file(&to).unwrap();
-    }
+    restores_as_recorded(&vault, &listing.points, &content, dir.path()).await;
     eprintln!("{} rounds, {killed} prune/gc runs killed mid-way", rounds());
     assert!(killed > 0, "no kill landed mid-run");
 }

@@ -38,15 +38,22 @@ pub struct PointListing {
 
 impl Vault {
     pub(crate) async fn list_paths(&self, prefix: &Path) -> Result<Vec<Path>, Error> {
-        let mut paths: Vec<Path> = self
-            .store
-            .list(Some(prefix))
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|e| Error::storage("list", prefix, e))?;
+        let mut paths: Vec<Path> =
+            self.list_metas(prefix).await?.into_iter().map(|meta| meta.location).collect();
         paths.sort();
         Ok(paths)
+    }
+
+    /// The objects under `prefix`, with their sizes and store times.
+    pub(crate) async fn list_metas(
+        &self,
+        prefix: &Path,
+    ) -> Result<Vec<object_store::ObjectMeta>, Error> {
+        self.store
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::storage("list", prefix, e))
     }
 
     /// Writes a new object, sealed (in an encrypted vault), create-only: an existing one is

@@ -141,17 +141,9 @@ impl Vault {
         stale_after: jiff::SignedDuration,
     ) -> Result<(), Error> {
         let prefix = layout::packs();
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::storage("list", &prefix, e))?;
+        let metas = self.list_metas(&prefix).await?;
         for meta in metas {
-            let written = super::store_time(
-                meta.last_modified.timestamp(),
-                meta.last_modified.timestamp_subsec_nanos(),
-            );
+            let written = super::store_time(&meta);
             match layout::parse_pack_path(&meta.location) {
                 Some(name) => {
                     let facts =

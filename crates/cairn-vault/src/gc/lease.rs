@@ -41,10 +41,7 @@ impl Vault {
                 Err(e) => return Err(e),
             };
             let age = match self.store.head(&path).await {
-                Ok(meta) => Timestamp::now().duration_since(super::store_time(
-                    meta.last_modified.timestamp(),
-                    meta.last_modified.timestamp_subsec_nanos(),
-                )),
+                Ok(meta) => Timestamp::now().duration_since(super::store_time(&meta)),
                 Err(object_store::Error::NotFound { .. }) => continue,
                 Err(e) => return Err(Error::storage("read", &path, e)),
             };

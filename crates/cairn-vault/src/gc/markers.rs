@@ -2,7 +2,6 @@
 //! a backup commits or is reaped.
 
 use cairn_format::{Fate, FateKind, InflightMarker, PointId};
-use futures::TryStreamExt;
 use jiff::{SignedDuration, Timestamp};
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
@@ -41,12 +40,7 @@ impl Vault {
         stale_after: SignedDuration,
     ) -> Result<Vec<MarkerInfo>, Error> {
         let prefix = Path::from("inflight");
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::storage("list", &prefix, e))?;
+        let metas = self.list_metas(&prefix).await?;
         let mut out = vec![];
         for meta in metas.into_iter().filter(|m| layout::is_marker(&m.location)) {
             let Some(point) = meta
@@ -63,10 +57,7 @@ impl Vault {
                 Err(Error::Corrupt { .. }) => None,
                 Err(e) => return Err(e),
             };
-            let age = now.duration_since(super::store_time(
-                meta.last_modified.timestamp(),
-                meta.last_modified.timestamp_subsec_nanos(),
-            ));
+            let age = now.duration_since(super::store_time(&meta));
             let done = match &marker {
                 Some(m) => self.head_exists(&layout::manifest(&m.vm, &point)).await?,
                 None => false,
@@ -163,10 +154,7 @@ impl Vault {
         let path = layout::fate(point);
         match self.store.head(&path).await {
             Ok(meta) => {
-                let at = super::store_time(
-                    meta.last_modified.timestamp(),
-                    meta.last_modified.timestamp_subsec_nanos(),
-                );
+                let at = super::store_time(&meta);
                 Ok(Timestamp::now().duration_since(at) > age)
             }
             Err(object_store::Error::NotFound { .. }) => Ok(false),

@@ -43,9 +43,11 @@ use rand::RngExt;
 use crate::{Error, Vault, layout};
 use markers::MarkerKind;
 
-/// A store's object time (seconds and nanoseconds since the epoch) as a timestamp.
-pub(crate) fn store_time(secs: i64, nanos: u32) -> Timestamp {
-    Timestamp::new(secs, nanos as i32).unwrap_or(Timestamp::UNIX_EPOCH)
+/// When the store wrote an object, as a timestamp.
+pub(crate) fn store_time(meta: &object_store::ObjectMeta) -> Timestamp {
+    let t = &meta.last_modified;
+    Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// How a collector run works.
