@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::Error;
 
 /// How long `qemu-nbd` may take to open an image and listen.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A persistent dirty bitmap stored in a qcow2 image.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -192,14 +192,27 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        // SIGTERM lets qemu-nbd close the image cleanly; it exits at once on a read-only image.
+        // SIGTERM lets qemu-nbd close the image cleanly; it exits at once on a read-only image
+        // once it runs. One that does not (a signal caught while it was still starting) is
+        // killed after a grace time: a drop never waits without bound.
         let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
         if let Some(pid) = pid {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
+        let started = Instant::now();
+        while started.elapsed() < STOP_GRACE {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
+
+/// How long a stopped qemu-nbd may take to exit before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -33,8 +33,20 @@ impl NbdSource {
             _ => None,
         };
         let server = QemuNbd::serve(image, format, bitmap)?;
-        let mut source =
-            NbdSource::connect(server.socket(), "", image.display().to_string(), previous)?;
+        // qemu-nbd creates its socket (bind) a moment before it listens: a connection refused
+        // then is tried again, for as long as the server may take to start.
+        let started = std::time::Instant::now();
+        let mut source = loop {
+            match NbdSource::connect(server.socket(), "", image.display().to_string(), previous) {
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && started.elapsed() < crate::qemu::START_TIMEOUT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                result => break result?,
+            }
+        };
         source._server = Some(server);
         Ok(source)
     }

@@ -53,9 +53,15 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-nbd runs (install qemu-utils)");
-        // Waits for the socket, not for a time: qemu-nbd creates it once it listens.
-        while !socket.exists() {
-            std::thread::yield_now();
+        // Waits until it accepts a connection, not for a time: qemu-nbd creates its socket a
+        // moment before it listens (a probe is harmless to a --persistent server).
+        let started = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "qemu-nbd never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Server { child, socket }
     }
