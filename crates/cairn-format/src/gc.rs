@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::decode_json;
+use crate::manifest::json_document;
 use crate::{Digest, Error, PointId};
 
 /// A collector run's plan, written create-only before it deletes anything and deleted when
@@ -22,16 +22,7 @@ pub struct GcPlan {
     pub condemned: Vec<Digest>,
 }
 
-impl GcPlan {
-    /// The plan's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a plan.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "gc plan", 1)
-    }
-}
+json_document!(GcPlan, "gc plan");
 
 /// How a backup's in-flight marker ends, decided once by a create-only write: the backup
 /// writes `commit` just before its manifest; a collector that finds the marker stale writes
@@ -62,15 +53,9 @@ impl Fate {
     pub fn new(fate: FateKind, at: Timestamp) -> Self {
         Fate { format: 1, fate, at }
     }
-    /// The record's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "fate record", 1)
-    }
 }
+
+json_document!(Fate, "fate record");
 
 /// The base a running backup compares against, recorded beside its marker before it reads
 /// anything of it: a collector keeps everything those index roots reach alive while the
@@ -85,16 +70,7 @@ pub struct BaseRecord {
     pub roots: Vec<Digest>,
 }
 
-impl BaseRecord {
-    /// The record's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "base record", 1)
-    }
-}
+json_document!(BaseRecord, "base record");
 
 /// The lease one collector (or repair) run holds on a vault, `lease/gc.json`, create-only:
 /// two runs at once would each trust pack indexes the other is rewriting.
@@ -110,16 +86,7 @@ pub struct Lease {
     pub at: Timestamp,
 }
 
-impl Lease {
-    /// The record's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "lease", 1)
-    }
-}
+json_document!(Lease, "lease");
 
 #[cfg(test)]
 mod tests {

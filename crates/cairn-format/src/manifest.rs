@@ -184,16 +184,7 @@ pub struct InflightMarker {
     pub owner: String,
 }
 
-impl InflightMarker {
-    /// The marker's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a marker.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "in-flight marker", 1)
-    }
-}
+json_document!(InflightMarker, "in-flight marker");
 
 /// A pack, named with its size: what a resume record lists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,16 +207,7 @@ pub struct ResumeRecord {
     pub packs: Vec<SizedPack>,
 }
 
-impl ResumeRecord {
-    /// The record's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "resume record", 1)
-    }
-}
+json_document!(ResumeRecord, "resume record");
 
 /// Written by verify for a point that references bad or missing chunks. A damaged point is
 /// never used as the base of an incremental backup.
@@ -243,21 +225,30 @@ pub struct DamageRecord {
     pub bad_chunks: BTreeMap<Digest, String>,
 }
 
-impl DamageRecord {
-    /// The record's bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).unwrap_or_default()
-    }
-    /// Decodes a record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
-        decode_json(bytes, "damage record", 1)
-    }
-}
+json_document!(DamageRecord, "damage record");
 
 #[derive(Deserialize)]
 struct FormatOnly {
     format: u32,
 }
+
+/// `encode` (pretty JSON) and `decode` (format 1, checked first) for a small JSON document
+/// of the vault: markers, records, plans.
+macro_rules! json_document {
+    ($ty:ty, $what:literal) => {
+        impl $ty {
+            /// The document's bytes.
+            pub fn encode(&self) -> Vec<u8> {
+                serde_json::to_vec_pretty(self).unwrap_or_default()
+            }
+            /// Decodes the document; another format than 1 is refused with "upgrade Cairn".
+            pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
+                $crate::manifest::decode_json(bytes, $what, 1)
+            }
+        }
+    };
+}
+pub(crate) use json_document;
 
 pub(crate) fn decode_json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
