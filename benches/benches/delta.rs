@@ -40,12 +40,14 @@ impl BlockEncoder for Plain {
 fn full_backup(disk: &cairn_delta::MemSource) -> (Vec<BlockEntry>, HashMap<Digest, Vec<u8>>) {
     let (mut entries, mut chunks) = (Vec::new(), HashMap::new());
     scan(disk, NoPrevious, &NoBases, &Plain, &EngineConfig::new(BLOCK), |b| {
+        let holes = b.trailing_holes as usize;
         for e in b.events {
             entries.push(e.entry());
             if let BlockEvent::Changed { chunk, payload, .. } = e {
                 chunks.insert(chunk, payload);
             }
         }
+        entries.extend(std::iter::repeat_n(BlockEntry::Hole, holes));
         Ok(())
     })
     .unwrap_or_default();

@@ -476,7 +476,7 @@ async fn consume(
         }
         state.progress.bytes_scanned += batch.bytes_scanned;
         state.progress.position =
-            ((batch.first_block + batch.events.len() as u64) * state.block_size).min(size);
+            ((batch.first_block + batch.block_count()) * state.block_size).min(size);
         for event in batch.events {
             if let Some(page) = index.push(event.entry()) {
                 store_page(state, page).await?;
@@ -486,6 +486,9 @@ async fn consume(
                 let stored = state.packs.store(&chunk, payload?).await?;
                 note_stored(state, stored, u64::from(len));
             }
+        }
+        for page in index.push_holes(batch.trailing_holes) {
+            store_page(state, page).await?;
         }
         progress.disk(&state.progress);
     }

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use cairn_delta::PreviousIndex;
-use cairn_format::index::{BlockEntry, IndexPage};
+use cairn_format::index::{BlockEntry, IndexRoot};
 use cairn_format::{Digest, DiskRecord};
 use cairn_vault::Vault;
 use futures::StreamExt;
@@ -13,12 +13,26 @@ use tokio::sync::mpsc;
 /// Reads pages ahead in a task; the engine's reader thread takes entries one by one. If the
 /// previous index cannot be read, the rest of the disk is compared against nothing (a full
 /// scan from there) and the reason is kept for the point's evidence.
+///
+/// A run of identical pages (the root names it once, with a count: the holes of a sparse
+/// disk) is read once and skipped whole, so a sparse disk's previous index costs time and
+/// memory by its runs, not by its size.
 pub(crate) struct VaultPrevious {
-    pages: mpsc::Receiver<Result<IndexPage, String>>,
-    current: std::vec::IntoIter<BlockEntry>,
+    runs: mpsc::Receiver<Result<PageRun, String>>,
+    /// The current run's page, expanded, and the position in it.
+    entries: Vec<BlockEntry>,
+    pos: usize,
+    /// Times the current page repeats after this one.
+    repeats: u64,
     block: u64,
     failure: Arc<Mutex<Option<String>>>,
     done: bool,
+}
+
+/// One page of the root and how many times in a row it comes.
+struct PageRun {
+    entries: Vec<BlockEntry>,
+    times: u64,
 }
 
 impl VaultPrevious {
@@ -33,48 +47,62 @@ impl VaultPrevious {
         let (tx, rx) = mpsc::channel(4);
         let vault = vault.clone();
         tokio::spawn(async move {
-            let digests = root.as_ref().clone().into_page_digests().enumerate();
-            let mut pages = futures::stream::iter(digests)
-                .map(|(i, d)| {
+            let mut first = 0u64;
+            let runs: Vec<(u64, Digest, u64)> = root
+                .pages
+                .iter()
+                .map(|&(digest, times)| {
+                    let run = (first, digest, times);
+                    first += times;
+                    run
+                })
+                .collect();
+            let mut pages = futures::stream::iter(runs)
+                .map(|(first, digest, times)| {
                     let (vault, root) = (vault.clone(), Arc::clone(&root));
-                    async move {
-                        vault.read_page_of(&root, i as u64, &d).await.map_err(|e| e.to_string())
-                    }
+                    async move { read_run(&vault, &root, first, &digest, times).await }
                 })
                 .buffered(4);
-            while let Some(page) = pages.next().await {
-                let failed = page.is_err();
-                if tx.send(page).await.is_err() || failed {
+            while let Some(run) = pages.next().await {
+                let failed = run.is_err();
+                if tx.send(run).await.is_err() || failed {
                     return;
                 }
             }
         });
         let failure = Arc::new(Mutex::new(None));
         let me = VaultPrevious {
-            pages: rx,
-            current: Vec::new().into_iter(),
+            runs: rx,
+            entries: Vec::new(),
+            pos: 0,
+            repeats: 0,
             block: 0,
             failure: Arc::clone(&failure),
             done: false,
         };
         Ok((me, failure))
     }
-}
 
-impl PreviousIndex for VaultPrevious {
-    fn next_entry(
-        &mut self,
-    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
+    /// Moves to the next page: the current one again if it repeats, else the next run's.
+    /// False once there are no more.
+    fn next_page(&mut self) -> bool {
         loop {
-            if let Some(entry) = self.current.next() {
-                self.block += 1;
-                return Ok(Some(entry));
+            if self.repeats > 0 {
+                self.repeats -= 1;
+                self.pos = 0;
+                return true;
             }
             if self.done {
-                return Ok(None);
+                return false;
             }
-            match self.pages.blocking_recv() {
-                Some(Ok(page)) => self.current = page.entries().collect::<Vec<_>>().into_iter(),
+            match self.runs.blocking_recv() {
+                Some(Ok(run)) => {
+                    (self.entries, self.pos, self.repeats) = (run.entries, 0, run.times - 1);
+                    if !self.entries.is_empty() {
+                        return true;
+                    }
+                    self.repeats = 0;
+                }
                 Some(Err(e)) => {
                     self.done = true;
                     let why =
@@ -86,6 +114,67 @@ impl PreviousIndex for VaultPrevious {
                 None => self.done = true,
             }
         }
+    }
+}
+
+/// Reads the page that comes `times` times from page `first` on, checked at both ends of the
+/// run (the disk's last page may be the short one).
+async fn read_run(
+    vault: &Vault,
+    root: &IndexRoot,
+    first: u64,
+    digest: &Digest,
+    times: u64,
+) -> Result<PageRun, String> {
+    let page = vault.read_page_of(root, first, digest).await.map_err(|e| e.to_string())?;
+    if times == 0 {
+        return Err(format!("the index root repeats page {digest} zero times"));
+    }
+    let last = first + times - 1;
+    root.check_page(last, &page).map_err(|e| format!("page {digest}: {e}"))?;
+    Ok(PageRun { entries: page.entries().collect(), times })
+}
+
+impl PreviousIndex for VaultPrevious {
+    fn next_entry(
+        &mut self,
+    ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
+        loop {
+            if let Some(entry) = self.entries.get(self.pos) {
+                self.pos += 1;
+                self.block += 1;
+                return Ok(Some(*entry));
+            }
+            if !self.next_page() {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Skips whole repeats of a page without expanding them.
+    fn skip_entries(
+        &mut self,
+        mut count: u64,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        while count > 0 {
+            let len = self.entries.len() as u64;
+            let here = (len - self.pos as u64).min(count);
+            self.pos += here as usize;
+            self.block += here;
+            count -= here;
+            if count == 0 {
+                break;
+            }
+            // The current page is used up: skip the repeats the count covers whole.
+            let whole = self.repeats.min(count / len.max(1));
+            self.repeats -= whole;
+            self.block += whole * len;
+            count -= whole * len;
+            if !self.next_page() {
+                break;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -40,12 +40,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut chunks: HashMap<Digest, Vec<u8>> = HashMap::new();
     // First version: every block is new; keep the index and the blocks.
     let first = scan(&RawFile::open(&old)?, NoPrevious, &NoBases, &Keep, &config, |batch| {
+        let holes = batch.trailing_holes as usize;
         for event in batch.events {
             index.push(event.entry());
             if let BlockEvent::Changed { chunk, payload, .. } = event {
                 chunks.insert(chunk, payload);
             }
         }
+        index.extend(std::iter::repeat_n(BlockEntry::Hole, holes));
         Ok(())
     })?;
     // Second version, against the first: the index says what each block was, and the kept

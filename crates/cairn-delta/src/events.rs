@@ -41,8 +41,12 @@ impl<O> BlockEvent<O> {
 pub struct Batch<O> {
     /// Index of the first block.
     pub first_block: u64,
-    /// One event per block.
+    /// One event per block, for the batch's first blocks.
     pub events: Vec<BlockEvent<O>>,
+    /// Blocks after `events` that are holes, counted rather than listed: a hole batch (a run
+    /// of up to 1 GiB the source calls unallocated) has no events, only this count, so a
+    /// sparse disk costs memory and time by its data, not by its size.
+    pub trailing_holes: u64,
     /// Bytes of the batch's blocks that were read and hashed (holes excluded).
     pub bytes_scanned: u64,
     /// Blocks taken from the previous index unread, because tracking calls them clean.
@@ -52,6 +56,19 @@ pub struct Batch<O> {
     /// Changed blocks stored whole because their base, read back, did not support the patch
     /// their piece sums chose (a piece-sum collision, or a damaged base).
     pub patches_refused: u64,
+}
+
+impl<O> Batch<O> {
+    /// How many blocks the batch covers.
+    pub fn block_count(&self) -> u64 {
+        self.events.len() as u64 + self.trailing_holes
+    }
+
+    /// Each block's index entry, in order (the trailing holes included).
+    pub fn entries(&self) -> impl Iterator<Item = BlockEntry> + '_ {
+        let holes = std::iter::repeat_n(BlockEntry::Hole, self.trailing_holes as usize);
+        self.events.iter().map(BlockEvent::entry).chain(holes)
+    }
 }
 
 /// Totals of one scan.

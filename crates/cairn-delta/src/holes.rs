@@ -3,8 +3,8 @@
 use crate::scan::Slot;
 use crate::{BlockSource, Error, Extent};
 
-/// Longest batch made of one hole: a 1 TiB disk with 1 GiB of data costs about a thousand
-/// work items for its holes instead of half a million.
+/// Longest batch made of one hole. A hole batch is a count, not a list of blocks, so this
+/// bounds only the number of work items: a 16 TiB sparse disk is about sixteen thousand.
 const MAX_HOLE_BATCH: u64 = 1 << 30;
 /// How far ahead each probe for data looks while a hole batch grows.
 const HOLE_PROBE: u64 = 64 << 20;

@@ -11,6 +11,18 @@ pub trait PreviousIndex: Send {
     fn next_entry(
         &mut self,
     ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Passes over the next `count` entries unread (a run of holes in the source, where the
+    /// previous entries do not matter). An implementation that holds runs skips them whole;
+    /// this default reads them one by one.
+    fn skip_entries(&mut self, count: u64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        for _ in 0..count {
+            if self.next_entry()?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<P: PreviousIndex + ?Sized> PreviousIndex for Box<P> {
@@ -18,6 +30,10 @@ impl<P: PreviousIndex + ?Sized> PreviousIndex for Box<P> {
         &mut self,
     ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
         (**self).next_entry()
+    }
+
+    fn skip_entries(&mut self, count: u64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        (**self).skip_entries(count)
     }
 }
 
@@ -39,6 +55,10 @@ impl PreviousIndex for NoPrevious {
         &mut self,
     ) -> Result<Option<BlockEntry>, Box<dyn std::error::Error + Send + Sync>> {
         Ok(None)
+    }
+
+    fn skip_entries(&mut self, _: u64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(())
     }
 }
 

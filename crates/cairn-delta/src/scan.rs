@@ -43,6 +43,43 @@ struct Work {
     /// `None` when no block of the batch was read.
     buf: Option<Vec<u8>>,
     slots: Vec<Slot>,
+    /// A batch of holes only, counted (`slots` is then empty).
+    holes: Option<HoleRun>,
+}
+
+/// Consecutive blocks that all come out as holes, and how many of them tracking carried or
+/// sampled.
+#[derive(Clone, Copy, Debug, Default)]
+struct HoleRun {
+    blocks: u64,
+    carried: u64,
+    sampled: u64,
+}
+
+/// The previous index with room to give one entry back.
+struct Lookahead<P> {
+    inner: P,
+    back: Option<Option<BlockEntry>>,
+}
+
+impl<P: PreviousIndex> Lookahead<P> {
+    fn next(&mut self) -> Result<Option<BlockEntry>, Error> {
+        match self.back.take() {
+            Some(entry) => Ok(entry),
+            None => self.inner.next_entry().map_err(Error::Previous),
+        }
+    }
+
+    fn put_back(&mut self, entry: Option<BlockEntry>) {
+        self.back = Some(entry);
+    }
+
+    fn skip(&mut self, mut count: u64) -> Result<(), Error> {
+        if count > 0 && self.back.take().is_some() {
+            count -= 1;
+        }
+        self.inner.skip_entries(count).map_err(Error::Previous)
+    }
 }
 
 type Outcome<O> = Result<(u64, Batch<O>), Error>;
@@ -101,7 +138,7 @@ where
 
 fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
     source: &S,
-    mut previous: P,
+    previous: P,
     config: &EngineConfig,
     stop: &AtomicBool,
     pool: &Receiver<Vec<u8>>,
@@ -109,6 +146,7 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
 ) -> Result<(), Error> {
     let size = source.size();
     let block = u64::from(config.block_size);
+    let mut previous = Lookahead { inner: previous, back: None };
     let mut dirty = DirtyCursor::default();
     let mut offset = 0u64;
     let mut seq = 0u64;
@@ -116,28 +154,37 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mut len = (config.batch_bytes as u64).min(size - offset) as usize;
+        let len = (config.batch_bytes as u64).min(size - offset) as usize;
+        let first_block = offset / block;
         let extents = source.allocated(offset, len as u64)?;
         if extents.is_empty() {
-            len = hole_run(source, offset, len as u64, block)? as usize;
+            let run = hole_run(source, offset, len as u64, block)?;
+            let holes = count_holes(&mut previous, config, &mut dirty, offset, run, size)?;
+            if holes.blocks > 0 {
+                let item = Work {
+                    seq,
+                    first_block,
+                    len: 0,
+                    buf: None,
+                    slots: Vec::new(),
+                    holes: Some(holes),
+                };
+                if work.send(item).is_err() {
+                    return Ok(());
+                }
+                seq += 1;
+                offset = (offset + holes.blocks * block).min(size);
+                continue;
+            }
+            // Tracking carries a block here that is not a hole: an ordinary batch.
         }
         let blocks = (len as u64).div_ceil(block) as usize;
-        let first_block = offset / block;
         let mut slots = Vec::with_capacity(blocks);
         for i in 0..blocks as u64 {
-            let prev = previous.next_entry().map_err(Error::Previous)?;
+            let prev = previous.next()?;
             let start = offset + i * block;
             let end = (start + block).min(size);
-            slots.push(match (&config.tracking, prev) {
-                (Some(t), Some(p)) if !dirty.overlaps(&t.dirty, start, end) => {
-                    if t.sampled(first_block + i) {
-                        Slot::Read { prev, hole: false, sample: true }
-                    } else {
-                        Slot::Carry(p)
-                    }
-                }
-                _ => Slot::Read { prev, hole: false, sample: false },
-            });
+            slots.push(slot_for(config, &mut dirty, prev, first_block + i, start, end));
         }
         let runs = read_runs(&slots, offset, block, len);
         mark_holes(&mut slots, &extents, offset, block);
@@ -167,7 +214,7 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
             }
             Some(buf)
         };
-        let item = Work { seq, first_block, len, buf, slots };
+        let item = Work { seq, first_block, len, buf, slots, holes: None };
         if work.send(item).is_err() {
             return Ok(());
         }
@@ -175,6 +222,73 @@ fn read_batches<S: BlockSource + ?Sized, P: PreviousIndex>(
         offset += len as u64;
     }
     Ok(())
+}
+
+/// What the workers will do with block number `block_no`, `[start, end)` on the disk.
+fn slot_for(
+    config: &EngineConfig,
+    dirty: &mut DirtyCursor,
+    prev: Option<BlockEntry>,
+    block_no: u64,
+    start: u64,
+    end: u64,
+) -> Slot {
+    match (&config.tracking, prev) {
+        (Some(t), Some(p)) if !dirty.overlaps(&t.dirty, start, end) => {
+            if t.sampled(block_no) {
+                Slot::Read { prev, hole: false, sample: true }
+            } else {
+                Slot::Carry(p)
+            }
+        }
+        _ => Slot::Read { prev, hole: false, sample: false },
+    }
+}
+
+/// How many blocks from `offset`, within a hole of `run` bytes, come out as holes: all of
+/// them without tracking (their previous entries are skipped unread), else up to the first
+/// that tracking carries as something else or whose sample disagrees (left to an ordinary
+/// batch, which reports it).
+fn count_holes<P: PreviousIndex>(
+    previous: &mut Lookahead<P>,
+    config: &EngineConfig,
+    dirty: &mut DirtyCursor,
+    offset: u64,
+    run: u64,
+    size: u64,
+) -> Result<HoleRun, Error> {
+    let block = u64::from(config.block_size);
+    let blocks = run.div_ceil(block);
+    if config.tracking.is_none() {
+        previous.skip(blocks)?;
+        return Ok(HoleRun { blocks, ..HoleRun::default() });
+    }
+    let mut holes = HoleRun::default();
+    let first_block = offset / block;
+    while holes.blocks < blocks {
+        let prev = previous.next()?;
+        let start = offset + holes.blocks * block;
+        let end = (start + block).min(size);
+        let hole = match slot_for(config, dirty, prev, first_block + holes.blocks, start, end) {
+            Slot::Carry(BlockEntry::Hole) => {
+                holes.carried += 1;
+                true
+            }
+            Slot::Carry(_) => false,
+            Slot::Read { sample: false, .. } => true,
+            Slot::Read { sample: true, prev, .. } => {
+                let agrees = agrees::<()>(&BlockEvent::Hole, prev);
+                holes.sampled += u64::from(agrees);
+                agrees
+            }
+        };
+        if !hole {
+            previous.put_back(prev);
+            break;
+        }
+        holes.blocks += 1;
+    }
+    Ok(holes)
 }
 
 fn hash_batches<E: BlockEncoder>(
@@ -217,11 +331,18 @@ fn hash_batch<E: BlockEncoder>(
     let mut batch = Batch {
         first_block: item.first_block,
         events: Vec::with_capacity(item.slots.len()),
+        trailing_holes: 0,
         bytes_scanned: 0,
         carried: 0,
         sampled: 0,
         patches_refused: 0,
     };
+    if let Some(holes) = item.holes {
+        batch.trailing_holes = holes.blocks;
+        batch.carried = holes.carried;
+        batch.sampled = holes.sampled;
+        return Ok((item.seq, batch));
+    }
     // First pass: what each block is, short of the patch checks.
     let mut looks = Vec::with_capacity(item.slots.len());
     for (i, slot) in item.slots.iter().enumerate() {
@@ -325,6 +446,8 @@ fn tally<O>(s: &mut ScanSummary, batch: &Batch<O>) {
     s.carried += batch.carried;
     s.sampled += batch.sampled;
     s.patches_refused += batch.patches_refused;
+    s.blocks += batch.trailing_holes;
+    s.holes += batch.trailing_holes;
     for event in &batch.events {
         s.blocks += 1;
         match event {

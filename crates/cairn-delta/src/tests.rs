@@ -40,8 +40,10 @@ fn run(
     let mut expected_first = 0;
     let summary = scan(src, prev.into_iter(), &NoBases, &Copy, &config(threads), |b| {
         assert_eq!(b.first_block, expected_first);
-        expected_first += b.events.len() as u64;
+        expected_first += b.block_count();
+        let holes = b.trailing_holes as usize;
         events.extend(b.events);
+        events.extend(std::iter::repeat_with(|| BlockEvent::Hole).take(holes));
         Ok(())
     })
     .unwrap();
@@ -136,7 +138,7 @@ fn scan_all(
 ) -> Result<(ScanSummary, Vec<BlockEntry>), Error> {
     let mut entries = Vec::new();
     let summary = scan(src, prev.into_iter(), &NoBases, &(), config, |b| {
-        entries.extend(b.events.iter().map(|e| e.entry()));
+        entries.extend(b.entries());
         Ok(())
     })?;
     Ok((summary, entries))
@@ -208,13 +210,36 @@ impl BlockSource for Sparse {
 }
 
 #[test]
+fn a_hole_run_stops_where_tracking_carries_data() {
+    let data: Vec<u8> = (0..4096 * 64).map(|i| (i / 4096 + 1) as u8).collect();
+    let old = MemSource::new("m", data);
+    let (_, prev) = scan_all(&old, vec![], &config(2)).unwrap();
+    // The source now has a hole over blocks 8..56, but the tracker saw writes to 8..30 only.
+    let new = old.clone().with_hole(4096 * 8, 4096 * 48);
+    let dirty = vec![Extent { offset: 4096 * 8, len: 4096 * 22 }];
+    let (s, got) = scan_all(&new, prev.clone(), &tracked(dirty.clone(), 0)).unwrap();
+    // Tracking decides what is unchanged: blocks 30..56 keep their entries, each in its place.
+    assert_eq!(got.len(), 64);
+    assert!(got[8..30].iter().all(|e| *e == BlockEntry::Hole));
+    assert_eq!(got[30..], prev[30..]);
+    assert_eq!(got[..8], prev[..8]);
+    assert_eq!((s.holes, s.carried), (22, 42));
+    // Sampling every clean block finds the first block the tracker missed.
+    let err = scan_all(&new, prev, &tracked(dirty, 1)).unwrap_err();
+    assert!(matches!(err, Error::TrackingMismatch { block: 30, .. }), "{err}");
+}
+
+#[test]
 fn long_holes_are_few_batches() {
     let mut batches = 0;
     let mut entries = Vec::new();
     let config = EngineConfig::with_threads(65536, 2);
+    let most_events = config.batch_bytes / 65536;
     let s = scan(&Sparse, NoPrevious, &NoBases, &(), &config, |b| {
         batches += 1;
-        entries.extend(b.events.iter().map(|e| e.entry()));
+        // A hole batch is a count: memory follows the data, not the disk's size.
+        assert!(b.events.len() <= most_events, "{} events in one batch", b.events.len());
+        entries.extend(b.entries());
         Ok(())
     })
     .unwrap();
@@ -251,6 +276,7 @@ fn backup_into(
     let bases = store.clone();
     let summary =
         scan(&MemSource::new("d", disk.to_vec()), prev.into_iter(), &bases, &Copy, config, |b| {
+            let holes = b.trailing_holes as usize;
             for e in b.events {
                 entries.push(e.entry());
                 if let BlockEvent::Changed { chunk, payload, .. } = e {
@@ -258,6 +284,7 @@ fn backup_into(
                     store.insert(chunk, payload);
                 }
             }
+            entries.extend(std::iter::repeat_n(BlockEntry::Hole, holes));
             Ok(())
         })
         .unwrap();
@@ -451,6 +478,8 @@ proptest! {
         edits in proptest::collection::vec((0usize..40 * 4096, 1u8..), 0..20),
         extra in proptest::collection::vec(0u64..40, 0..5),
         sample in 0u64..4,
+        kept_holes in proptest::collection::vec((0u64..40, 1u64..12), 0..3),
+        punched in proptest::collection::vec((0u64..40, 1u64..12), 0..3),
     ) {
         let old: Vec<u8> = seed.iter().flat_map(|b| vec![*b; 4096]).collect();
         let mut new = old.clone();
@@ -463,6 +492,9 @@ proptest! {
         }
         // Trackers round up: whole granules may be marked dirty without a change.
         dirty.extend(extra.iter().map(|b| Extent { offset: b * 4096, len: 4096 }));
+        // Holes in both versions, and holes punched since (a discard is a write).
+        let hole = |(b, n): &(u64, u64)| Extent { offset: b * 4096, len: n * 4096 };
+        dirty.extend(punched.iter().map(hole));
         dirty.sort_by_key(|e| e.offset);
         let mut merged: Vec<Extent> = Vec::new();
         for d in dirty {
@@ -471,8 +503,15 @@ proptest! {
                 _ => merged.push(d),
             }
         }
-        let (_, prev) = scan_all(&MemSource::new("old", old), vec![], &config(2)).unwrap();
-        let new = MemSource::new("new", new);
+        let with_holes = |mut src: MemSource, holes: &[(u64, u64)]| {
+            for h in holes.iter().map(hole) {
+                src = src.with_hole(h.offset, h.len);
+            }
+            src
+        };
+        let old = with_holes(MemSource::new("old", old), &kept_holes);
+        let (_, prev) = scan_all(&old, vec![], &config(2)).unwrap();
+        let new = with_holes(with_holes(MemSource::new("new", new), &kept_holes), &punched);
         let (_, want) = scan_all(&new, prev.clone(), &config(2)).unwrap();
         let (_, got) = scan_all(&new, prev, &tracked(merged, sample)).unwrap();
         prop_assert_eq!(got, want);

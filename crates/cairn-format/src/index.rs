@@ -186,6 +186,18 @@ impl IndexPage {
         }
     }
 
+    /// Appends `count` holes, merging runs.
+    fn push_holes(&mut self, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.blocks += count;
+        match self.items.last_mut() {
+            Some(PageItem::Holes(n)) => *n += count,
+            _ => self.items.push(PageItem::Holes(count)),
+        }
+    }
+
     /// One entry per block, in order.
     pub fn entries(&self) -> impl Iterator<Item = BlockEntry> + '_ {
         self.items.iter().flat_map(|item| {
@@ -532,6 +544,23 @@ impl IndexWriter {
         if self.page.block_count() == u64::from(self.blocks_per_page) { self.flush() } else { None }
     }
 
+    /// Adds `count` holes at once (a sparse region costs a step per page, not per block);
+    /// returns the pages that fill up.
+    pub fn push_holes(&mut self, mut count: u64) -> Vec<EncodedPage> {
+        let mut full = Vec::new();
+        let per_page = u64::from(self.blocks_per_page);
+        while count > 0 {
+            let n = count.min(per_page - self.page.block_count());
+            self.page.push_holes(n);
+            self.pushed += n;
+            count -= n;
+            if self.page.block_count() == per_page {
+                full.extend(self.flush());
+            }
+        }
+        full
+    }
+
     fn flush(&mut self) -> Option<EncodedPage> {
         if self.page.block_count() == 0 {
             return None;
@@ -614,10 +643,8 @@ mod tests {
         let size = 1u64 << 40;
         let mut w = IndexWriter::new(size, 65536, DEFAULT_BLOCKS_PER_PAGE).unwrap();
         let mut distinct = std::collections::HashSet::new();
-        for _ in 0..size / 65536 {
-            if let Some(p) = w.push(BlockEntry::Hole) {
-                distinct.insert(p.digest);
-            }
+        for p in w.push_holes(size / 65536) {
+            distinct.insert(p.digest);
         }
         let (last, root) = w.finish().unwrap();
         assert!(last.is_none());
@@ -660,6 +687,33 @@ mod tests {
                 back.extend(page.entries());
             }
             prop_assert_eq!(back, entries);
+        }
+
+        #[test]
+        fn hole_runs_write_what_single_holes_write(
+            runs in proptest::collection::vec((entry(), 0u64..200), 0..40),
+            bpp in 1u32..64,
+        ) {
+            // One writer takes each run of holes in one call, the other block by block.
+            let entries: Vec<BlockEntry> = runs
+                .iter()
+                .flat_map(|(e, holes)| {
+                    std::iter::once(*e).chain(std::iter::repeat_n(BlockEntry::Hole, *holes as usize))
+                })
+                .collect();
+            let size = entries.len() as u64 * 4096;
+            let mut runs_writer = IndexWriter::new(size, 4096, bpp).unwrap();
+            let mut by_runs = Vec::new();
+            for (e, holes) in &runs {
+                by_runs.extend(runs_writer.push(*e));
+                by_runs.extend(runs_writer.push_holes(*holes));
+            }
+            let (last, root) = runs_writer.finish().unwrap();
+            by_runs.extend(last);
+            let (pages, single_root) = build(&entries, bpp);
+            let digests = |p: &[EncodedPage]| p.iter().map(|p| p.digest).collect::<Vec<_>>();
+            prop_assert_eq!(digests(&by_runs), digests(&pages));
+            prop_assert_eq!(root.bytes, single_root.encode());
         }
 
         #[test]

@@ -112,3 +112,36 @@ async fn tracking_from_another_point_or_unusable_means_a_full_scan() {
     assert_eq!(m.disks[&name("os")].stats.bytes_changed, 1 << 20);
     restores_to(&fx, &m, &disk).await;
 }
+
+/// A sparse disk's previous index is mostly one all-hole page repeated: the scan skips those
+/// runs whole, and every entry it carries must still land on its own block.
+#[tokio::test]
+async fn a_sparse_disk_keeps_every_entry_in_place() {
+    let fx = Fixture::new(4096).await;
+    let disk = fx.path("sparse.raw");
+    std::fs::File::create(&disk).unwrap().set_len(256 << 20).unwrap();
+    for (at, seed) in [(10u64 << 20, 1), (100 << 20, 2), (250 << 20, 3)] {
+        cairn_sample::mutate_range(&disk, at, 1 << 20, seed).unwrap();
+    }
+    let first = fx.backup("vm", &[("os", &disk)]).await.unwrap();
+    assert_eq!(first.disks[&name("os")].stats.hole_blocks, (253 << 20) / 4096);
+
+    // One block changes in the data, one is written in a long hole.
+    cairn_sample::mutate_range(&disk, (100 << 20) + 8192, 4096, 4).unwrap();
+    cairn_sample::mutate_range(&disk, 180 << 20, 4096, 5).unwrap();
+    let dirty = vec![
+        Extent { offset: (100 << 20) + 8192, len: 4096 },
+        Extent { offset: 180 << 20, len: 4096 },
+    ];
+    let m = backup_tracked(&fx, &disk, since(&first.point, dirty)).await;
+    let stats = &m.disks[&name("os")].stats;
+    assert_eq!((stats.bytes_changed, stats.hole_blocks), (8192, (253 << 20) / 4096 - 1));
+    restores_to(&fx, &m, &disk).await;
+
+    // Untracked, the previous entries are compared, not carried: still exactly the change.
+    cairn_sample::mutate_range(&disk, (250 << 20) + 4096, 4096, 6).unwrap();
+    let m = backup_tracked(&fx, &disk, ChangeTracking::NotTracked).await;
+    assert_eq!(m.disks[&name("os")].stats.bytes_changed, 4096);
+    restores_to(&fx, &m, &disk).await;
+    assert!(fx.verify_clean().await);
+}
