@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use cairn_delta::PreviousIndex;
-use cairn_format::index::{BlockEntry, IndexRoot};
+use cairn_format::index::{BlockEntry, IndexPage, IndexRoot};
 use cairn_format::{Digest, DiskRecord};
 use cairn_vault::Vault;
 use futures::StreamExt;
@@ -29,9 +29,10 @@ pub(crate) struct VaultPrevious {
     done: bool,
 }
 
-/// One page of the root and how many times in a row it comes.
+/// One page of the root and how many times in a row it comes (kept as read, runs and all:
+/// only the page in use is expanded, whatever the vault's page size).
 struct PageRun {
-    entries: Vec<BlockEntry>,
+    page: IndexPage,
     times: u64,
 }
 
@@ -97,7 +98,8 @@ impl VaultPrevious {
             }
             match self.runs.blocking_recv() {
                 Some(Ok(run)) => {
-                    (self.entries, self.pos, self.repeats) = (run.entries, 0, run.times - 1);
+                    self.entries = run.page.entries().collect();
+                    (self.pos, self.repeats) = (0, run.times - 1);
                     if !self.entries.is_empty() {
                         return true;
                     }
@@ -132,7 +134,7 @@ async fn read_run(
     }
     let last = first + times - 1;
     root.check_page(last, &page).map_err(|e| format!("page {digest}: {e}"))?;
-    Ok(PageRun { entries: page.entries().collect(), times })
+    Ok(PageRun { page, times })
 }
 
 impl PreviousIndex for VaultPrevious {
@@ -170,7 +172,7 @@ impl PreviousIndex for VaultPrevious {
             self.repeats -= whole;
             self.block += whole * len;
             count -= whole * len;
-            if !self.next_page() {
+            if count == 0 || !self.next_page() {
                 break;
             }
         }

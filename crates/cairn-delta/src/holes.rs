@@ -24,7 +24,8 @@ pub(crate) fn hole_run<S: BlockSource + ?Sized>(
         match source.allocated(end, window)?.first() {
             None => end += window,
             Some(data) => {
-                end = end.max(data.offset / block * block);
+                // Clamped: a source that reports data past its own end cannot grow the run.
+                end = end.max(data.offset / block * block).min(size);
                 break;
             }
         }

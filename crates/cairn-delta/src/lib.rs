@@ -4,7 +4,9 @@
 //! it tracks writes, which ranges changed since an earlier point. [`scan`] cuts it into fixed-size blocks, skips holes without
 //! reading them, recognises zero blocks, hashes the rest with SHA-256 on all cores, compares
 //! each block with the previous point's index entry for the same block, and hands the caller,
-//! in block order, one [`BlockEvent`] per block; changed blocks come with the output of the
+//! in block order, batches of one [`BlockEvent`] per block, except that a batch's trailing run
+//! of holes is a count ([`Batch::trailing_holes`]; [`Batch::entries`] lists every block's
+//! entry, holes included); changed blocks come with the output of the
 //! caller's [`BlockEncoder`] (in Cairn: the compressed chunk frame), computed on the worker
 //! threads so that compression scales with hashing.
 //!

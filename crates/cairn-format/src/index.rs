@@ -546,8 +546,12 @@ impl IndexWriter {
 
     /// Adds `count` holes at once (a sparse region costs a step per page, not per block);
     /// returns the pages that fill up.
-    pub fn push_holes(&mut self, mut count: u64) -> Vec<EncodedPage> {
+    pub fn push_holes(&mut self, count: u64) -> Vec<EncodedPage> {
         let mut full = Vec::new();
+        // Never past the disk's end (finish then reports the count as wrong): a bad count
+        // cannot make the writer encode pages without end.
+        let blocks = self.disk_size.div_ceil(u64::from(self.block_size));
+        let mut count = count.min(blocks.saturating_sub(self.pushed) + 1);
         let per_page = u64::from(self.blocks_per_page);
         while count > 0 {
             let n = count.min(per_page - self.page.block_count());
@@ -650,6 +654,13 @@ mod tests {
         assert!(last.is_none());
         assert_eq!(distinct.len(), 1);
         assert!(root.bytes.len() < 100, "{}", root.bytes.len());
+    }
+
+    #[test]
+    fn too_many_holes_are_refused_not_written_forever() {
+        let mut w = IndexWriter::new(10 * 4096, 4096, 4).unwrap();
+        assert_eq!(w.push_holes(u64::MAX).len(), 2);
+        assert!(w.finish().is_err());
     }
 
     #[test]
