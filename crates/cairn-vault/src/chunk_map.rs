@@ -3,7 +3,8 @@
 //! The map is the union of the committed pack indexes, minus the places verify quarantined.
 //! It answers two questions: "does the vault hold this chunk?" (so a backup stores it once)
 //! and "where?" (so a reader fetches its frame with one ranged read). It grows by 44 bytes
-//! per distinct chunk in the vault, about 0.07% of the data at 64 KiB blocks.
+//! per distinct chunk in the vault, about 0.07% of the data at 64 KiB blocks: places are held
+//! in a `PlaceTable`, sorted arrays with no hash-map slack.
 //!
 //! Only committed pack indexes are loaded, so a chunk is never "present" because of a backup
 //! that is still running or that failed: a point can reference only chunks whose place is
@@ -18,6 +19,7 @@ use cairn_format::pack::{IndexedPack, decode_pack_index};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
+use crate::place_table::{Place, PlaceTable};
 use crate::{Error, Vault, layout};
 
 /// Where a chunk's frame is stored.
@@ -31,20 +33,14 @@ pub struct ChunkLocation {
     pub len: u32,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    pack: u32,
-    offset: u32,
-    len: u32,
-}
-
 /// The in-memory map; see the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct ChunkMap {
     loaded: HashSet<String>,
     packs: Vec<Digest>,
     pack_numbers: HashMap<Digest, u32>,
-    chunks: HashMap<Digest, Slot>,
+    /// One place per chunk, settled (sorted) whenever the map is shared.
+    places: PlaceTable,
     quarantined: HashSet<(Digest, Digest)>,
     unreadable: Vec<(String, String)>,
 }
@@ -59,6 +55,12 @@ impl ChunkMap {
 
     /// Adds the chunks of `packs`; a chunk already placed keeps its first place.
     pub(crate) fn add(&mut self, name: String, packs: &[IndexedPack]) {
+        self.push(name, packs);
+        self.places.settle(true);
+    }
+
+    /// `add` without sorting: a bulk load pushes every index, then settles once.
+    fn push(&mut self, name: String, packs: &[IndexedPack]) {
         self.loaded.insert(name);
         for p in packs {
             let pack = self.pack_number(p.pack);
@@ -66,9 +68,19 @@ impl ChunkMap {
                 if self.quarantined.contains(&(e.id, p.pack)) {
                     continue;
                 }
-                self.chunks.entry(e.id).or_insert(Slot { pack, offset: e.offset, len: e.len });
+                self.places.push(Place { id: e.id, pack, offset: e.offset, len: e.len });
             }
         }
+    }
+
+    /// Moves what `new` loaded into this map; chunks this map places keep their place.
+    fn absorb(&mut self, mut new: ChunkMap) {
+        let numbers: Vec<u32> = new.packs.iter().map(|p| self.pack_number(*p)).collect();
+        new.places.renumber(|n| numbers[n as usize]);
+        self.places.append(new.places);
+        self.places.settle(true);
+        self.loaded.extend(new.loaded);
+        self.unreadable.extend(new.unreadable);
     }
 
     /// The bad copies the map leaves out: (chunk, pack).
@@ -81,10 +93,34 @@ impl ChunkMap {
         self.pack_numbers.contains_key(pack)
     }
 
+    /// How many places `keep` accepts in each pack.
+    pub(crate) fn count_by_pack(&self, keep: impl Fn(&Digest) -> bool) -> HashMap<Digest, u64> {
+        let mut counts = vec![0u64; self.packs.len()];
+        for p in self.places.shards().iter().flatten().filter(|p| keep(&p.id)) {
+            counts[p.pack as usize] += 1;
+        }
+        counts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, n)| *n > 0)
+            .map(|(i, n)| (self.packs[i], n))
+            .collect()
+    }
+
+    /// The first chunk placed in `pack` that `keep` accepts.
+    pub(crate) fn first_in_pack(
+        &self,
+        pack: &Digest,
+        keep: impl Fn(&Digest) -> bool,
+    ) -> Option<Digest> {
+        let n = *self.pack_numbers.get(pack)?;
+        self.places.shards().iter().flatten().find(|p| p.pack == n && keep(&p.id)).map(|p| p.id)
+    }
+
     pub(crate) fn locate(&self, id: &Digest) -> Option<ChunkLocation> {
-        let slot = self.chunks.get(id)?;
-        let pack = *self.packs.get(slot.pack as usize)?;
-        Some(ChunkLocation { pack, offset: slot.offset, len: slot.len })
+        let place = self.places.places(id).first()?;
+        let pack = *self.packs.get(place.pack as usize)?;
+        Some(ChunkLocation { pack, offset: place.offset, len: place.len })
     }
 }
 
@@ -141,6 +177,15 @@ impl Vault {
         self.load_chunk_map(Load::All).await
     }
 
+    /// After a collector moved chunks: a map this process loaded is loaded again; one it
+    /// never loaded stays unloaded (the collector itself needs none).
+    pub(crate) async fn forget_chunk_map(&self) -> Result<(), Error> {
+        if self.chunk_map.loaded.load(Ordering::Acquire) {
+            self.reload_chunk_map().await?;
+        }
+        Ok(())
+    }
+
     async fn load_chunk_map(&self, how: Load) -> Result<(), Error> {
         let _one_at_a_time = self.chunk_map.refreshing.lock().await;
         match how {
@@ -194,8 +239,10 @@ impl Vault {
                 });
             m.quarantined.extend(quarantined.iter().copied());
         });
-        let new = names;
-        let mut fetched = futures::stream::iter(new)
+        // New indexes go into a map of their own, settled once and absorbed whole: the shared
+        // map is never seen half sorted.
+        let mut incoming = ChunkMap { quarantined, ..ChunkMap::default() };
+        let mut fetched = futures::stream::iter(names)
             .map(|path| async move {
                 let bytes = self.get_bytes(&path).await;
                 (path, bytes)
@@ -211,18 +258,17 @@ impl Vault {
                     .and_then(|plain| decode_pack_index(&plain)),
             };
             match decoded {
-                Ok(packs) => apply(&mut |m| m.add(path.to_string(), &packs)),
+                Ok(packs) => incoming.push(path.to_string(), &packs),
                 Err(e) => {
                     // Its chunks stay unknown: backups store them again, verify reports the
                     // points that need them. The packs themselves still say what they hold.
                     tracing::warn!(%path, error = %e, "unreadable pack index; its chunks are treated as missing");
-                    apply(&mut |m| {
-                        m.loaded.insert(path.to_string());
-                        m.unreadable.push((path.to_string(), e.to_string()));
-                    });
+                    incoming.loaded.insert(path.to_string());
+                    incoming.unreadable.push((path.to_string(), e.to_string()));
                 }
             }
         }
+        apply(&mut |m| m.absorb(std::mem::take(&mut incoming)));
         Ok(stale)
     }
 

@@ -55,6 +55,42 @@ impl Vault {
     /// The plaintext of chunk `id`, its CRC and SHA-256 checked.
     pub async fn read_chunk(&self, id: &Digest) -> Result<Vec<u8>, Error> {
         let raw = self.read_chunk_raw(id).await?;
+        self.open_chunk(id, raw).await
+    }
+
+    /// Reads chunk `id` from the copy at `loc`, not where the chunk map places it (the
+    /// collector knows every copy and loads no map).
+    pub(crate) async fn read_chunk_at(
+        &self,
+        id: &Digest,
+        loc: &ChunkLocation,
+    ) -> Result<Vec<u8>, Error> {
+        let raw = self.read_frame(id, loc).await?;
+        self.open_chunk(id, raw).await
+    }
+
+    /// An index root read from the copy at `loc`.
+    pub(crate) async fn read_index_root_at(
+        &self,
+        id: &Digest,
+        loc: &ChunkLocation,
+    ) -> Result<IndexRoot, Error> {
+        let plain = self.read_chunk_at(id, loc).await?;
+        IndexRoot::decode(&plain).map_err(|source| Error::Corrupt { path: chunk_name(id), source })
+    }
+
+    /// An index page read from the copy at `loc`.
+    pub(crate) async fn read_index_page_at(
+        &self,
+        id: &Digest,
+        loc: &ChunkLocation,
+    ) -> Result<IndexPage, Error> {
+        let plain = self.read_chunk_at(id, loc).await?;
+        IndexPage::decode(&plain).map_err(|source| Error::Corrupt { path: chunk_name(id), source })
+    }
+
+    /// Decodes and checks a chunk's frame, off the async threads.
+    async fn open_chunk(&self, id: &Digest, raw: Bytes) -> Result<Vec<u8>, Error> {
         let id = *id;
         let crypto = self.crypto.clone();
         let frame = tokio::task::spawn_blocking(move || ChunkFrame::decode_in(&crypto, &raw, &id))

@@ -27,10 +27,12 @@ mod local_store;
 mod notes;
 mod open;
 mod packs;
+mod place_table;
 mod points;
 mod repair;
 mod resume;
 mod retry;
+mod verdicts;
 mod verify;
 
 use std::sync::Arc;

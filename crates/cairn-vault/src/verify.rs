@@ -2,14 +2,15 @@
 //! patched block and check it against its full SHA-256, name each bad chunk and every point it
 //! damages, quarantine it and record the damage.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use cairn_format::index::{BlockEntry, IndexRoot, PatchRef};
 use cairn_format::{ChunkFrame, DamageRecord, Digest, Name, PointId, PointManifest};
 use futures::StreamExt;
 
 use crate::chunks::PackTable;
-use crate::{ChunkLocation, Error, UnreadablePoint, Vault, layout};
+use crate::verdicts::Verdicts;
+use crate::{Error, UnreadablePoint, Vault, layout};
 
 /// Which points to verify.
 #[derive(Clone, Debug, Default)]
@@ -86,10 +87,6 @@ impl VerifyReport {
 /// verify holds one per distinct patched block of the vault.
 type Rebuilt = HashSet<(Digest, Digest, Digest)>;
 
-/// Chunk id to `None` (good) or why it is bad. A patch chunk that is sound on its own but does
-/// not rebuild its block over its base is bad too.
-type Verdicts = HashMap<Digest, Option<String>>;
-
 impl Vault {
     /// Verifies the points in `scope`; see the module docs. Returns an error only when the
     /// vault cannot be read at all; damage is in the report.
@@ -113,7 +110,7 @@ impl Vault {
                 });
             }
         }
-        let mut verdicts: Verdicts = HashMap::new();
+        let mut verdicts = Verdicts::default();
         let mut rebuilt = HashSet::new();
         let mut progress =
             VerifyProgress { points_total: listing.points.len() as u64, ..Default::default() };
@@ -149,9 +146,8 @@ impl Vault {
         report.chunks_checked = progress.chunks_checked;
         report.bytes_checked = progress.bytes_checked;
 
-        report.damaged_packs = self.check_packs(verdicts.keys()).await?;
-        let bad: BTreeMap<Digest, String> =
-            verdicts.into_iter().filter_map(|(id, v)| v.map(|reason| (id, reason))).collect();
+        report.damaged_packs = self.check_packs(&verdicts).await?;
+        let bad: BTreeMap<Digest, String> = verdicts.into_bad();
         if !bad.is_empty() {
             // Points outside the scope may reference the same chunks: find them from indexes.
             let everything = self.list_points(None).await?;
@@ -283,7 +279,7 @@ impl Vault {
                         self.check_rebuild(&p, verdicts, rebuilt).await?;
                     }
                 }
-                bad.extend(ids.iter().filter(|id| matches!(verdicts.get(id), Some(Some(_)))));
+                bad.extend(ids.iter().filter(|id| verdicts.bad(id)));
                 on_progress(progress);
             }
         }
@@ -297,8 +293,7 @@ impl Vault {
         verdicts: &mut Verdicts,
         progress: &mut VerifyProgress,
     ) -> Result<bool, Error> {
-        let todo: Vec<Digest> =
-            ids.iter().filter(|id| !verdicts.contains_key(id)).copied().collect();
+        let todo: Vec<Digest> = ids.iter().filter(|id| !verdicts.known(id)).copied().collect();
         let mut results = futures::stream::iter(todo)
             .map(|id| async move { (id, self.check_chunk(&id).await) })
             .buffer_unordered(32);
@@ -311,9 +306,9 @@ impl Vault {
                 Err(reason) => Some(reason),
             };
             progress.chunks_checked += 1;
-            verdicts.insert(id, verdict);
+            verdicts.set(id, verdict);
         }
-        Ok(ids.iter().all(|id| matches!(verdicts.get(id), Some(None))))
+        Ok(ids.iter().all(|id| verdicts.good(id)))
     }
 
     /// Rebuilds a patched block whose base and patch chunks are good, once per entry; when it
@@ -324,8 +319,10 @@ impl Vault {
         verdicts: &mut Verdicts,
         rebuilt: &mut Rebuilt,
     ) -> Result<(), Error> {
-        let good = |id: &Digest| matches!(verdicts.get(id), Some(None));
-        if !good(&p.base) || !good(&p.patch) || !rebuilt.insert((p.digest, p.base, p.patch)) {
+        if !verdicts.good(&p.base)
+            || !verdicts.good(&p.patch)
+            || !rebuilt.insert((p.digest, p.base, p.patch))
+        {
             return Ok(());
         }
         match self.rebuild_patched(p).await {
@@ -335,29 +332,22 @@ impl Vault {
                     "over base {} it does not rebuild block {}: {source}",
                     p.base, p.digest
                 );
-                verdicts.insert(p.patch, Some(reason));
+                verdicts.set(p.patch, Some(reason));
                 Ok(())
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Checks the header and table of every pack that holds one of `chunks` (as the chunk map
-    /// places them), and that the table places those chunks as the pack index does.
-    async fn check_packs(
-        &self,
-        chunks: impl Iterator<Item = &Digest>,
-    ) -> Result<Vec<(String, String)>, Error> {
-        let mut by_pack: BTreeMap<Digest, Vec<(Digest, ChunkLocation)>> = BTreeMap::new();
-        let ids: Vec<Digest> = chunks.copied().collect();
-        for (id, loc) in ids.iter().zip(self.locate_chunks(&ids).await?) {
-            if let Some(loc) = loc {
-                by_pack.entry(loc.pack).or_default().push((*id, loc));
-            }
-        }
-        let checked: Vec<_> = futures::stream::iter(by_pack)
-            .map(|(pack, placed)| async move {
-                (layout::pack(&pack).to_string(), self.check_pack(&pack, &placed).await)
+    /// Checks the header and table of every pack that holds a chunk verify read (as the
+    /// chunk map places it), and that the table places those chunks as the pack index does.
+    /// Memory follows the packs, not the chunks: the map's places are counted per pack, and
+    /// each pack's table must match that many of them.
+    async fn check_packs(&self, verdicts: &Verdicts) -> Result<Vec<(String, String)>, Error> {
+        let counts = self.chunk_map.read(|m| m.count_by_pack(|id| verdicts.known(id)));
+        let checked: Vec<_> = futures::stream::iter(counts)
+            .map(|(pack, count)| async move {
+                (layout::pack(&pack).to_string(), self.check_pack(&pack, count, verdicts).await)
             })
             .buffer_unordered(8)
             .collect()
@@ -374,28 +364,42 @@ impl Vault {
     }
 
     /// `Ok(Some(reason))` if pack `pack` has a bad header or table, or a table that does not
-    /// place `placed` as the chunk map does; `Ok(None)` if it is sound or gone (its chunks are
-    /// then reported missing).
+    /// place the `count` chunks verify read there as the chunk map does; `Ok(None)` if it is
+    /// sound or gone (its chunks are then reported missing).
     async fn check_pack(
         &self,
         pack: &Digest,
-        placed: &[(Digest, ChunkLocation)],
+        count: u64,
+        verdicts: &Verdicts,
     ) -> Result<Option<String>, Error> {
         let entries = match self.read_pack_table(pack).await? {
             PackTable::Gone => return Ok(None),
             PackTable::Bad(why) => return Ok(Some(why)),
             PackTable::Read(_, entries) => entries,
         };
-        let table: HashSet<(Digest, u32, u32)> =
-            entries.iter().map(|e| (e.id, e.offset, e.len)).collect();
-        for (id, loc) in placed {
-            if !table.contains(&(*id, loc.offset, loc.len)) {
-                return Ok(Some(format!(
-                    "its table does not list chunk {id} where its pack index does"
-                )));
-            }
+        // Each chunk once: a table that lists one chunk twice does not make up for another.
+        let matched: HashSet<Digest> = self.chunk_map.read(|m| {
+            entries
+                .iter()
+                .filter(|e| verdicts.known(&e.id))
+                .filter(|e| {
+                    m.locate(&e.id).is_some_and(|loc| {
+                        loc.pack == *pack && loc.offset == e.offset && loc.len == e.len
+                    })
+                })
+                .map(|e| e.id)
+                .collect()
+        });
+        if matched.len() as u64 >= count {
+            return Ok(None);
         }
-        Ok(None)
+        let unlisted = self
+            .chunk_map
+            .read(|m| m.first_in_pack(pack, |id| verdicts.known(id) && !matched.contains(id)));
+        Ok(Some(match unlisted {
+            Some(id) => format!("its table does not list chunk {id} where its pack index does"),
+            None => "its table does not list every chunk where its pack index does".into(),
+        }))
     }
 
     /// `Ok(Ok(stored bytes))` for a good chunk, `Ok(Err(reason))` for a bad or missing one, and

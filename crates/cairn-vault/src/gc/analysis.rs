@@ -1,36 +1,30 @@
 //! What a collector finds: every pack, every pack index, the chunks live points need, and
 //! from those the packs to delete or repack.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use cairn_format::Digest;
-use cairn_format::pack::{IndexedPack, PackEntry, decode_pack_index};
+use cairn_format::index::{IndexPage, IndexRoot};
+use cairn_format::pack::{PackEntry, decode_pack_index};
 use cairn_format::{PointId, ResumeRecord};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use jiff::Timestamp;
 use object_store::path::Path;
 
+use super::copies::Copies;
 use super::markers::{MarkerInfo, MarkerKind};
+use crate::chunk_map::ChunkLocation;
+use crate::place_table::Place;
 use crate::{Error, Vault, layout};
-
-/// A chunk id cut to 16 bytes: the live set holds millions. Two ids that share them make a
-/// dead chunk look live (it is kept), never the other way round.
-pub(crate) type ShortId = u128;
-
-pub(crate) fn short(id: &Digest) -> ShortId {
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&id.0[..16]);
-    u128::from_le_bytes(b)
-}
 
 /// One pack object.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct PackFacts {
     pub(crate) size: u64,
-    /// When the store wrote it.
+    /// When the store wrote it (`None`: a pack index names it, the store does not hold it).
     pub(crate) written: Option<Timestamp>,
-    /// Its chunks, as the pack indexes that name it list them (`None`: unindexed).
-    pub(crate) entries: Option<Vec<PackEntry>>,
+    /// A pack index names it.
+    pub(crate) indexed: bool,
     /// A resume record under a marker that is not stale names it.
     pub(crate) protected: bool,
     /// Bytes of its frames that live points need.
@@ -42,9 +36,9 @@ pub(crate) struct PackFacts {
 pub(crate) struct Analysis {
     pub(crate) packs: BTreeMap<Digest, PackFacts>,
     /// Every pack index and the packs it names.
-    pub(crate) indexes: Vec<(Path, Vec<IndexedPack>)>,
-    /// Chunks that live points need (short ids).
-    pub(crate) live: HashSet<ShortId>,
+    pub(crate) indexes: Vec<(Path, Vec<Digest>)>,
+    /// Every copy of every chunk, with what live points need marked.
+    pub(crate) copies: Copies,
     /// Copies verify found bad: (chunk, pack).
     pub(crate) quarantined: HashSet<(Digest, Digest)>,
     /// Points read (live and soft-deleted: every manifest).
@@ -68,6 +62,18 @@ impl Analysis {
     pub(crate) fn condemned(&self) -> BTreeSet<Digest> {
         self.dead.union(&self.repack).chain(&self.missing).copied().collect()
     }
+
+    /// True if the copy at `p` is in a pack the store holds and verify did not find it bad.
+    pub(crate) fn readable(&self, p: &Place) -> bool {
+        let pack = self.copies.pack(p.pack);
+        self.packs.get(&pack).is_some_and(|f| f.written.is_some())
+            && (self.quarantined.is_empty() || !self.quarantined.contains(&(p.id, pack)))
+    }
+
+    /// Where to read chunk `id` from.
+    fn locate(&self, id: &Digest) -> Option<ChunkLocation> {
+        self.copies.locate(id, |p| self.readable(p))
+    }
 }
 
 impl Vault {
@@ -82,8 +88,21 @@ impl Vault {
         stale_after: jiff::SignedDuration,
     ) -> Result<Analysis, Error> {
         let mut a = Analysis::default();
-        self.list_packs(&mut a, now, stale_after).await?;
+        // Manifests, then pack indexes, then packs: each is durable before the next is
+        // written, so every point listed finds its chunks in the indexes read, and a pack an
+        // index names that the listing lacks is lost, not merely new. What commits later was
+        // written by a backup that the plan and the wait keep off condemned packs.
+        let listing = self.list_points(None).await?;
         self.read_pack_indexes(&mut a).await?;
+        self.list_packs(&mut a, now, stale_after).await?;
+        // A pack an index names and the store does not hold: lost. Its entries go from the
+        // indexes (the points that need it are damaged either way; verify names them).
+        let missing: Vec<Digest> =
+            a.packs.iter().filter(|(_, f)| f.written.is_none()).map(|(n, _)| *n).collect();
+        for name in missing {
+            a.packs.remove(&name);
+            a.missing.insert(name);
+        }
         self.protect_resumable(&mut a, markers).await?;
         a.quarantined = self
             .list_paths(&layout::quarantine())
@@ -91,40 +110,60 @@ impl Vault {
             .iter()
             .filter_map(layout::parse_quarantined)
             .collect();
-        self.mark_live(&mut a).await?;
-        self.mark_bases_live(&mut a, markers).await?;
-        for (name, facts) in &mut a.packs {
-            let Some(entries) = &facts.entries else {
-                if !facts.protected {
-                    // Unindexed and unclaimed: dead, unless its own table says it holds a
-                    // chunk a point needs (its pack index lost, or set aside by verify).
-                    match self.read_pack_table(name).await? {
-                        crate::chunks::PackTable::Read(_, entries)
-                            if entries.iter().any(|e| a.live.contains(&short(&e.id))) =>
-                        {
-                            a.unindexed_live.insert(*name);
-                        }
-                        crate::chunks::PackTable::Read(..) | crate::chunks::PackTable::Gone => {
-                            a.dead.insert(*name);
-                        }
-                        crate::chunks::PackTable::Bad(_) => {
-                            let old =
-                                facts.written.is_some_and(|w| now.duration_since(w) > stale_after);
-                            if old {
-                                a.dead.insert(*name);
-                            }
-                        }
+        // Unindexed packs no running backup claims are dead, unless their own tables say
+        // they hold a chunk a point needs (their pack index lost, or set aside by verify):
+        // those tables join the copy table before anything is marked.
+        let unclaimed: Vec<Digest> = a
+            .packs
+            .iter()
+            .filter(|(_, f)| !f.indexed && !f.protected)
+            .map(|(name, _)| *name)
+            .collect();
+        for name in unclaimed {
+            match self.read_pack_table(&name).await? {
+                crate::chunks::PackTable::Read(_, entries) => a.copies.push(name, &entries),
+                crate::chunks::PackTable::Gone => {
+                    a.dead.insert(name);
+                }
+                crate::chunks::PackTable::Bad(_) => {
+                    let written = a.packs.get(&name).and_then(|f| f.written);
+                    if written.is_some_and(|w| now.duration_since(w) > stale_after) {
+                        a.dead.insert(name);
                     }
                 }
+            }
+        }
+        a.copies.settle();
+        self.mark_live(&mut a, &listing).await?;
+        self.mark_bases_live(&mut a, markers).await?;
+        let mut live_bytes = vec![0u64; a.copies.pack_count()];
+        for group in a.copies.live_groups() {
+            for p in group {
+                let pack = a.copies.pack(p.pack);
+                if a.quarantined.is_empty() || !a.quarantined.contains(&(p.id, pack)) {
+                    live_bytes[p.pack as usize] += u64::from(p.len);
+                }
+            }
+        }
+        for (n, bytes) in live_bytes.into_iter().enumerate() {
+            let name = a.copies.pack(n as u32);
+            if let Some(f) = a.packs.get_mut(&name) {
+                f.live_bytes = bytes;
+            }
+        }
+        for (name, facts) in &a.packs {
+            if facts.protected || a.dead.contains(name) {
                 continue;
-            };
-            facts.live_bytes = entries
-                .iter()
-                .filter(|e| {
-                    a.live.contains(&short(&e.id)) && !a.quarantined.contains(&(e.id, *name))
-                })
-                .map(|e| u64::from(e.len))
-                .sum();
+            }
+            if !facts.indexed {
+                if facts.live_bytes > 0 {
+                    a.unindexed_live.insert(*name);
+                } else if a.copies.has_pack(name) {
+                    // Its table was read and names nothing a point needs.
+                    a.dead.insert(*name);
+                }
+                continue;
+            }
             if facts.live_bytes == 0 {
                 a.dead.insert(*name);
             } else if (facts.live_bytes as f64) < repack_below * facts.size as f64 {
@@ -146,9 +185,9 @@ impl Vault {
             let written = super::store_time(&meta);
             match layout::parse_pack_path(&meta.location) {
                 Some(name) => {
-                    let facts =
-                        PackFacts { size: meta.size, written: Some(written), ..Default::default() };
-                    a.packs.insert(name, facts);
+                    let facts = a.packs.entry(name).or_default();
+                    facts.size = meta.size;
+                    facts.written = Some(written);
                 }
                 None if now.duration_since(written) > stale_after => a.strays.push(meta.location),
                 None => {}
@@ -157,19 +196,19 @@ impl Vault {
         Ok(())
     }
 
-    /// Reads every pack index. One that cannot be read stops the collector: the chunks it
-    /// places are unknown, and a pack it names might look unindexed.
+    /// Reads every pack index, one at a time into the copy table. One that cannot be read
+    /// stops the collector: the chunks it places are unknown, and a pack it names might look
+    /// unindexed.
     async fn read_pack_indexes(&self, a: &mut Analysis) -> Result<(), Error> {
         let paths = self.list_paths(&layout::pack_indexes()).await?;
-        let read: Vec<_> = futures::stream::iter(paths)
+        let mut read = futures::stream::iter(paths)
             .map(|path| async move {
                 let bytes = self.get_bytes(&path).await?;
                 Ok::<_, Error>((path, bytes))
             })
-            .buffered(16)
-            .try_collect()
-            .await?;
-        for (path, bytes) in read {
+            .buffered(4);
+        while let Some(next) = read.next().await {
+            let (path, bytes) = next?;
             let Some(bytes) = bytes else { continue };
             let packs = self
                 .crypto
@@ -181,25 +220,17 @@ impl Vault {
                          moves it aside) and `cairn-agent repair index`, then gc again"
                     ),
                 })?;
+            drop(bytes);
             for p in &packs {
                 let facts = a.packs.entry(p.pack).or_default();
-                match &mut facts.entries {
-                    None => facts.entries = Some(p.entries.clone()),
-                    Some(known) => {
-                        let have: HashSet<Digest> = known.iter().map(|e| e.id).collect();
-                        known.extend(p.entries.iter().filter(|e| !have.contains(&e.id)).copied());
-                    }
+                // A pack named twice (a collector stopped between writing an index and
+                // deleting the ones it replaces) is the same pack: its copies count once.
+                if !facts.indexed {
+                    facts.indexed = true;
+                    a.copies.push(p.pack, &p.entries);
                 }
             }
-            a.indexes.push((path, packs));
-        }
-        // A pack an index names and the store does not hold: lost. Its entries go from the
-        // indexes (the points that need it are damaged either way; verify names them).
-        let missing: Vec<Digest> =
-            a.packs.iter().filter(|(_, f)| f.written.is_none()).map(|(n, _)| *n).collect();
-        for name in missing {
-            a.packs.remove(&name);
-            a.missing.insert(name);
+            a.indexes.push((path, packs.iter().map(|p| p.pack).collect()));
         }
         Ok(())
     }
@@ -248,8 +279,11 @@ impl Vault {
     /// The chunks every manifest needs: each disk's index root, its pages, and every chunk a
     /// page entry names (a patch's base and patch both). Manifests or pages that cannot be
     /// read stop the collector: what they need is unknown.
-    async fn mark_live(&self, a: &mut Analysis) -> Result<(), Error> {
-        let listing = self.list_points(None).await?;
+    async fn mark_live(
+        &self,
+        a: &mut Analysis,
+        listing: &crate::PointListing,
+    ) -> Result<(), Error> {
         if let Some(u) = listing.unreadable.first() {
             return Err(Error::GcUnsafe {
                 detail: format!(
@@ -260,7 +294,7 @@ impl Vault {
             });
         }
         a.points = listing.points.len();
-        let mut pages_seen: HashSet<ShortId> = HashSet::new();
+        let mut pages_seen: HashSet<Digest> = HashSet::new();
         for m in &listing.points {
             let unsafe_point = |what: String, e: Error| Error::GcUnsafe {
                 detail: format!(
@@ -270,27 +304,46 @@ impl Vault {
                 ),
             };
             for (disk, record) in &m.disks {
-                a.live.insert(short(&record.index_root));
+                a.copies.mark_live(&record.index_root);
                 let root = self
-                    .read_disk_index(record)
+                    .read_root(a, &record.index_root)
                     .await
+                    .and_then(|root| {
+                        root.check_geometry(record.size, record.block_size).map(|()| root).map_err(
+                            |source| Error::Corrupt {
+                                path: format!("chunk {}", record.index_root),
+                                source,
+                            },
+                        )
+                    })
                     .map_err(|e| unsafe_point(format!("the index of disk {disk}"), e))?;
-                let todo: Vec<Digest> = crate::verify::page_runs(&root)
+                let todo: Vec<(Digest, Option<ChunkLocation>)> = crate::verify::page_runs(&root)
                     .into_iter()
                     .map(|(page, _, _)| page)
-                    .filter(|p| pages_seen.insert(short(p)))
+                    .filter(|p| pages_seen.insert(*p))
+                    .map(|p| (p, a.locate(&p)))
                     .collect();
                 let mut pages = futures::stream::iter(todo)
-                    .map(|id| async move { (id, self.read_index_page(&id).await) })
+                    .map(|(id, loc)| async move { (id, self.read_page(&id, loc).await) })
                     .buffer_unordered(16);
                 while let Some((id, page)) = pages.next().await {
                     let page = page.map_err(|e| unsafe_point(format!("index page {id}"), e))?;
-                    a.live.insert(short(&id));
-                    a.live.extend(page.entries().flat_map(|e| e.chunks()).map(|c| short(&c)));
+                    a.copies.mark_live(&id);
+                    page.entries().flat_map(|e| e.chunks()).for_each(|c| a.copies.mark_live(&c));
                 }
             }
         }
         Ok(())
+    }
+
+    async fn read_root(&self, a: &Analysis, id: &Digest) -> Result<IndexRoot, Error> {
+        let loc = a.locate(id).ok_or(Error::ChunkMissing { id: *id })?;
+        self.read_index_root_at(id, &loc).await
+    }
+
+    async fn read_page(&self, id: &Digest, loc: Option<ChunkLocation>) -> Result<IndexPage, Error> {
+        let loc = loc.ok_or(Error::ChunkMissing { id: *id })?;
+        self.read_index_page_at(id, &loc).await
     }
 }
 
@@ -299,7 +352,7 @@ impl Vault {
     /// chunks of its base into its point even if the base is purged meanwhile. A base whose
     /// index cannot be read any more is skipped (nothing of it is left to keep).
     async fn mark_bases_live(&self, a: &mut Analysis, markers: &[MarkerInfo]) -> Result<(), Error> {
-        let mut pages_seen: HashSet<ShortId> = HashSet::new();
+        let mut pages_seen: HashSet<Digest> = HashSet::new();
         for m in markers {
             let path = layout::base_record(&m.point);
             let record = match self.get_opened("base record", &path).await {
@@ -313,15 +366,17 @@ impl Vault {
                 continue;
             };
             for root_id in record.roots {
-                a.live.insert(short(&root_id));
-                let Ok(root) = self.read_index_root(&root_id).await else { continue };
+                a.copies.mark_live(&root_id);
+                let Ok(root) = self.read_root(a, &root_id).await else { continue };
                 for (page, _, _) in crate::verify::page_runs(&root) {
-                    if !pages_seen.insert(short(&page)) {
+                    if !pages_seen.insert(page) {
                         continue;
                     }
-                    a.live.insert(short(&page));
-                    if let Ok(page) = self.read_index_page(&page).await {
-                        a.live.extend(page.entries().flat_map(|e| e.chunks()).map(|c| short(&c)));
+                    a.copies.mark_live(&page);
+                    if let Ok(page) = self.read_page(&page, a.locate(&page)).await {
+                        page.entries()
+                            .flat_map(|e| e.chunks())
+                            .for_each(|c| a.copies.mark_live(&c));
                     }
                 }
             }
@@ -330,35 +385,40 @@ impl Vault {
     }
 }
 
-/// For each live chunk of the `repack` packs, whether a copy survives elsewhere (in a pack
-/// that is indexed and not condemned, and not quarantined there).
-pub(crate) fn copies_elsewhere(a: &Analysis, condemned: &BTreeSet<Digest>) -> HashSet<Digest> {
-    let wanted: HashSet<Digest> = a
-        .repack
-        .iter()
-        .filter_map(|p| a.packs.get(p).and_then(|f| f.entries.as_ref()).map(|e| (p, e)))
-        .flat_map(|(p, entries)| {
-            entries
-                .iter()
-                .filter(|e| a.live.contains(&short(&e.id)) && !a.quarantined.contains(&(e.id, *p)))
-                .map(|e| e.id)
+/// A live chunk's copy to carry out of a pack being repacked.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ToCopy {
+    pub(crate) entry: PackEntry,
+    /// Other packs being repacked hold good copies too: copy the first that reads well.
+    pub(crate) alternatives: bool,
+}
+
+/// The live chunks to copy out of the packs of `to_do` that are repacked, by pack: those with
+/// no good copy in a pack that is indexed and not condemned.
+pub(crate) fn to_copy(a: &Analysis, to_do: &BTreeSet<Digest>) -> BTreeMap<Digest, Vec<ToCopy>> {
+    let mut out: BTreeMap<Digest, Vec<ToCopy>> = BTreeMap::new();
+    // What each pack number is, looked up once per pack rather than once per copy.
+    let kinds: Vec<(bool, bool)> = (0..a.copies.pack_count() as u32)
+        .map(|n| {
+            let pack = a.copies.pack(n);
+            let indexed = a.packs.get(&pack).is_some_and(|f| f.indexed);
+            let survives = indexed && !to_do.contains(&pack);
+            let repacked = a.repack.contains(&pack) && to_do.contains(&pack);
+            (survives, repacked)
         })
         .collect();
-    let mut found = HashSet::new();
-    let mut by_pack: HashMap<&Digest, &Vec<PackEntry>> = HashMap::new();
-    for (name, f) in &a.packs {
-        if let Some(entries) = &f.entries
-            && !condemned.contains(name)
-        {
-            by_pack.insert(name, entries);
+    for group in a.copies.live_groups() {
+        let good = |p: &&Place| a.readable(p);
+        if group.iter().filter(good).any(|p| kinds[p.pack as usize].0) {
+            continue;
+        }
+        let from: Vec<&Place> =
+            group.iter().filter(good).filter(|p| kinds[p.pack as usize].1).collect();
+        let alternatives = from.len() > 1;
+        for p in from {
+            let entry = PackEntry { id: p.id, offset: p.offset, len: p.len };
+            out.entry(a.copies.pack(p.pack)).or_default().push(ToCopy { entry, alternatives });
         }
     }
-    for (name, entries) in by_pack {
-        for e in entries {
-            if wanted.contains(&e.id) && !a.quarantined.contains(&(e.id, *name)) {
-                found.insert(e.id);
-            }
-        }
-    }
-    found
+    out
 }

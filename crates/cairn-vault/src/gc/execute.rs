@@ -3,11 +3,13 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use cairn_format::pack::{IndexedPack, PackEntry, encode_pack_index, pack_header, pack_trailer_in};
+use cairn_format::pack::{
+    IndexedPack, PackEntry, decode_pack_index, encode_pack_index, pack_header, pack_trailer_in,
+};
 use cairn_format::{ChunkFrame, Digest, PointId};
 use rand::RngExt;
 
-use super::analysis::{Analysis, copies_elsewhere, short};
+use super::analysis::{Analysis, ToCopy, to_copy};
 use crate::{Error, Vault, layout};
 
 /// What a run did to the store.
@@ -70,14 +72,15 @@ impl Repacker<'_> {
 
 impl Vault {
     /// Deletes the packs of `to_do` (condemned by the plan and by a fresh analysis `a`), after
-    /// copying out the live chunks that have no other copy. `id` names the pack index written.
+    /// copying out the live chunks that have no other copy. `id` names the first pack index
+    /// written.
     pub(crate) async fn execute(
         &self,
         a: &Analysis,
         to_do: &BTreeSet<Digest>,
         id: &PointId,
+        entries_per_index: usize,
     ) -> Result<Executed, Error> {
-        let elsewhere = copies_elsewhere(a, to_do);
         let mut r = Repacker {
             vault: self,
             buf: vec![],
@@ -85,24 +88,10 @@ impl Vault {
             written: vec![],
             done: Executed::default(),
         };
+        // Only chunks that several repacked packs hold are remembered once copied.
         let mut copied: HashSet<Digest> = HashSet::new();
-        for name in a.repack.intersection(to_do) {
-            let Some(entries) = a.packs.get(name).and_then(|f| f.entries.as_ref()) else {
-                continue;
-            };
-            let needed: Vec<&PackEntry> = entries
-                .iter()
-                .filter(|e| {
-                    a.live.contains(&short(&e.id))
-                        && !a.quarantined.contains(&(e.id, *name))
-                        && !elsewhere.contains(&e.id)
-                        && !copied.contains(&e.id)
-                })
-                .collect();
-            if needed.is_empty() {
-                continue;
-            }
-            let path = layout::pack(name);
+        for (name, needed) in to_copy(a, to_do) {
+            let path = layout::pack(&name);
             let Some(bytes) = self.get_bytes(&path).await? else {
                 return Err(Error::GcUnsafe {
                     detail: format!(
@@ -111,46 +100,35 @@ impl Vault {
                     ),
                 });
             };
-            for e in needed {
+            for ToCopy { entry: e, alternatives } in needed {
+                if alternatives && copied.contains(&e.id) {
+                    continue;
+                }
                 let range = e.offset as usize..e.offset as usize + e.len as usize;
                 let Some(frame) = bytes.get(range) else {
-                    r.done.bad_copies.push((e.id, *name, "the pack ends before the frame".into()));
+                    r.done.bad_copies.push((e.id, name, "the pack ends before the frame".into()));
                     continue;
                 };
                 // Never carry a bad copy into a new pack: it would look good there.
                 match ChunkFrame::decode_in(&self.crypto, frame, &e.id) {
                     Ok(_) => {
                         r.add(e.id, frame).await?;
-                        copied.insert(e.id);
+                        if alternatives {
+                            copied.insert(e.id);
+                        }
                     }
-                    Err(why) => r.done.bad_copies.push((e.id, *name, why.to_string())),
+                    Err(why) => r.done.bad_copies.push((e.id, name, why.to_string())),
                 }
             }
         }
         r.seal().await?;
         self.barrier().await?;
-        // Pack indexes that name a pack going away are replaced by one that names what
-        // survives of them and the new packs, written and made durable before anything goes.
-        let mut survivors: Vec<IndexedPack> = std::mem::take(&mut r.written);
-        let mut named: HashSet<Digest> = survivors.iter().map(|p| p.pack).collect();
-        let mut rewritten = vec![];
-        for (path, packs) in &a.indexes {
-            if !packs.iter().any(|p| to_do.contains(&p.pack)) {
-                continue;
-            }
-            rewritten.push(path.clone());
-            for p in packs {
-                if !to_do.contains(&p.pack) && named.insert(p.pack) {
-                    survivors.push(p.clone());
-                }
-            }
-        }
-        if !survivors.is_empty() {
-            let path = layout::gc_pack_index(id);
-            self.put_new(&path, encode_pack_index(&survivors), "write").await?;
-            self.barrier().await?;
-        }
-        let mut done = r.done;
+        // Bad copies of a chunk that had a good one elsewhere in the repacked packs are not
+        // losses.
+        r.done.bad_copies.retain(|(id, _, _)| !copied.contains(id));
+        let mut done = std::mem::take(&mut r.done);
+        let new_packs = std::mem::take(&mut r.written);
+        let rewritten = self.replace_indexes(a, to_do, id, new_packs, entries_per_index).await?;
         done.indexes_rewritten = rewritten.len() as u64;
         self.delete_all(&rewritten).await?;
         for name in to_do {
@@ -165,7 +143,81 @@ impl Vault {
             .filter(|p| layout::parse_quarantined(p).is_some_and(|(_, pack)| to_do.contains(&pack)))
             .collect();
         self.delete_all(&stale_quarantine).await?;
-        self.reload_chunk_map().await?;
+        self.forget_chunk_map().await?;
         Ok(done)
+    }
+
+    /// Writes pack indexes that name the new packs and what survives of the indexes that name
+    /// a pack of `to_do`, and makes them durable; returns the indexes they replace, for the
+    /// caller to delete. The old indexes are read again one at a time, and the new ones are
+    /// cut at `entries_per_index` entries (the indexes replaced may name most of the vault),
+    /// so memory follows one index, not the vault.
+    async fn replace_indexes(
+        &self,
+        a: &Analysis,
+        to_do: &BTreeSet<Digest>,
+        id: &PointId,
+        new_packs: Vec<IndexedPack>,
+        entries_per_index: usize,
+    ) -> Result<Vec<object_store::path::Path>, Error> {
+        let mut named: HashSet<Digest> = new_packs.iter().map(|p| p.pack).collect();
+        let mut group = new_packs;
+        let mut wrote = 0usize;
+        let mut rewritten = vec![];
+        for (path, packs) in &a.indexes {
+            if !packs.iter().any(|p| to_do.contains(p)) {
+                continue;
+            }
+            rewritten.push(path.clone());
+            if packs.iter().all(|p| to_do.contains(p) || named.contains(p)) {
+                continue;
+            }
+            let Some(bytes) = self.get_bytes(path).await? else {
+                return Err(Error::GcUnsafe {
+                    detail: format!(
+                        "pack index {path} vanished while being rewritten (another gc?); \
+                         nothing was deleted by this run: run gc again"
+                    ),
+                });
+            };
+            let packs = self
+                .crypto
+                .open("pack index", path.as_ref(), &bytes)
+                .and_then(|plain| decode_pack_index(&plain))
+                .map_err(|e| Error::GcUnsafe {
+                    detail: format!("pack index {path} cannot be read again ({e}); run gc again"),
+                })?;
+            for p in packs {
+                if !to_do.contains(&p.pack) && named.insert(p.pack) {
+                    group.push(p);
+                }
+            }
+            if !group.is_empty()
+                && group.iter().map(|p| p.entries.len()).sum::<usize>() >= entries_per_index
+            {
+                self.write_gc_index(id, wrote, &std::mem::take(&mut group)).await?;
+                wrote += 1;
+            }
+        }
+        if !group.is_empty() {
+            self.write_gc_index(id, wrote, &group).await?;
+        }
+        self.barrier().await?;
+        Ok(rewritten)
+    }
+
+    /// Writes the `n`th pack index of a collector run.
+    async fn write_gc_index(
+        &self,
+        id: &PointId,
+        n: usize,
+        packs: &[IndexedPack],
+    ) -> Result<(), Error> {
+        let run = if n == 0 {
+            id.clone()
+        } else {
+            PointId::new(jiff::Timestamp::now(), rand::rng().random())
+        };
+        self.put_new(&layout::gc_pack_index(&run), encode_pack_index(packs), "write").await
     }
 }

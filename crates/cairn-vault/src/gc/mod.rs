@@ -29,6 +29,7 @@
 //! everything; with backups running it waits only for those that started before its plan.
 
 mod analysis;
+mod copies;
 mod execute;
 mod lease;
 mod markers;
@@ -65,6 +66,9 @@ pub struct GcOptions {
     pub wait: bool,
     /// How often to look while waiting.
     pub poll: Duration,
+    /// Most chunk entries in one pack index the collector writes (it cuts the rest into
+    /// more): bounds its memory when it rewrites indexes that name most of the vault.
+    pub entries_per_index: usize,
 }
 
 impl Default for GcOptions {
@@ -75,6 +79,7 @@ impl Default for GcOptions {
             repack_below: DEFAULT_REPACK_BELOW,
             wait: true,
             poll: Duration::from_secs(5),
+            entries_per_index: DEFAULT_ENTRIES_PER_INDEX,
         }
     }
 }
@@ -101,6 +106,9 @@ impl Condemned {
 
 /// Markers older than this are stale: two days, well past a daily backup's 24-hour budget.
 pub const DEFAULT_STALE_AFTER: SignedDuration = SignedDuration::from_hours(48);
+
+/// A pack index the collector writes holds at most this many entries (40 MiB in memory).
+pub const DEFAULT_ENTRIES_PER_INDEX: usize = 1 << 20;
 
 /// Packs with less than this fraction of live bytes are repacked (docs/performance.md).
 pub const DEFAULT_REPACK_BELOW: f64 = 0.5;
@@ -232,6 +240,9 @@ impl Vault {
         }
         self.delete_all(&a.strays).await?;
         report.strays_removed = a.strays.len() as u64;
+        // Carrying the plan out analyses the vault again: two analyses at once would double
+        // the collector's memory.
+        drop(a);
         if !condemned.is_empty() {
             let run = PointId::new(Timestamp::now(), rand::rng().random());
             let plan = GcPlan {
@@ -347,7 +358,7 @@ impl Vault {
         report.packs_repacked += a.repack.intersection(&to_do).count() as u64;
         if !to_do.is_empty() {
             let id = PointId::new(now, rand::rng().random());
-            let done = self.execute(&a, &to_do, &id).await?;
+            let done = self.execute(&a, &to_do, &id, options.entries_per_index).await?;
             report.bytes_deleted += done.bytes_deleted;
             report.bytes_written += done.bytes_written;
             report.chunks_copied += done.chunks_copied;

@@ -1,0 +1,88 @@
+//! What verify found of each chunk it read: a small set of good ones, the bad ones with why.
+//!
+//! Verify reads each chunk once however many points reference it, so it remembers every chunk
+//! it read: ten million in a large vault. The good ones are kept as 16 bytes of their id in
+//! 256 hash sets keyed by the id's first byte (a 136-bit key, so no growth step copies more
+//! than a 256th of them); the bad ones, few, are kept whole with their reason. Two chunks that
+//! share the 136 bits would let the second go unread; with SHA-256 ids (keyed in an encrypted
+//! vault) that takes about 2^68 tries to arrange on purpose.
+
+use std::collections::{BTreeMap, HashSet};
+
+use cairn_format::Digest;
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct Verdicts {
+    good: Vec<HashSet<u128>>,
+    bad: BTreeMap<Digest, String>,
+}
+
+impl Default for Verdicts {
+    fn default() -> Self {
+        Verdicts { good: (0..256).map(|_| HashSet::new()).collect(), bad: BTreeMap::new() }
+    }
+}
+
+fn key(id: &Digest) -> (usize, u128) {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&id.0[1..17]);
+    (usize::from(id.0[0]), u128::from_le_bytes(b))
+}
+
+impl Verdicts {
+    /// True if chunk `id` was read (good or bad).
+    pub(crate) fn known(&self, id: &Digest) -> bool {
+        self.good(id) || self.bad.contains_key(id)
+    }
+
+    /// True if chunk `id` was read and is good.
+    pub(crate) fn good(&self, id: &Digest) -> bool {
+        let (shard, k) = key(id);
+        self.good[shard].contains(&k)
+    }
+
+    /// True if chunk `id` was read and is bad.
+    pub(crate) fn bad(&self, id: &Digest) -> bool {
+        self.bad.contains_key(id)
+    }
+
+    /// Records what reading `id` found: `None` good, or why it is bad (a bad verdict replaces
+    /// a good one: a sound patch chunk that does not rebuild its block is bad).
+    pub(crate) fn set(&mut self, id: Digest, verdict: Option<String>) {
+        let (shard, k) = key(&id);
+        match verdict {
+            None => {
+                self.good[shard].insert(k);
+            }
+            Some(reason) => {
+                self.good[shard].remove(&k);
+                self.bad.insert(id, reason);
+            }
+        }
+    }
+
+    /// The bad chunks and why.
+    pub(crate) fn into_bad(self) -> BTreeMap<Digest, String> {
+        self.bad
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_verdict_replaces_a_good_one() {
+        let mut v = Verdicts::default();
+        let (a, b) = (Digest([1; 32]), Digest([2; 32]));
+        assert!(!v.known(&a));
+        v.set(a, None);
+        v.set(b, None);
+        assert!(v.good(&a) && v.known(&a) && !v.bad(&a));
+        v.set(a, Some("does not rebuild".into()));
+        assert!(!v.good(&a) && v.bad(&a) && v.known(&a));
+        assert!(v.good(&b));
+        assert_eq!(v.into_bad().into_keys().collect::<Vec<_>>(), vec![a]);
+    }
+}
