@@ -19,7 +19,7 @@ use cairn_format::pack::{IndexedPack, decode_pack_index};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
 
-use crate::place_table::{Place, PlaceTable};
+use crate::place_table::{Keep, Place, PlaceTable};
 use crate::{Error, Vault, layout};
 
 /// Where a chunk's frame is stored.
@@ -56,7 +56,7 @@ impl ChunkMap {
     /// Adds the chunks of `packs`; a chunk already placed keeps its first place.
     pub(crate) fn add(&mut self, name: String, packs: &[IndexedPack]) {
         self.push(name, packs);
-        self.places.settle(true);
+        self.places.settle(Keep::First);
     }
 
     /// `add` without sorting: a bulk load pushes every index, then settles once.
@@ -78,7 +78,7 @@ impl ChunkMap {
         let numbers: Vec<u32> = new.packs.iter().map(|p| self.pack_number(*p)).collect();
         new.places.renumber(|n| numbers[n as usize]);
         self.places.append(new.places);
-        self.places.settle(true);
+        self.places.settle(Keep::First);
         self.loaded.extend(new.loaded);
         self.unreadable.extend(new.unreadable);
     }
@@ -179,7 +179,7 @@ impl Vault {
 
     /// After a collector moved chunks: a map this process loaded is loaded again; one it
     /// never loaded stays unloaded (the collector itself needs none).
-    pub(crate) async fn forget_chunk_map(&self) -> Result<(), Error> {
+    pub(crate) async fn reload_chunk_map_if_loaded(&self) -> Result<(), Error> {
         if self.chunk_map.loaded.load(Ordering::Acquire) {
             self.reload_chunk_map().await?;
         }

@@ -600,11 +600,29 @@ async fn gc_keeps_packs_whose_index_is_lost_and_holds_a_lease() {
     f.vault.purge(&vm, &first.point, Timestamp::now()).await.unwrap();
     // The first point's pack index is lost: the second point's root and pages are in its
     // own packs, the blocks it shares with the first only in packs no index names now.
-    std::fs::remove_file(f.vault_dir().join(format!("pack-index/{}", first.point))).unwrap();
+    let index = f.vault_dir().join(format!("pack-index/{}", first.point));
+    let lost = cairn_format::pack::decode_pack_index(&std::fs::read(&index).unwrap()).unwrap();
+    std::fs::remove_file(&index).unwrap();
+    // Quarantine markers naming every copy in those packs (a marker is only a name; anyone
+    // who can write one must not get the only copy of a live chunk deleted by it).
+    let markers = f.vault_dir().join("quarantine");
+    std::fs::create_dir_all(&markers).unwrap();
+    for p in &lost {
+        for e in &p.entries {
+            std::fs::write(markers.join(format!("{}.{}", e.id.to_hex(), p.pack.to_hex())), b"")
+                .unwrap();
+        }
+    }
     let vault = Vault::open(f.vault_dir().to_str().unwrap()).await.unwrap();
     let report = vault.gc(&fast_gc(), &|_| {}).await.unwrap();
     assert_eq!(report.bytes_deleted, 0, "{report:?}");
     assert!(!report.unindexed_live.is_empty());
+    for p in &lost {
+        let name = p.pack.to_hex();
+        assert!(f.vault_dir().join(format!("packs/{}/{name}", &name[..2])).exists());
+    }
+    std::fs::remove_dir_all(&markers).unwrap();
+    let vault = Vault::open(f.vault_dir().to_str().unwrap()).await.unwrap();
     vault.repair_index(false).await.unwrap();
     assert!(vault.verify(&Default::default(), &|_| {}).await.unwrap().is_clean());
     let to = f.path("r");

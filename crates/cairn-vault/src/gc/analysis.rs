@@ -9,6 +9,7 @@ use cairn_format::pack::{PackEntry, decode_pack_index};
 use cairn_format::{PointId, ResumeRecord};
 use futures::StreamExt;
 use jiff::Timestamp;
+use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use super::copies::Copies;
@@ -93,15 +94,36 @@ impl Vault {
         // index names that the listing lacks is lost, not merely new. What commits later was
         // written by a backup that the plan and the wait keep off condemned packs.
         let listing = self.list_points(None).await?;
+        // Markers again, after the manifests: a backup whose marker was written after the
+        // caller looked may have picked a base that is purged before the listing above; its
+        // base record, written before it checked that base, is found here.
+        let mut markers = markers.to_vec();
+        for m in self.classify_markers(Timestamp::now(), stale_after).await? {
+            if !markers.iter().any(|k| k.point == m.point) {
+                markers.push(m);
+            }
+        }
+        let markers = &markers[..];
         self.read_pack_indexes(&mut a).await?;
         self.list_packs(&mut a, now, stale_after).await?;
-        // A pack an index names and the store does not hold: lost. Its entries go from the
+        // A pack an index names and the listing lacks: lost, once the store confirms it (a
+        // listing that silently left one out must not condemn it). Its entries go from the
         // indexes (the points that need it are damaged either way; verify names them).
-        let missing: Vec<Digest> =
+        let unlisted: Vec<Digest> =
             a.packs.iter().filter(|(_, f)| f.written.is_none()).map(|(n, _)| *n).collect();
-        for name in missing {
-            a.packs.remove(&name);
-            a.missing.insert(name);
+        for name in unlisted {
+            match self.store.head(&layout::pack(&name)).await {
+                Ok(meta) => {
+                    let facts = a.packs.entry(name).or_default();
+                    facts.size = meta.size;
+                    facts.written = Some(super::store_time(&meta));
+                }
+                Err(object_store::Error::NotFound { .. }) => {
+                    a.packs.remove(&name);
+                    a.missing.insert(name);
+                }
+                Err(e) => return Err(Error::storage("read", &layout::pack(&name), e)),
+            }
         }
         self.protect_resumable(&mut a, markers).await?;
         a.quarantined = self
@@ -136,19 +158,28 @@ impl Vault {
         a.copies.settle();
         self.mark_live(&mut a, &listing).await?;
         self.mark_bases_live(&mut a, markers).await?;
+        // Live bytes, without the copies verify quarantined; and whether a pack holds a live
+        // chunk at all (a quarantine marker is only a name: it never gets an unindexed pack
+        // deleted).
         let mut live_bytes = vec![0u64; a.copies.pack_count()];
+        let mut holds_live = vec![false; a.copies.pack_count()];
         for group in a.copies.live_groups() {
             for p in group {
+                holds_live[p.pack as usize] = true;
                 let pack = a.copies.pack(p.pack);
                 if a.quarantined.is_empty() || !a.quarantined.contains(&(p.id, pack)) {
                     live_bytes[p.pack as usize] += u64::from(p.len);
                 }
             }
         }
+        let mut unindexed_live = BTreeSet::new();
         for (n, bytes) in live_bytes.into_iter().enumerate() {
             let name = a.copies.pack(n as u32);
             if let Some(f) = a.packs.get_mut(&name) {
                 f.live_bytes = bytes;
+                if !f.indexed && holds_live[n] {
+                    unindexed_live.insert(name);
+                }
             }
         }
         for (name, facts) in &a.packs {
@@ -156,7 +187,7 @@ impl Vault {
                 continue;
             }
             if !facts.indexed {
-                if facts.live_bytes > 0 {
+                if unindexed_live.contains(name) {
                     a.unindexed_live.insert(*name);
                 } else if a.copies.has_pack(name) {
                     // Its table was read and names nothing a point needs.
@@ -223,12 +254,11 @@ impl Vault {
             drop(bytes);
             for p in &packs {
                 let facts = a.packs.entry(p.pack).or_default();
+                facts.indexed = true;
                 // A pack named twice (a collector stopped between writing an index and
-                // deleting the ones it replaces) is the same pack: its copies count once.
-                if !facts.indexed {
-                    facts.indexed = true;
-                    a.copies.push(p.pack, &p.entries);
-                }
+                // deleting the ones it replaces) is one pack: its places are kept once each
+                // (the table keeps distinct places), and a place only one index lists counts.
+                a.copies.push(p.pack, &p.entries);
             }
             a.indexes.push((path, packs.iter().map(|p| p.pack).collect()));
         }
@@ -367,16 +397,23 @@ impl Vault {
             };
             for root_id in record.roots {
                 a.copies.mark_live(&root_id);
-                let Ok(root) = self.read_root(a, &root_id).await else { continue };
+                let root = match self.read_root(a, &root_id).await {
+                    Ok(root) => root,
+                    Err(Error::ChunkMissing { .. } | Error::Corrupt { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
                 for (page, _, _) in crate::verify::page_runs(&root) {
                     if !pages_seen.insert(page) {
                         continue;
                     }
                     a.copies.mark_live(&page);
-                    if let Ok(page) = self.read_page(&page, a.locate(&page)).await {
-                        page.entries()
+                    match self.read_page(&page, a.locate(&page)).await {
+                        Ok(page) => page
+                            .entries()
                             .flat_map(|e| e.chunks())
-                            .for_each(|c| a.copies.mark_live(&c));
+                            .for_each(|c| a.copies.mark_live(&c)),
+                        Err(Error::ChunkMissing { .. } | Error::Corrupt { .. }) => {}
+                        Err(e) => return Err(e),
                     }
                 }
             }

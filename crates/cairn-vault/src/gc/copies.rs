@@ -13,7 +13,7 @@ use cairn_format::Digest;
 use cairn_format::pack::PackEntry;
 
 use crate::chunk_map::ChunkLocation;
-use crate::place_table::{Place, PlaceTable};
+use crate::place_table::{Keep, Place, PlaceTable};
 
 /// See the module docs.
 #[derive(Debug, Default)]
@@ -59,7 +59,7 @@ impl Copies {
 
     /// Sorts the table; call once every copy is pushed and before marking or looking up.
     pub(crate) fn settle(&mut self) {
-        self.table.settle(false);
+        self.table.settle(Keep::Distinct);
         self.live = self.table.shards().iter().map(|s| vec![0; s.len().div_ceil(64)]).collect();
     }
 

@@ -143,7 +143,7 @@ impl Vault {
             .filter(|p| layout::parse_quarantined(p).is_some_and(|(_, pack)| to_do.contains(&pack)))
             .collect();
         self.delete_all(&stale_quarantine).await?;
-        self.forget_chunk_map().await?;
+        self.reload_chunk_map_if_loaded().await?;
         Ok(done)
     }
 

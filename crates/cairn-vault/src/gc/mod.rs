@@ -20,8 +20,8 @@
 //!    with a store that lists what it acknowledged, one of them sees the other.)
 //! 6. Analyses again (the backups it waited for have committed or failed), and carries out
 //!    the plan only for packs that are still condemned: copies live chunks that have no other
-//!    copy out of packs to repack, writes one pack index for the new packs and what survives
-//!    of the pack indexes it replaces, makes it durable, deletes those indexes, then the
+//!    copy out of packs to repack, writes pack indexes for the new packs and what survives
+//!    of the pack indexes it replaces, makes them durable, deletes those indexes, then the
 //!    packs; then deletes the plan.
 //!
 //! A backup that runs longer than the stale age is reaped, and its commit is refused (its
