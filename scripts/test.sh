@@ -28,6 +28,16 @@ else
     echo "not root: tests that need root will report 'skipped: needs root'"
 fi
 
+# Running VMs: QEMU itself (Debian's qemu-system-x86, 7.2 on bookworm). It goes first: on a
+# machine with a newer qemu-utils from backports, installing it replaces qemu-utils, which the
+# next step then installs again at QEMU's own version. The live-VM tests must not skip here.
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq qemu-system-x86
+fi
+export CAIRN_REQUIRE_GUEST=1
+
 # qcow2 and changed-block tracking: qemu-img, qemu-io and qemu-nbd serve the images, libnbd's
 # nbdinfo reads the same exports independently. These tests run as any user.
 missing=()
@@ -35,8 +45,6 @@ for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:l
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
     $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
@@ -91,7 +99,7 @@ cargo deny check bans licenses sources
 
 step "dependency direction"
 # The pure crates never depend on tokio or object_store; backup never depends on a scheduler.
-for crate in cairn-format cairn-delta cairn-sample cairn-nbd; do
+for crate in cairn-format cairn-delta cairn-sample cairn-nbd cairn-qemu; do
     if cargo tree -p "$crate" -e normal --prefix none | grep -Eq '^(tokio|object_store) '; then
         echo "$crate must not depend on tokio or object_store" >&2
         exit 1

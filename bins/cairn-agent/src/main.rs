@@ -25,7 +25,11 @@ fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     if let cli::Command::WatchdogThaw { args } = &cli.command {
         // A separate process that must not depend on the agent's runtime or logging.
-        return ExitCode::from(cairn_snapshot::watchdog::serve(args) as u8);
+        let code = match args.get(1).is_some_and(|a| a == cairn_qemu::WATCHDOG_FLAG) {
+            true => cairn_qemu::serve_watchdog(args),
+            false => cairn_snapshot::watchdog::serve(args),
+        };
+        return ExitCode::from(code as u8);
     }
     output::init_logging(cli.global.verbose);
     // Few blocking threads: the vault's file operations run there, and more threads than

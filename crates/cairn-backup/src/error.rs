@@ -29,6 +29,15 @@ pub enum Error {
         #[source]
         source: cairn_snapshot::Error,
     },
+    /// A VM in QEMU could not be prepared for a backup (QMP, its disks, fleecing).
+    #[error("running VM {vm} in QEMU: {source}")]
+    Live {
+        /// The VM.
+        vm: Name,
+        /// What failed.
+        #[source]
+        source: cairn_qemu::Error,
+    },
     /// A configuration, script or disk was refused before anything ran.
     #[error(transparent)]
     Snapshot(#[from] cairn_snapshot::Error),

@@ -67,6 +67,12 @@ pub trait DiskViews: Send {
     /// Takes every disk's view, in order, noting each in `record`. On error, views already
     /// taken are released (dropped) and whatever tracking was started is undone.
     fn take(&mut self, record: &mut Record) -> Result<Vec<View>, Error>;
+
+    /// Whether `take` views every disk at one instant by itself (a running QEMU pauses the
+    /// VM for it), so disks nothing quiesced are still one point in time.
+    fn one_instant(&self) -> bool {
+        false
+    }
 }
 
 /// Each disk's view taken by its own [`ViewProvider`], one after another.
@@ -261,6 +267,7 @@ pub fn capture_with(
     state: VmState,
 ) -> Result<Capture, Error> {
     let disks = views.disks();
+    let one_instant = views.one_instant();
     let mut record = Record::new(Consistency::Crash);
     let guard = ResumeGuard(Some(quiescer.quiesce(&mut record)?));
     let captured_at = Timestamp::now();
@@ -276,8 +283,10 @@ pub fn capture_with(
     resumed?;
     // Disks nothing held still: all of them when the level is crash already.
     let quiesced_any = record.level() > Consistency::Crash;
-    let uncovered: Vec<&DiskSpec> =
-        disks.iter().filter(|d| !quiesced_any || !quiescer.holds_still(d)).collect();
+    let uncovered: Vec<&DiskSpec> = disks
+        .iter()
+        .filter(|d| !one_instant && (!quiesced_any || !quiescer.holds_still(d)))
+        .collect();
     if record.level() == Consistency::FileSystem && state == VmState::Running {
         for disk in &uncovered {
             record.fall_back(

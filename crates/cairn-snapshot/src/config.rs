@@ -21,6 +21,27 @@
 //! allow_backing_file = false # qcow2 only: true accepts an image with a backing file
 //! ```
 //!
+//! A VM that a running QEMU holds names QEMU's sockets instead of image paths, and each disk
+//! its QEMU device: the views are QEMU's own (copy-before-write, exported over NBD), the
+//! format and bitmaps are what QEMU reports, and the guest is frozen through its agent:
+//!
+//! ```toml
+//! vm = "db-1"
+//! qmp = "/run/qemu/db-1.qmp"             # QEMU's monitor (-qmp unix:PATH,server=on,wait=off)
+//! guest_agent = "/run/qemu/db-1.qga"     # optional: qemu-ga's virtio-serial socket
+//! guest_agent_required = false           # true: a guest that cannot be frozen fails the job
+//! guest_freeze_seconds = 60              # how long the guest's freeze (and its hook) may take
+//!
+//! [fleece]                               # where copy-before-write keeps old data meanwhile
+//! dir = "/var/lib/cairn/fleece"          # owned by the agent, mode 700
+//! quota_mib = 4096                       # per disk; default a quarter of the disk, >= 256
+//! cbw_timeout_seconds = 45               # a guest write waits no longer: the backup breaks
+//!
+//! [[disk]]
+//! name = "os"
+//! qemu_device = "virtio-disk0"           # device id, drive name or block node name
+//! ```
+//!
 //! A disk's format is what this file declares, never what its first bytes look like: a guest
 //! writes every byte of a raw disk, and a raw disk that starts with a qcow2 header naming a
 //! backing file (`/etc/shadow`, another VM's disk) would otherwise make the agent read that
@@ -35,6 +56,13 @@ use serde::Deserialize;
 use crate::Error;
 use crate::capture::{DiskSpec, ViewProvider, VmState};
 use crate::freeze::{DEFAULT_DEADLINE, MAX_DEADLINE};
+
+/// Where fleecing images go unless the configuration says.
+pub const DEFAULT_FLEECE_DIR: &str = "/var/lib/cairn/fleece";
+/// How long a guest write may wait for copy-before-write unless the configuration says.
+pub const DEFAULT_CBW_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long the guest's freeze may take unless the configuration says.
+pub const DEFAULT_GUEST_FREEZE: Duration = Duration::from_secs(60);
 use crate::trusted::TrustedFile;
 use crate::views::{BtrfsSnapshot, LiveRead, ReflinkClone};
 
@@ -103,6 +131,9 @@ pub struct DiskConfig {
     pub format: DiskFormat,
     /// Whether a qcow2 image may have a backing file (refused unless the operator says so).
     pub allow_backing_file: bool,
+    /// The QEMU device that holds the disk, for a VM a running QEMU holds (its `path` is
+    /// then empty: QEMU has the image open).
+    pub qemu_device: Option<String>,
 }
 
 impl DiskConfig {
@@ -113,6 +144,7 @@ impl DiskConfig {
             view: ViewKind::None,
             format,
             allow_backing_file,
+            qemu_device: None,
         }
     }
 }
@@ -136,6 +168,27 @@ pub struct VmConfig {
     pub scripts: Option<PathBuf>,
     /// The disks, in the file's order.
     pub disks: Vec<DiskConfig>,
+    /// For a VM a running QEMU holds: its sockets and the fleecing settings.
+    pub qemu: Option<QemuConfig>,
+}
+
+/// How to reach a running QEMU and its guest, and where copy-before-write keeps old data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuConfig {
+    /// QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// The guest agent's socket, if the guest runs one.
+    pub guest_agent: Option<PathBuf>,
+    /// Whether a guest that cannot be frozen fails the backup (else: crash-consistent).
+    pub guest_agent_required: bool,
+    /// How long the guest's freeze may take.
+    pub guest_freeze: Duration,
+    /// The fleecing folder.
+    pub fleece_dir: PathBuf,
+    /// Bytes each disk's fleecing image may grow to (`None`: a quarter of the disk).
+    pub fleece_quota: Option<u64>,
+    /// How long a guest write may wait for copy-before-write.
+    pub cbw_timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +205,27 @@ struct RawConfig {
     scripts: Option<RawScripts>,
     #[serde(default)]
     disk: Vec<RawDisk>,
+    #[serde(default)]
+    qmp: Option<PathBuf>,
+    #[serde(default)]
+    guest_agent: Option<PathBuf>,
+    #[serde(default)]
+    guest_agent_required: bool,
+    #[serde(default)]
+    guest_freeze_seconds: Option<u64>,
+    #[serde(default)]
+    fleece: Option<RawFleece>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleece {
+    #[serde(default)]
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    quota_mib: Option<u64>,
+    #[serde(default)]
+    cbw_timeout_seconds: Option<u64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -172,7 +246,10 @@ struct RawScripts {
 #[serde(deny_unknown_fields)]
 struct RawDisk {
     name: String,
-    path: PathBuf,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    qemu_device: Option<String>,
     #[serde(default)]
     view: Option<String>,
     #[serde(default)]
@@ -194,6 +271,7 @@ impl VmConfig {
             watchdog_deadline: DEFAULT_DEADLINE,
             scripts: None,
             disks,
+            qemu: None,
         }
     }
 
@@ -256,6 +334,24 @@ impl VmConfig {
             if disks.iter().any(|o| o.spec.name == name) {
                 return Err(bad(field("name"), format!("{name} is used by two disks")));
             }
+            if raw.qmp.is_some() {
+                disks.push(qemu_disk(d, name, &|f, m| bad(field(f), m))?);
+                continue;
+            }
+            if d.qemu_device.is_some() {
+                return Err(bad(
+                    field("qemu_device"),
+                    "a QEMU device needs the VM's QMP socket: set qmp = \"PATH\"".into(),
+                ));
+            }
+            let Some(path) = &d.path else {
+                return Err(bad(
+                    field("path"),
+                    format!(
+                        "disk {name} has no path: give its image or device (or, for a VM a running QEMU holds, qmp and qemu_device)"
+                    ),
+                ));
+            };
             let view = match d.view.as_deref() {
                 None | Some("reflink") => ViewKind::Reflink,
                 Some("btrfs-snapshot") => ViewKind::BtrfsSnapshot,
@@ -288,10 +384,11 @@ impl VmConfig {
                 ));
             }
             disks.push(DiskConfig {
-                spec: DiskSpec { name, path: anchor(&d.path) },
+                spec: DiskSpec { name, path: anchor(path) },
                 view,
                 format,
                 allow_backing_file: d.allow_backing_file,
+                qemu_device: None,
             });
         }
         let watchdog_deadline = match raw.freeze.watchdog_seconds {
@@ -312,6 +409,21 @@ impl VmConfig {
                 ));
             }
         }
+        let qemu = qemu_config(&raw, &anchor, &bad)?;
+        if qemu.is_some() {
+            if state == VmState::Stopped {
+                return Err(bad(
+                    "state".into(),
+                    "a VM reached through qmp is running: leave state out, or back up a stopped VM's images by path".into(),
+                ));
+            }
+            if !raw.freeze.mounts.is_empty() || raw.scripts.is_some() {
+                return Err(bad(
+                    if raw.scripts.is_some() { "scripts" } else { "freeze.mounts" }.into(),
+                    "a VM in QEMU is frozen through its guest agent (guest_agent), whose fsfreeze hook runs the guest's own scripts: host-side freezes and scripts do not apply".into(),
+                ));
+            }
+        }
         Ok(VmConfig {
             file: Some(file.to_path_buf()),
             vm,
@@ -321,8 +433,123 @@ impl VmConfig {
             watchdog_deadline,
             scripts: raw.scripts.map(|s| anchor(&s.config)),
             disks,
+            qemu,
         })
     }
+}
+
+/// A disk of a VM in QEMU: its device, and nothing about an image.
+fn qemu_disk(
+    d: &RawDisk,
+    name: Name,
+    bad: &dyn Fn(&str, String) -> Error,
+) -> Result<DiskConfig, Error> {
+    let Some(device) = d.qemu_device.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        return Err(bad(
+            "qemu_device",
+            format!(
+                "disk {name} needs qemu_device: the id of its QEMU device (or its drive or block node name)"
+            ),
+        ));
+    };
+    if device.len() > 128 || device.chars().any(|c| c.is_control()) {
+        return Err(bad("qemu_device", format!("{device:?} is not a QEMU device id")));
+    }
+    for (set, what) in [
+        (d.path.is_some(), "path"),
+        (d.view.is_some(), "view"),
+        (d.format.is_some(), "format"),
+        (d.allow_backing_file, "allow_backing_file"),
+    ] {
+        if set {
+            return Err(bad(
+                what,
+                format!(
+                    "disk {name} is in QEMU (qmp is set): QEMU has its image open, and its view and format come from QEMU; remove {what}"
+                ),
+            ));
+        }
+    }
+    Ok(DiskConfig {
+        spec: DiskSpec { name, path: PathBuf::new() },
+        view: ViewKind::None,
+        format: DiskFormat::Raw,
+        allow_backing_file: false,
+        qemu_device: Some(device.to_owned()),
+    })
+}
+
+/// The QEMU settings, checked; `None` when the VM is not reached through QMP.
+fn qemu_config(
+    raw: &RawConfig,
+    anchor: &dyn Fn(&Path) -> PathBuf,
+    bad: &dyn Fn(String, String) -> Error,
+) -> Result<Option<QemuConfig>, Error> {
+    let Some(qmp) = &raw.qmp else {
+        for (set, what) in [
+            (raw.guest_agent.is_some(), "guest_agent"),
+            (raw.guest_agent_required, "guest_agent_required"),
+            (raw.guest_freeze_seconds.is_some(), "guest_freeze_seconds"),
+            (raw.fleece.is_some(), "fleece"),
+        ] {
+            if set {
+                return Err(bad(
+                    what.into(),
+                    "applies to a VM in QEMU only: set qmp = \"PATH\"".into(),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    if raw.guest_agent_required && raw.guest_agent.is_none() {
+        return Err(bad(
+            "guest_agent_required".into(),
+            "requires the guest agent, but guest_agent names no socket".into(),
+        ));
+    }
+    let seconds = |v: Option<u64>, field: &str, default: Duration| match v {
+        None => Ok(default),
+        Some(s) if (1..=600).contains(&s) => Ok(Duration::from_secs(s)),
+        Some(s) => Err(bad(field.into(), format!("{s} is out of range: give 1 to 600"))),
+    };
+    let fleece = raw.fleece.as_ref();
+    let fleece_dir = match fleece.and_then(|f| f.dir.as_ref()) {
+        None => PathBuf::from(DEFAULT_FLEECE_DIR),
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => {
+            return Err(bad(
+                "fleece.dir".into(),
+                format!("{} is not an absolute path", d.display()),
+            ));
+        }
+    };
+    let fleece_quota = match fleece.and_then(|f| f.quota_mib) {
+        None => None,
+        Some(m) if (16..=(1 << 30)).contains(&m) => Some(m << 20),
+        Some(m) => {
+            return Err(bad(
+                "fleece.quota_mib".into(),
+                format!("{m} is out of range: give 16 or more"),
+            ));
+        }
+    };
+    Ok(Some(QemuConfig {
+        qmp: anchor(qmp),
+        guest_agent: raw.guest_agent.as_deref().map(anchor),
+        guest_agent_required: raw.guest_agent_required,
+        guest_freeze: seconds(
+            raw.guest_freeze_seconds,
+            "guest_freeze_seconds",
+            DEFAULT_GUEST_FREEZE,
+        )?,
+        fleece_dir,
+        fleece_quota,
+        cbw_timeout: seconds(
+            fleece.and_then(|f| f.cbw_timeout_seconds),
+            "fleece.cbw_timeout_seconds",
+            DEFAULT_CBW_TIMEOUT,
+        )?,
+    }))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -406,11 +633,59 @@ allow_backing_file = true
             ),
             (format!("vm = \"v\"\n[freeze]\nmounts = [\"rel\"]\n{disk}"), "freeze.mounts[0]"),
             (format!("vm = \"v\"\n[freeze]\nmount = [\"/x\"]\n{disk}"), "mount"),
-            ("vm = \"v\"\n[[disk]]\nname = \"os\"\n".to_string(), "path"),
+            ("vm = \"v\"\n[[disk]]\nname = \"os\"\n".to_string(), "disk[0].path"),
+            (format!("vm = \"v\"\n{disk}qemu_device = \"d0\"\n"), "disk[0].qemu_device"),
+            (format!("vm = \"v\"\nguest_agent = \"/g\"\n{disk}"), "guest_agent"),
+            (format!("vm = \"v\"\n[fleece]\ndir = \"/f\"\n{disk}"), "fleece"),
         ];
+        let qemu = "vm = \"v\"\nqmp = \"/q\"\n";
+        let dev = "[[disk]]\nname = \"os\"\nqemu_device = \"d0\"\n";
+        let cases = cases.into_iter().chain([
+            (format!("{qemu}{disk}"), "disk[0].qemu_device"),
+            (format!("{qemu}{dev}path = \"/os.img\"\n"), "disk[0].path"),
+            (format!("{qemu}[[disk]]\nname = \"os\"\n"), "disk[0].qemu_device"),
+            (format!("{qemu}{dev}format = \"qcow2\"\n"), "disk[0].format"),
+            (format!("{qemu}{dev}view = \"reflink\"\n"), "disk[0].view"),
+            (format!("{qemu}guest_agent_required = true\n{dev}"), "guest_agent_required"),
+            (format!("{qemu}state = \"stopped\"\n{dev}"), "state"),
+            (format!("{qemu}[freeze]\nmounts = [\"/x\"]\n{dev}"), "freeze.mounts"),
+            (format!("{qemu}guest_freeze_seconds = 0\n{dev}"), "guest_freeze_seconds"),
+            (format!("{qemu}[fleece]\ndir = \"rel\"\n{dev}"), "fleece.dir"),
+            (format!("{qemu}[fleece]\nquota_mib = 1\n{dev}"), "fleece.quota_mib"),
+            (
+                format!("{qemu}[fleece]\ncbw_timeout_seconds = 9999\n{dev}"),
+                "fleece.cbw_timeout_seconds",
+            ),
+            (format!("{qemu}[fleece]\nsize = 3\n{dev}"), "size"),
+        ]);
         for (text, expected) in cases {
             assert_eq!(field(parse(&text).unwrap_err()), expected, "{text}");
         }
+    }
+
+    #[test]
+    fn a_vm_in_qemu_names_sockets_and_devices() {
+        let text = "vm = \"db\"\nqmp = \"run/db.qmp\"\nguest_agent = \"/run/db.qga\"\n\
+                    guest_agent_required = true\nguest_freeze_seconds = 20\n\
+                    [fleece]\ndir = \"/var/fleece\"\nquota_mib = 512\ncbw_timeout_seconds = 30\n\
+                    [[disk]]\nname = \"os\"\nqemu_device = \"virtio-disk0\"\n";
+        let c = parse(text).unwrap();
+        let q = c.qemu.as_ref().unwrap();
+        assert_eq!(q.qmp, PathBuf::from("/etc/cairn/run/db.qmp"), "relative to the file");
+        assert_eq!(q.guest_agent, Some(PathBuf::from("/run/db.qga")));
+        assert!(q.guest_agent_required);
+        assert_eq!(q.guest_freeze, Duration::from_secs(20));
+        assert_eq!(q.fleece_dir, PathBuf::from("/var/fleece"));
+        assert_eq!(q.fleece_quota, Some(512 << 20));
+        assert_eq!(q.cbw_timeout, Duration::from_secs(30));
+        assert_eq!(c.disks[0].qemu_device.as_deref(), Some("virtio-disk0"));
+        let defaults =
+            parse("vm = \"db\"\nqmp = \"/q\"\n[[disk]]\nname = \"os\"\nqemu_device = \"d\"\n")
+                .unwrap();
+        let q = defaults.qemu.unwrap();
+        assert_eq!((q.guest_agent, q.guest_agent_required), (None, false));
+        assert_eq!(q.fleece_dir, PathBuf::from(DEFAULT_FLEECE_DIR));
+        assert_eq!((q.fleece_quota, q.cbw_timeout), (None, DEFAULT_CBW_TIMEOUT));
     }
 
     #[test]

@@ -116,6 +116,20 @@ pub enum Error {
     /// The VSS requester failed on every rung of its ladder.
     #[error("VSS: {0}")]
     Vss(String),
+    /// A running VM's disks could not be viewed at one instant (QEMU's copy-before-write).
+    #[error("point-in-time view of running VM {vm}: {detail}")]
+    LiveView {
+        /// The VM.
+        vm: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The guest could not be quiesced, and the configuration requires it.
+    #[error("the guest could not be quiesced: {detail}")]
+    Quiesce {
+        /// What happened and what to do.
+        detail: String,
+    },
     /// Any other I/O error, with what was being done.
     #[error("{what}: {source}")]
     Io {

@@ -47,7 +47,7 @@ pub use capture::{
     capture, capture_with, take_noted,
 };
 #[cfg(unix)]
-pub use config::{DiskConfig, DiskFormat, ViewKind, VmConfig};
+pub use config::{DiskConfig, DiskFormat, QemuConfig, ViewKind, VmConfig};
 pub use error::Error;
 #[cfg(unix)]
 pub use guest::{GuestQuiescer, NoQuiescer};

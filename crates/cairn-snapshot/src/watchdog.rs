@@ -53,11 +53,22 @@ impl Watchdog {
         deadline: Duration,
         mounts: &[PathBuf],
     ) -> Result<Watchdog, Error> {
+        let targets: Vec<OsString> = mounts.iter().map(|m| m.clone().into_os_string()).collect();
+        Watchdog::arm_for(command, deadline, &targets)
+    }
+
+    /// Starts a watchdog with its own `targets` after the deadline (what a [`serve_with`]
+    /// role reads: mount points, or a guest agent's socket), and waits until it is armed.
+    pub fn arm_for(
+        command: &WatchdogCommand,
+        deadline: Duration,
+        targets: &[OsString],
+    ) -> Result<Watchdog, Error> {
         let fail = |detail: String| Error::Watchdog { detail };
         let mut child = Command::new(&command.program)
             .args(&command.args)
             .arg(deadline.as_millis().to_string())
-            .args(mounts)
+            .args(targets)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -107,8 +118,7 @@ pub fn serve(args: &[OsString]) -> i32 {
         say(format_args!("usage: DEADLINE_MS MOUNT..."));
         return 2;
     };
-    let Some(deadline) = deadline.to_str().and_then(|d| d.parse().ok()).map(Duration::from_millis)
-    else {
+    let Some(deadline) = parse_deadline(deadline) else {
         say(format_args!("bad deadline {deadline:?}"));
         return 2;
     };
@@ -122,6 +132,29 @@ pub fn serve(args: &[OsString]) -> i32 {
             }
         }
     }
+    let thaw_all = |reason: &str| {
+        for (path, dir) in &dirs {
+            match sys::thaw(dir) {
+                Ok(()) => say(format_args!("thawed {} ({reason})", path.display())),
+                // EINVAL: it was not frozen (the agent thawed it, or never froze it).
+                Err(e) if e.raw_os_error() == Some(22) => {}
+                Err(e) => say(format_args!("cannot thaw {}: {e}", path.display())),
+            }
+        }
+    };
+    serve_with(deadline, thaw_all)
+}
+
+/// Parses a deadline argument in milliseconds.
+pub fn parse_deadline(arg: &std::ffi::OsStr) -> Option<Duration> {
+    arg.to_str().and_then(|d| d.parse().ok()).map(Duration::from_millis)
+}
+
+/// The watchdog's protocol around any way to thaw: prints `armed`, then calls `thaw_all`
+/// (with the reason) when the pipe closes without `thawed` or the deadline passes, and again
+/// every 200 ms past the deadline until the agent is gone. Returns the exit code (0 when
+/// disarmed, 1 when it had to thaw, 2 when it could not report armed).
+pub fn serve_with(deadline: Duration, thaw_all: impl Fn(&str)) -> i32 {
     // Whatever stops the agent (ctrl-C, `systemctl stop`, a hang-up) must not stop the
     // watchdog; only SIGKILL can.
     sys::ignore_termination_signals();
@@ -134,16 +167,6 @@ pub fn serve(args: &[OsString]) -> i32 {
         let read = std::io::stdin().lock().read_line(&mut line);
         let _ = tx.send(read.ok().filter(|n| *n > 0).map(|_| line));
     });
-    let thaw_all = |reason: &str| {
-        for (path, dir) in &dirs {
-            match sys::thaw(dir) {
-                Ok(()) => say(format_args!("thawed {} ({reason})", path.display())),
-                // EINVAL: it was not frozen (the agent thawed it, or never froze it).
-                Err(e) if e.raw_os_error() == Some(22) => {}
-                Err(e) => say(format_args!("cannot thaw {}: {e}", path.display())),
-            }
-        }
-    };
     match rx.recv_timeout(deadline) {
         Ok(Some(line)) if line.trim() == "thawed" => return 0,
         Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -169,7 +192,7 @@ pub fn serve(args: &[OsString]) -> i32 {
 
 /// Writes a line to standard error, ignoring failure: a closed pipe or a hung-up terminal
 /// must never stop the watchdog in the middle of thawing (`eprintln!` would panic).
-fn say(message: std::fmt::Arguments<'_>) {
+pub fn say(message: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "cairn watchdog: {message}");
 }
 

@@ -136,3 +136,5 @@ pub fn object_store_urls() -> Vec<(&'static str, String)> {
     }
     urls
 }
+
+pub mod qemu;

@@ -63,6 +63,10 @@ pub fn check(config: &VmConfig, options: &JobOptions) -> Vec<Check> {
         VmState::Stopped => "stopped",
     };
     add("vm".into(), Ok(format!("{} ({state})", config.vm)));
+    if let Some(qemu) = &config.qemu {
+        super::live::check(config, qemu, options, &mut add);
+        return checks;
+    }
     for d in &config.disks {
         let what =
             format!("disk {} (view {:?}, format {})", d.spec.name, d.view, d.format.as_str());

@@ -14,6 +14,7 @@
 //! failure, which removes the new bitmaps instead).
 
 mod check;
+mod live;
 mod quiesce;
 mod sources;
 mod tracking;
@@ -82,6 +83,9 @@ impl VmJob {
         progress: Arc<dyn Progress>,
         cancel: &Cancel,
     ) -> Result<PointManifest, Error> {
+        if let Some(qemu) = &self.config.qemu {
+            return live::run(self, qemu, vault, progress, cancel).await;
+        }
         let config = &self.config;
         check::names(config)?;
         check::images(config).await?;

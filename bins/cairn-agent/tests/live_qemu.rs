@@ -1,0 +1,190 @@
+//! A VM that a running QEMU holds, backed up through the agent: QEMU's own copy-before-write
+//! views at one instant, read over its NBD export, incrementals through dirty bitmaps that
+//! QEMU keeps, and nothing left in QEMU or on disk afterwards. The QEMU runs no guest system
+//! (its firmware waits for a boot disk): the test writes through the disk's device, as a
+//! guest would, over a second QMP socket. The booted-guest tests are in `guest.rs`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use cairn_testkit::qemu::{TestDisk, TestVm, qemu_or_skip};
+use serde_json::{Value, json};
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .env_remove("RUST_LOG")
+        .env("CAIRN_PASSPHRASE", "live tests")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn tool(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).stderr(Stdio::piped()).output().unwrap();
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// HMP over the test's own QMP socket: a guest's write through the device.
+fn guest_write(vm: &TestVm, byte: u8, at: u64, len: u64) {
+    let mut qmp = cairn_qemu::Qmp::connect(&vm.harness).unwrap();
+    let out = qmp
+        .execute(
+            "human-monitor-command",
+            json!({"command-line": format!("qemu-io -d /machine/peripheral/disk-os/virtio-backend \"write -P {byte} {at} {len}\"")}),
+        )
+        .unwrap();
+    assert_eq!(out, json!(""));
+}
+
+fn cairn_nodes(vm: &TestVm) -> Vec<String> {
+    let mut qmp = cairn_qemu::Qmp::connect(&vm.harness).unwrap();
+    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true})).unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("cairn-"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn evidence(m: &Value) -> Vec<(String, String)> {
+    m["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["kind"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
+        .collect()
+}
+
+#[test]
+fn a_running_qemu_vm_is_backed_up_at_one_instant_and_incrementally_through_its_bitmap() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (vault, seed, image, want) = (s("vault"), s("seed.raw"), s("os.qcow2"), s("want.raw"));
+    ok(agent(&["init", "--vault", &vault]));
+    ok(agent(&["sample", "create", &seed, "--size", "96M", "--seed", "7"]));
+    tool("qemu-img", &["convert", "-O", "qcow2", &seed, &image]);
+    std::fs::copy(&seed, &want).unwrap();
+    let vm = TestVm::start(
+        dir.path(),
+        &[TestDisk { path: image.clone().into(), format: "qcow2", id: "disk-os".into() }],
+    );
+    let config = dir.path().join("db.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "vm = \"db\"\nqmp = \"{}\"\n[fleece]\ndir = \"{}\"\n[[disk]]\nname = \"os\"\nqemu_device = \"disk-os\"\n",
+            vm.qmp.display(),
+            s("fleece")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = config.to_str().unwrap();
+
+    let check = ok(agent(&["--config", config, "config", "check", "--json"]));
+    assert_eq!(check["valid"], json!(true), "{check}");
+    let details = check.to_string();
+    assert!(details.contains("QEMU 7") || details.contains("QEMU "), "{details}");
+    assert!(details.contains("no Cairn bitmap yet"), "{details}");
+
+    let backup = || ok(agent(&["--config", config, "backup", "--json", "--vault", &vault]));
+    let p1 = backup();
+    assert_eq!(p1["consistency"], json!("crash"), "{p1}");
+    let ev = evidence(&p1);
+    assert!(ev.iter().any(|(k, m)| k == "view" && m.contains("at one instant")), "{ev:?}");
+    assert!(cairn_nodes(&vm).is_empty(), "the views are gone after the commit");
+
+    // The guest writes 16 MiB in a row and 20 scattered 4 KiB blocks.
+    guest_write(&vm, 0x41, 32 << 20, 16 << 20);
+    let mut ops = vec!["write -P 0x41 32M 16M".to_owned()];
+    for i in 0..20u64 {
+        let at = (i * 4 + 3) << 20;
+        guest_write(&vm, 0x42, at, 4096);
+        ops.push(format!("write -P 0x42 {at} 4k"));
+    }
+    let mut io = vec!["-f", "raw"];
+    for op in &ops {
+        io.extend(["-c", op]);
+    }
+    io.push(&want);
+    tool("qemu-io", &io);
+
+    let p2 = backup();
+    let ev = evidence(&p2);
+    let id1 = p1["point"].as_str().unwrap();
+    assert!(
+        ev.iter().any(|(k, m)| k == "cbt" && m.contains(&format!("cairn:db:os:{id1}"))),
+        "{ev:?}"
+    );
+    let scanned = p2["disks"]["os"]["stats"]["bytes_scanned"].as_u64().unwrap();
+    assert!(scanned < 20 << 20, "read {scanned} bytes for 16.1 MiB of writes");
+    let id2 = p2["point"].as_str().unwrap();
+    let out = s("restored.raw");
+    ok(agent(&[
+        "restore", "--vault", &vault, "--vm", "db", "--point", id2, "--disk", "os", "--to", &out,
+    ]));
+    tool("cmp", &[&out, &want]);
+    assert!(cairn_nodes(&vm).is_empty());
+    let left: Vec<String> = std::fs::read_dir(s("fleece"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "fleecing images left: {left:?}");
+    ok(agent(&["verify", "--vault", &vault]));
+}
+
+#[test]
+fn a_missing_qmp_socket_or_device_is_a_clear_error_and_changes_nothing() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let vault = s("vault");
+    ok(agent(&["init", "--vault", &vault]));
+    let write_config = |qmp: &str, device: &str| {
+        let path = dir.path().join("vm.toml");
+        std::fs::write(
+            &path,
+            format!("vm = \"db\"\nqmp = \"{qmp}\"\n[fleece]\ndir = \"{}\"\n[[disk]]\nname = \"os\"\nqemu_device = \"{device}\"\n", s("fleece")),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let config = write_config(&s("absent.sock"), "disk-os");
+    let out = agent(&["--config", &config, "backup", "--vault", &vault]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("absent.sock"), "{err}");
+
+    let image = s("os.qcow2");
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", &image, "16M"]);
+    let vm = TestVm::start(
+        dir.path(),
+        &[TestDisk { path: image.into(), format: "qcow2", id: "disk-os".into() }],
+    );
+    let config = write_config(vm.qmp.to_str().unwrap(), "disk-data");
+    let out = agent(&["--config", &config, "backup", "--vault", &vault]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no disk \"disk-data\"") && err.contains("disk-os"),
+        "{err}"
+    );
+    assert!(cairn_nodes(&vm).is_empty());
+    let points = ok(agent(&["points", "--json", "--vault", &vault]));
+    assert_eq!(points.as_array().map(Vec::len).unwrap_or(0), 0, "{points}");
+    let _ = Path::new(&config);
+}

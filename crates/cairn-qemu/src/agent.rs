@@ -1,0 +1,181 @@
+//! A client of the QEMU guest agent (`qemu-ga`), over the host end of its virtio-serial port.
+//!
+//! Everything the agent sends is written by the guest, so every answer is read with a length
+//! limit and a timeout, decoded without trusting it, and shown only through
+//! [`wire::printable`]. The agent serves one client at a time and keeps no session: each
+//! connection starts with `guest-sync-delimited`, whose answer comes after a 0xFF byte, so
+//! whatever an earlier client left unread is skipped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::Error;
+use crate::wire::{self, MAX_AGENT_LINE, Message};
+
+/// How long a quick command (sync, ping, status, thaw) may take.
+pub const QUICK: Duration = Duration::from_secs(10);
+
+/// Bytes skipped at most while looking for the sync delimiter.
+const MAX_SKIPPED: usize = 1 << 20;
+
+/// A connection to a guest agent.
+pub struct GuestAgent {
+    socket: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl GuestAgent {
+    /// Connects to the agent's socket and synchronises, within `timeout` for each step.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<GuestAgent, Error> {
+        let stream =
+            UnixStream::connect(socket).map_err(Error::io("guest agent socket", socket))?;
+        GuestAgent::over(stream, socket, timeout)
+    }
+
+    /// Synchronises with the agent at the other end of `stream` (`socket` names it in errors).
+    pub fn over(stream: UnixStream, socket: &Path, timeout: Duration) -> Result<GuestAgent, Error> {
+        let io = |e| Error::io("guest agent socket", socket)(e);
+        stream.set_read_timeout(Some(timeout)).map_err(io)?;
+        stream.set_write_timeout(Some(timeout)).map_err(io)?;
+        let writer = stream.try_clone().map_err(io)?;
+        let mut agent =
+            GuestAgent { socket: socket.to_path_buf(), reader: BufReader::new(stream), writer };
+        agent.sync()?;
+        Ok(agent)
+    }
+
+    /// The socket this connection uses.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Resets the agent's parser and skips everything up to the answer to a fresh sync id.
+    fn sync(&mut self) -> Result<(), Error> {
+        let id: u32 = rand::random::<u32>() & 0x7fff_ffff;
+        self.write(&[0xff])?;
+        self.send("guest-sync-delimited", json!({ "id": id }))?;
+        let io = Error::io("guest agent socket", &self.socket);
+        // Skip up to the delimiter (an earlier client's answers, or noise).
+        let mut skipped = Vec::new();
+        let found = std::io::Read::take(&mut self.reader, MAX_SKIPPED as u64)
+            .read_until(0xff, &mut skipped)
+            .map_err(io)?;
+        if found == 0 || skipped.last() != Some(&0xff) {
+            return Err(Error::Protocol(format!(
+                "the guest agent on {} did not answer guest-sync-delimited",
+                self.socket.display()
+            )));
+        }
+        match self.read()? {
+            Message::Return { value, .. } if value == json!(id) => Ok(()),
+            other => Err(Error::Protocol(format!(
+                "the guest agent answered sync {id} with {}",
+                wire::printable(&format!("{other:?}"), 200)
+            ))),
+        }
+    }
+
+    /// Runs `command` and returns its result, waiting at most `timeout` for it.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        let io = Error::io("guest agent socket", &self.socket);
+        self.reader.get_ref().set_read_timeout(Some(timeout)).map_err(io)?;
+        self.send(command, arguments)?;
+        match self.read()? {
+            Message::Return { value, .. } => Ok(value),
+            Message::Failure { class, desc, .. } => Err(Error::Command {
+                what: "the guest agent",
+                command: command.to_owned(),
+                class: wire::printable(&class, 64),
+                desc: wire::printable(&desc, 400),
+            }),
+            other => Err(Error::Protocol(format!(
+                "the guest agent answered {command} with {}",
+                wire::printable(&format!("{other:?}"), 200)
+            ))),
+        }
+    }
+
+    /// `guest-ping`: whether the agent answers at all.
+    pub fn ping(&mut self) -> Result<(), Error> {
+        self.execute("guest-ping", Value::Null, QUICK).map(|_| ())
+    }
+
+    /// `guest-fsfreeze-freeze`: runs the guest's fsfreeze hook (its pre-scripts) and freezes
+    /// every file system it can; returns how many.
+    pub fn freeze(&mut self, timeout: Duration) -> Result<u64, Error> {
+        let value = self.execute("guest-fsfreeze-freeze", Value::Null, timeout)?;
+        count("guest-fsfreeze-freeze", &value)
+    }
+
+    /// `guest-fsfreeze-thaw`: thaws, then runs the hook's post-scripts; returns how many file
+    /// systems were thawed.
+    pub fn thaw(&mut self, timeout: Duration) -> Result<u64, Error> {
+        let value = self.execute("guest-fsfreeze-thaw", Value::Null, timeout)?;
+        count("guest-fsfreeze-thaw", &value)
+    }
+
+    /// `guest-fsfreeze-status`: true when the guest says it is frozen.
+    pub fn frozen(&mut self) -> Result<bool, Error> {
+        match self.execute("guest-fsfreeze-status", Value::Null, QUICK)? {
+            Value::String(s) if s == "frozen" => Ok(true),
+            Value::String(s) if s == "thawed" => Ok(false),
+            other => Err(Error::Protocol(format!(
+                "the guest agent's fsfreeze status is {}",
+                wire::printable(&other.to_string(), 64)
+            ))),
+        }
+    }
+
+    /// The agent's version, from `guest-info`.
+    pub fn version(&mut self) -> Result<String, Error> {
+        let info = self.execute("guest-info", Value::Null, QUICK)?;
+        Ok(wire::printable(info.get("version").and_then(Value::as_str).unwrap_or("unknown"), 40))
+    }
+
+    fn send(&mut self, command: &str, arguments: Value) -> Result<(), Error> {
+        let mut request = json!({ "execute": command });
+        if !arguments.is_null() {
+            request["arguments"] = arguments;
+        }
+        let mut line = serde_json::to_vec(&request)
+            .map_err(|e| Error::Protocol(format!("cannot encode {command}: {e}")))?;
+        line.push(b'\n');
+        self.write(&line)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.writer.write_all(bytes).map_err(Error::io("guest agent socket", &self.socket))
+    }
+
+    fn read(&mut self) -> Result<Message, Error> {
+        let socket = self.socket.clone();
+        let line = wire::read_line(&mut self.reader, MAX_AGENT_LINE)
+            .map_err(Error::io("guest agent socket", &socket))?
+            .ok_or_else(|| {
+                Error::io("guest agent socket", &socket)(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the connection closed",
+                ))
+            })?;
+        wire::decode(&line)
+    }
+}
+
+fn count(command: &str, value: &Value) -> Result<u64, Error> {
+    value.as_u64().ok_or_else(|| {
+        Error::Protocol(format!(
+            "the guest agent answered {command} with {}, not a count",
+            wire::printable(&value.to_string(), 64)
+        ))
+    })
+}

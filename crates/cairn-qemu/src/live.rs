@@ -1,0 +1,793 @@
+//! A point-in-time view of every disk of a running VM at one instant, read over QEMU's own
+//! NBD export, with the next dirty bitmap started at that instant.
+//!
+//! For each disk, before anything is quiesced ([`LiveVm::prepare`]): a temporary qcow2
+//! **fleecing image** (at most `quota` bytes), opened by QEMU as node `cairn-fl-N`, and a
+//! **copy-before-write** filter `cairn-cbw-N` over the disk's node, which copies the old
+//! data of every block the guest overwrites into the fleecing image first. Then, at the
+//! instant ([`LiveVm::take`], while the guest is quiesced): the VM's vCPUs are paused
+//! (`stop`, which also drains in-flight I/O) if it was running, one QMP `transaction`
+//! disables each disk's previous Cairn bitmap and adds the next one, every device is
+//! switched onto its filter (`qom-set drive`), and the VM runs on (`cont`). The view of
+//! each disk is then a `snapshot-access` node exported read-only over NBD on a private unix
+//! socket, with a frozen copy of the previous bitmap so the reader sees what changed.
+//!
+//! **The guest comes first**: the filter is opened with `on-cbw-error=break-snapshot` and a
+//! `cbw-timeout`, so a guest write that cannot be copied in time (slow, full or failed
+//! fleecing storage, or an image past its quota) goes through and breaks the view instead:
+//! the backup's reads fail and the point is not committed.
+//!
+//! [`LiveVm::finish`] undoes it all, after the commit or the failure: exports, NBD server,
+//! devices back on their own nodes, filter and fleecing nodes and files deleted; after a
+//! commit the older bitmaps are removed, after a failure the next one is merged back into
+//! the previous one, which records again. What a killed run left (recorded in a state file
+//! beside its fleecing images before QEMU was touched) is undone by the next run, under the
+//! same per-VM lock, before it starts.
+//!
+//! Needs QEMU 7.1 or later (`snapshot-access`, `on-cbw-error`, `cbw-timeout`; 7.2 is tested).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cairn_format::{Name, PointId};
+use cairn_nbd::{Previous, bitmap_name, judge};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::vm::{self, QemuDisk};
+use crate::{Error, Qmp};
+
+/// How long a guest write may wait for its old data to be copied before the view breaks
+/// instead (Proxmox uses 45 s: Windows storage drivers give up at 60 s).
+pub const DEFAULT_CBW_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// The oldest QEMU with what a live view needs.
+pub const MIN_QEMU: (u64, u64) = (7, 1);
+
+/// One disk of the VM to view: its name in Cairn and the QEMU device that holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveDiskSpec {
+    /// The disk's name in the point.
+    pub name: Name,
+    /// `qemu_device`: the device id (or drive or node name) in QEMU.
+    pub device: String,
+}
+
+/// Where fleecing images go, and their limits.
+#[derive(Clone, Debug)]
+pub struct FleeceOptions {
+    /// A folder only the agent writes to (made 0700 if missing), on storage that can take
+    /// the guest's writes during a backup. It also holds the per-VM lock and state files.
+    pub dir: PathBuf,
+    /// Bytes a disk's fleecing image may grow to; `None`: a quarter of the disk, at least
+    /// 256 MiB.
+    pub quota: Option<u64>,
+    /// How long a guest write may wait for copy-before-write.
+    pub cbw_timeout: Duration,
+}
+
+impl FleeceOptions {
+    fn quota_for(&self, size: u64) -> u64 {
+        self.quota.unwrap_or((size / 4).max(256 << 20))
+    }
+}
+
+/// What a run changes in QEMU, written before the first change so a later run can undo it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// Per disk: the device's QOM path and the node it used before.
+    devices: Vec<(String, String)>,
+    /// Nodes added, in the order to delete them (views, filters, fleecing images).
+    nodes: Vec<String>,
+    /// Exports added.
+    exports: Vec<String>,
+    /// Whether this run started QEMU's NBD server.
+    server: bool,
+    /// Fleecing images made.
+    files: Vec<PathBuf>,
+}
+
+/// One disk being viewed.
+#[derive(Debug)]
+struct LiveDisk {
+    spec: LiveDiskSpec,
+    qemu: QemuDisk,
+    previous: Previous,
+    /// The bitmap this point starts.
+    started: String,
+    /// The disk's Cairn bitmaps when the run began: removed after a commit.
+    older: Vec<String>,
+    /// Whether the previous bitmap was disabled at the instant (to re-enable on failure).
+    froze_previous: bool,
+}
+
+/// A running VM whose disks are being viewed: see the module's documentation.
+pub struct LiveVm {
+    qmp: Qmp,
+    vm: Name,
+    disks: Vec<LiveDisk>,
+    /// Bytes per bit of the bitmaps this run starts: the vault's block size.
+    granularity: u64,
+    /// Whether the instant's transaction ran (the next bitmaps exist).
+    bitmaps_started: bool,
+    state: State,
+    state_file: PathBuf,
+    socket: PathBuf,
+    _lock: File,
+    _socket_dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for LiveVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveVm").field("vm", &self.vm).field("disks", &self.disks).finish()
+    }
+}
+
+impl LiveVm {
+    /// Connects to the VM's QMP socket, takes the per-VM lock, undoes what a killed run left,
+    /// finds each disk's device, judges its bitmaps against `previous` (the point each disk's
+    /// last bitmap should have been started by) and prepares its fleecing image and filter.
+    /// Nothing the guest sees has changed yet.
+    pub fn prepare(
+        qmp_socket: &Path,
+        vm: &Name,
+        point: &PointId,
+        disks: &[LiveDiskSpec],
+        previous: &BTreeMap<Name, PointId>,
+        granularity: u64,
+        options: &FleeceOptions,
+    ) -> Result<LiveVm, Error> {
+        let mut qmp = Qmp::connect(qmp_socket)?;
+        let (major, minor, micro) = qmp.version();
+        if (major, minor) < MIN_QEMU {
+            return Err(Error::Vm(format!(
+                "QEMU {major}.{minor}.{micro} cannot give a point-in-time view of a running VM's \
+                 disks: it needs {}.{} or later (snapshot-access, on-cbw-error); back the VM up \
+                 stopped, or upgrade QEMU",
+                MIN_QEMU.0, MIN_QEMU.1
+            )));
+        }
+        let dir = private_dir(&options.dir)?;
+        let lock = lock(&dir, vm)?;
+        let state_file = dir.join(format!("cairn-{vm}.state.json"));
+        undo_leftovers(&mut qmp, &state_file)?;
+        let found = vm::disks(&mut qmp)?;
+        let mut live = Vec::new();
+        for spec in disks {
+            let qemu = vm::find(&found, &spec.device)?.clone();
+            if qemu.format == "copy-before-write" || qemu.node.starts_with("cairn-") {
+                return Err(Error::Vm(format!(
+                    "disk {} ({}) is already behind a copy-before-write filter ({}): another \
+                     backup of this VM is running in this QEMU",
+                    spec.name, spec.device, qemu.node
+                )));
+            }
+            let prefix = format!("cairn:{vm}:{}:", spec.name);
+            let mut bitmaps = qemu.bitmaps.clone();
+            if repair_rotation(&mut qmp, &qemu, &prefix, previous.get(&spec.name))? {
+                bitmaps = vm::find(&vm::disks(&mut qmp)?, &spec.device)?.bitmaps.clone();
+            }
+            let mut judged = judge(&bitmaps, &prefix, previous.get(&spec.name));
+            if let Previous::Bitmap { granularity: g, .. } = judged
+                && g > granularity
+            {
+                judged = Previous::Unusable(format!(
+                    "its previous bitmap has {g}-byte granules, coarser than the vault's \
+                     {granularity}-byte blocks"
+                ));
+            }
+            let started = bitmap_name(vm, &spec.name, point);
+            let older = bitmaps
+                .iter()
+                .map(|b| b.name.clone())
+                .filter(|n| n.starts_with(&prefix) && *n != started)
+                .collect();
+            live.push(LiveDisk {
+                spec: spec.clone(),
+                qemu,
+                previous: judged,
+                started,
+                older,
+                froze_previous: false,
+            });
+        }
+        let socket_dir = tempfile::Builder::new()
+            .prefix("cairn-nbd-")
+            .tempdir_in(&dir)
+            .map_err(|e| Error::Fleece { path: dir.clone(), detail: e.to_string() })?;
+        let mut this = LiveVm {
+            qmp,
+            vm: vm.clone(),
+            disks: live,
+            granularity,
+            bitmaps_started: false,
+            state: State::default(),
+            state_file,
+            socket: socket_dir.path().join("nbd.sock"),
+            _lock: lock,
+            _socket_dir: socket_dir,
+        };
+        if let Err(e) = this.add_filters(&dir, point, options) {
+            this.undo_logged();
+            return Err(e);
+        }
+        Ok(this)
+    }
+
+    /// Each disk's fleecing image and filter, recorded in the state file first.
+    fn add_filters(
+        &mut self,
+        dir: &Path,
+        point: &PointId,
+        options: &FleeceOptions,
+    ) -> Result<(), Error> {
+        for (i, d) in self.disks.iter().enumerate() {
+            let file = dir.join(format!("cairn-fleece-{}-{i}-{point}.qcow2", self.vm));
+            let (fl, cbw) = (format!("cairn-fl-{i}"), format!("cairn-cbw-{i}"));
+            self.state.devices.push((d.qemu.drive_owner().to_owned(), d.qemu.node.clone()));
+            self.state.files.push(file.clone());
+            self.state.nodes.splice(0..0, [cbw.clone(), fl.clone()]);
+            save(&self.state_file, &self.state)?;
+            make_fleecing_image(&file, d.qemu.size, options.quota_for(d.qemu.size))?;
+            let quota = options.quota_for(d.qemu.size);
+            self.qmp.execute(
+                "blockdev-add",
+                json!({
+                    "driver": "qcow2", "node-name": fl, "discard": "unmap",
+                    "file": {"driver": "raw", "size": quota,
+                             "file": {"driver": "file", "filename": file}}
+                }),
+            )?;
+            self.qmp.execute(
+                "blockdev-add",
+                json!({
+                    "driver": "copy-before-write", "node-name": cbw,
+                    "file": d.qemu.node, "target": fl,
+                    "on-cbw-error": "break-snapshot",
+                    "cbw-timeout": options.cbw_timeout.as_secs().max(1),
+                }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// What each disk's previous bitmap can tell, by disk name.
+    pub fn previous(&self, disk: &Name) -> Option<&Previous> {
+        self.disks.iter().find(|d| &d.spec.name == disk).map(|d| &d.previous)
+    }
+
+    /// The NBD socket the views are exported on (after [`LiveVm::take`]).
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The name of disk `disk`'s export.
+    pub fn export_name(disk: &Name) -> String {
+        format!("cairn-{disk}")
+    }
+
+    /// Lets go of the VM as a killed process would: the connection and the lock are closed,
+    /// nothing is undone (the state file stays for the next run). For tests of that next run.
+    #[doc(hidden)]
+    pub fn abandon_as_if_killed(mut self) {
+        self.state = State::default();
+        self.bitmaps_started = false;
+    }
+
+    /// QEMU's version.
+    pub fn qemu_version(&self) -> (u64, u64, u64) {
+        self.qmp.version()
+    }
+
+    /// Each disk as QEMU reported it: node, format, file, size.
+    pub fn disks(&self) -> impl Iterator<Item = (&Name, &QemuDisk)> {
+        self.disks.iter().map(|d| (&d.spec.name, &d.qemu))
+    }
+
+    /// The instant: pauses the VM if it runs, freezes each previous bitmap and starts the
+    /// next, switches every device onto its filter, lets the VM run on; then exports the
+    /// views. Returns how long the vCPUs were paused. On error, what was done is undone.
+    pub fn take(&mut self) -> Result<Duration, Error> {
+        match self.switch() {
+            Ok(paused) => match self.export() {
+                Ok(()) => Ok(paused),
+                Err(e) => {
+                    self.undo_logged();
+                    Err(e)
+                }
+            },
+            Err(e) => {
+                self.undo_logged();
+                Err(e)
+            }
+        }
+    }
+
+    fn switch(&mut self) -> Result<Duration, Error> {
+        let running =
+            self.qmp.execute("query-status", json!({}))?.get("running") == Some(&Value::Bool(true));
+        let mut actions = Vec::new();
+        let granularity = self.granularity;
+        for d in &mut self.disks {
+            if let Previous::Bitmap { name, .. } = &d.previous {
+                actions.push(json!({"type": "block-dirty-bitmap-disable",
+                                    "data": {"node": d.qemu.node, "name": name}}));
+                d.froze_previous = true;
+            }
+            actions.push(json!({"type": "block-dirty-bitmap-add",
+                                "data": {"node": d.qemu.node, "name": d.started,
+                                         "persistent": d.qemu.persistent_bitmaps(),
+                                         "granularity": granularity}}));
+        }
+        let started = std::time::Instant::now();
+        if running {
+            self.qmp.execute("stop", json!({}))?;
+        }
+        let switched = self.switch_paused(actions);
+        let resumed = match running {
+            true => self.qmp.execute("cont", json!({})).map(|_| ()),
+            false => Ok(()),
+        };
+        let paused = started.elapsed();
+        switched?;
+        resumed?;
+        Ok(paused)
+    }
+
+    fn switch_paused(&mut self, actions: Vec<Value>) -> Result<(), Error> {
+        let transaction = self.qmp.execute("transaction", json!({ "actions": actions }));
+        if let Err(e) = transaction {
+            for d in &mut self.disks {
+                d.froze_previous = false;
+            }
+            return Err(e);
+        }
+        self.bitmaps_started = true;
+        for (i, d) in self.disks.iter().enumerate() {
+            self.qmp.execute(
+                "qom-set",
+                json!({"path": d.qemu.drive_owner(), "property": "drive", "value": format!("cairn-cbw-{i}")}),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn export(&mut self) -> Result<(), Error> {
+        for (i, d) in self.disks.iter().enumerate() {
+            let snap = format!("cairn-snap-{i}");
+            self.state.nodes.insert(0, snap.clone());
+            save(&self.state_file, &self.state)?;
+            self.qmp.execute(
+                "blockdev-add",
+                json!({"driver": "snapshot-access", "node-name": snap, "file": format!("cairn-cbw-{i}")}),
+            )?;
+            if let Previous::Bitmap { name, granularity, .. } = &d.previous {
+                // QEMU 7.2 exports only bitmaps of the exported node: a frozen copy goes there.
+                self.qmp.execute(
+                    "block-dirty-bitmap-add",
+                    json!({"node": snap, "name": name, "persistent": false,
+                           "granularity": granularity, "disabled": true}),
+                )?;
+                self.qmp.execute(
+                    "block-dirty-bitmap-merge",
+                    json!({"node": snap, "target": name,
+                           "bitmaps": [{"node": d.qemu.node, "name": name}]}),
+                )?;
+            }
+        }
+        self.state.server = true;
+        save(&self.state_file, &self.state)?;
+        start_server(&mut self.qmp, &self.socket)?;
+        for (i, d) in self.disks.iter().enumerate() {
+            let id = format!("cairn-exp-{i}");
+            self.state.exports.push(id.clone());
+            save(&self.state_file, &self.state)?;
+            let mut export = json!({"type": "nbd", "id": id, "node-name": format!("cairn-snap-{i}"),
+                                    "name": LiveVm::export_name(&d.spec.name), "writable": false});
+            if let Previous::Bitmap { name, .. } = &d.previous {
+                export["bitmaps"] = json!([name]);
+            }
+            self.qmp.execute("block-export-add", export)?;
+        }
+        Ok(())
+    }
+
+    /// After the point committed (or failed): removes the views and fleecing images, puts
+    /// every device back on its own node, and rotates the bitmaps (a commit removes the
+    /// older ones; a failure merges the next one back into the previous, which records
+    /// again). Returns the first failure; every step is tried.
+    pub fn finish(mut self, committed: bool) -> Result<(), Error> {
+        let mut first = self.undo();
+        let mut note = |r: Result<(), Error>| {
+            if let (Ok(()), Err(e)) = (&first, r) {
+                first = Err(e);
+            }
+        };
+        for d in std::mem::take(&mut self.disks) {
+            note(rotate(&mut self.qmp, &d, committed));
+        }
+        self.bitmaps_started = false;
+        first
+    }
+
+    /// [`LiveVm::undo`] on an error path: a failure to undo is logged (the state file stays
+    /// for the next run), the first error is the one reported.
+    fn undo_logged(&mut self) {
+        if let Err(e) = self.undo() {
+            tracing::warn!(vm = %self.vm, "undoing the live view after a failure: {e}");
+        }
+        self.abandon_bitmaps();
+    }
+
+    /// Undoes every change to QEMU but the bitmaps', and removes the state file once done.
+    fn undo(&mut self) -> Result<(), Error> {
+        let state = std::mem::take(&mut self.state);
+        let result = undo_state(&mut self.qmp, &state);
+        if result.is_ok() {
+            let _ = std::fs::remove_file(&self.state_file);
+        } else {
+            // Kept, for the next run to finish the job.
+            let _ = save(&self.state_file, &state);
+        }
+        result
+    }
+
+    /// After a failure past the instant's transaction: each disk's next bitmap goes back into
+    /// its previous one, which records again (or is removed, when there was none to trust).
+    fn abandon_bitmaps(&mut self) {
+        if !self.bitmaps_started {
+            return;
+        }
+        for d in &self.disks {
+            if let Err(e) = rotate(&mut self.qmp, d, false) {
+                tracing::warn!(vm = %self.vm, disk = %d.spec.name, "restoring dirty bitmaps: {e}");
+            }
+        }
+        self.bitmaps_started = false;
+    }
+}
+
+impl Drop for LiveVm {
+    fn drop(&mut self) {
+        if !self.state.nodes.is_empty() || !self.state.exports.is_empty() || self.bitmaps_started {
+            self.undo_logged();
+        }
+    }
+}
+
+/// Bitmaps after the run: see [`LiveVm::finish`].
+fn rotate(qmp: &mut Qmp, d: &LiveDisk, committed: bool) -> Result<(), Error> {
+    let node = &d.qemu.node;
+    let actions: Vec<Value> = if committed {
+        d.older
+            .iter()
+            .map(
+                |n| json!({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": n}}),
+            )
+            .collect()
+    } else {
+        let mut actions = Vec::new();
+        if let (Previous::Bitmap { name, .. }, true) = (&d.previous, d.froze_previous) {
+            actions.push(json!({"type": "block-dirty-bitmap-merge",
+                                "data": {"node": node, "target": name, "bitmaps": [d.started]}}));
+            actions.push(json!({"type": "block-dirty-bitmap-enable",
+                                "data": {"node": node, "name": name}}));
+        }
+        actions.push(json!({"type": "block-dirty-bitmap-remove",
+                            "data": {"node": node, "name": d.started}}));
+        actions
+    };
+    if actions.is_empty() {
+        return Ok(());
+    }
+    match qmp.execute("transaction", json!({ "actions": actions })) {
+        // Never started (the capture failed before the instant): nothing to rotate.
+        Err(Error::Command { desc, .. }) if !committed && desc.contains("not found") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// A killed run froze the previous bitmap and started its own: the two together record every
+/// write since the previous point, so they are merged back before the bitmaps are judged.
+/// Returns whether anything changed.
+fn repair_rotation(
+    qmp: &mut Qmp,
+    disk: &QemuDisk,
+    prefix: &str,
+    previous: Option<&PointId>,
+) -> Result<bool, Error> {
+    let Some(previous) = previous else { return Ok(false) };
+    let expected = format!("{prefix}{previous}");
+    let Some(frozen) = disk.bitmaps.iter().find(|b| b.name == expected) else { return Ok(false) };
+    let later: Vec<_> = disk
+        .bitmaps
+        .iter()
+        .filter(|b| b.name.starts_with(prefix) && b.name != expected && b.enabled() && !b.in_use())
+        .collect();
+    if frozen.enabled() || frozen.in_use() || later.len() != 1 {
+        return Ok(false);
+    }
+    let node = &disk.node;
+    qmp.execute(
+        "transaction",
+        json!({"actions": [
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": node, "target": expected, "bitmaps": [later[0].name]}},
+            {"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": expected}},
+            {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": later[0].name}},
+        ]}),
+    )?;
+    tracing::info!(node = %node, "merged bitmap {} of an interrupted backup back into {expected}", later[0].name);
+    Ok(true)
+}
+
+/// Starts QEMU's NBD server on `socket`. One a killed run left (no exports but Cairn's) is
+/// stopped and started again; one another tool uses is left alone, and the backup fails.
+fn start_server(qmp: &mut Qmp, socket: &Path) -> Result<(), Error> {
+    let start = |qmp: &mut Qmp| {
+        qmp.execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}))
+    };
+    match start(qmp) {
+        Ok(_) => Ok(()),
+        Err(Error::Command { desc, .. }) if desc.contains("already running") => {
+            let exports = qmp.execute("query-block-exports", json!({}))?;
+            let others: Vec<String> = exports
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.get("id").and_then(Value::as_str))
+                .filter(|id| !id.starts_with("cairn-"))
+                .map(str::to_owned)
+                .collect();
+            if !others.is_empty() {
+                return Err(Error::Vm(format!(
+                    "QEMU's NBD server is already running with exports of another tool ({}): \
+                     Cairn needs to start its own; back up when that tool is done",
+                    others.join(", ")
+                )));
+            }
+            qmp.execute("nbd-server-stop", json!({}))?;
+            start(qmp).map(|_| ())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Undoes a run's changes in order: exports, the NBD server, devices, nodes, files. A thing
+/// already gone (QEMU restarted, or the run stopped before making it) is not an error.
+fn undo_state(qmp: &mut Qmp, state: &State) -> Result<(), Error> {
+    let mut first = Ok(());
+    let mut note = |r: Result<Value, Error>| match r {
+        Err(Error::Command { desc, .. })
+            if desc.contains("not found")
+                || desc.contains("Cannot find")
+                || desc.contains("No such")
+                || desc.contains("not running") => {}
+        Err(e) if first.is_ok() => first = Err(e),
+        _ => {}
+    };
+    for id in &state.exports {
+        note(qmp.execute("block-export-del", json!({"id": id, "mode": "hard"})));
+    }
+    if state.server {
+        note(qmp.execute("nbd-server-stop", json!({})));
+    }
+    // Views first (a snapshot-access node keeps its filter from sharing the disk's writes,
+    // so the device could not go back while it exists), then the devices, then the filters
+    // and fleecing images. A deleted export lets go of its node a moment later.
+    let (views, others): (Vec<&String>, Vec<&String>) =
+        state.nodes.iter().partition(|n| n.starts_with("cairn-snap-"));
+    for node in views {
+        note(delete_node(qmp, node));
+    }
+    let current = vm::disks(qmp).unwrap_or_default();
+    for (qdev, node) in &state.devices {
+        let on_filter =
+            current.iter().any(|d| d.drive_owner() == qdev && d.node.starts_with("cairn-cbw-"));
+        if on_filter {
+            note(qmp.execute("qom-set", json!({"path": qdev, "property": "drive", "value": node})));
+        }
+    }
+    for node in others {
+        note(delete_node(qmp, node));
+    }
+    for file in &state.files {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound && first.is_ok() => {
+                first = Err(Error::Fleece { path: file.clone(), detail: e.to_string() });
+            }
+            _ => {}
+        }
+    }
+    first
+}
+
+/// Deletes a block node, waiting a little for a parent that is going away (an export).
+fn delete_node(qmp: &mut Qmp, node: &str) -> Result<Value, Error> {
+    let mut tries = 0;
+    loop {
+        match qmp.execute("blockdev-del", json!({"node-name": node})) {
+            Err(Error::Command { desc, .. }) if desc.contains("in use") && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Undoes what a killed run recorded in `state_file`, then removes the file.
+fn undo_leftovers(qmp: &mut Qmp, state_file: &Path) -> Result<(), Error> {
+    let bytes = match std::fs::read(state_file) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::Fleece { path: state_file.into(), detail: e.to_string() }),
+    };
+    let state: State = serde_json::from_slice(&bytes).map_err(|e| Error::Fleece {
+        path: state_file.into(),
+        detail: format!(
+            "unreadable state of an earlier run ({e}); remove it once QEMU's \
+                         cairn-* nodes and exports are gone"
+        ),
+    })?;
+    tracing::warn!("undoing what an interrupted backup left in QEMU ({})", state_file.display());
+    undo_state(qmp, &state)?;
+    std::fs::remove_file(state_file)
+        .map_err(|e| Error::Fleece { path: state_file.into(), detail: e.to_string() })
+}
+
+fn save(path: &Path, state: &State) -> Result<(), Error> {
+    let fail = |e: std::io::Error| Error::Fleece { path: path.into(), detail: e.to_string() };
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(fail)?;
+    let bytes = serde_json::to_vec(state).map_err(|e| fail(std::io::Error::other(e)))?;
+    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// The fleecing folder, made 0700 if missing; refused if others may write to it.
+fn private_dir(dir: &Path) -> Result<PathBuf, Error> {
+    use std::os::unix::fs::MetadataExt;
+    let fail = |detail: String| Error::Fleece { path: dir.to_path_buf(), detail };
+    if !dir.is_absolute() {
+        return Err(fail("is not an absolute path".into()));
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| fail(format!("cannot make the folder: {e}")))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| fail(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(fail("is not a folder (a link is refused)".into()));
+    }
+    if meta.mode() & 0o022 != 0 || meta.uid() != rustix::process::getuid().as_raw() {
+        return Err(fail(format!(
+            "must belong to the agent's user and be writable by it alone (mode {:o}): \
+             `chmod 700` it",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(dir.to_path_buf())
+}
+
+/// The per-VM lock: held for the whole run, released by the kernel if the process dies.
+fn lock(dir: &Path, vm: &Name) -> Result<File, Error> {
+    let path = dir.join(format!("cairn-{vm}.lock"));
+    let fail = |detail: String| Error::Fleece { path: path.clone(), detail };
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| fail(e.to_string()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(fail(format!("another backup of VM {vm} is running on this host; wait for it")))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(e.to_string())),
+    }
+}
+
+/// A qcow2 image of `size` virtual bytes whose file may grow to `quota` bytes.
+fn make_fleecing_image(path: &Path, size: u64, quota: u64) -> Result<(), Error> {
+    let fail = |detail: String| Error::Fleece { path: path.to_path_buf(), detail };
+    // Made by us, exclusively, then formatted in place: nothing planted there is followed.
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| fail(format!("cannot create it: {e}")))?;
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .map_err(|e| fail(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(fail(format!(
+            "qemu-img create failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    // The quota is the file's length: QEMU opens it through a raw node of that size, so the
+    // fleecing image cannot grow past it (a copy that would gets ENOSPC: the view breaks).
+    file.set_len(quota).map_err(|e| fail(format!("cannot size it to its quota: {e}")))?;
+    Ok(())
+}
+
+/// The capture's one step for a running VM: every disk's view at one instant.
+impl cairn_snapshot::DiskViews for LiveVm {
+    fn disks(&self) -> Vec<cairn_snapshot::DiskSpec> {
+        self.disks
+            .iter()
+            .map(|d| cairn_snapshot::DiskSpec {
+                name: d.spec.name.clone(),
+                path: PathBuf::from(&d.qemu.file),
+            })
+            .collect()
+    }
+
+    fn take(
+        &mut self,
+        record: &mut cairn_snapshot::Record,
+    ) -> Result<Vec<cairn_snapshot::View>, cairn_snapshot::Error> {
+        let paused = LiveVm::take(self).map_err(|e| cairn_snapshot::Error::LiveView {
+            vm: self.vm.to_string(),
+            detail: e.to_string(),
+        })?;
+        let (major, minor, micro) = self.qmp.version();
+        record.note(cairn_format::Evidence::new(
+            "view",
+            None,
+            format!(
+                "QEMU {major}.{minor}.{micro}: copy-before-write views of {} disk(s) at one instant (vCPUs paused {:.1} ms), read over QEMU's NBD export",
+                self.disks.len(),
+                paused.as_secs_f64() * 1000.0
+            ),
+        ));
+        let mut views = Vec::new();
+        for spec in cairn_snapshot::DiskViews::disks(self) {
+            let d = self.disks.iter().find(|d| d.spec.name == spec.name);
+            if let Some(d) = d.filter(|d| !d.qemu.persistent_bitmaps()) {
+                record.note_disk(
+                    "cbt",
+                    &spec.name,
+                    format!(
+                        "the {} image's dirty bitmap lives in QEMU's memory: a restart of QEMU loses it, and the next backup of this disk scans it whole",
+                        d.qemu.format
+                    ),
+                );
+            }
+            // Removed with the whole VM's view in `finish`, not disk by disk.
+            views.push(cairn_snapshot::View::snapshot(
+                &spec,
+                "qemu-fleece",
+                self.socket.clone(),
+                Box::new(|_| Ok(())),
+            ));
+        }
+        Ok(views)
+    }
+
+    fn one_instant(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,295 @@
+//! Live views of a running QEMU's disks, against a real QEMU (no guest system: writes go
+//! through the device with HMP's `qemu-io -d`, as a guest's would).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_delta::{BlockSource, ChangeTracking, Extent};
+use cairn_format::{Name, PointId};
+use cairn_nbd::{NbdSource, Previous};
+use cairn_qemu::{FleeceOptions, LiveDiskSpec, LiveVm, Qmp};
+use cairn_testkit::qemu::{TestDisk, TestVm, qemu_or_skip};
+use cairn_testkit::sh;
+use serde_json::json;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    vm: TestVm,
+    root: PathBuf,
+    /// What the disk holds, kept in step with every write.
+    expected: Vec<u8>,
+    qdev: String,
+}
+
+fn fixture(format: &'static str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let image = root.join(format!("os.{format}"));
+    sh("qemu-img", &["create", "-q", "-f", format, image.to_str().unwrap(), &SIZE.to_string()]);
+    let mut expected = vec![0u8; SIZE as usize];
+    for (byte, at, len) in [(0x11u8, 0, 4 * MIB), (0x22, 16 * MIB, 4 * MIB)] {
+        let cmd = format!("write -P {byte} {at} {len}");
+        sh("qemu-io", &["-f", format, "-c", &cmd, image.to_str().unwrap()]);
+        expected[at as usize..(at + len) as usize].fill(byte);
+    }
+    let vm = TestVm::start(&root, &[TestDisk { path: image, format, id: "disk-os".into() }]);
+    let mut qmp = Qmp::connect(&vm.harness).unwrap();
+    let qdev = cairn_qemu::vm::find(&cairn_qemu::vm::disks(&mut qmp).unwrap(), "disk-os")
+        .unwrap()
+        .qdev
+        .clone();
+    Fixture { _dir: dir, vm, root, expected, qdev }
+}
+
+impl Fixture {
+    /// A guest write of `byte` over `len` bytes at `at`, through the device.
+    fn write(&mut self, byte: u8, at: u64, len: u64) {
+        let mut qmp = Qmp::connect(&self.vm.harness).unwrap();
+        let out = qmp
+            .execute(
+                "human-monitor-command",
+                json!({"command-line": format!("qemu-io -d {} \"write -P {byte} {at} {len}\"", self.qdev)}),
+            )
+            .unwrap();
+        assert_eq!(out, json!(""), "the guest's write must succeed: {out}");
+        self.expected[at as usize..(at + len) as usize].fill(byte);
+    }
+
+    /// Whether the guest reads `byte` over the range.
+    fn guest_reads(&self, byte: u8, at: u64, len: u64) -> bool {
+        let mut qmp = Qmp::connect(&self.vm.harness).unwrap();
+        let out = qmp
+            .execute(
+                "human-monitor-command",
+                json!({"command-line": format!("qemu-io -d {} \"read -P {byte} {at} {len}\"", self.qdev)}),
+            )
+            .unwrap();
+        out == json!("")
+    }
+
+    fn options(&self, quota: Option<u64>) -> FleeceOptions {
+        FleeceOptions { dir: self.root.join("fleece"), quota, cbw_timeout: Duration::from_secs(5) }
+    }
+
+    fn prepare(&self, point: &PointId, previous: Option<&PointId>, quota: Option<u64>) -> LiveVm {
+        let since: BTreeMap<Name, PointId> =
+            previous.map(|p| (name("os"), p.clone())).into_iter().collect();
+        LiveVm::prepare(
+            &self.vm.qmp,
+            &name("vm1"),
+            point,
+            &[LiveDiskSpec { name: name("os"), device: "disk-os".into() }],
+            &since,
+            65536,
+            &self.options(quota),
+        )
+        .unwrap()
+    }
+
+    /// Names of the block nodes Cairn added, and files left in the fleecing folder.
+    fn leftovers(&self) -> (Vec<String>, Vec<String>) {
+        let mut qmp = Qmp::connect(&self.vm.harness).unwrap();
+        let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true})).unwrap();
+        let ours = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["node-name"].as_str())
+            .filter(|n| n.starts_with("cairn-"))
+            .map(str::to_owned)
+            .collect();
+        let files = std::fs::read_dir(self.root.join("fleece"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.ends_with(".lock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (ours, files)
+    }
+
+    fn bitmaps(&self) -> Vec<(String, bool)> {
+        let mut qmp = Qmp::connect(&self.vm.harness).unwrap();
+        let disks = cairn_qemu::vm::disks(&mut qmp).unwrap();
+        let disk = cairn_qemu::vm::find(&disks, "disk-os").unwrap();
+        disk.bitmaps.iter().map(|b| (b.name.clone(), b.enabled())).collect()
+    }
+}
+
+fn name(s: &str) -> Name {
+    s.parse().unwrap()
+}
+
+fn point(n: u32) -> PointId {
+    format!("20261203T0{n}0000.000Z-0000000{n}").parse().unwrap()
+}
+
+fn open(live: &LiveVm) -> NbdSource {
+    let previous = live.previous(&name("os")).cloned();
+    NbdSource::connect(
+        live.socket(),
+        &LiveVm::export_name(&name("os")),
+        "os".into(),
+        previous.as_ref(),
+    )
+    .unwrap()
+}
+
+fn read_all(source: &NbdSource) -> Result<Vec<u8>, cairn_delta::Error> {
+    let mut out = vec![0u8; source.size() as usize];
+    for (i, chunk) in out.chunks_mut(4 * MIB as usize).enumerate() {
+        source.read_at(i as u64 * 4 * MIB, chunk)?;
+    }
+    Ok(out)
+}
+
+fn dirty(source: &NbdSource) -> Vec<Extent> {
+    match source.change_tracking() {
+        ChangeTracking::Since { dirty, .. } => dirty,
+        other => panic!("expected dirty ranges, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_view_is_the_instant_while_the_guest_writes_on_and_bitmaps_rotate() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let mut f = fixture("qcow2");
+    // Full: no earlier point, so no bitmap to trust.
+    let mut live = f.prepare(&point(1), None, None);
+    assert!(matches!(live.previous(&name("os")), Some(Previous::Unusable(_))));
+    live.take().unwrap();
+    let at_instant = f.expected.clone();
+    f.write(0x33, 0, MIB);
+    f.write(0x44, 32 * MIB, MIB);
+    let source = open(&live);
+    assert!(read_all(&source).unwrap() == at_instant, "the view is the disk at the instant");
+    assert!(f.guest_reads(0x33, 0, MIB), "the guest sees its own writes");
+    drop(source);
+    live.finish(true).unwrap();
+    assert_eq!(f.leftovers(), (vec![], vec![]), "no node, export or fleecing image is left");
+    let b1 = cairn_nbd::bitmap_name(&name("vm1"), &name("os"), &point(1));
+    assert_eq!(f.bitmaps(), vec![(b1.clone(), true)]);
+
+    // Incremental: the bitmap of point 1 says exactly what the guest wrote since.
+    let mut live = f.prepare(&point(2), Some(&point(1)), None);
+    assert!(matches!(live.previous(&name("os")), Some(Previous::Bitmap { .. })));
+    live.take().unwrap();
+    f.write(0x55, 48 * MIB, MIB);
+    let source = open(&live);
+    assert_eq!(
+        dirty(&source),
+        vec![Extent { offset: 0, len: MIB }, Extent { offset: 32 * MIB, len: MIB }]
+    );
+    let mut expected = f.expected.clone();
+    expected[48 * MIB as usize..49 * MIB as usize].fill(0);
+    assert!(read_all(&source).unwrap() == expected, "the second view is its instant too");
+    drop(source);
+    live.finish(true).unwrap();
+    let b2 = cairn_nbd::bitmap_name(&name("vm1"), &name("os"), &point(2));
+    assert_eq!(f.bitmaps(), vec![(b2.clone(), true)], "point 1's bitmap goes after the commit");
+
+    // A failed run: its bitmap is merged back into point 2's, which records again.
+    let mut live = f.prepare(&point(3), Some(&point(2)), None);
+    live.take().unwrap();
+    f.write(0x66, 8 * MIB, MIB);
+    live.finish(false).unwrap();
+    assert_eq!(f.bitmaps(), vec![(b2.clone(), true)]);
+    f.write(0x77, 40 * MIB, MIB);
+
+    // A killed run: the next one undoes what it left in QEMU and merges its bitmap back.
+    let mut live = f.prepare(&point(4), Some(&point(2)), None);
+    live.take().unwrap();
+    f.write(0x78, 56 * MIB, MIB);
+    live.abandon_as_if_killed();
+    let (nodes, files) = f.leftovers();
+    assert!(!nodes.is_empty() && !files.is_empty(), "a killed run leaves its view behind");
+    let mut live = f.prepare(&point(5), Some(&point(2)), None);
+    live.take().unwrap();
+    let source = open(&live);
+    assert_eq!(
+        dirty(&source),
+        vec![
+            Extent { offset: 8 * MIB, len: MIB },
+            Extent { offset: 40 * MIB, len: MIB },
+            Extent { offset: 48 * MIB, len: MIB },
+            Extent { offset: 56 * MIB, len: MIB },
+        ],
+        "every write since point 2 is marked: before, during and after the failed and killed runs"
+    );
+    assert!(read_all(&source).unwrap() == f.expected);
+    drop(source);
+    live.finish(true).unwrap();
+    assert_eq!(f.leftovers(), (vec![], vec![]));
+    let b5 = cairn_nbd::bitmap_name(&name("vm1"), &name("os"), &point(5));
+    assert_eq!(f.bitmaps(), vec![(b5, true)]);
+}
+
+#[test]
+fn a_full_fleecing_image_breaks_the_view_never_the_guests_write() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let mut f = fixture("qcow2");
+    let mut live = f.prepare(&point(1), None, Some(MIB));
+    live.take().unwrap();
+    // 4 MiB of old data to keep, 1 MiB of room: the copy fails, the write goes through.
+    f.write(0x99, 0, 4 * MIB);
+    assert!(f.guest_reads(0x99, 0, 4 * MIB), "the guest's write went through");
+    let source = open(&live);
+    let read = read_all(&source);
+    assert!(read.is_err(), "the broken view must not be read as if it were the instant");
+    drop(source);
+    live.finish(false).unwrap();
+    assert_eq!(f.leftovers(), (vec![], vec![]));
+    assert!(f.bitmaps().is_empty(), "a failed first run leaves no bitmap");
+}
+
+#[test]
+fn a_raw_disk_has_a_bitmap_in_memory_and_a_missing_device_is_named() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let mut f = fixture("raw");
+    let mut live = f.prepare(&point(1), None, None);
+    live.take().unwrap();
+    f.write(0x12, 0, MIB);
+    live.finish(true).unwrap();
+    let mut live = f.prepare(&point(2), Some(&point(1)), None);
+    live.take().unwrap();
+    let source = open(&live);
+    assert_eq!(dirty(&source), vec![Extent { offset: 0, len: MIB }]);
+    drop(source);
+    live.finish(true).unwrap();
+
+    let err = LiveVm::prepare(
+        &f.vm.qmp,
+        &name("vm1"),
+        &point(3),
+        &[LiveDiskSpec { name: name("data"), device: "disk-data".into() }],
+        &BTreeMap::new(),
+        65536,
+        &f.options(None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("no disk \"disk-data\"") && err.contains("disk-os"), "{err}");
+    let err = LiveVm::prepare(
+        Path::new("/nonexistent/qmp.sock"),
+        &name("vm1"),
+        &point(3),
+        &[],
+        &BTreeMap::new(),
+        65536,
+        &f.options(None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("QMP socket /nonexistent/qmp.sock"), "{err}");
+}
