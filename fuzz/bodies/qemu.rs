@@ -9,12 +9,11 @@ pub fn qmp_message(data: &[u8]) {
     let mut reader = std::io::Cursor::new(data);
     while let Ok(Some(line)) = cairn_qemu::wire::read_line(&mut reader, 4096) {
         if let Ok(cairn_qemu::wire::Message::Return { value, .. }) = cairn_qemu::wire::decode(&line)
+            && let Ok(disks) = cairn_qemu::vm::parse_block(&value)
         {
-            if let Ok(disks) = cairn_qemu::vm::parse_block(&value) {
-                let _ = cairn_qemu::vm::describe(&disks);
-                for d in &disks {
-                    let _ = (d.drive_owner(), d.is("disk0"), d.persistent_bitmaps());
-                }
+            let _ = cairn_qemu::vm::describe(&disks);
+            for d in &disks {
+                let _ = (d.drive_owner(), d.is("disk0"), d.persistent_bitmaps());
             }
         }
     }
