@@ -179,3 +179,77 @@ fn count(command: &str, value: &Value) -> Result<u64, Error> {
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A guest agent played by a thread: it reads lines and answers each with what `answer`
+    /// returns for it (the sync's id is read from the request).
+    fn agent(answer: impl Fn(&str, u64) -> Vec<u8> + Send + 'static) -> GuestAgent {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(theirs.try_clone().unwrap());
+            let mut writer = theirs;
+            let mut byte = [0u8; 1];
+            // The client starts with a 0xFF to reset the agent's parser.
+            let _ = reader.read_exact(&mut byte);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                let request: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+                let command = request["execute"].as_str().unwrap_or("").to_owned();
+                let id = request["arguments"]["id"].as_u64().unwrap_or(0);
+                if writer.write_all(&answer(&command, id)).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+        });
+        GuestAgent::over(ours, Path::new("test"), Duration::from_millis(300)).unwrap()
+    }
+
+    #[test]
+    fn sync_skips_what_an_earlier_client_left_and_commands_answer() {
+        let mut a = agent(|command, id| match command {
+            "guest-sync-delimited" => [
+                &b"{\"return\": 7}\n\x1b[2J junk\xff"[..],
+                format!("{{\"return\": {id}}}\n").as_bytes(),
+            ]
+            .concat(),
+            "guest-fsfreeze-freeze" => b"{\"return\": 3}\n".to_vec(),
+            "guest-fsfreeze-status" => b"{\"return\": \"thawed\"}\n".to_vec(),
+            _ => b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no \\u001b[31m\"}}\n"
+                .to_vec(),
+        });
+        assert_eq!(a.freeze(QUICK).unwrap(), 3);
+        assert!(!a.frozen().unwrap());
+        let refused = a.thaw(QUICK).unwrap_err().to_string();
+        assert!(refused.contains("CommandNotFound") && !refused.contains('\u{1b}'), "{refused}");
+    }
+
+    #[test]
+    fn hostile_answers_are_errors_not_panics() {
+        let mut a = agent(|command, id| match command {
+            "guest-sync-delimited" => {
+                [&[0xffu8][..], format!("{{\"return\": {id}}}\n").as_bytes()].concat()
+            }
+            "guest-fsfreeze-freeze" => b"{\"return\": \"lots\"}\n".to_vec(),
+            "guest-fsfreeze-status" => b"{\"return\": \"\\u001b]0;pwned\\u0007\"}\n".to_vec(),
+            _ => vec![b'x'; MAX_AGENT_LINE + 10],
+        });
+        assert!(a.freeze(QUICK).unwrap_err().to_string().contains("not a count"));
+        let status = a.frozen().unwrap_err().to_string();
+        assert!(!status.contains('\u{7}') && !status.contains('\u{1b}'), "{status}");
+        assert!(a.thaw(QUICK).is_err(), "a line past the limit is refused");
+    }
+
+    #[test]
+    fn a_silent_agent_times_out() {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let started = std::time::Instant::now();
+        let err = GuestAgent::over(ours, Path::new("test"), Duration::from_millis(200));
+        assert!(err.is_err());
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use cairn_format::Digest;
 use cairn_format::index::{IndexPage, IndexRoot};
-use cairn_format::pack::{PackEntry, decode_pack_index};
+use cairn_format::pack::decode_pack_index;
 use cairn_format::{PointId, ResumeRecord};
 use futures::StreamExt;
 use jiff::Timestamp;
@@ -422,18 +422,19 @@ impl Vault {
     }
 }
 
-/// A live chunk's copy to carry out of a pack being repacked.
-#[derive(Clone, Copy, Debug)]
+/// The live chunks to copy out of the packs being repacked.
 pub(crate) struct ToCopy {
-    pub(crate) entry: PackEntry,
-    /// Other packs being repacked hold good copies too: copy the first that reads well.
-    pub(crate) alternatives: bool,
+    /// Their places, sorted by pack and offset: 44 bytes a chunk, so that a collection that
+    /// copies most of a large vault costs no more than its table of copies.
+    pub(crate) places: Vec<Place>,
+    /// Chunks that several repacked packs hold good copies of: the first that reads well is
+    /// copied, the others are skipped (rare: a pack named twice, or repaired).
+    pub(crate) shared: HashSet<Digest>,
 }
 
-/// The live chunks to copy out of the packs of `to_do` that are repacked, by pack: those with
-/// no good copy in a pack that is indexed and not condemned.
-pub(crate) fn to_copy(a: &Analysis, to_do: &BTreeSet<Digest>) -> BTreeMap<Digest, Vec<ToCopy>> {
-    let mut out: BTreeMap<Digest, Vec<ToCopy>> = BTreeMap::new();
+/// The live chunks to copy out of the packs of `to_do` that are repacked: those with no good
+/// copy in a pack that is indexed and not condemned.
+pub(crate) fn to_copy(a: &Analysis, to_do: &BTreeSet<Digest>) -> ToCopy {
     // What each pack number is, looked up once per pack rather than once per copy.
     let kinds: Vec<(bool, bool)> = (0..a.copies.pack_count() as u32)
         .map(|n| {
@@ -444,18 +445,22 @@ pub(crate) fn to_copy(a: &Analysis, to_do: &BTreeSet<Digest>) -> BTreeMap<Digest
             (survives, repacked)
         })
         .collect();
-    for group in a.copies.live_groups() {
+    // Two passes: the first counts, so the list is allocated once at its size.
+    let sources = |group: &'_ [Place]| -> Option<Vec<Place>> {
         let good = |p: &&Place| a.readable(p);
         if group.iter().filter(good).any(|p| kinds[p.pack as usize].0) {
-            continue;
+            return None;
         }
-        let from: Vec<&Place> =
-            group.iter().filter(good).filter(|p| kinds[p.pack as usize].1).collect();
-        let alternatives = from.len() > 1;
-        for p in from {
-            let entry = PackEntry { id: p.id, offset: p.offset, len: p.len };
-            out.entry(a.copies.pack(p.pack)).or_default().push(ToCopy { entry, alternatives });
+        Some(group.iter().filter(good).filter(|p| kinds[p.pack as usize].1).copied().collect())
+    };
+    let count: usize = a.copies.live_groups().filter_map(sources).map(|from| from.len()).sum();
+    let mut out = ToCopy { places: Vec::with_capacity(count), shared: HashSet::new() };
+    for from in a.copies.live_groups().filter_map(sources) {
+        if from.len() > 1 {
+            out.shared.insert(from[0].id);
         }
+        out.places.extend(from);
     }
+    out.places.sort_unstable_by_key(|p| (p.pack, p.offset));
     out
 }

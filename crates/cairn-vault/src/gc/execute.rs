@@ -9,7 +9,7 @@ use cairn_format::pack::{
 use cairn_format::{ChunkFrame, Digest, PointId};
 use rand::RngExt;
 
-use super::analysis::{Analysis, ToCopy, to_copy};
+use super::analysis::{Analysis, to_copy};
 use crate::{Error, Vault, layout};
 
 /// What a run did to the store.
@@ -25,12 +25,18 @@ pub(crate) struct Executed {
     pub(crate) bad_copies: Vec<(Digest, Digest, String)>,
 }
 
-/// New packs being filled with copied frames.
+/// New packs being filled with copied frames, indexed as they accumulate.
 struct Repacker<'a> {
     vault: &'a Vault,
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
+    /// Packs written and not yet in a pack index.
     written: Vec<IndexedPack>,
+    /// The run's id, which names its first pack index.
+    run: &'a PointId,
+    /// Pack indexes this run wrote so far.
+    indexes: usize,
+    entries_per_index: usize,
     done: Executed,
 }
 
@@ -66,6 +72,19 @@ impl Repacker<'_> {
         self.done.packs_written += 1;
         self.vault.put_raw_new(&path, buf, "write").await?;
         self.written.push(IndexedPack { pack: name, entries });
+        if self.written.iter().map(|p| p.entries.len()).sum::<usize>() >= self.entries_per_index {
+            self.index_written().await?;
+        }
+        Ok(())
+    }
+
+    /// Indexes the packs written so far, once they are durable: a collection that copies
+    /// millions of chunks holds at most one index's worth of their entries.
+    async fn index_written(&mut self) -> Result<(), Error> {
+        self.vault.barrier().await?;
+        let packs = std::mem::take(&mut self.written);
+        self.vault.write_gc_index(self.run, self.indexes, &packs).await?;
+        self.indexes += 1;
         Ok(())
     }
 }
@@ -86,11 +105,16 @@ impl Vault {
             buf: vec![],
             entries: vec![],
             written: vec![],
+            run: id,
+            indexes: 0,
+            entries_per_index,
             done: Executed::default(),
         };
         // Only chunks that several repacked packs hold are remembered once copied.
         let mut copied: HashSet<Digest> = HashSet::new();
-        for (name, needed) in to_copy(a, to_do) {
+        let plan = to_copy(a, to_do);
+        for needed in plan.places.chunk_by(|x, y| x.pack == y.pack) {
+            let name = a.copies.pack(needed[0].pack);
             let path = layout::pack(&name);
             let Some(bytes) = self.get_bytes(&path).await? else {
                 return Err(Error::GcUnsafe {
@@ -100,7 +124,9 @@ impl Vault {
                     ),
                 });
             };
-            for ToCopy { entry: e, alternatives } in needed {
+            for p in needed {
+                let e = PackEntry { id: p.id, offset: p.offset, len: p.len };
+                let alternatives = plan.shared.contains(&e.id);
                 if alternatives && copied.contains(&e.id) {
                     continue;
                 }
@@ -126,9 +152,11 @@ impl Vault {
         // Bad copies of a chunk that had a good one elsewhere in the repacked packs are not
         // losses.
         r.done.bad_copies.retain(|(id, _, _)| !copied.contains(id));
+        drop(plan);
         let mut done = std::mem::take(&mut r.done);
-        let new_packs = std::mem::take(&mut r.written);
-        let rewritten = self.replace_indexes(a, to_do, id, new_packs, entries_per_index).await?;
+        let (new_packs, wrote) = (std::mem::take(&mut r.written), r.indexes);
+        let rewritten =
+            self.replace_indexes(a, to_do, id, new_packs, wrote, entries_per_index).await?;
         done.indexes_rewritten = rewritten.len() as u64;
         self.delete_all(&rewritten).await?;
         for name in to_do {
@@ -158,11 +186,11 @@ impl Vault {
         to_do: &BTreeSet<Digest>,
         id: &PointId,
         new_packs: Vec<IndexedPack>,
+        mut wrote: usize,
         entries_per_index: usize,
     ) -> Result<Vec<object_store::path::Path>, Error> {
         let mut named: HashSet<Digest> = new_packs.iter().map(|p| p.pack).collect();
         let mut group = new_packs;
-        let mut wrote = 0usize;
         let mut rewritten = vec![];
         for (path, packs) in &a.indexes {
             if !packs.iter().any(|p| to_do.contains(p)) {

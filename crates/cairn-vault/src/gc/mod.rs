@@ -107,8 +107,9 @@ impl Condemned {
 /// Markers older than this are stale: two days, well past a daily backup's 24-hour budget.
 pub const DEFAULT_STALE_AFTER: SignedDuration = SignedDuration::from_hours(48);
 
-/// A pack index the collector writes holds at most this many entries (40 MiB in memory).
-pub const DEFAULT_ENTRIES_PER_INDEX: usize = 1 << 20;
+/// A pack index the collector writes holds at most this many entries (about 12 MiB in
+/// memory while it is written).
+pub const DEFAULT_ENTRIES_PER_INDEX: usize = 1 << 18;
 
 /// Packs with less than this fraction of live bytes are repacked (docs/performance.md).
 pub const DEFAULT_REPACK_BELOW: f64 = 0.5;
