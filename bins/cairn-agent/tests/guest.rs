@@ -329,6 +329,60 @@ fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
     for gap in frozen_gaps.iter().chain([&crash_gap]) {
         assert!(*gap < 45.0, "the workload stalled {gap} s");
     }
+
+    // The agent killed (-9) while the guest is frozen: its watchdog, another process, thaws
+    // the guest through the guest agent once the agent's connection is gone; the next backup
+    // undoes what the killed one left in QEMU and on disk.
+    let mut killed = Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .env("CAIRN_PASSPHRASE", "guest tests")
+        .env("CAIRN_FAILPOINT", "while-quiesced=sleep:60000")
+        .args(["--config", config, "backup", "--vault", &vault])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = dir.path().join("fleece/cairn-guest.state.json");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&state).is_ok_and(|t| t.contains("cairn-exp-0")) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the backup did not reach its views");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The views exist and the failpoint holds the guest frozen: kill the agent.
+    std::thread::sleep(Duration::from_millis(200));
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let killed_at = Instant::now();
+    let thawed = loop {
+        let status =
+            GuestAgent::connect(&guest.qga, Duration::from_secs(2)).and_then(|mut a| a.frozen());
+        if let Ok(false) = status {
+            break killed_at.elapsed();
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(60),
+            "the guest stays frozen: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "after kill -9 of the agent, the guest was thawed within {:.0} ms",
+        thawed.as_secs_f64() * 1000.0
+    );
+    let before = guest.inserts();
+    let m = ok(agent(&["--config", config, "backup", "--json", "--vault", &vault]));
+    assert_eq!(m["consistency"], json!("file_system"), "{m}");
+    assert!(!state.exists(), "the killed run's state is undone");
+    let images: Vec<_> = std::fs::read_dir(dir.path().join("fleece"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+        .collect();
+    assert!(images.is_empty(), "fleecing images left: {images:?}");
+    let started = Instant::now();
+    while guest.inserts() < before + 10 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the workload stopped writing");
+        std::thread::sleep(Duration::from_millis(300));
+    }
     drop(guest);
 
     // The last point, restored: a clean file system holding a sound database whose last

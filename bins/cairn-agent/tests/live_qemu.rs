@@ -185,6 +185,143 @@ fn a_missing_qmp_socket_or_device_is_a_clear_error_and_changes_nothing() {
     );
     assert!(cairn_nodes(&vm).is_empty());
     let points = ok(agent(&["points", "--json", "--vault", &vault]));
-    assert_eq!(points.as_array().map(Vec::len).unwrap_or(0), 0, "{points}");
+    assert_eq!(points["points"].as_array().map(Vec::len), Some(0), "{points}");
     let _ = Path::new(&config);
+}
+
+/// A VM configuration for disk `disk-os` of `vm`, with `extra` top-level lines.
+fn config_for(dir: &Path, vm: &TestVm, extra: &str) -> String {
+    let path = dir.join("vm.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "vm = \"db\"\nqmp = \"{}\"\n{extra}[fleece]\ndir = \"{}\"\n[[disk]]\nname = \"os\"\nqemu_device = \"disk-os\"\n",
+            vm.qmp.display(),
+            dir.join("fleece").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn started_vm(dir: &Path, size: &str) -> (TestVm, String) {
+    let image = dir.join("os.qcow2").to_str().unwrap().to_owned();
+    if !Path::new(&image).exists() {
+        let seed = dir.join("seed.raw").to_str().unwrap().to_owned();
+        ok(agent(&["sample", "create", &seed, "--size", size, "--seed", "3"]));
+        tool("qemu-img", &["convert", "-O", "qcow2", &seed, &image]);
+    }
+    let vm = TestVm::start(
+        dir,
+        &[TestDisk { path: image.clone().into(), format: "qcow2", id: "disk-os".into() }],
+    );
+    (vm, image)
+}
+
+#[test]
+fn a_guest_agent_that_is_missing_or_hung_gives_a_crash_consistent_point_with_the_reason() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault").to_str().unwrap().to_owned();
+    ok(agent(&["init", "--vault", &vault]));
+    let (vm, _) = started_vm(dir.path(), "32M");
+    let missing = dir.path().join("no-agent.sock");
+    let config = config_for(dir.path(), &vm, &format!("guest_agent = \"{}\"\n", missing.display()));
+    let m = ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
+    assert_eq!(m["consistency"], json!("crash"), "{m}");
+    let ev = evidence(&m);
+    assert!(
+        ev.iter().any(|(_, msg)| msg.contains("did not answer") && msg.contains("no-agent.sock")),
+        "{ev:?}"
+    );
+
+    // Required: the backup fails, saying why, and leaves nothing in QEMU.
+    let config = config_for(
+        dir.path(),
+        &vm,
+        &format!("guest_agent = \"{}\"\nguest_agent_required = true\n", missing.display()),
+    );
+    let out = agent(&["--config", &config, "backup", "--vault", &vault]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("guest_agent_required"), "{err}");
+    assert!(cairn_nodes(&vm).is_empty());
+
+    // An agent that accepts the connection and never answers (a hung qemu-ga).
+    let hung = dir.path().join("hung.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&hung).unwrap();
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept() {
+            held.push(stream);
+        }
+    });
+    let config = config_for(dir.path(), &vm, &format!("guest_agent = \"{}\"\n", hung.display()));
+    let started = std::time::Instant::now();
+    let m = ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
+    assert_eq!(m["consistency"], json!("crash"), "{m}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(40),
+        "a hung agent holds the backup {:?}",
+        started.elapsed()
+    );
+    let ev = evidence(&m);
+    assert!(
+        ev.iter().any(|(_, msg)| msg.contains("did not answer") && msg.contains("hung.sock")),
+        "{ev:?}"
+    );
+    assert!(cairn_nodes(&vm).is_empty());
+    drop(holder);
+}
+
+#[test]
+fn qemu_killed_mid_backup_fails_it_clearly_and_the_next_run_cleans_up() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault").to_str().unwrap().to_owned();
+    ok(agent(&["init", "--vault", &vault]));
+    let (mut vm, _) = started_vm(dir.path(), "256M");
+    let config = config_for(dir.path(), &vm, "");
+    ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
+
+    let child = Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .env("CAIRN_PASSPHRASE", "live tests")
+        .args(["--config", &config, "backup", "--vault", &vault])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = dir.path().join("fleece/cairn-db.state.json");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&state).is_ok_and(|t| t.contains("cairn-exp-0")) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no view was taken");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    vm.kill();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a backup whose QEMU died must fail");
+    assert!(err.contains("NBD") || err.contains("QEMU") || err.contains("QMP"), "{err}");
+    let points = ok(agent(&["points", "--json", "--vault", &vault]));
+    assert_eq!(points["points"].as_array().map(Vec::len), Some(1), "no second point: {points}");
+
+    // QEMU again (a new process on the same image): the next backup undoes what is left,
+    // and scans the disk whole, since a killed QEMU leaves its bitmaps in-use.
+    let (vm, _) = started_vm(dir.path(), "256M");
+    let m = ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
+    let ev = evidence(&m);
+    assert!(ev.iter().any(|(k, _)| k == "cbt_fallback" || k == "full_scan"), "{ev:?}");
+    assert!(!state.exists());
+    assert!(cairn_nodes(&vm).is_empty());
+    let images: Vec<_> = std::fs::read_dir(dir.path().join("fleece"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+        .collect();
+    assert!(images.is_empty(), "fleecing images left: {images:?}");
+    ok(agent(&["verify", "--vault", &vault]));
 }
