@@ -105,6 +105,18 @@ fn a_running_qemu_vm_is_backed_up_at_one_instant_and_incrementally_through_its_b
     let ev = evidence(&p1);
     assert!(ev.iter().any(|(k, m)| k == "view" && m.contains("at one instant")), "{ev:?}");
     assert!(cairn_nodes(&vm).is_empty(), "the views are gone after the commit");
+    // The VM's definition, as QEMU reported it, is on the point.
+    let machine = &p1["machine"];
+    assert!(machine["hypervisor"].as_str().unwrap().starts_with("QEMU "), "{machine}");
+    assert!(machine["machine_type"].as_str().unwrap().starts_with("pc-q35"), "{machine}");
+    assert_eq!((machine["cpus"].as_u64(), machine["memory"].as_u64()), (Some(1), Some(128 << 20)));
+    assert_eq!(machine["disks"]["os"]["device"], json!("disk-os"));
+    assert_eq!(machine["disks"]["os"]["format"], json!("qcow2"));
+    assert_eq!(machine["disks"]["os"]["size"], json!(96 << 20));
+    assert!(
+        machine["devices"].as_array().unwrap().contains(&json!("disk-os: virtio-blk-pci")),
+        "{machine}"
+    );
 
     // The guest writes 16 MiB in a row and 20 scattered 4 KiB blocks.
     guest_write(&vm, 0x41, 32 << 20, 16 << 20);

@@ -54,6 +54,8 @@ pub struct BackupRequest {
     /// Keep the point until then whatever retention says; written as a note before the
     /// manifest, so that no prune sees the point without it.
     pub retain_until: Option<Timestamp>,
+    /// The VM's definition as its hypervisor reported it, recorded on the point.
+    pub machine: Option<cairn_format::MachineRecord>,
 }
 
 /// Disks read at once by default: on 2 cores two disks already keep both busy, and the job's
@@ -73,6 +75,7 @@ impl BackupRequest {
             point: None,
             parallel_disks: None,
             retain_until: None,
+            machine: None,
         }
     }
 }
@@ -175,6 +178,7 @@ pub async fn backup(
         disks,
         evidence,
         writer: format!("cairn {}", env!("CARGO_PKG_VERSION")),
+        machine: request.machine,
     };
     if let Some(until) = request.retain_until {
         let change = cairn_format::Change::RetainUntil(Some(until));

@@ -42,7 +42,7 @@ pub use error::Error;
 pub use gc::{BaseRecord, Fate, FateKind, GcPlan, Lease};
 pub use manifest::{
     Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, MANIFEST_FORMAT,
-    PointManifest, ResumeRecord, SizedPack,
+    MachineDisk, MachineRecord, PointManifest, ResumeRecord, SizedPack,
 };
 pub use name::Name;
 pub use note::{Change, Deletion, PointNote, PointState, Verification};

@@ -140,6 +140,47 @@ pub struct PointManifest {
     /// The agent that wrote it, e.g. `cairn-agent 0.1.0`.
     #[serde(default)]
     pub writer: String,
+    /// What is needed to recreate the VM, where the hypervisor said (a VM in QEMU); absent
+    /// for disks read from files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<MachineRecord>,
+}
+
+/// A VM's definition as its hypervisor reported it at the point's capture: enough to create
+/// it again around restored disks. Informative: nothing in Cairn acts on it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineRecord {
+    /// The hypervisor and its version, e.g. `QEMU 7.2.22`.
+    pub hypervisor: String,
+    /// The machine type, e.g. `pc-q35-7.2`.
+    #[serde(default)]
+    pub machine_type: String,
+    /// Virtual CPUs.
+    #[serde(default)]
+    pub cpus: u64,
+    /// Memory, bytes.
+    #[serde(default)]
+    pub memory: u64,
+    /// The disks by name: the device, format, size and image the hypervisor had.
+    #[serde(default)]
+    pub disks: BTreeMap<Name, MachineDisk>,
+    /// The devices the VM was started with, `id: type` (e.g. `virtio-disk0: virtio-blk-pci`).
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+/// One disk in a [`MachineRecord`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineDisk {
+    /// The device that holds it.
+    pub device: String,
+    /// Its image's format (`qcow2`, `raw`).
+    pub format: String,
+    /// The size the guest sees, bytes.
+    pub size: u64,
+    /// The image file, as the hypervisor names it.
+    #[serde(default)]
+    pub file: String,
 }
 
 impl PointManifest {
@@ -303,6 +344,7 @@ mod tests {
             disks,
             evidence: vec![Evidence::new("full_scan", None, "first backup of this VM")],
             writer: "test".into(),
+            machine: None,
         }
     }
 

@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -25,8 +25,29 @@ const MAX_SKIPPED: usize = 1 << 20;
 /// A connection to a guest agent.
 pub struct GuestAgent {
     socket: PathBuf,
-    reader: BufReader<UnixStream>,
+    reader: BufReader<Timed>,
     writer: UnixStream,
+}
+
+/// A stream whose reads share one deadline: a guest that sends a byte now and then cannot
+/// stretch a command past its timeout (a timeout per read would let it).
+struct Timed {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl std::io::Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the guest agent did not answer in time",
+            ));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
 }
 
 impl GuestAgent {
@@ -40,11 +61,11 @@ impl GuestAgent {
     /// Synchronises with the agent at the other end of `stream` (`socket` names it in errors).
     pub fn over(stream: UnixStream, socket: &Path, timeout: Duration) -> Result<GuestAgent, Error> {
         let io = |e| Error::io("guest agent socket", socket)(e);
-        stream.set_read_timeout(Some(timeout)).map_err(io)?;
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
+        let timed = Timed { stream, deadline: Instant::now() + timeout };
         let mut agent =
-            GuestAgent { socket: socket.to_path_buf(), reader: BufReader::new(stream), writer };
+            GuestAgent { socket: socket.to_path_buf(), reader: BufReader::new(timed), writer };
         agent.sync()?;
         Ok(agent)
     }
@@ -59,24 +80,32 @@ impl GuestAgent {
         let id: u32 = rand::random::<u32>() & 0x7fff_ffff;
         self.write(&[0xff])?;
         self.send("guest-sync-delimited", json!({ "id": id }))?;
-        let io = Error::io("guest agent socket", &self.socket);
-        // Skip up to the delimiter (an earlier client's answers, or noise).
-        let mut skipped = Vec::new();
-        let found = std::io::Read::take(&mut self.reader, MAX_SKIPPED as u64)
-            .read_until(0xff, &mut skipped)
-            .map_err(io)?;
-        if found == 0 || skipped.last() != Some(&0xff) {
-            return Err(Error::Protocol(format!(
-                "the guest agent on {} did not answer guest-sync-delimited",
-                self.socket.display()
-            )));
-        }
-        match self.read()? {
-            Message::Return { value, .. } if value == json!(id) => Ok(()),
-            other => Err(Error::Protocol(format!(
-                "the guest agent answered sync {id} with {}",
-                wire::printable(&format!("{other:?}"), 200)
-            ))),
+        // Skip up to a delimiter (an earlier client's answers, or noise), then read the
+        // answer after it; an answer to an earlier sync is skipped the same way.
+        let mut budget = MAX_SKIPPED as u64;
+        loop {
+            let io = Error::io("guest agent socket", &self.socket);
+            let mut skipped = Vec::new();
+            let found = std::io::Read::take(&mut self.reader, budget)
+                .read_until(0xff, &mut skipped)
+                .map_err(io)?;
+            budget = budget.saturating_sub(found as u64);
+            if found == 0 || skipped.last() != Some(&0xff) {
+                return Err(Error::Protocol(format!(
+                    "the guest agent on {} did not answer guest-sync-delimited",
+                    self.socket.display()
+                )));
+            }
+            match self.read()? {
+                Message::Return { value, .. } if value == json!(id) => return Ok(()),
+                _ if budget > 0 => continue,
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "the guest agent answered sync {id} with {}",
+                        wire::printable(&format!("{other:?}"), 200)
+                    )));
+                }
+            }
         }
     }
 
@@ -87,8 +116,7 @@ impl GuestAgent {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        let io = Error::io("guest agent socket", &self.socket);
-        self.reader.get_ref().set_read_timeout(Some(timeout)).map_err(io)?;
+        self.reader.get_mut().deadline = Instant::now() + timeout;
         self.send(command, arguments)?;
         match self.read()? {
             Message::Return { value, .. } => Ok(value),

@@ -90,6 +90,12 @@ struct State {
     server: bool,
     /// Fleecing images made.
     files: Vec<PathBuf>,
+    /// Whether this run paused the VM (and must let it run on).
+    #[serde(default)]
+    paused: bool,
+    /// The folder of this run's NBD socket.
+    #[serde(default)]
+    socket_dir: Option<PathBuf>,
 }
 
 /// One disk being viewed.
@@ -142,6 +148,8 @@ impl LiveVm {
         granularity: u64,
         options: &FleeceOptions,
     ) -> Result<LiveVm, Error> {
+        let dir = private_dir(&options.dir)?;
+        let lock = lock(&dir, vm)?;
         let mut qmp = Qmp::connect(qmp_socket)?;
         let (major, minor, micro) = qmp.version();
         if (major, minor) < MIN_QEMU {
@@ -152,14 +160,19 @@ impl LiveVm {
                 MIN_QEMU.0, MIN_QEMU.1
             )));
         }
-        let dir = private_dir(&options.dir)?;
-        let lock = lock(&dir, vm)?;
         let state_file = dir.join(format!("cairn-{vm}.state.json"));
         undo_leftovers(&mut qmp, &state_file)?;
         let found = vm::disks(&mut qmp)?;
         let mut live = Vec::new();
-        for spec in disks {
+        for (i, spec) in disks.iter().enumerate() {
             let qemu = vm::find(&found, &spec.device)?.clone();
+            if let Some(other) = live.iter().find(|d: &&LiveDisk| d.qemu.node == qemu.node) {
+                return Err(Error::Vm(format!(
+                    "disks {} and {} name the same QEMU disk (node {}): give each its own qemu_device",
+                    other.spec.name, spec.name, qemu.node
+                )));
+            }
+            let _ = i;
             if qemu.format == "copy-before-write" || qemu.node.starts_with("cairn-") {
                 return Err(Error::Vm(format!(
                     "disk {} ({}) is already behind a copy-before-write filter ({}): another \
@@ -206,12 +219,28 @@ impl LiveVm {
             disks: live,
             granularity,
             bitmaps_started: false,
-            state: State::default(),
+            state: State { socket_dir: Some(socket_dir.path().to_path_buf()), ..State::default() },
             state_file,
             socket: socket_dir.path().join("nbd.sock"),
             _lock: lock,
             _socket_dir: socket_dir,
         };
+        let need: u64 = this.disks.iter().map(|d| options.quota_for(d.qemu.size)).sum();
+        let free = rustix::fs::statvfs(&dir)
+            .map(|v| v.f_bavail.saturating_mul(v.f_frsize))
+            .map_err(|e| Error::Fleece { path: dir.clone(), detail: e.to_string() })?;
+        if free < need {
+            return Err(Error::Fleece {
+                path: dir.clone(),
+                detail: format!(
+                    "has {} MiB free, and the fleecing images may take up to {} MiB while the \
+                     guest writes (fleece.quota_mib per disk): free space there, choose another \
+                     fleece.dir, or lower fleece.quota_mib",
+                    free >> 20,
+                    need >> 20
+                ),
+            });
+        }
         if let Err(e) = this.add_filters(&dir, point, options) {
             this.undo_logged();
             return Err(e);
@@ -279,6 +308,64 @@ impl LiveVm {
         self.bitmaps_started = false;
     }
 
+    /// The VM's definition as QEMU reports it: machine type, vCPUs, memory, the disks and the
+    /// devices it was started with. What QEMU does not answer is left empty: the record is
+    /// informative, and never fails a backup.
+    pub fn machine(&mut self) -> cairn_format::MachineRecord {
+        let (major, minor, micro) = self.qmp.version();
+        let machine_type = self
+            .qmp
+            .execute("qom-get", json!({"path": "/machine", "property": "type"}))
+            .ok()
+            .and_then(|v| v.as_str().map(|t| t.trim_end_matches("-machine").to_owned()))
+            .unwrap_or_default();
+        let cpus = self
+            .qmp
+            .execute("query-cpus-fast", json!({}))
+            .ok()
+            .and_then(|v| v.as_array().map(|a| a.len() as u64))
+            .unwrap_or(0);
+        let memory = self
+            .qmp
+            .execute("query-memory-size-summary", json!({}))
+            .ok()
+            .and_then(|v| v.get("base-memory").and_then(Value::as_u64))
+            .unwrap_or(0);
+        let devices = self
+            .qmp
+            .execute("qom-list", json!({"path": "/machine/peripheral"}))
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| {
+                let kind = p.get("type")?.as_str()?.strip_prefix("child<")?.strip_suffix('>')?;
+                Some(format!("{}: {kind}", p.get("name")?.as_str()?))
+            })
+            .collect();
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| {
+                let disk = cairn_format::MachineDisk {
+                    device: d.spec.device.clone(),
+                    format: d.qemu.format.clone(),
+                    size: d.qemu.size,
+                    file: d.qemu.file.clone(),
+                };
+                (d.spec.name.clone(), disk)
+            })
+            .collect();
+        cairn_format::MachineRecord {
+            hypervisor: format!("QEMU {major}.{minor}.{micro}"),
+            machine_type,
+            cpus,
+            memory,
+            disks,
+            devices,
+        }
+    }
+
     /// QEMU's version.
     pub fn qemu_version(&self) -> (u64, u64, u64) {
         self.qmp.version()
@@ -325,14 +412,23 @@ impl LiveVm {
                                          "granularity": granularity}}));
         }
         let started = std::time::Instant::now();
+        let mut stopped = Ok(());
         if running {
-            self.qmp.execute("stop", json!({}))?;
+            // Recorded first: if this process dies before `cont`, the next run resumes the VM.
+            self.state.paused = true;
+            save(&self.state_file, &self.state)?;
+            stopped = self.qmp.execute("stop", json!({})).map(|_| ());
         }
-        let switched = self.switch_paused(actions);
+        let switched = stopped.and_then(|()| self.switch_paused(actions));
+        // Once `stop` was sent the VM runs on, whatever happened.
         let resumed = match running {
             true => self.qmp.execute("cont", json!({})).map(|_| ()),
             false => Ok(()),
         };
+        if running && resumed.is_ok() {
+            self.state.paused = false;
+            save(&self.state_file, &self.state)?;
+        }
         let paused = started.elapsed();
         switched?;
         resumed?;
@@ -380,9 +476,9 @@ impl LiveVm {
                 )?;
             }
         }
+        start_server(&mut self.qmp, &self.socket)?;
         self.state.server = true;
         save(&self.state_file, &self.state)?;
-        start_server(&mut self.qmp, &self.socket)?;
         for (i, d) in self.disks.iter().enumerate() {
             let id = format!("cairn-exp-{i}");
             self.state.exports.push(id.clone());
@@ -526,66 +622,63 @@ fn repair_rotation(
     Ok(true)
 }
 
-/// Starts QEMU's NBD server on `socket`. One a killed run left (no exports but Cairn's) is
-/// stopped and started again; one another tool uses is left alone, and the backup fails.
+/// Starts QEMU's NBD server on `socket`. One that is already running belongs to another tool
+/// (a server a killed run of Cairn started was stopped by the undo of its leftovers): it is
+/// left alone, and the backup fails saying so.
 fn start_server(qmp: &mut Qmp, socket: &Path) -> Result<(), Error> {
-    let start = |qmp: &mut Qmp| {
-        qmp.execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}))
-    };
-    match start(qmp) {
+    match qmp
+        .execute("nbd-server-start", json!({"addr": {"type": "unix", "data": {"path": socket}}}))
+    {
         Ok(_) => Ok(()),
-        Err(Error::Command { desc, .. }) if desc.contains("already running") => {
-            let exports = qmp.execute("query-block-exports", json!({}))?;
-            let others: Vec<String> = exports
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.get("id").and_then(Value::as_str))
-                .filter(|id| !id.starts_with("cairn-"))
-                .map(str::to_owned)
-                .collect();
-            if !others.is_empty() {
-                return Err(Error::Vm(format!(
-                    "QEMU's NBD server is already running with exports of another tool ({}): \
-                     Cairn needs to start its own; back up when that tool is done",
-                    others.join(", ")
-                )));
-            }
-            qmp.execute("nbd-server-stop", json!({}))?;
-            start(qmp).map(|_| ())
-        }
+        Err(Error::Command { desc, .. }) if desc.contains("already running") => Err(Error::Vm(
+            "QEMU's NBD server is already running for another tool (a pull backup, a \
+                 migration): Cairn needs to start its own; back up when that tool is done"
+                .into(),
+        )),
         Err(e) => Err(e),
     }
 }
 
-/// Undoes a run's changes in order: exports, the NBD server, devices, nodes, files. A thing
-/// already gone (QEMU restarted, or the run stopped before making it) is not an error.
+/// Undoes a run's changes in order: exports, the NBD server, views, devices, filters and
+/// fleecing images, files. Only what QEMU still has is touched (a run may have stopped before
+/// making something, and a restarted QEMU has none of it), so a killed run at any step can be
+/// undone.
 fn undo_state(qmp: &mut Qmp, state: &State) -> Result<(), Error> {
     let mut first = Ok(());
-    let mut note = |r: Result<Value, Error>| match r {
-        Err(Error::Command { desc, .. })
-            if desc.contains("not found")
-                || desc.contains("Cannot find")
-                || desc.contains("No such")
-                || desc.contains("not running") => {}
-        Err(e) if first.is_ok() => first = Err(e),
-        _ => {}
+    let mut note = |r: Result<Value, Error>| {
+        if let (Ok(()), Err(e)) = (&first, r) {
+            first = Err(e);
+        }
     };
-    for id in &state.exports {
+    let exports: Vec<String> = qmp
+        .execute("query-block-exports", json!({}))?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("id").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    for id in state.exports.iter().filter(|id| exports.contains(id)) {
         note(qmp.execute("block-export-del", json!({"id": id, "mode": "hard"})));
     }
     if state.server {
-        note(qmp.execute("nbd-server-stop", json!({})));
+        match qmp.execute("nbd-server-stop", json!({})) {
+            Err(Error::Command { desc, .. }) if desc.contains("not running") => {}
+            other => note(other),
+        }
     }
+    let existing = node_names(qmp)?;
     // Views first (a snapshot-access node keeps its filter from sharing the disk's writes,
     // so the device could not go back while it exists), then the devices, then the filters
     // and fleecing images. A deleted export lets go of its node a moment later.
-    let (views, others): (Vec<&String>, Vec<&String>) =
-        state.nodes.iter().partition(|n| n.starts_with("cairn-snap-"));
+    let (views, others): (Vec<&String>, Vec<&String>) = state
+        .nodes
+        .iter()
+        .filter(|n| existing.contains(*n))
+        .partition(|n| n.starts_with("cairn-snap-"));
     for node in views {
         note(delete_node(qmp, node));
     }
-    let current = vm::disks(qmp).unwrap_or_default();
+    let current = vm::disks(qmp)?;
     for (qdev, node) in &state.devices {
         let on_filter =
             current.iter().any(|d| d.drive_owner() == qdev && d.node.starts_with("cairn-cbw-"));
@@ -596,15 +689,37 @@ fn undo_state(qmp: &mut Qmp, state: &State) -> Result<(), Error> {
     for node in others {
         note(delete_node(qmp, node));
     }
-    for file in &state.files {
-        match std::fs::remove_file(file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound && first.is_ok() => {
-                first = Err(Error::Fleece { path: file.clone(), detail: e.to_string() });
+    if state.paused {
+        // This run paused the VM and did not live to let it run on.
+        note(qmp.execute("cont", json!({})));
+    }
+    // A fleecing image is unlinked only once no node of QEMU's has it open.
+    let still_open = node_names(qmp)?;
+    if first.is_ok() && !state.nodes.iter().any(|n| still_open.contains(n)) {
+        for file in &state.files {
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound && first.is_ok() => {
+                    first = Err(Error::Fleece { path: file.clone(), detail: e.to_string() });
+                }
+                _ => {}
             }
-            _ => {}
+        }
+        if let Some(dir) = &state.socket_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
     first
+}
+
+/// The names of QEMU's named block nodes.
+fn node_names(qmp: &mut Qmp) -> Result<Vec<String>, Error> {
+    Ok(qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.get("node-name").and_then(Value::as_str).map(str::to_owned))
+        .collect())
 }
 
 /// Deletes a block node, waiting a little for a parent that is going away (an export).
@@ -636,7 +751,14 @@ fn undo_leftovers(qmp: &mut Qmp, state_file: &Path) -> Result<(), Error> {
         ),
     })?;
     tracing::warn!("undoing what an interrupted backup left in QEMU ({})", state_file.display());
-    undo_state(qmp, &state)?;
+    undo_state(qmp, &state).map_err(|e| {
+        Error::Vm(format!(
+            "cannot undo what an interrupted backup left in QEMU ({e}); it is listed in {}: \
+             remove those cairn-* exports and nodes by hand (or restart the VM), then delete \
+             that file",
+            state_file.display()
+        ))
+    })?;
     std::fs::remove_file(state_file)
         .map_err(|e| Error::Fleece { path: state_file.into(), detail: e.to_string() })
 }

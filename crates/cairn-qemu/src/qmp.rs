@@ -22,6 +22,9 @@ use crate::wire::{self, MAX_MONITOR_LINE, Message};
 /// How long a command may take unless its caller says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Events kept at most between two [`Qmp::take_events`].
+const MAX_EVENTS: usize = 1024;
+
 /// How long QEMU may take to greet a new client: longer means another client holds the socket.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,7 +126,16 @@ impl Qmp {
         self.writer.write_all(&line).map_err(io)?;
         loop {
             match self.read()? {
-                Message::Event { name, data } => self.events.push(Event { name, data }),
+                Message::Event { name, data } => {
+                    // Kept for the caller, but never without bound: QEMU sends events (some
+                    // the guest causes) whether or not anyone reads them.
+                    if self.events.len() < MAX_EVENTS {
+                        self.events.push(Event { name, data });
+                    }
+                }
+                // The late answer to an earlier command that timed out: skipped.
+                Message::Return { id: Some(got), .. } | Message::Failure { id: Some(got), .. }
+                    if got.as_u64().is_some_and(|g| g < id) => {}
                 Message::Return { value, id: Some(got) } if got == json!(id) => return Ok(value),
                 Message::Failure { class, desc, id: Some(got) } if got == json!(id) => {
                     return Err(Error::Command {

@@ -25,6 +25,9 @@ use crate::agent::QUICK;
 /// How long the guest may take to freeze (its hook's scripts included) by default.
 pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long the watchdog keeps asking a guest agent to thaw.
+const THAW_RETRY: Duration = Duration::from_secs(90);
+
 /// The watchdog argument that names a guest agent's socket instead of mount points.
 pub const WATCHDOG_FLAG: &str = "--guest-agent";
 
@@ -96,11 +99,17 @@ impl Quiescer for AgentQuiescer {
         };
         let started = Instant::now();
         match agent.freeze(self.freeze_timeout) {
+            Ok(0) => {
+                let _ = agent.thaw(QUICK);
+                drop(agent);
+                watchdog.disarm();
+                self.give_up(record, "the guest agent reported no file system frozen".into())
+            }
             Ok(n) => {
                 record.reached(
                     Consistency::FileSystem,
                     format!(
-                        "the guest agent froze {n} file system(s) in the guest (its fsfreeze hook ran first) in {:.0} ms",
+                        "the guest agent reported {n} file system(s) frozen in the guest (its fsfreeze hook ran first) in {:.0} ms",
                         started.elapsed().as_secs_f64() * 1000.0
                     ),
                 );
@@ -210,13 +219,35 @@ pub fn serve_watchdog(args: &[OsString]) -> i32 {
     }
     let socket = PathBuf::from(socket);
     cairn_snapshot::watchdog::serve_with(deadline, |reason| {
-        match GuestAgent::connect(&socket, QUICK).and_then(|mut a| a.thaw(QUICK)) {
-            Ok(0) => {}
-            Ok(n) => say(format_args!("thawed {n} file system(s) in the guest ({reason})")),
-            Err(e) => say(format_args!(
-                "cannot thaw the guest through {} ({reason}): {e}",
-                socket.display()
-            )),
+        // The agent may still be busy with a freeze the dead process asked for (its hook can
+        // take a minute): asked again until it says the guest is thawed.
+        let until = Instant::now() + THAW_RETRY;
+        loop {
+            let attempt = GuestAgent::connect(&socket, QUICK).and_then(|mut a| {
+                let n = a.thaw(QUICK)?;
+                Ok((n, a.frozen()?))
+            });
+            let late = Instant::now() >= until;
+            match attempt {
+                Ok((n, false)) => {
+                    if n > 0 {
+                        say(format_args!("thawed {n} file system(s) in the guest ({reason})"));
+                    }
+                    return;
+                }
+                Ok((_, true)) if late => {
+                    say(format_args!("the guest still reports frozen ({reason})"));
+                    return;
+                }
+                Err(e) if late => {
+                    say(format_args!(
+                        "cannot thaw the guest through {} ({reason}): {e}",
+                        socket.display()
+                    ));
+                    return;
+                }
+                _ => std::thread::sleep(Duration::from_millis(500)),
+            }
         }
     })
 }

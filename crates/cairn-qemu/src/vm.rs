@@ -20,6 +20,8 @@ pub struct QemuDisk {
     pub file: String,
     /// The size the guest sees.
     pub size: u64,
+    /// A qcow2 image's compatibility level (`1.1`, or `0.10` for v2), else empty.
+    pub compat: String,
     /// The node's dirty bitmaps (`auto` when recording, `in-use` when QEMU calls it
     /// inconsistent, as `qemu-img info` would say).
     pub bitmaps: Vec<Bitmap>,
@@ -45,17 +47,17 @@ impl QemuDisk {
     /// (setting the backend's drive attaches the new node before the old one lets go, and
     /// QEMU refuses the overlap).
     pub fn drive_owner(&self) -> &str {
+        const PERIPHERAL: &str = "/machine/peripheral/";
         match device_id(&self.qdev) {
-            Some(id) => {
-                &self.qdev[..self.qdev.find(id).map_or(self.qdev.len(), |at| at + id.len())]
-            }
-            None => &self.qdev,
+            Some(id) => &self.qdev[..PERIPHERAL.len() + id.len()],
+            None => self.qdev.strip_suffix("/virtio-backend").unwrap_or(&self.qdev),
         }
     }
 
-    /// Whether its bitmaps can outlive QEMU (stored in a qcow2 image).
+    /// Whether its bitmaps can outlive QEMU (stored in a qcow2 v3 image: v2 cannot hold
+    /// them, so its bitmaps live in QEMU's memory as a raw disk's do).
     pub fn persistent_bitmaps(&self) -> bool {
-        self.format == "qcow2"
+        self.format == "qcow2" && self.compat != "0.10"
     }
 }
 
@@ -122,6 +124,13 @@ pub fn parse_block(value: &Value) -> Result<Vec<QemuDisk>, Error> {
             format: text(inserted, "drv"),
             file: text(inserted, "file"),
             size: image.get("virtual-size").and_then(Value::as_u64).unwrap_or(0),
+            compat: image
+                .get("format-specific")
+                .and_then(|f| f.get("data"))
+                .and_then(|d| d.get("compat"))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned(),
             bitmaps,
         });
     }
@@ -182,6 +191,16 @@ mod tests {
         assert!(os.persistent_bitmaps() && !disks[1].persistent_bitmaps());
         assert_eq!(os.drive_owner(), "/machine/peripheral/disk0");
         assert_eq!(disks[1].drive_owner(), "/machine/peripheral-anon/device[3]");
+        let tricky =
+            QemuDisk { qdev: "/machine/peripheral/ma/virtio-backend".into(), ..os.clone() };
+        assert_eq!(tricky.drive_owner(), "/machine/peripheral/ma", "an id inside the prefix");
+        let anon = QemuDisk {
+            qdev: "/machine/peripheral-anon/device[0]/virtio-backend".into(),
+            ..os.clone()
+        };
+        assert_eq!(anon.drive_owner(), "/machine/peripheral-anon/device[0]");
+        let v2 = QemuDisk { compat: "0.10".into(), ..os.clone() };
+        assert!(!v2.persistent_bitmaps(), "qcow2 v2 cannot store bitmaps");
     }
 
     #[test]

@@ -104,11 +104,21 @@ impl Watchdog {
 
 impl Drop for Watchdog {
     fn drop(&mut self) {
-        // Closing the pipe without "thawed" makes the watchdog thaw at once.
+        // Closing the pipe without "thawed" makes the watchdog thaw at once. Its exit is
+        // awaited a while, not forever: a watchdog still retrying a thaw goes on alone.
         drop(self.stdin.take());
-        let _ = self.child.wait();
+        let until = std::time::Instant::now() + DROP_WAIT;
+        while std::time::Instant::now() < until {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
+
+/// How long dropping a watchdog waits for it to finish thawing.
+const DROP_WAIT: Duration = Duration::from_secs(15);
 
 /// The watchdog's side: `args` are the deadline in milliseconds and the mount points.
 /// Returns the process exit code: 0 when disarmed, 1 when it had to thaw, 2 on bad usage.

@@ -90,6 +90,7 @@ async fn commit(
         disks,
         evidence: vec![],
         writer: "synthetic_vault example".into(),
+        machine: None,
     };
     writer.commit(&manifest).await?;
     Ok(stored)

@@ -508,6 +508,7 @@ mod tests {
             disks: Default::default(),
             evidence: vec![],
             writer: "test".into(),
+            machine: None,
         };
         let err = writer.commit(&manifest).await.unwrap_err();
         assert!(matches!(err, Error::WriteBack { .. }), "{err}");

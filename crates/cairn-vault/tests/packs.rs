@@ -37,6 +37,7 @@ fn manifest(w: &PointWriter) -> PointManifest {
         disks: BTreeMap::new(),
         evidence: Vec::new(),
         writer: "test".into(),
+        machine: None,
     }
 }
 

@@ -261,6 +261,7 @@ async fn measure_vault(root: &std::path::Path) -> anyhow::Result<(f64, f64, Dura
         disks: Default::default(),
         evidence: vec![],
         writer: "cairn-agent bench".into(),
+        machine: None,
     };
     writer.commit(&manifest).await?;
     let write = total / clock.elapsed().as_secs_f64();

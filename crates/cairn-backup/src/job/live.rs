@@ -46,8 +46,11 @@ pub(super) async fn run(
     };
     let granularity = u64::from(vault.config().block_size);
     let (socket, for_vm, for_point) = (qemu.qmp.clone(), vm.clone(), point.clone());
-    let live = tokio::task::spawn_blocking(move || {
-        LiveVm::prepare(&socket, &for_vm, &for_point, &specs, &since, granularity, &fleece)
+    let (live, machine) = tokio::task::spawn_blocking(move || {
+        let mut live =
+            LiveVm::prepare(&socket, &for_vm, &for_point, &specs, &since, granularity, &fleece)?;
+        let machine = live.machine();
+        Ok::<_, cairn_qemu::Error>((live, machine))
     })
     .await?
     .map_err(|source| Error::Live { vm: vm.clone(), source })?;
@@ -56,7 +59,8 @@ pub(super) async fn run(
             socket,
             qemu.guest_freeze,
             qemu.guest_agent_required,
-            job.options.watchdog.clone().map(|w| (w, config.watchdog_deadline)),
+            // The watchdog's deadline covers the freeze call (the guest's hook) and the hold.
+            job.options.watchdog.clone().map(|w| (w, config.watchdog_deadline + qemu.guest_freeze)),
         )),
         None => Box::new(NoAgent),
     };
@@ -77,18 +81,20 @@ pub(super) async fn run(
         finish(Some(capture), live, false).await;
         return Err(Error::Cancelled);
     }
-    let result = back_up(job, vault, &capture, &live, point, progress, cancel).await;
+    let result = back_up(job, vault, &capture, &live, point, machine, progress, cancel).await;
     finish(Some(capture), live, result.is_ok()).await;
     result
 }
 
 /// Reads every disk's export into the vault and commits the point.
+#[allow(clippy::too_many_arguments)]
 async fn back_up(
     job: &VmJob,
     vault: &Vault,
     capture: &Capture,
     live: &LiveVm,
     point: PointId,
+    machine: cairn_format::MachineRecord,
     progress: Arc<dyn Progress>,
     cancel: &Cancel,
 ) -> Result<PointManifest, Error> {
@@ -116,6 +122,7 @@ async fn back_up(
         point: Some(point),
         parallel_disks: job.options.parallel_disks,
         retain_until: job.options.retain_until,
+        machine: Some(machine),
     };
     crate::backup(vault, request, progress, cancel).await
 }

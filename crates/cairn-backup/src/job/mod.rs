@@ -141,6 +141,7 @@ impl VmJob {
             point: Some(point),
             parallel_disks: self.options.parallel_disks,
             retain_until: self.options.retain_until,
+            machine: None,
         };
         crate::backup(vault, request, progress, cancel).await
     }

@@ -261,6 +261,7 @@ async fn a_reaped_backup_cannot_commit() {
         disks: Default::default(),
         evidence: vec![],
         writer: "test".into(),
+        machine: None,
     };
     let e = writer.commit(&manifest).await.unwrap_err();
     assert!(matches!(e, cairn_vault::Error::Reaped { .. }), "{e}");

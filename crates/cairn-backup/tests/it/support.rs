@@ -106,6 +106,7 @@ pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest
         point: None,
         parallel_disks: None,
         retain_until: None,
+        machine: None,
     }
 }
 
@@ -170,6 +171,7 @@ pub async fn commit_by_hand(
         disks: [(name("sda"), disk)].into_iter().collect(),
         evidence: vec![],
         writer: "by hand".into(),
+        machine: None,
     };
     writer.commit(&manifest).await.unwrap();
     manifest
