@@ -225,7 +225,18 @@ impl Vault {
         }
         let change = cairn_format::Change::Verified(cairn_format::Verification { at, clean });
         match self.read_point(vm, point).await {
-            Ok(_) => self.write_note(vm, point, "verify", &[change]).await.map(|_| ()),
+            Ok(_) => match self.write_note(vm, point, "verify", &[change]).await {
+                // The check itself is done and reported (and damage is recorded apart): a
+                // full store costs only the note, which the next verify writes.
+                Err(Error::StorageFull { path }) => {
+                    tracing::warn!(
+                        %vm, %point,
+                        "the store is full: verify's outcome could not be noted on the point ({path})"
+                    );
+                    Ok(())
+                }
+                other => other.map(|_| ()),
+            },
             Err(Error::PointNotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
