@@ -164,7 +164,7 @@ impl LiveVm {
         undo_leftovers(&mut qmp, &state_file)?;
         let found = vm::disks(&mut qmp)?;
         let mut live = Vec::new();
-        for (i, spec) in disks.iter().enumerate() {
+        for spec in disks {
             let qemu = vm::find(&found, &spec.device)?.clone();
             if let Some(other) = live.iter().find(|d: &&LiveDisk| d.qemu.node == qemu.node) {
                 return Err(Error::Vm(format!(
@@ -172,7 +172,6 @@ impl LiveVm {
                     other.spec.name, spec.name, qemu.node
                 )));
             }
-            let _ = i;
             if qemu.format == "copy-before-write" || qemu.node.starts_with("cairn-") {
                 return Err(Error::Vm(format!(
                     "disk {} ({}) is already behind a copy-before-write filter ({}): another \
