@@ -14,10 +14,11 @@ rustc --version
 if [ "$(id -u)" = 0 ]; then
     # Root-only tests (a small tmpfs for the full-file-system test) must run, not skip.
     export CAIRN_REQUIRE_ROOT_TESTS=1
-    # Snapshot tests: XFS (reflink) and btrfs loop mounts, an ext4 guest, fsfreeze, e2fsck.
+    # Snapshot tests: XFS (reflink) and btrfs loop mounts, an ext4 guest, fsfreeze, e2fsck;
+    # strip makes the in-guest hook small enough to copy into the test guest.
     missing=()
     for tool in mount:mount losetup:mount fsfreeze:util-linux mkfs.xfs:xfsprogs \
-                mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs; do
+                mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs e2fsck:e2fsprogs strip:binutils; do
         command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
     done
     if [ ${#missing[@]} -gt 0 ]; then

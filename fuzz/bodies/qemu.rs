@@ -37,5 +37,17 @@ pub fn guest_agent(data: &[u8]) {
         let _ = agent.frozen();
         let _ = agent.thaw(Duration::from_millis(50));
         let _ = agent.version();
+        let _ = agent.read_file("/run/cairn-hook-freeze.json", 4096);
+    }
+}
+
+/// A report of the guest's Cairn hook (written by the guest): decoded, and turned into the
+/// evidence and the verdict the host would give.
+pub fn guest_hook_report(data: &[u8]) {
+    if let Ok(Some(report)) = cairn_qemu::hook::decode(data) {
+        let _ = cairn_qemu::hook::stop_reason(&report);
+        for s in report.pre.iter().chain(&report.post) {
+            let _ = cairn_qemu::hook::script_evidence("pre", s);
+        }
     }
 }

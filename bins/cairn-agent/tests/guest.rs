@@ -2,8 +2,10 @@
 //! packages, cached outside the clone) booted under QEMU (TCG), with its guest agent and a
 //! workload that writes continuously (SQLite inserts, one per transaction, and a log line after
 //! each). Backed up full and incrementally while it writes, with the guest frozen through its
-//! agent; the last point restored and checked: the file system is clean, the database passes
-//! its integrity check, and the last insert the workload logged before the freeze is in it.
+//! agent, then application-consistent with Cairn's hook in the guest running its pre- and
+//! post-scripts; the last point restored and checked: the file system is clean, the database
+//! passes its integrity check, the last insert the workload logged before the freeze is in it,
+//! and exactly the inserts the pre-script saw.
 //! Needs root (the image is built with mmdebstrap) and qemu-system-x86_64; CI sets
 //! CAIRN_REQUIRE_GUEST so it cannot skip there.
 
@@ -174,6 +176,54 @@ impl Guest {
         );
         out.trim().parse().unwrap_or(0)
     }
+
+    /// Writes `bytes` to `path` in the guest through its agent, with `mode`.
+    fn put(&self, path: &str, bytes: &[u8], mode: &str) {
+        use base64::Engine;
+        let mut a = GuestAgent::connect(&self.qga, Duration::from_secs(10)).unwrap();
+        let t = Duration::from_secs(60);
+        let handle = a.execute("guest-file-open", json!({"path": path, "mode": "w"}), t).unwrap();
+        for chunk in bytes.chunks(256 << 10) {
+            let data = base64::engine::general_purpose::STANDARD.encode(chunk);
+            a.execute("guest-file-write", json!({"handle": handle, "buf-b64": data}), t).unwrap();
+        }
+        a.execute("guest-file-close", json!({"handle": handle}), t).unwrap();
+        drop(a);
+        self.exec("/usr/bin/chmod", &[mode, path]);
+    }
+
+    /// Installs Cairn's in-guest hook as a script of the guest agent's fsfreeze hook, with a
+    /// script configuration whose pre-script stops the workload (noting its last insert in
+    /// /var/lib/work/quiesced-at) and whose post-script starts it again.
+    fn install_hook(&self, dir: &Path) {
+        let hook = dir.join("cairn-guest-hook");
+        tool("strip", &["-o", hook.to_str().unwrap(), env!("CARGO_BIN_EXE_cairn-guest-hook")]);
+        self.exec("/usr/bin/mkdir", &["-p", "/etc/cairn", "/etc/qemu/fsfreeze-hook.d"]);
+        self.put("/usr/local/sbin/cairn-guest-hook", &std::fs::read(&hook).unwrap(), "755");
+        self.put(
+            "/etc/qemu/fsfreeze-hook.d/cairn",
+            b"#!/bin/sh\nexec /usr/local/sbin/cairn-guest-hook \"$@\"\n",
+            "755",
+        );
+        self.put(
+            "/etc/cairn/pre.sh",
+            b"#!/bin/sh\nsystemctl stop cairn-workload\nsqlite3 /var/lib/work/db.sqlite 'SELECT max(n) FROM t;' > /var/lib/work/quiesced-at\n",
+            "700",
+        );
+        self.put("/etc/cairn/post.sh", b"#!/bin/sh\nsystemctl start cairn-workload\n", "700");
+        let config = json!({
+            "pluginName": "ScriptRunner",
+            "preScriptLocation": "/etc/cairn/pre.sh",
+            "postScriptLocation": "/etc/cairn/post.sh",
+            "timeoutInSeconds": 30,
+            "continueBackupOnFailure": false,
+        });
+        self.put(
+            "/etc/cairn/VMSnapshotScriptPluginConfig.json",
+            config.to_string().as_bytes(),
+            "600",
+        );
+    }
 }
 
 impl Drop for Guest {
@@ -184,21 +234,8 @@ impl Drop for Guest {
 }
 
 fn base64(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let bits: Vec<u8> = text.bytes().filter_map(value).collect();
-    bits.chunks(4)
-        .flat_map(|q| {
-            let n = q.iter().fold(0u32, |n, &v| n << 6 | u32::from(v)) << (6 * (4 - q.len()));
-            n.to_be_bytes()[1..q.len()].to_vec()
-        })
-        .collect()
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }
 
 fn evidence(m: &Value) -> Vec<(String, String)> {
@@ -383,6 +420,31 @@ fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
         assert!(started.elapsed() < Duration::from_secs(120), "the workload stopped writing");
         std::thread::sleep(Duration::from_millis(300));
     }
+
+    // Application consistency: Cairn's hook in the guest runs the guest's pre-script (it
+    // stops the workload) before the freeze and its post-script (it starts it again) after
+    // the thaw; the point says so with both scripts' runs.
+    guest.install_hook(dir.path());
+    let before = guest.inserts();
+    let m = ok(agent(&["--config", config, "backup", "--json", "--vault", &vault]));
+    assert_eq!(m["consistency"], json!("application"), "{m}");
+    let ev = evidence(&m);
+    for which in ["pre", "post"] {
+        let ran = format!("the guest's {which}-script /etc/cairn/{which}.sh succeeded");
+        assert!(ev.iter().any(|(k, msg)| k == "script" && msg.contains(&ran)), "{ev:?}");
+    }
+    for (k, msg) in ev.iter().filter(|(k, _)| k == "script" || k == "consistency") {
+        eprintln!("application-consistent backup: {k}: {msg}");
+    }
+    points.push(m["point"].as_str().unwrap().to_owned());
+    let started = Instant::now();
+    while guest.inserts() < before + 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the post-script did not restart the workload"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     drop(guest);
 
     // The last point, restored: a clean file system holding a sound database whose last
@@ -399,7 +461,7 @@ fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
         &[&format!("if={restored}"), &format!("of={part}"), "bs=1M", "skip=1", "status=none"],
     );
     tool("e2fsck", &["-fn", &part]);
-    for f in ["db.sqlite", "db.sqlite-wal", "log"] {
+    for f in ["db.sqlite", "db.sqlite-wal", "log", "quiesced-at"] {
         let out = s(f);
         let _ = Command::new("debugfs")
             .args(["-R", &format!("dump /var/lib/work/{f} {out}"), &part])
@@ -417,6 +479,10 @@ fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
         .max()
         .unwrap();
     assert!(max >= logged && max <= logged + 1, "database holds {max} inserts, the log {logged}");
+    // The application-consistent point holds exactly what the pre-script saw when it had
+    // stopped the workload.
+    let quiesced: u64 = std::fs::read_to_string(s("quiesced-at")).unwrap().trim().parse().unwrap();
+    assert_eq!(max, quiesced, "the point holds {max} inserts, the pre-script saw {quiesced}");
 
     // And it boots: a second QEMU over the restored image (writes to an overlay).
     tool(

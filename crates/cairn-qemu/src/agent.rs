@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use serde_json::{Value, json};
 
 use crate::Error;
@@ -53,8 +54,8 @@ impl std::io::Read for Timed {
 impl GuestAgent {
     /// Connects to the agent's socket and synchronises, within `timeout` for each step.
     pub fn connect(socket: &Path, timeout: Duration) -> Result<GuestAgent, Error> {
-        let stream =
-            UnixStream::connect(socket).map_err(Error::io("guest agent socket", socket))?;
+        let stream = crate::socket::connect(socket, timeout)
+            .map_err(Error::io("guest agent socket", socket))?;
         GuestAgent::over(stream, socket, timeout)
     }
 
@@ -162,6 +163,62 @@ impl GuestAgent {
                 wire::printable(&other.to_string(), 64)
             ))),
         }
+    }
+
+    /// Reads the guest's file at `path` through `guest-file-*`, refusing more than `max`
+    /// bytes. The guest agent may forbid these commands (`--block-rpcs`): that is an error.
+    pub fn read_file(&mut self, path: &str, max: usize) -> Result<Vec<u8>, Error> {
+        let handle = self.open_file(path, "r")?;
+        let mut bytes = Vec::new();
+        let read = loop {
+            let chunk = self.execute(
+                "guest-file-read",
+                json!({ "handle": handle, "count": max + 1 - bytes.len() }),
+                QUICK,
+            );
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            };
+            let data = chunk.get("buf-b64").and_then(Value::as_str).unwrap_or("");
+            match base64::engine::general_purpose::STANDARD.decode(data) {
+                Ok(data) => bytes.extend_from_slice(&data),
+                Err(e) => {
+                    break Err(Error::Protocol(format!(
+                        "the guest agent sent {path} as bad base64 ({e})"
+                    )));
+                }
+            }
+            if bytes.len() > max {
+                break Err(Error::Protocol(format!(
+                    "{path} in the guest is larger than {max} bytes"
+                )));
+            }
+            if chunk.get("eof").and_then(Value::as_bool) != Some(false) || data.is_empty() {
+                break Ok(bytes);
+            }
+        };
+        let closed = self.execute("guest-file-close", json!({ "handle": handle }), QUICK);
+        let bytes = read?;
+        closed?;
+        Ok(bytes)
+    }
+
+    /// Empties the guest's file at `path` (creating it if its folder exists).
+    pub fn truncate_file(&mut self, path: &str) -> Result<(), Error> {
+        let handle = self.open_file(path, "w")?;
+        self.execute("guest-file-close", json!({ "handle": handle }), QUICK).map(|_| ())
+    }
+
+    fn open_file(&mut self, path: &str, mode: &str) -> Result<i64, Error> {
+        let handle =
+            self.execute("guest-file-open", json!({ "path": path, "mode": mode }), QUICK)?;
+        handle.as_i64().ok_or_else(|| {
+            Error::Protocol(format!(
+                "the guest agent opened {path} as {}",
+                wire::printable(&handle.to_string(), 40)
+            ))
+        })
     }
 
     /// The agent's version, from `guest-info`.

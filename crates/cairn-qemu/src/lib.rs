@@ -16,9 +16,11 @@
 
 mod agent;
 mod error;
+pub mod hook;
 mod live;
 mod qmp;
 mod quiesce;
+pub mod socket;
 pub mod vm;
 pub mod wire;
 

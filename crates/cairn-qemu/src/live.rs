@@ -96,6 +96,25 @@ struct State {
     /// The folder of this run's NBD socket.
     #[serde(default)]
     socket_dir: Option<PathBuf>,
+    /// The QEMU process the changes were made in (pid and start time): a later run undoes
+    /// them only in that process.
+    #[serde(default)]
+    qemu: Option<(u32, u64)>,
+}
+
+/// A process as the kernel knows it: its pid and its start time (clock ticks after boot),
+/// which a reused pid does not share.
+fn process_identity(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the
+    // last ')'; the start time is field 22.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    // A zombie has ended: what it held is gone.
+    if matches!(fields.next()?, "Z" | "X") {
+        return None;
+    }
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((pid, start))
 }
 
 /// One disk being viewed.
@@ -161,11 +180,19 @@ impl LiveVm {
             )));
         }
         let state_file = dir.join(format!("cairn-{vm}.state.json"));
-        undo_leftovers(&mut qmp, &state_file)?;
+        let qemu = qmp.peer_pid().and_then(process_identity);
+        undo_leftovers(&mut qmp, &state_file, vm, qemu)?;
         let found = vm::disks(&mut qmp)?;
         let mut live = Vec::new();
         for spec in disks {
             let qemu = vm::find(&found, &spec.device)?.clone();
+            if qemu.qdev.is_empty() {
+                return Err(Error::Vm(format!(
+                    "disk {} ({}) is block node {}, which no guest device uses: give the id of \
+                     the device the guest sees (`config check` lists them)",
+                    spec.name, spec.device, qemu.node
+                )));
+            }
             if let Some(other) = live.iter().find(|d: &&LiveDisk| d.qemu.node == qemu.node) {
                 return Err(Error::Vm(format!(
                     "disks {} and {} name the same QEMU disk (node {}): give each its own qemu_device",
@@ -218,7 +245,11 @@ impl LiveVm {
             disks: live,
             granularity,
             bitmaps_started: false,
-            state: State { socket_dir: Some(socket_dir.path().to_path_buf()), ..State::default() },
+            state: State {
+                socket_dir: Some(socket_dir.path().to_path_buf()),
+                qemu,
+                ..State::default()
+            },
             state_file,
             socket: socket_dir.path().join("nbd.sock"),
             _lock: lock,
@@ -475,9 +506,16 @@ impl LiveVm {
                 )?;
             }
         }
-        start_server(&mut self.qmp, &self.socket)?;
+        // Recorded before it is started, as every change is (a run killed in between would
+        // otherwise leave a server that blocks every later run); taken back if QEMU refuses,
+        // since a server that was running already is another tool's.
         self.state.server = true;
         save(&self.state_file, &self.state)?;
+        if let Err(e) = start_server(&mut self.qmp, &self.socket) {
+            self.state.server = false;
+            save(&self.state_file, &self.state)?;
+            return Err(e);
+        }
         for (i, d) in self.disks.iter().enumerate() {
             let id = format!("cairn-exp-{i}");
             self.state.exports.push(id.clone());
@@ -649,6 +687,10 @@ fn undo_state(qmp: &mut Qmp, state: &State) -> Result<(), Error> {
             first = Err(e);
         }
     };
+    if state.paused {
+        // The run paused the VM and did not live to let it run on: the guest comes first.
+        note(qmp.execute("cont", json!({})));
+    }
     let exports: Vec<String> = qmp
         .execute("query-block-exports", json!({}))?
         .as_array()
@@ -688,26 +730,28 @@ fn undo_state(qmp: &mut Qmp, state: &State) -> Result<(), Error> {
     for node in others {
         note(delete_node(qmp, node));
     }
-    if state.paused {
-        // This run paused the VM and did not live to let it run on.
-        note(qmp.execute("cont", json!({})));
-    }
     // A fleecing image is unlinked only once no node of QEMU's has it open.
     let still_open = node_names(qmp)?;
     if first.is_ok() && !state.nodes.iter().any(|n| still_open.contains(n)) {
-        for file in &state.files {
-            match std::fs::remove_file(file) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound && first.is_ok() => {
-                    first = Err(Error::Fleece { path: file.clone(), detail: e.to_string() });
-                }
-                _ => {}
-            }
-        }
-        if let Some(dir) = &state.socket_dir {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        first = remove_files(state);
     }
     first
+}
+
+/// Removes a run's fleecing images and NBD socket folder.
+fn remove_files(state: &State) -> Result<(), Error> {
+    for file in &state.files {
+        match std::fs::remove_file(file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::Fleece { path: file.clone(), detail: e.to_string() });
+            }
+            _ => {}
+        }
+    }
+    if let Some(dir) = &state.socket_dir {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(())
 }
 
 /// The names of QEMU's named block nodes.
@@ -735,8 +779,16 @@ fn delete_node(qmp: &mut Qmp, node: &str) -> Result<Value, Error> {
     }
 }
 
-/// Undoes what a killed run recorded in `state_file`, then removes the file.
-fn undo_leftovers(qmp: &mut Qmp, state_file: &Path) -> Result<(), Error> {
+/// Undoes what a killed run recorded in `state_file`, then removes the file. `qemu` is the
+/// process `qmp` reaches: changes recorded in another QEMU process are undone only by its
+/// end (it took its nodes, exports and pause with it), and refused while it runs (two
+/// configurations naming one VM).
+fn undo_leftovers(
+    qmp: &mut Qmp,
+    state_file: &Path,
+    vm: &Name,
+    qemu: Option<(u32, u64)>,
+) -> Result<(), Error> {
     let bytes = match std::fs::read(state_file) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -749,6 +801,27 @@ fn undo_leftovers(qmp: &mut Qmp, state_file: &Path) -> Result<(), Error> {
                          cairn-* nodes and exports are gone"
         ),
     })?;
+    if let (Some(then), Some(now)) = (state.qemu, qemu)
+        && then != now
+    {
+        if process_identity(then.0) == Some(then) {
+            return Err(Error::Vm(format!(
+                "{} records an interrupted backup of VM {vm} in another QEMU (pid {}), which \
+                 still runs: do two VM configurations on this host name VM {vm}? Give each VM \
+                 its own name (its leftovers are undone by its own next backup)",
+                state_file.display(),
+                then.0
+            )));
+        }
+        tracing::warn!(
+            "an interrupted backup's QEMU (pid {}) is gone, and what it held with it: removing its files ({})",
+            then.0,
+            state_file.display()
+        );
+        remove_files(&state)?;
+        return std::fs::remove_file(state_file)
+            .map_err(|e| Error::Fleece { path: state_file.into(), detail: e.to_string() });
+    }
     tracing::warn!("undoing what an interrupted backup left in QEMU ({})", state_file.display());
     undo_state(qmp, &state).map_err(|e| {
         Error::Vm(format!(
@@ -794,6 +867,13 @@ fn private_dir(dir: &Path) -> Result<PathBuf, Error> {
     if !meta.is_dir() {
         return Err(fail("is not a folder (a link is refused)".into()));
     }
+    // QEMU and qemu-img open what is in it by name, as root: no link on the way, and no
+    // folder above it that someone else could rename or replace.
+    let real = dir.canonicalize().map_err(|e| fail(e.to_string()))?;
+    if real != dir {
+        return Err(fail(format!("goes through a link: give its real path, {}", real.display())));
+    }
+    cairn_snapshot::trusted::check_folders(&dir.join("image")).map_err(|e| fail(e.to_string()))?;
     if meta.mode() & 0o022 != 0 || meta.uid() != rustix::process::getuid().as_raw() {
         return Err(fail(format!(
             "must belong to the agent's user and be writable by it alone (mode {:o}): \

@@ -51,7 +51,7 @@ impl Qmp {
     /// Connects to the QMP socket at `socket` and negotiates capabilities.
     pub fn connect(socket: &Path) -> Result<Qmp, Error> {
         let io = |e| Error::io("QMP socket", socket)(e);
-        let stream = UnixStream::connect(socket).map_err(io)?;
+        let stream = crate::socket::connect(socket, GREETING_TIMEOUT).map_err(io)?;
         stream.set_read_timeout(Some(GREETING_TIMEOUT)).map_err(io)?;
         stream.set_write_timeout(Some(DEFAULT_TIMEOUT)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
@@ -79,8 +79,10 @@ impl Qmp {
             Message::Greeting { version } => qmp.version = version,
             other => {
                 return Err(Error::Protocol(format!(
-                    "QMP socket {} began with {other:?} instead of QEMU's greeting (is it a QMP socket?)",
-                    socket.display()
+                    "QMP socket {} began with {} instead of QEMU's greeting: is it a QMP socket \
+                     (not the guest agent's)?",
+                    socket.display(),
+                    crate::wire::printable(&format!("{other:?}"), 200)
                 )));
             }
         }
@@ -96,6 +98,11 @@ impl Qmp {
     /// The socket this connection uses.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The QEMU process at the other end, as the kernel says (not as QEMU says).
+    pub fn peer_pid(&self) -> Option<u32> {
+        crate::socket::peer_pid(&self.writer)
     }
 
     /// Runs `command` with `arguments` (an object, or `null` for none) and returns its result.

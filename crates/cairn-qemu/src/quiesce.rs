@@ -19,13 +19,18 @@ use cairn_format::Consistency;
 use cairn_snapshot::watchdog::{Watchdog, WatchdogCommand};
 use cairn_snapshot::{DiskSpec, Hold, Quiescer, Record};
 
+use cairn_format::Evidence;
+use cairn_snapshot::guest_hook::{HookReport, Phase};
+
 use crate::GuestAgent;
 use crate::agent::QUICK;
+use crate::hook;
+use crate::wire::printable;
 
 /// How long the guest may take to freeze (its hook's scripts included) by default.
 pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long the watchdog keeps asking a guest agent to thaw.
+/// How long the watchdog keeps asking a guest agent to thaw, past the deadline.
 const THAW_RETRY: Duration = Duration::from_secs(90);
 
 /// The watchdog argument that names a guest agent's socket instead of mount points.
@@ -97,6 +102,19 @@ impl Quiescer for AgentQuiescer {
                 return self.give_up(record, format!("the thaw watchdog did not start ({e})"));
             }
         };
+        // The guest's hook reports are emptied first, so what is read after the freeze is
+        // this freeze's (see crate::hook).
+        let reports = match hook::clear(&mut agent) {
+            Ok(()) => true,
+            Err(e) => {
+                record.note(Evidence::new(
+                    "script",
+                    None,
+                    format!("the guest's hook reports could not be emptied ({e}): what the guest's scripts did, if it has any, is not known here"),
+                ));
+                false
+            }
+        };
         let started = Instant::now();
         match agent.freeze(self.freeze_timeout) {
             Ok(0) => {
@@ -109,25 +127,38 @@ impl Quiescer for AgentQuiescer {
                 record.reached(
                     Consistency::FileSystem,
                     format!(
-                        "the guest agent reported {n} file system(s) frozen in the guest (its fsfreeze hook ran first) in {:.0} ms",
+                        "the guest agent reported {n} file system(s) frozen in the guest (after its fsfreeze hook) in {:.0} ms",
                         started.elapsed().as_secs_f64() * 1000.0
                     ),
                 );
+                // What the hook's scripts did is read after the thaw: a frozen guest agent
+                // refuses guest-file-* commands.
                 Ok(Box::new(AgentHold {
                     agent: Some(agent),
                     watchdog: Some(watchdog),
                     frozen_at: Instant::now(),
                     deadline: *deadline,
+                    reports,
                 }))
             }
             Err(e) => {
                 // A freeze that failed or timed out may have frozen some file systems (or be
                 // about to): thaw now, and let the watchdog try too if that fails.
                 let thawed = agent.thaw(QUICK);
+                let report = match (reports, &thawed) {
+                    (true, Ok(_)) => hook::read(&mut agent, Phase::Freeze).ok().flatten(),
+                    _ => None,
+                };
                 drop(agent);
                 match thawed {
                     Ok(_) => watchdog.disarm(),
                     Err(_) => drop(watchdog),
+                }
+                if let Some(report) = &report {
+                    note_scripts(record, report);
+                    if let Some(why) = hook::stop_reason(report) {
+                        return Err(cairn_snapshot::Error::Quiesce { detail: why });
+                    }
                 }
                 self.give_up(record, format!("the guest agent could not freeze the guest ({e})"))
             }
@@ -154,12 +185,19 @@ struct AgentHold {
     watchdog: Option<Watchdog>,
     frozen_at: Instant,
     deadline: Duration,
+    /// The guest's hook reports were emptied before the freeze: what is in them now is this
+    /// freeze's.
+    reports: bool,
 }
 
 impl Hold for AgentHold {
     fn resume(mut self: Box<Self>, record: &mut Record) -> Result<(), cairn_snapshot::Error> {
         let frozen_for = self.frozen_at.elapsed();
-        let thawed = self.agent.take().map(|mut a| a.thaw(QUICK));
+        let thawed = self.agent.as_mut().map(|a| a.thaw(QUICK));
+        if thawed.as_ref().is_some_and(|t| t.is_err()) {
+            // The connection is of no use now; the watchdog needs it closed.
+            drop(self.agent.take());
+        }
         match thawed {
             Some(Ok(n)) => {
                 record.note(cairn_format::Evidence::new(
@@ -173,10 +211,17 @@ impl Hold for AgentHold {
                         "the freeze outlasted the watchdog's deadline, which may have thawed the guest before the views were taken",
                     );
                 }
+                let applied = match (self.reports, self.agent.as_mut()) {
+                    (true, Some(agent)) => apply_reports(record, agent),
+                    _ => Ok(()),
+                };
+                // Connection first: a watchdog past its deadline may be waiting to reach the
+                // agent, and disarming waits for it.
+                drop(self.agent.take());
                 if let Some(w) = self.watchdog.take() {
                     w.disarm();
                 }
-                Ok(())
+                applied
             }
             Some(Err(e)) => {
                 // The connection is closed now; the watchdog connects and thaws.
@@ -200,6 +245,133 @@ impl Drop for AgentHold {
     }
 }
 
+/// The scripts' runs in a report, as evidence.
+fn note_scripts(record: &mut Record, report: &HookReport) {
+    for (which, script) in [("pre", &report.pre), ("post", &report.post)] {
+        if let Some(script) = script {
+            record.note(hook::script_evidence(which, script));
+        }
+    }
+}
+
+/// After the thaw: what the guest's hook did at the freeze and at the thaw, read back through
+/// the guest agent. A pre-script that succeeded raises a file-system-consistent point to
+/// application consistency (nothing else lowered it meanwhile); a failed script, an unusable
+/// configuration or an unreadable report says why it does not; a failed script whose
+/// configuration says not to continue stops the backup.
+fn apply_reports(record: &mut Record, agent: &mut GuestAgent) -> Result<(), cairn_snapshot::Error> {
+    let freeze = match hook::read(agent, Phase::Freeze) {
+        Ok(Some(report)) => report,
+        // No Cairn hook in the guest: the freeze alone.
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            record.note(Evidence::new(
+                "warning",
+                None,
+                format!("the guest's hook report is unreadable ({e}): its scripts, if any, are not counted on"),
+            ));
+            return Ok(());
+        }
+    };
+    note_scripts(record, &freeze);
+    if let Some(why) = hook::stop_reason(&freeze) {
+        return Err(cairn_snapshot::Error::Quiesce { detail: why });
+    }
+    let config = printable(freeze.config.as_deref().unwrap_or("?"), 200);
+    // Raised only from file system: a point something already lowered stays where it is.
+    let short_of_application = |record: &mut Record, why: String| {
+        if record.level() == Consistency::FileSystem {
+            record.aim(Consistency::Application);
+            record.fall_back(Consistency::FileSystem, why);
+        } else {
+            record.note(Evidence::new("warning", None, why));
+        }
+    };
+    if let Some(error) = &freeze.error {
+        short_of_application(
+            record,
+            format!(
+                "the guest's script configuration {config} is unusable ({}): no pre-script ran",
+                printable(error, 400)
+            ),
+        );
+        return Ok(());
+    }
+    let Some(pre) = &freeze.pre else {
+        return Ok(());
+    };
+    if !freeze.fs_freeze {
+        record.note(Evidence::new(
+            "warning",
+            None,
+            format!("{config} sets fsFreezeEnabled to false, but a guest agent freezes the guest's file systems after its hook: they were frozen"),
+        ));
+    }
+    if !pre.succeeded {
+        short_of_application(
+            record,
+            format!(
+                "the guest's pre-script {} failed ({}); its continueBackupOnFailure is true, so the backup goes on without application consistency",
+                printable(&pre.path, 200),
+                printable(&pre.outcome, 100)
+            ),
+        );
+    } else if record.level() == Consistency::FileSystem {
+        record.reached(
+            Consistency::Application,
+            format!(
+                "the guest's pre-script {} quiesced its applications before the freeze",
+                printable(&pre.path, 200)
+            ),
+        );
+    }
+    // The post-script ran at the thaw, as every pre-script's does.
+    let thaw = match hook::read(agent, Phase::Thaw) {
+        Ok(Some(report)) => report,
+        Ok(None) => {
+            record.fall_back(
+                Consistency::FileSystem,
+                "the guest's hook left no report of its post-script: the point does not count on the applications",
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            record.fall_back(
+                Consistency::FileSystem,
+                format!("the guest's hook report of its post-script is unreadable ({e}): the point does not count on the applications"),
+            );
+            return Ok(());
+        }
+    };
+    note_scripts(record, &thaw);
+    if let Some(why) = hook::stop_reason(&thaw) {
+        return Err(cairn_snapshot::Error::Quiesce { detail: why });
+    }
+    match (&thaw.post, &thaw.error) {
+        (Some(post), _) if !post.succeeded => record.fall_back(
+            Consistency::FileSystem,
+            format!(
+                "the guest's post-script {} failed ({}); continueBackupOnFailure is true: the point does not count on the applications",
+                printable(&post.path, 200),
+                printable(&post.outcome, 100)
+            ),
+        ),
+        (None, Some(error)) => record.fall_back(
+            Consistency::FileSystem,
+            format!(
+                "the guest's post-script did not run ({}): the point does not count on the applications",
+                printable(error, 400)
+            ),
+        ),
+        (None, None) => record.fall_back(
+            Consistency::FileSystem,
+            "the guest's hook ran no post-script at the thaw: the point does not count on the applications",
+        ),
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The watchdog's role for a guest agent: `args` are the deadline in milliseconds, then
 /// [`WATCHDOG_FLAG`] and the agent's socket. Thaws through the agent when the backup's
 /// process dies or the deadline passes.
@@ -218,10 +390,13 @@ pub fn serve_watchdog(args: &[OsString]) -> i32 {
         return 2;
     }
     let socket = PathBuf::from(socket);
+    let armed = Instant::now();
     cairn_snapshot::watchdog::serve_with(deadline, |reason| {
-        // The agent may still be busy with a freeze the dead process asked for (its hook can
-        // take a minute): asked again until it says the guest is thawed.
-        let until = Instant::now() + THAW_RETRY;
+        // The agent may still be busy with a freeze the dead process asked for (its hook's
+        // scripts may take up to the whole deadline, which covers the freeze): asked again
+        // until it says the guest is thawed, for the rest of the deadline and a while more.
+        let end = armed.checked_add(deadline).unwrap_or(armed).max(Instant::now());
+        let until = end.checked_add(THAW_RETRY).unwrap_or(end);
         loop {
             let attempt = GuestAgent::connect(&socket, QUICK).and_then(|mut a| {
                 let n = a.thaw(QUICK)?;

@@ -92,7 +92,15 @@ pub fn describe(disks: &[QemuDisk]) -> String {
         .iter()
         .map(|d| {
             let id = device_id(&d.qdev).unwrap_or(&d.qdev);
-            format!("{id} (node {}, {} {}, {} bytes)", d.node, d.format, d.file, d.size)
+            let p = |s: &str| crate::wire::printable(s, 200);
+            format!(
+                "{} (node {}, {} {}, {} bytes)",
+                p(id),
+                p(&d.node),
+                p(&d.format),
+                p(&d.file),
+                d.size
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")

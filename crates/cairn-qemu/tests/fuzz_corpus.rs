@@ -15,3 +15,8 @@ fn qmp_message() {
 fn guest_agent() {
     replay("guest_agent", bodies::guest_agent);
 }
+
+#[test]
+fn guest_hook_report() {
+    replay("guest_hook_report", bodies::guest_hook_report);
+}

@@ -293,3 +293,46 @@ fn a_raw_disk_has_a_bitmap_in_memory_and_a_missing_device_is_named() {
     .to_string();
     assert!(err.contains("QMP socket /nonexistent/qmp.sock"), "{err}");
 }
+
+#[test]
+fn leftovers_of_another_running_qemu_are_refused_and_of_a_dead_one_removed() {
+    if !qemu_or_skip() {
+        return;
+    }
+    // Two QEMUs whose configurations both name VM vm1 and share a fleecing folder.
+    let a = fixture("qcow2");
+    let b = fixture("qcow2");
+    let options = a.options(None);
+    let prepare_b = || {
+        LiveVm::prepare(
+            &b.vm.qmp,
+            &name("vm1"),
+            &point(2),
+            &[LiveDiskSpec { name: name("os"), device: "disk-os".into() }],
+            &BTreeMap::new(),
+            65536,
+            &options,
+        )
+    };
+    let mut live = a.prepare(&point(1), None, None);
+    live.take().unwrap();
+    live.abandon_as_if_killed();
+    let err = prepare_b().unwrap_err().to_string();
+    assert!(err.contains("another QEMU") && err.contains("its own name"), "{err}");
+    assert!(!a.leftovers().0.is_empty(), "A's leftovers are A's next run's to undo");
+
+    // A's QEMU gone: what it held went with it; its files are removed, and B backs up.
+    let (_, files) = a.leftovers();
+    assert!(files.iter().any(|f| f.ends_with(".qcow2")), "{files:?}");
+    drop(a.vm);
+    let mut live = prepare_b().unwrap();
+    live.take().unwrap();
+    live.finish(true).unwrap();
+    let left: Vec<String> = std::fs::read_dir(&options.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -59,6 +59,8 @@ use crate::freeze::{DEFAULT_DEADLINE, MAX_DEADLINE};
 
 /// Where fleecing images go unless the configuration says.
 pub const DEFAULT_FLEECE_DIR: &str = "/var/lib/cairn/fleece";
+/// The longest fleecing folder accepted (see `qemu_config`).
+const MAX_FLEECE_DIR: usize = 80;
 /// How long a guest write may wait for copy-before-write unless the configuration says.
 pub const DEFAULT_CBW_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long the guest's freeze may take unless the configuration says.
@@ -523,6 +525,23 @@ fn qemu_config(
             ));
         }
     };
+    // QEMU's NBD socket goes in a folder made there (cairn-nbd-XXXXXX/nbd.sock, 25 bytes
+    // more), and a unix socket's path holds at most 107 bytes.
+    if fleece_dir.as_os_str().len() > MAX_FLEECE_DIR {
+        return Err(bad(
+            "fleece.dir".into(),
+            format!(
+                "{} is longer than {MAX_FLEECE_DIR} bytes: the NBD socket made in it would pass the 107-byte limit of a unix socket's path; give a shorter folder",
+                fleece_dir.display()
+            ),
+        ));
+    }
+    if raw.guest_agent.as_ref() == Some(qmp) {
+        return Err(bad(
+            "guest_agent".into(),
+            "names the same socket as qmp: QEMU's monitor and the guest agent's port are two sockets (-qmp unix:..., and a virtserialport's chardev)".into(),
+        ));
+    }
     let fleece_quota = match fleece.and_then(|f| f.quota_mib) {
         None => None,
         Some(m) if (16..=(1 << 30)).contains(&m) => Some(m << 20),
@@ -651,6 +670,8 @@ allow_backing_file = true
             (format!("{qemu}[freeze]\nmounts = [\"/x\"]\n{dev}"), "freeze.mounts"),
             (format!("{qemu}guest_freeze_seconds = 0\n{dev}"), "guest_freeze_seconds"),
             (format!("{qemu}[fleece]\ndir = \"rel\"\n{dev}"), "fleece.dir"),
+            (format!("{qemu}[fleece]\ndir = \"/{}\"\n{dev}", "d".repeat(90)), "fleece.dir"),
+            (format!("{qemu}guest_agent = \"/q\"\n{dev}"), "guest_agent"),
             (format!("{qemu}[fleece]\nquota_mib = 1\n{dev}"), "fleece.quota_mib"),
             (
                 format!("{qemu}[fleece]\ncbw_timeout_seconds = 9999\n{dev}"),

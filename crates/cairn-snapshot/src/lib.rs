@@ -28,6 +28,8 @@ pub mod freeze;
 #[cfg(unix)]
 mod guest;
 #[cfg(unix)]
+pub mod guest_hook;
+#[cfg(unix)]
 mod loops;
 mod record;
 #[cfg(unix)]

@@ -1,0 +1,107 @@
+//! What the guest's Cairn fsfreeze hook reported, read back through the guest agent.
+//!
+//! The in-guest half ([`cairn_snapshot::guest_hook`], run by the guest agent's fsfreeze hook)
+//! leaves one report per phase in the guest's `/run`. The host empties both before the freeze
+//! (so a report is this freeze's or nothing) and reads them after each phase. A report is the
+//! guest's word: it is size-capped and decoded strictly, and every string from it is escaped
+//! and cut before it reaches a log, an error or a point's evidence. A guest can lie in it only
+//! about its own applications, which it could stop quiescing anyway.
+
+use cairn_format::Evidence;
+use cairn_snapshot::guest_hook::{
+    DEFAULT_RUN_DIR, FREEZE_REPORT, HookReport, MAX_REPORT, Phase, ScriptReport, THAW_REPORT,
+};
+use serde_json::json;
+
+use crate::agent::GuestAgent;
+use crate::wire::printable;
+
+/// The report's path in the guest.
+fn path(phase: Phase) -> String {
+    let name = match phase {
+        Phase::Freeze => FREEZE_REPORT,
+        Phase::Thaw => THAW_REPORT,
+    };
+    format!("{DEFAULT_RUN_DIR}/{name}")
+}
+
+/// Empties both reports, so that what is read after this freeze is this freeze's.
+pub(crate) fn clear(agent: &mut GuestAgent) -> Result<(), crate::Error> {
+    agent.truncate_file(&path(Phase::Freeze))?;
+    agent.truncate_file(&path(Phase::Thaw))
+}
+
+/// The report of `phase`, `None` when the hook left none (no Cairn hook in the guest).
+pub(crate) fn read(agent: &mut GuestAgent, phase: Phase) -> Result<Option<HookReport>, String> {
+    let bytes = agent.read_file(&path(phase), MAX_REPORT).map_err(|e| e.to_string())?;
+    decode(&bytes)
+}
+
+/// Decodes a report's bytes: empty is no report; anything else must be a valid report.
+pub fn decode(bytes: &[u8]) -> Result<Option<HookReport>, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    HookReport::parse(bytes).map(Some).map_err(|e| printable(&e, 300))
+}
+
+/// A script's run in the guest, as evidence: every string escaped and cut.
+pub fn script_evidence(which: &str, script: &ScriptReport) -> Evidence {
+    let verdict = if script.succeeded { "succeeded" } else { "failed" };
+    let path = printable(&script.path, 200);
+    let mut ev = Evidence::new(
+        "script",
+        None,
+        format!("the guest's {which}-script {path} {verdict}: {}", printable(&script.outcome, 100)),
+    );
+    ev.details.insert("script".into(), json!(which));
+    ev.details.insert("in_guest".into(), json!(true));
+    ev.details.insert("path".into(), json!(path));
+    ev.details.insert("succeeded".into(), json!(script.succeeded));
+    ev.details.insert("attempts".into(), json!(script.attempts));
+    ev.details.insert("duration_ms".into(), json!(script.duration_ms));
+    if !script.output.is_empty() {
+        ev.details.insert("output".into(), json!(printable(&script.output, 1024)));
+    }
+    ev
+}
+
+/// Why a report stops the backup, as an error's words, when it does.
+pub fn stop_reason(report: &HookReport) -> Option<String> {
+    let script = report.stops_the_backup()?;
+    let which = if report.pre.as_ref() == Some(script) { "pre" } else { "post" };
+    Some(format!(
+        "in the guest, the {which}-script {} failed ({}) and its configuration {} says continueBackupOnFailure=false: the backup stops",
+        printable(&script.path, 200),
+        printable(&script.outcome, 100),
+        printable(report.config.as_deref().unwrap_or("?"), 200),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_reports_are_none_and_bad_ones_are_errors() {
+        assert_eq!(decode(b""), Ok(None));
+        assert_eq!(decode(b" \n"), Ok(None));
+        assert!(decode(b"{").is_err());
+        assert!(decode(b"{\"cairn_hook\":1}").is_err());
+    }
+
+    #[test]
+    fn guest_strings_are_escaped_in_evidence() {
+        let s = ScriptReport {
+            path: "/x\u{1b}[31m".into(),
+            succeeded: false,
+            outcome: "exit code 3\n".into(),
+            attempts: 2,
+            duration_ms: 5,
+            output: "a".repeat(5000),
+        };
+        let ev = script_evidence("pre", &s);
+        assert!(!ev.message.contains('\u{1b}') && !ev.message.contains('\n'), "{}", ev.message);
+        assert!(ev.details["output"].as_str().unwrap().chars().count() <= 1025);
+    }
+}
