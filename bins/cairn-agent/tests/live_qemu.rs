@@ -78,7 +78,12 @@ fn a_running_qemu_vm_is_backed_up_at_one_instant_and_incrementally_through_its_b
     std::fs::copy(&seed, &want).unwrap();
     let vm = TestVm::start(
         dir.path(),
-        &[TestDisk { path: image.clone().into(), format: "qcow2", id: "disk-os".into() }],
+        &[TestDisk {
+            path: image.clone().into(),
+            format: "qcow2",
+            id: "disk-os".into(),
+            device: "virtio-blk-pci",
+        }],
     );
     let config = dir.path().join("db.toml");
     std::fs::write(
@@ -186,7 +191,12 @@ fn a_missing_qmp_socket_or_device_is_a_clear_error_and_changes_nothing() {
     tool("qemu-img", &["create", "-q", "-f", "qcow2", &image, "16M"]);
     let vm = TestVm::start(
         dir.path(),
-        &[TestDisk { path: image.into(), format: "qcow2", id: "disk-os".into() }],
+        &[TestDisk {
+            path: image.into(),
+            format: "qcow2",
+            id: "disk-os".into(),
+            device: "virtio-blk-pci",
+        }],
     );
     let config = write_config(vm.qmp.to_str().unwrap(), "disk-data");
     let out = agent(&["--config", &config, "backup", "--vault", &vault]);
@@ -226,7 +236,12 @@ fn started_vm(dir: &Path, size: &str) -> (TestVm, String) {
     }
     let vm = TestVm::start(
         dir,
-        &[TestDisk { path: image.clone().into(), format: "qcow2", id: "disk-os".into() }],
+        &[TestDisk {
+            path: image.clone().into(),
+            format: "qcow2",
+            id: "disk-os".into(),
+            device: "virtio-blk-pci",
+        }],
     );
     (vm, image)
 }
@@ -567,4 +582,87 @@ fn the_guests_fsfreeze_hook_runs_its_scripts_and_the_point_says_what_they_did() 
     let text = m.to_string();
     assert!(text.contains("unreadable") && !text.contains('\u{1b}'), "{m}");
     assert!(!qga.frozen());
+}
+
+#[test]
+fn a_disk_removed_from_the_vm_mid_backup_or_before_leaves_nothing_behind() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let vault = s("vault");
+    ok(agent(&["init", "--vault", &vault]));
+    for name in ["os", "data"] {
+        let seed = s(&format!("{name}.raw"));
+        ok(agent(&["sample", "create", &seed, "--size", "16M", "--seed", "5"]));
+        tool("qemu-img", &["convert", "-O", "qcow2", &seed, &s(&format!("{name}.qcow2"))]);
+    }
+    let vm = TestVm::start(
+        dir.path(),
+        &[
+            TestDisk {
+                path: s("os.qcow2").into(),
+                format: "qcow2",
+                id: "disk-os".into(),
+                device: "virtio-blk-pci",
+            },
+            TestDisk {
+                path: s("data.qcow2").into(),
+                format: "qcow2",
+                id: "disk-data".into(),
+                device: "scsi-hd",
+            },
+        ],
+    );
+    let config = config_for(dir.path(), &vm, "");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[[disk]]\nname = \"data\"\nqemu_device = \"disk-data\"\n";
+    std::fs::write(&config, text).unwrap();
+    ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
+
+    // The data disk is pulled out of the VM while the backup holds its views.
+    let running = Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .env("CAIRN_PASSPHRASE", "live tests")
+        .env("CAIRN_FAILPOINT", "while-quiesced=sleep:3000")
+        .args(["--config", &config, "backup", "--json", "--vault", &vault])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = dir.path().join("fleece/cairn-db.state.json");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&state).is_ok_and(|t| t.contains("cairn-exp-1")) {
+        assert!(started.elapsed().as_secs() < 30, "the backup did not reach its views");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut qmp = cairn_qemu::Qmp::connect(&vm.harness).unwrap();
+    qmp.execute("device_del", json!({"id": "disk-data"})).unwrap();
+    drop(qmp);
+    let out = running.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        // The views were taken before the removal: the point holds both disks at that instant.
+        let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(m["disks"]["data"]["size"].as_u64() == Some(16 << 20), "{m}");
+        eprintln!("removed mid-backup: committed; {err}");
+    } else {
+        assert!(err.contains("data") || err.contains("disk-data"), "{err}");
+        eprintln!("removed mid-backup: {err}");
+    }
+    assert!(cairn_nodes(&vm).is_empty(), "{:?}", cairn_nodes(&vm));
+    assert!(!state.exists(), "the run's state is undone");
+    let images: Vec<_> = std::fs::read_dir(dir.path().join("fleece"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+        .collect();
+    assert!(images.is_empty(), "fleecing images left: {images:?}");
+
+    // The configuration still names it: the next backup says which disk is gone.
+    let out = agent(&["--config", &config, "backup", "--vault", &vault]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("disk-data"), "{err}");
+    assert!(cairn_nodes(&vm).is_empty());
+    ok(agent(&["verify", "--vault", &vault]));
 }

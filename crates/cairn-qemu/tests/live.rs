@@ -36,7 +36,10 @@ fn fixture(format: &'static str) -> Fixture {
         sh("qemu-io", &["-f", format, "-c", &cmd, image.to_str().unwrap()]);
         expected[at as usize..(at + len) as usize].fill(byte);
     }
-    let vm = TestVm::start(&root, &[TestDisk { path: image, format, id: "disk-os".into() }]);
+    let vm = TestVm::start(
+        &root,
+        &[TestDisk { path: image, format, id: "disk-os".into(), device: "virtio-blk-pci" }],
+    );
     let mut qmp = Qmp::connect(&vm.harness).unwrap();
     let qdev = cairn_qemu::vm::find(&cairn_qemu::vm::disks(&mut qmp).unwrap(), "disk-os")
         .unwrap()

@@ -34,6 +34,9 @@ pub struct TestDisk {
     pub format: &'static str,
     /// The device id (`-device virtio-blk-pci,id=...`).
     pub id: String,
+    /// The device: `virtio-blk-pci`, or `scsi-hd` (on a virtio-scsi controller; QEMU removes
+    /// it at once on `device_del`, with no guest to agree, as a surprise removal).
+    pub device: &'static str,
 }
 
 /// A QEMU process with no guest system (the firmware finds nothing to boot and waits): its
@@ -59,13 +62,17 @@ impl TestVm {
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", harness.display()));
+        if disks.iter().any(|d| d.device == "scsi-hd") {
+            cmd.args(["-device", "virtio-scsi-pci,id=scsi0"]);
+        }
         for (i, d) in disks.iter().enumerate() {
             cmd.arg("-blockdev").arg(format!(
                 "driver=file,filename={},node-name=file{i},aio=threads",
                 d.path.display()
             ));
             cmd.arg("-blockdev").arg(format!("driver={},file=file{i},node-name=disk{i}", d.format));
-            cmd.arg("-device").arg(format!("virtio-blk-pci,drive=disk{i},id={}", d.id));
+            let bus = if d.device == "scsi-hd" { ",bus=scsi0.0" } else { "" };
+            cmd.arg("-device").arg(format!("{},drive=disk{i},id={}{bus}", d.device, d.id));
         }
         let child = cmd
             .stdin(Stdio::null())
