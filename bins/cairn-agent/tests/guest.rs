@@ -9,34 +9,17 @@
 //! Needs root (the image is built with mmdebstrap) and qemu-system-x86_64; CI sets
 //! CAIRN_REQUIRE_GUEST so it cannot skip there.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_qemu::GuestAgent;
 use cairn_testkit::qemu::qemu_or_skip;
-use serde_json::{Value, json};
-
-fn agent(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
-        .env_remove("RUST_LOG")
-        .env("CAIRN_PASSPHRASE", "guest tests")
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-}
-
-fn tool(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).stderr(Stdio::piped()).output().unwrap();
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use serde_json::json;
+use support::{agent, evidence, fleecing_images, ok, tool};
 
 /// The guest image, built (or found in its cache) by the script.
 fn image() -> PathBuf {
@@ -238,15 +221,6 @@ fn base64(text: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }
 
-fn evidence(m: &Value) -> Vec<(String, String)> {
-    m["evidence"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e["kind"].as_str().unwrap().into(), e["message"].as_str().unwrap().into()))
-        .collect()
-}
-
 #[test]
 fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
     if !cairn_testkit::root_or_skip() || !qemu_or_skip() {
@@ -371,7 +345,7 @@ fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
     // the guest through the guest agent once the agent's connection is gone; the next backup
     // undoes what the killed one left in QEMU and on disk.
     let mut killed = Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
-        .env("CAIRN_PASSPHRASE", "guest tests")
+        .env("CAIRN_PASSPHRASE", "running VM tests")
         .env("CAIRN_FAILPOINT", "while-quiesced=sleep:60000")
         .args(["--config", config, "backup", "--vault", &vault])
         .stdout(Stdio::null())
@@ -409,11 +383,7 @@ fn a_running_debian_guest_is_backed_up_frozen_and_restores_clean() {
     let m = ok(agent(&["--config", config, "backup", "--json", "--vault", &vault]));
     assert_eq!(m["consistency"], json!("file_system"), "{m}");
     assert!(!state.exists(), "the killed run's state is undone");
-    let images: Vec<_> = std::fs::read_dir(dir.path().join("fleece"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
-        .collect();
+    let images = fleecing_images(&dir.path().join("fleece"));
     assert!(images.is_empty(), "fleecing images left: {images:?}");
     let started = Instant::now();
     while guest.inserts() < before + 10 {
