@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use cairn_testkit::qemu::qemu_or_skip;
 use serde_json::{Value, json};
-use support::{agent, cairn_nodes, config_for, evidence, ok, started_vm};
+use support::{agent, cairn_nodes, config_for, evidence, new_vault, ok, started_vm};
 
 /// A guest agent played by the test: it freezes no file system, but runs the real
 /// `cairn-guest-hook` at the freeze and the thaw as qemu-ga's stock hook does (ignoring its
@@ -172,9 +172,7 @@ fn the_guests_fsfreeze_hook_runs_its_scripts_and_the_point_says_what_they_did() 
     if !qemu_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let vault = dir.path().join("vault").to_str().unwrap().to_owned();
-    ok(agent(&["init", "--vault", &vault]));
+    let (dir, vault) = new_vault();
     let (vm, _) = started_vm(dir.path(), "32M");
     let guest = dir.path().join("guest");
     std::fs::create_dir(&guest).unwrap();

@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 
 use cairn_testkit::qemu::{TestDisk, TestVm, qemu_or_skip};
 use serde_json::{Value, json};
-use support::{agent, cairn_nodes, config_for, evidence, fleecing_images, ok, started_vm, tool};
+use support::{
+    agent, cairn_nodes, config_for, evidence, fleecing_images, new_vault, ok, started_vm, tool,
+};
 
 /// HMP over the test's own QMP socket: a guest's write through the device.
 fn guest_write(vm: &TestVm, byte: u8, at: u64, len: u64) {
@@ -131,10 +133,8 @@ fn a_missing_qmp_socket_or_device_is_a_clear_error_and_changes_nothing() {
     if !qemu_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, vault) = new_vault();
     let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
-    let vault = s("vault");
-    ok(agent(&["init", "--vault", &vault]));
     let write_config = |qmp: &str, device: &str| {
         let path = dir.path().join("vm.toml");
         std::fs::write(
@@ -179,9 +179,7 @@ fn a_guest_agent_that_is_missing_or_hung_gives_a_crash_consistent_point_with_the
     if !qemu_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let vault = dir.path().join("vault").to_str().unwrap().to_owned();
-    ok(agent(&["init", "--vault", &vault]));
+    let (dir, vault) = new_vault();
     let (vm, _) = started_vm(dir.path(), "32M");
     let missing = dir.path().join("no-agent.sock");
     let config = config_for(dir.path(), &vm, &format!("guest_agent = \"{}\"\n", missing.display()));
@@ -236,9 +234,7 @@ fn qemu_killed_mid_backup_fails_it_clearly_and_the_next_run_cleans_up() {
     if !qemu_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let vault = dir.path().join("vault").to_str().unwrap().to_owned();
-    ok(agent(&["init", "--vault", &vault]));
+    let (dir, vault) = new_vault();
     let (mut vm, _) = started_vm(dir.path(), "256M");
     let config = config_for(dir.path(), &vm, "");
     ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
@@ -282,10 +278,8 @@ fn a_disk_removed_from_the_vm_mid_backup_or_before_leaves_nothing_behind() {
     if !qemu_or_skip() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, vault) = new_vault();
     let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
-    let vault = s("vault");
-    ok(agent(&["init", "--vault", &vault]));
     for name in ["os", "data"] {
         let seed = s(&format!("{name}.raw"));
         ok(agent(&["sample", "create", &seed, "--size", "16M", "--seed", "5"]));

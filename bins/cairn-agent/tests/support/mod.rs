@@ -18,6 +18,14 @@ pub fn agent(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A fresh folder holding an initialised vault (`vault`), and the vault's path.
+pub fn new_vault() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = dir.path().join("vault").to_str().unwrap().to_owned();
+    ok(agent(&["init", "--vault", &vault]));
+    (dir, vault)
+}
+
 /// The agent's JSON output, after asserting it succeeded.
 pub fn ok(out: Output) -> Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
