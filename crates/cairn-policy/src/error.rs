@@ -30,4 +30,12 @@ pub enum Error {
          refused)"
     )]
     NoRules,
+    /// A field of a policy or schedule is missing, malformed or out of range.
+    #[error("{field}: {message}")]
+    Field {
+        /// The field, as written in the policy file (`schedule.times[0]`).
+        field: String,
+        /// What is wrong and what to write instead.
+        message: String,
+    },
 }

@@ -1,7 +1,13 @@
 //! Cairn's policies, as pure functions of their inputs: time is a parameter, nothing here
 //! reads a clock, a file or the network.
 //!
-//! Today: retention ([`Retention`], [`evaluate`]): which recovery points of a VM to keep,
+//! Policies ([`Policy`], from TOML): a schedule, a retention, the instant-restore days, the
+//! consistency wanted and the transfer deadline.
+//!
+//! Schedules ([`ScheduleSpec`], [`Schedule`]): daily, weekly, and hourly within a window,
+//! in a time zone and right across DST, with a stable per-VM jitter.
+//!
+//! Retention ([`Retention`], [`evaluate`]): which recovery points of a VM to keep,
 //! by the rules users of restic and Proxmox know (the last N; hourly, daily, weekly, monthly
 //! and yearly counts; everything within a span of the newest point), plus a per-point "retain
 //! until" for on-demand backups, locks, and the newest verified point, which is never
@@ -15,7 +21,11 @@
 )]
 
 mod error;
+mod policy;
 mod retention;
+mod schedule;
 
 pub use error::Error;
+pub use policy::{MAX_INSTANT_RESTORE_DAYS, Policy, PolicySpec, Wanted};
 pub use retention::{KeepWithin, PointFacts, Reason, Retention, Verdict, evaluate, time_zone};
+pub use schedule::{HOURLY_INTERVALS, MAX_JITTER_MINUTES, Schedule, ScheduleSpec};

@@ -1,4 +1,4 @@
-//! Replays the committed fuzz corpus of the `retention` target, `fuzz/corpus/retention/`,
+//! Replays the committed fuzz corpora of the `retention` and `policy` targets (`fuzz/corpus/`),
 //! through the body that target runs (`fuzz/bodies/policy.rs`), on stable.
 
 #[path = "../../../fuzz/bodies/policy.rs"]
@@ -7,4 +7,9 @@ mod bodies;
 #[test]
 fn retention() {
     cairn_testkit::replay_corpus("retention", bodies::retention);
+}
+
+#[test]
+fn policy() {
+    cairn_testkit::replay_corpus("policy", bodies::policy);
 }
