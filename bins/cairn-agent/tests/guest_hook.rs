@@ -36,7 +36,10 @@ impl FakeGuestAgent {
         let config = hook_config.to_path_buf();
         std::thread::spawn(move || {
             let hook = |phase: &str| {
-                let _ = Command::new(env!("CARGO_BIN_EXE_cairn-guest-hook"))
+                // Through a shell, as qemu-ga's hook script runs it: each phase has its own
+                // parent process.
+                let _ = Command::new("sh")
+                    .args(["-c", "\"$0\" \"$@\"; exit $?", env!("CARGO_BIN_EXE_cairn-guest-hook")])
                     .arg(phase)
                     .arg("--config")
                     .arg(&config)
@@ -85,12 +88,15 @@ impl FakeGuestAgent {
                         "guest-file-open" => {
                             let name =
                                 args["path"].as_str().unwrap().strip_prefix("/run/").unwrap();
-                            let path = run_dir.join(name);
-                            if args["mode"] == json!("w") {
-                                std::fs::write(&path, b"").unwrap();
+                            match std::fs::read(run_dir.join(name)) {
+                                Ok(bytes) => {
+                                    files.push((bytes, 0));
+                                    json!({"return": files.len() - 1})
+                                }
+                                Err(e) => {
+                                    json!({"error": {"class": "GenericError", "desc": format!("failed to open file '{name}': {e}")}})
+                                }
                             }
-                            files.push((std::fs::read(&path).unwrap_or_default(), 0));
-                            json!({"return": files.len() - 1})
                         }
                         "guest-file-read" => {
                             use base64::Engine;
@@ -108,6 +114,10 @@ impl FakeGuestAgent {
                         "guest-file-close" => json!({"return": {}}),
                         other => json!({"error": {"class": "CommandNotFound", "desc": other}}),
                     };
+                    let mut answer = answer;
+                    if let Some(id) = request.get("id") {
+                        answer["id"] = id.clone();
+                    }
                     let mut out = serde_json::to_vec(&answer).unwrap();
                     out.push(b'\n');
                     if writer.write_all(&out).is_err() {
@@ -241,4 +251,13 @@ fn the_guests_fsfreeze_hook_runs_its_scripts_and_the_point_says_what_they_did() 
     let text = m.to_string();
     assert!(text.contains("unreadable") && !text.contains('\u{1b}'), "{m}");
     assert!(!qga.frozen());
+
+    // A guest another tool froze (virsh domfsfreeze) is neither frozen again nor thawed.
+    let qga = FakeGuestAgent::start(dir.path(), &guest_scripts(&guest, "", true), None);
+    qga.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    let m = ok(backup(&qga));
+    assert_eq!(m["consistency"], json!("crash"), "{m}");
+    assert!(m.to_string().contains("already frozen by another tool"), "{m}");
+    assert!(qga.frozen(), "the other tool's freeze is left alone");
+    assert!(!std::fs::read_to_string(&log).unwrap_or_default().contains("pre\npost\npre"));
 }

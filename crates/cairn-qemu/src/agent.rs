@@ -20,6 +20,9 @@ use crate::wire::{self, MAX_AGENT_LINE, Message};
 /// How long a quick command (sync, ping, status, thaw) may take.
 pub const QUICK: Duration = Duration::from_secs(10);
 
+/// Reads of one guest file at most (64 KiB takes one or two).
+const MAX_FILE_READS: usize = 4;
+
 /// Bytes skipped at most while looking for the sync delimiter.
 const MAX_SKIPPED: usize = 1 << 20;
 
@@ -28,7 +31,14 @@ pub struct GuestAgent {
     socket: PathBuf,
     reader: BufReader<Timed>,
     writer: UnixStream,
+    /// The id of the next command (each answer must carry its command's id).
+    next_id: u64,
+    /// A command timed out: its answer may still come, so nothing more is asked here.
+    poisoned: bool,
 }
+
+/// Answers to other commands skipped at most while waiting for one.
+const MAX_STRAY_ANSWERS: usize = 16;
 
 /// A stream whose reads share one deadline: a guest that sends a byte now and then cannot
 /// stretch a command past its timeout (a timeout per read would let it).
@@ -65,8 +75,13 @@ impl GuestAgent {
         stream.set_write_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let timed = Timed { stream, deadline: Instant::now() + timeout };
-        let mut agent =
-            GuestAgent { socket: socket.to_path_buf(), reader: BufReader::new(timed), writer };
+        let mut agent = GuestAgent {
+            socket: socket.to_path_buf(),
+            reader: BufReader::new(timed),
+            writer,
+            next_id: u64::from(rand::random::<u32>()),
+            poisoned: false,
+        };
         agent.sync()?;
         Ok(agent)
     }
@@ -117,21 +132,65 @@ impl GuestAgent {
         arguments: Value,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        self.reader.get_mut().deadline = Instant::now() + timeout;
-        self.send(command, arguments)?;
-        match self.read()? {
-            Message::Return { value, .. } => Ok(value),
-            Message::Failure { class, desc, .. } => Err(Error::Command {
-                what: "the guest agent",
-                command: command.to_owned(),
-                class: wire::printable(&class, 64),
-                desc: wire::printable(&desc, 400),
-            }),
-            other => Err(Error::Protocol(format!(
-                "the guest agent answered {command} with {}",
-                wire::printable(&format!("{other:?}"), 200)
-            ))),
+        self.execute_until(command, arguments, Instant::now() + timeout)
+    }
+
+    /// Runs `command` and returns its result, waiting for it until `deadline`. The answer must
+    /// carry the command's id (the guest agent echoes it): a late answer to an earlier command
+    /// is skipped, never taken for this one's. After a timeout the connection is not used
+    /// again, since the late answer may still come.
+    pub fn execute_until(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        deadline: Instant,
+    ) -> Result<Value, Error> {
+        if self.poisoned {
+            return Err(Error::Protocol(format!(
+                "an earlier command to the guest agent on {} timed out: this connection is not \
+                 used again",
+                self.socket.display()
+            )));
         }
+        self.reader.get_mut().deadline = deadline;
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.send_with_id(command, arguments, Some(id))?;
+        for _ in 0..=MAX_STRAY_ANSWERS {
+            let message = match self.read() {
+                Ok(m) => m,
+                Err(e) => {
+                    self.poisoned = true;
+                    return Err(e);
+                }
+            };
+            let ours = |answer: &Option<Value>| match answer {
+                Some(v) => v.as_u64() == Some(id),
+                // An agent that echoes no ids (none does since QEMU 2.x): in order.
+                None => true,
+            };
+            return match message {
+                Message::Return { value, id: answer } if ours(&answer) => Ok(value),
+                Message::Failure { class, desc, id: answer } if ours(&answer) => {
+                    Err(Error::Command {
+                        what: "the guest agent",
+                        command: command.to_owned(),
+                        class: wire::printable(&class, 64),
+                        desc: wire::printable(&desc, 400),
+                    })
+                }
+                Message::Return { .. } | Message::Failure { .. } => continue,
+                other => Err(Error::Protocol(format!(
+                    "the guest agent answered {command} with {}",
+                    wire::printable(&format!("{other:?}"), 200)
+                ))),
+            };
+        }
+        self.poisoned = true;
+        Err(Error::Protocol(format!(
+            "the guest agent sent more than {MAX_STRAY_ANSWERS} answers to other commands while \
+             {command} waited"
+        )))
     }
 
     /// `guest-ping`: whether the agent answers at all.
@@ -168,51 +227,45 @@ impl GuestAgent {
     /// Reads the guest's file at `path` through `guest-file-*`, refusing more than `max`
     /// bytes. The guest agent may forbid these commands (`--block-rpcs`): that is an error.
     pub fn read_file(&mut self, path: &str, max: usize) -> Result<Vec<u8>, Error> {
-        let handle = self.open_file(path, "r")?;
+        // One deadline for the whole file, and a few reads at most: a guest that dribbles a
+        // byte per answer cannot stretch this.
+        let deadline = Instant::now() + QUICK;
+        let handle = self.open_file(path, "r", deadline)?;
         let mut bytes = Vec::new();
-        let read = loop {
-            let chunk = self.execute(
-                "guest-file-read",
-                json!({ "handle": handle, "count": max + 1 - bytes.len() }),
-                QUICK,
-            );
-            let chunk = match chunk {
-                Ok(c) => c,
-                Err(e) => break Err(e),
-            };
-            let data = chunk.get("buf-b64").and_then(Value::as_str).unwrap_or("");
-            match base64::engine::general_purpose::STANDARD.decode(data) {
-                Ok(data) => bytes.extend_from_slice(&data),
-                Err(e) => {
-                    break Err(Error::Protocol(format!(
-                        "the guest agent sent {path} as bad base64 ({e})"
+        let read = (|| {
+            for _ in 0..MAX_FILE_READS {
+                let chunk = self.execute_until(
+                    "guest-file-read",
+                    json!({ "handle": handle, "count": max + 1 - bytes.len() }),
+                    deadline,
+                )?;
+                let data = chunk.get("buf-b64").and_then(Value::as_str).unwrap_or("");
+                let data = base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| {
+                    Error::Protocol(format!("the guest agent sent {path} as bad base64 ({e})"))
+                })?;
+                bytes.extend_from_slice(&data);
+                if bytes.len() > max {
+                    return Err(Error::Protocol(format!(
+                        "{path} in the guest is larger than {max} bytes"
                     )));
                 }
+                if chunk.get("eof").and_then(Value::as_bool) != Some(false) || data.is_empty() {
+                    return Ok(());
+                }
             }
-            if bytes.len() > max {
-                break Err(Error::Protocol(format!(
-                    "{path} in the guest is larger than {max} bytes"
-                )));
-            }
-            if chunk.get("eof").and_then(Value::as_bool) != Some(false) || data.is_empty() {
-                break Ok(bytes);
-            }
-        };
-        let closed = self.execute("guest-file-close", json!({ "handle": handle }), QUICK);
-        let bytes = read?;
+            Err(Error::Protocol(format!(
+                "the guest agent sent {path} in more than {MAX_FILE_READS} pieces"
+            )))
+        })();
+        let closed = self.execute_until("guest-file-close", json!({ "handle": handle }), deadline);
+        read?;
         closed?;
         Ok(bytes)
     }
 
-    /// Empties the guest's file at `path` (creating it if its folder exists).
-    pub fn truncate_file(&mut self, path: &str) -> Result<(), Error> {
-        let handle = self.open_file(path, "w")?;
-        self.execute("guest-file-close", json!({ "handle": handle }), QUICK).map(|_| ())
-    }
-
-    fn open_file(&mut self, path: &str, mode: &str) -> Result<i64, Error> {
+    fn open_file(&mut self, path: &str, mode: &str, deadline: Instant) -> Result<i64, Error> {
         let handle =
-            self.execute("guest-file-open", json!({ "path": path, "mode": mode }), QUICK)?;
+            self.execute_until("guest-file-open", json!({ "path": path, "mode": mode }), deadline)?;
         handle.as_i64().ok_or_else(|| {
             Error::Protocol(format!(
                 "the guest agent opened {path} as {}",
@@ -228,7 +281,19 @@ impl GuestAgent {
     }
 
     fn send(&mut self, command: &str, arguments: Value) -> Result<(), Error> {
+        self.send_with_id(command, arguments, None)
+    }
+
+    fn send_with_id(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        id: Option<u64>,
+    ) -> Result<(), Error> {
         let mut request = json!({ "execute": command });
+        if let Some(id) = id {
+            request["id"] = json!(id);
+        }
         if !arguments.is_null() {
             request["arguments"] = arguments;
         }
@@ -327,6 +392,66 @@ mod tests {
         let status = a.frozen().unwrap_err().to_string();
         assert!(!status.contains('\u{7}') && !status.contains('\u{1b}'), "{status}");
         assert!(a.thaw(QUICK).is_err(), "a line past the limit is refused");
+    }
+
+    /// An agent that echoes ids: `answer` gets the command and the request's id.
+    fn echoing(answer: impl Fn(&str, u64) -> Vec<u8> + Send + 'static) -> GuestAgent {
+        agent(move |command, id| match command {
+            "guest-sync-delimited" => {
+                [&[0xffu8][..], format!("{{\"return\": {id}}}\n").as_bytes()].concat()
+            }
+            _ => answer(command, id),
+        })
+    }
+
+    #[test]
+    fn a_late_answer_to_an_earlier_command_is_not_taken_for_this_one() {
+        // A stale answer carrying another command's id, then the answer (without an id, as
+        // this fake does not echo them).
+        let mut a = echoing(|command, _| match command {
+            "guest-fsfreeze-thaw" => b"{\"return\": 5, \"id\": 1}\n{\"return\": 2}\n".to_vec(),
+            _ => b"{\"return\": 0}\n".to_vec(),
+        });
+        assert_eq!(a.thaw(QUICK).unwrap(), 2, "the answer with another id is skipped");
+    }
+
+    #[test]
+    fn a_command_that_timed_out_leaves_the_connection_unused() {
+        let mut a = echoing(|command, _| match command {
+            "guest-fsfreeze-freeze" => Vec::new(), // never answers
+            _ => b"{\"return\": 1}\n".to_vec(),
+        });
+        assert!(a.freeze(Duration::from_millis(100)).is_err());
+        let err = a.thaw(QUICK).unwrap_err().to_string();
+        assert!(err.contains("not used again"), "{err}");
+    }
+
+    #[test]
+    fn a_file_is_read_within_limits() {
+        use base64::Engine;
+        let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        let mut a = echoing(move |command, _| match command {
+            "guest-file-open" => b"{\"return\": 1000}\n".to_vec(),
+            "guest-file-close" => b"{\"return\": {}}\n".to_vec(),
+            _ => format!(
+                "{{\"return\": {{\"count\": 1, \"buf-b64\": \"{}\", \"eof\": false}}}}\n",
+                b64(b"x")
+            )
+            .into_bytes(),
+        });
+        // A guest that dribbles a byte per read is cut off after a few reads.
+        let err = a.read_file("/run/x", 1024).unwrap_err().to_string();
+        assert!(err.contains("pieces"), "{err}");
+        let mut a = echoing(move |command, _| match command {
+            "guest-file-open" => b"{\"return\": 1000}\n".to_vec(),
+            "guest-file-close" => b"{\"return\": {}}\n".to_vec(),
+            _ => format!(
+                "{{\"return\": {{\"count\": 9, \"buf-b64\": \"{}\", \"eof\": true}}}}\n",
+                b64(&[7u8; 2000])
+            )
+            .into_bytes(),
+        });
+        assert!(a.read_file("/run/x", 1024).unwrap_err().to_string().contains("larger"));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! What the guest's Cairn fsfreeze hook reported, read back through the guest agent.
 //!
 //! The in-guest half ([`cairn_snapshot::guest_hook`], run by the guest agent's fsfreeze hook)
-//! leaves one report per phase in the guest's `/run`. The host empties both before the freeze
-//! (so a report is this freeze's or nothing) and reads them after each phase. A report is the
+//! leaves one report per phase in the guest's `/run`. The host reads both before the freeze
+//! and after the thaw: a report that changed is this freeze's. A report is the
 //! guest's word: it is size-capped and decoded strictly, and every string from it is escaped
 //! and cut before it reaches a log, an error or a point's evidence. A guest can lie in it only
 //! about its own applications, which it could stop quiescing anyway.
@@ -25,16 +25,54 @@ fn path(phase: Phase) -> String {
     format!("{DEFAULT_RUN_DIR}/{name}")
 }
 
-/// Empties both reports, so that what is read after this freeze is this freeze's.
-pub(crate) fn clear(agent: &mut GuestAgent) -> Result<(), crate::Error> {
-    agent.truncate_file(&path(Phase::Freeze))?;
-    agent.truncate_file(&path(Phase::Thaw))
+/// The reports as they were before this freeze: one still the same afterwards is an earlier
+/// freeze's (each report carries the time and process that wrote it, so a new one differs).
+/// The host only reads: it writes nothing into the guest.
+pub(crate) struct Earlier {
+    freeze: Vec<u8>,
+    thaw: Vec<u8>,
 }
 
-/// The report of `phase`, `None` when the hook left none (no Cairn hook in the guest).
-pub(crate) fn read(agent: &mut GuestAgent, phase: Phase) -> Result<Option<HookReport>, String> {
-    let bytes = agent.read_file(&path(phase), MAX_REPORT).map_err(|e| e.to_string())?;
-    decode(&bytes)
+/// Reads the reports before the freeze; an error means they cannot be read at all (the guest
+/// agent forbids `guest-file-*`, as RHEL's does by default).
+pub(crate) fn earlier(agent: &mut GuestAgent) -> Result<Earlier, crate::Error> {
+    Ok(Earlier { freeze: fetch(agent, Phase::Freeze)?, thaw: fetch(agent, Phase::Thaw)? })
+}
+
+/// A report's bytes; empty when the guest has none.
+fn fetch(agent: &mut GuestAgent, phase: Phase) -> Result<Vec<u8>, crate::Error> {
+    match agent.read_file(&path(phase), MAX_REPORT) {
+        // No such file: no report (yet). A forbidden command is an error.
+        Err(crate::Error::Command { class, desc, .. })
+            if class != "CommandNotFound" && !desc.contains("disabled") =>
+        {
+            Ok(Vec::new())
+        }
+        other => other,
+    }
+}
+
+/// The report of `phase` written by this freeze, `None` when the hook wrote none (no Cairn
+/// hook in the guest).
+pub(crate) fn read(
+    agent: &mut GuestAgent,
+    phase: Phase,
+    earlier: &Earlier,
+) -> Result<Option<HookReport>, String> {
+    let bytes = fetch(agent, phase).map_err(|e| e.to_string())?;
+    let before = match phase {
+        Phase::Freeze => &earlier.freeze,
+        Phase::Thaw => &earlier.thaw,
+    };
+    if bytes == *before {
+        return Ok(None);
+    }
+    match decode(&bytes)? {
+        Some(report) if report.phase != phase => {
+            Err(format!("the {phase:?} report says it is of phase {:?}", report.phase))
+        }
+        other => Ok(other),
+    }
 }
 
 /// Decodes a report's bytes: empty is no report; anything else must be a valid report.

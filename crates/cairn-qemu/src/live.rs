@@ -96,25 +96,45 @@ struct State {
     /// The folder of this run's NBD socket.
     #[serde(default)]
     socket_dir: Option<PathBuf>,
-    /// The QEMU process the changes were made in (pid and start time): a later run undoes
-    /// them only in that process.
+    /// The QEMU the changes were made in: a later run undoes them only in that QEMU.
     #[serde(default)]
-    qemu: Option<(u32, u64)>,
+    qemu: Option<QemuId>,
 }
 
-/// A process as the kernel knows it: its pid and its start time (clock ticks after boot),
-/// which a reused pid does not share.
-fn process_identity(pid: u32) -> Option<(u32, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: fields resume after the
-    // last ')'; the start time is field 22.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    // A zombie has ended: what it held is gone.
-    if matches!(fields.next()?, "Z" | "X") {
-        return None;
+/// One QEMU process, known by the QMP socket it made: its path, the socket file's identity
+/// (a restarted QEMU, or libvirt for it, makes a new one) and the boot it was made in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct QemuId {
+    socket: PathBuf,
+    boot: String,
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl QemuId {
+    fn of(socket: &Path) -> Option<QemuId> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(socket).ok()?;
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        Some(QemuId {
+            socket: socket.to_path_buf(),
+            boot: boot.trim().to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
     }
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((pid, start))
+
+    /// Whether this QEMU still runs: its socket is still the one it made, and accepts (or is
+    /// busy with another client, which only a live QEMU can be).
+    fn runs(&self) -> bool {
+        QemuId::of(&self.socket).as_ref() == Some(self)
+            && match crate::socket::connect(&self.socket, Duration::from_secs(2)) {
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::TimedOut,
+            }
+    }
 }
 
 /// One disk being viewed.
@@ -180,8 +200,8 @@ impl LiveVm {
             )));
         }
         let state_file = dir.join(format!("cairn-{vm}.state.json"));
-        let qemu = qmp.peer_pid().and_then(process_identity);
-        undo_leftovers(&mut qmp, &state_file, vm, qemu)?;
+        let qemu = QemuId::of(qmp_socket);
+        undo_leftovers(&mut qmp, &state_file, vm, qemu.as_ref())?;
         let found = vm::disks(&mut qmp)?;
         let mut live = Vec::new();
         for spec in disks {
@@ -512,8 +532,14 @@ impl LiveVm {
         self.state.server = true;
         save(&self.state_file, &self.state)?;
         if let Err(e) = start_server(&mut self.qmp, &self.socket) {
-            self.state.server = false;
-            save(&self.state_file, &self.state)?;
+            // Only a server that was running already is not ours (a timeout may have started
+            // ours: it stays recorded, to be stopped).
+            if matches!(e, Error::Vm(_)) {
+                self.state.server = false;
+                if let Err(saved) = save(&self.state_file, &self.state) {
+                    tracing::warn!("{saved}");
+                }
+            }
             return Err(e);
         }
         for (i, d) in self.disks.iter().enumerate() {
@@ -787,7 +813,7 @@ fn undo_leftovers(
     qmp: &mut Qmp,
     state_file: &Path,
     vm: &Name,
-    qemu: Option<(u32, u64)>,
+    qemu: Option<&QemuId>,
 ) -> Result<(), Error> {
     let bytes = match std::fs::read(state_file) {
         Ok(bytes) => bytes,
@@ -801,21 +827,21 @@ fn undo_leftovers(
                          cairn-* nodes and exports are gone"
         ),
     })?;
-    if let (Some(then), Some(now)) = (state.qemu, qemu)
+    if let (Some(then), Some(now)) = (&state.qemu, qemu)
         && then != now
     {
-        if process_identity(then.0) == Some(then) {
+        if then.runs() {
             return Err(Error::Vm(format!(
-                "{} records an interrupted backup of VM {vm} in another QEMU (pid {}), which \
-                 still runs: do two VM configurations on this host name VM {vm}? Give each VM \
-                 its own name (its leftovers are undone by its own next backup)",
+                "{} records an interrupted backup of VM {vm} in another QEMU (QMP socket {}), \
+                 which still runs: do two VM configurations on this host name VM {vm}? Give \
+                 each VM its own name (its leftovers are undone by its own next backup)",
                 state_file.display(),
-                then.0
+                then.socket.display()
             )));
         }
         tracing::warn!(
-            "an interrupted backup's QEMU (pid {}) is gone, and what it held with it: removing its files ({})",
-            then.0,
+            "an interrupted backup's QEMU ({}) is gone, and what it held with it: removing its files ({})",
+            then.socket.display(),
             state_file.display()
         );
         remove_files(&state)?;

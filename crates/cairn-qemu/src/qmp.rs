@@ -100,11 +100,6 @@ impl Qmp {
         &self.socket
     }
 
-    /// The QEMU process at the other end, as the kernel says (not as QEMU says).
-    pub fn peer_pid(&self) -> Option<u32> {
-        crate::socket::peer_pid(&self.writer)
-    }
-
     /// Runs `command` with `arguments` (an object, or `null` for none) and returns its result.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Error> {
         self.execute_within(command, arguments, DEFAULT_TIMEOUT)

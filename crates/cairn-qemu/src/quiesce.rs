@@ -92,6 +92,27 @@ impl Quiescer for AgentQuiescer {
                 "no thaw watchdog program was given, so the guest was not frozen".into(),
             );
         };
+        // A guest already frozen is another tool's (virsh domfsfreeze, a snapshot): neither
+        // frozen again nor thawed under it.
+        if let Ok(true) = agent.frozen() {
+            return self.give_up(
+                record,
+                "the guest is already frozen by another tool: Cairn neither freezes nor thaws it"
+                    .into(),
+            );
+        }
+        // The hook's reports as they are before this freeze (see crate::hook).
+        let earlier = match hook::earlier(&mut agent) {
+            Ok(earlier) => Some(earlier),
+            Err(e) => {
+                record.note(Evidence::new(
+                    "warning",
+                    None,
+                    format!("the guest's hook reports cannot be read ({e}): what the guest's scripts do, if it has any, is not known here, and none can stop the backup (RHEL's qemu-ga blocks guest-file-* by default)"),
+                ));
+                None
+            }
+        };
         let watchdog = match Watchdog::arm_for(
             command,
             *deadline,
@@ -102,23 +123,10 @@ impl Quiescer for AgentQuiescer {
                 return self.give_up(record, format!("the thaw watchdog did not start ({e})"));
             }
         };
-        // The guest's hook reports are emptied first, so what is read after the freeze is
-        // this freeze's (see crate::hook).
-        let reports = match hook::clear(&mut agent) {
-            Ok(()) => true,
-            Err(e) => {
-                record.note(Evidence::new(
-                    "script",
-                    None,
-                    format!("the guest's hook reports could not be emptied ({e}): what the guest's scripts did, if it has any, is not known here"),
-                ));
-                false
-            }
-        };
         let started = Instant::now();
         match agent.freeze(self.freeze_timeout) {
             Ok(0) => {
-                let _ = agent.thaw(QUICK);
+                let _ = agent.thaw(self.freeze_timeout);
                 drop(agent);
                 watchdog.disarm();
                 self.give_up(record, "the guest agent reported no file system frozen".into())
@@ -138,15 +146,20 @@ impl Quiescer for AgentQuiescer {
                     watchdog: Some(watchdog),
                     frozen_at: Instant::now(),
                     deadline: *deadline,
-                    reports,
+                    thaw_timeout: self.freeze_timeout,
+                    earlier,
                 }))
             }
             Err(e) => {
                 // A freeze that failed or timed out may have frozen some file systems (or be
                 // about to): thaw now, and let the watchdog try too if that fails.
-                let thawed = agent.thaw(QUICK);
-                let report = match (reports, &thawed) {
-                    (true, Ok(_)) => hook::read(&mut agent, Phase::Freeze).ok().flatten(),
+                // (A freeze that timed out left the connection unusable: the thaw fails at once
+                // and the watchdog, not disarmed, thaws on a connection of its own.)
+                let thawed = agent.thaw(self.freeze_timeout);
+                let report = match (&earlier, &thawed) {
+                    (Some(earlier), Ok(_)) => {
+                        hook::read(&mut agent, Phase::Freeze, earlier).ok().flatten()
+                    }
                     _ => None,
                 };
                 drop(agent);
@@ -185,15 +198,17 @@ struct AgentHold {
     watchdog: Option<Watchdog>,
     frozen_at: Instant,
     deadline: Duration,
-    /// The guest's hook reports were emptied before the freeze: what is in them now is this
-    /// freeze's.
-    reports: bool,
+    /// How long the thaw (and the guest's post-scripts) may take.
+    thaw_timeout: Duration,
+    /// The guest's hook reports before the freeze (`None`: they cannot be read).
+    earlier: Option<hook::Earlier>,
 }
 
 impl Hold for AgentHold {
     fn resume(mut self: Box<Self>, record: &mut Record) -> Result<(), cairn_snapshot::Error> {
         let frozen_for = self.frozen_at.elapsed();
-        let thawed = self.agent.as_mut().map(|a| a.thaw(QUICK));
+        let timeout = self.thaw_timeout;
+        let thawed = self.agent.as_mut().map(|a| a.thaw(timeout));
         if thawed.as_ref().is_some_and(|t| t.is_err()) {
             // The connection is of no use now; the watchdog needs it closed.
             drop(self.agent.take());
@@ -211,8 +226,8 @@ impl Hold for AgentHold {
                         "the freeze outlasted the watchdog's deadline, which may have thawed the guest before the views were taken",
                     );
                 }
-                let applied = match (self.reports, self.agent.as_mut()) {
-                    (true, Some(agent)) => apply_reports(record, agent),
+                let applied = match (&self.earlier, self.agent.as_mut()) {
+                    (Some(earlier), Some(agent)) => apply_reports(record, agent, earlier),
                     _ => Ok(()),
                 };
                 // Connection first: a watchdog past its deadline may be waiting to reach the
@@ -259,8 +274,12 @@ fn note_scripts(record: &mut Record, report: &HookReport) {
 /// application consistency (nothing else lowered it meanwhile); a failed script, an unusable
 /// configuration or an unreadable report says why it does not; a failed script whose
 /// configuration says not to continue stops the backup.
-fn apply_reports(record: &mut Record, agent: &mut GuestAgent) -> Result<(), cairn_snapshot::Error> {
-    let freeze = match hook::read(agent, Phase::Freeze) {
+fn apply_reports(
+    record: &mut Record,
+    agent: &mut GuestAgent,
+    earlier: &hook::Earlier,
+) -> Result<(), cairn_snapshot::Error> {
+    let freeze = match hook::read(agent, Phase::Freeze, earlier) {
         Ok(Some(report)) => report,
         // No Cairn hook in the guest: the freeze alone.
         Ok(None) => return Ok(()),
@@ -326,7 +345,7 @@ fn apply_reports(record: &mut Record, agent: &mut GuestAgent) -> Result<(), cair
         );
     }
     // The post-script ran at the thaw, as every pre-script's does.
-    let thaw = match hook::read(agent, Phase::Thaw) {
+    let thaw = match hook::read(agent, Phase::Thaw, earlier) {
         Ok(Some(report)) => report,
         Ok(None) => {
             record.fall_back(

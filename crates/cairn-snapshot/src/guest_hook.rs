@@ -18,11 +18,14 @@
 //! | thaw | a pre-script ran at the freeze | post | 0 |
 //! | thaw | nothing ran at the freeze | nothing | 0 |
 //!
-//! The post-script runs whenever the pre-script ran, once: the freeze leaves a marker that the
-//! thaw consumes (a failed pre-script that stops the backup runs the post-script itself). The
-//! thaw always exits 0, since the file systems are thawed by then and the host must be able to
-//! tell. Stock hooks (Debian's `/etc/qemu/fsfreeze-hook`) ignore their scripts' exit codes, so
-//! the host decides from the report, not from whether the freeze succeeded.
+//! The post-script runs whenever the pre-script ran, once: the freeze leaves a marker holding
+//! the configuration it used, which the thaw consumes (so a configuration changed or removed
+//! in between changes nothing), and a failed pre-script that stops the backup runs the
+//! post-script itself. The thaw always exits 0, since the file systems are thawed by then and
+//! the host must be able to tell. Stock hooks (Debian's `/etc/qemu/fsfreeze-hook`) ignore
+//! their scripts' exit codes, so the host decides from the report, not from whether the
+//! freeze succeeded. A hook installed twice runs once per phase: each report names the hook
+//! script's process, and a second copy run by the same one does nothing.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::scripts::{ScriptRun, Scripts};
+use crate::trusted::TrustedFile;
 
 /// Where the hook looks for its script configuration unless told.
 pub const DEFAULT_CONFIG: &str = "/etc/cairn/VMSnapshotScriptPluginConfig.json";
@@ -70,14 +74,22 @@ impl std::str::FromStr for Phase {
     }
 }
 
-/// What one phase of the hook did, as the host reads it back.
+/// What one phase of the hook did, as the host reads it back. Fields a later hook adds are
+/// ignored (a change older hosts cannot read bumps [`REPORT_FORMAT`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HookReport {
     /// [`REPORT_FORMAT`].
     pub cairn_hook: u32,
     /// Which phase wrote it.
     pub phase: Phase,
+    /// When it was written (Unix nanoseconds) and by which process: a new report never has
+    /// the bytes of an old one.
+    #[serde(default)]
+    pub written: String,
+    /// The process that ran the hook (the guest agent's hook script): a second installation of
+    /// the hook, run by the same script in the same phase, does nothing.
+    #[serde(default)]
+    pub parent: u32,
     /// The script configuration used; absent when there is none.
     #[serde(default)]
     pub config: Option<String>,
@@ -100,7 +112,6 @@ pub struct HookReport {
 
 /// One script's run, as reported from the guest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ScriptReport {
     /// The script's path in the guest.
     pub path: String,
@@ -136,9 +147,14 @@ impl ScriptReport {
 
 impl HookReport {
     fn new(phase: Phase) -> HookReport {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         HookReport {
             cairn_hook: REPORT_FORMAT,
             phase,
+            written: format!("{nanos}-{}", std::process::id()),
+            parent: parent(),
             config: None,
             continue_on_failure: false,
             fs_freeze: false,
@@ -180,31 +196,52 @@ impl HookReport {
 pub fn run_hook(phase: Phase, config: &Path, run_dir: &Path) -> (HookReport, i32) {
     let mut report = HookReport::new(phase);
     let pending = run_dir.join(PENDING);
+    let name = match phase {
+        Phase::Freeze => FREEZE_REPORT,
+        Phase::Thaw => THAW_REPORT,
+    };
+    let report_path = run_dir.join(name);
+    if ran_already(&report_path, phase) {
+        // The hook is installed twice and this phase's other copy ran: once is enough.
+        eprintln!("cairn-guest-hook: {phase:?} ran already in this hook run; nothing done");
+        return (report, 0);
+    }
     let code = match phase {
         Phase::Freeze => {
             let _ = std::fs::remove_file(&pending);
             freeze(config, &pending, &mut report)
         }
         Phase::Thaw => {
-            // The post-script is owed only when this removes a marker a freeze left.
-            if std::fs::remove_file(&pending).is_ok() {
-                thaw(config, &mut report);
-            }
+            thaw(&pending, &mut report);
             0
         }
     };
-    let name = match phase {
-        Phase::Freeze => FREEZE_REPORT,
-        Phase::Thaw => THAW_REPORT,
-    };
-    if let Err(e) = write_report(&run_dir.join(name), &report) {
-        eprintln!("cairn-guest-hook: cannot write {name} in {}: {e}", run_dir.display());
+    if let Err(e) = write_report(&report_path, &report) {
+        eprintln!("cairn-guest-hook: cannot write {}: {e}", report_path.display());
     }
     (report, code)
 }
 
+/// The process that runs this hook (qemu-ga's hook script; the test itself in tests).
+fn parent() -> u32 {
+    rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get().unsigned_abs())
+}
+
+/// Whether this phase's report was written by another copy of the hook under the same hook
+/// script, within the last hour (a later hook run has another process).
+fn ran_already(report: &Path, phase: Phase) -> bool {
+    let Ok(bytes) = std::fs::read(report) else { return false };
+    let Ok(earlier) = HookReport::parse(&bytes) else { return false };
+    let recent = std::fs::metadata(report)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < std::time::Duration::from_secs(3600));
+    earlier.phase == phase && earlier.parent == parent() && earlier.parent != 0 && recent
+}
+
 fn freeze(config: &Path, pending: &Path, report: &mut HookReport) -> i32 {
-    let Some(scripts) = load(config, report) else {
+    let Some((scripts, text)) = load(config, report) else {
         return 0;
     };
     let pre = scripts.run_pre();
@@ -213,7 +250,10 @@ fn freeze(config: &Path, pending: &Path, report: &mut HookReport) -> i32 {
         report.post = Some(ScriptReport::of(&scripts.run_post()));
         return 1;
     }
-    if let Err(e) = std::fs::write(pending, b"") {
+    // The thaw runs the post-script of the configuration the freeze used, whatever happens
+    // to the file meanwhile: the marker keeps it (root's, in a root-only folder).
+    let marker = Marker { config: config.display().to_string(), text };
+    if let Err(e) = write_private(pending, &marker) {
         // Without the marker the thaw would not run the post-script: run it now rather than
         // leave the applications quiesced.
         report.error = Some(format!("cannot leave the marker {}: {e}", pending.display()));
@@ -222,23 +262,59 @@ fn freeze(config: &Path, pending: &Path, report: &mut HookReport) -> i32 {
     0
 }
 
-fn thaw(config: &Path, report: &mut HookReport) {
-    if let Some(scripts) = load(config, report) {
-        report.post = Some(ScriptReport::of(&scripts.run_post()));
+/// What a freeze leaves for its thaw.
+#[derive(Serialize, Deserialize)]
+struct Marker {
+    config: String,
+    text: String,
+}
+
+/// The post-script is owed only when a freeze left a marker; it is taken away first, so the
+/// post-script runs once.
+fn thaw(pending: &Path, report: &mut HookReport) {
+    let marker = match TrustedFile::open(pending, 0o600).and_then(|f| f.read_to_string()) {
+        Ok(text) => text,
+        Err(_) if !pending.exists() => return,
+        Err(e) => {
+            report.error = Some(format!("the freeze's marker is unusable: {e}"));
+            let _ = std::fs::remove_file(pending);
+            return;
+        }
+    };
+    let _ = std::fs::remove_file(pending);
+    let marker: Marker = match serde_json::from_str(&marker) {
+        Ok(m) => m,
+        Err(e) => {
+            report.error = Some(format!("the freeze's marker is unreadable: {e}"));
+            return;
+        }
+    };
+    report.config = Some(marker.config.clone());
+    match Scripts::from_text(&marker.text, &marker.config) {
+        Ok(scripts) => {
+            report.continue_on_failure = scripts.config().continue_on_failure;
+            report.fs_freeze = scripts.config().fs_freeze;
+            report.post = Some(ScriptReport::of(&scripts.run_post()));
+        }
+        Err(e) => report.error = Some(e.to_string()),
     }
 }
 
-/// Loads the configuration into `report`; `None` when there is none or it is unusable.
-fn load(config: &Path, report: &mut HookReport) -> Option<Scripts> {
+/// Loads the configuration into `report`, with its text; `None` when there is none or it is
+/// unusable.
+fn load(config: &Path, report: &mut HookReport) -> Option<(Scripts, String)> {
     if std::fs::symlink_metadata(config).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
         return None;
     }
     report.config = Some(config.display().to_string());
-    match Scripts::load(config) {
-        Ok(scripts) => {
+    let loaded = TrustedFile::open(config, 0o600)
+        .and_then(|f| f.read_to_string())
+        .and_then(|text| Ok((Scripts::from_text(&text, &config.display().to_string())?, text)));
+    match loaded {
+        Ok((scripts, text)) => {
             report.continue_on_failure = scripts.config().continue_on_failure;
             report.fs_freeze = scripts.config().fs_freeze;
-            Some(scripts)
+            Some((scripts, text))
         }
         Err(e) => {
             report.error = Some(e.to_string());
@@ -249,11 +325,17 @@ fn load(config: &Path, report: &mut HookReport) -> Option<Scripts> {
 
 /// Writes the report whole or not at all (a temporary file renamed over it), mode 600.
 fn write_report(path: &Path, report: &HookReport) -> Result<(), Error> {
+    write_private(path, report)
+}
+
+/// Writes `value` as JSON to `path` whole or not at all, mode 600: a temporary file in the
+/// same folder, renamed over the name (which replaces a link there, never follows it).
+fn write_private(path: &Path, value: &impl Serialize) -> Result<(), Error> {
     let dir = path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let io = |e| Error::io(format!("writing {}", path.display()), e);
     let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(io)?;
-    let text = serde_json::to_vec(report)
-        .map_err(|e| Error::io("encoding the hook report", std::io::Error::other(e)))?;
+    let text = serde_json::to_vec(value)
+        .map_err(|e| Error::io("encoding for the hook", std::io::Error::other(e)))?;
     file.write_all(&text).map_err(io)?;
     file.as_file().sync_all().map_err(io)?;
     file.persist(path).map_err(|e| io(e.error))?;
@@ -289,6 +371,7 @@ mod tests {
         assert!(HookReport::parse(text.to_string().as_bytes()).unwrap_err().contains("format 2"));
         let big = vec![b' '; MAX_REPORT + 1];
         assert!(HookReport::parse(&big).unwrap_err().contains("more than"));
-        assert!(HookReport::parse(b"{\"cairn_hook\":1,\"phase\":\"freeze\",\"x\":1}").is_err());
+        // A field a later hook adds is ignored.
+        assert!(HookReport::parse(b"{\"cairn_hook\":1,\"phase\":\"freeze\",\"x\":1}").is_ok());
     }
 }

@@ -96,7 +96,13 @@ impl Scripts {
     /// (root for a real agent), in folders nobody else may write to, up to `/`.
     pub fn load(path: &Path) -> Result<Scripts, Error> {
         let text = TrustedFile::open(path, 0o600)?.read_to_string()?;
-        let config = ScriptConfig::parse(&text, &path.display().to_string())?;
+        Scripts::from_text(&text, &path.display().to_string())
+    }
+
+    /// Parses a configuration already read from a trusted file (`name` names it in errors),
+    /// and opens and checks the scripts it names.
+    pub fn from_text(text: &str, name: &str) -> Result<Scripts, Error> {
+        let config = ScriptConfig::parse(text, name)?;
         let pre = Arc::new(TrustedFile::open(&config.pre_script, 0o700)?);
         let post = Arc::new(TrustedFile::open(&config.post_script, 0o700)?);
         Ok(Scripts { config, pre, post })

@@ -74,3 +74,29 @@ fn an_unsafe_configuration_runs_nothing_and_the_freeze_goes_on() {
     assert!(r.post.is_none());
     assert_eq!(log(dir.path()), "");
 }
+
+#[test]
+fn the_thaw_runs_the_post_script_the_freeze_read_even_if_the_file_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), 0o600);
+    run_hook(Phase::Freeze, &config, dir.path());
+    std::fs::remove_file(&config).unwrap();
+    let (r, _) = run_hook(Phase::Thaw, &config, dir.path());
+    assert!(r.post.as_ref().unwrap().succeeded, "{r:?}");
+    assert_eq!(log(dir.path()), "pre\npost\n");
+}
+
+#[test]
+fn a_hook_installed_twice_runs_once_per_phase() {
+    // Both copies run under the same hook script (here: this test process).
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), 0o600);
+    for _ in 0..2 {
+        run_hook(Phase::Freeze, &config, dir.path());
+    }
+    for _ in 0..2 {
+        run_hook(Phase::Thaw, &config, dir.path());
+    }
+    assert_eq!(log(dir.path()), "pre\npost\n");
+    assert!(report(dir.path(), THAW_REPORT).post.is_some(), "the second copy kept the report");
+}

@@ -59,8 +59,12 @@ pub(super) async fn run(
             socket,
             qemu.guest_freeze,
             qemu.guest_agent_required,
-            // The watchdog's deadline covers the freeze call (the guest's hook) and the hold.
-            job.options.watchdog.clone().map(|w| (w, config.watchdog_deadline + qemu.guest_freeze)),
+            // The watchdog's deadline covers the freeze call (the guest's hook and its
+            // pre-scripts), the hold, and the thaw call (the post-scripts).
+            job.options
+                .watchdog
+                .clone()
+                .map(|w| (w, config.watchdog_deadline + 2 * qemu.guest_freeze)),
         )),
         None => Box::new(NoAgent),
     };
