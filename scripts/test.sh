@@ -113,6 +113,15 @@ if cargo tree -p cairn-snapshot -e normal --prefix none \
     echo "cairn-snapshot must not depend on tokio, object_store, the engine, the vault or the job" >&2
     exit 1
 fi
+# The coordinator side and the agent side never depend on each other.
+if cargo tree -p cairn-scheduler -e normal --prefix none | grep -Eq '^cairn-backup '; then
+    echo "cairn-scheduler must not depend on cairn-backup" >&2
+    exit 1
+fi
+if cargo tree -p cairn-backup -e normal --prefix none | grep -Eq '^cairn-scheduler '; then
+    echo "cairn-backup must not depend on cairn-scheduler" >&2
+    exit 1
+fi
 
 echo
 echo "all checks passed"

@@ -1,0 +1,386 @@
+//! The catalogue: the coordinator's state in one SQLite database.
+//!
+//! Schema changes are numbered migrations applied in order inside one transaction each, the
+//! number kept in SQLite's `user_version`; a database from a newer coordinator is refused. One
+//! coordinator holds the database at a time: the connection takes SQLite's exclusive lock at
+//! open and keeps it (`locking_mode = EXCLUSIVE`), so a second coordinator is refused at once,
+//! saying so. Timestamps are stored as RFC 3339 text in UTC.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::Error;
+
+/// The migrations, in order: migration N takes the schema from version N to N+1.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE policies (
+         name TEXT PRIMARY KEY,
+         spec TEXT NOT NULL,          -- the policy file (TOML) as given
+         updated_at TEXT NOT NULL
+     );
+     CREATE TABLE vms (
+         name TEXT PRIMARY KEY,
+         host TEXT NOT NULL,          -- the agent that backs it up
+         datastore TEXT NOT NULL,
+         vault TEXT NOT NULL,
+         policy TEXT REFERENCES policies(name),
+         protected INTEGER NOT NULL DEFAULT 1,
+         planned_until TEXT NOT NULL  -- scheduled times up to here have become jobs
+     );
+     CREATE TABLE jobs (
+         id INTEGER PRIMARY KEY,
+         vm TEXT NOT NULL REFERENCES vms(name),
+         kind TEXT NOT NULL,          -- backup, prune, gc, restore
+         scheduled_at TEXT NOT NULL,  -- the policy's time, before jitter
+         start_at TEXT NOT NULL,      -- with the VM's jitter
+         state TEXT NOT NULL,         -- queued, running, done, failed
+         phase TEXT,
+         attempt INTEGER NOT NULL DEFAULT 0,
+         reason TEXT,
+         created_at TEXT NOT NULL,
+         updated_at TEXT NOT NULL,
+         UNIQUE (vm, kind, scheduled_at)
+     );
+     CREATE INDEX jobs_by_state ON jobs (state, start_at);
+     CREATE TABLE points (
+         vm TEXT NOT NULL,
+         point TEXT NOT NULL,
+         job INTEGER UNIQUE REFERENCES jobs(id),  -- one point per job, whatever the retries
+         tier TEXT NOT NULL,          -- snapshot, vault, snapshot-and-vault
+         captured_at TEXT NOT NULL,
+         consistency TEXT,
+         PRIMARY KEY (vm, point)
+     );
+     CREATE TABLE agents (
+         id INTEGER PRIMARY KEY,
+         name TEXT UNIQUE NOT NULL,
+         token_hash TEXT NOT NULL,
+         revoked INTEGER NOT NULL DEFAULT 0,
+         enrolled_at TEXT NOT NULL,
+         last_seen TEXT
+     );
+     CREATE TABLE alerts (
+         id INTEGER PRIMARY KEY,
+         kind TEXT NOT NULL,          -- failed-job, late-transfer, missed-schedule, rpo
+         vm TEXT,
+         message TEXT NOT NULL,
+         raised_at TEXT NOT NULL,
+         cleared_at TEXT
+     );
+     CREATE TABLE audit (
+         id INTEGER PRIMARY KEY,
+         at TEXT NOT NULL,
+         who TEXT NOT NULL,
+         action TEXT NOT NULL,
+         details TEXT NOT NULL
+     );",
+];
+
+/// The coordinator's database, held exclusively.
+pub struct Catalogue {
+    pub(crate) conn: Connection,
+    path: String,
+}
+
+/// A protected (or formerly protected) VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmRecord {
+    /// Its name.
+    pub name: String,
+    /// The agent (host) that backs it up.
+    pub host: String,
+    /// The datastore its disks are on.
+    pub datastore: String,
+    /// The vault its points go to.
+    pub vault: String,
+    /// Its policy, if protected by one.
+    pub policy: Option<String>,
+    /// Whether its schedule runs.
+    pub protected: bool,
+    /// Scheduled times up to here have become jobs (or missed-schedule alerts).
+    pub planned_until: Timestamp,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting for its start time or for room (admission).
+    Queued,
+    /// Handed to its agent.
+    Running,
+    /// Finished with a committed point.
+    Done,
+    /// Finished without one.
+    Failed,
+}
+
+impl JobState {
+    /// Its name in the database and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<JobState, String> {
+        Ok(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "done" => JobState::Done,
+            "failed" => JobState::Failed,
+            other => return Err(format!("unknown job state {other:?}")),
+        })
+    }
+}
+
+/// A job as the catalogue keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRecord {
+    /// Its id, recorded with the point it commits.
+    pub id: u64,
+    /// The VM.
+    pub vm: String,
+    /// `backup`, `prune`, `gc`, `restore`.
+    pub kind: String,
+    /// The policy's time.
+    pub scheduled_at: Timestamp,
+    /// When it may start (with the VM's jitter).
+    pub start_at: Timestamp,
+    /// Where it is.
+    pub state: JobState,
+    /// Why it waits or failed.
+    pub reason: Option<String>,
+}
+
+fn ts(t: Timestamp) -> String {
+    t.to_string()
+}
+
+fn parse_ts(text: &str) -> rusqlite::Result<Timestamp> {
+    text.parse().map_err(|e: jiff::Error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+impl Catalogue {
+    /// Opens (creating if needed) the catalogue at `path`, migrates it, and holds it: a second
+    /// coordinator on the same file is refused.
+    pub fn open(path: &Path) -> Result<Catalogue, Error> {
+        let name = path.display().to_string();
+        let conn = Connection::open(path).map_err(Error::sql(format!("opening {name}")))?;
+        let busy = |e: rusqlite::Error| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                Error::Held { path: name.clone() }
+            }
+            _ => Error::Sql { what: format!("locking {name}"), source: e },
+        };
+        // Refused at once rather than after SQLite's default wait of 5 s.
+        conn.busy_timeout(std::time::Duration::ZERO).map_err(busy)?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(busy)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(busy)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(busy)?;
+        // A write transaction takes the exclusive lock, kept until the connection closes.
+        conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;").map_err(busy)?;
+        let mut catalogue = Catalogue { conn, path: name };
+        catalogue.migrate()?;
+        Ok(catalogue)
+    }
+
+    fn migrate(&mut self) -> Result<(), Error> {
+        let path = self.path.clone();
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(Error::sql("reading the schema version"))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(Error::TooNew { path, found: version, known });
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction().map_err(Error::sql("starting a migration"))?;
+            tx.execute_batch(sql).map_err(Error::sql(format!("migration {}", n + 1)))?;
+            tx.pragma_update(None, "user_version", n as i64 + 1)
+                .map_err(Error::sql("recording the schema version"))?;
+            tx.commit().map_err(Error::sql(format!("committing migration {}", n + 1)))?;
+            tracing::info!(version = n + 1, "catalogue migrated");
+        }
+        Ok(())
+    }
+
+    /// The schema version.
+    pub fn schema_version(&self) -> Result<i64, Error> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(Error::sql("reading the schema version"))
+    }
+
+    /// Adds or replaces a policy (its TOML, checked first).
+    pub fn put_policy(&mut self, text: &str, now: Timestamp) -> Result<String, Error> {
+        let policy = cairn_policy::Policy::parse(text)?;
+        let name = policy.spec.name.clone();
+        self.conn
+            .execute(
+                "INSERT INTO policies (name, spec, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, updated_at = excluded.updated_at",
+                params![name, text, ts(now)],
+            )
+            .map_err(Error::sql(format!("saving policy {name}")))?;
+        Ok(name)
+    }
+
+    /// The policy named `name`, checked.
+    pub fn policy(&self, name: &str) -> Result<cairn_policy::Policy, Error> {
+        let text: Option<String> = self
+            .conn
+            .query_row("SELECT spec FROM policies WHERE name = ?1", [name], |r| r.get(0))
+            .optional()
+            .map_err(Error::sql(format!("reading policy {name}")))?;
+        let text = text.ok_or_else(|| Error::Unknown {
+            kind: "policy",
+            name: name.into(),
+            hint: "list them with `policies`",
+        })?;
+        Ok(cairn_policy::Policy::parse(&text)?)
+    }
+
+    /// Protects `vm` with `policy` from `now` on (its first backup is the policy's next
+    /// scheduled time), adding the VM if it is new.
+    pub fn protect(&mut self, vm: &VmRecord, now: Timestamp) -> Result<(), Error> {
+        if let Some(policy) = &vm.policy {
+            self.policy(policy)?;
+        }
+        self.conn
+            .execute(
+                "INSERT INTO vms (name, host, datastore, vault, policy, protected, planned_until)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (name) DO UPDATE SET host = excluded.host,
+                     datastore = excluded.datastore, vault = excluded.vault,
+                     policy = excluded.policy, protected = excluded.protected,
+                     planned_until = max(vms.planned_until, excluded.planned_until)",
+                params![vm.name, vm.host, vm.datastore, vm.vault, vm.policy, vm.protected, ts(now)],
+            )
+            .map_err(Error::sql(format!("protecting VM {}", vm.name)))?;
+        Ok(())
+    }
+
+    /// Every VM, by name.
+    pub fn vms(&self) -> Result<Vec<VmRecord>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name, host, datastore, vault, policy, protected, planned_until
+                 FROM vms ORDER BY name",
+            )
+            .map_err(Error::sql("listing VMs"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(VmRecord {
+                    name: r.get(0)?,
+                    host: r.get(1)?,
+                    datastore: r.get(2)?,
+                    vault: r.get(3)?,
+                    policy: r.get(4)?,
+                    protected: r.get(5)?,
+                    planned_until: parse_ts(&r.get::<_, String>(6)?)?,
+                })
+            })
+            .map_err(Error::sql("listing VMs"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing VMs"))
+    }
+
+    /// Records the jobs and alerts one planning pass made for `vm`, and how far it planned,
+    /// in one transaction: a pass interrupted anywhere has done nothing. A job already
+    /// planned for the same time is not planned twice.
+    pub(crate) fn record_plan(
+        &mut self,
+        vm: &str,
+        jobs: &[(Timestamp, Timestamp)],
+        missed: &[Timestamp],
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Result<usize, Error> {
+        let what = format!("planning VM {vm}");
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let mut added = 0;
+        for (scheduled, start) in jobs {
+            added += tx
+                .execute(
+                    "INSERT OR IGNORE INTO jobs
+                         (vm, kind, scheduled_at, start_at, state, created_at, updated_at)
+                     VALUES (?1, 'backup', ?2, ?3, 'queued', ?4, ?4)",
+                    params![vm, ts(*scheduled), ts(*start), ts(now)],
+                )
+                .map_err(Error::sql(what.clone()))?;
+        }
+        if let (Some(first), Some(last)) = (missed.first(), missed.last()) {
+            let message = format!(
+                "{} scheduled backup(s) of VM {vm} were missed while the coordinator was down \
+                 ({first} to {last}): the latest is run now",
+                missed.len()
+            );
+            tx.execute(
+                "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('missed-schedule', ?1, ?2, ?3)",
+                params![vm, message, ts(now)],
+            )
+            .map_err(Error::sql(what.clone()))?;
+        }
+        tx.execute("UPDATE vms SET planned_until = ?2 WHERE name = ?1", params![vm, ts(until)])
+            .map_err(Error::sql(what.clone()))?;
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(added)
+    }
+
+    /// The jobs of `vm` (all VMs when `None`), oldest first.
+    pub fn jobs(&self, vm: Option<&str>) -> Result<Vec<JobRecord>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, vm, kind, scheduled_at, start_at, state, reason FROM jobs
+                 WHERE ?1 IS NULL OR vm = ?1 ORDER BY scheduled_at, id",
+            )
+            .map_err(Error::sql("listing jobs"))?;
+        let rows = stmt
+            .query_map([vm], |r| {
+                let state: String = r.get(5)?;
+                Ok(JobRecord {
+                    id: r.get::<_, i64>(0)?.unsigned_abs(),
+                    vm: r.get(1)?,
+                    kind: r.get(2)?,
+                    scheduled_at: parse_ts(&r.get::<_, String>(3)?)?,
+                    start_at: parse_ts(&r.get::<_, String>(4)?)?,
+                    state: state.parse().map_err(|e: String| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            5,
+                            rusqlite::types::Type::Text,
+                            e.into(),
+                        )
+                    })?,
+                    reason: r.get(6)?,
+                })
+            })
+            .map_err(Error::sql("listing jobs"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing jobs"))
+    }
+
+    /// Open alerts (kind, VM, message), oldest first.
+    pub fn alerts(&self) -> Result<Vec<(String, Option<String>, String)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kind, vm, message FROM alerts WHERE cleared_at IS NULL ORDER BY id")
+            .map_err(Error::sql("listing alerts"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(Error::sql("listing alerts"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing alerts"))
+    }
+}

@@ -1,0 +1,16 @@
+//! The coordinator side of Cairn: which VMs are protected by which policy, which backups are
+//! due, and what became of them.
+//!
+//! [`Catalogue`] keeps the coordinator's state (policies, VMs, jobs, points, agents, alerts and
+//! the audit log) in one SQLite database, migrated in place and held by one coordinator at a
+//! time. [`plan`] turns policies into jobs at their scheduled times, once each, whatever the
+//! coordinator's restarts; the vaults stay the source of truth for points, and the catalogue
+//! can be rebuilt from them.
+
+mod catalogue;
+mod error;
+mod plan;
+
+pub use catalogue::{Catalogue, JobRecord, JobState, VmRecord};
+pub use error::Error;
+pub use plan::{PlanOutcome, plan};
