@@ -4,7 +4,8 @@
 //! number kept in SQLite's `user_version`; a database from a newer coordinator is refused. One
 //! coordinator holds the database at a time: the connection takes SQLite's exclusive lock at
 //! open and keeps it (`locking_mode = EXCLUSIVE`), so a second coordinator is refused at once,
-//! saying so. Timestamps are stored as RFC 3339 text in UTC.
+//! saying so. Timestamps are stored as Unix milliseconds (integers compare and index in time
+//! order).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -20,7 +21,7 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE policies (
          name TEXT PRIMARY KEY,
          spec TEXT NOT NULL,          -- the policy file (TOML) as given
-         updated_at TEXT NOT NULL
+         updated_at INTEGER NOT NULL
      );
      CREATE TABLE vms (
          name TEXT PRIMARY KEY,
@@ -29,20 +30,22 @@ const MIGRATIONS: &[&str] = &[
          vault TEXT NOT NULL,
          policy TEXT REFERENCES policies(name),
          protected INTEGER NOT NULL DEFAULT 1,
-         planned_until TEXT NOT NULL  -- scheduled times up to here have become jobs
+         planned_until INTEGER NOT NULL, -- scheduled times up to here have become jobs
+         next_at INTEGER                 -- its next scheduled time, when protected
      );
+     CREATE INDEX vms_by_next ON vms (next_at);
      CREATE TABLE jobs (
          id INTEGER PRIMARY KEY,
          vm TEXT NOT NULL REFERENCES vms(name),
          kind TEXT NOT NULL,          -- backup, prune, gc, restore
-         scheduled_at TEXT NOT NULL,  -- the policy's time, before jitter
-         start_at TEXT NOT NULL,      -- with the VM's jitter
+         scheduled_at INTEGER NOT NULL,  -- the policy's time, before jitter
+         start_at INTEGER NOT NULL,      -- with the VM's jitter
          state TEXT NOT NULL,         -- queued, running, done, failed
          phase TEXT,
          attempt INTEGER NOT NULL DEFAULT 0,
          reason TEXT,
-         created_at TEXT NOT NULL,
-         updated_at TEXT NOT NULL,
+         created_at INTEGER NOT NULL,
+         updated_at INTEGER NOT NULL,
          UNIQUE (vm, kind, scheduled_at)
      );
      CREATE INDEX jobs_by_state ON jobs (state, start_at);
@@ -51,7 +54,7 @@ const MIGRATIONS: &[&str] = &[
          point TEXT NOT NULL,
          job INTEGER UNIQUE REFERENCES jobs(id),  -- one point per job, whatever the retries
          tier TEXT NOT NULL,          -- snapshot, vault, snapshot-and-vault
-         captured_at TEXT NOT NULL,
+         captured_at INTEGER NOT NULL,
          consistency TEXT,
          PRIMARY KEY (vm, point)
      );
@@ -60,20 +63,20 @@ const MIGRATIONS: &[&str] = &[
          name TEXT UNIQUE NOT NULL,
          token_hash TEXT NOT NULL,
          revoked INTEGER NOT NULL DEFAULT 0,
-         enrolled_at TEXT NOT NULL,
-         last_seen TEXT
+         enrolled_at INTEGER NOT NULL,
+         last_seen INTEGER
      );
      CREATE TABLE alerts (
          id INTEGER PRIMARY KEY,
          kind TEXT NOT NULL,          -- failed-job, late-transfer, missed-schedule, rpo
          vm TEXT,
          message TEXT NOT NULL,
-         raised_at TEXT NOT NULL,
-         cleared_at TEXT
+         raised_at INTEGER NOT NULL,
+         cleared_at INTEGER
      );
      CREATE TABLE audit (
          id INTEGER PRIMARY KEY,
-         at TEXT NOT NULL,
+         at INTEGER NOT NULL,
          who TEXT NOT NULL,
          action TEXT NOT NULL,
          details TEXT NOT NULL
@@ -84,6 +87,19 @@ const MIGRATIONS: &[&str] = &[
 pub struct Catalogue {
     pub(crate) conn: Connection,
     path: String,
+}
+
+/// What a planning pass decided for one VM.
+pub(crate) struct VmPlan {
+    pub(crate) vm: String,
+    /// The job to queue: its scheduled time and its jittered start.
+    pub(crate) job: Option<(Timestamp, Timestamp)>,
+    /// Scheduled times missed.
+    pub(crate) missed: Vec<Timestamp>,
+    /// Planned up to here.
+    pub(crate) until: Timestamp,
+    /// The next scheduled time after that.
+    pub(crate) next_at: Option<Timestamp>,
 }
 
 /// A protected (or formerly protected) VM.
@@ -162,13 +178,13 @@ pub struct JobRecord {
     pub reason: Option<String>,
 }
 
-fn ts(t: Timestamp) -> String {
-    t.to_string()
+fn ts(t: Timestamp) -> i64 {
+    t.as_millisecond()
 }
 
-fn parse_ts(text: &str) -> rusqlite::Result<Timestamp> {
-    text.parse().map_err(|e: jiff::Error| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+fn parse_ts(ms: i64) -> rusqlite::Result<Timestamp> {
+    Timestamp::from_millisecond(ms).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, Box::new(e))
     })
 }
 
@@ -188,6 +204,10 @@ impl Catalogue {
         conn.busy_timeout(std::time::Duration::ZERO).map_err(busy)?;
         conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(busy)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(busy)?;
+        // WAL with NORMAL sync: a crash of the process loses nothing; a power cut may lose the
+        // last transactions, which the vaults (the source of truth for points) and the next
+        // planning pass make good.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(busy)?;
         conn.pragma_update(None, "foreign_keys", "ON").map_err(busy)?;
         // A write transaction takes the exclusive lock, kept until the connection closes.
         conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;").map_err(busy)?;
@@ -256,34 +276,56 @@ impl Catalogue {
     /// Protects `vm` with `policy` from `now` on (its first backup is the policy's next
     /// scheduled time), adding the VM if it is new.
     pub fn protect(&mut self, vm: &VmRecord, now: Timestamp) -> Result<(), Error> {
-        if let Some(policy) = &vm.policy {
-            self.policy(policy)?;
-        }
+        let next_at = match (&vm.policy, vm.protected) {
+            (Some(policy), true) => self.policy(policy)?.schedule.next_after(now).map(ts),
+            (Some(policy), false) => {
+                self.policy(policy)?;
+                None
+            }
+            (None, _) => None,
+        };
         self.conn
             .execute(
-                "INSERT INTO vms (name, host, datastore, vault, policy, protected, planned_until)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO vms (name, host, datastore, vault, policy, protected, planned_until, next_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (name) DO UPDATE SET host = excluded.host,
                      datastore = excluded.datastore, vault = excluded.vault,
                      policy = excluded.policy, protected = excluded.protected,
-                     planned_until = max(vms.planned_until, excluded.planned_until)",
-                params![vm.name, vm.host, vm.datastore, vm.vault, vm.policy, vm.protected, ts(now)],
+                     planned_until = max(vms.planned_until, excluded.planned_until),
+                     next_at = excluded.next_at",
+                params![
+                    vm.name,
+                    vm.host,
+                    vm.datastore,
+                    vm.vault,
+                    vm.policy,
+                    vm.protected,
+                    ts(now),
+                    next_at
+                ],
             )
             .map_err(Error::sql(format!("protecting VM {}", vm.name)))?;
         Ok(())
     }
 
+    /// The protected VMs whose next scheduled time has come by `now`.
+    pub(crate) fn due_vms(&self, now: Timestamp) -> Result<Vec<VmRecord>, Error> {
+        self.query_vms("WHERE protected = 1 AND policy IS NOT NULL AND next_at <= ?1", ts(now))
+    }
+
     /// Every VM, by name.
     pub fn vms(&self) -> Result<Vec<VmRecord>, Error> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT name, host, datastore, vault, policy, protected, planned_until
-                 FROM vms ORDER BY name",
-            )
-            .map_err(Error::sql("listing VMs"))?;
+        self.query_vms("WHERE ?1 IS NOT NULL", 0)
+    }
+
+    fn query_vms(&self, filter: &str, arg: i64) -> Result<Vec<VmRecord>, Error> {
+        let sql = format!(
+            "SELECT name, host, datastore, vault, policy, protected, planned_until
+             FROM vms {filter} ORDER BY name"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(Error::sql("listing VMs"))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([arg], |r| {
                 Ok(VmRecord {
                     name: r.get(0)?,
                     host: r.get(1)?,
@@ -291,53 +333,168 @@ impl Catalogue {
                     vault: r.get(3)?,
                     policy: r.get(4)?,
                     protected: r.get(5)?,
-                    planned_until: parse_ts(&r.get::<_, String>(6)?)?,
+                    planned_until: parse_ts(r.get(6)?)?,
                 })
             })
             .map_err(Error::sql("listing VMs"))?;
         rows.collect::<Result<_, _>>().map_err(Error::sql("listing VMs"))
     }
 
-    /// Records the jobs and alerts one planning pass made for `vm`, and how far it planned,
-    /// in one transaction: a pass interrupted anywhere has done nothing. A job already
-    /// planned for the same time is not planned twice.
-    pub(crate) fn record_plan(
+    /// Records what one planning pass decided, for every VM at once, in one transaction: a
+    /// pass interrupted anywhere has done nothing. A job already planned for the same VM and
+    /// time is not planned twice. Returns how many jobs were added.
+    pub(crate) fn record_plans(
         &mut self,
-        vm: &str,
-        jobs: &[(Timestamp, Timestamp)],
-        missed: &[Timestamp],
-        until: Timestamp,
+        plans: &[VmPlan],
         now: Timestamp,
     ) -> Result<usize, Error> {
-        let what = format!("planning VM {vm}");
-        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let what = "recording a planning pass";
+        let tx = self.conn.transaction().map_err(Error::sql(what))?;
         let mut added = 0;
-        for (scheduled, start) in jobs {
-            added += tx
-                .execute(
+        {
+            let mut job = tx
+                .prepare_cached(
                     "INSERT OR IGNORE INTO jobs
                          (vm, kind, scheduled_at, start_at, state, created_at, updated_at)
                      VALUES (?1, 'backup', ?2, ?3, 'queued', ?4, ?4)",
-                    params![vm, ts(*scheduled), ts(*start), ts(now)],
                 )
-                .map_err(Error::sql(what.clone()))?;
+                .map_err(Error::sql(what))?;
+            let mut alert = tx
+                .prepare_cached(
+                    "INSERT INTO alerts (kind, vm, message, raised_at)
+                     VALUES ('missed-schedule', ?1, ?2, ?3)",
+                )
+                .map_err(Error::sql(what))?;
+            let mut vm = tx
+                .prepare_cached("UPDATE vms SET planned_until = ?2, next_at = ?3 WHERE name = ?1")
+                .map_err(Error::sql(what))?;
+            for p in plans {
+                if let Some((scheduled, start)) = p.job {
+                    added += job
+                        .execute(params![p.vm, ts(scheduled), ts(start), ts(now)])
+                        .map_err(Error::sql(what))?;
+                }
+                if let (Some(first), Some(last)) = (p.missed.first(), p.missed.last()) {
+                    let message = format!(
+                        "{} scheduled backup(s) of VM {} were missed while the coordinator was \
+                         down ({first} to {last}): the latest is run now",
+                        p.missed.len(),
+                        p.vm
+                    );
+                    alert.execute(params![p.vm, message, ts(now)]).map_err(Error::sql(what))?;
+                }
+                vm.execute(params![p.vm, ts(p.until), p.next_at.map(ts)])
+                    .map_err(Error::sql(what))?;
+            }
         }
-        if let (Some(first), Some(last)) = (missed.first(), missed.last()) {
-            let message = format!(
-                "{} scheduled backup(s) of VM {vm} were missed while the coordinator was down \
-                 ({first} to {last}): the latest is run now",
-                missed.len()
-            );
-            tx.execute(
-                "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('missed-schedule', ?1, ?2, ?3)",
-                params![vm, message, ts(now)],
-            )
-            .map_err(Error::sql(what.clone()))?;
-        }
-        tx.execute("UPDATE vms SET planned_until = ?2 WHERE name = ?1", params![vm, ts(until)])
-            .map_err(Error::sql(what.clone()))?;
         tx.commit().map_err(Error::sql(what))?;
         Ok(added)
+    }
+
+    /// Where the running jobs run.
+    pub(crate) fn running_placements(&self) -> Result<Vec<cairn_policy::Placement>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT v.host, v.datastore, v.vault FROM jobs j JOIN vms v ON v.name = j.vm
+                 WHERE j.state = 'running'",
+            )
+            .map_err(Error::sql("listing running jobs"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(cairn_policy::Placement {
+                    host: r.get(0)?,
+                    datastore: r.get(1)?,
+                    vault: r.get(2)?,
+                })
+            })
+            .map_err(Error::sql("listing running jobs"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing running jobs"))
+    }
+
+    /// Queued jobs whose start time has come: id, start, placement.
+    pub(crate) fn due_jobs(
+        &self,
+        now: Timestamp,
+    ) -> Result<Vec<(u64, Timestamp, cairn_policy::Placement)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT j.id, j.start_at, v.host, v.datastore, v.vault
+                 FROM jobs j JOIN vms v ON v.name = j.vm
+                 WHERE j.state = 'queued' AND j.start_at <= ?1",
+            )
+            .map_err(Error::sql("listing due jobs"))?;
+        let rows = stmt
+            .query_map([ts(now)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?.unsigned_abs(),
+                    parse_ts(r.get(1)?)?,
+                    cairn_policy::Placement {
+                        host: r.get(2)?,
+                        datastore: r.get(3)?,
+                        vault: r.get(4)?,
+                    },
+                ))
+            })
+            .map_err(Error::sql("listing due jobs"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing due jobs"))
+    }
+
+    /// Marks `started` running (one more attempt each) and notes why `waiting` wait, in one
+    /// transaction.
+    pub(crate) fn record_dispatch(
+        &mut self,
+        started: &[u64],
+        waiting: &[(u64, String)],
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let what = "recording a dispatch";
+        let tx = self.conn.transaction().map_err(Error::sql(what))?;
+        {
+            let mut start = tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'running', attempt = attempt + 1, reason = NULL,
+                         updated_at = ?2 WHERE id = ?1 AND state = 'queued'",
+                )
+                .map_err(Error::sql(what))?;
+            for id in started {
+                start.execute(params![*id as i64, ts(now)]).map_err(Error::sql(what))?;
+            }
+            let mut wait = tx
+                .prepare_cached("UPDATE jobs SET reason = ?2, updated_at = ?3 WHERE id = ?1")
+                .map_err(Error::sql(what))?;
+            for (id, why) in waiting {
+                wait.execute(params![*id as i64, why, ts(now)]).map_err(Error::sql(what))?;
+            }
+        }
+        tx.commit().map_err(Error::sql(what))
+    }
+
+    /// Ends a running job as `state` (done or failed), with a reason for a failure.
+    pub fn finish_job(
+        &mut self,
+        id: u64,
+        state: JobState,
+        reason: Option<&str>,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE jobs SET state = ?2, reason = ?3, updated_at = ?4
+                 WHERE id = ?1 AND state = 'running'",
+                params![id as i64, state.as_str(), reason, ts(now)],
+            )
+            .map_err(Error::sql(format!("ending job {id}")))?;
+        if changed == 0 {
+            return Err(Error::Unknown {
+                kind: "running job",
+                name: id.to_string(),
+                hint: "list jobs with `jobs`",
+            });
+        }
+        Ok(())
     }
 
     /// The jobs of `vm` (all VMs when `None`), oldest first.
@@ -356,8 +513,8 @@ impl Catalogue {
                     id: r.get::<_, i64>(0)?.unsigned_abs(),
                     vm: r.get(1)?,
                     kind: r.get(2)?,
-                    scheduled_at: parse_ts(&r.get::<_, String>(3)?)?,
-                    start_at: parse_ts(&r.get::<_, String>(4)?)?,
+                    scheduled_at: parse_ts(r.get(3)?)?,
+                    start_at: parse_ts(r.get(4)?)?,
                     state: state.parse().map_err(|e: String| {
                         rusqlite::Error::FromSqlConversionFailure(
                             5,

@@ -4,13 +4,16 @@
 //! [`Catalogue`] keeps the coordinator's state (policies, VMs, jobs, points, agents, alerts and
 //! the audit log) in one SQLite database, migrated in place and held by one coordinator at a
 //! time. [`plan`] turns policies into jobs at their scheduled times, once each, whatever the
-//! coordinator's restarts; the vaults stay the source of truth for points, and the catalogue
+//! coordinator's restarts; [`dispatch`] starts the jobs whose time has come wherever their
+//! host, datastore and vault have room, and records why the others wait. The vaults stay the source of truth for points, and the catalogue
 //! can be rebuilt from them.
 
 mod catalogue;
+mod dispatch;
 mod error;
 mod plan;
 
 pub use catalogue::{Catalogue, JobRecord, JobState, VmRecord};
+pub use dispatch::{Dispatched, dispatch};
 pub use error::Error;
 pub use plan::{PlanOutcome, plan};

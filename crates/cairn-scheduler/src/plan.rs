@@ -6,8 +6,11 @@
 //! one missed-schedule alert. A pass is one transaction per VM, and a job is unique per VM and
 //! scheduled time, so passes may repeat and coordinators restart without doubling a backup.
 
+use std::collections::HashMap;
+
 use jiff::Timestamp;
 
+use crate::catalogue::VmPlan;
 use crate::{Catalogue, Error};
 
 /// What a planning pass did.
@@ -19,19 +22,31 @@ pub struct PlanOutcome {
     pub missed: usize,
 }
 
-/// Plans every protected VM up to `now`.
+/// Plans every protected VM whose next scheduled time has come, up to `now`, in one
+/// transaction. Only those VMs are read (the catalogue keeps each VM's next time, indexed), so
+/// a pass over ten thousand VMs of which a few are due costs a few.
 pub fn plan(catalogue: &mut Catalogue, now: Timestamp) -> Result<PlanOutcome, Error> {
     let mut outcome = PlanOutcome::default();
-    for vm in catalogue.vms()? {
-        let (true, Some(policy)) = (vm.protected, &vm.policy) else { continue };
-        let policy = catalogue.policy(policy)?;
+    let mut policies: HashMap<String, cairn_policy::Policy> = HashMap::new();
+    let mut plans = Vec::new();
+    for vm in catalogue.due_vms(now)? {
+        let Some(name) = &vm.policy else { continue };
+        if !policies.contains_key(name) {
+            policies.insert(name.clone(), catalogue.policy(name)?);
+        }
+        let Some(policy) = policies.get(name) else { continue };
         let runs = policy.schedule.between(vm.planned_until, now);
-        let Some((latest, missed)) = runs.split_last() else { continue };
-        let start = policy.schedule.start_for(*latest, &vm.name);
-        outcome.jobs_added +=
-            catalogue.record_plan(&vm.name, &[(*latest, start)], missed, now, now)?;
+        let next_at = policy.schedule.next_after(now);
+        let (job, missed) = match runs.split_last() {
+            Some((latest, missed)) => {
+                (Some((*latest, policy.schedule.start_for(*latest, &vm.name))), missed.to_vec())
+            }
+            None => (None, Vec::new()),
+        };
         outcome.missed += missed.len();
+        plans.push(VmPlan { vm: vm.name, job, missed, until: now, next_at });
     }
+    outcome.jobs_added = catalogue.record_plans(&plans, now)?;
     Ok(outcome)
 }
 
