@@ -81,6 +81,14 @@ const MIGRATIONS: &[&str] = &[
          action TEXT NOT NULL,
          details TEXT NOT NULL
      );",
+    // 2: the users of the API and the dashboard.
+    "CREATE TABLE users (
+         name TEXT PRIMARY KEY,
+         role TEXT NOT NULL,          -- viewer, operator, admin
+         token_hash TEXT UNIQUE NOT NULL,
+         created_at INTEGER NOT NULL,
+         revoked INTEGER NOT NULL DEFAULT 0
+     );",
 ];
 
 /// The coordinator's database, held exclusively.
@@ -103,7 +111,7 @@ pub(crate) struct VmPlan {
 }
 
 /// A protected (or formerly protected) VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct VmRecord {
     /// Its name.
     pub name: String,
@@ -121,8 +129,45 @@ pub struct VmRecord {
     pub planned_until: Timestamp,
 }
 
+/// What a user of the API may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Read everything.
+    Viewer,
+    /// Also protect VMs, back up now, restore.
+    Operator,
+    /// Also change policies, users and agents.
+    Admin,
+}
+
+impl Role {
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Ok(match s {
+            "viewer" => Role::Viewer,
+            "operator" => Role::Operator,
+            "admin" => Role::Admin,
+            other => {
+                return Err(format!("{other:?} is not a role: give viewer, operator or admin"));
+            }
+        })
+    }
+}
+
 /// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting for its start time or for room (admission).
     Queued,
@@ -160,7 +205,7 @@ impl FromStr for JobState {
 }
 
 /// A job as the catalogue keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct JobRecord {
     /// Its id, recorded with the point it commits.
     pub id: u64,
@@ -495,6 +540,81 @@ impl Catalogue {
             });
         }
         Ok(())
+    }
+
+    /// Adds a user with `role` and a new token, returned once (only its hash is kept).
+    pub fn add_user(&mut self, name: &str, role: Role, now: Timestamp) -> Result<String, Error> {
+        let token = crate::auth::new_token();
+        self.conn
+            .execute(
+                "INSERT INTO users (name, role, token_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![name, role.as_str(), crate::auth::hash(&token), ts(now)],
+            )
+            .map_err(Error::sql(format!("adding user {name}")))?;
+        Ok(token)
+    }
+
+    /// How many users there are (none: the first start makes an admin).
+    pub fn user_count(&self) -> Result<u64, Error> {
+        self.conn
+            .query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))
+            .map(i64::unsigned_abs)
+            .map_err(Error::sql("counting users"))
+    }
+
+    /// The user a token belongs to, with their role; `None` for an unknown or revoked token.
+    pub fn user_of(&self, token: &str) -> Result<Option<(String, Role)>, Error> {
+        let row: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT name, role FROM users WHERE token_hash = ?1 AND revoked = 0",
+                [crate::auth::hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(Error::sql("checking a token"))?;
+        Ok(row.and_then(|(name, role)| role.parse().ok().map(|role| (name, role))))
+    }
+
+    /// Notes a change or a restore in the audit log.
+    pub fn audit(
+        &mut self,
+        who: &str,
+        action: &str,
+        details: &str,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "INSERT INTO audit (at, who, action, details) VALUES (?1, ?2, ?3, ?4)",
+                params![ts(now), who, action, details],
+            )
+            .map(|_| ())
+            .map_err(Error::sql("writing the audit log"))
+    }
+
+    /// The audit log, oldest first: (time, who, action, details).
+    pub fn audit_log(&self) -> Result<Vec<(Timestamp, String, String, String)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT at, who, action, details FROM audit ORDER BY id")
+            .map_err(Error::sql("reading the audit log"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((parse_ts(r.get(0)?)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map_err(Error::sql("reading the audit log"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("reading the audit log"))
+    }
+
+    /// Every policy: name and file.
+    pub fn policies(&self) -> Result<Vec<(String, String)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, spec FROM policies ORDER BY name")
+            .map_err(Error::sql("listing policies"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(Error::sql("listing policies"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing policies"))
     }
 
     /// The jobs of `vm` (all VMs when `None`), oldest first.

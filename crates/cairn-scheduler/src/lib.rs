@@ -8,12 +8,16 @@
 //! host, datastore and vault have room, and records why the others wait. The vaults stay the source of truth for points, and the catalogue
 //! can be rebuilt from them.
 
+pub mod api;
+mod auth;
 mod catalogue;
 mod dispatch;
 mod error;
 mod plan;
+mod service;
 
-pub use catalogue::{Catalogue, JobRecord, JobState, VmRecord};
+pub use catalogue::{Catalogue, JobRecord, JobState, Role, VmRecord};
 pub use dispatch::{Dispatched, dispatch};
 pub use error::Error;
 pub use plan::{PlanOutcome, plan};
+pub use service::{Clock, FileClock, SystemClock, serve};

@@ -1,0 +1,134 @@
+//! The command line's side of the API: one request per command, the answer printed.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::{Command, PolicyCommand};
+
+/// The token: from `--token-file`, else CAIRN_TOKEN.
+fn token(file: Option<&Path>) -> anyhow::Result<String> {
+    match file {
+        Some(f) => Ok(std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?
+            .trim()
+            .to_owned()),
+        None => std::env::var("CAIRN_TOKEN")
+            .context("give --token-file FILE or set CAIRN_TOKEN (the admin's is written at the first `serve`)"),
+    }
+}
+
+/// Sends one request (with a body of a content type) and returns the JSON answer, or the
+/// API's error as an error.
+async fn call(
+    url: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<(String, &str)>,
+) -> anyhow::Result<Value> {
+    let client = reqwest::Client::new();
+    let mut request =
+        client.request(method, format!("{}{path}", url.trim_end_matches('/'))).bearer_auth(token);
+    if let Some((body, content_type)) = body {
+        request = request.header(reqwest::header::CONTENT_TYPE, content_type).body(body);
+    }
+    let response = request.send().await.with_context(|| {
+        format!("cannot reach the coordinator at {url}: is it running (`cairn-coordinator serve`)?")
+    })?;
+    let status = response.status();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        let message = answer["error"].as_str().unwrap_or("no message");
+        bail!("the coordinator answered {status}: {message}");
+    }
+    Ok(answer)
+}
+
+pub async fn run(
+    url: &str,
+    token_file: Option<&Path>,
+    as_json: bool,
+    command: Command,
+) -> anyhow::Result<()> {
+    let token = token(token_file)?;
+    let get = reqwest::Method::GET;
+    let put = reqwest::Method::PUT;
+    let (answer, list) = match command {
+        Command::Serve { .. } => unreachable_serve()?,
+        Command::Policy(PolicyCommand::Put { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let policy = cairn_policy::Policy::parse(&text)
+                .with_context(|| format!("{} is not a valid policy", file.display()))?;
+            let path = format!("/api/v1/policies/{}", policy.spec.name);
+            (call(url, &token, put, &path, Some((text, "application/toml"))).await?, None)
+        }
+        Command::Policy(PolicyCommand::List) => {
+            (call(url, &token, get, "/api/v1/policies", None).await?, Some("policies"))
+        }
+        Command::Protect { vm, policy, host, datastore, vault } => {
+            let body =
+                json!({ "host": host, "datastore": datastore, "vault": vault, "policy": policy });
+            let path = format!("/api/v1/vms/{vm}");
+            (
+                call(url, &token, put, &path, Some((body.to_string(), "application/json"))).await?,
+                None,
+            )
+        }
+        Command::Vms => (call(url, &token, get, "/api/v1/vms", None).await?, Some("vms")),
+        Command::Jobs { vm } => {
+            let path = match vm {
+                Some(vm) => format!("/api/v1/jobs?vm={vm}"),
+                None => "/api/v1/jobs".into(),
+            };
+            (call(url, &token, get, &path, None).await?, Some("jobs"))
+        }
+        Command::Alerts => (call(url, &token, get, "/api/v1/alerts", None).await?, Some("alerts")),
+    };
+    match (as_json, list) {
+        (true, _) | (false, None) => println!("{}", serde_json::to_string_pretty(&answer)?),
+        (false, Some(key)) => {
+            for row in answer[key].as_array().into_iter().flatten() {
+                println!("{}", line(key, row));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unreachable_serve() -> anyhow::Result<(Value, Option<&'static str>)> {
+    bail!("serve is not a client command")
+}
+
+/// One row of a list, for people.
+fn line(key: &str, row: &Value) -> String {
+    let s = |k: &str| match &row[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    match key {
+        "policies" => s("name"),
+        "vms" => format!(
+            "{}\t{}\t{}\t{}\tprotected={}",
+            s("name"),
+            s("policy"),
+            s("host"),
+            s("vault"),
+            s("protected")
+        ),
+        "jobs" => format!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            s("id"),
+            s("vm"),
+            s("kind"),
+            s("scheduled_at"),
+            s("state"),
+            s("reason")
+        ),
+        "alerts" => format!("{}\t{}\t{}", s("kind"), s("vm"), s("message")),
+        _ => row.to_string(),
+    }
+}

@@ -1,0 +1,181 @@
+//! `cairn-coordinator`: the coordinator service (`serve`) and a command line over its API.
+//!
+//! Thin on purpose: arguments in, a call into `cairn-scheduler` or one HTTP request, output.
+//! Exit codes: 0 success, 1 failure, 2 usage error.
+
+mod client;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use cairn_policy::Limits;
+use cairn_scheduler::{Catalogue, Clock, FileClock, Role, SystemClock};
+use clap::{Parser, Subcommand};
+
+/// The Cairn coordinator.
+#[derive(Parser)]
+#[command(name = "cairn-coordinator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// The coordinator's URL (commands other than `serve`).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8470")]
+    url: String,
+    /// A file holding the API token (or CAIRN_TOKEN).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the coordinator: the API on --listen, and the schedules.
+    Serve {
+        /// The catalogue (SQLite), created if missing.
+        #[arg(long)]
+        db: PathBuf,
+        /// Where the API listens.
+        #[arg(long, default_value = "127.0.0.1:8470")]
+        listen: SocketAddr,
+        /// On the first start (no users yet), an admin's token is written here (mode 600).
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
+        /// Backups at once per host.
+        #[arg(long, default_value_t = Limits::default().per_host)]
+        max_per_host: u32,
+        /// Backups at once per datastore.
+        #[arg(long, default_value_t = Limits::default().per_datastore)]
+        max_per_datastore: u32,
+        /// Backups at once per vault.
+        #[arg(long, default_value_t = Limits::default().per_vault)]
+        max_per_vault: u32,
+        /// Tests only: read the time from this file (RFC 3339) instead of the clock.
+        #[arg(long, hide = true)]
+        fake_clock: Option<PathBuf>,
+    },
+    /// Policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Protects a VM with a policy (or changes how it is protected).
+    Protect {
+        /// The VM.
+        vm: String,
+        /// Its policy.
+        #[arg(long)]
+        policy: String,
+        /// The agent (host) that backs it up.
+        #[arg(long)]
+        host: String,
+        /// The datastore its disks are on.
+        #[arg(long)]
+        datastore: String,
+        /// The vault its points go to.
+        #[arg(long)]
+        vault: String,
+    },
+    /// Lists the VMs.
+    Vms,
+    /// Lists jobs.
+    Jobs {
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Lists open alerts.
+    Alerts,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Adds or replaces a policy from its TOML file.
+    Put {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Lists policies.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // reqwest's TLS has no crypto provider of its own here (docs/ARCHITECTURE.md, "TLS").
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            db,
+            listen,
+            admin_token_file,
+            max_per_host,
+            max_per_datastore,
+            max_per_vault,
+            fake_clock,
+        } => {
+            let clock: Arc<dyn Clock> = match fake_clock {
+                Some(path) => Arc::new(FileClock::new(path)),
+                None => Arc::new(SystemClock),
+            };
+            let mut catalogue = Catalogue::open(&db)?;
+            if catalogue.user_count()? == 0 {
+                let file = admin_token_file.context(
+                    "the catalogue has no user yet: give --admin-token-file FILE for the first admin's token",
+                )?;
+                let token = catalogue.add_user("admin", Role::Admin, clock.now())?;
+                let mut out = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&file)
+                    .with_context(|| format!("writing the admin token to {}", file.display()))?;
+                out.write_all(token.as_bytes())?;
+                eprintln!("the first admin's token is in {}", file.display());
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr()?;
+            println!("listening on http://{addr}");
+            let limits = Limits {
+                per_host: max_per_host,
+                per_datastore: max_per_datastore,
+                per_vault: max_per_vault,
+            };
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            cairn_scheduler::serve(catalogue, listener, clock, limits, shutdown).await?;
+            Ok(())
+        }
+        command => client::run(&cli.url, cli.token_file.as_deref(), cli.json, command).await,
+    }
+}

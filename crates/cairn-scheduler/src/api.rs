@@ -1,0 +1,231 @@
+//! The HTTP/JSON API, versioned under `/api/v1/`. Every call but `health` carries
+//! `Authorization: Bearer TOKEN`; a missing, unknown or revoked token is 401 with nothing
+//! done, a role too low for the call is 403. Changes go to the audit log with who made them.
+//!
+//! | call | role |
+//! |---|---|
+//! | `GET /api/v1/health` | none |
+//! | `GET /api/v1/policies`, `/vms`, `/jobs[?vm=NAME]`, `/alerts`, `/audit` | viewer |
+//! | `PUT /api/v1/vms/NAME` (protect, change, stop protection) | operator |
+//! | `PUT /api/v1/policies/NAME` (TOML body) | admin |
+
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::catalogue::Role;
+use crate::service::Clock;
+use crate::{Catalogue, Error, VmRecord};
+
+/// What every handler shares.
+pub struct Shared {
+    /// The catalogue (one connection: SQLite serves one writer).
+    pub catalogue: Mutex<Catalogue>,
+    /// The coordinator's clock (injected in tests).
+    pub clock: Arc<dyn Clock>,
+}
+
+/// An error as the API answers it: a status and `{"error": ..., "field": ...}`.
+pub struct ApiError(StatusCode, Value);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        let status = match &e {
+            Error::Policy(_) => StatusCode::BAD_REQUEST,
+            Error::Unknown { .. } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let field = match &e {
+            Error::Policy(cairn_policy::Error::Field { field, .. }) => Some(field.clone()),
+            _ => None,
+        };
+        ApiError(status, json!({ "error": e.to_string(), "field": field }))
+    }
+}
+
+fn refuse(status: StatusCode, message: &str) -> ApiError {
+    ApiError(status, json!({ "error": message }))
+}
+
+type Api = Arc<Shared>;
+
+/// The router of the API.
+pub fn router(shared: Api) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/policies", get(policies))
+        .route("/api/v1/policies/{name}", axum::routing::put(put_policy))
+        .route("/api/v1/vms", get(vms))
+        .route("/api/v1/vms/{name}", axum::routing::put(put_vm))
+        .route("/api/v1/jobs", get(jobs))
+        .route("/api/v1/alerts", get(alerts))
+        .route("/api/v1/audit", get(audit))
+        .with_state(shared)
+}
+
+/// The user behind the request's bearer token, if their role reaches `needed`.
+fn authorize(api: &Shared, headers: &HeaderMap, needed: Role) -> Result<String, ApiError> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "give Authorization: Bearer TOKEN"))?;
+    let user = lock(api)?.user_of(token.trim())?;
+    let (name, role) =
+        user.ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "unknown or revoked token"))?;
+    if role < needed {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            &format!("user {name} is {}; this needs {}", role.as_str(), needed.as_str()),
+        ));
+    }
+    Ok(name)
+}
+
+fn lock(api: &Shared) -> Result<std::sync::MutexGuard<'_, Catalogue>, ApiError> {
+    api.catalogue
+        .lock()
+        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the catalogue lock is poisoned"))
+}
+
+async fn health(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    let version = lock(&api)?.schema_version()?;
+    Ok(Json(json!({ "status": "ok", "schema": version })))
+}
+
+async fn policies(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    let list = lock(&api)?.policies()?;
+    let list: Vec<Value> = list.into_iter().map(|(n, s)| json!({ "name": n, "spec": s })).collect();
+    Ok(Json(json!({ "policies": list })))
+}
+
+async fn put_policy(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    let policy = cairn_policy::Policy::parse(&body).map_err(Error::from)?;
+    if policy.spec.name != name {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            json!({ "error": format!("the file names policy {:?}, the URL {name:?}", policy.spec.name), "field": "name" }),
+        ));
+    }
+    catalogue.put_policy(&body, now)?;
+    catalogue.audit(&who, "put-policy", &name, now)?;
+    Ok(Json(json!({ "name": name })))
+}
+
+async fn vms(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    Ok(Json(json!({ "vms": lock(&api)?.vms()? })))
+}
+
+/// A VM as a client protects it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmBody {
+    host: String,
+    datastore: String,
+    vault: String,
+    policy: Option<String>,
+    #[serde(default = "yes")]
+    protected: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn put_vm(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<VmBody>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Operator)?;
+    if cairn_format_name_ok(&name).is_err() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "a VM name is 1 to 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let now = api.clock.now();
+    let vm = VmRecord {
+        name: name.clone(),
+        host: body.host,
+        datastore: body.datastore,
+        vault: body.vault,
+        policy: body.policy,
+        protected: body.protected,
+        planned_until: now,
+    };
+    let mut catalogue = lock(&api)?;
+    catalogue.protect(&vm, now)?;
+    let action = if vm.protected { "protect" } else { "stop-protection" };
+    catalogue.audit(&who, action, &name, now)?;
+    Ok(Json(json!({ "name": name, "protected": vm.protected })))
+}
+
+/// The names the vault accepts for a VM (letters, digits, `-`, `_`, `.`; 1 to 64).
+fn cairn_format_name_ok(name: &str) -> Result<(), ()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok { Ok(()) } else { Err(()) }
+}
+
+#[derive(Deserialize)]
+struct JobQuery {
+    vm: Option<String>,
+}
+
+async fn jobs(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Query(q): Query<JobQuery>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    Ok(Json(json!({ "jobs": lock(&api)?.jobs(q.vm.as_deref())? })))
+}
+
+async fn alerts(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    let list: Vec<Value> = lock(&api)?
+        .alerts()?
+        .into_iter()
+        .map(|(kind, vm, message)| json!({ "kind": kind, "vm": vm, "message": message }))
+        .collect();
+    Ok(Json(json!({ "alerts": list })))
+}
+
+async fn audit(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    let list: Vec<Value> = lock(&api)?
+        .audit_log()?
+        .into_iter()
+        .map(|(at, who, action, details)| {
+            json!({ "at": at, "who": who, "action": action, "details": details })
+        })
+        .collect();
+    Ok(Json(json!({ "audit": list })))
+}
