@@ -262,6 +262,9 @@ fn qemu_killed_mid_backup_fails_it_clearly_and_the_next_run_cleans_up() {
 
     // QEMU again (a new process on the same image): the next backup undoes what is left,
     // and scans the disk whole, since a killed QEMU leaves its bitmaps in-use.
+    // The failed run kept what it could not undo for the next run.
+    let kept = std::fs::read_to_string(&state).unwrap();
+    assert!(kept.contains("cairn-fleece-db-0-"), "{kept}");
     let (vm, _) = started_vm(dir.path(), "256M");
     let m = ok(agent(&["--config", &config, "backup", "--json", "--vault", &vault]));
     let ev = evidence(&m);

@@ -101,6 +101,19 @@ struct State {
     qemu: Option<QemuId>,
 }
 
+impl State {
+    /// Whether it records no change to QEMU and no file (the NBD socket's folder goes with
+    /// its `TempDir`).
+    fn changes_nothing(&self) -> bool {
+        self.devices.is_empty()
+            && self.nodes.is_empty()
+            && self.exports.is_empty()
+            && !self.server
+            && self.files.is_empty()
+            && !self.paused
+    }
+}
+
 /// One QEMU process, known by the QMP socket it made: its path, the socket file's identity
 /// (a restarted QEMU, or libvirt for it, makes a new one) and the boot it was made in.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -586,6 +599,11 @@ impl LiveVm {
     /// Undoes every change to QEMU but the bitmaps', and removes the state file once done.
     fn undo(&mut self) -> Result<(), Error> {
         let state = std::mem::take(&mut self.state);
+        if state.changes_nothing() {
+            // Undone already (or nothing done): a second call must not overwrite the state
+            // file an earlier failed undo kept for the next run.
+            return Ok(());
+        }
         let result = undo_state(&mut self.qmp, &state);
         if result.is_ok() {
             let _ = std::fs::remove_file(&self.state_file);
