@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::Error;
 
 /// The migrations, in order: migration N takes the schema from version N to N+1.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
     "CREATE TABLE policies (
          name TEXT PRIMARY KEY,

@@ -151,7 +151,7 @@ keep-daily = 7
     fn one_coordinator_holds_the_catalogue_and_a_newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let c = open(&dir);
-        assert_eq!(c.schema_version().unwrap(), 1);
+        assert_eq!(c.schema_version().unwrap(), crate::catalogue::MIGRATIONS.len() as i64);
         let second = Catalogue::open(&dir.path().join("catalogue.db"));
         let err = second.err().expect("a second coordinator is refused").to_string();
         assert!(err.contains("held by another coordinator"), "{err}");
