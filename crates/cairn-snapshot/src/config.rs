@@ -525,8 +525,8 @@ fn qemu_config(
             ));
         }
     };
-    // QEMU's NBD socket goes in a folder made there (cairn-nbd-XXXXXX/nbd.sock, 25 bytes
-    // more), and a unix socket's path holds at most 107 bytes.
+    // QEMU's NBD socket goes in a folder made there ("cairn-nbd-", six random characters,
+    // then "/nbd.sock": 25 bytes more), and a unix socket's path holds at most 107 bytes.
     if fleece_dir.as_os_str().len() > MAX_FLEECE_DIR {
         return Err(bad(
             "fleece.dir".into(),
