@@ -42,7 +42,9 @@ export CAIRN_REQUIRE_GUEST=1
 # qcow2 and changed-block tracking: qemu-img, qemu-io and qemu-nbd serve the images, libnbd's
 # nbdinfo reads the same exports independently. These tests run as any user.
 missing=()
-for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin; do
+# systemd-analyze checks the unit `cairn-agent install` writes (systemd need not run).
+for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin \
+            systemd-analyze:systemd; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -120,6 +122,13 @@ if cargo tree -p cairn-scheduler -e normal --prefix none | grep -Eq '^cairn-back
 fi
 if cargo tree -p cairn-backup -e normal --prefix none | grep -Eq '^cairn-scheduler '; then
     echo "cairn-backup must not depend on cairn-scheduler" >&2
+    exit 1
+fi
+# The long-running agent's loop knows the coordinator only through the protocol, and backups
+# only through the runner the binary hands it.
+if cargo tree -p cairn-worker -e normal --prefix none \
+    | grep -Eq '^(cairn-scheduler|cairn-backup|cairn-vault|object_store) '; then
+    echo "cairn-worker must not depend on the scheduler, the job, the vault or object_store" >&2
     exit 1
 fi
 

@@ -73,6 +73,14 @@ pub enum Command {
     /// Check a VM configuration file (--config) without backing anything up.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Install the agent on this host for a coordinator: folders, configuration, enrollment
+    /// token and systemd unit, each change listed (`uninstall` reverts exactly those).
+    Install(InstallArgs),
+    /// Revert exactly what `install` did on this host.
+    Uninstall(UninstallArgs),
+    /// Run as the coordinator's agent: enroll, pull jobs by long poll, back up, report; keep
+    /// the schedule while the coordinator is away.
+    Run(RunArgs),
     /// The thaw watchdog the agent starts for itself while file systems are frozen.
     #[command(name = "watchdog-thaw", hide = true)]
     WatchdogThaw {
@@ -80,6 +88,42 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    /// The coordinator's URL.
+    #[arg(long, value_name = "URL")]
+    pub coordinator: String,
+    /// This agent's name at the coordinator (default: the host name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A file holding the one-time enrollment token (`cairn-coordinator enroll HOST`).
+    #[arg(long, value_name = "FILE")]
+    pub enroll_token_file: Option<PathBuf>,
+    /// Install under this folder instead of / (an image being built, a test).
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub root: PathBuf,
+    /// The agent's executable as the host runs it (default: this one).
+    #[arg(long, value_name = "PATH")]
+    pub executable: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct UninstallArgs {
+    /// The folder `install` was given as --root.
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    pub root: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The agent's configuration.
+    #[arg(long, default_value = "/etc/cairn/agent.toml", value_name = "FILE")]
+    pub agent_config: PathBuf,
+    /// Tests only: read the time from this file (RFC 3339) instead of the clock.
+    #[arg(long, hide = true)]
+    pub fake_clock: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

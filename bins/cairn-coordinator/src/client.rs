@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::{Command, PolicyCommand};
+use crate::{AgentCommand, Command, PolicyCommand, UserCommand};
 
 /// The token: from `--token-file`, else CAIRN_TOKEN.
 fn token(file: Option<&Path>) -> anyhow::Result<String> {
@@ -55,6 +55,8 @@ pub async fn run(
     let token = token(token_file)?;
     let get = reqwest::Method::GET;
     let put = reqwest::Method::PUT;
+    let post = reqwest::Method::POST;
+    let json_body = |v: Value| Some((v.to_string(), "application/json"));
     let (answer, list) = match command {
         Command::Serve { .. } => unreachable_serve()?,
         Command::Policy(PolicyCommand::Put { file }) => {
@@ -86,6 +88,40 @@ pub async fn run(
             (call(url, &token, get, &path, None).await?, Some("jobs"))
         }
         Command::Alerts => (call(url, &token, get, "/api/v1/alerts", None).await?, Some("alerts")),
+        Command::Points { vm } => {
+            let path = match vm {
+                Some(vm) => format!("/api/v1/points?vm={vm}"),
+                None => "/api/v1/points".into(),
+            };
+            (call(url, &token, get, &path, None).await?, Some("points"))
+        }
+        Command::Backup { vm, retain_until } => {
+            let body = json!({ "retain_until": retain_until });
+            let path = format!("/api/v1/vms/{vm}/backup");
+            (call(url, &token, post, &path, json_body(body)).await?, None)
+        }
+        Command::User(UserCommand::Add { name, role }) => {
+            let body = json!({ "name": name, "role": role });
+            (call(url, &token, post, "/api/v1/users", json_body(body)).await?, None)
+        }
+        Command::User(UserCommand::Revoke { name }) => {
+            let path = format!("/api/v1/users/{name}/revoke");
+            (call(url, &token, post, &path, None).await?, None)
+        }
+        Command::User(UserCommand::List) => {
+            (call(url, &token, get, "/api/v1/users", None).await?, Some("users"))
+        }
+        Command::Enroll { host } => {
+            let body = json!({ "host": host });
+            (call(url, &token, post, "/api/v1/enrollments", json_body(body)).await?, None)
+        }
+        Command::Agent(AgentCommand::List) => {
+            (call(url, &token, get, "/api/v1/agents", None).await?, Some("agents"))
+        }
+        Command::Agent(AgentCommand::Revoke { name }) => {
+            let path = format!("/api/v1/agents/{name}");
+            (call(url, &token, reqwest::Method::DELETE, &path, None).await?, None)
+        }
     };
     match (as_json, list) {
         (true, _) | (false, None) => println!("{}", serde_json::to_string_pretty(&answer)?),
@@ -129,6 +165,19 @@ fn line(key: &str, row: &Value) -> String {
             s("reason")
         ),
         "alerts" => format!("{}\t{}\t{}", s("kind"), s("vm"), s("message")),
+        "points" => format!(
+            "{}\t{}\t{}\t{}\tjob={}\tstored={}",
+            s("vm"),
+            s("point"),
+            s("captured_at"),
+            s("consistency"),
+            s("job"),
+            s("bytes_stored")
+        ),
+        "users" => format!("{}\t{}\trevoked={}", s("name"), s("role"), s("revoked")),
+        "agents" => {
+            format!("{}\tlast seen {}\trevoked={}", s("name"), s("last_seen"), s("revoked"))
+        }
         _ => row.to_string(),
     }
 }

@@ -56,6 +56,12 @@ enum Command {
         /// Backups at once per vault.
         #[arg(long, default_value_t = Limits::default().per_vault)]
         max_per_vault: u32,
+        /// A running job whose agent has been silent this long fails, with an alert.
+        #[arg(long, default_value_t = 600)]
+        agent_timeout_seconds: u64,
+        /// POST each alert here as JSON.
+        #[arg(long, value_name = "URL")]
+        webhook: Option<String>,
         /// Tests only: read the time from this file (RFC 3339) instead of the clock.
         #[arg(long, hide = true)]
         fake_clock: Option<PathBuf>,
@@ -90,6 +96,61 @@ enum Command {
     },
     /// Lists open alerts.
     Alerts,
+    /// Lists recovery points.
+    Points {
+        /// Only this VM's.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Backs a VM up now, outside its schedule.
+    Backup {
+        /// The VM.
+        vm: String,
+        /// Keep this point until then, whatever the policy's retention (RFC 3339 time).
+        #[arg(long)]
+        retain_until: Option<String>,
+    },
+    /// Users of the API and the dashboard.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Makes a one-time token with which the agent of HOST enrolls (valid for a day).
+    Enroll {
+        /// The host (the agent's name).
+        host: String,
+    },
+    /// Agents.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Adds a user; prints their token (shown once).
+    Add {
+        /// The user.
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+    },
+    /// Revokes a user's token.
+    Revoke {
+        /// The user.
+        name: String,
+    },
+    /// Lists users.
+    List,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Lists agents and when each was last heard from.
+    List,
+    /// Revokes an agent's token: its next call is refused.
+    Revoke {
+        /// The agent (its host's name).
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -139,6 +200,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_per_host,
             max_per_datastore,
             max_per_vault,
+            agent_timeout_seconds,
+            webhook,
             fake_clock,
         } => {
             let clock: Arc<dyn Clock> = match fake_clock {
@@ -165,15 +228,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
             println!("listening on http://{addr}");
-            let limits = Limits {
-                per_host: max_per_host,
-                per_datastore: max_per_datastore,
-                per_vault: max_per_vault,
+            let settings = cairn_scheduler::Settings {
+                limits: Limits {
+                    per_host: max_per_host,
+                    per_datastore: max_per_datastore,
+                    per_vault: max_per_vault,
+                },
+                agent_timeout: std::time::Duration::from_secs(agent_timeout_seconds),
+                webhook,
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            cairn_scheduler::serve(catalogue, listener, clock, limits, shutdown).await?;
+            cairn_scheduler::serve(catalogue, listener, clock, settings, shutdown).await?;
             Ok(())
         }
         command => client::run(&cli.url, cli.token_file.as_deref(), cli.json, command).await,

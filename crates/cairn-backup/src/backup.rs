@@ -56,6 +56,8 @@ pub struct BackupRequest {
     pub retain_until: Option<Timestamp>,
     /// The VM's definition as its hypervisor reported it, recorded on the point.
     pub machine: Option<cairn_format::MachineRecord>,
+    /// The coordinator's job that asked for the point, recorded in its manifest.
+    pub origin: Option<cairn_format::Origin>,
 }
 
 /// Disks read at once by default: on 2 cores two disks already keep both busy, and the job's
@@ -76,6 +78,7 @@ impl BackupRequest {
             parallel_disks: None,
             retain_until: None,
             machine: None,
+            origin: None,
         }
     }
 }
@@ -179,6 +182,7 @@ pub async fn backup(
         evidence,
         writer: format!("cairn {}", env!("CARGO_PKG_VERSION")),
         machine: request.machine,
+        origin: request.origin,
     };
     if let Some(until) = request.retain_until {
         let change = cairn_format::Change::RetainUntil(Some(until));

@@ -42,7 +42,7 @@ pub use error::Error;
 pub use gc::{BaseRecord, Fate, FateKind, GcPlan, Lease};
 pub use manifest::{
     Consistency, DamageRecord, DiskRecord, DiskStats, Evidence, InflightMarker, MANIFEST_FORMAT,
-    MachineDisk, MachineRecord, PointManifest, ResumeRecord, SizedPack,
+    MachineDisk, MachineRecord, Origin, PointManifest, ResumeRecord, SizedPack,
 };
 pub use name::Name;
 pub use note::{Change, Deletion, PointNote, PointState, Verification};

@@ -144,6 +144,26 @@ pub struct PointManifest {
     /// for disks read from files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<MachineRecord>,
+    /// The scheduled job that made the point, when a coordinator asked for it: a retried job
+    /// finds its point by this and does not commit a second one, and a catalogue rebuilt
+    /// from the vault alone gets its jobs back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Who asked for a point: a coordinator's job, or an agent running its cached schedule while
+/// the coordinator was away.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The coordinator's job id (absent for a run from the agent's cached schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<u64>,
+    /// The policy's time the job was for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<Timestamp>,
+    /// The policy, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// A VM's definition as its hypervisor reported it at the point's capture: enough to create
@@ -345,6 +365,7 @@ mod tests {
             evidence: vec![Evidence::new("full_scan", None, "first backup of this VM")],
             writer: "test".into(),
             machine: None,
+            origin: None,
         }
     }
 

@@ -5,9 +5,16 @@
 //! | call | role |
 //! |---|---|
 //! | `GET /api/v1/health` | none |
-//! | `GET /api/v1/policies`, `/vms`, `/jobs[?vm=NAME]`, `/alerts`, `/audit` | viewer |
+//! | `GET /api/v1/policies`, `/vms`, `/jobs[?vm=NAME]`, `/points[?vm=NAME]`, `/alerts`, `/audit`, `/agents`, `/metrics` | viewer |
 //! | `PUT /api/v1/vms/NAME` (protect, change, stop protection) | operator |
+//! | `POST /api/v1/vms/NAME/backup` (back up now, `{"retain_until": TIME}`) | operator |
 //! | `PUT /api/v1/policies/NAME` (TOML body) | admin |
+//! | `GET /api/v1/users`, `POST /api/v1/users` (`{"name", "role"}`), `POST /api/v1/users/NAME/revoke` | admin |
+//! | `POST /api/v1/enrollments` (`{"host"}`: a one-time token for that host's agent) | admin |
+//! | `DELETE /api/v1/agents/NAME` (revoke an agent's token) | admin |
+//!
+//! Agents' calls (`/api/v1/agents/enroll`, `/poll`, `/jobs/ID`, `/offline`) are in
+//! [`crate::agent_api`]; agents' tokens open nothing here, users' tokens nothing there.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::catalogue::Role;
-use crate::service::Clock;
+use crate::service::{Clock, Settings};
 use crate::{Catalogue, Error, VmRecord};
 
 /// What every handler shares.
@@ -30,10 +37,14 @@ pub struct Shared {
     pub catalogue: Mutex<Catalogue>,
     /// The coordinator's clock (injected in tests).
     pub clock: Arc<dyn Clock>,
+    /// Woken when the dispatcher starts jobs, so that agents' long polls answer at once.
+    pub wakeup: tokio::sync::Notify,
+    /// How the service runs.
+    pub settings: Settings,
 }
 
 /// An error as the API answers it: a status and `{"error": ..., "field": ...}`.
-pub struct ApiError(StatusCode, Value);
+pub struct ApiError(pub(crate) StatusCode, pub(crate) Value);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -56,11 +67,11 @@ impl From<Error> for ApiError {
     }
 }
 
-fn refuse(status: StatusCode, message: &str) -> ApiError {
+pub(crate) fn refuse(status: StatusCode, message: &str) -> ApiError {
     ApiError(status, json!({ "error": message }))
 }
 
-type Api = Arc<Shared>;
+pub(crate) type Api = Arc<Shared>;
 
 /// The router of the API.
 pub fn router(shared: Api) -> Router {
@@ -73,11 +84,24 @@ pub fn router(shared: Api) -> Router {
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/alerts", get(alerts))
         .route("/api/v1/audit", get(audit))
+        .route("/api/v1/points", get(points))
+        .route("/api/v1/vms/{name}/backup", axum::routing::post(back_up_now))
+        .route("/api/v1/users", get(users).post(add_user))
+        .route("/api/v1/users/{name}/revoke", axum::routing::post(revoke_user))
+        .route("/api/v1/enrollments", axum::routing::post(new_enrollment))
+        .route("/api/v1/agents", get(agents))
+        .route("/api/v1/agents/{name}", axum::routing::delete(revoke_agent))
+        .route("/metrics", get(crate::metrics::metrics))
+        .merge(crate::agent_api::router())
         .with_state(shared)
 }
 
 /// The user behind the request's bearer token, if their role reaches `needed`.
-fn authorize(api: &Shared, headers: &HeaderMap, needed: Role) -> Result<String, ApiError> {
+pub(crate) fn authorize(
+    api: &Shared,
+    headers: &HeaderMap,
+    needed: Role,
+) -> Result<String, ApiError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -95,7 +119,7 @@ fn authorize(api: &Shared, headers: &HeaderMap, needed: Role) -> Result<String, 
     Ok(name)
 }
 
-fn lock(api: &Shared) -> Result<std::sync::MutexGuard<'_, Catalogue>, ApiError> {
+pub(crate) fn lock(api: &Shared) -> Result<std::sync::MutexGuard<'_, Catalogue>, ApiError> {
     api.catalogue
         .lock()
         .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the catalogue lock is poisoned"))
@@ -136,7 +160,26 @@ async fn put_policy(
 
 async fn vms(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authorize(&api, &headers, Role::Viewer)?;
-    Ok(Json(json!({ "vms": lock(&api)?.vms()? })))
+    let now = api.clock.now();
+    let catalogue = lock(&api)?;
+    let standings = catalogue.standings(now)?;
+    let list: Vec<Value> = catalogue
+        .vms()?
+        .into_iter()
+        .map(|vm| {
+            let standing = standings.iter().find(|s| s.vm == vm.name);
+            let mut v = json!(vm);
+            if let (Some(s), Some(o)) = (standing, v.as_object_mut()) {
+                o.insert("last_point".into(), json!(s.last_point));
+                o.insert("last_point_at".into(), json!(s.last_point_at));
+                o.insert("rpo_seconds".into(), json!(s.rpo_seconds));
+                o.insert("points".into(), json!(s.points));
+                o.insert("last_job_state".into(), json!(s.last_job_state));
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "vms": list })))
 }
 
 /// A VM as a client protects it.
@@ -194,15 +237,10 @@ fn cairn_format_name_ok(name: &str) -> Result<(), ()> {
     if ok { Ok(()) } else { Err(()) }
 }
 
-#[derive(Deserialize)]
-struct JobQuery {
-    vm: Option<String>,
-}
-
 async fn jobs(
     State(api): State<Api>,
     headers: HeaderMap,
-    Query(q): Query<JobQuery>,
+    Query(q): Query<VmQuery>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&api, &headers, Role::Viewer)?;
     Ok(Json(json!({ "jobs": lock(&api)?.jobs(q.vm.as_deref())? })))
@@ -228,4 +266,135 @@ async fn audit(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>
         })
         .collect();
     Ok(Json(json!({ "audit": list })))
+}
+
+#[derive(Deserialize)]
+struct VmQuery {
+    vm: Option<String>,
+}
+
+async fn points(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Query(q): Query<VmQuery>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    Ok(Json(json!({ "points": lock(&api)?.points(q.vm.as_deref())? })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    retain_until: Option<jiff::Timestamp>,
+}
+
+async fn back_up_now(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<BackupBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Operator)?;
+    let body = body.map(|b| b.0).unwrap_or_default();
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    let id = catalogue.back_up_now(&name, body.retain_until, now)?;
+    catalogue.audit(&who, "back-up-now", &format!("VM {name}, job {id}"), now)?;
+    Ok(Json(json!({ "job": id })))
+}
+
+async fn users(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Admin)?;
+    let list: Vec<Value> = lock(&api)?
+        .users()?
+        .into_iter()
+        .map(|(name, role, revoked)| json!({ "name": name, "role": role, "revoked": revoked }))
+        .collect();
+    Ok(Json(json!({ "users": list })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserBody {
+    name: String,
+    role: String,
+}
+
+async fn add_user(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(body): Json<UserBody>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    let role: Role = body.role.parse().map_err(|e: String| refuse(StatusCode::BAD_REQUEST, &e))?;
+    if cairn_format_name_ok(&body.name).is_err() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "a user name is 1 to 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    if catalogue.users()?.iter().any(|u| u.0 == body.name) {
+        return Err(refuse(StatusCode::CONFLICT, &format!("user {} exists", body.name)));
+    }
+    let token = catalogue.add_user(&body.name, role, now)?;
+    catalogue.audit(&who, "add-user", &format!("{} as {}", body.name, role.as_str()), now)?;
+    Ok(Json(json!({ "name": body.name, "role": role.as_str(), "token": token })))
+}
+
+async fn revoke_user(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    catalogue.revoke_user(&name)?;
+    catalogue.audit(&who, "revoke-user", &name, now)?;
+    Ok(Json(json!({ "name": name, "revoked": true })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollmentBody {
+    host: String,
+}
+
+async fn new_enrollment(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Json(body): Json<EnrollmentBody>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    if cairn_format_name_ok(&body.host).is_err() {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "a host name is 1 to 64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    let token = catalogue.new_enrollment(&body.host, now)?;
+    catalogue.audit(&who, "new-enrollment", &body.host, now)?;
+    Ok(Json(json!({ "host": body.host, "token": token })))
+}
+
+async fn agents(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    Ok(Json(json!({ "agents": lock(&api)?.agents()? })))
+}
+
+async fn revoke_agent(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    catalogue.revoke_agent(&name)?;
+    catalogue.audit(&who, "revoke-agent", &name, now)?;
+    Ok(Json(json!({ "name": name, "revoked": true })))
 }

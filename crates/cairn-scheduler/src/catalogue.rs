@@ -89,6 +89,27 @@ pub(crate) const MIGRATIONS: &[&str] = &[
          created_at INTEGER NOT NULL,
          revoked INTEGER NOT NULL DEFAULT 0
      );",
+    // 3: agents at work: enrollment, jobs handed out and reported, points with their figures,
+    // alerts sent to the webhook.
+    "CREATE TABLE enrollments (
+         token_hash TEXT PRIMARY KEY,
+         host TEXT NOT NULL,
+         created_at INTEGER NOT NULL,
+         expires_at INTEGER NOT NULL,
+         used_at INTEGER
+     );
+     ALTER TABLE jobs ADD COLUMN claimed_at INTEGER;   -- handed to its agent (NULL: not yet)
+     ALTER TABLE jobs ADD COLUMN progress TEXT;        -- the agent's last report (JSON)
+     ALTER TABLE jobs ADD COLUMN retain_until INTEGER; -- a back-up-now's own retention
+     ALTER TABLE jobs ADD COLUMN finished_at INTEGER;
+     ALTER TABLE points ADD COLUMN vault TEXT NOT NULL DEFAULT '';
+     ALTER TABLE points ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE points ADD COLUMN bytes_scanned INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE points ADD COLUMN bytes_changed INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE points ADD COLUMN bytes_stored INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE points ADD COLUMN duration_ms INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX points_by_time ON points (vm, captured_at);
+     ALTER TABLE alerts ADD COLUMN notified_at INTEGER;",
 ];
 
 /// The coordinator's database, held exclusively.
@@ -221,13 +242,19 @@ pub struct JobRecord {
     pub state: JobState,
     /// Why it waits or failed.
     pub reason: Option<String>,
+    /// Where a running job is (`snapshot`, `transfer`, `commit`, `done`), as its agent said.
+    pub phase: Option<String>,
+    /// Hand-outs so far (more than 1: handed out again after its agent lost it).
+    pub attempt: u32,
+    /// The agent's last progress report (per disk).
+    pub progress: Option<serde_json::Value>,
 }
 
-fn ts(t: Timestamp) -> i64 {
+pub(crate) fn ts(t: Timestamp) -> i64 {
     t.as_millisecond()
 }
 
-fn parse_ts(ms: i64) -> rusqlite::Result<Timestamp> {
+pub(crate) fn parse_ts(ms: i64) -> rusqlite::Result<Timestamp> {
     Timestamp::from_millisecond(ms).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Integer, Box::new(e))
     })
@@ -554,6 +581,34 @@ impl Catalogue {
         Ok(token)
     }
 
+    /// Revokes a user's token: their next call is refused.
+    pub fn revoke_user(&mut self, name: &str) -> Result<(), Error> {
+        let changed = self
+            .conn
+            .execute("UPDATE users SET revoked = 1 WHERE name = ?1", [name])
+            .map_err(Error::sql(format!("revoking user {name}")))?;
+        match changed {
+            0 => Err(Error::Unknown {
+                kind: "user",
+                name: name.into(),
+                hint: "list them with `users`",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every user: name, role, revoked.
+    pub fn users(&self) -> Result<Vec<(String, String, bool)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, role, revoked FROM users ORDER BY name")
+            .map_err(Error::sql("listing users"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(Error::sql("listing users"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing users"))
+    }
+
     /// How many users there are (none: the first start makes an admin).
     pub fn user_count(&self) -> Result<u64, Error> {
         self.conn
@@ -622,7 +677,8 @@ impl Catalogue {
         let mut stmt = self
             .conn
             .prepare(
-                "SELECT id, vm, kind, scheduled_at, start_at, state, reason FROM jobs
+                "SELECT id, vm, kind, scheduled_at, start_at, state, reason, phase, attempt,
+                        progress FROM jobs
                  WHERE ?1 IS NULL OR vm = ?1 ORDER BY scheduled_at, id",
             )
             .map_err(Error::sql("listing jobs"))?;
@@ -643,6 +699,11 @@ impl Catalogue {
                         )
                     })?,
                     reason: r.get(6)?,
+                    phase: r.get(7)?,
+                    attempt: r.get(8)?,
+                    progress: r
+                        .get::<_, Option<String>>(9)?
+                        .and_then(|p| serde_json::from_str(&p).ok()),
                 })
             })
             .map_err(Error::sql("listing jobs"))?;

@@ -8,16 +8,27 @@
 //! host, datastore and vault have room, and records why the others wait. The vaults stay the source of truth for points, and the catalogue
 //! can be rebuilt from them.
 
+pub mod agent_api;
+mod agents;
 pub mod api;
 mod auth;
 mod catalogue;
 mod dispatch;
 mod error;
+mod metrics;
 mod plan;
+mod points;
 mod service;
+mod webhook;
+
+pub use agents::{
+    AgentRecord, JobOrder, OfflineRun, Orders, PointReport, Report, ReportOutcome, ScheduleEntry,
+};
+pub use metrics::render as render_metrics;
+pub use points::{JobCounts, PointRecord, VmStanding};
 
 pub use catalogue::{Catalogue, JobRecord, JobState, Role, VmRecord};
 pub use dispatch::{Dispatched, dispatch};
 pub use error::Error;
 pub use plan::{PlanOutcome, plan};
-pub use service::{Clock, FileClock, SystemClock, serve};
+pub use service::{Clock, FileClock, Settings, SystemClock, serve};

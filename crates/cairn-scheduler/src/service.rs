@@ -2,53 +2,33 @@
 //! what policies make due and dispatches what may start.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_policy::Limits;
-use jiff::Timestamp;
+pub use cairn_protocol::{Clock, FileClock, SystemClock};
 
 use crate::api::{Shared, router};
 use crate::{Catalogue, Error, dispatch, plan};
 
-/// Where the coordinator's time comes from.
-pub trait Clock: Send + Sync {
-    /// Now.
-    fn now(&self) -> Timestamp;
+/// How the service runs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Backups at once per host, datastore and vault.
+    pub limits: Limits,
+    /// A running job whose agent is silent this long fails (and raises an alert).
+    pub agent_timeout: Duration,
+    /// Alerts are POSTed here as JSON, each once.
+    pub webhook: Option<String>,
 }
 
-/// The system's clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::now()
-    }
-}
-
-/// A clock read from a file holding an RFC 3339 time, for tests that compress days into
-/// seconds: whoever writes the file moves time. Unreadable: the last time read.
-pub struct FileClock {
-    path: PathBuf,
-    last: Mutex<Timestamp>,
-}
-
-impl FileClock {
-    /// A clock reading `path`.
-    pub fn new(path: PathBuf) -> FileClock {
-        FileClock { path, last: Mutex::new(Timestamp::UNIX_EPOCH) }
-    }
-}
-
-impl Clock for FileClock {
-    fn now(&self) -> Timestamp {
-        let read = std::fs::read_to_string(&self.path).ok().and_then(|t| t.trim().parse().ok());
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = read {
-            *last = t;
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            limits: Limits::default(),
+            agent_timeout: Duration::from_secs(600),
+            webhook: None,
         }
-        *last
     }
 }
 
@@ -57,30 +37,30 @@ pub async fn serve(
     catalogue: Catalogue,
     listener: tokio::net::TcpListener,
     clock: Arc<dyn Clock>,
-    limits: Limits,
+    settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let shared = Arc::new(Shared { catalogue: Mutex::new(catalogue), clock });
+    let shared = Arc::new(Shared {
+        catalogue: Mutex::new(catalogue),
+        clock,
+        wakeup: tokio::sync::Notify::new(),
+        settings,
+    });
     let ticker = shared.clone();
     let pass = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             every.tick().await;
-            let now = ticker.clock.now();
-            let Ok(mut catalogue) = ticker.catalogue.lock() else { return };
-            let result = plan(&mut catalogue, now)
-                .and_then(|p| dispatch(&mut catalogue, &limits, now).map(|d| (p, d)));
-            match result {
-                Ok((p, d)) if p.jobs_added + d.started.len() > 0 => tracing::info!(
-                    queued = p.jobs_added,
-                    missed = p.missed,
-                    started = d.started.len(),
-                    waiting = d.waiting.len(),
-                    "planning pass"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::error!("planning pass: {e}"),
+            let started = match ticker.catalogue.lock() {
+                Ok(mut catalogue) => one_pass(&mut catalogue, &ticker),
+                Err(_) => return,
+            };
+            if started {
+                ticker.wakeup.notify_waiters();
+            }
+            if let Some(url) = &ticker.settings.webhook {
+                crate::webhook::send(&ticker, url).await;
             }
         }
     });
@@ -90,4 +70,36 @@ pub async fn serve(
         .map_err(|e| Error::Serve(e.to_string()));
     pass.abort();
     served
+}
+
+/// Plans, dispatches and fails the jobs of silent agents; true if jobs started.
+fn one_pass(catalogue: &mut Catalogue, shared: &Shared) -> bool {
+    let now = shared.clock.now();
+    let silent_since = now
+        - jiff::SignedDuration::try_from(shared.settings.agent_timeout)
+            .unwrap_or(jiff::SignedDuration::from_secs(600));
+    let result = plan(catalogue, now).and_then(|p| {
+        let d = dispatch(catalogue, &shared.settings.limits, now)?;
+        let failed = catalogue.fail_silent(silent_since, now)?;
+        Ok((p, d, failed))
+    });
+    match result {
+        Ok((p, d, failed)) => {
+            if p.jobs_added + d.started.len() + failed.len() > 0 {
+                tracing::info!(
+                    queued = p.jobs_added,
+                    missed = p.missed,
+                    started = d.started.len(),
+                    waiting = d.waiting.len(),
+                    failed_silent = failed.len(),
+                    "planning pass"
+                );
+            }
+            !d.started.is_empty()
+        }
+        Err(e) => {
+            tracing::error!("planning pass: {e}");
+            false
+        }
+    }
 }

@@ -91,6 +91,7 @@ async fn commit(
         evidence: vec![],
         writer: "synthetic_vault example".into(),
         machine: None,
+        origin: None,
     };
     writer.commit(&manifest).await?;
     Ok(stored)

@@ -509,6 +509,7 @@ mod tests {
             evidence: vec![],
             writer: "test".into(),
             machine: None,
+            origin: None,
         };
         let err = writer.commit(&manifest).await.unwrap_err();
         assert!(matches!(err, Error::WriteBack { .. }), "{err}");

@@ -38,6 +38,7 @@ fn manifest(w: &PointWriter) -> PointManifest {
         evidence: Vec::new(),
         writer: "test".into(),
         machine: None,
+        origin: None,
     }
 }
 

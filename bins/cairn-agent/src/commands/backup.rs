@@ -68,6 +68,7 @@ pub fn job_options(
         watchdog: Some(watchdog_command()?),
         protected: vec![],
         retain_until: None,
+        origin: None,
     })
 }
 

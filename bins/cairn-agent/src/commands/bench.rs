@@ -262,6 +262,7 @@ async fn measure_vault(root: &std::path::Path) -> anyhow::Result<(f64, f64, Dura
         evidence: vec![],
         writer: "cairn-agent bench".into(),
         machine: None,
+        origin: None,
     };
     writer.commit(&manifest).await?;
     let write = total / clock.elapsed().as_secs_f64();

@@ -12,6 +12,7 @@ mod points;
 mod quickstart;
 mod restore;
 mod sample;
+mod service;
 mod verify;
 
 use anyhow::{Context, bail};
@@ -44,6 +45,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Key(cmd) => key::run(cmd, json).await,
         Command::Sample(cmd) => sample::run(cmd, json),
         Command::Bench(args) => bench::run(args, json).await,
+        Command::Install(args) => service::install(args, json),
+        Command::Uninstall(args) => service::uninstall(args, json),
+        Command::Run(args) => service::run(args).await,
         Command::Config(ConfigCommand::Check) => match config {
             Some(file) => config::check(&file, json),
             None => bail!("config check needs --config FILE"),

@@ -127,6 +127,7 @@ async fn back_up(
         parallel_disks: job.options.parallel_disks,
         retain_until: job.options.retain_until,
         machine: Some(machine),
+        origin: job.options.origin.clone(),
     };
     crate::backup(vault, request, progress, cancel).await
 }

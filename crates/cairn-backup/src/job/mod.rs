@@ -47,6 +47,8 @@ pub struct JobOptions {
     /// Keep the point until then, whatever retention says (an on-demand backup's own
     /// retention), recorded in a note before the point is committed.
     pub retain_until: Option<jiff::Timestamp>,
+    /// The coordinator's job this run is, recorded in the point's manifest.
+    pub origin: Option<cairn_format::Origin>,
 }
 
 /// A VM to back up: its configuration (disks, formats, views, freeze, scripts) and options.
@@ -142,6 +144,7 @@ impl VmJob {
             parallel_disks: self.options.parallel_disks,
             retain_until: self.options.retain_until,
             machine: None,
+            origin: self.options.origin.clone(),
         };
         crate::backup(vault, request, progress, cancel).await
     }

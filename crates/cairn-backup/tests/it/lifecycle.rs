@@ -262,6 +262,7 @@ async fn a_reaped_backup_cannot_commit() {
         evidence: vec![],
         writer: "test".into(),
         machine: None,
+        origin: None,
     };
     let e = writer.commit(&manifest).await.unwrap_err();
     assert!(matches!(e, cairn_vault::Error::Reaped { .. }), "{e}");

@@ -107,6 +107,7 @@ pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest
         parallel_disks: None,
         retain_until: None,
         machine: None,
+        origin: None,
     }
 }
 
@@ -172,6 +173,7 @@ pub async fn commit_by_hand(
         evidence: vec![],
         writer: "by hand".into(),
         machine: None,
+        origin: None,
     };
     writer.commit(&manifest).await.unwrap();
     manifest

@@ -1,0 +1,235 @@
+//! `cairn-agent install`, `uninstall` and `run`: the agent as the coordinator's extension on
+//! a host. The loop, the transport and the install live in `cairn-worker`; this module hands
+//! the worker its runner, the backup of one VM into one vault.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use cairn_backup::{Cancel, DiskProgress, Progress, VmJob};
+use cairn_format::{Origin, PointManifest};
+use cairn_protocol::{Clock, FileClock, PointReport, SystemClock};
+use cairn_snapshot::VmConfig;
+use cairn_vault::{OpenOptions, StoreOptions, Vault};
+use cairn_worker::{
+    AgentConfig, HttpTransport, InstallOptions, JobProgress, Runner, State, Step, Stop, Task,
+    Worker,
+};
+use serde_json::json;
+
+use crate::cli::{InstallArgs, RunArgs, UninstallArgs};
+use crate::output::{Exit, print_json, table};
+
+fn print_steps(steps: &[Step], json: bool) {
+    if json {
+        print_json(&json!({ "changes": steps }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = steps
+        .iter()
+        .map(|s| vec![s.action.clone(), s.path.clone(), s.note.clone().unwrap_or_default()])
+        .collect();
+    println!("{}", table(&["ACTION", "PATH", "NOTE"], &rows));
+}
+
+pub fn install(args: InstallArgs, json: bool) -> anyhow::Result<Exit> {
+    let host = match args.host {
+        Some(h) => h,
+        None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
+    };
+    let enroll_token = match &args.enroll_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the enrollment token {}", f.display()))?,
+        ),
+        None => None,
+    };
+    let executable = match args.executable {
+        Some(p) => p,
+        None => std::env::current_exe().context("finding this executable")?,
+    };
+    let options = InstallOptions { coordinator: args.coordinator, host, enroll_token, executable };
+    let steps = cairn_worker::install(&args.root, &options)?;
+    print_steps(&steps, json);
+    Ok(Exit::Ok)
+}
+
+pub fn uninstall(args: UninstallArgs, json: bool) -> anyhow::Result<Exit> {
+    let steps = cairn_worker::uninstall(&args.root)?;
+    print_steps(&steps, json);
+    Ok(Exit::Ok)
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
+    // reqwest's TLS has no crypto provider of its own here (docs/ARCHITECTURE.md, "TLS").
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = AgentConfig::load(&args.agent_config)?;
+    let state = State::open(&config.state_dir)?;
+    let transport = Arc::new(HttpTransport::new(&config.coordinator)?);
+    let runner = Arc::new(BackupRunner { config: config.clone(), file: args.agent_config });
+    let clock: Arc<dyn Clock> = match args.fake_clock {
+        Some(path) => Arc::new(FileClock::new(path)),
+        None => Arc::new(SystemClock),
+    };
+    tracing::info!(host = %config.host, coordinator = %config.coordinator, "agent running");
+    let worker = Worker::new(config, state, transport, runner, clock);
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        eprintln!("stopping: running backups stop without committing");
+    };
+    worker.run(shutdown).await?;
+    Ok(Exit::Ok)
+}
+
+/// Backs a VM up into a vault, both named by the coordinator and mapped by the agent's own
+/// configuration.
+struct BackupRunner {
+    config: AgentConfig,
+    file: PathBuf,
+}
+
+impl BackupRunner {
+    async fn open(&self, task: &Task) -> Result<(VmConfig, Vault), String> {
+        let file = self.file.display();
+        let entry = self.config.vms.get(&task.vm).ok_or_else(|| {
+            format!(
+                "VM {} is not in this agent's configuration: add [vms.{}] to {file}",
+                task.vm, task.vm
+            )
+        })?;
+        let vault_entry = self.config.vaults.get(&task.vault).ok_or_else(|| {
+            format!(
+                "vault {} is not in this agent's configuration: add [vaults.{}] to {file}",
+                task.vault, task.vault
+            )
+        })?;
+        let vm = VmConfig::load(&entry.config).map_err(|e| format!("{e:#}"))?;
+        if vm.vm.as_str() != task.vm {
+            return Err(format!(
+                "{} describes VM {}, not {}: fix [vms.{}] in {file}",
+                entry.config.display(),
+                vm.vm,
+                task.vm,
+                task.vm
+            ));
+        }
+        let key = crate::keys::given(
+            vault_entry.key_file.as_deref(),
+            vault_entry.passphrase_file.as_deref(),
+        )
+        .map_err(|e| format!("vault {}: {e:#}", task.vault))?;
+        let options = OpenOptions {
+            store: StoreOptions(vault_entry.options.clone().into_iter().collect()),
+            key,
+            // Agents add to vaults; only the coordinator prunes and collects.
+            append_only: true,
+        };
+        let vault = Vault::open_with(&vault_entry.url, &options)
+            .await
+            .map_err(|e| format!("vault {} ({}): {e}", task.vault, vault_entry.url))?;
+        Ok((vm, vault))
+    }
+}
+
+#[async_trait]
+impl Runner for BackupRunner {
+    async fn run(
+        &self,
+        task: &Task,
+        progress: &JobProgress,
+        mut stop: Stop,
+    ) -> Result<PointReport, String> {
+        progress.phase("snapshot");
+        let (config, vault) = self.open(task).await?;
+        // A retried job: the point an earlier attempt committed is the job's, not a new one.
+        if let Some(job) = task.job {
+            let listing = vault.list_points(Some(&config.vm)).await.map_err(|e| e.to_string())?;
+            if let Some(m) =
+                listing.points.iter().find(|m| m.origin.as_ref().and_then(|o| o.job) == Some(job))
+            {
+                tracing::info!(job, point = %m.point, "the job committed its point in an earlier attempt");
+                return Ok(point_report(m));
+            }
+        }
+        let mut options = super::backup::job_options(None, None).map_err(|e| format!("{e:#}"))?;
+        options.retain_until = task.retain_until;
+        options.origin = Some(Origin {
+            job: task.job,
+            scheduled_at: Some(task.scheduled_at),
+            policy: task.policy.clone(),
+        });
+        let cancel = Cancel::new();
+        let stopper = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                stop.stopped().await;
+                cancel.cancel();
+            })
+        };
+        let reporter = Arc::new(Reporter { progress: progress.clone(), disks: Mutex::default() });
+        let result = VmJob::new(config, options).run(&vault, reporter, &cancel).await;
+        stopper.abort();
+        let manifest =
+            result.map_err(|e| format!("backing up VM {} to {}: {e}", task.vm, vault.url()))?;
+        Ok(point_report(&manifest))
+    }
+}
+
+/// The point as the coordinator records it.
+fn point_report(m: &PointManifest) -> PointReport {
+    let sum = |f: fn(&cairn_format::DiskRecord) -> u64| m.disks.values().map(f).sum::<u64>();
+    PointReport {
+        id: m.point.to_string(),
+        captured_at: m.captured_at,
+        consistency: m.consistency.as_str().to_owned(),
+        size: sum(|d| d.size),
+        bytes_scanned: sum(|d| d.stats.bytes_scanned),
+        bytes_changed: sum(|d| d.stats.bytes_changed),
+        bytes_stored: sum(|d| d.stats.bytes_sent),
+        duration_ms: m.finished_at.duration_since(m.started_at).as_millis().max(0) as u64,
+    }
+}
+
+/// Per-disk progress, passed on to the worker's reports: once the first disk moves the job is
+/// in its transfer phase.
+struct Reporter {
+    progress: JobProgress,
+    disks: Mutex<BTreeMap<String, DiskProgress>>,
+}
+
+impl Progress for Reporter {
+    fn disk(&self, update: &DiskProgress) {
+        let Some(name) = &update.disk else { return };
+        let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+        let first = disks.is_empty();
+        disks.insert(name.to_string(), update.clone());
+        let value: serde_json::Map<String, serde_json::Value> = disks
+            .iter()
+            .map(|(n, d)| {
+                (
+                    n.clone(),
+                    json!({
+                        "size": d.size,
+                        "position": d.position,
+                        "scanned": d.bytes_scanned,
+                        "changed": d.bytes_changed,
+                        "sent": d.bytes_sent,
+                        "done": d.done,
+                    }),
+                )
+            })
+            .collect();
+        drop(disks);
+        if first {
+            self.progress.phase("transfer");
+        }
+        self.progress.progress(serde_json::Value::Object(value));
+    }
+}

@@ -1,0 +1,471 @@
+//! End to end, as separate processes on loopback: one coordinator, three agents (each its own
+//! host and state folder; one backs up a stopped VM's disk files), a host whose agent never
+//! came, and a daily policy run over several days of an injected clock. Checked against the
+//! API, the vault and the policy: every scheduled job ran once and made one point, the silent
+//! host's jobs failed saying why, agent and coordinator restarts in the middle of a job lose
+//! nothing and double nothing, and a coordinator away at backup time does not stop the backups.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn agent_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_cairn-agent")
+}
+
+/// The coordinator's executable, next to the agent's, built if needed (cargo builds the bins of
+/// the package under test only).
+fn coordinator_exe() -> PathBuf {
+    let exe = Path::new(agent_exe()).with_file_name("cairn-coordinator");
+    let release = exe.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "cairn-coordinator", "--bin", "cairn-coordinator"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().unwrap();
+    assert!(status.success(), "building cairn-coordinator for the fleet test");
+    assert!(exe.exists(), "{} is missing", exe.display());
+    exe
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Fleet {
+    dir: PathBuf,
+    coordinator: PathBuf,
+    port: u16,
+    server: Option<Proc>,
+    agents: Vec<(String, Option<Proc>)>,
+    vault: String,
+}
+
+/// A free loopback port (the coordinator must come back on the same one after a restart).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits for `f` to hold; on time out, fails showing the jobs and the processes' logs.
+fn wait_until(fleet: &Fleet, what: &str, timeout: Duration, mut f: impl FnMut(&Fleet) -> bool) {
+    let start = Instant::now();
+    while !f(fleet) {
+        if start.elapsed() > timeout {
+            panic!("timed out waiting for {what}\n{}", fleet.diagnosis());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Fleet {
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn diagnosis(&self) -> String {
+        let tail = |p: PathBuf| {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            format!("--- {}\n{}", p.display(), lines[lines.len().saturating_sub(30)..].join("\n"))
+        };
+        let mut out = String::new();
+        if self.server.is_some() {
+            out += &format!("jobs: {:#?}\n", self.jobs());
+        }
+        out += &tail(self.dir.join("coordinator.log"));
+        for (host, _) in &self.agents {
+            out += "\n";
+            out += &tail(self.dir.join(host).join("agent.log"));
+        }
+        out
+    }
+
+    fn set_clock(&self, at: &str) {
+        let tmp = self.dir.join("clock.tmp");
+        std::fs::write(&tmp, at).unwrap();
+        std::fs::rename(tmp, self.dir.join("clock")).unwrap();
+    }
+
+    fn start_coordinator(&mut self) {
+        let mut child = Command::new(&self.coordinator)
+            .arg("serve")
+            .arg("--db")
+            .arg(self.dir.join("catalogue.db"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--admin-token-file")
+            .arg(self.dir.join("admin.token"))
+            .arg("--fake-clock")
+            .arg(self.dir.join("clock"))
+            .args(["--agent-timeout-seconds", "3600"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(self.dir.join("coordinator.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening on "), "{line}");
+        self.server = Some(Proc(child));
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(&self.coordinator)
+            .args(["--url", &self.url(), "--json", "--token-file"])
+            .arg(self.dir.join("admin.token"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn jobs(&self) -> Vec<Value> {
+        self.cli(&["jobs"])["jobs"].as_array().unwrap().clone()
+    }
+
+    /// Starts the agent of `host`; `hold` makes each of its backups wait 6 s after the
+    /// capture (a failpoint of the test build), so that a test can act in the middle of one.
+    fn start_agent(&mut self, host: &str, hold: bool) {
+        let config = self.dir.join(host).join("agent.toml");
+        let mut command = Command::new(agent_exe());
+        if hold {
+            command.env("CAIRN_FAILPOINT", "while-quiesced=sleep:6000");
+        }
+        let child = command
+            .args(["-v", "run", "--agent-config"])
+            .arg(&config)
+            .arg("--fake-clock")
+            .arg(self.dir.join("clock"))
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(host).join("agent.log"))
+                    .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        match self.agents.iter_mut().find(|a| a.0 == host) {
+            Some(a) => a.1 = Some(Proc(child)),
+            None => self.agents.push((host.into(), Some(Proc(child)))),
+        }
+    }
+
+    fn kill_agent(&mut self, host: &str) {
+        if let Some(a) = self.agents.iter_mut().find(|a| a.0 == host) {
+            a.1 = None;
+        }
+    }
+
+    /// Sets up a VM on `host`: a disk file, the VM's configuration, the host's agent
+    /// configuration (installed with `cairn-agent install --root`) and enrollment.
+    fn add_host(&mut self, host: &str, vm: &str, disk_mib: usize) {
+        let home = self.dir.join(host);
+        let root = home.join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        let disk = home.join(format!("{vm}.raw"));
+        write_disk(&disk, disk_mib, 1);
+        let vm_config = home.join(format!("{vm}.toml"));
+        std::fs::write(
+            &vm_config,
+            format!(
+                "vm = \"{vm}\"\nlive_read = true\n[[disk]]\nname = \"os\"\npath = \"{}\"\nview = \"none\"\n",
+                disk.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&vm_config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let enrollment = self.cli(&["enroll", host]);
+        let token_file = home.join("enroll.token");
+        std::fs::write(&token_file, enrollment["token"].as_str().unwrap()).unwrap();
+        let out = Command::new(agent_exe())
+            .args(["--json", "install", "--coordinator", &self.url(), "--host", host])
+            .arg("--enroll-token-file")
+            .arg(&token_file)
+            .arg("--root")
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // The installed configuration, pointed at this test's folders and given the VM and
+        // the vault, as an operator would edit it.
+        let installed = std::fs::read_to_string(root.join("etc/cairn/agent.toml")).unwrap();
+        let config = installed
+            .replace("\"/var/lib/cairn\"", &format!("{:?}", root.join("var/lib/cairn")))
+            .replace(
+                "\"/etc/cairn/enroll-token\"",
+                &format!("{:?}", root.join("etc/cairn/enroll-token")),
+            )
+            + &format!(
+                "\n[vms.{vm}]\nconfig = {:?}\n\n[vaults.main]\nurl = {:?}\n",
+                vm_config, self.vault
+            );
+        std::fs::write(home.join("agent.toml"), config).unwrap();
+    }
+
+    fn points_in_vault(&self, vm: &str) -> Vec<Value> {
+        let out = Command::new(agent_exe())
+            .args(["--json", "points", "--vault", &self.vault, "--vm", vm])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["points"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// A disk of `mib` MiB whose content depends on `seed`, changed in place for a later day.
+fn write_disk(path: &Path, mib: usize, seed: u64) {
+    let mut file =
+        std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(path).unwrap();
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for b in block.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *b = state as u8;
+        }
+        file.write_all(&block).unwrap();
+    }
+}
+
+/// Changes one MiB in the middle of the disk.
+fn change_disk(path: &Path, seed: u64) {
+    use std::io::Seek;
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.seek(std::io::SeekFrom::Start(len / 2)).unwrap();
+    let block: Vec<u8> = (0..1u32 << 20).map(|i| (i as u64 * seed) as u8 ^ 0x5a).collect();
+    file.write_all(&block).unwrap();
+}
+
+const POLICY: &str = r#"name = "daily"
+[schedule]
+kind = "daily"
+times = ["02:00"]
+jitter-minutes = 10
+[retention]
+keep-daily = 3
+"#;
+
+fn backups<'a>(jobs: &'a [Value], vm: &str) -> Vec<&'a Value> {
+    jobs.iter().filter(|j| j["vm"] == vm && j["kind"] == "backup").collect()
+}
+
+#[test]
+fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let vault = dir.join("vault").to_str().unwrap().to_owned();
+    let init = Command::new(agent_exe())
+        .args(["init", "--no-encryption", "--vault", &vault])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let mut fleet = Fleet {
+        dir: dir.clone(),
+        coordinator: coordinator_exe(),
+        port: free_port(),
+        server: None,
+        agents: vec![],
+        vault,
+    };
+    // After the day's backup time: the first scheduled backup is the next day's.
+    fleet.set_clock("2026-06-01T03:00:00Z");
+    fleet.start_coordinator();
+    std::fs::write(dir.join("daily.toml"), POLICY).unwrap();
+    fleet.cli(&["policy", "put", dir.join("daily.toml").to_str().unwrap()]);
+    let vms = [("kvm-a", "vm-a"), ("kvm-b", "vm-b"), ("kvm-c", "stopped-c")];
+    for (host, vm) in vms {
+        fleet.add_host(host, vm, 16);
+        fleet.cli(&[
+            "protect",
+            vm,
+            "--policy",
+            "daily",
+            "--host",
+            host,
+            "--datastore",
+            "ds-1",
+            "--vault",
+            "main",
+        ]);
+        fleet.start_agent(host, false);
+    }
+    // A VM on a host whose agent never came.
+    fleet.cli(&[
+        "protect",
+        "vm-d",
+        "--policy",
+        "daily",
+        "--host",
+        "kvm-d",
+        "--datastore",
+        "ds-2",
+        "--vault",
+        "main",
+    ]);
+    wait_until(&fleet, "three agents enrolled", Duration::from_secs(60), |fleet| {
+        fleet.cli(&["agent", "list"])["agents"].as_array().unwrap().len() == 3
+    });
+    // The enrollment tokens are used up and removed from the hosts.
+    assert!(!dir.join("kvm-a/root/etc/cairn/enroll-token").exists());
+
+    let done_for = |fleet: &Fleet, day: &str| {
+        let jobs = fleet.jobs();
+        vms.iter().all(|(_, vm)| {
+            backups(&jobs, vm).iter().any(|j| {
+                j["scheduled_at"].as_str().unwrap().starts_with(day) && j["state"] == "done"
+            })
+        })
+    };
+
+    // Day 1 and 2: scheduled backups on every host.
+    for (n, day) in ["2026-06-02", "2026-06-03"].into_iter().enumerate() {
+        for (host, vm) in vms {
+            change_disk(&dir.join(host).join(format!("{vm}.raw")), n as u64 + 2);
+        }
+        fleet.set_clock(&format!("{day}T02:30:00Z"));
+        wait_until(&fleet, &format!("the backups of {day}"), Duration::from_secs(120), |f| {
+            done_for(f, day)
+        });
+    }
+
+    // Day 3: in the middle of their backups, the agent of kvm-a is killed (and started
+    // again), and so is the coordinator (while kvm-b's backup goes on).
+    for host in ["kvm-a", "kvm-b"] {
+        fleet.kill_agent(host);
+        fleet.start_agent(host, true);
+    }
+    fleet.set_clock("2026-06-04T02:30:00Z");
+    let in_snapshot = |fleet: &Fleet, vm: &str| {
+        backups(&fleet.jobs(), vm).iter().any(|j| {
+            j["scheduled_at"].as_str().unwrap().starts_with("2026-06-04")
+                && j["state"] == "running"
+                && j["phase"] == "snapshot"
+        })
+    };
+    wait_until(&fleet, "vm-a's backup under way", Duration::from_secs(60), |f| {
+        in_snapshot(f, "vm-a")
+    });
+    fleet.kill_agent("kvm-a");
+    fleet.start_agent("kvm-a", false);
+    wait_until(&fleet, "vm-b's backup under way", Duration::from_secs(60), |f| {
+        in_snapshot(f, "vm-b")
+    });
+    fleet.server = None;
+    fleet.start_coordinator();
+    wait_until(&fleet, "the backups of 2026-06-04", Duration::from_secs(120), |f| {
+        done_for(f, "2026-06-04")
+    });
+    let day3 = |vm: &str| {
+        backups(&fleet.jobs(), vm)
+            .into_iter()
+            .find(|j| j["scheduled_at"].as_str().unwrap().starts_with("2026-06-04"))
+            .cloned()
+            .unwrap()
+    };
+    // The killed agent's job was handed out again; the job the coordinator's restart
+    // interrupted went on and was reported once the coordinator was back.
+    assert_eq!(day3("vm-a")["attempt"], 2, "{}", day3("vm-a"));
+    assert_eq!(day3("vm-b")["attempt"], 1, "{}", day3("vm-b"));
+    fleet.kill_agent("kvm-b");
+    fleet.start_agent("kvm-b", false);
+
+    // Day 4: the coordinator is down at backup time; the agents back up from their cached
+    // schedule and report when it is back; it then plans the same time and runs nothing twice.
+    fleet.server = None;
+    fleet.set_clock("2026-06-05T02:30:00Z");
+    for (host, _) in vms {
+        wait_until(&fleet, &format!("{host}'s offline backup"), Duration::from_secs(120), |_| {
+            let offline =
+                std::fs::read_to_string(dir.join(host).join("root/var/lib/cairn/offline.json"))
+                    .unwrap_or_default();
+            offline.contains("2026-06-05T02:00:00Z")
+        });
+    }
+    fleet.start_coordinator();
+    wait_until(&fleet, "the offline backups reported", Duration::from_secs(120), |f| {
+        done_for(f, "2026-06-05")
+    });
+
+    // Every scheduled time of every agent's VM: one done job, one point with its job id, in
+    // the catalogue and in the vault alike.
+    let jobs = fleet.jobs();
+    let points = fleet.cli(&["points"])["points"].as_array().unwrap().clone();
+    for (_, vm) in vms {
+        let vm_jobs = backups(&jobs, vm);
+        let days: Vec<&str> =
+            vm_jobs.iter().map(|j| &j["scheduled_at"].as_str().unwrap()[..10]).collect();
+        assert_eq!(
+            days,
+            ["2026-06-02", "2026-06-03", "2026-06-04", "2026-06-05"],
+            "{vm}: {vm_jobs:?}"
+        );
+        assert!(vm_jobs.iter().all(|j| j["state"] == "done"), "{vm}: {vm_jobs:?}");
+        let in_vault = fleet.points_in_vault(vm);
+        assert_eq!(
+            in_vault.len(),
+            4,
+            "{vm}: one point per scheduled time, none doubled: {in_vault:?}"
+        );
+        let in_catalogue: Vec<&Value> = points.iter().filter(|p| p["vm"] == vm).collect();
+        assert_eq!(in_catalogue.len(), 4, "{vm}: {in_catalogue:?}");
+        for p in &in_catalogue {
+            let m = in_vault
+                .iter()
+                .find(|m| m["point"] == p["point"])
+                .expect("the catalogue's point is in the vault");
+            assert_eq!(m["origin"]["policy"], "daily");
+            assert!(p["bytes_scanned"].as_u64().unwrap() > 0);
+            // The point names the job and the scheduled time it was for.
+            let job = vm_jobs.iter().find(|j| j["id"] == p["job"]).expect("the point's job");
+            assert_eq!(m["origin"]["scheduled_at"], job["scheduled_at"], "{m}");
+            if m["origin"]["job"].is_u64() {
+                assert_eq!(m["origin"]["job"], p["job"]);
+            }
+        }
+        // Jobs run by the coordinator carry their id into the point; the offline one none.
+        let with_job = in_vault.iter().filter(|m| m["origin"]["job"].is_u64()).count();
+        assert_eq!(with_job, 3, "{vm}");
+    }
+    // The silent host: its jobs failed, saying why, with an alert each.
+    let silent = backups(&jobs, "vm-d");
+    assert!(!silent.is_empty());
+    let failed: Vec<_> = silent.iter().filter(|j| j["state"] == "failed").collect();
+    assert!(!failed.is_empty(), "{silent:?}");
+    assert!(
+        failed.iter().all(|j| j["reason"].as_str().unwrap().contains("has never enrolled")),
+        "{failed:?}"
+    );
+    let alerts = fleet.cli(&["alerts"])["alerts"].as_array().unwrap().clone();
+    assert!(alerts.iter().any(|a| a["kind"] == "failed-job" && a["vm"] == "vm-d"), "{alerts:?}");
+    // A revoked agent is refused: its agent stops, saying why.
+    fleet.cli(&["agent", "revoke", "kvm-c"]);
+    let agent = fleet.agents.iter_mut().find(|a| a.0 == "kvm-c").unwrap();
+    let child = &mut agent.1.as_mut().unwrap().0;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "the revoked agent still runs");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.join("kvm-c/agent.log")).unwrap();
+    assert!(log.contains("unknown or revoked agent token"), "{log}");
+}

@@ -1,0 +1,131 @@
+//! The contract between the coordinator and its agents: the JSON bodies of the agents' calls
+//! under `/api/v1/agents/` (the coordinator's `cairn-scheduler` serves them, the agent's
+//! `cairn-worker` calls them). Only data: both sides decode what the other sends as untrusted,
+//! so every type here is plain, bounded by what serde accepts, and fuzzed.
+
+mod clock;
+
+pub use clock::{Clock, FileClock, SystemClock};
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// A job as its agent receives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOrder {
+    /// The job id, to be recorded in the point's manifest.
+    pub id: u64,
+    /// The VM, as named on the agent's host.
+    pub vm: String,
+    /// `backup`.
+    pub kind: String,
+    /// The vault, by the name the agent's configuration gives it.
+    pub vault: String,
+    /// The policy's time the job is for.
+    pub scheduled_at: Timestamp,
+    /// The policy (none for a back-up-now).
+    pub policy: Option<String>,
+    /// Keep the point until then (a back-up-now's own retention).
+    pub retain_until: Option<Timestamp>,
+    /// 1 for the first hand-out, more for a job handed out again.
+    pub attempt: u32,
+}
+
+/// What an agent reports about one job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// Where a running job is: `snapshot`, `transfer`, `commit`.
+    #[serde(default)]
+    pub phase: Option<String>,
+    /// Per-disk progress, as the agent shows it (kept as given, for people).
+    #[serde(default)]
+    pub progress: Option<serde_json::Value>,
+    /// The point a `done` job committed.
+    #[serde(default)]
+    pub point: Option<PointReport>,
+    /// Why a `failed` job failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A committed point, as its agent reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PointReport {
+    /// The point id.
+    pub id: String,
+    /// When the disks were captured.
+    pub captured_at: Timestamp,
+    /// `none`, `crash`, `file_system`, `application`.
+    pub consistency: String,
+    /// Bytes of disk.
+    pub size: u64,
+    /// Bytes read and hashed.
+    pub bytes_scanned: u64,
+    /// Bytes of changed blocks.
+    pub bytes_changed: u64,
+    /// Bytes written to the vault.
+    pub bytes_stored: u64,
+    /// How long the job took.
+    pub duration_ms: u64,
+}
+
+/// A backup an agent ran from its cached schedule while the coordinator was away.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineRun {
+    /// The VM.
+    pub vm: String,
+    /// The policy's time it was for.
+    pub scheduled_at: Timestamp,
+    /// The point it committed.
+    pub point: PointReport,
+}
+
+/// One VM's schedule as an agent caches it, to keep backing up while the coordinator is down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleEntry {
+    /// The VM.
+    pub vm: String,
+    /// Its vault.
+    pub vault: String,
+    /// Its policy's name.
+    pub policy: String,
+    /// The policy file (TOML).
+    pub spec: String,
+}
+
+/// What a poll hands an agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orders {
+    /// Jobs to run.
+    pub jobs: Vec<JobOrder>,
+    /// Jobs the agent runs that are no longer wanted (failed meanwhile): stop them.
+    pub cancel: Vec<u64>,
+    /// Its VMs' schedules.
+    pub schedule: Vec<ScheduleEntry>,
+}
+
+/// What the coordinator answers to an enrollment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The agent's name (its host's).
+    pub name: String,
+    /// Its own token, for every later call; shown once.
+    pub token: String,
+}
+
+/// What an agent sends when it polls for jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Poll {
+    /// The jobs it is running.
+    #[serde(default)]
+    pub running: Vec<u64>,
+    /// How long the coordinator may hold the poll open when there is nothing to do.
+    #[serde(default)]
+    pub wait_seconds: u64,
+}

@@ -1,0 +1,475 @@
+//! Agents in the catalogue: enrollment, the jobs handed to each agent, and what agents report.
+//!
+//! An agent is named after its host and sees only the jobs of the VMs placed on that host. A
+//! job the dispatcher started is *claimed* when its agent's poll takes it; every poll lists
+//! what the agent is running, so a claimed job the agent no longer runs (it restarted, or the
+//! answer carrying the job was lost) is handed out again as a new attempt of the same job:
+//! the job id goes into the point's manifest, and the agent looks for its point before backing
+//! up, so a retry never commits a second point. A running job whose agent has not been heard
+//! from for the agent timeout fails, saying so.
+
+use jiff::Timestamp;
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+pub use cairn_protocol::{JobOrder, OfflineRun, Orders, PointReport, Report, ScheduleEntry};
+
+use crate::catalogue::{parse_ts, ts};
+use crate::{Catalogue, Error};
+
+/// An agent as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AgentRecord {
+    /// Its name (its host's).
+    pub name: String,
+    /// When it enrolled.
+    pub enrolled_at: Timestamp,
+    /// Its last poll or report.
+    pub last_seen: Option<Timestamp>,
+    /// Its token no longer works.
+    pub revoked: bool,
+}
+
+/// How long an enrollment token is valid.
+const ENROLLMENT_HOURS: i64 = 24;
+
+fn unknown_job(id: u64) -> Error {
+    Error::Unknown { kind: "job", name: id.to_string(), hint: "list jobs with `jobs`" }
+}
+
+impl Catalogue {
+    /// A one-time token with which the agent of `host` enrolls (valid for a day).
+    pub fn new_enrollment(&mut self, host: &str, now: Timestamp) -> Result<String, Error> {
+        let token = crate::auth::new_token();
+        let expires = now + jiff::SignedDuration::from_hours(ENROLLMENT_HOURS);
+        self.conn
+            .execute(
+                "INSERT INTO enrollments (token_hash, host, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![crate::auth::hash(&token), host, ts(now), ts(expires)],
+            )
+            .map_err(Error::sql(format!("adding an enrollment for host {host}")))?;
+        Ok(token)
+    }
+
+    /// Enrolls the agent an enrollment token was made for: the enrollment is used up, and the
+    /// agent gets its own token (returned once; kept hashed). An agent enrolling again (a
+    /// reinstalled host) replaces its token. `None`: unknown, used or expired.
+    pub fn enroll(
+        &mut self,
+        enrollment: &str,
+        now: Timestamp,
+    ) -> Result<Option<(String, String)>, Error> {
+        let what = "enrolling an agent";
+        let tx = self.conn.transaction().map_err(Error::sql(what))?;
+        let host: Option<String> = tx
+            .query_row(
+                "UPDATE enrollments SET used_at = ?2
+                 WHERE token_hash = ?1 AND used_at IS NULL AND expires_at > ?2 RETURNING host",
+                params![crate::auth::hash(enrollment), ts(now)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(Error::sql(what))?;
+        let Some(host) = host else { return Ok(None) };
+        let token = crate::auth::new_token();
+        tx.execute(
+            "INSERT INTO agents (name, token_hash, enrolled_at, last_seen) VALUES (?1, ?2, ?3, ?3)
+             ON CONFLICT (name) DO UPDATE SET token_hash = excluded.token_hash,
+                 revoked = 0, enrolled_at = excluded.enrolled_at, last_seen = excluded.last_seen",
+            params![host, crate::auth::hash(&token), ts(now)],
+        )
+        .map_err(Error::sql(what))?;
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(Some((host, token)))
+    }
+
+    /// The agent a token belongs to (`None`: unknown or revoked), noting that it was seen.
+    pub fn agent_of(&mut self, token: &str, now: Timestamp) -> Result<Option<String>, Error> {
+        self.conn
+            .query_row(
+                "UPDATE agents SET last_seen = ?2 WHERE token_hash = ?1 AND revoked = 0
+                 RETURNING name",
+                params![crate::auth::hash(token), ts(now)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(Error::sql("checking an agent's token"))
+    }
+
+    /// Revokes an agent's token: its next call is refused.
+    pub fn revoke_agent(&mut self, name: &str) -> Result<(), Error> {
+        let changed = self
+            .conn
+            .execute("UPDATE agents SET revoked = 1 WHERE name = ?1", [name])
+            .map_err(Error::sql(format!("revoking agent {name}")))?;
+        match changed {
+            0 => Err(Error::Unknown {
+                kind: "agent",
+                name: name.into(),
+                hint: "list them with `agents`",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every agent, by name.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, enrolled_at, last_seen, revoked FROM agents ORDER BY name")
+            .map_err(Error::sql("listing agents"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(AgentRecord {
+                    name: r.get(0)?,
+                    enrolled_at: parse_ts(r.get(1)?)?,
+                    last_seen: r.get::<_, Option<i64>>(2)?.map(parse_ts).transpose()?,
+                    revoked: r.get(3)?,
+                })
+            })
+            .map_err(Error::sql("listing agents"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing agents"))
+    }
+
+    /// What the agent of `host`, running `running`, is to do: the started jobs of its VMs that
+    /// it does not run yet (claimed now, or again as a new attempt), the jobs it runs that
+    /// ended meanwhile, and its VMs' schedules.
+    pub fn claim(&mut self, host: &str, running: &[u64], now: Timestamp) -> Result<Orders, Error> {
+        let what = format!("handing jobs to agent {host}");
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let mut orders = Orders::default();
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT j.id, j.vm, j.kind, v.vault, j.scheduled_at, v.policy, j.retain_until,
+                            j.attempt, j.claimed_at
+                     FROM jobs j JOIN vms v ON v.name = j.vm
+                     WHERE j.state = 'running' AND v.host = ?1",
+                )
+                .map_err(Error::sql(what.clone()))?;
+            let rows = stmt
+                .query_map([host], |r| {
+                    Ok((
+                        JobOrder {
+                            id: r.get::<_, i64>(0)?.unsigned_abs(),
+                            vm: r.get(1)?,
+                            kind: r.get(2)?,
+                            vault: r.get(3)?,
+                            scheduled_at: parse_ts(r.get(4)?)?,
+                            policy: r.get(5)?,
+                            retain_until: r.get::<_, Option<i64>>(6)?.map(parse_ts).transpose()?,
+                            attempt: r.get(7)?,
+                        },
+                        r.get::<_, Option<i64>>(8)?.is_some(),
+                    ))
+                })
+                .map_err(Error::sql(what.clone()))?;
+            let mut claim = tx
+                .prepare_cached(
+                    "UPDATE jobs SET claimed_at = ?2, updated_at = ?2,
+                         attempt = attempt + (CASE WHEN claimed_at IS NULL THEN 0 ELSE 1 END)
+                     WHERE id = ?1",
+                )
+                .map_err(Error::sql(what.clone()))?;
+            for row in rows {
+                let (mut order, claimed) = row.map_err(Error::sql(what.clone()))?;
+                if running.contains(&order.id) {
+                    continue;
+                }
+                claim
+                    .execute(params![order.id as i64, ts(now)])
+                    .map_err(Error::sql(what.clone()))?;
+                if claimed {
+                    order.attempt += 1;
+                    tracing::warn!(
+                        job = order.id,
+                        host,
+                        "the agent no longer runs job: handed out again"
+                    );
+                }
+                orders.jobs.push(order);
+            }
+            let mut state = tx
+                .prepare_cached("SELECT state FROM jobs WHERE id = ?1")
+                .map_err(Error::sql(what.clone()))?;
+            for id in running {
+                let s: Option<String> = state
+                    .query_row([*id as i64], |r| r.get(0))
+                    .optional()
+                    .map_err(Error::sql(what.clone()))?;
+                if s.as_deref() != Some("running") {
+                    orders.cancel.push(*id);
+                }
+            }
+            let mut schedule = tx
+                .prepare_cached(
+                    "SELECT v.name, v.vault, p.name, p.spec FROM vms v JOIN policies p
+                     ON p.name = v.policy WHERE v.host = ?1 AND v.protected = 1 ORDER BY v.name",
+                )
+                .map_err(Error::sql(what.clone()))?;
+            let rows = schedule
+                .query_map([host], |r| {
+                    Ok(ScheduleEntry {
+                        vm: r.get(0)?,
+                        vault: r.get(1)?,
+                        policy: r.get(2)?,
+                        spec: r.get(3)?,
+                    })
+                })
+                .map_err(Error::sql(what.clone()))?;
+            orders.schedule = rows.collect::<Result<_, _>>().map_err(Error::sql(what.clone()))?;
+        }
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(orders)
+    }
+
+    /// Records `report` on job `id` from the agent of `host`: progress, or its end. A `done`
+    /// report records the point, once: a second, different point for the same job is refused
+    /// (and alerted), the same point again is accepted (a report retried after a lost answer).
+    /// A job of another host's VM is refused.
+    pub fn report(
+        &mut self,
+        host: &str,
+        id: u64,
+        report: &Report,
+        now: Timestamp,
+    ) -> Result<ReportOutcome, Error> {
+        let what = format!("recording agent {host}'s report on job {id}");
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let job: Option<(String, String, String, String)> = tx
+            .query_row(
+                "SELECT j.vm, v.host, j.state, v.vault FROM jobs j JOIN vms v ON v.name = j.vm
+                 WHERE j.id = ?1",
+                [id as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(Error::sql(what.clone()))?;
+        let Some((vm, owner, state, vault)) = job else { return Err(unknown_job(id)) };
+        if owner != host {
+            return Ok(ReportOutcome::NotYours);
+        }
+        let progress = report.progress.as_ref().map(|p| p.to_string());
+        match report.state.as_str() {
+            "running" => {
+                if state != "running" {
+                    return Ok(ReportOutcome::Ended);
+                }
+                tx.execute(
+                    "UPDATE jobs SET phase = ?2, progress = coalesce(?3, progress), updated_at = ?4
+                     WHERE id = ?1",
+                    params![id as i64, report.phase, progress, ts(now)],
+                )
+                .map_err(Error::sql(what.clone()))?;
+            }
+            "done" => {
+                let Some(point) = &report.point else {
+                    return Ok(ReportOutcome::Invalid("a done report names its point".into()));
+                };
+                let existing: Option<String> = tx
+                    .query_row("SELECT point FROM points WHERE job = ?1", [id as i64], |r| r.get(0))
+                    .optional()
+                    .map_err(Error::sql(what.clone()))?;
+                match existing {
+                    Some(p) if p == point.id => {}
+                    Some(p) => {
+                        let message = format!(
+                            "job {id} of VM {vm} reported a second point {} after {p}: the second \
+                             is not recorded; check the vault for a duplicate",
+                            point.id
+                        );
+                        tx.execute(
+                            "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
+                            params![vm, message, ts(now)],
+                        )
+                        .map_err(Error::sql(what.clone()))?;
+                        tx.commit().map_err(Error::sql(what))?;
+                        return Ok(ReportOutcome::Duplicate(p));
+                    }
+                    None => insert_point(&tx, &vm, &vault, Some(id), point)
+                        .map_err(Error::sql(what.clone()))?,
+                }
+                // Done whatever the job's state: a late report of a job failed for silence
+                // still has its point in the vault, which the catalogue follows.
+                tx.execute(
+                    "UPDATE jobs SET state = 'done', phase = 'done', reason = NULL,
+                         progress = coalesce(?2, progress), finished_at = ?3, updated_at = ?3
+                     WHERE id = ?1",
+                    params![id as i64, progress, ts(now)],
+                )
+                .map_err(Error::sql(what.clone()))?;
+            }
+            "failed" => {
+                if state == "done" {
+                    return Ok(ReportOutcome::Ended);
+                }
+                let reason = report.reason.clone().unwrap_or_else(|| "no reason given".into());
+                tx.execute(
+                    "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3, updated_at = ?3
+                     WHERE id = ?1",
+                    params![id as i64, reason, ts(now)],
+                )
+                .map_err(Error::sql(what.clone()))?;
+                if state != "failed" {
+                    tx.execute(
+                        "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
+                        params![vm, format!("backup job {id} of VM {vm} failed: {reason}"), ts(now)],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
+                }
+            }
+            other => {
+                return Ok(ReportOutcome::Invalid(format!(
+                    "state {other:?}: give running, done or failed"
+                )));
+            }
+        }
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(ReportOutcome::Recorded)
+    }
+
+    /// Records a backup the agent of `host` ran from its cached schedule: the job for that VM
+    /// and time is done with the point, whether the coordinator had planned it meanwhile or not.
+    pub fn record_offline(
+        &mut self,
+        host: &str,
+        run: &OfflineRun,
+        now: Timestamp,
+    ) -> Result<ReportOutcome, Error> {
+        let what = format!("recording agent {host}'s offline backup of VM {}", run.vm);
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let vm: Option<(String, String)> = tx
+            .query_row("SELECT host, vault FROM vms WHERE name = ?1", [&run.vm], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(Error::sql(what.clone()))?;
+        let Some((owner, vault)) = vm else {
+            return Err(Error::Unknown {
+                kind: "VM",
+                name: run.vm.clone(),
+                hint: "list VMs with `vms`",
+            });
+        };
+        if owner != host {
+            return Ok(ReportOutcome::NotYours);
+        }
+        let at = ts(run.scheduled_at);
+        let id: i64 = tx
+            .query_row(
+                "INSERT INTO jobs (vm, kind, scheduled_at, start_at, state, phase, attempt,
+                     created_at, updated_at, claimed_at, finished_at)
+                 VALUES (?1, 'backup', ?2, ?2, 'done', 'done', 1, ?3, ?3, ?3, ?3)
+                 ON CONFLICT (vm, kind, scheduled_at) DO UPDATE SET state = 'done', phase = 'done',
+                     reason = 'run by the agent from its cached schedule', finished_at = ?3,
+                     updated_at = ?3
+                 RETURNING id",
+                params![run.vm, at, ts(now)],
+                |r| r.get(0),
+            )
+            .map_err(Error::sql(what.clone()))?;
+        let existing: Option<String> = tx
+            .query_row("SELECT point FROM points WHERE job = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(Error::sql(what.clone()))?;
+        if existing.is_none() {
+            insert_point(&tx, &run.vm, &vault, Some(id.unsigned_abs()), &run.point)
+                .map_err(Error::sql(what.clone()))?;
+        }
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(ReportOutcome::Recorded)
+    }
+
+    /// Fails the running jobs whose agent has not been heard from since `silent_since` (or
+    /// that no agent claimed by then), each with an alert saying so. Returns them.
+    pub fn fail_silent(
+        &mut self,
+        silent_since: Timestamp,
+        now: Timestamp,
+    ) -> Result<Vec<u64>, Error> {
+        let what = "failing the jobs of silent agents";
+        let tx = self.conn.transaction().map_err(Error::sql(what))?;
+        let silent: Vec<(i64, String, String, Option<i64>)> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT j.id, j.vm, v.host, a.last_seen FROM jobs j
+                     JOIN vms v ON v.name = j.vm LEFT JOIN agents a ON a.name = v.host
+                     WHERE j.state = 'running' AND j.updated_at < ?1
+                       AND (a.last_seen IS NULL OR a.last_seen < ?1 OR a.revoked = 1)",
+                )
+                .map_err(Error::sql(what))?;
+            let rows = stmt
+                .query_map([ts(silent_since)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(Error::sql(what))?;
+            rows.collect::<Result<_, _>>().map_err(Error::sql(what))?
+        };
+        for (id, vm, host, seen) in &silent {
+            let since = match seen.map(parse_ts).transpose().ok().flatten() {
+                Some(t) => format!("has not been heard from since {t}"),
+                None => "has never enrolled".into(),
+            };
+            let reason = format!(
+                "the agent of host {host} {since}: check that cairn-agent runs there \
+                 (systemctl status cairn-agent) and reaches the coordinator"
+            );
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3, updated_at = ?3
+                 WHERE id = ?1",
+                params![id, reason, ts(now)],
+            )
+            .map_err(Error::sql(what))?;
+            tx.execute(
+                "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
+                params![vm, format!("backup job {id} of VM {vm} failed: {reason}"), ts(now)],
+            )
+            .map_err(Error::sql(what))?;
+        }
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(silent.iter().map(|s| s.0.unsigned_abs()).collect())
+    }
+}
+
+/// What became of a report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// Recorded.
+    Recorded,
+    /// The job is not one of this agent's VMs'.
+    NotYours,
+    /// The job ended already (progress on it is ignored; the agent should stop it).
+    Ended,
+    /// The job already has this other point.
+    Duplicate(String),
+    /// The report does not make sense.
+    Invalid(String),
+}
+
+fn insert_point(
+    tx: &rusqlite::Transaction<'_>,
+    vm: &str,
+    vault: &str,
+    job: Option<u64>,
+    p: &PointReport,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO points (vm, point, job, tier, captured_at, consistency, vault, size,
+             bytes_scanned, bytes_changed, bytes_stored, duration_ms)
+         VALUES (?1, ?2, ?3, 'vault', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+         ON CONFLICT (vm, point) DO UPDATE SET job = coalesce(points.job, excluded.job)",
+        params![
+            vm,
+            p.id,
+            job.map(|j| j as i64),
+            ts(p.captured_at),
+            p.consistency,
+            vault,
+            p.size as i64,
+            p.bytes_scanned as i64,
+            p.bytes_changed as i64,
+            p.bytes_stored as i64,
+            p.duration_ms as i64
+        ],
+    )
+    .map(|_| ())
+}

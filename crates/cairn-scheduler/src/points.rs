@@ -1,0 +1,216 @@
+//! Points in the catalogue, backups on demand, and what the dashboard and `/metrics` read.
+
+use jiff::Timestamp;
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use crate::catalogue::{parse_ts, ts};
+use crate::{Catalogue, Error};
+
+/// A recovery point as the catalogue knows it (the vault holds the point itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PointRecord {
+    /// The VM.
+    pub vm: String,
+    /// The point id.
+    pub point: String,
+    /// The job that made it.
+    pub job: Option<u64>,
+    /// `vault` (the snapshot tiers come with two-phase jobs).
+    pub tier: String,
+    /// The vault.
+    pub vault: String,
+    /// When the disks were captured.
+    pub captured_at: Timestamp,
+    /// The consistency reached.
+    pub consistency: Option<String>,
+    /// Bytes of disk.
+    pub size: u64,
+    /// Bytes read and hashed.
+    pub bytes_scanned: u64,
+    /// Bytes of changed blocks.
+    pub bytes_changed: u64,
+    /// Bytes written to the vault.
+    pub bytes_stored: u64,
+    /// How long the job took.
+    pub duration_ms: u64,
+}
+
+/// A VM's standing: its last good point and how old that is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmStanding {
+    /// The VM.
+    pub vm: String,
+    /// Its policy.
+    pub policy: Option<String>,
+    /// Protected or not.
+    pub protected: bool,
+    /// Its newest point's capture.
+    pub last_point_at: Option<Timestamp>,
+    /// Its newest point.
+    pub last_point: Option<String>,
+    /// Seconds since then (the recovery point objective actually met).
+    pub rpo_seconds: Option<i64>,
+    /// Its points.
+    pub points: u64,
+    /// State of its latest job.
+    pub last_job_state: Option<String>,
+}
+
+/// Jobs counted per state and kind, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct JobCounts {
+    /// (kind, state, count).
+    pub by_state: Vec<(String, String, u64)>,
+}
+
+impl Catalogue {
+    /// The points of `vm` (every VM's when `None`), oldest first.
+    pub fn points(&self, vm: Option<&str>) -> Result<Vec<PointRecord>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT vm, point, job, tier, vault, captured_at, consistency, size,
+                        bytes_scanned, bytes_changed, bytes_stored, duration_ms
+                 FROM points WHERE ?1 IS NULL OR vm = ?1 ORDER BY captured_at, vm",
+            )
+            .map_err(Error::sql("listing points"))?;
+        let rows = stmt
+            .query_map([vm], |r| {
+                Ok(PointRecord {
+                    vm: r.get(0)?,
+                    point: r.get(1)?,
+                    job: r.get::<_, Option<i64>>(2)?.map(i64::unsigned_abs),
+                    tier: r.get(3)?,
+                    vault: r.get(4)?,
+                    captured_at: parse_ts(r.get(5)?)?,
+                    consistency: r.get(6)?,
+                    size: r.get::<_, i64>(7)?.unsigned_abs(),
+                    bytes_scanned: r.get::<_, i64>(8)?.unsigned_abs(),
+                    bytes_changed: r.get::<_, i64>(9)?.unsigned_abs(),
+                    bytes_stored: r.get::<_, i64>(10)?.unsigned_abs(),
+                    duration_ms: r.get::<_, i64>(11)?.unsigned_abs(),
+                })
+            })
+            .map_err(Error::sql("listing points"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing points"))
+    }
+
+    /// Queues a backup of `vm` now, with its own retention (`retain_until`), outside its
+    /// schedule. Returns the job id.
+    pub fn back_up_now(
+        &mut self,
+        vm: &str,
+        retain_until: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Result<u64, Error> {
+        let known: Option<String> = self
+            .conn
+            .query_row("SELECT name FROM vms WHERE name = ?1", [vm], |r| r.get(0))
+            .optional()
+            .map_err(Error::sql(format!("finding VM {vm}")))?;
+        if known.is_none() {
+            return Err(Error::Unknown {
+                kind: "VM",
+                name: vm.into(),
+                hint: "protect it first (`protect`), or list VMs with `vms`",
+            });
+        }
+        let id: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO jobs (vm, kind, scheduled_at, start_at, state, retain_until,
+                     created_at, updated_at)
+                 VALUES (?1, 'backup', ?2, ?2, 'queued', ?3, ?2, ?2) RETURNING id",
+                params![vm, ts(now), retain_until.map(ts)],
+                |r| r.get(0),
+            )
+            .map_err(Error::sql(format!("queueing a backup of VM {vm}")))?;
+        Ok(id.unsigned_abs())
+    }
+
+    /// Each VM with its last point and RPO at `now`.
+    pub fn standings(&self, now: Timestamp) -> Result<Vec<VmStanding>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT v.name, v.policy, v.protected,
+                        (SELECT max(captured_at) FROM points p WHERE p.vm = v.name),
+                        (SELECT point FROM points p WHERE p.vm = v.name
+                             ORDER BY captured_at DESC LIMIT 1),
+                        (SELECT count(*) FROM points p WHERE p.vm = v.name),
+                        (SELECT state FROM jobs j WHERE j.vm = v.name
+                             ORDER BY scheduled_at DESC, id DESC LIMIT 1)
+                 FROM vms v ORDER BY v.name",
+            )
+            .map_err(Error::sql("reading the VMs' standing"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let last: Option<Timestamp> =
+                    r.get::<_, Option<i64>>(3)?.map(parse_ts).transpose()?;
+                Ok(VmStanding {
+                    vm: r.get(0)?,
+                    policy: r.get(1)?,
+                    protected: r.get(2)?,
+                    last_point_at: last,
+                    last_point: r.get(4)?,
+                    rpo_seconds: last.map(|t| now.duration_since(t).as_secs()),
+                    points: r.get::<_, i64>(5)?.unsigned_abs(),
+                    last_job_state: r.get(6)?,
+                })
+            })
+            .map_err(Error::sql("reading the VMs' standing"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("reading the VMs' standing"))
+    }
+
+    /// Jobs counted per kind and state.
+    pub fn job_counts(&self) -> Result<JobCounts, Error> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT kind, state, count(*) FROM jobs GROUP BY kind, state ORDER BY 1, 2")
+            .map_err(Error::sql("counting jobs"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.unsigned_abs())))
+            .map_err(Error::sql("counting jobs"))?;
+        Ok(JobCounts {
+            by_state: rows.collect::<Result<_, _>>().map_err(Error::sql("counting jobs"))?,
+        })
+    }
+
+    /// Alerts not yet sent to the webhook: id, kind, VM, message, raised.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn unsent_alerts(
+        &self,
+    ) -> Result<Vec<(u64, String, Option<String>, String, Timestamp)>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, kind, vm, message, raised_at FROM alerts
+                 WHERE notified_at IS NULL ORDER BY id LIMIT 100",
+            )
+            .map_err(Error::sql("listing unsent alerts"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?.unsigned_abs(),
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    parse_ts(r.get(4)?)?,
+                ))
+            })
+            .map_err(Error::sql("listing unsent alerts"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing unsent alerts"))
+    }
+
+    /// Notes that alert `id` reached the webhook.
+    pub(crate) fn alert_sent(&mut self, id: u64, now: Timestamp) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "UPDATE alerts SET notified_at = ?2 WHERE id = ?1",
+                params![id as i64, ts(now)],
+            )
+            .map(|_| ())
+            .map_err(Error::sql("noting a sent alert"))
+    }
+}

@@ -1,0 +1,506 @@
+//! The agent's loop: enroll once, then poll the coordinator for jobs, run them (at most
+//! `max-jobs` at once), report their phases and progress, and deliver every final report, even
+//! across restarts of the agent (a report is on disk before it is sent).
+//!
+//! While the coordinator cannot be reached, the agent retries with backoff and keeps the
+//! schedule it last received: a VM's backup whose time comes runs anyway, and is reported when
+//! the coordinator is back, which then does not run it again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cairn_protocol::{Clock, JobOrder, OfflineRun, Orders, PointReport, Poll, Report};
+use jiff::Timestamp;
+use tokio::sync::{Semaphore, watch};
+
+use crate::state::OfflineRecord;
+use crate::{AgentConfig, Error, State, Transport};
+
+/// A backup to run: a coordinator's job, or a time of the cached schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    /// The coordinator's job id (`None`: run from the cached schedule).
+    pub job: Option<u64>,
+    /// The VM, by the coordinator's name (the agent's configuration says what it is).
+    pub vm: String,
+    /// The vault, by the coordinator's name.
+    pub vault: String,
+    /// The policy's time.
+    pub scheduled_at: Timestamp,
+    /// The policy.
+    pub policy: Option<String>,
+    /// Keep the point until then.
+    pub retain_until: Option<Timestamp>,
+    /// Hand-outs of the job so far.
+    pub attempt: u32,
+}
+
+impl From<&JobOrder> for Task {
+    fn from(o: &JobOrder) -> Task {
+        Task {
+            job: Some(o.id),
+            vm: o.vm.clone(),
+            vault: o.vault.clone(),
+            scheduled_at: o.scheduled_at,
+            policy: o.policy.clone(),
+            retain_until: o.retain_until,
+            attempt: o.attempt,
+        }
+    }
+}
+
+/// Where a running task is, for the reports: a phase and the per-disk progress.
+#[derive(Clone)]
+pub struct JobProgress(watch::Sender<(Option<String>, Option<serde_json::Value>)>);
+
+impl JobProgress {
+    fn new() -> JobProgress {
+        JobProgress(watch::channel((None, None)).0)
+    }
+
+    /// The task entered `phase` (`snapshot`, `transfer`, `commit`).
+    pub fn phase(&self, phase: &str) {
+        self.0.send_modify(|p| p.0 = Some(phase.to_owned()));
+    }
+
+    /// The per-disk progress now.
+    pub fn progress(&self, value: serde_json::Value) {
+        self.0.send_modify(|p| p.1 = Some(value));
+    }
+}
+
+/// Tells a task to stop (the coordinator no longer wants it, or the agent stops).
+#[derive(Clone)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    /// Whether the task was told to stop.
+    pub fn is_stopped(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until the task is told to stop.
+    pub async fn stopped(&mut self) {
+        let _ = self.0.wait_for(|s| *s).await;
+    }
+}
+
+/// What runs a task: the agent's backup of one VM into one vault.
+#[async_trait]
+pub trait Runner: Send + Sync {
+    /// Backs the task's VM up, unless the same job already committed a point (a retried
+    /// job: that point is returned, and nothing is backed up again). An error is the reason
+    /// for the job's failure, for people.
+    async fn run(
+        &self,
+        task: &Task,
+        progress: &JobProgress,
+        stop: Stop,
+    ) -> Result<PointReport, String>;
+}
+
+/// The long-running agent.
+pub struct Worker {
+    config: AgentConfig,
+    state: State,
+    transport: Arc<dyn Transport>,
+    runner: Arc<dyn Runner>,
+    clock: Arc<dyn Clock>,
+    /// Running tasks by job id (coordinator jobs) with their stop switch.
+    running: Arc<Mutex<HashMap<u64, watch::Sender<bool>>>>,
+    /// VMs with a task running (one at a time per VM).
+    busy: Arc<Mutex<Vec<String>>>,
+    slots: Arc<Semaphore>,
+}
+
+/// Retry delays: 1 s doubling to 60 s, each within ±20 %.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+
+    fn next(&mut self) -> Duration {
+        let base = self.0;
+        self.0 = (self.0 * 2).min(Backoff::MAX);
+        base.mul_f64(rand::random_range(0.8..1.2))
+    }
+
+    fn reset(&mut self) {
+        self.0 = Backoff::FIRST;
+    }
+}
+
+impl Worker {
+    /// A worker with its configuration, state folder, transport, runner and clock.
+    pub fn new(
+        config: AgentConfig,
+        state: State,
+        transport: Arc<dyn Transport>,
+        runner: Arc<dyn Runner>,
+        clock: Arc<dyn Clock>,
+    ) -> Worker {
+        let slots = Arc::new(Semaphore::new(config.max_jobs));
+        Worker {
+            config,
+            state,
+            transport,
+            runner,
+            clock,
+            running: Arc::default(),
+            busy: Arc::default(),
+            slots,
+        }
+    }
+
+    /// The agent's token: kept from an earlier enrollment, or got now with the enrollment
+    /// token (retried with backoff while the coordinator cannot be reached).
+    pub async fn token(&self) -> Result<String, Error> {
+        if let Some(token) = self.state.token() {
+            return Ok(token);
+        }
+        let file = self
+            .config
+            .enroll_token_file
+            .clone()
+            .unwrap_or_else(|| self.state.dir().join("enroll-token"));
+        let enrollment = std::fs::read_to_string(&file).map_err(|_| Error::NotEnrolled {
+            host: self.config.host.clone(),
+            path: file.clone(),
+        })?;
+        let mut backoff = Backoff(Backoff::FIRST);
+        let enrolled = loop {
+            match self.transport.enroll(enrollment.trim()).await {
+                Ok(e) => break e,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!("enrolling: {e}; retrying");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if enrolled.name != self.config.host {
+            tracing::warn!(
+                "the enrollment token was made for host {}, this agent's configuration says {}: \
+                 the coordinator knows this agent as {}",
+                enrolled.name,
+                self.config.host,
+                enrolled.name
+            );
+        }
+        self.state.save_token(&enrolled.token)?;
+        // Used up: nothing more to keep secret.
+        let _ = std::fs::remove_file(&file);
+        tracing::info!(agent = %enrolled.name, "enrolled");
+        Ok(enrolled.token)
+    }
+
+    /// Runs until `shutdown` (running tasks are told to stop; nothing half-done is committed,
+    /// and the coordinator hands the jobs out again). Returns an error only when the
+    /// coordinator refuses the agent (token revoked).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let token = self.token().await?;
+        let worker = Arc::new(self);
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff(Backoff::FIRST);
+        loop {
+            worker.deliver(&token).await;
+            let poll = Poll {
+                running: worker.running_ids(),
+                wait_seconds: worker.config.poll_wait_seconds,
+            };
+            let outcome = tokio::select! {
+                _ = &mut shutdown => break,
+                outcome = worker.transport.poll(&token, &poll) => outcome,
+            };
+            let pause = match outcome {
+                Ok(orders) => {
+                    backoff.reset();
+                    worker.take(&token, orders);
+                    None
+                }
+                Err(Error::Refused { status: 401, message, .. }) => {
+                    worker.stop_all();
+                    return Err(Error::Refused { call: "poll".into(), status: 401, message });
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; retrying, and keeping the cached schedule meanwhile");
+                    if e.is_transient() {
+                        worker.run_cached_schedule(&token);
+                    }
+                    Some(backoff.next())
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        worker.stop_all();
+        Ok(())
+    }
+
+    fn stop_all(&self) {
+        for stop in lock(&self.running).values() {
+            let _ = stop.send(true);
+        }
+    }
+
+    /// The jobs the coordinator should count as this agent's: running, or ended with a
+    /// report not yet delivered.
+    fn running_ids(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = lock(&self.running).keys().copied().collect();
+        ids.extend(self.state.pending_reports().into_keys());
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Acts on a poll's answer.
+    fn take(self: &Arc<Self>, token: &str, orders: Orders) {
+        let now = self.clock.now();
+        if let Err(e) = self.state.save_schedule(&orders.schedule) {
+            tracing::warn!("keeping the schedule: {e}");
+        }
+        // The coordinator plans while it answers: the cached schedule starts from now.
+        let planned: BTreeMap<String, Timestamp> =
+            orders.schedule.iter().map(|e| (e.vm.clone(), now)).collect();
+        if let Err(e) = self.state.save_planned(&planned) {
+            tracing::warn!("keeping the planned times: {e}");
+        }
+        for id in &orders.cancel {
+            if let Some(stop) = lock(&self.running).get(id) {
+                tracing::warn!(job = id, "the coordinator ended the job: stopping it");
+                let _ = stop.send(true);
+            }
+        }
+        for order in &orders.jobs {
+            if lock(&self.running).contains_key(&order.id) {
+                continue;
+            }
+            self.start(token, Task::from(order));
+        }
+    }
+
+    /// Starts a task in the background.
+    fn start(self: &Arc<Self>, token: &str, task: Task) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        if let Some(id) = task.job {
+            lock(&self.running).insert(id, stop_tx.clone());
+        }
+        let worker = self.clone();
+        let token = token.to_owned();
+        tokio::spawn(async move {
+            let _stop_tx = stop_tx;
+            worker.execute(&token, task, Stop(stop_rx)).await;
+        });
+    }
+
+    async fn execute(&self, token: &str, task: Task, stop: Stop) {
+        let Ok(_slot) = self.slots.acquire().await else { return };
+        // One task per VM at a time: a second waits for the first.
+        loop {
+            {
+                let mut busy = lock(&self.busy);
+                if !busy.contains(&task.vm) {
+                    busy.push(task.vm.clone());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let result = self.outcome(token, &task, stop).await;
+        lock(&self.busy).retain(|v| v != &task.vm);
+        match task.job {
+            Some(id) => {
+                let report = match result {
+                    Ok(point) => Report {
+                        state: "done".into(),
+                        phase: Some("done".into()),
+                        point: Some(point),
+                        ..Report::default()
+                    },
+                    Err(reason) => {
+                        Report { state: "failed".into(), reason: Some(reason), ..Report::default() }
+                    }
+                };
+                if let Err(e) = self.state.save_report(id, &report) {
+                    tracing::error!(job = id, "keeping the job's report: {e}");
+                }
+                lock(&self.running).remove(&id);
+                self.deliver_report(token, id, &report).await;
+            }
+            None => match result {
+                Ok(point) => {
+                    let mut runs = self.state.offline();
+                    runs.push(OfflineRecord {
+                        vm: task.vm.clone(),
+                        scheduled_at: task.scheduled_at,
+                        point,
+                        delivered: false,
+                    });
+                    // The newest hundred are enough to recognise a job the coordinator plans later.
+                    let excess = runs.len().saturating_sub(100);
+                    runs.drain(..excess);
+                    if let Err(e) = self.state.save_offline(&runs) {
+                        tracing::error!(vm = %task.vm, "keeping the offline backup's record: {e}");
+                    }
+                }
+                Err(reason) => tracing::error!(vm = %task.vm, "offline backup failed: {reason}"),
+            },
+        }
+    }
+
+    /// Runs the task, or answers from the offline backup already made for the same VM and
+    /// time; reports progress every two seconds meanwhile.
+    async fn outcome(&self, token: &str, task: &Task, stop: Stop) -> Result<PointReport, String> {
+        if task.job.is_some()
+            && let Some(run) = self
+                .state
+                .offline()
+                .into_iter()
+                .find(|r| r.vm == task.vm && r.scheduled_at == task.scheduled_at)
+        {
+            tracing::info!(vm = %task.vm, point = %run.point.id, "already backed up offline for this time");
+            return Ok(run.point);
+        }
+        let progress = JobProgress::new();
+        let reporter = task.job.map(|id| {
+            let mut seen = progress.0.subscribe();
+            let transport = self.transport.clone();
+            let token = token.to_owned();
+            let stop = lock(&self.running).get(&id).cloned();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    if !seen.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    let (phase, value) = seen.borrow_and_update().clone();
+                    let report = Report {
+                        state: "running".into(),
+                        phase,
+                        progress: value,
+                        ..Report::default()
+                    };
+                    if let Err(Error::Refused { status: 410, .. }) =
+                        transport.report(&token, id, &report).await
+                        && let Some(stop) = &stop
+                    {
+                        let _ = stop.send(true);
+                    }
+                }
+            })
+        });
+        let result = self.runner.run(task, &progress, stop).await;
+        if let Some(r) = reporter {
+            r.abort();
+        }
+        result
+    }
+
+    async fn deliver_report(&self, token: &str, id: u64, report: &Report) {
+        match self.transport.report(token, id, report).await {
+            Ok(()) => self.state.report_delivered(id),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(job = id, "{e}: the report is kept and sent again");
+            }
+            Err(e) => {
+                // The coordinator has its answer (the job ended, or is not this host's):
+                // sending it again would change nothing.
+                tracing::warn!(job = id, "{e}");
+                self.state.report_delivered(id);
+            }
+        }
+    }
+
+    /// Sends what the coordinator has not had yet: final reports, offline backups.
+    async fn deliver(&self, token: &str) {
+        let running: Vec<u64> = lock(&self.running).keys().copied().collect();
+        for (id, report) in self.state.pending_reports() {
+            if !running.contains(&id) {
+                self.deliver_report(token, id, &report).await;
+            }
+        }
+        let mut runs = self.state.offline();
+        let mut changed = false;
+        for run in runs.iter_mut().filter(|r| !r.delivered) {
+            let body = OfflineRun {
+                vm: run.vm.clone(),
+                scheduled_at: run.scheduled_at,
+                point: run.point.clone(),
+            };
+            match self.transport.offline(token, &body).await {
+                Ok(()) => {
+                    run.delivered = true;
+                    changed = true;
+                }
+                Err(e) if e.is_transient() => return,
+                Err(e) => {
+                    tracing::warn!(vm = %run.vm, "the coordinator refused the offline backup: {e}");
+                    run.delivered = true;
+                    changed = true;
+                }
+            }
+        }
+        if changed && let Err(e) = self.state.save_offline(&runs) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// While the coordinator is away: each VM of the cached schedule whose (jittered) time has
+    /// come since it was last planned gets its backup, the latest time only.
+    fn run_cached_schedule(self: &Arc<Self>, token: &str) {
+        let now = self.clock.now();
+        let mut planned = self.state.planned();
+        let mut changed = false;
+        for entry in self.state.schedule() {
+            let Some(since) = planned.get(&entry.vm).copied() else {
+                planned.insert(entry.vm.clone(), now);
+                changed = true;
+                continue;
+            };
+            let policy = match cairn_policy::Policy::parse(&entry.spec) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(vm = %entry.vm, "the cached policy does not parse: {e}");
+                    continue;
+                }
+            };
+            // The latest time only (as the coordinator does), once its jittered start has come.
+            let Some(at) = policy.schedule.between(since, now).last().copied() else { continue };
+            if policy.schedule.start_for(at, &entry.vm) > now
+                || lock(&self.busy).contains(&entry.vm)
+            {
+                continue;
+            }
+            tracing::warn!(vm = %entry.vm, scheduled = %at, "the coordinator is away: backing up from the cached schedule");
+            planned.insert(entry.vm.clone(), now);
+            changed = true;
+            self.start(
+                token,
+                Task {
+                    job: None,
+                    vm: entry.vm.clone(),
+                    vault: entry.vault.clone(),
+                    scheduled_at: at,
+                    policy: Some(entry.policy.clone()),
+                    retain_until: None,
+                    attempt: 1,
+                },
+            );
+        }
+        if changed && let Err(e) = self.state.save_planned(&planned) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
