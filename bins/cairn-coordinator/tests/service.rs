@@ -28,6 +28,10 @@ fn set_clock(clock: &Path, at: &str) {
 }
 
 fn start(dir: &Path) -> Coordinator {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> Coordinator {
     let clock = dir.join("clock");
     if !clock.exists() {
         set_clock(&clock, "2026-06-01T00:00:00Z");
@@ -42,6 +46,7 @@ fn start(dir: &Path) -> Coordinator {
         .arg(&token)
         .arg("--fake-clock")
         .arg(&clock)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -67,17 +72,47 @@ fn ok(out: Output) -> Value {
 
 /// A GET over a plain HTTP/1.1 connection: the status and the JSON body.
 fn get(c: &Coordinator, path: &str, token: Option<&str>) -> (u16, Value) {
+    let (code, body) = request(c, "GET", path, token, None);
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// A POST of a JSON body: the status and the JSON answer.
+fn post(c: &Coordinator, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+    let (code, body) = request(c, "POST", path, token, Some(&body.to_string()));
+    (code, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// One request over a plain HTTP/1.1 connection: the status and the body's text.
+fn request(
+    c: &Coordinator,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let addr = c.url.strip_prefix("http://").unwrap();
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
-        .unwrap();
+    let body = body.unwrap_or("");
+    let kind = if body.is_empty() { "" } else { "Content-Type: application/json\r\n" };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     let code = answer.split(' ').nth(1).unwrap().parse().unwrap();
     let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    // A chunked body (no Content-Length) comes as size lines around the data.
+    let body = if answer.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body.split("\r\n").skip(1).step_by(2).collect::<Vec<_>>().join("")
+    } else {
+        body.to_owned()
+    };
+    (code, body)
 }
 
 const POLICY: &str = r#"
@@ -178,4 +213,188 @@ fn the_coordinator_plans_and_starts_jobs_and_guards_its_api() {
     std::thread::sleep(Duration::from_millis(1500));
     let jobs = ok(cli(&c, &["--json", "jobs"]));
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 3, "{jobs}");
+}
+
+/// A webhook receiver on loopback: the JSON bodies POSTed to it.
+fn webhook() -> (String, std::sync::mpsc::Receiver<Value>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut data = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Headers, then as many bytes as Content-Length says.
+            let body = loop {
+                let n = stream.read(&mut buf).unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                data.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&data).into_owned();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        break Some(body.to_owned());
+                    }
+                }
+            };
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            if let Some(body) = body
+                && let Ok(v) = serde_json::from_str(&body)
+            {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn agents_get_only_their_jobs_and_users_only_their_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hook, alerts) = webhook();
+    let c = start_with(dir.path(), &["--webhook", &hook]);
+    let admin = std::fs::read_to_string(&c.token).unwrap();
+    let good = dir.path().join("daily.toml");
+    std::fs::write(&good, POLICY).unwrap();
+    ok(cli(&c, &["policy", "put", good.to_str().unwrap()]));
+    for (vm, host) in [("web-1", "kvm-1"), ("db-1", "kvm-2")] {
+        let args = [
+            "protect",
+            vm,
+            "--policy",
+            "daily",
+            "--host",
+            host,
+            "--datastore",
+            "ds",
+            "--vault",
+            "v",
+        ];
+        ok(cli(&c, &args));
+    }
+
+    // Enrollment: an unknown token is refused; a good one works once.
+    let (code, _) =
+        post(&c, "/api/v1/agents/enroll", None, serde_json::json!({ "token": "cairn_00" }));
+    assert_eq!(code, 401);
+    let enrollment =
+        ok(cli(&c, &["--json", "enroll", "kvm-1"]))["token"].as_str().unwrap().to_owned();
+    let (code, enrolled) =
+        post(&c, "/api/v1/agents/enroll", None, serde_json::json!({ "token": enrollment }));
+    assert_eq!(code, 200, "{enrolled}");
+    assert_eq!(enrolled["name"], "kvm-1");
+    let agent = enrolled["token"].as_str().unwrap().to_owned();
+    let (code, _) =
+        post(&c, "/api/v1/agents/enroll", None, serde_json::json!({ "token": enrollment }));
+    assert_eq!(code, 401, "an enrollment token works once");
+
+    // A bad agent token, a user's token: 401 at the agents' calls; an agent's token opens
+    // nothing of the users' API.
+    let poll = serde_json::json!({ "running": [], "wait_seconds": 0 });
+    assert_eq!(post(&c, "/api/v1/agents/poll", Some("cairn_00"), poll.clone()).0, 401);
+    assert_eq!(post(&c, "/api/v1/agents/poll", Some(&admin), poll.clone()).0, 401);
+    assert_eq!(get(&c, "/api/v1/vms", Some(&agent)).0, 401);
+    let (code, orders) = post(&c, "/api/v1/agents/poll", Some(&agent), poll.clone());
+    assert_eq!(code, 200);
+    assert_eq!(orders["jobs"], serde_json::json!([]));
+    assert_eq!(orders["schedule"][0]["vm"], "web-1", "the agent's VMs' schedule: {orders}");
+    assert_eq!(orders["schedule"].as_array().unwrap().len(), 1);
+
+    // At 02:40 the long poll answers with kvm-1's job only.
+    set_clock(&c.clock, "2026-06-01T02:40:00Z");
+    let wait = serde_json::json!({ "running": [], "wait_seconds": 30 });
+    let (code, orders) = post(&c, "/api/v1/agents/poll", Some(&agent), wait);
+    assert_eq!(code, 200);
+    let jobs = orders["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "{orders}");
+    assert_eq!(jobs[0]["vm"], "web-1");
+    assert_eq!(jobs[0]["attempt"], 1);
+    let web = jobs[0]["id"].as_u64().unwrap();
+    let all = ok(cli(&c, &["--json", "jobs"]));
+    let db = all["jobs"].as_array().unwrap().iter().find(|j| j["vm"] == "db-1").unwrap()["id"]
+        .as_u64()
+        .unwrap();
+
+    // Not running it any more (say, the agent restarted): handed out again as attempt 2.
+    let (_, orders) = post(&c, "/api/v1/agents/poll", Some(&agent), poll.clone());
+    assert_eq!(orders["jobs"][0]["id"], web);
+    assert_eq!(orders["jobs"][0]["attempt"], 2);
+
+    // Another host's job: 403, nothing recorded.
+    let running = serde_json::json!({ "state": "running", "phase": "snapshot" });
+    assert_eq!(
+        post(&c, &format!("/api/v1/agents/jobs/{db}"), Some(&agent), running.clone()).0,
+        403
+    );
+    assert_eq!(post(&c, &format!("/api/v1/agents/jobs/{web}"), Some(&agent), running).0, 200);
+    let point = |id: &str| {
+        serde_json::json!({ "state": "done", "point": {
+            "id": id, "captured_at": "2026-06-01T02:39:00Z", "consistency": "crash",
+            "size": 1000, "bytes_scanned": 1000, "bytes_changed": 100, "bytes_stored": 50,
+            "duration_ms": 2000 } })
+    };
+    let first = "20260601T024100.000Z-00000001";
+    let path = format!("/api/v1/agents/jobs/{web}");
+    assert_eq!(post(&c, &path, Some(&agent), point(first)).0, 200);
+    assert_eq!(post(&c, &path, Some(&agent), point(first)).0, 200, "the same report again");
+    let (code, answer) = post(&c, &path, Some(&agent), point("20260601T024500.000Z-00000002"));
+    assert_eq!(code, 409, "a second point for one job: {answer}");
+    let late = serde_json::json!({ "state": "running", "phase": "transfer" });
+    assert_eq!(post(&c, &path, Some(&agent), late).0, 410, "progress on an ended job");
+    let points = ok(cli(&c, &["--json", "points"]));
+    let points = points["points"].as_array().unwrap();
+    assert_eq!(points.len(), 1);
+    assert_eq!(points[0]["point"], first);
+    assert_eq!(points[0]["job"], web);
+
+    // The duplicate's alert reaches the webhook.
+    let alert = alerts.recv_timeout(Duration::from_secs(30)).expect("an alert at the webhook");
+    assert_eq!(alert["kind"], "failed-job");
+    assert!(alert["message"].as_str().unwrap().contains("second point"), "{alert}");
+
+    // A viewer reads, metrics included, and changes nothing; revoked, nothing at all.
+    let viewer = ok(cli(&c, &["--json", "user", "add", "eve", "--role", "viewer"]));
+    let viewer = viewer["token"].as_str().unwrap().to_owned();
+    let (code, metrics) = request(&c, "GET", "/metrics", Some(&viewer), None);
+    assert_eq!(code, 200);
+    assert!(metrics.contains("cairn_points{vm=\"web-1\"} 1"), "{metrics}");
+    assert!(metrics.contains("cairn_last_backup_stored_bytes{vm=\"web-1\"} 50"), "{metrics}");
+    assert!(metrics.contains("cairn_rpo_seconds{vm=\"web-1\"} 60"), "{metrics}");
+    assert!(metrics.contains("cairn_jobs{kind=\"backup\",state=\"done\"} 1"), "{metrics}");
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    let (code, _) = request(&c, "PUT", "/api/v1/policies/daily", Some(&viewer), Some(POLICY));
+    assert_eq!(code, 403);
+    ok(cli(&c, &["user", "revoke", "eve"]));
+    assert_eq!(get(&c, "/api/v1/vms", Some(&viewer)).0, 401);
+
+    // Back up now, kept until a date: the agent gets the job with it.
+    let until = "2027-01-01T00:00:00Z";
+    ok(cli(&c, &["backup", "web-1", "--retain-until", until]));
+    let wait = serde_json::json!({ "running": [], "wait_seconds": 30 });
+    let (_, orders) = post(&c, "/api/v1/agents/poll", Some(&agent), wait);
+    assert_eq!(orders["jobs"][0]["retain_until"], until, "{orders}");
+    assert_eq!(orders["jobs"][0]["policy"], "daily");
+
+    // A revoked agent: 401, nothing done.
+    ok(cli(&c, &["agent", "revoke", "kvm-1"]));
+    assert_eq!(post(&c, "/api/v1/agents/poll", Some(&agent), poll).0, 401);
+    let (_, audit) = get(&c, "/api/v1/audit", Some(&admin));
+    let actions: Vec<&str> =
+        audit["audit"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    for action in
+        ["new-enrollment", "enroll", "add-user", "revoke-user", "back-up-now", "revoke-agent"]
+    {
+        assert!(actions.contains(&action), "{action}: {actions:?}");
+    }
 }

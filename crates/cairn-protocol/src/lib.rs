@@ -129,3 +129,55 @@ pub struct Poll {
     #[serde(default)]
     pub wait_seconds: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn point() -> impl Strategy<Value = PointReport> {
+        ("[a-z0-9.-]{0,30}", 0i64..4_000_000_000, "[a-z_]{0,12}", any::<[u64; 5]>()).prop_map(
+            |(id, secs, consistency, n)| PointReport {
+                id,
+                captured_at: Timestamp::from_second(secs).unwrap(),
+                consistency,
+                size: n[0],
+                bytes_scanned: n[1],
+                bytes_changed: n[2],
+                bytes_stored: n[3],
+                duration_ms: n[4],
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn reports_and_offline_runs_round_trip(
+            p in point(),
+            state in "[a-z]{0,10}",
+            reason in proptest::option::of(".{0,40}"),
+            vm in "[a-z0-9-]{1,20}",
+        ) {
+            let report = Report { state, phase: None, progress: None, point: Some(p.clone()), reason };
+            let again: Report = serde_json::from_slice(&serde_json::to_vec(&report).unwrap()).unwrap();
+            prop_assert_eq!(again, report);
+            let run = OfflineRun { vm, scheduled_at: p.captured_at, point: p };
+            let again: OfflineRun = serde_json::from_slice(&serde_json::to_vec(&run).unwrap()).unwrap();
+            prop_assert_eq!(again, run);
+        }
+
+        #[test]
+        fn any_bytes_decode_or_are_refused(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = serde_json::from_slice::<Orders>(&data);
+            let _ = serde_json::from_slice::<Report>(&data);
+            let _ = serde_json::from_slice::<OfflineRun>(&data);
+            let _ = serde_json::from_slice::<Poll>(&data);
+        }
+    }
+
+    #[test]
+    fn a_report_with_an_unknown_field_is_refused() {
+        let err = serde_json::from_str::<Report>(r#"{"state":"done","pont":{}}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `pont`"), "{err}");
+    }
+}

@@ -154,7 +154,8 @@ impl Catalogue {
                     protected: r.get(2)?,
                     last_point_at: last,
                     last_point: r.get(4)?,
-                    rpo_seconds: last.map(|t| now.duration_since(t).as_secs()),
+                    // A point stamped ahead of the coordinator's clock (skew) counts as fresh.
+                    rpo_seconds: last.map(|t| now.duration_since(t).as_secs().max(0)),
                     points: r.get::<_, i64>(5)?.unsigned_abs(),
                     last_job_state: r.get(6)?,
                 })

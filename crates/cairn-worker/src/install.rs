@@ -210,6 +210,16 @@ pub fn install(root: &Path, options: &InstallOptions) -> Result<Vec<Step>, Error
     let mut record = read_record(root)?.unwrap_or(Record { version: 1, changes: vec![] });
     let mut steps = Vec::new();
     let recorded = |record: &Record, rel: &str| record.changes.iter().any(|c| c.path == shown(rel));
+    // Refused before anything is changed: a unit or token someone else wrote.
+    for rel in [UNIT_PATH, ENROLL] {
+        let path = under(root, rel);
+        if std::fs::symlink_metadata(&path).is_ok() && !recorded(&record, rel) {
+            return Err(Error::Install(format!(
+                "{} exists and was not written by cairn-agent install: move it away first",
+                path.display()
+            )));
+        }
+    }
     for (rel, mode) in [("etc/cairn", 0o700), (STATE, 0o700), ("etc/systemd/system", 0o755)] {
         // Parents (etc, var/lib...) are the host's: only the folders made here are recorded.
         let mut missing = Vec::new();

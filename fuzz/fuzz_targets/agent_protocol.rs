@@ -1,0 +1,8 @@
+//! Fuzz target agent_protocol: see bodies/protocol.rs.
+#![no_main]
+
+#[allow(dead_code)] // each target calls one of the file's bodies
+#[path = "../bodies/protocol.rs"]
+mod bodies;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| bodies::agent_protocol(data));
