@@ -42,9 +42,10 @@ export CAIRN_REQUIRE_GUEST=1
 # qcow2 and changed-block tracking: qemu-img, qemu-io and qemu-nbd serve the images, libnbd's
 # nbdinfo reads the same exports independently. These tests run as any user.
 missing=()
-# systemd-analyze checks the unit `cairn-agent install` writes (systemd need not run).
+# systemd-analyze checks the unit `cairn-agent install` writes (systemd need not run);
+# openssl makes the coordinator's test CA and certificate.
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin \
-            systemd-analyze:systemd; do
+            systemd-analyze:systemd openssl:openssl; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

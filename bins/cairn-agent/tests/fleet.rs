@@ -65,6 +65,7 @@ fn wait_until(fleet: &Fleet, what: &str, timeout: Duration, mut f: impl FnMut(&F
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
 }
 
 impl Fleet {

@@ -123,13 +123,22 @@ fn install_lists_its_changes_and_uninstall_reverts_exactly_those() {
     // The operator edits the configuration; uninstall keeps it and removes the rest.
     std::fs::write(root.join("etc/cairn/agent.toml"), format!("{config}\n[vms.web-1]\n")).unwrap();
     std::fs::write(root.join("var/lib/cairn/agent-token"), "secret").unwrap();
+    // A live VM's fleecing folder in the state folder: not the agent's to remove.
+    std::fs::create_dir_all(root.join("var/lib/cairn/fleece")).unwrap();
+    std::fs::write(root.join("var/lib/cairn/fleece/cairn-web.state.json"), "{}").unwrap();
     let removed = changes(&agent(&["uninstall"], &root));
     assert!(removed.contains(&("kept".into(), "/etc/cairn/agent.toml".into())), "{removed:?}");
     assert!(
         removed.contains(&("removed".into(), "/etc/systemd/system/cairn-agent.service".into())),
         "{removed:?}"
     );
-    assert!(!root.join("var/lib/cairn").exists(), "the agent's state is removed");
+    assert!(!root.join("var/lib/cairn/agent-token").exists(), "the agent's token is removed");
+    assert!(
+        root.join("var/lib/cairn/fleece/cairn-web.state.json").exists(),
+        "others' files are kept"
+    );
+    assert!(removed.contains(&("kept".into(), "/var/lib/cairn".into())), "{removed:?}");
+    std::fs::remove_dir_all(root.join("var/lib")).unwrap();
     assert!(!root.join("etc/systemd").exists());
     assert!(root.join("etc/cairn/agent.toml").exists());
     std::fs::remove_file(root.join("etc/cairn/agent.toml")).unwrap();

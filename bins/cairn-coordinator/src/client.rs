@@ -19,23 +19,44 @@ fn token(file: Option<&Path>) -> anyhow::Result<String> {
     }
 }
 
+/// The HTTP client: the system's roots, plus `ca_file` when given.
+pub fn http_client(ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(file) = ca_file {
+        let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} holds no PEM certificate", file.display()))?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder.build().context("making the HTTP client")
+}
+
 /// Sends one request (with a body of a content type) and returns the JSON answer, or the
 /// API's error as an error.
 async fn call(
+    client: &reqwest::Client,
     url: &str,
     token: &str,
     method: reqwest::Method,
     path: &str,
     body: Option<(String, &str)>,
 ) -> anyhow::Result<Value> {
-    let client = reqwest::Client::new();
     let mut request =
         client.request(method, format!("{}{path}", url.trim_end_matches('/'))).bearer_auth(token);
     if let Some((body, content_type)) = body {
         request = request.header(reqwest::header::CONTENT_TYPE, content_type).body(body);
     }
-    let response = request.send().await.with_context(|| {
-        format!("cannot reach the coordinator at {url}: is it running (`cairn-coordinator serve`)?")
+    let response = request.send().await.map_err(|e| {
+        // The TLS error is deep in the chain: show all of it (an untrusted certificate says so).
+        let mut detail = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            detail = format!("{detail}: {s}");
+            source = s.source();
+        }
+        anyhow::anyhow!(
+            "cannot reach the coordinator at {url} ({detail}): is it running, and for https, is its certificate trusted (--ca-file)?"
+        )
     })?;
     let status = response.status();
     let answer: Value = response.json().await.unwrap_or(Value::Null);
@@ -47,6 +68,7 @@ async fn call(
 }
 
 pub async fn run(
+    client: &reqwest::Client,
     url: &str,
     token_file: Option<&Path>,
     as_json: bool,
@@ -65,62 +87,65 @@ pub async fn run(
             let policy = cairn_policy::Policy::parse(&text)
                 .with_context(|| format!("{} is not a valid policy", file.display()))?;
             let path = format!("/api/v1/policies/{}", policy.spec.name);
-            (call(url, &token, put, &path, Some((text, "application/toml"))).await?, None)
+            (call(client, url, &token, put, &path, Some((text, "application/toml"))).await?, None)
         }
         Command::Policy(PolicyCommand::List) => {
-            (call(url, &token, get, "/api/v1/policies", None).await?, Some("policies"))
+            (call(client, url, &token, get, "/api/v1/policies", None).await?, Some("policies"))
         }
         Command::Protect { vm, policy, host, datastore, vault } => {
             let body =
                 json!({ "host": host, "datastore": datastore, "vault": vault, "policy": policy });
             let path = format!("/api/v1/vms/{vm}");
             (
-                call(url, &token, put, &path, Some((body.to_string(), "application/json"))).await?,
+                call(client, url, &token, put, &path, Some((body.to_string(), "application/json")))
+                    .await?,
                 None,
             )
         }
-        Command::Vms => (call(url, &token, get, "/api/v1/vms", None).await?, Some("vms")),
+        Command::Vms => (call(client, url, &token, get, "/api/v1/vms", None).await?, Some("vms")),
         Command::Jobs { vm } => {
             let path = match vm {
                 Some(vm) => format!("/api/v1/jobs?vm={vm}"),
                 None => "/api/v1/jobs".into(),
             };
-            (call(url, &token, get, &path, None).await?, Some("jobs"))
+            (call(client, url, &token, get, &path, None).await?, Some("jobs"))
         }
-        Command::Alerts => (call(url, &token, get, "/api/v1/alerts", None).await?, Some("alerts")),
+        Command::Alerts => {
+            (call(client, url, &token, get, "/api/v1/alerts", None).await?, Some("alerts"))
+        }
         Command::Points { vm } => {
             let path = match vm {
                 Some(vm) => format!("/api/v1/points?vm={vm}"),
                 None => "/api/v1/points".into(),
             };
-            (call(url, &token, get, &path, None).await?, Some("points"))
+            (call(client, url, &token, get, &path, None).await?, Some("points"))
         }
         Command::Backup { vm, retain_until } => {
             let body = json!({ "retain_until": retain_until });
             let path = format!("/api/v1/vms/{vm}/backup");
-            (call(url, &token, post, &path, json_body(body)).await?, None)
+            (call(client, url, &token, post, &path, json_body(body)).await?, None)
         }
         Command::User(UserCommand::Add { name, role }) => {
             let body = json!({ "name": name, "role": role });
-            (call(url, &token, post, "/api/v1/users", json_body(body)).await?, None)
+            (call(client, url, &token, post, "/api/v1/users", json_body(body)).await?, None)
         }
         Command::User(UserCommand::Revoke { name }) => {
             let path = format!("/api/v1/users/{name}/revoke");
-            (call(url, &token, post, &path, None).await?, None)
+            (call(client, url, &token, post, &path, None).await?, None)
         }
         Command::User(UserCommand::List) => {
-            (call(url, &token, get, "/api/v1/users", None).await?, Some("users"))
+            (call(client, url, &token, get, "/api/v1/users", None).await?, Some("users"))
         }
         Command::Enroll { host } => {
             let body = json!({ "host": host });
-            (call(url, &token, post, "/api/v1/enrollments", json_body(body)).await?, None)
+            (call(client, url, &token, post, "/api/v1/enrollments", json_body(body)).await?, None)
         }
         Command::Agent(AgentCommand::List) => {
-            (call(url, &token, get, "/api/v1/agents", None).await?, Some("agents"))
+            (call(client, url, &token, get, "/api/v1/agents", None).await?, Some("agents"))
         }
         Command::Agent(AgentCommand::Revoke { name }) => {
             let path = format!("/api/v1/agents/{name}");
-            (call(url, &token, reqwest::Method::DELETE, &path, None).await?, None)
+            (call(client, url, &token, reqwest::Method::DELETE, &path, None).await?, None)
         }
     };
     match (as_json, list) {

@@ -29,6 +29,9 @@ struct Cli {
     /// A file holding the API token (or CAIRN_TOKEN).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// A PEM certificate to trust for an https:// coordinator (its own CA, or its certificate).
+    #[arg(long, global = true, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
     /// Print JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -56,8 +59,18 @@ enum Command {
         /// Backups at once per vault.
         #[arg(long, default_value_t = Limits::default().per_vault)]
         max_per_vault: u32,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The certificate's PEM private key.
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve plain HTTP on an address other than loopback (tokens would cross the network
+        /// in clear: only behind a TLS proxy on the same host or network namespace).
+        #[arg(long)]
+        allow_plain_http: bool,
         /// A running job whose agent has been silent this long fails, with an alert.
-        #[arg(long, default_value_t = 600)]
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(10..=604_800))]
         agent_timeout_seconds: u64,
         /// POST each alert here as JSON.
         #[arg(long, value_name = "URL")]
@@ -200,10 +213,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             max_per_host,
             max_per_datastore,
             max_per_vault,
+            tls_cert,
+            tls_key,
+            allow_plain_http,
             agent_timeout_seconds,
             webhook,
             fake_clock,
         } => {
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(cert), Some(key)) => Some(cairn_scheduler::tls::acceptor(cert, key)?),
+                _ => None,
+            };
+            if tls.is_none() && !listen.ip().is_loopback() && !allow_plain_http {
+                anyhow::bail!(
+                    "--listen {listen} is not loopback: give --tls-cert and --tls-key (tokens must not cross the network in clear), or --allow-plain-http behind a TLS proxy"
+                );
+            }
             let clock: Arc<dyn Clock> = match fake_clock {
                 Some(path) => Arc::new(FileClock::new(path)),
                 None => Arc::new(SystemClock),
@@ -227,7 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
-            println!("listening on http://{addr}");
+            println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
             let settings = cairn_scheduler::Settings {
                 limits: Limits {
                     per_host: max_per_host,
@@ -240,9 +265,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            cairn_scheduler::serve(catalogue, listener, clock, settings, shutdown).await?;
+            match tls {
+                Some(acceptor) => {
+                    let listener = cairn_scheduler::tls::TlsListener::new(listener, acceptor)?;
+                    cairn_scheduler::serve(catalogue, listener, clock, settings, shutdown).await?
+                }
+                None => {
+                    cairn_scheduler::serve(catalogue, listener, clock, settings, shutdown).await?
+                }
+            }
             Ok(())
         }
-        command => client::run(&cli.url, cli.token_file.as_deref(), cli.json, command).await,
+        command => {
+            let client = client::http_client(cli.ca_file.as_deref())?;
+            client::run(&client, &cli.url, cli.token_file.as_deref(), cli.json, command).await
+        }
     }
 }

@@ -384,7 +384,9 @@ fn agents_get_only_their_jobs_and_users_only_their_role() {
     let wait = serde_json::json!({ "running": [], "wait_seconds": 30 });
     let (_, orders) = post(&c, "/api/v1/agents/poll", Some(&agent), wait);
     assert_eq!(orders["jobs"][0]["retain_until"], until, "{orders}");
-    assert_eq!(orders["jobs"][0]["policy"], "daily");
+    // Not the schedule's: its point records no policy.
+    assert_eq!(orders["jobs"][0]["policy"], Value::Null);
+    assert_eq!(orders["jobs"][0]["catalogue"].as_str().unwrap().len(), 32, "{orders}");
 
     // A revoked agent: 401, nothing done.
     ok(cli(&c, &["agent", "revoke", "kvm-1"]));
@@ -397,4 +399,129 @@ fn agents_get_only_their_jobs_and_users_only_their_role() {
     {
         assert!(actions.contains(&action), "{action}: {actions:?}");
     }
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, made with openssl: (CA, cert, key).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca_key, ca, key, csr, cert) = (
+        dir.join("ca.key"),
+        dir.join("ca.pem"),
+        dir.join("tls.key"),
+        dir.join("tls.csr"),
+        dir.join("tls.pem"),
+    );
+    let ext = dir.join("ext.cnf");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    let p = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let runs: [Vec<String>; 3] = [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p(&ca_key),
+            "-out",
+            &p(&ca),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Cairn test CA",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &p(&key),
+            "-out",
+            &p(&csr),
+            "-subj",
+            "/CN=127.0.0.1",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &p(&csr),
+            "-CA",
+            &p(&ca),
+            "-CAkey",
+            &p(&ca_key),
+            "-CAcreateserial",
+            "-out",
+            &p(&cert),
+            "-days",
+            "2",
+            "-extfile",
+            &p(&ext),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    ];
+    for args in runs {
+        let out = Command::new("openssl").args(&args).output().expect("openssl (Debian openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (ca, cert, key)
+}
+
+#[test]
+fn the_coordinator_serves_https_and_refuses_plain_http_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    // Plain HTTP on an address other than loopback: refused before anything is served.
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-coordinator"))
+        .arg("serve")
+        .arg("--db")
+        .arg(dir.path().join("refused.db"))
+        .args(["--listen", "0.0.0.0:0"])
+        .arg("--admin-token-file")
+        .arg(dir.path().join("refused.token"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("give --tls-cert and --tls-key"), "{err}");
+
+    let (ca, cert, key) = certificates(dir.path());
+    let c = start_with(
+        dir.path(),
+        &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],
+    );
+    assert!(c.url.starts_with("https://127.0.0.1:"), "{}", c.url);
+    // Trusted through --ca-file: the API answers.
+    let trusted = cli(&c, &["--ca-file", ca.to_str().unwrap(), "--json", "vms"]);
+    assert_eq!(ok(trusted)["vms"], serde_json::json!([]));
+    // Not trusted: refused, saying why.
+    let untrusted = cli(&c, &["--json", "vms"]);
+    let err = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success(), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain = Coordinator {
+        child: Command::new("true").spawn().unwrap(),
+        url: c.url.replace("https://", "http://"),
+        token: c.token.clone(),
+        clock: c.clock.clone(),
+    };
+    use std::io::{Read, Write};
+    let addr = plain.url.strip_prefix("http://").unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let _ = write!(stream, "GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(!String::from_utf8_lossy(&answer).contains("\"status\":\"ok\""));
 }

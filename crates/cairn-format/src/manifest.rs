@@ -155,6 +155,9 @@ pub struct PointManifest {
 /// the coordinator was away.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
+    /// The coordinator's catalogue, by its id (job ids are numbered per catalogue).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalogue: Option<String>,
     /// The coordinator's job id (absent for a run from the agent's cached schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<u64>,

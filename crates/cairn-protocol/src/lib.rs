@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub struct JobOrder {
     /// The job id, to be recorded in the point's manifest.
     pub id: u64,
+    /// The coordinator's catalogue, by its id: with the job id, what names the job in a point.
+    pub catalogue: String,
     /// The VM, as named on the agent's host.
     pub vm: String,
     /// `backup`.

@@ -22,6 +22,48 @@ use serde_json::{Value, json};
 use crate::agents::{OfflineRun, Orders, Report, ReportOutcome};
 use crate::api::{Api, ApiError, lock, refuse};
 
+/// The most jobs an agent may say it runs (its `max-jobs` is at most 64).
+const MAX_RUNNING: usize = 1024;
+/// The most bytes of an agent's progress report kept.
+const MAX_PROGRESS: usize = 64 << 10;
+/// The most characters of a failure's reason kept.
+const MAX_REASON: usize = 2000;
+
+fn bad(message: String) -> ApiError {
+    refuse(StatusCode::BAD_REQUEST, &message)
+}
+
+/// A point as an agent reports it, checked: a real point id, sane strings.
+fn check_point(p: &cairn_protocol::PointReport) -> Result<(), ApiError> {
+    p.id.parse::<cairn_format::PointId>().map_err(|e| bad(format!("point {:?}: {e}", p.id)))?;
+    if !["none", "crash", "file_system", "application"].contains(&p.consistency.as_str()) {
+        return Err(bad(format!(
+            "consistency {:?}: none, crash, file_system or application",
+            p.consistency
+        )));
+    }
+    Ok(())
+}
+
+/// A report as kept: bounded, its point checked.
+fn checked_report(mut r: Report) -> Result<Report, ApiError> {
+    if let Some(p) = &r.point {
+        check_point(p)?;
+    }
+    if r.phase.as_ref().is_some_and(|p| p.len() > 32) {
+        return Err(bad("a phase is at most 32 characters".into()));
+    }
+    if let Some(reason) = &mut r.reason
+        && reason.chars().count() > MAX_REASON
+    {
+        *reason = reason.chars().take(MAX_REASON).collect::<String>() + "...";
+    }
+    if r.progress.as_ref().is_some_and(|p| p.to_string().len() > MAX_PROGRESS) {
+        r.progress = None;
+    }
+    Ok(r)
+}
+
 /// The longest an agent's poll is held open.
 pub const MAX_POLL_WAIT: Duration = Duration::from_secs(60);
 
@@ -80,6 +122,12 @@ async fn poll(
     Json(body): Json<cairn_protocol::Poll>,
 ) -> Result<Json<Orders>, ApiError> {
     let host = agent(&api, &headers)?;
+    if body.running.len() > MAX_RUNNING {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            &format!("{} running jobs listed: at most {MAX_RUNNING}", body.running.len()),
+        ));
+    }
     let wait = Duration::from_secs(body.wait_seconds).min(MAX_POLL_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -87,6 +135,11 @@ async fn poll(
         let woken = api.wakeup.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
+        // Checked again on every round: a token revoked while its poll waits takes nothing.
+        let host_now = agent(&api, &headers)?;
+        if host_now != host {
+            return Err(refuse(StatusCode::UNAUTHORIZED, "the agent's token changed hands"));
+        }
         let now = api.clock.now();
         let orders = lock(&api)?.claim(&host, &body.running, now)?;
         if !orders.jobs.is_empty() || !orders.cancel.is_empty() {
@@ -105,6 +158,7 @@ async fn report(
     Json(body): Json<Report>,
 ) -> Result<Json<Value>, ApiError> {
     let host = agent(&api, &headers)?;
+    let body = checked_report(body)?;
     let now = api.clock.now();
     let outcome = lock(&api)?.report(&host, id, &body, now)?;
     answer(outcome, &format!("job {id}"))
@@ -116,6 +170,7 @@ async fn offline(
     Json(body): Json<OfflineRun>,
 ) -> Result<Json<Value>, ApiError> {
     let host = agent(&api, &headers)?;
+    check_point(&body.point)?;
     let now = api.clock.now();
     let mut catalogue = lock(&api)?;
     let outcome = catalogue.record_offline(&host, &body, now)?;

@@ -137,13 +137,14 @@ impl Catalogue {
     /// ended meanwhile, and its VMs' schedules.
     pub fn claim(&mut self, host: &str, running: &[u64], now: Timestamp) -> Result<Orders, Error> {
         let what = format!("handing jobs to agent {host}");
+        let catalogue_id = self.id().to_owned();
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
         let mut orders = Orders::default();
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT j.id, j.vm, j.kind, v.vault, j.scheduled_at, v.policy, j.retain_until,
-                            j.attempt, j.claimed_at
+                    "SELECT j.id, j.vm, j.kind, v.vault, j.scheduled_at, j.policy, j.retain_until,
+                            j.attempt, j.claimed_at, j.claimed_by
                      FROM jobs j JOIN vms v ON v.name = j.vm
                      WHERE j.state = 'running' AND v.host = ?1",
                 )
@@ -153,6 +154,7 @@ impl Catalogue {
                     Ok((
                         JobOrder {
                             id: r.get::<_, i64>(0)?.unsigned_abs(),
+                            catalogue: catalogue_id.clone(),
                             vm: r.get(1)?,
                             kind: r.get(2)?,
                             vault: r.get(3)?,
@@ -162,23 +164,26 @@ impl Catalogue {
                             attempt: r.get(7)?,
                         },
                         r.get::<_, Option<i64>>(8)?.is_some(),
+                        r.get::<_, Option<String>>(9)?,
                     ))
                 })
                 .map_err(Error::sql(what.clone()))?;
             let mut claim = tx
                 .prepare_cached(
-                    "UPDATE jobs SET claimed_at = ?2, updated_at = ?2,
+                    "UPDATE jobs SET claimed_at = ?2, claimed_by = ?3, updated_at = ?2,
                          attempt = attempt + (CASE WHEN claimed_at IS NULL THEN 0 ELSE 1 END)
                      WHERE id = ?1",
                 )
                 .map_err(Error::sql(what.clone()))?;
             for row in rows {
-                let (mut order, claimed) = row.map_err(Error::sql(what.clone()))?;
-                if running.contains(&order.id) {
+                let (mut order, claimed, by) = row.map_err(Error::sql(what.clone()))?;
+                // A job another agent took (its VM moved here meanwhile) stays that agent's
+                // until it ends: two hosts never back one VM up at once.
+                if running.contains(&order.id) || by.as_deref().is_some_and(|b| b != host) {
                     continue;
                 }
                 claim
-                    .execute(params![order.id as i64, ts(now)])
+                    .execute(params![order.id as i64, ts(now), host])
                     .map_err(Error::sql(what.clone()))?;
                 if claimed {
                     order.attempt += 1;
@@ -191,14 +196,16 @@ impl Catalogue {
                 orders.jobs.push(order);
             }
             let mut state = tx
-                .prepare_cached("SELECT state FROM jobs WHERE id = ?1")
+                .prepare_cached("SELECT state, claimed_by FROM jobs WHERE id = ?1")
                 .map_err(Error::sql(what.clone()))?;
             for id in running {
-                let s: Option<String> = state
-                    .query_row([*id as i64], |r| r.get(0))
+                let s: Option<(String, Option<String>)> = state
+                    .query_row([*id as i64], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .map_err(Error::sql(what.clone()))?;
-                if s.as_deref() != Some("running") {
+                let mine = matches!(&s, Some((state, by)) if state == "running"
+                    && by.as_deref().is_none_or(|b| b == host));
+                if !mine {
                     orders.cancel.push(*id);
                 }
             }
@@ -237,17 +244,18 @@ impl Catalogue {
     ) -> Result<ReportOutcome, Error> {
         let what = format!("recording agent {host}'s report on job {id}");
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
-        let job: Option<(String, String, String, String)> = tx
+        let job: Option<(String, String, String, String, Option<String>)> = tx
             .query_row(
-                "SELECT j.vm, v.host, j.state, v.vault FROM jobs j JOIN vms v ON v.name = j.vm
-                 WHERE j.id = ?1",
+                "SELECT j.vm, v.host, j.state, v.vault, j.claimed_by FROM jobs j
+                 JOIN vms v ON v.name = j.vm WHERE j.id = ?1",
                 [id as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(Error::sql(what.clone()))?;
-        let Some((vm, owner, state, vault)) = job else { return Err(unknown_job(id)) };
-        if owner != host {
+        let Some((vm, owner, state, vault, by)) = job else { return Err(unknown_job(id)) };
+        // The agent that claimed the job, or the VM's host's when none did yet.
+        if by.as_deref().unwrap_or(&owner) != host {
             return Ok(ReportOutcome::NotYours);
         }
         let progress = report.progress.as_ref().map(|p| p.to_string());
@@ -338,6 +346,36 @@ impl Catalogue {
         now: Timestamp,
     ) -> Result<ReportOutcome, Error> {
         let what = format!("recording agent {host}'s offline backup of VM {}", run.vm);
+        let policy: Option<Option<String>> = self
+            .conn
+            .query_row("SELECT policy FROM vms WHERE name = ?1", [&run.vm], |r| r.get(0))
+            .optional()
+            .map_err(Error::sql(what.clone()))?;
+        // Only a time of the VM's own schedule, and not one ahead of the coordinator's clock:
+        // an agent cannot fill the catalogue with jobs of its choosing.
+        let at = run.scheduled_at;
+        let Some(policy) = policy else {
+            return Err(Error::Unknown {
+                kind: "VM",
+                name: run.vm.clone(),
+                hint: "list VMs with `vms`",
+            });
+        };
+        let on_schedule = match policy {
+            Some(name) => {
+                let schedule = self.policy(&name)?.schedule;
+                let just_before =
+                    at.checked_sub(jiff::SignedDuration::from_millis(1)).unwrap_or(at);
+                schedule.next_after(just_before) == Some(at)
+            }
+            None => false,
+        };
+        if !on_schedule || at > now {
+            return Ok(ReportOutcome::Invalid(format!(
+                "{at} is not a past scheduled time of VM {}'s policy",
+                run.vm
+            )));
+        }
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
         let vm: Option<(String, String)> = tx
             .query_row("SELECT host, vault FROM vms WHERE name = ?1", [&run.vm], |r| {
@@ -472,4 +510,93 @@ fn insert_point(
         ],
     )
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{VmRecord, dispatch, plan};
+
+    const DAILY: &str = "name = \"daily\"\n[schedule]\nkind = \"daily\"\ntimes = [\"02:00\"]\n[retention]\nkeep-daily = 7\n";
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn setup(dir: &tempfile::TempDir) -> Catalogue {
+        let mut c = Catalogue::open(&dir.path().join("c.db")).unwrap();
+        c.put_policy(DAILY, at("2026-06-01T00:00:00Z")).unwrap();
+        let vm = VmRecord {
+            name: "web-1".into(),
+            host: "kvm-1".into(),
+            datastore: "ds".into(),
+            vault: "v".into(),
+            policy: Some("daily".into()),
+            protected: true,
+            planned_until: at("2026-06-01T00:00:00Z"),
+        };
+        c.protect(&vm, at("2026-06-01T00:00:00Z")).unwrap();
+        c
+    }
+
+    fn point(id: &str) -> PointReport {
+        PointReport {
+            id: id.into(),
+            captured_at: at("2026-06-01T02:01:00Z"),
+            consistency: "crash".into(),
+            ..PointReport::default()
+        }
+    }
+
+    #[test]
+    fn a_job_stays_with_the_agent_that_claimed_it_when_its_vm_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-01T03:00:00Z");
+        plan(&mut c, now).unwrap();
+        dispatch(&mut c, &cairn_policy::Limits::default(), now).unwrap();
+        let job = c.claim("kvm-1", &[], now).unwrap().jobs[0].clone();
+        assert_eq!(job.catalogue, c.id());
+        // The VM moves to kvm-2 while kvm-1 runs its job.
+        let mut moved = c.vms().unwrap()[0].clone();
+        moved.host = "kvm-2".into();
+        c.protect(&moved, now).unwrap();
+        let other = c.claim("kvm-2", &[], now).unwrap();
+        assert!(other.jobs.is_empty(), "not handed to a second host: {other:?}");
+        let running = Report { state: "running".into(), ..Report::default() };
+        assert_eq!(c.report("kvm-2", job.id, &running, now).unwrap(), ReportOutcome::NotYours);
+        // kvm-1 still owns it: its report is taken, and its poll is not told to stop.
+        assert_eq!(c.report("kvm-1", job.id, &running, now).unwrap(), ReportOutcome::Recorded);
+        assert!(c.claim("kvm-1", &[job.id], now).unwrap().cancel.is_empty());
+        let done = Report { state: "done".into(), point: Some(point("p1")), ..Report::default() };
+        assert_eq!(c.report("kvm-1", job.id, &done, now).unwrap(), ReportOutcome::Recorded);
+    }
+
+    #[test]
+    fn an_offline_backup_is_taken_only_for_a_past_time_of_the_vms_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-03T03:00:00Z");
+        let run =
+            |t: &str| OfflineRun { vm: "web-1".into(), scheduled_at: at(t), point: point("p") };
+        for bad in ["2026-06-02T02:00:01Z", "2026-06-02T13:00:00Z", "2026-06-04T02:00:00Z"] {
+            let outcome = c.record_offline("kvm-1", &run(bad), now).unwrap();
+            assert!(matches!(outcome, ReportOutcome::Invalid(_)), "{bad}: {outcome:?}");
+        }
+        assert_eq!(
+            c.record_offline("kvm-2", &run("2026-06-02T02:00:00Z"), now).unwrap(),
+            ReportOutcome::NotYours
+        );
+        assert_eq!(
+            c.record_offline("kvm-1", &run("2026-06-02T02:00:00Z"), now).unwrap(),
+            ReportOutcome::Recorded
+        );
+        let jobs = c.jobs(Some("web-1")).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].state, crate::JobState::Done);
+        assert_eq!(c.points(Some("web-1")).unwrap().len(), 1);
+        // Reported again (a lost answer): nothing doubles.
+        c.record_offline("kvm-1", &run("2026-06-02T02:00:00Z"), now).unwrap();
+        assert_eq!(c.points(Some("web-1")).unwrap().len(), 1);
+    }
 }

@@ -120,9 +120,9 @@ pub(crate) fn authorize(
 }
 
 pub(crate) fn lock(api: &Shared) -> Result<std::sync::MutexGuard<'_, Catalogue>, ApiError> {
-    api.catalogue
-        .lock()
-        .map_err(|_| refuse(StatusCode::INTERNAL_SERVER_ERROR, "the catalogue lock is poisoned"))
+    // A panic while the lock was held rolled its transaction back (rusqlite's transactions
+    // roll back when dropped): the catalogue is consistent, and the service goes on.
+    Ok(api.catalogue.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 async fn health(State(api): State<Api>) -> Result<Json<Value>, ApiError> {

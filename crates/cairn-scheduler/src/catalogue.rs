@@ -110,17 +110,30 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      ALTER TABLE points ADD COLUMN duration_ms INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX points_by_time ON points (vm, captured_at);
      ALTER TABLE alerts ADD COLUMN notified_at INTEGER;",
+    // 4: the catalogue's own id (written into every point's origin with the job id, so that a
+    // catalogue made again cannot mistake an old point for its job's), which agent claimed a
+    // job, the policy a job was planned from (none for a back-up-now), when it started.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     INSERT INTO meta (key, value) VALUES ('catalogue-id', lower(hex(randomblob(16))));
+     ALTER TABLE jobs ADD COLUMN started_at INTEGER;
+     ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+     ALTER TABLE jobs ADD COLUMN policy TEXT;
+     UPDATE jobs SET policy = (SELECT policy FROM vms WHERE vms.name = jobs.vm)
+         WHERE retain_until IS NULL;",
 ];
 
 /// The coordinator's database, held exclusively.
 pub struct Catalogue {
     pub(crate) conn: Connection,
     path: String,
+    id: String,
 }
 
 /// What a planning pass decided for one VM.
 pub(crate) struct VmPlan {
     pub(crate) vm: String,
+    /// Its policy.
+    pub(crate) policy: String,
     /// The job to queue: its scheduled time and its jittered start.
     pub(crate) job: Option<(Timestamp, Timestamp)>,
     /// Scheduled times missed.
@@ -248,6 +261,10 @@ pub struct JobRecord {
     pub attempt: u32,
     /// The agent's last progress report (per disk).
     pub progress: Option<serde_json::Value>,
+    /// When the dispatcher started it.
+    pub started_at: Option<Timestamp>,
+    /// When it ended.
+    pub finished_at: Option<Timestamp>,
 }
 
 pub(crate) fn ts(t: Timestamp) -> i64 {
@@ -283,8 +300,12 @@ impl Catalogue {
         conn.pragma_update(None, "foreign_keys", "ON").map_err(busy)?;
         // A write transaction takes the exclusive lock, kept until the connection closes.
         conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;").map_err(busy)?;
-        let mut catalogue = Catalogue { conn, path: name };
+        let mut catalogue = Catalogue { conn, path: name, id: String::new() };
         catalogue.migrate()?;
+        catalogue.id = catalogue
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'catalogue-id'", [], |r| r.get(0))
+            .map_err(Error::sql("reading the catalogue's id"))?;
         Ok(catalogue)
     }
 
@@ -307,6 +328,11 @@ impl Catalogue {
             tracing::info!(version = n + 1, "catalogue migrated");
         }
         Ok(())
+    }
+
+    /// The catalogue's id, random, made with it: points record it with their job id.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The schema version.
@@ -427,8 +453,8 @@ impl Catalogue {
             let mut job = tx
                 .prepare_cached(
                     "INSERT OR IGNORE INTO jobs
-                         (vm, kind, scheduled_at, start_at, state, created_at, updated_at)
-                     VALUES (?1, 'backup', ?2, ?3, 'queued', ?4, ?4)",
+                         (vm, kind, scheduled_at, start_at, state, created_at, updated_at, policy)
+                     VALUES (?1, 'backup', ?2, ?3, 'queued', ?4, ?4, ?5)",
                 )
                 .map_err(Error::sql(what))?;
             let mut alert = tx
@@ -443,7 +469,7 @@ impl Catalogue {
             for p in plans {
                 if let Some((scheduled, start)) = p.job {
                     added += job
-                        .execute(params![p.vm, ts(scheduled), ts(start), ts(now)])
+                        .execute(params![p.vm, ts(scheduled), ts(start), ts(now), p.policy])
                         .map_err(Error::sql(what))?;
                 }
                 if let (Some(first), Some(last)) = (p.missed.first(), p.missed.last()) {
@@ -527,7 +553,7 @@ impl Catalogue {
             let mut start = tx
                 .prepare_cached(
                     "UPDATE jobs SET state = 'running', attempt = attempt + 1, reason = NULL,
-                         updated_at = ?2 WHERE id = ?1 AND state = 'queued'",
+                         started_at = ?2, updated_at = ?2 WHERE id = ?1 AND state = 'queued'",
                 )
                 .map_err(Error::sql(what))?;
             for id in started {
@@ -678,7 +704,7 @@ impl Catalogue {
             .conn
             .prepare(
                 "SELECT id, vm, kind, scheduled_at, start_at, state, reason, phase, attempt,
-                        progress FROM jobs
+                        progress, started_at, finished_at FROM jobs
                  WHERE ?1 IS NULL OR vm = ?1 ORDER BY scheduled_at, id",
             )
             .map_err(Error::sql("listing jobs"))?;
@@ -704,6 +730,8 @@ impl Catalogue {
                     progress: r
                         .get::<_, Option<String>>(9)?
                         .and_then(|p| serde_json::from_str(&p).ok()),
+                    started_at: r.get::<_, Option<i64>>(10)?.map(parse_ts).transpose()?,
+                    finished_at: r.get::<_, Option<i64>>(11)?.map(parse_ts).transpose()?,
                 })
             })
             .map_err(Error::sql("listing jobs"))?;

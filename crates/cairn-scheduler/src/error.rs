@@ -36,6 +36,9 @@ pub enum Error {
     /// A policy or schedule is invalid.
     #[error(transparent)]
     Policy(#[from] cairn_policy::Error),
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The HTTP server stopped with an error.
     #[error("the API server failed: {0}")]
     Serve(String),

@@ -19,6 +19,7 @@ mod metrics;
 mod plan;
 mod points;
 mod service;
+pub mod tls;
 mod webhook;
 
 pub use agents::{

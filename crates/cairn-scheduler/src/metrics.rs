@@ -57,9 +57,9 @@ pub fn render(catalogue: &crate::Catalogue, now: jiff::Timestamp) -> Result<Stri
     for p in &points {
         let e = per_vm.entry(&p.vm).or_default();
         e.points += 1;
-        e.scanned += p.bytes_scanned;
-        e.changed += p.bytes_changed;
-        e.stored += p.bytes_stored;
+        e.scanned = e.scanned.saturating_add(p.bytes_scanned);
+        e.changed = e.changed.saturating_add(p.bytes_changed);
+        e.stored = e.stored.saturating_add(p.bytes_stored);
         // Points come oldest first: the last one seen is the VM's latest.
         e.last_duration_ms = p.duration_ms;
         e.last_stored = p.bytes_stored;

@@ -44,7 +44,7 @@ pub fn plan(catalogue: &mut Catalogue, now: Timestamp) -> Result<PlanOutcome, Er
             None => (None, Vec::new()),
         };
         outcome.missed += missed.len();
-        plans.push(VmPlan { vm: vm.name, job, missed, until: now, next_at });
+        plans.push(VmPlan { vm: vm.name, policy: name.clone(), job, missed, until: now, next_at });
     }
     outcome.jobs_added = catalogue.record_plans(&plans, now)?;
     Ok(outcome)

@@ -1,4 +1,4 @@
-//! The coordinator as a service: the API on a listener, and once a second a pass that plans
+//! The coordinator as a service: the API on a listener, and every quarter second a pass that plans
 //! what policies make due and dispatches what may start.
 
 use std::future::Future;
@@ -10,6 +10,11 @@ pub use cairn_protocol::{Clock, FileClock, SystemClock};
 
 use crate::api::{Shared, router};
 use crate::{Catalogue, Error, dispatch, plan};
+
+/// How often the planning and dispatch pass runs: a job starts at most this late (plus the
+/// pass's own work; benches/coordinator_scale.sh measures it), and a pass with nothing due
+/// reads two indexes.
+pub const PASS_EVERY: Duration = Duration::from_millis(250);
 
 /// How the service runs.
 #[derive(Clone, Debug)]
@@ -32,14 +37,18 @@ impl Default for Settings {
     }
 }
 
-/// Serves the API on `listener` and runs the planning pass every second until `shutdown`.
-pub async fn serve(
+/// Serves the API on `listener` and runs the planning pass every [`PASS_EVERY`] until `shutdown`.
+pub async fn serve<L>(
     catalogue: Catalogue,
-    listener: tokio::net::TcpListener,
+    listener: L,
     clock: Arc<dyn Clock>,
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+) -> Result<(), Error>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let shared = Arc::new(Shared {
         catalogue: Mutex::new(catalogue),
         clock,
@@ -48,20 +57,28 @@ pub async fn serve(
     });
     let ticker = shared.clone();
     let pass = tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
+        let mut every = tokio::time::interval(PASS_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             every.tick().await;
-            let started = match ticker.catalogue.lock() {
-                Ok(mut catalogue) => one_pass(&mut catalogue, &ticker),
-                Err(_) => return,
+            let started = {
+                let mut catalogue = ticker.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+                one_pass(&mut catalogue, &ticker)
             };
             if started {
                 ticker.wakeup.notify_waiters();
             }
-            if let Some(url) = &ticker.settings.webhook {
-                crate::webhook::send(&ticker, url).await;
-            }
+        }
+    });
+    // Alerts go out on their own loop: a slow receiver must not delay a dispatch.
+    let sender = shared.clone();
+    let hook = tokio::spawn(async move {
+        let Some(url) = sender.settings.webhook.clone() else { return };
+        let mut every = tokio::time::interval(Duration::from_secs(2));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            crate::webhook::send(&sender, &url).await;
         }
     });
     let served = axum::serve(listener, router(shared))
@@ -69,15 +86,16 @@ pub async fn serve(
         .await
         .map_err(|e| Error::Serve(e.to_string()));
     pass.abort();
+    hook.abort();
     served
 }
 
 /// Plans, dispatches and fails the jobs of silent agents; true if jobs started.
 fn one_pass(catalogue: &mut Catalogue, shared: &Shared) -> bool {
     let now = shared.clock.now();
-    let silent_since = now
-        - jiff::SignedDuration::try_from(shared.settings.agent_timeout)
-            .unwrap_or(jiff::SignedDuration::from_secs(600));
+    let timeout = jiff::SignedDuration::try_from(shared.settings.agent_timeout)
+        .unwrap_or(jiff::SignedDuration::from_secs(600));
+    let silent_since = now.checked_sub(timeout).unwrap_or(jiff::Timestamp::MIN);
     let result = plan(catalogue, now).and_then(|p| {
         let d = dispatch(catalogue, &shared.settings.limits, now)?;
         let failed = catalogue.fail_silent(silent_since, now)?;

@@ -5,6 +5,7 @@
 //! host = "kvm-1"                       # the agent's name: the coordinator places VMs on it
 //! state-dir = "/var/lib/cairn"         # token, cached schedule, reports not yet delivered
 //! enroll-token-file = "/etc/cairn/enroll-token"  # read once, at the first contact
+//! coordinator-ca = "/etc/cairn/coordinator-ca.pem"  # for a coordinator with its own CA
 //! max-jobs = 2                         # jobs at once on this host
 //!
 //! [vms.web-1]                          # the VMs this host backs up, by the coordinator's name
@@ -35,6 +36,10 @@ pub struct AgentConfig {
     pub coordinator: String,
     /// The agent's name: its host's, as the coordinator places VMs.
     pub host: String,
+    /// A PEM certificate to trust for an https:// coordinator (its own CA, or its
+    /// certificate), besides the system's roots.
+    #[serde(default)]
+    pub coordinator_ca: Option<PathBuf>,
     /// Where the agent keeps its token, cached schedule and undelivered reports.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -124,6 +129,9 @@ impl AgentConfig {
                 "host = {:?}: 1 to 64 letters, digits, '-', '_' or '.'",
                 config.host
             )));
+        }
+        if config.coordinator_ca.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(bad("coordinator-ca: give an absolute path".into()));
         }
         if !config.state_dir.is_absolute() {
             return Err(bad(format!("state-dir = {:?}: give an absolute path", config.state_dir)));

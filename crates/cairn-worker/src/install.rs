@@ -129,18 +129,33 @@ enroll-token-file = \"/{ENROLL}\"
     )
 }
 
+/// Writes `path` whole: a temporary file beside it, synced, renamed over, the folder synced.
+/// A full disk or a crash leaves the old file or none, never a truncated one.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let tmp = path.with_extension("cairn-tmp");
+    let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(Error::io("creating", path))?;
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(Error::io("setting the mode of", path))?;
-    file.write_all(bytes).map_err(Error::io("writing", path))?;
-    file.sync_all().map_err(Error::io("syncing", path))
+        .open(&tmp)
+        .map_err(Error::io("creating", &tmp))?;
+    let written = file
+        .set_permissions(Permissions::from_mode(mode))
+        .and_then(|()| file.write_all(bytes))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io("writing", path)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(Error::io("replacing", path))?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 fn read_record(root: &Path) -> Result<Option<Record>, Error> {
@@ -159,10 +174,7 @@ fn read_record(root: &Path) -> Result<Option<Record>, Error> {
 
 fn save_record(root: &Path, record: &Record) -> Result<(), Error> {
     let path = under(root, RECORD);
-    let tmp = path.with_extension("json.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    write_file(&tmp, &serde_json::to_vec_pretty(record).unwrap_or_default(), 0o600)?;
-    std::fs::rename(&tmp, &path).map_err(Error::io("replacing", &path))
+    write_file(&path, &serde_json::to_vec_pretty(record).unwrap_or_default(), 0o600)
 }
 
 /// Whether systemd manages this root (it is `/` and systemd runs).
@@ -263,6 +275,19 @@ pub fn install(root: &Path, options: &InstallOptions) -> Result<Vec<Step>, Error
             Ok(_) => {
                 let mine = recorded(&record, rel);
                 let same = std::fs::read(&path).map(|b| b == text.as_bytes()).unwrap_or(false);
+                // A new enrollment token replaces the one install wrote (used or not).
+                if rel == ENROLL && mine && !same {
+                    write_file(&path, text.as_bytes(), mode)?;
+                    record.changes.retain(|c| c.path != shown(rel));
+                    record.changes.push(Change {
+                        kind: "file".into(),
+                        path: shown(rel),
+                        sha256: Some(sha(text.as_bytes())),
+                    });
+                    save_record(root, &record)?;
+                    steps.push(step("replaced", &shown(rel), None));
+                    continue;
+                }
                 let note = match (rel, same, mine) {
                     (_, true, _) => None,
                     (CONFIG, false, _) => Some("exists: your configuration is kept"),
@@ -341,8 +366,11 @@ pub fn uninstall(root: &Path) -> Result<Vec<Step>, Error> {
                 Ok(_) => steps.push(step("kept", &change.path, Some("changed since install"))),
                 Err(_) => steps.push(step("gone", &change.path, Some("already removed"))),
             },
-            "dir" if rel == STATE || rel.starts_with(&format!("{STATE}/")) => {
-                match std::fs::remove_dir_all(&path) {
+            "dir" if rel == STATE => {
+                // Only the worker's own files: the folder may hold others' (the fleecing
+                // folder of live VMs, with the state a killed run left for its undo).
+                let removed = crate::state::remove_own_files(&path);
+                match std::fs::remove_dir(&path) {
                     Ok(()) => steps.push(step(
                         "removed",
                         &change.path,
@@ -351,7 +379,12 @@ pub fn uninstall(root: &Path) -> Result<Vec<Step>, Error> {
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         steps.push(step("gone", &change.path, None))
                     }
-                    Err(e) => return Err(Error::io("removing", &path)(e)),
+                    Err(_) => {
+                        let note = format!(
+                            "{removed} file(s) of the agent's removed; it holds others (a fleecing folder?), kept"
+                        );
+                        steps.push(step("kept", &change.path, Some(&note)))
+                    }
                 }
             }
             "dir" => {

@@ -71,7 +71,14 @@ impl State {
             .map_err(Error::io("writing", &tmp))?;
         file.write_all(bytes).map_err(Error::io("writing", &tmp))?;
         file.sync_all().map_err(Error::io("syncing", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(Error::io("replacing", &path))
+        std::fs::rename(&tmp, &path).map_err(Error::io("replacing", &path))?;
+        // The rename itself made durable: a power cut after it keeps the new file.
+        if let Some(dir) = path.parent()
+            && let Ok(dir) = std::fs::File::open(dir)
+        {
+            let _ = dir.sync_all();
+        }
+        Ok(())
     }
 
     fn read<T: DeserializeOwned + Default>(&self, name: &str) -> T {
@@ -173,6 +180,39 @@ impl State {
     pub fn report_delivered(&self, job: u64) {
         let _ = std::fs::remove_file(self.dir.join(REPORTS).join(format!("{job}.json")));
     }
+}
+
+/// Removes the worker's own files from the state folder `dir` (never anything else); returns
+/// how many.
+pub(crate) fn remove_own_files(dir: &Path) -> usize {
+    let mut removed = 0;
+    let own = |name: &str| {
+        [TOKEN, SCHEDULE, PLANNED, OFFLINE]
+            .iter()
+            .any(|f| name == *f || name == format!("{f}.tmp") || name == format!("{f}.bad"))
+    };
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if own(&name) && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    let reports = dir.join(REPORTS);
+    if let Ok(entries) = std::fs::read_dir(&reports) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let report = name.strip_suffix(".json").or_else(|| name.strip_suffix(".json.tmp"));
+            if report.is_some_and(|n| n.parse::<u64>().is_ok())
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(&reports);
+    removed
 }
 
 #[cfg(test)]

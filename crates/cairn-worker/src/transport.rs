@@ -34,9 +34,19 @@ pub struct HttpTransport {
 const MAX_ANSWER: usize = 4 << 20;
 
 impl HttpTransport {
-    /// A transport to the coordinator at `base` (its URL).
-    pub fn new(base: &str) -> Result<HttpTransport, Error> {
-        let client = reqwest::Client::builder()
+    /// A transport to the coordinator at `base` (its URL), trusting `ca` (PEM) besides the
+    /// system's roots.
+    pub fn new(base: &str, ca: Option<&std::path::Path>) -> Result<HttpTransport, Error> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(Error::io("reading", ca))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| Error::Config {
+                path: ca.to_owned(),
+                message: format!("not a PEM certificate: {e}"),
+            })?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
             .connect_timeout(Duration::from_secs(10))
             // A poll is held up to a minute; anything longer is a dead connection.
             .timeout(Duration::from_secs(90))

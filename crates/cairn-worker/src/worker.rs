@@ -24,6 +24,8 @@ use crate::{AgentConfig, Error, State, Transport};
 pub struct Task {
     /// The coordinator's job id (`None`: run from the cached schedule).
     pub job: Option<u64>,
+    /// The coordinator's catalogue, by its id (job ids are numbered per catalogue).
+    pub catalogue: Option<String>,
     /// The VM, by the coordinator's name (the agent's configuration says what it is).
     pub vm: String,
     /// The vault, by the coordinator's name.
@@ -42,6 +44,7 @@ impl From<&JobOrder> for Task {
     fn from(o: &JobOrder) -> Task {
         Task {
             job: Some(o.id),
+            catalogue: Some(o.catalogue.clone()),
             vm: o.vm.clone(),
             vault: o.vault.clone(),
             scheduled_at: o.scheduled_at,
@@ -111,8 +114,13 @@ pub struct Worker {
     clock: Arc<dyn Clock>,
     /// Running tasks by job id (coordinator jobs) with their stop switch.
     running: Arc<Mutex<HashMap<u64, watch::Sender<bool>>>>,
+    /// Jobs the coordinator ended while they still run here: not listed in polls any more
+    /// (the coordinator would answer at once, again and again, until they stop).
+    cancelled: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// VMs with a task running (one at a time per VM).
     busy: Arc<Mutex<Vec<String>>>,
+    /// Held while `offline.json` is read, changed and written.
+    offline: Mutex<()>,
     slots: Arc<Semaphore>,
 }
 
@@ -151,7 +159,9 @@ impl Worker {
             runner,
             clock,
             running: Arc::default(),
+            cancelled: Arc::default(),
             busy: Arc::default(),
+            offline: Mutex::new(()),
             slots,
         }
     }
@@ -159,18 +169,20 @@ impl Worker {
     /// The agent's token: kept from an earlier enrollment, or got now with the enrollment
     /// token (retried with backoff while the coordinator cannot be reached).
     pub async fn token(&self) -> Result<String, Error> {
-        if let Some(token) = self.state.token() {
-            return Ok(token);
-        }
         let file = self
             .config
             .enroll_token_file
             .clone()
             .unwrap_or_else(|| self.state.dir().join("enroll-token"));
-        let enrollment = std::fs::read_to_string(&file).map_err(|_| Error::NotEnrolled {
-            host: self.config.host.clone(),
-            path: file.clone(),
-        })?;
+        // An enrollment token present means (re-)enroll: it is removed once used.
+        let saved = self.state.token();
+        let enrollment = match (std::fs::read_to_string(&file), saved) {
+            (Ok(e), _) if !e.trim().is_empty() => e,
+            (_, Some(token)) => return Ok(token),
+            _ => {
+                return Err(Error::NotEnrolled { host: self.config.host.clone(), path: file });
+            }
+        };
         let mut backoff = Backoff(Backoff::FIRST);
         let enrolled = loop {
             match self.transport.enroll(enrollment.trim()).await {
@@ -179,7 +191,18 @@ impl Worker {
                     tracing::warn!("enrolling: {e}; retrying");
                     tokio::time::sleep(backoff.next()).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => match self.state.token() {
+                    // A used or expired enrollment left behind, and a token of our own.
+                    Some(token) => {
+                        tracing::warn!(
+                            "{e}: {} is set aside, the agent's own token is used",
+                            file.display()
+                        );
+                        let _ = std::fs::remove_file(&file);
+                        return Ok(token);
+                    }
+                    None => return Err(e),
+                },
             }
         };
         if enrolled.name != self.config.host {
@@ -256,6 +279,8 @@ impl Worker {
     fn running_ids(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = lock(&self.running).keys().copied().collect();
         ids.extend(self.state.pending_reports().into_keys());
+        let cancelled = lock(&self.cancelled);
+        ids.retain(|id| !cancelled.contains(id));
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -274,6 +299,7 @@ impl Worker {
             tracing::warn!("keeping the planned times: {e}");
         }
         for id in &orders.cancel {
+            lock(&self.cancelled).insert(*id);
             if let Some(stop) = lock(&self.running).get(id) {
                 tracing::warn!(job = id, "the coordinator ended the job: stopping it");
                 let _ = stop.send(true);
@@ -315,7 +341,6 @@ impl Worker {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let result = self.outcome(token, &task, stop).await;
-        lock(&self.busy).retain(|v| v != &task.vm);
         match task.job {
             Some(id) => {
                 let report = match result {
@@ -337,6 +362,7 @@ impl Worker {
             }
             None => match result {
                 Ok(point) => {
+                    let _held = lock(&self.offline);
                     let mut runs = self.state.offline();
                     runs.push(OfflineRecord {
                         vm: task.vm.clone(),
@@ -344,9 +370,16 @@ impl Worker {
                         point,
                         delivered: false,
                     });
-                    // The newest hundred are enough to recognise a job the coordinator plans later.
-                    let excess = runs.len().saturating_sub(100);
-                    runs.drain(..excess);
+                    // The newest hundred delivered ones are enough to recognise a job the
+                    // coordinator plans later.
+                    // Undelivered ones stay until delivered.
+                    let delivered = runs.iter().filter(|r| r.delivered).count();
+                    let mut excess = delivered.saturating_sub(100);
+                    runs.retain(|r| {
+                        let drop = r.delivered && excess > 0;
+                        excess -= usize::from(drop);
+                        !drop
+                    });
                     if let Err(e) = self.state.save_offline(&runs) {
                         tracing::error!(vm = %task.vm, "keeping the offline backup's record: {e}");
                     }
@@ -354,6 +387,9 @@ impl Worker {
                 Err(reason) => tracing::error!(vm = %task.vm, "offline backup failed: {reason}"),
             },
         }
+        // The VM is free again only once its outcome is recorded, so that a job for the same
+        // time waiting behind an offline backup finds its record.
+        lock(&self.busy).retain(|v| v != &task.vm);
     }
 
     /// Runs the task, or answers from the offline backup already made for the same VM and
@@ -388,7 +424,8 @@ impl Worker {
                         progress: value,
                         ..Report::default()
                     };
-                    if let Err(Error::Refused { status: 410, .. }) =
+                    // Ended (410) or no longer this agent's (403): stop.
+                    if let Err(Error::Refused { status: 403 | 410, .. }) =
                         transport.report(&token, id, &report).await
                         && let Some(stop) = &stop
                     {
@@ -407,15 +444,14 @@ impl Worker {
     async fn deliver_report(&self, token: &str, id: u64, report: &Report) {
         match self.transport.report(token, id, report).await {
             Ok(()) => self.state.report_delivered(id),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(job = id, "{e}: the report is kept and sent again");
-            }
-            Err(e) => {
-                // The coordinator has its answer (the job ended, or is not this host's):
-                // sending it again would change nothing.
+            // The coordinator has its answer (the job is unknown, another agent's, has its
+            // point, or ended): sending it again would change nothing.
+            Err(e @ Error::Refused { status: 403 | 404 | 409 | 410, .. }) => {
                 tracing::warn!(job = id, "{e}");
                 self.state.report_delivered(id);
             }
+            // Anything else (unreachable, refused for now): kept and sent again.
+            Err(e) => tracing::warn!(job = id, "{e}: the report is kept and sent again"),
         }
     }
 
@@ -427,28 +463,41 @@ impl Worker {
                 self.deliver_report(token, id, &report).await;
             }
         }
-        let mut runs = self.state.offline();
-        let mut changed = false;
-        for run in runs.iter_mut().filter(|r| !r.delivered) {
+        let undelivered: Vec<OfflineRecord> = {
+            let _held = lock(&self.offline);
+            self.state.offline().into_iter().filter(|r| !r.delivered).collect()
+        };
+        let mut sent = Vec::new();
+        for run in undelivered {
             let body = OfflineRun {
                 vm: run.vm.clone(),
                 scheduled_at: run.scheduled_at,
                 point: run.point.clone(),
             };
             match self.transport.offline(token, &body).await {
-                Ok(()) => {
-                    run.delivered = true;
-                    changed = true;
-                }
-                Err(e) if e.is_transient() => return,
-                Err(e) => {
+                Ok(()) => sent.push((run.vm, run.scheduled_at)),
+                Err(e @ Error::Refused { status: 403 | 404, .. }) => {
                     tracing::warn!(vm = %run.vm, "the coordinator refused the offline backup: {e}");
-                    run.delivered = true;
-                    changed = true;
+                    sent.push((run.vm, run.scheduled_at));
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %run.vm, "{e}: the offline backup is reported again later");
+                    break;
                 }
             }
         }
-        if changed && let Err(e) = self.state.save_offline(&runs) {
+        if sent.is_empty() {
+            return;
+        }
+        // Read again: a backup may have finished while the reports were on their way.
+        let _held = lock(&self.offline);
+        let mut runs = self.state.offline();
+        for run in runs.iter_mut() {
+            if sent.iter().any(|(vm, at)| *vm == run.vm && *at == run.scheduled_at) {
+                run.delivered = true;
+            }
+        }
+        if let Err(e) = self.state.save_offline(&runs) {
             tracing::warn!("{e}");
         }
     }
@@ -486,6 +535,7 @@ impl Worker {
                 token,
                 Task {
                     job: None,
+                    catalogue: None,
                     vm: entry.vm.clone(),
                     vault: entry.vault.clone(),
                     scheduled_at: at,

@@ -37,6 +37,10 @@ fn print_steps(steps: &[Step], json: bool) {
 pub fn install(args: InstallArgs, json: bool) -> anyhow::Result<Exit> {
     let host = match args.host {
         Some(h) => h,
+        // Under another root, this machine's name is not the host's.
+        None if args.root != std::path::Path::new("/") => {
+            anyhow::bail!("--root {} needs --host NAME", args.root.display())
+        }
         None => rustix::system::uname().nodename().to_string_lossy().into_owned(),
     };
     let enroll_token = match &args.enroll_token_file {
@@ -67,7 +71,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = AgentConfig::load(&args.agent_config)?;
     let state = State::open(&config.state_dir)?;
-    let transport = Arc::new(HttpTransport::new(&config.coordinator)?);
+    let transport =
+        Arc::new(HttpTransport::new(&config.coordinator, config.coordinator_ca.as_deref())?);
     let runner = Arc::new(BackupRunner { config: config.clone(), file: args.agent_config });
     let clock: Arc<dyn Clock> = match args.fake_clock {
         Some(path) => Arc::new(FileClock::new(path)),
@@ -151,8 +156,12 @@ impl Runner for BackupRunner {
         // A retried job: the point an earlier attempt committed is the job's, not a new one.
         if let Some(job) = task.job {
             let listing = vault.list_points(Some(&config.vm)).await.map_err(|e| e.to_string())?;
-            if let Some(m) =
-                listing.points.iter().find(|m| m.origin.as_ref().and_then(|o| o.job) == Some(job))
+            let same_job = |o: &Origin| {
+                o.job == Some(job)
+                    && o.catalogue == task.catalogue
+                    && o.scheduled_at == Some(task.scheduled_at)
+            };
+            if let Some(m) = listing.points.iter().find(|m| m.origin.as_ref().is_some_and(same_job))
             {
                 tracing::info!(job, point = %m.point, "the job committed its point in an earlier attempt");
                 return Ok(point_report(m));
@@ -161,6 +170,7 @@ impl Runner for BackupRunner {
         let mut options = super::backup::job_options(None, None).map_err(|e| format!("{e:#}"))?;
         options.retain_until = task.retain_until;
         options.origin = Some(Origin {
+            catalogue: task.catalogue.clone(),
             job: task.job,
             scheduled_at: Some(task.scheduled_at),
             policy: task.policy.clone(),
