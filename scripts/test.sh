@@ -43,9 +43,9 @@ export CAIRN_REQUIRE_GUEST=1
 # nbdinfo reads the same exports independently. These tests run as any user.
 missing=()
 # systemd-analyze checks the unit `cairn-agent install` writes (systemd need not run);
-# openssl makes the coordinator's test CA and certificate.
+# openssl makes the coordinator's test CA and certificate; headless chromium loads the dashboard.
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin \
-            systemd-analyze:systemd openssl:openssl; do
+            systemd-analyze:systemd openssl:openssl chromium:chromium; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

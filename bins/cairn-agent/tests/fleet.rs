@@ -454,6 +454,9 @@ fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
     );
     let alerts = fleet.cli(&["alerts"])["alerts"].as_array().unwrap().clone();
     assert!(alerts.iter().any(|a| a["kind"] == "failed-job" && a["vm"] == "vm-d"), "{alerts:?}");
+    // The dashboard, in headless Chromium, shows what the API says, in every view.
+    dashboard_matches_the_api(&fleet);
+
     // A revoked agent is refused: its agent stops, saying why.
     fleet.cli(&["agent", "revoke", "kvm-c"]);
     let agent = fleet.agents.iter_mut().find(|a| a.0 == "kvm-c").unwrap();
@@ -469,4 +472,86 @@ fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
     assert!(!status.success());
     let log = std::fs::read_to_string(dir.join("kvm-c/agent.log")).unwrap();
     assert!(log.contains("unknown or revoked agent token"), "{log}");
+}
+
+/// Headless Chromium (Debian `chromium`, installed by scripts/test.sh) on `url`: the DOM after
+/// the page's script ran, or a screenshot written to `png`.
+fn chromium(url: &str, png: Option<&Path>) -> String {
+    let mut command = Command::new("chromium");
+    command.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--virtual-time-budget=15000",
+        "--window-size=1280,720",
+    ]);
+    match png {
+        Some(png) => command.arg(format!("--screenshot={}", png.display())),
+        None => command.arg("--dump-dom"),
+    };
+    let out = command
+        .arg(url)
+        .output()
+        .expect("chromium (Debian chromium) is installed by scripts/test.sh");
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn dashboard_matches_the_api(fleet: &Fleet) {
+    let token = std::fs::read_to_string(fleet.dir.join("admin.token")).unwrap();
+    let vms = fleet.cli(&["vms"])["vms"].as_array().unwrap().clone();
+    let jobs = fleet.jobs();
+    let points = fleet.cli(&["points"])["points"].as_array().unwrap().clone();
+    let alerts = fleet.cli(&["alerts"])["alerts"].as_array().unwrap().clone();
+    let shots = std::env::var_os("CAIRN_SCREENSHOTS").map(PathBuf::from);
+    for view in ["vms", "jobs", "plots", "alerts"] {
+        let url = format!("{}/dashboard?view={view}#token={}", fleet.url(), token.trim());
+        let dom = chromium(&url, None);
+        assert!(dom.contains("data-loaded=\"yes\""), "{view}: the page did not load:\n{dom}");
+        match view {
+            "vms" => {
+                for vm in &vms {
+                    let row = format!(
+                        "data-vm=\"{}\" data-points=\"{}\" data-rpo=\"{}\"",
+                        vm["name"].as_str().unwrap(),
+                        vm["points"],
+                        vm["rpo_seconds"].as_i64().map(|r| r.to_string()).unwrap_or_default()
+                    );
+                    assert!(dom.contains(&row), "{view}: no row {row}");
+                }
+            }
+            "jobs" => {
+                for state in ["done", "failed", "running", "queued"] {
+                    let api = jobs.iter().filter(|j| j["state"] == state).count();
+                    let shown = dom.matches(&format!("data-state=\"{state}\"")).count();
+                    assert_eq!(shown, api, "{view}: {state} jobs");
+                }
+                let retried = jobs.iter().find(|j| j["attempt"] == 2).expect("kvm-a's retried job");
+                let row = format!(
+                    "data-job=\"{}\" data-state=\"done\" data-attempt=\"2\"",
+                    retried["id"]
+                );
+                assert!(dom.contains(&row), "{view}: {row}");
+            }
+            "plots" => {
+                for vm in ["vm-a", "vm-b", "stopped-c"] {
+                    let n = points.iter().filter(|p| p["vm"] == vm).count();
+                    let plot = format!("class=\"plot\" data-vm=\"{vm}\" data-points=\"{n}\"");
+                    assert!(dom.contains(&plot), "{view}: {plot}");
+                }
+            }
+            _ => {
+                let shown = dom.matches("data-kind=").count();
+                assert_eq!(shown, alerts.len(), "{view}: alerts");
+            }
+        }
+        let png = fleet.dir.join(format!("dashboard-{view}.png"));
+        chromium(&url, Some(&png));
+        let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+        assert!(size > 10_000, "{view}: a screenshot of {size} bytes");
+        if let Some(dir) = &shots {
+            std::fs::copy(&png, dir.join(format!("dashboard-{view}.png"))).unwrap();
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! | call | role |
 //! |---|---|
-//! | `GET /api/v1/health` | none |
+//! | `GET /api/v1/health`, `GET /` and `/dashboard` (the dashboard page, which holds no data) | none |
 //! | `GET /api/v1/policies`, `/vms`, `/jobs[?vm=NAME]`, `/points[?vm=NAME]`, `/alerts`, `/audit`, `/agents`, `/metrics` | viewer |
 //! | `PUT /api/v1/vms/NAME` (protect, change, stop protection) | operator |
 //! | `POST /api/v1/vms/NAME/backup` (back up now, `{"retain_until": TIME}`) | operator |
@@ -92,6 +92,8 @@ pub fn router(shared: Api) -> Router {
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{name}", axum::routing::delete(revoke_agent))
         .route("/metrics", get(crate::metrics::metrics))
+        .route("/", get(dashboard))
+        .route("/dashboard", get(dashboard))
         .merge(crate::agent_api::router())
         .with_state(shared)
 }
@@ -123,6 +125,21 @@ pub(crate) fn lock(api: &Shared) -> Result<std::sync::MutexGuard<'_, Catalogue>,
     // A panic while the lock was held rolled its transaction back (rusqlite's transactions
     // roll back when dropped): the catalogue is consistent, and the service goes on.
     Ok(api.catalogue.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// The dashboard: one static page that reads the API with the user's token (it holds no data
+/// itself, so it needs none to be served). Its script builds the page from text nodes only.
+async fn dashboard() -> Response {
+    let headers = [
+        (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (
+            axum::http::header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; frame-ancestors 'none'",
+        ),
+        (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    ];
+    (headers, include_str!("dashboard.html")).into_response()
 }
 
 async fn health(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
