@@ -245,13 +245,9 @@ async fn put_vm(
     Ok(Json(json!({ "name": name, "protected": vm.protected })))
 }
 
-/// The names the vault accepts for a VM (letters, digits, `-`, `_`, `.`; 1 to 64).
-fn cairn_format_name_ok(name: &str) -> Result<(), ()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok { Ok(()) } else { Err(()) }
+/// A name the vaults accept (`cairn_format::Name`: VMs, hosts, users alike).
+fn cairn_format_name_ok(name: &str) -> Result<cairn_format::Name, cairn_format::Error> {
+    name.parse()
 }
 
 async fn jobs(

@@ -97,12 +97,9 @@ fn default_poll_wait() -> u64 {
     25
 }
 
-/// The names the coordinator accepts for hosts, VMs and vaults.
+/// The names the coordinator accepts for hosts, VMs and vaults: those a vault accepts.
 pub(crate) fn name_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    name.parse::<cairn_format::Name>().is_ok()
 }
 
 impl AgentConfig {

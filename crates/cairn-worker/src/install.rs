@@ -177,6 +177,24 @@ fn save_record(root: &Path, record: &Record) -> Result<(), Error> {
     write_file(&path, &serde_json::to_vec_pretty(record).unwrap_or_default(), 0o600)
 }
 
+/// Writes the file `rel` under `root` and records it (with its SHA-256) before going on.
+fn write_recorded(
+    root: &Path,
+    record: &mut Record,
+    rel: &str,
+    text: &str,
+    mode: u32,
+) -> Result<(), Error> {
+    write_file(&under(root, rel), text.as_bytes(), mode)?;
+    record.changes.retain(|c| c.path != shown(rel));
+    record.changes.push(Change {
+        kind: "file".into(),
+        path: shown(rel),
+        sha256: Some(sha(text.as_bytes())),
+    });
+    save_record(root, record)
+}
+
 /// Whether systemd manages this root (it is `/` and systemd runs).
 fn systemd_runs(root: &Path) -> bool {
     root == Path::new("/") && Path::new("/run/systemd/system").is_dir()
@@ -277,14 +295,7 @@ pub fn install(root: &Path, options: &InstallOptions) -> Result<Vec<Step>, Error
                 let same = std::fs::read(&path).map(|b| b == text.as_bytes()).unwrap_or(false);
                 // A new enrollment token replaces the one install wrote (used or not).
                 if rel == ENROLL && mine && !same {
-                    write_file(&path, text.as_bytes(), mode)?;
-                    record.changes.retain(|c| c.path != shown(rel));
-                    record.changes.push(Change {
-                        kind: "file".into(),
-                        path: shown(rel),
-                        sha256: Some(sha(text.as_bytes())),
-                    });
-                    save_record(root, &record)?;
+                    write_recorded(root, &mut record, rel, &text, mode)?;
                     steps.push(step("replaced", &shown(rel), None));
                     continue;
                 }
@@ -302,14 +313,7 @@ pub fn install(root: &Path, options: &InstallOptions) -> Result<Vec<Step>, Error
                 steps.push(step(if same { "unchanged" } else { "kept" }, &shown(rel), note));
             }
             Err(_) => {
-                write_file(&path, text.as_bytes(), mode)?;
-                record.changes.retain(|c| c.path != shown(rel));
-                record.changes.push(Change {
-                    kind: "file".into(),
-                    path: shown(rel),
-                    sha256: Some(sha(text.as_bytes())),
-                });
-                save_record(root, &record)?;
+                write_recorded(root, &mut record, rel, &text, mode)?;
                 steps.push(step("created", &shown(rel), None));
             }
         }
