@@ -13,9 +13,6 @@ use zeroize::Zeroizing;
 /// The variable that may hold a passphrase (as restic's RESTIC_PASSWORD).
 pub const PASSPHRASE_VAR: &str = "CAIRN_PASSPHRASE";
 
-/// The largest key or passphrase file read.
-const MAX_SECRET_FILE: u64 = 4096;
-
 /// The passphrase `CAIRN_PASSPHRASE` held when the agent started.
 static ENV_PASSPHRASE: std::sync::OnceLock<Option<Zeroizing<Vec<u8>>>> = std::sync::OnceLock::new();
 
@@ -42,16 +39,8 @@ pub fn given(
     key_file: Option<&Path>,
     passphrase_file: Option<&Path>,
 ) -> anyhow::Result<Option<Credential>> {
-    if let Some(path) = key_file {
-        return Ok(Some(Credential::KeyFile(read_key_file(path)?)));
-    }
-    if let Some(path) = passphrase_file {
-        // The first line, as restic reads a password file: a passphrase from a file, the
-        // variable or the prompt is the same bytes.
-        let text = read_secret_file(path)?;
-        let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        return Ok(Some(Credential::Passphrase(Zeroizing::new(line.to_vec()))));
+    if let Some(credential) = Credential::from_files(key_file, passphrase_file)? {
+        return Ok(Some(credential));
     }
     let from_env = match ENV_PASSPHRASE.get() {
         Some(value) => value.clone(),
@@ -85,48 +74,6 @@ pub fn prompt_new(what: &str) -> anyhow::Result<Option<Credential>> {
         bail!("the two passphrases differ; nothing was changed");
     }
     Ok(Some(Credential::Passphrase(Zeroizing::new(first.as_bytes().to_vec()))))
-}
-
-/// A key file's secret: its bytes without trailing whitespace; a recovery key's groups are
-/// joined (dashes dropped).
-pub fn read_key_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let text = read_secret_file(path)?;
-    let joined: Vec<u8> = text.iter().copied().filter(|b| *b != b'-').collect();
-    if joined.len() == 64 && joined.iter().all(u8::is_ascii_hexdigit) {
-        return Ok(Zeroizing::new(joined.to_ascii_lowercase()));
-    }
-    Ok(text)
-}
-
-/// A secret file's bytes, trailing whitespace dropped: a regular file, at most 4 KiB.
-fn read_secret_file(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let meta = file.metadata().with_context(|| format!("reading {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{} is not a regular file", path.display());
-    }
-    warn_if_readable(path, &meta);
-    let mut bytes = Zeroizing::new(Vec::new());
-    file.take(MAX_SECRET_FILE + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_SECRET_FILE {
-        bail!("{} is larger than {MAX_SECRET_FILE} bytes: not a key file", path.display());
-    }
-    while bytes.last().is_some_and(u8::is_ascii_whitespace) {
-        bytes.pop();
-    }
-    Ok(bytes)
-}
-
-fn warn_if_readable(path: &Path, meta: &std::fs::Metadata) {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        tracing::warn!(
-            "key file {} has mode {mode:o}: other users may read the vault's key; `chmod 600` it",
-            path.display()
-        );
-    }
 }
 
 /// 32 random bytes as 64 lowercase hex digits.

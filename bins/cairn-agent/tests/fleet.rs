@@ -108,6 +108,8 @@ impl Fleet {
             .arg("--fake-clock")
             .arg(self.dir.join("clock"))
             .args(["--agent-timeout-seconds", "3600"])
+            .arg("--vaults")
+            .arg(self.dir.join("vaults.toml"))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(self.dir.join("coordinator.log")).unwrap())
             .spawn()
@@ -259,8 +261,17 @@ kind = "daily"
 times = ["02:00"]
 jitter-minutes = 10
 [retention]
-keep-daily = 3
+keep-daily = 4
 "#;
+
+/// The coordinator's vaults file: upkeep at 03:00, an hour after the backups; expired points
+/// wait an hour before they are purged.
+fn vaults_file(vault: &str) -> String {
+    format!(
+        "[upkeep]\ngrace-hours = 1\n[upkeep.schedule]\nkind = \"daily\"\ntimes = [\"03:00\"]\n\
+         [vaults.main]\nurl = {vault:?}\n"
+    )
+}
 
 fn backups<'a>(jobs: &'a [Value], vm: &str) -> Vec<&'a Value> {
     jobs.iter().filter(|j| j["vm"] == vm && j["kind"] == "backup").collect()
@@ -284,6 +295,7 @@ fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
         agents: vec![],
         vault,
     };
+    std::fs::write(dir.join("vaults.toml"), vaults_file(&fleet.vault)).unwrap();
     // After the day's backup time: the first scheduled backup is the next day's.
     fleet.set_clock("2026-06-01T03:00:00Z");
     fleet.start_coordinator();
@@ -457,6 +469,9 @@ fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
     // The dashboard, in headless Chromium, shows what the API says, in every view.
     dashboard_matches_the_api(&fleet);
 
+    retention_and_deletion_on_schedule(&mut fleet, &vms);
+    points_rescanned_from_the_vault(&fleet);
+
     // A revoked agent is refused: its agent stops, saying why.
     fleet.cli(&["agent", "revoke", "kvm-c"]);
     let agent = fleet.agents.iter_mut().find(|a| a.0 == "kvm-c").unwrap();
@@ -472,6 +487,205 @@ fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
     assert!(!status.success());
     let log = std::fs::read_to_string(dir.join("kvm-c/agent.log")).unwrap();
     assert!(log.contains("unknown or revoked agent token"), "{log}");
+}
+
+fn days_of(points: &[Value]) -> Vec<String> {
+    let mut days: Vec<String> =
+        points.iter().map(|p| p["captured_at"].as_str().unwrap()[..10].to_owned()).collect();
+    days.sort();
+    days
+}
+
+impl Fleet {
+    fn deleted_in_vault(&self, vm: &str) -> Vec<Value> {
+        let out = Command::new(agent_exe())
+            .args(["--json", "points", "--deleted", "--vault", &self.vault, "--vm", vm])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["points"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits for the upkeep run scheduled at `at` to end, and returns it.
+    fn upkeep_for(&self, at: &str) -> Value {
+        let mut found = Value::Null;
+        wait_until(self, &format!("the upkeep of {at}"), Duration::from_secs(120), |f| {
+            let runs = f.cli(&["upkeep", "list"])["runs"].as_array().unwrap().clone();
+            match runs.into_iter().find(|r| r["scheduled_at"] == at && r["state"] != "running") {
+                Some(r) => {
+                    found = r;
+                    true
+                }
+                None => false,
+            }
+        });
+        assert_eq!(found["state"], "done", "{found}");
+        found
+    }
+}
+
+/// Each point's fate in an upkeep report, for one VM: (day, fate).
+fn fates(run: &Value, vm: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = run["report"]["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["vm"] == vm)
+        .map(|p| {
+            (
+                p["captured_at"].as_str().unwrap()[..10].to_owned(),
+                p["fate"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Retention on schedule, point by point: the policy keeps the newest point of each of 4
+/// days; the coordinator's upkeep expires the fifth day back and a later one purges it and
+/// frees its space. Stopping a VM's protection with deletion removes its points, and its
+/// schedule stops.
+fn retention_and_deletion_on_schedule(fleet: &mut Fleet, vms: &[(&str, &str)]) {
+    // The upkeep of 06-05 03:00: four days of points, all kept.
+    fleet.set_clock("2026-06-05T03:30:00Z");
+    let run = fleet.upkeep_for("2026-06-05T03:00:00Z");
+    for (_, vm) in vms {
+        let all_kept: Vec<(String, String)> = ["02", "03", "04", "05"]
+            .iter()
+            .map(|d| (format!("2026-06-{d}"), "kept".to_owned()))
+            .collect();
+        assert_eq!(fates(&run, vm), all_kept, "{vm}: {run}");
+    }
+    // Day 5: a fifth point each; the upkeep an hour later expires the oldest.
+    // (stopped-c's change is its own: the vault holds it for stopped-c alone.)
+    for (host, vm) in vms {
+        change_disk(
+            &fleet.dir.join(host).join(format!("{vm}.raw")),
+            if *vm == "stopped-c" { 7 } else { 6 },
+        );
+    }
+    fleet.set_clock("2026-06-06T02:30:00Z");
+    wait_until(fleet, "the backups of 2026-06-06", Duration::from_secs(120), |f| {
+        let jobs = f.jobs();
+        vms.iter().all(|(_, vm)| {
+            backups(&jobs, vm).iter().any(|j| {
+                j["scheduled_at"].as_str().unwrap().starts_with("2026-06-06")
+                    && j["state"] == "done"
+            })
+        })
+    });
+    fleet.set_clock("2026-06-06T03:30:00Z");
+    let run = fleet.upkeep_for("2026-06-06T03:00:00Z");
+    for (_, vm) in vms {
+        let expected: Vec<(String, String)> =
+            [("02", "expired"), ("03", "kept"), ("04", "kept"), ("05", "kept"), ("06", "kept")]
+                .iter()
+                .map(|(d, f)| (format!("2026-06-{d}"), (*f).to_owned()))
+                .collect();
+        assert_eq!(fates(&run, vm), expected, "{vm}: {run}");
+        assert_eq!(
+            days_of(&fleet.points_in_vault(vm)),
+            ["2026-06-03", "2026-06-04", "2026-06-05", "2026-06-06"]
+        );
+        assert_eq!(days_of(&fleet.deleted_in_vault(vm)), ["2026-06-02"], "{vm}");
+        let in_catalogue = fleet.cli(&["points", "--vm", vm])["points"].as_array().unwrap().clone();
+        let expired: Vec<&Value> =
+            in_catalogue.iter().filter(|p| p["expired_at"].is_string()).collect();
+        assert_eq!(days_of(&expired.into_iter().cloned().collect::<Vec<_>>()), ["2026-06-02"]);
+    }
+    // An admin's upkeep once their hour of grace has passed: the expired points are purged
+    // (their blocks are still used by later points: the collector frees nothing yet).
+    fleet.set_clock("2026-06-06T05:00:00Z");
+    let now = fleet.cli(&["upkeep", "run", "--vault", "main"]);
+    let run = &now["upkeep"][0]["run"];
+    assert_eq!(run["state"], "done", "{now}");
+    assert_eq!(run["who"], "admin", "{now}");
+    for (_, vm) in vms {
+        assert_eq!(
+            fates(run, vm).into_iter().filter(|(_, f)| f == "purged").count(),
+            1,
+            "{vm}: {run}"
+        );
+        assert!(fleet.deleted_in_vault(vm).is_empty(), "{vm}");
+        let days = days_of(fleet.cli(&["points", "--vm", vm])["points"].as_array().unwrap());
+        assert_eq!(days, ["2026-06-03", "2026-06-04", "2026-06-05", "2026-06-06"], "{vm}");
+    }
+
+    // Stop protection of stopped-c, deleting its data: its points are soft-deleted at once,
+    // purged by the next upkeep, and its schedule no longer runs.
+    let stopped = fleet.cli(&["stop", "stopped-c", "--delete-data"]);
+    assert_eq!(stopped["deleted"].as_array().unwrap().len(), 4, "{stopped}");
+    assert!(fleet.points_in_vault("stopped-c").is_empty());
+    fleet.cli(&["upkeep", "run"]);
+    assert_eq!(fleet.deleted_in_vault("stopped-c").len(), 4, "in their hour of grace");
+    fleet.set_clock("2026-06-06T06:30:00Z");
+    let purge = fleet.cli(&["upkeep", "run"]);
+    // Day 5's change on stopped-c was in no other point: its pack goes, and its space.
+    let run = &purge["upkeep"][0]["run"];
+    assert_eq!(fates(run, "stopped-c").into_iter().filter(|(_, f)| f == "purged").count(), 4);
+    assert!(run["report"]["packs_deleted"].as_u64().unwrap() >= 1, "{run}");
+    assert!(run["report"]["bytes_freed"].as_u64().unwrap() > 0, "{run}");
+    assert!(fleet.deleted_in_vault("stopped-c").is_empty());
+    assert!(fleet.cli(&["points", "--vm", "stopped-c"])["points"].as_array().unwrap().is_empty());
+    fleet.set_clock("2026-06-07T02:30:00Z");
+    wait_until(fleet, "the backups of 2026-06-07", Duration::from_secs(120), |f| {
+        let jobs = f.jobs();
+        ["vm-a", "vm-b"].iter().all(|vm| {
+            backups(&jobs, vm).iter().any(|j| {
+                j["scheduled_at"].as_str().unwrap().starts_with("2026-06-07")
+                    && j["state"] == "done"
+            })
+        })
+    });
+    assert!(
+        !backups(&fleet.jobs(), "stopped-c")
+            .iter()
+            .any(|j| j["scheduled_at"].as_str().unwrap().starts_with("2026-06-07")),
+        "a VM whose protection stopped got a job"
+    );
+}
+
+/// A second coordinator on an empty catalogue rebuilds the points from the vault alone.
+fn points_rescanned_from_the_vault(fleet: &Fleet) {
+    let mut fresh = Fleet {
+        dir: fleet.dir.join("second"),
+        coordinator: fleet.coordinator.clone(),
+        port: free_port(),
+        server: None,
+        agents: vec![],
+        vault: fleet.vault.clone(),
+    };
+    std::fs::create_dir_all(&fresh.dir).unwrap();
+    std::fs::copy(fleet.dir.join("vaults.toml"), fresh.dir.join("vaults.toml")).unwrap();
+    std::fs::copy(fleet.dir.join("clock"), fresh.dir.join("clock")).unwrap();
+    fresh.start_coordinator();
+    assert!(fresh.cli(&["points"])["points"].as_array().unwrap().is_empty());
+    let rescan = fresh.cli(&["rescan"]);
+    let key = |p: &Value| {
+        (
+            p["vm"].as_str().unwrap().to_owned(),
+            p["point"].as_str().unwrap().to_owned(),
+            p["captured_at"].clone(),
+        )
+    };
+    let mut want: Vec<_> =
+        fleet.cli(&["points"])["points"].as_array().unwrap().iter().map(key).collect();
+    let mut got: Vec<_> =
+        fresh.cli(&["points"])["points"].as_array().unwrap().iter().map(key).collect();
+    want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    got.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(got, want, "{rescan}");
+    assert_eq!(rescan["rescan"][0]["added"].as_u64().unwrap() as usize, want.len(), "{rescan}");
+    // Another catalogue's jobs are not this one's: the points carry none.
+    assert!(
+        fresh.cli(&["points"])["points"].as_array().unwrap().iter().all(|p| p["job"].is_null())
+    );
+    // A second rescan changes nothing.
+    let again = fresh.cli(&["rescan"]);
+    assert_eq!(again["rescan"][0]["added"], 0, "{again}");
+    assert_eq!(again["rescan"][0]["removed"], 0, "{again}");
 }
 
 /// Headless Chromium (Debian `chromium`, installed by scripts/test.sh) on `url`: the DOM after

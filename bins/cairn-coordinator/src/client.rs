@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use crate::{AgentCommand, Command, PolicyCommand, UserCommand};
+use crate::{AgentCommand, Command, PolicyCommand, UpkeepCommand, UserCommand};
 
 /// The token: from `--token-file`, else CAIRN_TOKEN.
 fn token(file: Option<&Path>) -> anyhow::Result<String> {
@@ -125,6 +125,22 @@ pub async fn run(
             let path = format!("/api/v1/vms/{vm}/backup");
             (call(client, url, &token, post, &path, json_body(body)).await?, None)
         }
+        Command::Stop { vm, delete_data } => {
+            let body = json!({ "delete_data": delete_data });
+            let path = format!("/api/v1/vms/{vm}/stop");
+            (call(client, url, &token, post, &path, json_body(body)).await?, None)
+        }
+        Command::Upkeep(UpkeepCommand::Run { vault }) => {
+            let body = json!({ "vault": vault });
+            (call(client, url, &token, post, "/api/v1/upkeep", json_body(body)).await?, None)
+        }
+        Command::Upkeep(UpkeepCommand::List) => {
+            (call(client, url, &token, get, "/api/v1/upkeep", None).await?, Some("runs"))
+        }
+        Command::Rescan { vault } => {
+            let body = json!({ "vault": vault });
+            (call(client, url, &token, post, "/api/v1/rescan", json_body(body)).await?, None)
+        }
         Command::User(UserCommand::Add { name, role }) => {
             let body = json!({ "name": name, "role": role });
             (call(client, url, &token, post, "/api/v1/users", json_body(body)).await?, None)
@@ -190,14 +206,25 @@ fn line(key: &str, row: &Value) -> String {
             s("reason")
         ),
         "alerts" => format!("{}\t{}\t{}", s("kind"), s("vm"), s("message")),
-        "points" => format!(
-            "{}\t{}\t{}\t{}\tjob={}\tstored={}",
-            s("vm"),
-            s("point"),
-            s("captured_at"),
-            s("consistency"),
-            s("job"),
-            s("bytes_stored")
+        "points" => {
+            format!(
+                "{}\t{}\t{}\t{}\tjob={}\tstored={}",
+                s("vm"),
+                s("point"),
+                s("captured_at"),
+                s("consistency"),
+                s("job"),
+                s("bytes_stored")
+            ) + &row["expired_at"].as_str().map(|t| format!("\texpired {t}")).unwrap_or_default()
+        }
+        "runs" => format!(
+            "{}\t{}\t{}\t{}\t{}\t{}",
+            s("id"),
+            s("vault"),
+            s("scheduled_at"),
+            s("state"),
+            s("who"),
+            s("summary")
         ),
         "users" => format!("{}\t{}\trevoked={}", s("name"), s("role"), s("revoked")),
         "agents" => {

@@ -75,6 +75,11 @@ enum Command {
         /// POST each alert here as JSON.
         #[arg(long, value_name = "URL")]
         webhook: Option<String>,
+        /// The vaults the coordinator prunes and collects, with their keys and the upkeep
+        /// schedule (TOML; see docs/formats.md). Without it, no upkeep runs and rescan and
+        /// data deletion are refused.
+        #[arg(long, value_name = "FILE")]
+        vaults: Option<PathBuf>,
         /// Tests only: read the time from this file (RFC 3339) instead of the clock.
         #[arg(long, hide = true)]
         fake_clock: Option<PathBuf>,
@@ -115,6 +120,24 @@ enum Command {
         #[arg(long)]
         vm: Option<String>,
     },
+    /// Stops a VM's protection: its schedule no longer runs. Its points are kept, or with
+    /// --delete-data soft-deleted (purged by the upkeep after the grace time; admin only).
+    Stop {
+        /// The VM.
+        vm: String,
+        /// Also delete its recovery points.
+        #[arg(long)]
+        delete_data: bool,
+    },
+    /// Retention and space: prune and gc on the coordinator's vaults.
+    #[command(subcommand)]
+    Upkeep(UpkeepCommand),
+    /// Rebuilds the catalogue's points from the vaults (the vaults are the source of truth).
+    Rescan {
+        /// Only this vault (default: every vault of the vaults file).
+        #[arg(long)]
+        vault: Option<String>,
+    },
     /// Backs a VM up now, outside its schedule.
     Backup {
         /// The VM.
@@ -152,6 +175,19 @@ enum UserCommand {
         name: String,
     },
     /// Lists users.
+    List,
+}
+
+#[derive(Subcommand)]
+enum UpkeepCommand {
+    /// Prunes each VM by its policy and collects the space, now; prints what became of every
+    /// point.
+    Run {
+        /// Only this vault (default: every vault of the vaults file).
+        #[arg(long)]
+        vault: Option<String>,
+    },
+    /// Lists upkeep runs, newest first.
     List,
 }
 
@@ -218,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             allow_plain_http,
             agent_timeout_seconds,
             webhook,
+            vaults,
             fake_clock,
         } => {
             let tls = match (&tls_cert, &tls_key) {
@@ -232,6 +269,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let clock: Arc<dyn Clock> = match fake_clock {
                 Some(path) => Arc::new(FileClock::new(path)),
                 None => Arc::new(SystemClock),
+            };
+            let keeper = match &vaults {
+                Some(path) => {
+                    let file = cairn_upkeep::VaultsFile::load(path)?;
+                    let set = cairn_upkeep::VaultSet::new(&file, path)?;
+                    Some(cairn_scheduler::Keeper(Arc::new(set)))
+                }
+                None => None,
             };
             let mut catalogue = Catalogue::open(&db)?;
             if catalogue.user_count()? == 0 {
@@ -261,6 +306,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 agent_timeout: std::time::Duration::from_secs(agent_timeout_seconds),
                 webhook,
+                keeper,
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;

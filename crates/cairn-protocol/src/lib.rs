@@ -75,6 +75,23 @@ pub struct PointReport {
     pub duration_ms: u64,
 }
 
+impl PointReport {
+    /// The figures of a committed point, from its manifest.
+    pub fn of(m: &cairn_format::PointManifest) -> PointReport {
+        let sum = |f: fn(&cairn_format::DiskRecord) -> u64| m.disks.values().map(f).sum::<u64>();
+        PointReport {
+            id: m.point.to_string(),
+            captured_at: m.captured_at,
+            consistency: m.consistency.as_str().to_owned(),
+            size: sum(|d| d.size),
+            bytes_scanned: sum(|d| d.stats.bytes_scanned),
+            bytes_changed: sum(|d| d.stats.bytes_changed),
+            bytes_stored: sum(|d| d.stats.bytes_sent),
+            duration_ms: m.finished_at.duration_since(m.started_at).as_millis().max(0) as u64,
+        }
+    }
+}
+
 /// A backup an agent ran from its cached schedule while the coordinator was away.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -483,7 +483,7 @@ pub enum ReportOutcome {
     Invalid(String),
 }
 
-fn insert_point(
+pub(crate) fn insert_point(
     tx: &rusqlite::Transaction<'_>,
     vm: &str,
     vault: &str,

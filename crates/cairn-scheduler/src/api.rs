@@ -41,6 +41,8 @@ pub struct Shared {
     pub wakeup: tokio::sync::Notify,
     /// How the service runs.
     pub settings: Settings,
+    /// One lock per vault for prune, gc and deletions.
+    pub vault_locks: crate::vault_api::VaultLocks,
 }
 
 /// An error as the API answers it: a status and `{"error": ..., "field": ...}`.
@@ -95,6 +97,7 @@ pub fn router(shared: Api) -> Router {
         .route("/", get(dashboard))
         .route("/dashboard", get(dashboard))
         .merge(crate::agent_api::router())
+        .merge(crate::vault_api::router())
         .with_state(shared)
 }
 

@@ -120,6 +120,19 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      ALTER TABLE jobs ADD COLUMN policy TEXT;
      UPDATE jobs SET policy = (SELECT policy FROM vms WHERE vms.name = jobs.vm)
          WHERE retain_until IS NULL;",
+    // 5: retention and space on schedule: points soft-deleted in their vault, upkeep runs.
+    "ALTER TABLE points ADD COLUMN expired_at INTEGER; -- soft-deleted in the vault (NULL: live)
+     CREATE TABLE upkeep_runs (
+         id INTEGER PRIMARY KEY,
+         vault TEXT NOT NULL,
+         scheduled_at INTEGER NOT NULL,
+         started_at INTEGER NOT NULL,
+         finished_at INTEGER,
+         state TEXT NOT NULL,         -- running, done, failed
+         who TEXT NOT NULL,           -- schedule, or the user who asked
+         summary TEXT,                -- what it did, or why it failed
+         report TEXT                  -- JSON: each point's fate, what gc freed
+     );",
 ];
 
 /// The coordinator's database, held exclusively.

@@ -15,11 +15,14 @@ mod auth;
 mod catalogue;
 mod dispatch;
 mod error;
+mod keeper;
 mod metrics;
 mod plan;
 mod points;
 mod service;
 pub mod tls;
+mod upkeep;
+mod vault_api;
 mod webhook;
 
 pub use agents::{
@@ -31,5 +34,7 @@ pub use points::{JobCounts, PointRecord, VmStanding};
 pub use catalogue::{Catalogue, JobRecord, JobState, Role, VmRecord};
 pub use dispatch::{Dispatched, dispatch};
 pub use error::Error;
+pub use keeper::{Fate, FoundPoint, Keeper, PointFate, UpkeepReport, VaultKeeper};
 pub use plan::{PlanOutcome, plan};
 pub use service::{Clock, FileClock, Settings, SystemClock, serve};
+pub use upkeep::{RescanSummary, UpkeepRun, keep_everything};

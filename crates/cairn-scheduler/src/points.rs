@@ -34,6 +34,9 @@ pub struct PointRecord {
     pub bytes_stored: u64,
     /// How long the job took.
     pub duration_ms: u64,
+    /// Soft-deleted in the vault then (retention expired it, or its VM's data was deleted);
+    /// purged once its grace has passed.
+    pub expired_at: Option<Timestamp>,
 }
 
 /// A VM's standing: its last good point and how old that is.
@@ -51,7 +54,7 @@ pub struct VmStanding {
     pub last_point: Option<String>,
     /// Seconds since then (the recovery point objective actually met).
     pub rpo_seconds: Option<i64>,
-    /// Its points.
+    /// Its live points (not soft-deleted).
     pub points: u64,
     /// State of its latest job.
     pub last_job_state: Option<String>,
@@ -71,7 +74,7 @@ impl Catalogue {
             .conn
             .prepare(
                 "SELECT vm, point, job, tier, vault, captured_at, consistency, size,
-                        bytes_scanned, bytes_changed, bytes_stored, duration_ms
+                        bytes_scanned, bytes_changed, bytes_stored, duration_ms, expired_at
                  FROM points WHERE ?1 IS NULL OR vm = ?1 ORDER BY captured_at, vm",
             )
             .map_err(Error::sql("listing points"))?;
@@ -90,6 +93,7 @@ impl Catalogue {
                     bytes_changed: r.get::<_, i64>(9)?.unsigned_abs(),
                     bytes_stored: r.get::<_, i64>(10)?.unsigned_abs(),
                     duration_ms: r.get::<_, i64>(11)?.unsigned_abs(),
+                    expired_at: r.get::<_, Option<i64>>(12)?.map(parse_ts).transpose()?,
                 })
             })
             .map_err(Error::sql("listing points"))?;
@@ -135,10 +139,12 @@ impl Catalogue {
             .conn
             .prepare(
                 "SELECT v.name, v.policy, v.protected,
-                        (SELECT max(captured_at) FROM points p WHERE p.vm = v.name),
-                        (SELECT point FROM points p WHERE p.vm = v.name
+                        (SELECT max(captured_at) FROM points p
+                             WHERE p.vm = v.name AND p.expired_at IS NULL),
+                        (SELECT point FROM points p WHERE p.vm = v.name AND p.expired_at IS NULL
                              ORDER BY captured_at DESC LIMIT 1),
-                        (SELECT count(*) FROM points p WHERE p.vm = v.name),
+                        (SELECT count(*) FROM points p
+                             WHERE p.vm = v.name AND p.expired_at IS NULL),
                         (SELECT state FROM jobs j WHERE j.vm = v.name
                              ORDER BY scheduled_at DESC, id DESC LIMIT 1)
                  FROM vms v ORDER BY v.name",
@@ -162,6 +168,73 @@ impl Catalogue {
             })
             .map_err(Error::sql("reading the VMs' standing"))?;
         rows.collect::<Result<_, _>>().map_err(Error::sql("reading the VMs' standing"))
+    }
+
+    /// Raises an `rpo` alert for each protected VM whose newest live point is older than its
+    /// policy allows (one schedule interval plus the transfer deadline), once until a newer
+    /// point clears it. Returns the VMs newly alerted. A VM with no point yet is left to the
+    /// failed-job and missed-schedule alerts.
+    pub fn check_rpo(&mut self, now: Timestamp) -> Result<Vec<String>, Error> {
+        let what = "checking the VMs' recovery point objectives";
+        let rows: Vec<(String, String, Option<i64>, bool)> = {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT v.name, v.policy,
+                        (SELECT max(captured_at) FROM points p
+                             WHERE p.vm = v.name AND p.expired_at IS NULL),
+                        EXISTS (SELECT 1 FROM alerts a
+                             WHERE a.vm = v.name AND a.kind = 'rpo' AND a.cleared_at IS NULL)
+                     FROM vms v WHERE v.protected = 1 AND v.policy IS NOT NULL",
+                )
+                .map_err(Error::sql(what))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(Error::sql(what))?;
+            rows.collect::<Result<_, _>>().map_err(Error::sql(what))?
+        };
+        let mut raised = vec![];
+        let mut policies: std::collections::HashMap<String, Option<jiff::SignedDuration>> =
+            Default::default();
+        for (vm, policy, last, alerted) in rows {
+            let Some(last) = last.map(parse_ts).transpose().map_err(Error::sql(what))? else {
+                continue;
+            };
+            if !policies.contains_key(&policy) {
+                let allowed = self.policy(&policy).ok().and_then(|p| {
+                    let a = p.schedule.next_after(now)?;
+                    let b = p.schedule.next_after(a)?;
+                    b.duration_since(a).checked_add(p.transfer_deadline)
+                });
+                policies.insert(policy.clone(), allowed);
+            }
+            let Some(allowed) = policies[&policy] else { continue };
+            let age = now.duration_since(last);
+            if age > allowed && !alerted {
+                let message = format!(
+                    "VM {vm}'s newest point is {} h old; policy {policy} allows {} h (one \
+                     interval of its schedule plus its transfer deadline)",
+                    age.as_hours(),
+                    allowed.as_hours()
+                );
+                self.conn
+                    .execute(
+                        "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('rpo', ?1, ?2, ?3)",
+                        params![vm, message, ts(now)],
+                    )
+                    .map_err(Error::sql(what))?;
+                raised.push(vm);
+            } else if age <= allowed && alerted {
+                self.conn
+                    .execute(
+                        "UPDATE alerts SET cleared_at = ?2
+                         WHERE vm = ?1 AND kind = 'rpo' AND cleared_at IS NULL",
+                        params![vm, ts(now)],
+                    )
+                    .map_err(Error::sql(what))?;
+            }
+        }
+        Ok(raised)
     }
 
     /// Jobs counted per kind and state.

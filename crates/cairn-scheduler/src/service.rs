@@ -25,6 +25,9 @@ pub struct Settings {
     pub agent_timeout: Duration,
     /// Alerts are POSTed here as JSON, each once.
     pub webhook: Option<String>,
+    /// The coordinator's hands on its vaults (prune, gc, rescan, deletion); none: it holds
+    /// no vault keys, and those calls are refused.
+    pub keeper: Option<crate::Keeper>,
 }
 
 impl Default for Settings {
@@ -33,6 +36,7 @@ impl Default for Settings {
             limits: Limits::default(),
             agent_timeout: Duration::from_secs(600),
             webhook: None,
+            keeper: None,
         }
     }
 }
@@ -54,6 +58,7 @@ where
         clock,
         wakeup: tokio::sync::Notify::new(),
         settings,
+        vault_locks: Default::default(),
     });
     let ticker = shared.clone();
     let pass = tokio::spawn(async move {
@@ -81,12 +86,15 @@ where
             crate::webhook::send(&sender, &url).await;
         }
     });
+    // Upkeep and the RPO check: slow vault work, apart from the planning pass.
+    let upkeep = tokio::spawn(crate::vault_api::upkeep_loop(shared.clone()));
     let served = axum::serve(listener, router(shared))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| Error::Serve(e.to_string()));
     pass.abort();
     hook.abort();
+    upkeep.abort();
     served
 }
 

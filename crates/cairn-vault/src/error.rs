@@ -290,6 +290,16 @@ pub enum Error {
         /// The point asked for.
         point: PointId,
     },
+    /// A key or passphrase file cannot be used.
+    #[error(
+        "vault secret file {path} {reason}; give a readable file (mode 600) holding the key or passphrase"
+    )]
+    SecretFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The VM has no points at all.
     #[error("VM {vm} has no recovery points in this vault; list the vault's points to see its VMs")]
     NoPoints {

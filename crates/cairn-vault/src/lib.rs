@@ -32,6 +32,7 @@ mod points;
 mod repair;
 mod resume;
 mod retry;
+mod secret_file;
 mod verdicts;
 mod verify;
 
@@ -55,6 +56,7 @@ pub use packs::{PackWriter, Stored};
 pub use points::{PointListing, PointWriter, UnreadablePoint};
 pub use repair::RepairReport;
 pub use retry::{RetryPolicy, RetryingStore};
+pub use secret_file::read_key_file;
 pub use verify::{BadChunk, VerifyProgress, VerifyReport, VerifyScope};
 
 /// An open vault. Cheap to clone; safe to share between tasks.

@@ -69,6 +69,7 @@ pub fn job_options(
         protected: vec![],
         retain_until: None,
         origin: None,
+        time_shift: jiff::SignedDuration::ZERO,
     })
 }
 

@@ -68,7 +68,7 @@ async fn add(args: KeyAddArgs, json: bool) -> anyhow::Result<Exit> {
         (key, Some(SlotKind::Recovery))
     } else if let Some(path) = &args.new_key_file {
         let key = if path.exists() {
-            cairn_vault::Credential::KeyFile(crate::keys::read_key_file(path)?)
+            cairn_vault::Credential::KeyFile(cairn_vault::read_key_file(path)?)
         } else {
             crate::keys::create_key_file(path)?
         };

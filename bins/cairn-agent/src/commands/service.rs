@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use async_trait::async_trait;
 use cairn_backup::{Cancel, DiskProgress, Progress, VmJob};
-use cairn_format::{Origin, PointManifest};
+use cairn_format::Origin;
 use cairn_protocol::{Clock, FileClock, PointReport, SystemClock};
 use cairn_snapshot::VmConfig;
 use cairn_vault::{OpenOptions, StoreOptions, Vault};
@@ -73,11 +73,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
     let state = State::open(&config.state_dir)?;
     let transport =
         Arc::new(HttpTransport::new(&config.coordinator, config.coordinator_ca.as_deref())?);
-    let runner = Arc::new(BackupRunner { config: config.clone(), file: args.agent_config });
-    let clock: Arc<dyn Clock> = match args.fake_clock {
-        Some(path) => Arc::new(FileClock::new(path)),
+    let clock: Arc<dyn Clock> = match &args.fake_clock {
+        Some(path) => Arc::new(FileClock::new(path.clone())),
         None => Arc::new(SystemClock),
     };
+    let runner = Arc::new(BackupRunner {
+        config: config.clone(),
+        file: args.agent_config,
+        simulated: args.fake_clock.is_some().then(|| clock.clone()),
+    });
     tracing::info!(host = %config.host, coordinator = %config.coordinator, "agent running");
     let worker = Worker::new(config, state, transport, runner, clock);
     let shutdown = async {
@@ -98,6 +102,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
 struct BackupRunner {
     config: AgentConfig,
     file: PathBuf,
+    /// The injected clock of a simulation: points are stamped with its time.
+    simulated: Option<Arc<dyn Clock>>,
 }
 
 impl BackupRunner {
@@ -164,11 +170,14 @@ impl Runner for BackupRunner {
             if let Some(m) = listing.points.iter().find(|m| m.origin.as_ref().is_some_and(same_job))
             {
                 tracing::info!(job, point = %m.point, "the job committed its point in an earlier attempt");
-                return Ok(point_report(m));
+                return Ok(PointReport::of(m));
             }
         }
         let mut options = super::backup::job_options(None, None).map_err(|e| format!("{e:#}"))?;
         options.retain_until = task.retain_until;
+        if let Some(clock) = &self.simulated {
+            options.time_shift = clock.now().duration_since(jiff::Timestamp::now());
+        }
         options.origin = Some(Origin {
             catalogue: task.catalogue.clone(),
             job: task.job,
@@ -188,22 +197,7 @@ impl Runner for BackupRunner {
         stopper.abort();
         let manifest =
             result.map_err(|e| format!("backing up VM {} to {}: {e}", task.vm, vault.url()))?;
-        Ok(point_report(&manifest))
-    }
-}
-
-/// The point as the coordinator records it.
-fn point_report(m: &PointManifest) -> PointReport {
-    let sum = |f: fn(&cairn_format::DiskRecord) -> u64| m.disks.values().map(f).sum::<u64>();
-    PointReport {
-        id: m.point.to_string(),
-        captured_at: m.captured_at,
-        consistency: m.consistency.as_str().to_owned(),
-        size: sum(|d| d.size),
-        bytes_scanned: sum(|d| d.stats.bytes_scanned),
-        bytes_changed: sum(|d| d.stats.bytes_changed),
-        bytes_stored: sum(|d| d.stats.bytes_sent),
-        duration_ms: m.finished_at.duration_since(m.started_at).as_millis().max(0) as u64,
+        Ok(PointReport::of(&manifest))
     }
 }
 

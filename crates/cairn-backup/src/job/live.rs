@@ -26,7 +26,7 @@ pub(super) async fn run(
     let config = &job.config;
     super::check::names(config)?;
     let vm = config.vm.clone();
-    let point = vault.reserve_point_id(&vm, jiff::Timestamp::now()).await?;
+    let point = vault.reserve_point_id(&vm, job.options.shifted(jiff::Timestamp::now())).await?;
     let since: BTreeMap<Name, PointId> = match vault.previous_point(&vm).await?.0 {
         Some(m) => m.disks.keys().map(|d| (d.clone(), m.point.clone())).collect(),
         None => BTreeMap::new(),
@@ -120,7 +120,7 @@ async fn back_up(
         vm: job.config.vm.clone(),
         disks,
         consistency: capture.level(),
-        captured_at: Some(capture.captured_at()),
+        captured_at: Some(job.options.shifted(capture.captured_at())),
         evidence: capture.record().evidence().to_vec(),
         threads: job.options.threads,
         point: Some(point),

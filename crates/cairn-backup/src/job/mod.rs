@@ -49,6 +49,17 @@ pub struct JobOptions {
     pub retain_until: Option<jiff::Timestamp>,
     /// The coordinator's job this run is, recorded in the point's manifest.
     pub origin: Option<cairn_format::Origin>,
+    /// Added to the clock for the point's id and capture time. Zero but in simulations,
+    /// where days pass in seconds on an injected clock (the agent's hidden `--fake-clock`)
+    /// and retention must see the simulated days.
+    pub time_shift: jiff::SignedDuration,
+}
+
+impl JobOptions {
+    /// The time as the point records it: the clock, shifted in simulations.
+    pub(crate) fn shifted(&self, t: jiff::Timestamp) -> jiff::Timestamp {
+        t.checked_add(self.time_shift).unwrap_or(t)
+    }
 }
 
 /// A VM to back up: its configuration (disks, formats, views, freeze, scripts) and options.
@@ -91,7 +102,9 @@ impl VmJob {
         let config = &self.config;
         check::names(config)?;
         check::images(config).await?;
-        let point = vault.reserve_point_id(&config.vm, jiff::Timestamp::now()).await?;
+        let point = vault
+            .reserve_point_id(&config.vm, self.options.shifted(jiff::Timestamp::now()))
+            .await?;
         let previous = match config.disks.iter().any(tracking::is_tracked) {
             true => vault.previous_point(&config.vm).await?.0,
             false => None,
@@ -137,7 +150,7 @@ impl VmJob {
             vm: self.config.vm.clone(),
             disks,
             consistency: capture.level(),
-            captured_at: Some(capture.captured_at()),
+            captured_at: Some(self.options.shifted(capture.captured_at())),
             evidence,
             threads: self.options.threads,
             point: Some(point),

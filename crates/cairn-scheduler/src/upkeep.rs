@@ -1,0 +1,395 @@
+//! Retention and space on schedule: which rules apply to which VM of a vault, when each
+//! vault's upkeep is due, and what the catalogue learns from an upkeep, a rescan or a deletion.
+//! The vault stays the source of truth: the catalogue only mirrors what a [`VaultKeeper`] did
+//! or found.
+//!
+//! [`VaultKeeper`]: crate::VaultKeeper
+
+use cairn_policy::{Retention, Schedule};
+use jiff::Timestamp;
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+
+use crate::catalogue::{parse_ts, ts};
+use crate::keeper::{Fate, FoundPoint, UpkeepReport};
+use crate::{Catalogue, Error};
+
+/// The rule for a VM that no policy prunes (protection stopped, keeping its data): every live
+/// point is kept, and only points already soft-deleted are purged once their grace is over.
+pub fn keep_everything() -> Retention {
+    Retention { keep_last: Some(u32::MAX), ..Retention::default() }
+}
+
+/// One upkeep run as the catalogue records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UpkeepRun {
+    /// Its id.
+    pub id: u64,
+    /// The vault.
+    pub vault: String,
+    /// The upkeep time it was for (or when it was asked for).
+    pub scheduled_at: Timestamp,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Option<Timestamp>,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    /// `schedule`, or the user who asked.
+    pub who: String,
+    /// One line: what it did, or why it failed.
+    pub summary: Option<String>,
+    /// Every point's fate and what the collector freed.
+    pub report: Option<serde_json::Value>,
+}
+
+/// What a rescan changed in the catalogue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RescanSummary {
+    /// The vault.
+    pub vault: String,
+    /// Points the vault holds.
+    pub found: u64,
+    /// Points added to the catalogue.
+    pub added: u64,
+    /// Points whose state (soft-deleted or not) changed.
+    pub updated: u64,
+    /// Points the catalogue listed and the vault no longer holds.
+    pub removed: u64,
+}
+
+fn meta_key(vault: &str) -> String {
+    format!("upkeep-next:{vault}")
+}
+
+impl Catalogue {
+    /// Each VM of `vault` with the rule that prunes it: its policy's retention when
+    /// protected, keep-everything when its protection is stopped (its soft-deleted points
+    /// are still purged).
+    pub fn upkeep_rules(&self, vault: &str) -> Result<Vec<(String, Retention)>, Error> {
+        let what = format!("reading the VMs of vault {vault}");
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, policy, protected FROM vms WHERE vault = ?1 ORDER BY name")
+            .map_err(Error::sql(what.clone()))?;
+        let rows: Vec<(String, Option<String>, bool)> = stmt
+            .query_map([vault], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(Error::sql(what.clone()))?
+            .collect::<Result<_, _>>()
+            .map_err(Error::sql(what))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (vm, policy, protected) in rows {
+            let rule = match (protected, policy) {
+                (true, Some(policy)) => self.policy(&policy)?.spec.retention,
+                _ => keep_everything(),
+            };
+            out.push((vm, rule));
+        }
+        Ok(out)
+    }
+
+    /// The upkeep time of `vault` that is due at `now`, if any. The first call only records
+    /// the next time; times missed while the coordinator was down make one run.
+    pub fn upkeep_due(
+        &mut self,
+        vault: &str,
+        schedule: &Schedule,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>, Error> {
+        let what = format!("reading the upkeep time of vault {vault}");
+        let next: Option<String> = self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [meta_key(vault)], |r| r.get(0))
+            .optional()
+            .map_err(Error::sql(what.clone()))?;
+        let next = next.and_then(|s| s.parse::<Timestamp>().ok());
+        match next {
+            Some(at) if at <= now => {
+                // The latest upkeep time passed stands for every one missed.
+                let latest = schedule.between(at, now).into_iter().last().unwrap_or(at);
+                Ok(Some(latest))
+            }
+            Some(_) => Ok(None),
+            None => {
+                self.set_upkeep_next(vault, schedule.next_after(now))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn set_upkeep_next(&mut self, vault: &str, next: Option<Timestamp>) -> Result<(), Error> {
+        let what = format!("recording the next upkeep time of vault {vault}");
+        let Some(next) = next else {
+            return Ok(());
+        };
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![meta_key(vault), next.to_string()],
+            )
+            .map(|_| ())
+            .map_err(Error::sql(what))
+    }
+
+    /// Records the start of an upkeep of `vault` for `scheduled_at`; a scheduled one also
+    /// moves the vault's next upkeep time past `now`. Returns the run's id.
+    pub fn start_upkeep(
+        &mut self,
+        vault: &str,
+        scheduled_at: Timestamp,
+        who: &str,
+        schedule: Option<&Schedule>,
+        now: Timestamp,
+    ) -> Result<u64, Error> {
+        if let Some(schedule) = schedule {
+            self.set_upkeep_next(vault, schedule.next_after(now.max(scheduled_at)))?;
+        }
+        let id: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO upkeep_runs (vault, scheduled_at, started_at, state, who)
+                 VALUES (?1, ?2, ?3, 'running', ?4) RETURNING id",
+                params![vault, ts(scheduled_at), ts(now), who],
+                |r| r.get(0),
+            )
+            .map_err(Error::sql(format!("recording an upkeep of vault {vault}")))?;
+        Ok(id.unsigned_abs())
+    }
+
+    /// Records how upkeep `id` ended and mirrors its outcome: expired points are marked,
+    /// purged ones leave the catalogue. A failure raises an alert.
+    pub fn finish_upkeep(
+        &mut self,
+        id: u64,
+        vault: &str,
+        outcome: &Result<UpkeepReport, String>,
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let what = format!("recording the end of upkeep {id} of vault {vault}");
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        match outcome {
+            Ok(report) => {
+                for p in &report.points {
+                    let keys = params![p.vm, p.point];
+                    let done = match p.fate {
+                        Fate::Expired | Fate::InGrace | Fate::Locked => tx.execute(
+                            "UPDATE points SET expired_at = coalesce(expired_at, ?3)
+                             WHERE vm = ?1 AND point = ?2",
+                            params![p.vm, p.point, ts(now)],
+                        ),
+                        Fate::Purged => {
+                            tx.execute("DELETE FROM points WHERE vm = ?1 AND point = ?2", keys)
+                        }
+                        Fate::Kept => tx.execute(
+                            "UPDATE points SET expired_at = NULL WHERE vm = ?1 AND point = ?2",
+                            keys,
+                        ),
+                        Fate::Unknown => continue,
+                    };
+                    done.map_err(Error::sql(what.clone()))?;
+                }
+                let summary = format!(
+                    "{} point(s) kept, {} expired, {} purged, {} in grace, {} locked; {} pack(s) \
+                     deleted and {} repacked, {} byte(s) freed",
+                    report.count(&Fate::Kept),
+                    report.count(&Fate::Expired),
+                    report.count(&Fate::Purged),
+                    report.count(&Fate::InGrace),
+                    report.count(&Fate::Locked),
+                    report.packs_deleted,
+                    report.packs_repacked,
+                    report.bytes_freed
+                );
+                let json = serde_json::to_string(report).unwrap_or_default();
+                tx.execute(
+                    "UPDATE upkeep_runs SET state = 'done', finished_at = ?2, summary = ?3,
+                         report = ?4 WHERE id = ?1",
+                    params![id as i64, ts(now), summary, json],
+                )
+                .map_err(Error::sql(what.clone()))?;
+            }
+            Err(e) => {
+                tx.execute(
+                    "UPDATE upkeep_runs SET state = 'failed', finished_at = ?2, summary = ?3
+                     WHERE id = ?1",
+                    params![id as i64, ts(now), e],
+                )
+                .map_err(Error::sql(what.clone()))?;
+                tx.execute(
+                    "INSERT INTO alerts (kind, vm, message, raised_at)
+                     VALUES ('failed-upkeep', NULL, ?1, ?2)",
+                    params![format!("upkeep of vault {vault} failed: {e}"), ts(now)],
+                )
+                .map_err(Error::sql(what.clone()))?;
+            }
+        }
+        tx.commit().map_err(Error::sql(what))
+    }
+
+    /// Marks upkeeps a stopped coordinator left running as failed (the vault's own
+    /// operations are safe to cut; the next upkeep finishes the work).
+    pub(crate) fn fail_interrupted_upkeeps(&mut self, now: Timestamp) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "UPDATE upkeep_runs SET state = 'failed', finished_at = ?1,
+                     summary = 'the coordinator stopped during the run; the next upkeep goes on'
+                 WHERE state = 'running'",
+                [ts(now)],
+            )
+            .map(|_| ())
+            .map_err(Error::sql("closing interrupted upkeeps"))
+    }
+
+    /// Upkeep runs, newest first (at most `limit`).
+    pub fn upkeep_runs(&self, limit: u32) -> Result<Vec<UpkeepRun>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, vault, scheduled_at, started_at, finished_at, state, who, summary,
+                        report
+                 FROM upkeep_runs ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(Error::sql("listing upkeep runs"))?;
+        let rows = stmt
+            .query_map([limit], |r| {
+                Ok(UpkeepRun {
+                    id: r.get::<_, i64>(0)?.unsigned_abs(),
+                    vault: r.get(1)?,
+                    scheduled_at: parse_ts(r.get(2)?)?,
+                    started_at: parse_ts(r.get(3)?)?,
+                    finished_at: r.get::<_, Option<i64>>(4)?.map(parse_ts).transpose()?,
+                    state: r.get(5)?,
+                    who: r.get(6)?,
+                    summary: r.get(7)?,
+                    report: r
+                        .get::<_, Option<String>>(8)?
+                        .and_then(|s| serde_json::from_str(&s).ok()),
+                })
+            })
+            .map_err(Error::sql("listing upkeep runs"))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql("listing upkeep runs"))
+    }
+
+    /// Makes the catalogue's points of `vault` what the vault holds: adds the points it
+    /// lacks (with their job when this catalogue's job made them), marks soft-deleted ones,
+    /// and drops the points the vault no longer has.
+    pub fn rescan(
+        &mut self,
+        vault: &str,
+        found: &[FoundPoint],
+        now: Timestamp,
+    ) -> Result<RescanSummary, Error> {
+        let what = format!("rescanning vault {vault} into the catalogue");
+        let id = self.id().to_owned();
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let mut summary =
+            RescanSummary { vault: vault.into(), found: found.len() as u64, ..Default::default() };
+        let mut known: std::collections::HashSet<(String, String)> = {
+            let mut stmt = tx
+                .prepare("SELECT vm, point FROM points WHERE vault = ?1")
+                .map_err(Error::sql(what.clone()))?;
+            let rows = stmt
+                .query_map([vault], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(Error::sql(what.clone()))?;
+            rows.collect::<Result<_, _>>().map_err(Error::sql(what.clone()))?
+        };
+        for f in found {
+            let expired: Option<Option<i64>> = tx
+                .query_row(
+                    "SELECT expired_at FROM points WHERE vm = ?1 AND point = ?2",
+                    params![f.vm, f.point.id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(Error::sql(what.clone()))?;
+            // When it was deleted is not in the vault's listing: the rescan's time stands for it.
+            let deleted_at = f.deleted.then(|| ts(now));
+            match expired {
+                Some(was) => {
+                    known.remove(&(f.vm.clone(), f.point.id.clone()));
+                    if was.is_some() != f.deleted {
+                        tx.execute(
+                            "UPDATE points SET expired_at = ?3, vault = ?4
+                             WHERE vm = ?1 AND point = ?2",
+                            params![f.vm, f.point.id, deleted_at, vault],
+                        )
+                        .map_err(Error::sql(what.clone()))?;
+                        summary.updated += 1;
+                    }
+                }
+                None => {
+                    // The job only when this catalogue made it and still has it.
+                    let job = match (f.catalogue.as_deref(), f.job) {
+                        (Some(c), Some(job)) if c == id => tx
+                            .query_row(
+                                "SELECT id FROM jobs WHERE id = ?1 AND vm = ?2 AND NOT EXISTS
+                                     (SELECT 1 FROM points WHERE points.job = jobs.id)",
+                                params![job as i64, f.vm],
+                                |r| r.get::<_, i64>(0),
+                            )
+                            .optional()
+                            .map_err(Error::sql(what.clone()))?
+                            .map(i64::unsigned_abs),
+                        _ => None,
+                    };
+                    crate::agents::insert_point(&tx, &f.vm, vault, job, &f.point)
+                        .map_err(Error::sql(what.clone()))?;
+                    if f.deleted {
+                        tx.execute(
+                            "UPDATE points SET expired_at = ?3 WHERE vm = ?1 AND point = ?2",
+                            params![f.vm, f.point.id, deleted_at],
+                        )
+                        .map_err(Error::sql(what.clone()))?;
+                    }
+                    summary.added += 1;
+                }
+            }
+        }
+        for (vm, point) in known {
+            tx.execute("DELETE FROM points WHERE vm = ?1 AND point = ?2", params![vm, point])
+                .map_err(Error::sql(what.clone()))?;
+            summary.removed += 1;
+        }
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(summary)
+    }
+
+    /// Marks `points` of `vm` soft-deleted (stop protection, deleting data).
+    pub fn mark_deleted(
+        &mut self,
+        vm: &str,
+        points: &[String],
+        now: Timestamp,
+    ) -> Result<(), Error> {
+        let what = format!("marking the points of VM {vm} deleted");
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        for p in points {
+            tx.execute(
+                "UPDATE points SET expired_at = coalesce(expired_at, ?3) WHERE vm = ?1 AND point = ?2",
+                params![vm, p, ts(now)],
+            )
+            .map_err(Error::sql(what.clone()))?;
+        }
+        tx.commit().map_err(Error::sql(what))
+    }
+
+    /// Stops the protection of `vm` (its schedule no longer runs; its points stay). Returns
+    /// its vault.
+    pub fn stop_protection(&mut self, vm: &str) -> Result<String, Error> {
+        let vault: Option<String> = self
+            .conn
+            .query_row(
+                "UPDATE vms SET protected = 0, next_at = NULL WHERE name = ?1 RETURNING vault",
+                [vm],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(Error::sql(format!("stopping the protection of VM {vm}")))?;
+        vault.ok_or_else(|| Error::Unknown {
+            kind: "VM",
+            name: vm.into(),
+            hint: "list VMs with `vms`",
+        })
+    }
+}

@@ -1,0 +1,272 @@
+//! What the coordinator does on its vaults, through the [`VaultKeeper`] it was given: upkeep
+//! (prune from each VM's policy, then gc) on the vaults file's schedule or on request,
+//! `rescan`, and stop protection with deletion. One operation at a time per vault: a prune,
+//! a gc and a deletion never overlap on one vault (backups may run meanwhile: the vault's gc
+//! protects what they write).
+//!
+//! | call | role |
+//! |---|---|
+//! | `GET /api/v1/upkeep` (the runs, newest first) | viewer |
+//! | `POST /api/v1/vms/NAME/stop` (`{"delete_data": bool}`) | operator; admin to delete data |
+//! | `POST /api/v1/upkeep` (`{"vault": NAME}` or every vault; answers when done) | admin |
+//! | `POST /api/v1/rescan` (`{"vault": NAME}` or every vault) | admin |
+//!
+//! [`VaultKeeper`]: crate::VaultKeeper
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use jiff::Timestamp;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::{Api, ApiError, Shared, authorize, lock, refuse};
+use crate::catalogue::Role;
+use crate::keeper::Keeper;
+
+/// One lock per vault: whoever holds it may prune, collect or delete there.
+#[derive(Default)]
+pub struct VaultLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl VaultLocks {
+    fn of(&self, vault: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(vault.to_owned()).or_default().clone()
+    }
+}
+
+pub(crate) fn router() -> Router<Api> {
+    Router::new()
+        .route("/api/v1/upkeep", get(runs).post(upkeep_now))
+        .route("/api/v1/rescan", post(rescan))
+        .route("/api/v1/vms/{name}/stop", post(stop))
+}
+
+fn keeper(api: &Shared) -> Result<&Keeper, ApiError> {
+    api.settings.keeper.as_ref().ok_or_else(|| {
+        refuse(
+            StatusCode::CONFLICT,
+            "this coordinator holds no vaults: start it with --vaults FILE to prune, collect, \
+             rescan and delete data",
+        )
+    })
+}
+
+/// The vaults a call names: the one given (which the keeper must hold), or all.
+fn chosen(keeper: &Keeper, vault: Option<String>) -> Result<Vec<String>, ApiError> {
+    let all = keeper.0.vaults();
+    match vault {
+        None => Ok(all),
+        Some(v) if all.contains(&v) => Ok(vec![v]),
+        Some(v) => Err(refuse(
+            StatusCode::NOT_FOUND,
+            &format!("vault {v} is not in the coordinator's vaults file (it has {all:?})"),
+        )),
+    }
+}
+
+/// Runs the upkeep of `vault` (waiting for the vault's lock), records it, and returns its
+/// run id, its state and its summary.
+pub(crate) async fn run_upkeep(
+    api: &Shared,
+    keeper: &Keeper,
+    vault: &str,
+    scheduled_at: Timestamp,
+    who: &str,
+    scheduled: bool,
+) -> Result<(u64, Result<crate::UpkeepReport, String>), crate::Error> {
+    let vault_lock = api.vault_locks.of(vault);
+    let _held = vault_lock.lock().await;
+    let now = api.clock.now();
+    let schedule = keeper.0.schedule();
+    let (id, rules) = {
+        let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+        let id = catalogue.start_upkeep(
+            vault,
+            scheduled_at,
+            who,
+            scheduled.then_some(&schedule),
+            now,
+        )?;
+        (id, catalogue.upkeep_rules(vault)?)
+    };
+    tracing::info!(vault, run = id, vms = rules.len(), "upkeep starts");
+    let outcome = keeper.0.upkeep(vault, &rules, now).await;
+    let ended = api.clock.now();
+    let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+    catalogue.finish_upkeep(id, vault, &outcome, ended)?;
+    match &outcome {
+        Ok(r) => tracing::info!(
+            vault,
+            run = id,
+            expired = r.count(&crate::Fate::Expired),
+            purged = r.count(&crate::Fate::Purged),
+            bytes_freed = r.bytes_freed,
+            "upkeep done"
+        ),
+        Err(e) => tracing::error!(vault, run = id, "upkeep failed: {e}"),
+    }
+    Ok((id, outcome))
+}
+
+/// Every second: the upkeep of each vault whose time has come, and the RPO check.
+pub(crate) async fn upkeep_loop(api: Api) {
+    {
+        let now = api.clock.now();
+        let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = catalogue.fail_interrupted_upkeeps(now) {
+            tracing::error!("{e}");
+        }
+    }
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        every.tick().await;
+        let now = api.clock.now();
+        let raised = {
+            let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+            catalogue.check_rpo(now)
+        };
+        match raised {
+            Ok(vms) if !vms.is_empty() => tracing::warn!(?vms, "RPO exceeded"),
+            Ok(_) => {}
+            Err(e) => tracing::error!("{e}"),
+        }
+        let Some(keeper) = api.settings.keeper.clone() else { continue };
+        let schedule = keeper.0.schedule();
+        for vault in keeper.0.vaults() {
+            let due = {
+                let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+                catalogue.upkeep_due(&vault, &schedule, now)
+            };
+            match due {
+                Ok(Some(at)) => {
+                    if let Err(e) = run_upkeep(&api, &keeper, &vault, at, "schedule", true).await {
+                        tracing::error!(vault, "upkeep: {e}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(vault, "upkeep: {e}"),
+            }
+        }
+    }
+}
+
+async fn runs(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    Ok(Json(json!({ "runs": lock(&api)?.upkeep_runs(200)? })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VaultBody {
+    vault: Option<String>,
+}
+
+async fn upkeep_now(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Option<Json<VaultBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    let keeper = keeper(&api)?.clone();
+    let mut out = vec![];
+    for vault in chosen(&keeper, body.and_then(|b| b.0.vault))? {
+        let now = api.clock.now();
+        lock(&api)?.audit(&who, "upkeep", &format!("vault {vault}"), now)?;
+        let (id, outcome) = run_upkeep(&api, &keeper, &vault, now, &who, false).await?;
+        let run = lock(&api)?.upkeep_runs(200)?.into_iter().find(|r| r.id == id);
+        out.push(json!({ "vault": vault, "ok": outcome.is_ok(), "run": run }));
+    }
+    Ok(Json(json!({ "upkeep": out })))
+}
+
+async fn rescan(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Option<Json<VaultBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Admin)?;
+    let keeper = keeper(&api)?.clone();
+    let mut out = vec![];
+    for vault in chosen(&keeper, body.and_then(|b| b.0.vault))? {
+        let found = keeper.0.scan(&vault).await.map_err(|e| {
+            refuse(StatusCode::BAD_GATEWAY, &format!("rescanning vault {vault}: {e}"))
+        })?;
+        let now = api.clock.now();
+        let mut catalogue = lock(&api)?;
+        let summary = catalogue.rescan(&vault, &found, now)?;
+        catalogue.audit(
+            &who,
+            "rescan",
+            &format!(
+                "vault {vault}: {} found, {} added, {} updated, {} removed",
+                summary.found, summary.added, summary.updated, summary.removed
+            ),
+            now,
+        )?;
+        out.push(json!(summary));
+    }
+    Ok(Json(json!({ "rescan": out })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    delete_data: bool,
+}
+
+async fn stop(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<StopBody>>,
+) -> Result<Json<Value>, ApiError> {
+    let delete_data = body.is_some_and(|b| b.0.delete_data);
+    let who = authorize(&api, &headers, if delete_data { Role::Admin } else { Role::Operator })?;
+    // Without a keeper, deleting data is refused before anything changes.
+    let keeper = if delete_data { Some(keeper(&api)?.clone()) } else { None };
+    let now = api.clock.now();
+    let vault = {
+        let mut catalogue = lock(&api)?;
+        let vault = catalogue.stop_protection(&name)?;
+        catalogue.audit(&who, "stop-protection", &format!("VM {name}"), now)?;
+        vault
+    };
+    let Some(keeper) = keeper else {
+        return Ok(Json(json!({ "vm": name, "protected": false, "deleted": [] })));
+    };
+    if !keeper.0.vaults().contains(&vault) {
+        return Err(refuse(
+            StatusCode::CONFLICT,
+            &format!(
+                "VM {name}'s vault {vault} is not in the coordinator's vaults file; its \
+                 protection is stopped and its data kept"
+            ),
+        ));
+    }
+    let vault_lock = api.vault_locks.of(&vault);
+    let _held = vault_lock.lock().await;
+    let deleted = keeper.0.delete_vm(&vault, &name, now).await.map_err(|e| {
+        refuse(
+            StatusCode::BAD_GATEWAY,
+            &format!("VM {name}'s protection is stopped, but deleting its data failed: {e}"),
+        )
+    })?;
+    let mut catalogue = lock(&api)?;
+    catalogue.mark_deleted(&name, &deleted, now)?;
+    catalogue.audit(
+        &who,
+        "delete-data",
+        &format!("VM {name}: {} point(s) soft-deleted in vault {vault}", deleted.len()),
+        now,
+    )?;
+    Ok(Json(json!({ "vm": name, "protected": false, "deleted": deleted })))
+}
