@@ -525,3 +525,152 @@ fn the_coordinator_serves_https_and_refuses_plain_http_off_loopback() {
     let _ = stream.read_to_end(&mut answer);
     assert!(!String::from_utf8_lossy(&answer).contains("\"status\":\"ok\""));
 }
+
+/// `serve` with a bad vaults file: it does not start, and says which field or file is wrong.
+fn refused_to_serve(dir: &Path, vaults: &str) -> String {
+    let file = dir.join("vaults.toml");
+    std::fs::write(&file, vaults).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-coordinator"))
+        .arg("serve")
+        .arg("--db")
+        .arg(dir.join("refused.db"))
+        .args(["--listen", "127.0.0.1:0", "--vaults"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{vaults}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn vault_calls_need_a_vaults_file_the_right_role_and_a_known_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    // Bad vaults files stop the coordinator before it serves, naming what is wrong.
+    let e = refused_to_serve(dir.path(), "[vaults.main]\nurl = \"file:///x\"\nkey-fil = \"k\"\n");
+    assert!(e.contains("unknown field `key-fil`"), "{e}");
+    let e = refused_to_serve(
+        dir.path(),
+        "[upkeep.schedule]\nkind = \"daily\"\ntimes = [\"3am\"]\n[vaults.main]\nurl = \"file:///x\"\n",
+    );
+    assert!(e.contains("schedule.times"), "{e}");
+    let e = refused_to_serve(
+        dir.path(),
+        "[vaults.main]\nurl = \"file:///x\"\nkey-file = \"/nonexistent/main.key\"\n",
+    );
+    assert!(e.contains("/nonexistent/main.key") && e.contains("[vaults.main]"), "{e}");
+
+    // Without a vaults file: upkeep, rescan and deletion are refused, and a refused deletion
+    // leaves the VM protected.
+    let plain = start(&dir.path().join("plain").tap_mkdir());
+    let admin = std::fs::read_to_string(&plain.token).unwrap();
+    std::fs::write(dir.path().join("daily.toml"), POLICY).unwrap();
+    ok(cli(&plain, &["policy", "put", dir.path().join("daily.toml").to_str().unwrap()]));
+    let protect = [
+        "protect",
+        "web-1",
+        "--policy",
+        "daily",
+        "--host",
+        "h",
+        "--datastore",
+        "d",
+        "--vault",
+        "main",
+    ];
+    ok(cli(&plain, &protect));
+    for path in ["/api/v1/upkeep", "/api/v1/rescan"] {
+        let (code, answer) = post(&plain, path, Some(&admin), serde_json::json!({}));
+        assert_eq!(code, 409, "{path}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains("--vaults"), "{answer}");
+    }
+    let (code, _) = post(
+        &plain,
+        "/api/v1/vms/web-1/stop",
+        Some(&admin),
+        serde_json::json!({"delete_data": true}),
+    );
+    assert_eq!(code, 409);
+    let vms = ok(cli(&plain, &["--json", "vms"]));
+    assert_eq!(vms["vms"][0]["protected"], true, "{vms}");
+    drop(plain);
+
+    // With a vaults file whose vault is not there (yet): the upkeep runs, fails saying why,
+    // and raises an alert; roles and names are checked first.
+    let home = dir.path().join("keeper").tap_mkdir();
+    let missing = home.join("no-vault-here");
+    std::fs::write(
+        home.join("vaults.toml"),
+        format!("[vaults.main]\nurl = {:?}\n", missing.to_str().unwrap()),
+    )
+    .unwrap();
+    let vaults = home.join("vaults.toml");
+    let c = start_with(&home, &["--vaults", vaults.to_str().unwrap()]);
+    let admin = std::fs::read_to_string(&c.token).unwrap();
+    ok(cli(&c, &["policy", "put", dir.path().join("daily.toml").to_str().unwrap()]));
+    ok(cli(&c, &protect));
+    let viewer = ok(cli(&c, &["--json", "user", "add", "eve", "--role", "viewer"]));
+    let viewer = viewer["token"].as_str().unwrap().to_owned();
+    let operator = ok(cli(&c, &["--json", "user", "add", "olga", "--role", "operator"]));
+    let operator = operator["token"].as_str().unwrap().to_owned();
+    let (code, _) = post(&c, "/api/v1/upkeep", Some(&viewer), serde_json::json!({}));
+    assert_eq!(code, 403);
+    let (code, _) = post(&c, "/api/v1/rescan", Some(&operator), serde_json::json!({}));
+    assert_eq!(code, 403);
+    let (code, _) = post(&c, "/api/v1/upkeep", None, serde_json::json!({}));
+    assert_eq!(code, 401);
+    // Deleting data takes an admin; stopping protection alone an operator.
+    let (code, _) = post(
+        &c,
+        "/api/v1/vms/web-1/stop",
+        Some(&operator),
+        serde_json::json!({"delete_data": true}),
+    );
+    assert_eq!(code, 403);
+    let (code, answer) =
+        post(&c, "/api/v1/vms/nobody/stop", Some(&operator), serde_json::json!({}));
+    assert_eq!(code, 404, "{answer}");
+    let (code, answer) =
+        post(&c, "/api/v1/upkeep", Some(&admin), serde_json::json!({"vault": "elsewhere"}));
+    assert_eq!(code, 404, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("elsewhere"), "{answer}");
+    let (code, answer) =
+        post(&c, "/api/v1/upkeep", Some(&admin), serde_json::json!({"vault": "main"}));
+    assert_eq!(code, 200, "{answer}");
+    let run = &answer["upkeep"][0];
+    assert_eq!(run["ok"], false, "{answer}");
+    assert_eq!(run["run"]["state"], "failed");
+    assert!(run["run"]["summary"].as_str().unwrap().contains("vault main"), "{answer}");
+    let alerts = ok(cli(&c, &["--json", "alerts"]));
+    assert!(
+        alerts["alerts"].as_array().unwrap().iter().any(|a| a["kind"] == "failed-upkeep"),
+        "{alerts}"
+    );
+    let (code, answer) = post(&c, "/api/v1/rescan", Some(&admin), serde_json::json!({}));
+    assert_eq!(code, 502, "{answer}");
+    // The audit log names who asked.
+    let (_, audit) = get(&c, "/api/v1/audit", Some(&admin));
+    assert!(
+        audit["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "upkeep" && a["who"] == "admin"),
+        "{audit}"
+    );
+    // Stopping protection keeping the data: the VM is no longer protected.
+    let (code, answer) = post(&c, "/api/v1/vms/web-1/stop", Some(&operator), serde_json::json!({}));
+    assert_eq!(code, 200, "{answer}");
+    let vms = ok(cli(&c, &["--json", "vms"]));
+    assert_eq!(vms["vms"][0]["protected"], false, "{vms}");
+}
+
+trait MkDir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl MkDir for PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}

@@ -393,3 +393,228 @@ impl Catalogue {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keeper::PointFate;
+    use crate::{PointReport, VmRecord};
+
+    const DAILY: &str = "name = \"daily\"\n[schedule]\nkind = \"daily\"\ntimes = [\"02:00\"]\n[retention]\nkeep-daily = 7\n";
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn setup(dir: &tempfile::TempDir) -> Catalogue {
+        let mut c = Catalogue::open(&dir.path().join("c.db")).unwrap();
+        c.put_policy(DAILY, at("2026-06-01T00:00:00Z")).unwrap();
+        for (name, protected) in [("web-1", true), ("old-1", false)] {
+            let vm = VmRecord {
+                name: name.into(),
+                host: "kvm-1".into(),
+                datastore: "ds".into(),
+                vault: "main".into(),
+                policy: Some("daily".into()),
+                protected,
+                planned_until: at("2026-06-01T00:00:00Z"),
+            };
+            c.protect(&vm, at("2026-06-01T00:00:00Z")).unwrap();
+        }
+        c
+    }
+
+    fn found(
+        vm: &str,
+        id: &str,
+        day: &str,
+        catalogue: Option<&str>,
+        job: Option<u64>,
+    ) -> FoundPoint {
+        FoundPoint {
+            vm: vm.into(),
+            point: PointReport {
+                id: id.into(),
+                captured_at: at(&format!("{day}T02:01:00Z")),
+                consistency: "crash".into(),
+                ..PointReport::default()
+            },
+            deleted: false,
+            catalogue: catalogue.map(Into::into),
+            job,
+        }
+    }
+
+    fn upkeep_schedule() -> Schedule {
+        cairn_policy::ScheduleSpec {
+            kind: "daily".into(),
+            times: vec!["03:00".into()],
+            ..Default::default()
+        }
+        .check()
+        .unwrap()
+    }
+
+    #[test]
+    fn rules_follow_protection() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = setup(&dir);
+        let rules = c.upkeep_rules("main").unwrap();
+        assert_eq!(rules.len(), 2);
+        let rule = |vm: &str| rules.iter().find(|r| r.0 == vm).unwrap().1.clone();
+        assert_eq!(rule("web-1").keep_daily, Some(7));
+        // Protection stopped: everything live is kept, only deleted points are purged.
+        assert_eq!(rule("old-1"), keep_everything());
+        assert!(c.upkeep_rules("other").unwrap().is_empty());
+    }
+
+    #[test]
+    fn upkeep_times_are_recorded_and_missed_ones_make_one_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let s = upkeep_schedule();
+        // The first look only records the next time.
+        assert_eq!(c.upkeep_due("main", &s, at("2026-06-01T04:00:00Z")).unwrap(), None);
+        assert_eq!(c.upkeep_due("main", &s, at("2026-06-02T02:59:00Z")).unwrap(), None);
+        // Down for three days: one run, for the latest time missed.
+        let due = c.upkeep_due("main", &s, at("2026-06-05T01:00:00Z")).unwrap();
+        assert_eq!(due, Some(at("2026-06-04T03:00:00Z")));
+        let id = c
+            .start_upkeep("main", due.unwrap(), "schedule", Some(&s), at("2026-06-05T01:00:00Z"))
+            .unwrap();
+        assert_eq!(c.upkeep_due("main", &s, at("2026-06-05T02:00:00Z")).unwrap(), None);
+        assert_eq!(
+            c.upkeep_due("main", &s, at("2026-06-05T03:00:00Z")).unwrap(),
+            Some(at("2026-06-05T03:00:00Z"))
+        );
+        // A run the coordinator's stop cut is closed as failed at the next start.
+        c.fail_interrupted_upkeeps(at("2026-06-05T03:00:00Z")).unwrap();
+        let runs = c.upkeep_runs(10).unwrap();
+        assert_eq!(runs[0].id, id);
+        assert_eq!(runs[0].state, "failed");
+    }
+
+    #[test]
+    fn an_upkeep_is_mirrored_point_by_point_and_a_failure_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-10T03:00:00Z");
+        let points = [
+            found("web-1", "p1", "2026-06-01", None, None),
+            found("web-1", "p2", "2026-06-02", None, None),
+            found("web-1", "p3", "2026-06-03", None, None),
+        ];
+        c.rescan("main", &points, now).unwrap();
+        let fate = |id: &str, fate: Fate| PointFate {
+            vm: "web-1".into(),
+            point: id.into(),
+            captured_at: now,
+            fate,
+            why: String::new(),
+        };
+        let report = UpkeepReport {
+            points: vec![
+                fate("p1", Fate::Purged),
+                fate("p2", Fate::Expired),
+                fate("p3", Fate::Kept),
+            ],
+            ..UpkeepReport::default()
+        };
+        let id = c.start_upkeep("main", now, "admin", None, now).unwrap();
+        c.finish_upkeep(id, "main", &Ok(report), now).unwrap();
+        let listed = c.points(Some("web-1")).unwrap();
+        let ids: Vec<(&str, bool)> =
+            listed.iter().map(|p| (p.point.as_str(), p.expired_at.is_some())).collect();
+        assert_eq!(ids, [("p2", true), ("p3", false)]);
+        let standing = c.standings(now).unwrap().into_iter().find(|s| s.vm == "web-1").unwrap();
+        assert_eq!(standing.points, 1, "expired points are not counted as live");
+        let run = &c.upkeep_runs(1).unwrap()[0];
+        assert_eq!(run.state, "done");
+        assert!(
+            run.summary.as_deref().unwrap().starts_with("1 point(s) kept, 1 expired, 1 purged")
+        );
+        let id = c.start_upkeep("main", now, "schedule", None, now).unwrap();
+        c.finish_upkeep(id, "main", &Err("vault main is unreachable".into()), now).unwrap();
+        assert_eq!(c.upkeep_runs(1).unwrap()[0].state, "failed");
+        let alerts = c.alerts().unwrap();
+        assert!(
+            alerts.iter().any(|a| a.0 == "failed-upkeep" && a.2.contains("unreachable")),
+            "{alerts:?}"
+        );
+    }
+
+    #[test]
+    fn a_rescan_makes_the_catalogue_what_the_vault_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-10T03:00:00Z");
+        let own = c.id().to_owned();
+        let job = c.back_up_now("web-1", None, now).unwrap();
+        let first = [
+            found("web-1", "p1", "2026-06-01", Some(&own), Some(job)),
+            found("web-1", "p2", "2026-06-02", Some("another-catalogue"), Some(job)),
+            found("gone-vm", "p9", "2026-06-02", None, None),
+        ];
+        let s = c.rescan("main", &first, now).unwrap();
+        assert_eq!((s.found, s.added, s.updated, s.removed), (3, 3, 0, 0));
+        let listed = c.points(None).unwrap();
+        let job_of = |id: &str| listed.iter().find(|p| p.point == id).unwrap().job;
+        // This catalogue's job is linked; another catalogue's job number means nothing here.
+        assert_eq!(job_of("p1"), Some(job));
+        assert_eq!(job_of("p2"), None);
+        // Again, with p2 soft-deleted and p9 gone from the vault.
+        let mut second = first.to_vec();
+        second[1].deleted = true;
+        second.pop();
+        let s = c.rescan("main", &second, now).unwrap();
+        assert_eq!((s.found, s.added, s.updated, s.removed), (2, 0, 1, 1));
+        let listed = c.points(None).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().find(|p| p.point == "p2").unwrap().expired_at.is_some());
+        // Points of another vault are not touched.
+        let s = c.rescan("other", &[], now).unwrap();
+        assert_eq!(s.removed, 0);
+        assert_eq!(c.points(None).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn rpo_alerts_are_raised_once_and_cleared_by_a_newer_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        // No point yet: nothing to say (failed jobs and missed schedules alert for that).
+        assert!(c.check_rpo(at("2026-06-10T00:00:00Z")).unwrap().is_empty());
+        c.rescan(
+            "main",
+            &[found("web-1", "p1", "2026-06-01", None, None)],
+            at("2026-06-01T03:00:00Z"),
+        )
+        .unwrap();
+        // Daily schedule, 24 h transfer deadline: 48 h allowed.
+        assert!(c.check_rpo(at("2026-06-03T02:00:00Z")).unwrap().is_empty());
+        assert_eq!(c.check_rpo(at("2026-06-03T03:00:00Z")).unwrap(), ["web-1"]);
+        assert!(c.check_rpo(at("2026-06-03T04:00:00Z")).unwrap().is_empty(), "raised once");
+        assert_eq!(c.alerts().unwrap().iter().filter(|a| a.0 == "rpo").count(), 1);
+        c.rescan(
+            "main",
+            &[
+                found("web-1", "p1", "2026-06-01", None, None),
+                found("web-1", "p2", "2026-06-03", None, None),
+            ],
+            at("2026-06-03T03:00:00Z"),
+        )
+        .unwrap();
+        c.check_rpo(at("2026-06-03T05:00:00Z")).unwrap();
+        assert_eq!(c.alerts().unwrap().iter().filter(|a| a.0 == "rpo").count(), 0, "cleared");
+        // A VM whose protection stopped raises none (old-1 has a week-old point).
+        c.rescan(
+            "main",
+            &[
+                found("web-1", "p2", "2026-06-03", None, None),
+                found("old-1", "o1", "2026-05-20", None, None),
+            ],
+            at("2026-06-03T05:00:00Z"),
+        )
+        .unwrap();
+        assert!(c.check_rpo(at("2026-06-03T06:00:00Z")).unwrap().is_empty());
+    }
+}
