@@ -51,6 +51,16 @@ pub struct Deletion {
     pub reason: String,
 }
 
+/// A point's snapshot tier: its disks' views are kept on the host that took them, so it
+/// restores from there at once, until the policy's instant-restore time is over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotTier {
+    /// The agent (host) that keeps the views.
+    pub host: String,
+    /// When the views are released (the point is then in the vault alone).
+    pub until: Timestamp,
+}
+
 /// The outcome of a verify run over a point.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verification {
@@ -73,6 +83,8 @@ pub enum Change {
     LockUntil(Timestamp),
     /// A verify run's outcome.
     Verified(Verification),
+    /// The views kept on a host for instant restores (`None`: released early).
+    Snapshot(Option<SnapshotTier>),
 }
 
 /// The state of a point: the fold of its notes.
@@ -86,6 +98,8 @@ pub struct PointState {
     pub locked_until: Option<Timestamp>,
     /// The last verify run's outcome.
     pub verified: Option<Verification>,
+    /// Its snapshot tier: where its views are kept, until when.
+    pub snapshot: Option<SnapshotTier>,
     /// Keys this build does not know, with their latest value.
     pub other: BTreeMap<String, Value>,
 }
@@ -94,6 +108,7 @@ const DELETED: &str = "deleted";
 const RETAIN_UNTIL: &str = "retain_until";
 const LOCKED_UNTIL: &str = "locked_until";
 const VERIFIED: &str = "verified";
+const SNAPSHOT: &str = "snapshot";
 
 impl PointNote {
     /// A note on `vm`/`point` making `changes`.
@@ -112,6 +127,7 @@ impl PointNote {
                 Change::RetainUntil(t) => (RETAIN_UNTIL, serde_json::to_value(t)),
                 Change::LockUntil(t) => (LOCKED_UNTIL, serde_json::to_value(t)),
                 Change::Verified(v) => (VERIFIED, serde_json::to_value(v)),
+                Change::Snapshot(t) => (SNAPSHOT, serde_json::to_value(t)),
             };
             set.insert(key.to_string(), value.unwrap_or(Value::Null));
         }
@@ -150,6 +166,7 @@ impl PointState {
                     self.locked_until = self.locked_until.max(until);
                 }
                 VERIFIED => self.verified = serde_json::from_value(value.clone()).map_err(bad)?,
+                SNAPSHOT => self.snapshot = serde_json::from_value(value.clone()).map_err(bad)?,
                 _ => {
                     self.other.insert(key.clone(), value.clone());
                 }
@@ -170,6 +187,11 @@ impl PointState {
     /// True if a lock forbids deleting the point at `now`.
     pub fn is_locked(&self, now: Timestamp) -> bool {
         self.locked_until.is_some_and(|until| until > now)
+    }
+
+    /// True if a host still keeps the point's views at `now` (tier snapshot and vault).
+    pub fn held_at(&self, now: Timestamp) -> bool {
+        self.snapshot.as_ref().is_some_and(|s| s.until > now)
     }
 
     /// True if verify last found the point whole.
@@ -248,6 +270,23 @@ mod tests {
         n.set.insert(LOCKED_UNTIL.into(), Value::String("not a time".into()));
         let e = PointNote::decode(&n.encode()).unwrap_err();
         assert!(e.to_string().contains("locked_until"), "{e}");
+    }
+
+    #[test]
+    fn a_snapshot_tier_is_held_until_its_time_or_released() {
+        let tier = SnapshotTier { host: "kvm-1".into(), until: ts("2026-12-03T00:00:00Z") };
+        let held = note("2026-12-01T00:00:00Z", &[Change::Snapshot(Some(tier.clone()))]);
+        let back = PointNote::decode(&held.encode()).unwrap();
+        let state = PointState::fold([&back]).unwrap();
+        assert_eq!(state.snapshot, Some(tier));
+        assert!(state.held_at(ts("2026-12-02T23:59:59Z")));
+        assert!(!state.held_at(ts("2026-12-03T00:00:00Z")));
+        let released = note("2026-12-02T00:00:00Z", &[Change::Snapshot(None)]);
+        let state = PointState::fold([&back, &released]).unwrap();
+        assert!(!state.held_at(ts("2026-12-02T01:00:00Z")));
+        let mut bad = held.clone();
+        bad.set.insert(SNAPSHOT.into(), serde_json::json!({ "host": 3 }));
+        assert!(PointNote::decode(&bad.encode()).is_err());
     }
 
     #[test]

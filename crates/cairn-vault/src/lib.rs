@@ -33,6 +33,7 @@ mod repair;
 mod resume;
 mod retry;
 mod secret_file;
+mod upload_limit;
 mod verdicts;
 mod verify;
 
@@ -57,6 +58,7 @@ pub use points::{PointListing, PointWriter, UnreadablePoint};
 pub use repair::RepairReport;
 pub use retry::{RetryPolicy, RetryingStore};
 pub use secret_file::read_key_file;
+pub use upload_limit::UploadLimit;
 pub use verify::{BadChunk, VerifyProgress, VerifyReport, VerifyScope};
 
 /// An open vault. Cheap to clone; safe to share between tasks.
@@ -78,6 +80,8 @@ pub struct Vault {
     /// Deletes and overwrites are refused (an append-only agent).
     append_only: bool,
     chunk_map: Arc<chunk_map::SharedChunkMap>,
+    /// Packs wait for this host-wide bandwidth limit, if any.
+    upload_limit: Option<Arc<UploadLimit>>,
 }
 
 impl Vault {
@@ -122,6 +126,12 @@ impl Vault {
     /// delete (prune, gc, undone markers are left in place and treated as done).
     pub fn into_append_only(mut self) -> Vault {
         self.append_only = true;
+        self
+    }
+
+    /// This handle with its packs sent under `limit` (shared with other handles).
+    pub fn with_upload_limit(mut self, limit: Arc<UploadLimit>) -> Vault {
+        self.upload_limit = Some(limit);
         self
     }
 

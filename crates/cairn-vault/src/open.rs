@@ -426,6 +426,7 @@ impl Vault {
             durability,
             append_only: false,
             chunk_map: Arc::default(),
+            upload_limit: None,
         }
     }
 

@@ -287,6 +287,9 @@ impl PackWriter {
         self.uploads.spawn(async move {
             let path = layout::pack(&name);
             let len = buf.len() as u64;
+            if let Some(limit) = &vault.upload_limit {
+                limit.take(len).await;
+            }
             let buf = match vault.durability.local_root() {
                 Some(root) => {
                     let root = root.to_owned();
