@@ -514,7 +514,7 @@ impl Fleet {
             let runs = f.cli(&["upkeep", "list"])["runs"].as_array().unwrap().clone();
             match runs.into_iter().find(|r| r["scheduled_at"] == at && r["state"] != "running") {
                 Some(r) => {
-                    found = r;
+                    found = f.cli(&["upkeep", "show", &r["id"].to_string()]);
                     true
                 }
                 None => false,

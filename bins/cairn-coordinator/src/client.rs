@@ -137,8 +137,11 @@ pub async fn run(
         Command::Upkeep(UpkeepCommand::List) => {
             (call(client, url, &token, get, "/api/v1/upkeep", None).await?, Some("runs"))
         }
-        Command::Rescan { vault } => {
-            let body = json!({ "vault": vault });
+        Command::Upkeep(UpkeepCommand::Show { id }) => {
+            (call(client, url, &token, get, &format!("/api/v1/upkeep/{id}"), None).await?, None)
+        }
+        Command::Rescan { vault, force } => {
+            let body = json!({ "vault": vault, "force": force });
             (call(client, url, &token, post, "/api/v1/rescan", json_body(body)).await?, None)
         }
         Command::User(UserCommand::Add { name, role }) => {

@@ -137,6 +137,10 @@ enum Command {
         /// Only this vault (default: every vault of the vaults file).
         #[arg(long)]
         vault: Option<String>,
+        /// Empty the catalogue's points of a vault that lists none (refused otherwise: a
+        /// wrong URL would look the same).
+        #[arg(long)]
+        force: bool,
     },
     /// Backs a VM up now, outside its schedule.
     Backup {
@@ -189,6 +193,11 @@ enum UpkeepCommand {
     },
     /// Lists upkeep runs, newest first.
     List,
+    /// Shows one run with each point's fate.
+    Show {
+        /// The run's id.
+        id: u64,
+    },
 }
 
 #[derive(Subcommand)]

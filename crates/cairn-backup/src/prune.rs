@@ -28,6 +28,10 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// The time the policy is applied at (the clock, except in tests and simulations).
     pub now: Timestamp,
+    /// Only these soft-deleted points may be purged (`None`: any past its grace). The
+    /// coordinator purges only what it expired itself: a deletion note written by anyone
+    /// else (a host with the vault's credentials) is reported, not trusted.
+    pub purge_only: Option<std::collections::BTreeSet<PointId>>,
 }
 
 /// What prune decided for one point.
@@ -45,6 +49,8 @@ pub enum Action {
     Locked(Timestamp),
     /// Its notes cannot be read: kept, state unknown.
     Unknown(String),
+    /// Soft-deleted and past its grace, but not by whoever may purge here: kept.
+    Unconfirmed,
 }
 
 /// One point's line in the report.
@@ -114,6 +120,11 @@ pub async fn prune(vault: &Vault, options: &PruneOptions) -> Result<PruneReport,
                     None => live.push((m, state)),
                     Some(d) if d.purge_after > options.now => {
                         report.points.push(decision(Action::InGrace(d.purge_after)))
+                    }
+                    Some(_)
+                        if options.purge_only.as_ref().is_some_and(|p| !p.contains(&m.point)) =>
+                    {
+                        report.points.push(decision(Action::Unconfirmed))
                     }
                     Some(_) => {
                         report.points.push(decision(purge(vault, &m, &state, options).await?))

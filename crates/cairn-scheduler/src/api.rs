@@ -59,6 +59,7 @@ impl From<Error> for ApiError {
         let status = match &e {
             Error::Policy(_) => StatusCode::BAD_REQUEST,
             Error::Unknown { .. } => StatusCode::NOT_FOUND,
+            Error::Refused(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let field = match &e {

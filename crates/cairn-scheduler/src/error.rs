@@ -36,6 +36,9 @@ pub enum Error {
     /// A policy or schedule is invalid.
     #[error(transparent)]
     Policy(#[from] cairn_policy::Error),
+    /// A request the catalogue refuses as it stands (the message says what to do).
+    #[error("{0}")]
+    Refused(String),
     /// The TLS certificate or key cannot be used.
     #[error("TLS: {0}")]
     Tls(String),

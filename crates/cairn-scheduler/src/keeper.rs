@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use cairn_policy::{Retention, Schedule};
 use cairn_protocol::PointReport;
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
 
 /// Prune, collect, scan and delete on the vaults the coordinator holds the keys of. Errors
@@ -20,12 +20,15 @@ pub trait VaultKeeper: Send + Sync {
     fn vaults(&self) -> Vec<String>;
     /// When upkeep runs on each vault.
     fn schedule(&self) -> Schedule;
-    /// Applies each VM's retention at `now` (VMs not named are left alone), then collects
-    /// the space of purged points.
+    /// How long an expired point waits before it is purged.
+    fn grace(&self) -> SignedDuration;
+    /// Applies each VM's rule at `now` (VMs not named are left alone), then collects the
+    /// space of purged points. A VM that fails is an error in the report and the others go
+    /// on; `Err` means nothing was done (the vault could not be opened).
     async fn upkeep(
         &self,
         vault: &str,
-        rules: &[(String, Retention)],
+        rules: &[VmRule],
         now: Timestamp,
     ) -> Result<UpkeepReport, String>;
     /// Every point the vault holds, for `rescan`.
@@ -34,6 +37,18 @@ pub trait VaultKeeper: Send + Sync {
     /// purges them once their grace has passed. Returns the points deleted.
     async fn delete_vm(&self, vault: &str, vm: &str, now: Timestamp)
     -> Result<Vec<String>, String>;
+}
+
+/// What an upkeep does to one VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmRule {
+    /// The VM.
+    pub vm: String,
+    /// Its retention (its policy's, or keep-everything once its protection stopped).
+    pub retention: Retention,
+    /// The soft-deleted points that may be purged: those this coordinator expired at least a
+    /// grace time ago. A deletion note from anyone else is reported, never acted on.
+    pub purgeable: Vec<String>,
 }
 
 /// A keeper as the service's settings hold it.
@@ -92,6 +107,10 @@ pub struct UpkeepReport {
     pub packs_repacked: u64,
     /// Bytes freed in the vault.
     pub bytes_freed: u64,
+    /// What failed (a VM that could not be pruned, the collector): the run is failed, with
+    /// an alert, and what did happen is still mirrored.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 impl UpkeepReport {
@@ -114,4 +133,8 @@ pub struct FoundPoint {
     pub catalogue: Option<String>,
     /// That job.
     pub job: Option<u64>,
+    /// The scheduled time that job was for.
+    pub scheduled_at: Option<Timestamp>,
+    /// Its views are kept on a host until then (tier snapshot and vault).
+    pub held_until: Option<Timestamp>,
 }

@@ -34,7 +34,7 @@ pub use points::{JobCounts, PointRecord, VmStanding};
 pub use catalogue::{Catalogue, JobRecord, JobState, Role, VmRecord};
 pub use dispatch::{Dispatched, dispatch};
 pub use error::Error;
-pub use keeper::{Fate, FoundPoint, Keeper, PointFate, UpkeepReport, VaultKeeper};
+pub use keeper::{Fate, FoundPoint, Keeper, PointFate, UpkeepReport, VaultKeeper, VmRule};
 pub use plan::{PlanOutcome, plan};
 pub use service::{Clock, FileClock, Settings, SystemClock, serve};
 pub use upkeep::{RescanSummary, UpkeepRun, keep_everything};

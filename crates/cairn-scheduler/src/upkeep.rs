@@ -5,13 +5,15 @@
 //!
 //! [`VaultKeeper`]: crate::VaultKeeper
 
+use std::collections::HashSet;
+
 use cairn_policy::{Retention, Schedule};
 use jiff::Timestamp;
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
 use crate::catalogue::{parse_ts, ts};
-use crate::keeper::{Fate, FoundPoint, UpkeepReport};
+use crate::keeper::{Fate, FoundPoint, UpkeepReport, VmRule};
 use crate::{Catalogue, Error};
 
 /// The rule for a VM that no policy prunes (protection stopped, keeping its data): every live
@@ -64,9 +66,14 @@ fn meta_key(vault: &str) -> String {
 
 impl Catalogue {
     /// Each VM of `vault` with the rule that prunes it: its policy's retention when
-    /// protected, keep-everything when its protection is stopped (its soft-deleted points
-    /// are still purged).
-    pub fn upkeep_rules(&self, vault: &str) -> Result<Vec<(String, Retention)>, Error> {
+    /// protected, keep-everything when its protection is stopped; and the points it may purge:
+    /// those this catalogue marked expired at least `grace` before `now`.
+    pub fn upkeep_rules(
+        &self,
+        vault: &str,
+        grace: jiff::SignedDuration,
+        now: Timestamp,
+    ) -> Result<Vec<VmRule>, Error> {
         let what = format!("reading the VMs of vault {vault}");
         let mut stmt = self
             .conn
@@ -76,14 +83,27 @@ impl Catalogue {
             .query_map([vault], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(Error::sql(what.clone()))?
             .collect::<Result<_, _>>()
-            .map_err(Error::sql(what))?;
+            .map_err(Error::sql(what.clone()))?;
+        let ripe = now.checked_sub(grace).unwrap_or(Timestamp::MIN);
+        let mut purgeable = self
+            .conn
+            .prepare(
+                "SELECT point FROM points
+                 WHERE vm = ?1 AND vault = ?2 AND expired_at IS NOT NULL AND expired_at <= ?3",
+            )
+            .map_err(Error::sql(what.clone()))?;
         let mut out = Vec::with_capacity(rows.len());
         for (vm, policy, protected) in rows {
-            let rule = match (protected, policy) {
+            let retention = match (protected, policy) {
                 (true, Some(policy)) => self.policy(&policy)?.spec.retention,
                 _ => keep_everything(),
             };
-            out.push((vm, rule));
+            let points = purgeable
+                .query_map(params![vm, vault, ts(ripe)], |r| r.get(0))
+                .map_err(Error::sql(what.clone()))?
+                .collect::<Result<_, _>>()
+                .map_err(Error::sql(what.clone()))?;
+            out.push(VmRule { vm, retention, purgeable: points });
         }
         Ok(out)
     }
@@ -108,6 +128,12 @@ impl Catalogue {
                 // The latest upkeep time passed stands for every one missed.
                 let latest = schedule.between(at, now).into_iter().last().unwrap_or(at);
                 Ok(Some(latest))
+            }
+            // A stored time past the schedule's next one (the clock was once ahead) would
+            // stop upkeep until then: the schedule wins.
+            Some(at) if schedule.next_after(now).is_some_and(|next| at > next) => {
+                self.set_upkeep_next(vault, schedule.next_after(now))?;
+                Ok(None)
             }
             Some(_) => Ok(None),
             None => {
@@ -157,8 +183,9 @@ impl Catalogue {
         Ok(id.unsigned_abs())
     }
 
-    /// Records how upkeep `id` ended and mirrors its outcome: expired points are marked,
-    /// purged ones leave the catalogue. A failure raises an alert.
+    /// Records how upkeep `id` ended and mirrors what it did: expired points are marked,
+    /// purged ones leave the catalogue, even when part of the run failed. A failure raises an
+    /// alert, and the vault's next upkeep comes within the hour.
     pub fn finish_upkeep(
         &mut self,
         id: u64,
@@ -167,64 +194,81 @@ impl Catalogue {
         now: Timestamp,
     ) -> Result<(), Error> {
         let what = format!("recording the end of upkeep {id} of vault {vault}");
+        let empty = UpkeepReport::default();
+        let (report, failure) = match outcome {
+            Ok(r) if r.errors.is_empty() => (r, None),
+            Ok(r) => (r, Some(r.errors.join("; "))),
+            Err(e) => (&empty, Some(e.clone())),
+        };
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
-        match outcome {
-            Ok(report) => {
-                for p in &report.points {
-                    let keys = params![p.vm, p.point];
-                    let done = match p.fate {
-                        Fate::Expired | Fate::InGrace | Fate::Locked => tx.execute(
-                            "UPDATE points SET expired_at = coalesce(expired_at, ?3)
-                             WHERE vm = ?1 AND point = ?2",
-                            params![p.vm, p.point, ts(now)],
-                        ),
-                        Fate::Purged => {
-                            tx.execute("DELETE FROM points WHERE vm = ?1 AND point = ?2", keys)
-                        }
-                        Fate::Kept => tx.execute(
-                            "UPDATE points SET expired_at = NULL WHERE vm = ?1 AND point = ?2",
-                            keys,
-                        ),
-                        Fate::Unknown => continue,
-                    };
-                    done.map_err(Error::sql(what.clone()))?;
-                }
-                let summary = format!(
-                    "{} point(s) kept, {} expired, {} purged, {} in grace, {} locked; {} pack(s) \
-                     deleted and {} repacked, {} byte(s) freed",
-                    report.count(&Fate::Kept),
-                    report.count(&Fate::Expired),
-                    report.count(&Fate::Purged),
-                    report.count(&Fate::InGrace),
-                    report.count(&Fate::Locked),
-                    report.packs_deleted,
-                    report.packs_repacked,
-                    report.bytes_freed
-                );
-                let json = serde_json::to_string(report).unwrap_or_default();
-                tx.execute(
-                    "UPDATE upkeep_runs SET state = 'done', finished_at = ?2, summary = ?3,
-                         report = ?4 WHERE id = ?1",
-                    params![id as i64, ts(now), summary, json],
-                )
-                .map_err(Error::sql(what.clone()))?;
-            }
-            Err(e) => {
-                tx.execute(
-                    "UPDATE upkeep_runs SET state = 'failed', finished_at = ?2, summary = ?3
-                     WHERE id = ?1",
-                    params![id as i64, ts(now), e],
-                )
-                .map_err(Error::sql(what.clone()))?;
-                tx.execute(
-                    "INSERT INTO alerts (kind, vm, message, raised_at)
-                     VALUES ('failed-upkeep', NULL, ?1, ?2)",
-                    params![format!("upkeep of vault {vault} failed: {e}"), ts(now)],
-                )
-                .map_err(Error::sql(what.clone()))?;
+        for p in &report.points {
+            let keys = params![p.vm, p.point, vault];
+            let done = match p.fate {
+                Fate::Expired | Fate::InGrace | Fate::Locked => tx.execute(
+                    "UPDATE points SET expired_at = coalesce(expired_at, ?4)
+                     WHERE vm = ?1 AND point = ?2 AND vault = ?3",
+                    params![p.vm, p.point, vault, ts(now)],
+                ),
+                Fate::Purged => tx
+                    .execute("DELETE FROM points WHERE vm = ?1 AND point = ?2 AND vault = ?3", keys),
+                Fate::Kept => tx.execute(
+                    "UPDATE points SET expired_at = NULL WHERE vm = ?1 AND point = ?2 AND vault = ?3",
+                    keys,
+                ),
+                Fate::Unknown => continue,
+            };
+            done.map_err(Error::sql(what.clone()))?;
+        }
+        let mut summary = format!(
+            "{} point(s) kept, {} expired, {} purged, {} in grace, {} locked; {} pack(s) deleted \
+             and {} repacked, {} byte(s) freed",
+            report.count(&Fate::Kept),
+            report.count(&Fate::Expired),
+            report.count(&Fate::Purged),
+            report.count(&Fate::InGrace),
+            report.count(&Fate::Locked),
+            report.packs_deleted,
+            report.packs_repacked,
+            report.bytes_freed
+        );
+        if let Some(failure) = &failure {
+            summary = format!("{failure} ({summary})");
+            tx.execute(
+                "INSERT INTO alerts (kind, vm, message, raised_at)
+                 VALUES ('failed-upkeep', NULL, ?1, ?2)",
+                params![format!("upkeep of vault {vault} failed: {failure}"), ts(now)],
+            )
+            .map_err(Error::sql(what.clone()))?;
+        }
+        let json = serde_json::to_string(report).unwrap_or_default();
+        tx.execute(
+            "UPDATE upkeep_runs SET state = ?2, finished_at = ?3, summary = ?4, report = ?5
+             WHERE id = ?1",
+            params![
+                id as i64,
+                if failure.is_some() { "failed" } else { "done" },
+                ts(now),
+                summary,
+                json
+            ],
+        )
+        .map_err(Error::sql(what.clone()))?;
+        tx.commit().map_err(Error::sql(what))?;
+        if failure.is_some() {
+            let soon = now.checked_add(jiff::SignedDuration::from_hours(1)).ok();
+            let next: Option<Timestamp> = self
+                .conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [meta_key(vault)], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()
+                .map_err(Error::sql("reading the next upkeep time"))?
+                .and_then(|s| s.parse().ok());
+            if let Some(soon) = soon.filter(|s| next.is_none_or(|n| *s < n)) {
+                self.set_upkeep_next(vault, Some(soon))?;
             }
         }
-        tx.commit().map_err(Error::sql(what))
+        Ok(())
     }
 
     /// Marks upkeeps a stopped coordinator left running as failed (the vault's own
@@ -241,18 +285,25 @@ impl Catalogue {
             .map_err(Error::sql("closing interrupted upkeeps"))
     }
 
-    /// Upkeep runs, newest first (at most `limit`).
+    /// Upkeep runs, newest first (at most `limit`), without their reports.
     pub fn upkeep_runs(&self, limit: u32) -> Result<Vec<UpkeepRun>, Error> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT id, vault, scheduled_at, started_at, finished_at, state, who, summary,
-                        report
-                 FROM upkeep_runs ORDER BY id DESC LIMIT ?1",
-            )
-            .map_err(Error::sql("listing upkeep runs"))?;
+        self.runs_where("1 ORDER BY id DESC LIMIT ?1", limit.into(), false)
+    }
+
+    /// One upkeep run with its report.
+    pub fn upkeep_run(&self, id: u64) -> Result<Option<UpkeepRun>, Error> {
+        Ok(self.runs_where("id = ?1", id as i64, true)?.pop())
+    }
+
+    fn runs_where(&self, filter: &str, arg: i64, report: bool) -> Result<Vec<UpkeepRun>, Error> {
+        let sql = format!(
+            "SELECT id, vault, scheduled_at, started_at, finished_at, state, who, summary,
+                    CASE WHEN {report} THEN report END
+             FROM upkeep_runs WHERE {filter}"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(Error::sql("listing upkeep runs"))?;
         let rows = stmt
-            .query_map([limit], |r| {
+            .query_map([arg], |r| {
                 Ok(UpkeepRun {
                     id: r.get::<_, i64>(0)?.unsigned_abs(),
                     vault: r.get(1)?,
@@ -271,61 +322,81 @@ impl Catalogue {
         rows.collect::<Result<_, _>>().map_err(Error::sql("listing upkeep runs"))
     }
 
+    /// The catalogue's points of `vault`, as (VM, point): what a rescan may remove, read
+    /// before the vault is scanned so that points reported meanwhile stay.
+    pub fn points_of_vault(&self, vault: &str) -> Result<HashSet<(String, String)>, Error> {
+        let what = format!("listing the points of vault {vault}");
+        let mut stmt = self
+            .conn
+            .prepare("SELECT vm, point FROM points WHERE vault = ?1")
+            .map_err(Error::sql(what.clone()))?;
+        let rows = stmt
+            .query_map([vault], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(Error::sql(what.clone()))?;
+        rows.collect::<Result<_, _>>().map_err(Error::sql(what))
+    }
+
     /// Makes the catalogue's points of `vault` what the vault holds: adds the points it
-    /// lacks (with their job when this catalogue's job made them), marks soft-deleted ones,
-    /// and drops the points the vault no longer has.
+    /// lacks, marks soft-deleted ones and the tier, and drops those of `known_before` the
+    /// vault no longer has. A point is linked to a job only when this catalogue's done backup
+    /// job for that VM and scheduled time has no point. A vault that lists nothing while the
+    /// catalogue had points there is refused unless `force` (a wrong URL would empty it).
     pub fn rescan(
         &mut self,
         vault: &str,
+        known_before: &HashSet<(String, String)>,
         found: &[FoundPoint],
         now: Timestamp,
+        force: bool,
     ) -> Result<RescanSummary, Error> {
+        if found.is_empty() && !known_before.is_empty() && !force {
+            return Err(Error::Refused(format!(
+                "vault {vault} lists no point while the catalogue has {} there: check its URL in \
+                 the vaults file, or rescan with --force to empty the catalogue's list",
+                known_before.len()
+            )));
+        }
         let what = format!("rescanning vault {vault} into the catalogue");
         let id = self.id().to_owned();
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
         let mut summary =
             RescanSummary { vault: vault.into(), found: found.len() as u64, ..Default::default() };
-        let mut known: std::collections::HashSet<(String, String)> = {
-            let mut stmt = tx
-                .prepare("SELECT vm, point FROM points WHERE vault = ?1")
-                .map_err(Error::sql(what.clone()))?;
-            let rows = stmt
-                .query_map([vault], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(Error::sql(what.clone()))?;
-            rows.collect::<Result<_, _>>().map_err(Error::sql(what.clone()))?
-        };
+        let mut gone = known_before.clone();
         for f in found {
-            let expired: Option<Option<i64>> = tx
+            gone.remove(&(f.vm.clone(), f.point.id.clone()));
+            let tier =
+                if f.held_until.is_some_and(|t| t > now) { "snapshot-and-vault" } else { "vault" };
+            // When it was deleted is not in the vault's listing: the rescan's time stands for it.
+            let deleted_at = f.deleted.then(|| ts(now));
+            let known: Option<(Option<i64>, String)> = tx
                 .query_row(
-                    "SELECT expired_at FROM points WHERE vm = ?1 AND point = ?2",
+                    "SELECT expired_at, tier FROM points WHERE vm = ?1 AND point = ?2",
                     params![f.vm, f.point.id],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .map_err(Error::sql(what.clone()))?;
-            // When it was deleted is not in the vault's listing: the rescan's time stands for it.
-            let deleted_at = f.deleted.then(|| ts(now));
-            match expired {
-                Some(was) => {
-                    known.remove(&(f.vm.clone(), f.point.id.clone()));
-                    if was.is_some() != f.deleted {
+            match known {
+                Some((was, old_tier)) => {
+                    if was.is_some() != f.deleted || old_tier != tier {
                         tx.execute(
-                            "UPDATE points SET expired_at = ?3, vault = ?4
+                            "UPDATE points SET expired_at = CASE WHEN ?3 IS NULL THEN NULL
+                                 ELSE coalesce(expired_at, ?3) END, tier = ?4, vault = ?5
                              WHERE vm = ?1 AND point = ?2",
-                            params![f.vm, f.point.id, deleted_at, vault],
+                            params![f.vm, f.point.id, deleted_at, tier, vault],
                         )
                         .map_err(Error::sql(what.clone()))?;
                         summary.updated += 1;
                     }
                 }
                 None => {
-                    // The job only when this catalogue made it and still has it.
-                    let job = match (f.catalogue.as_deref(), f.job) {
-                        (Some(c), Some(job)) if c == id => tx
+                    let job = match (f.catalogue.as_deref(), f.job, f.scheduled_at) {
+                        (Some(c), Some(job), Some(at)) if c == id => tx
                             .query_row(
-                                "SELECT id FROM jobs WHERE id = ?1 AND vm = ?2 AND NOT EXISTS
+                                "SELECT id FROM jobs WHERE id = ?1 AND vm = ?2 AND kind = 'backup'
+                                     AND state = 'done' AND scheduled_at = ?3 AND NOT EXISTS
                                      (SELECT 1 FROM points WHERE points.job = jobs.id)",
-                                params![job as i64, f.vm],
+                                params![job as i64, f.vm, ts(at)],
                                 |r| r.get::<_, i64>(0),
                             )
                             .optional()
@@ -335,21 +406,22 @@ impl Catalogue {
                     };
                     crate::agents::insert_point(&tx, &f.vm, vault, job, &f.point)
                         .map_err(Error::sql(what.clone()))?;
-                    if f.deleted {
-                        tx.execute(
-                            "UPDATE points SET expired_at = ?3 WHERE vm = ?1 AND point = ?2",
-                            params![f.vm, f.point.id, deleted_at],
-                        )
-                        .map_err(Error::sql(what.clone()))?;
-                    }
+                    tx.execute(
+                        "UPDATE points SET expired_at = ?3, tier = ?4 WHERE vm = ?1 AND point = ?2",
+                        params![f.vm, f.point.id, deleted_at, tier],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
                     summary.added += 1;
                 }
             }
         }
-        for (vm, point) in known {
-            tx.execute("DELETE FROM points WHERE vm = ?1 AND point = ?2", params![vm, point])
-                .map_err(Error::sql(what.clone()))?;
-            summary.removed += 1;
+        for (vm, point) in gone {
+            summary.removed += tx
+                .execute(
+                    "DELETE FROM points WHERE vm = ?1 AND point = ?2 AND vault = ?3",
+                    params![vm, point, vault],
+                )
+                .map_err(Error::sql(what.clone()))? as u64;
         }
         tx.commit().map_err(Error::sql(what))?;
         Ok(summary)
@@ -374,23 +446,35 @@ impl Catalogue {
         tx.commit().map_err(Error::sql(what))
     }
 
-    /// Stops the protection of `vm` (its schedule no longer runs; its points stay). Returns
-    /// its vault.
-    pub fn stop_protection(&mut self, vm: &str) -> Result<String, Error> {
-        let vault: Option<String> = self
-            .conn
+    /// Stops the protection of `vm`: its schedule no longer runs and its queued jobs are
+    /// cancelled (a running one ends as it will); its points stay. Returns its vault.
+    pub fn stop_protection(&mut self, vm: &str, now: Timestamp) -> Result<String, Error> {
+        let what = format!("stopping the protection of VM {vm}");
+        let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
+        let vault: Option<String> = tx
             .query_row(
                 "UPDATE vms SET protected = 0, next_at = NULL WHERE name = ?1 RETURNING vault",
                 [vm],
                 |r| r.get(0),
             )
             .optional()
-            .map_err(Error::sql(format!("stopping the protection of VM {vm}")))?;
-        vault.ok_or_else(|| Error::Unknown {
-            kind: "VM",
-            name: vm.into(),
-            hint: "list VMs with `vms`",
-        })
+            .map_err(Error::sql(what.clone()))?;
+        let Some(vault) = vault else {
+            return Err(Error::Unknown {
+                kind: "VM",
+                name: vm.into(),
+                hint: "list VMs with `vms`",
+            });
+        };
+        tx.execute(
+            "UPDATE jobs SET state = 'failed', reason = 'cancelled: the VM''s protection stopped',
+                 finished_at = ?2, updated_at = ?2
+             WHERE vm = ?1 AND state = 'queued'",
+            params![vm, ts(now)],
+        )
+        .map_err(Error::sql(what.clone()))?;
+        tx.commit().map_err(Error::sql(what))?;
+        Ok(vault)
     }
 }
 
@@ -442,7 +526,14 @@ mod tests {
             deleted: false,
             catalogue: catalogue.map(Into::into),
             job,
+            scheduled_at: None,
+            held_until: None,
         }
+    }
+
+    fn rescan(c: &mut Catalogue, found: &[FoundPoint], now: Timestamp) -> RescanSummary {
+        let known = c.points_of_vault("main").unwrap();
+        c.rescan("main", &known, found, now, false).unwrap()
     }
 
     fn upkeep_schedule() -> Schedule {
@@ -459,13 +550,15 @@ mod tests {
     fn rules_follow_protection() {
         let dir = tempfile::tempdir().unwrap();
         let c = setup(&dir);
-        let rules = c.upkeep_rules("main").unwrap();
+        let grace = jiff::SignedDuration::from_hours(1);
+        let now = at("2026-06-10T03:00:00Z");
+        let rules = c.upkeep_rules("main", grace, now).unwrap();
         assert_eq!(rules.len(), 2);
-        let rule = |vm: &str| rules.iter().find(|r| r.0 == vm).unwrap().1.clone();
+        let rule = |vm: &str| rules.iter().find(|r| r.vm == vm).unwrap().retention.clone();
         assert_eq!(rule("web-1").keep_daily, Some(7));
         // Protection stopped: everything live is kept, only deleted points are purged.
         assert_eq!(rule("old-1"), keep_everything());
-        assert!(c.upkeep_rules("other").unwrap().is_empty());
+        assert!(c.upkeep_rules("other", grace, now).unwrap().is_empty());
     }
 
     #[test]
@@ -487,11 +580,33 @@ mod tests {
             c.upkeep_due("main", &s, at("2026-06-05T03:00:00Z")).unwrap(),
             Some(at("2026-06-05T03:00:00Z"))
         );
+        // A clock once far ahead left a time the schedule would not give now: reset.
+        c.set_upkeep_next("main", Some(at("2027-01-01T03:00:00Z"))).unwrap();
+        assert_eq!(c.upkeep_due("main", &s, at("2026-06-05T04:00:00Z")).unwrap(), None);
+        assert_eq!(
+            c.upkeep_due("main", &s, at("2026-06-06T03:00:00Z")).unwrap(),
+            Some(at("2026-06-06T03:00:00Z"))
+        );
+        // A failed run comes back within the hour, not the next day.
+        let failed = c
+            .start_upkeep(
+                "main",
+                at("2026-06-06T03:00:00Z"),
+                "schedule",
+                Some(&s),
+                at("2026-06-06T03:00:00Z"),
+            )
+            .unwrap();
+        c.finish_upkeep(failed, "main", &Err("unreachable".into()), at("2026-06-06T03:00:00Z"))
+            .unwrap();
+        assert_eq!(
+            c.upkeep_due("main", &s, at("2026-06-06T04:00:00Z")).unwrap(),
+            Some(at("2026-06-06T04:00:00Z"))
+        );
         // A run the coordinator's stop cut is closed as failed at the next start.
         c.fail_interrupted_upkeeps(at("2026-06-05T03:00:00Z")).unwrap();
-        let runs = c.upkeep_runs(10).unwrap();
-        assert_eq!(runs[0].id, id);
-        assert_eq!(runs[0].state, "failed");
+        let run = c.upkeep_run(id).unwrap().unwrap();
+        assert_eq!(run.state, "failed");
     }
 
     #[test]
@@ -504,7 +619,7 @@ mod tests {
             found("web-1", "p2", "2026-06-02", None, None),
             found("web-1", "p3", "2026-06-03", None, None),
         ];
-        c.rescan("main", &points, now).unwrap();
+        rescan(&mut c, &points, now);
         let fate = |id: &str, fate: Fate| PointFate {
             vm: "web-1".into(),
             point: id.into(),
@@ -526,6 +641,13 @@ mod tests {
         let ids: Vec<(&str, bool)> =
             listed.iter().map(|p| (p.point.as_str(), p.expired_at.is_some())).collect();
         assert_eq!(ids, [("p2", true), ("p3", false)]);
+        // p2 may be purged once a grace has passed since this catalogue expired it.
+        let grace = jiff::SignedDuration::from_hours(1);
+        let rules = c.upkeep_rules("main", grace, at("2026-06-10T03:59:00Z")).unwrap();
+        assert!(rules.iter().all(|r| r.purgeable.is_empty()), "{rules:?}");
+        let rules = c.upkeep_rules("main", grace, at("2026-06-10T04:00:00Z")).unwrap();
+        let web = rules.iter().find(|r| r.vm == "web-1").unwrap();
+        assert_eq!(web.purgeable, ["p2"]);
         let standing = c.standings(now).unwrap().into_iter().find(|s| s.vm == "web-1").unwrap();
         assert_eq!(standing.points, 1, "expired points are not counted as live");
         let run = &c.upkeep_runs(1).unwrap()[0];
@@ -536,6 +658,19 @@ mod tests {
         let id = c.start_upkeep("main", now, "schedule", None, now).unwrap();
         c.finish_upkeep(id, "main", &Err("vault main is unreachable".into()), now).unwrap();
         assert_eq!(c.upkeep_runs(1).unwrap()[0].state, "failed");
+        // A run that failed part way: what it did is mirrored all the same.
+        let partial = UpkeepReport {
+            points: vec![fate("p2", Fate::Purged)],
+            errors: vec!["VM web-2: its manifest cannot be read".into()],
+            ..UpkeepReport::default()
+        };
+        let id = c.start_upkeep("main", now, "schedule", None, now).unwrap();
+        c.finish_upkeep(id, "main", &Ok(partial), now).unwrap();
+        assert_eq!(c.points(Some("web-1")).unwrap().len(), 1);
+        let run = c.upkeep_run(id).unwrap().unwrap();
+        assert_eq!(run.state, "failed");
+        assert!(run.summary.unwrap().starts_with("VM web-2"));
+        assert!(run.report.is_some() && c.upkeep_runs(1).unwrap()[0].report.is_none());
         let alerts = c.alerts().unwrap();
         assert!(
             alerts.iter().any(|a| a.0 == "failed-upkeep" && a.2.contains("unreachable")),
@@ -551,11 +686,18 @@ mod tests {
         let own = c.id().to_owned();
         let job = c.back_up_now("web-1", None, now).unwrap();
         let first = [
-            found("web-1", "p1", "2026-06-01", Some(&own), Some(job)),
-            found("web-1", "p2", "2026-06-02", Some("another-catalogue"), Some(job)),
+            FoundPoint {
+                scheduled_at: Some(now),
+                ..found("web-1", "p1", "2026-06-01", Some(&own), Some(job))
+            },
+            FoundPoint {
+                scheduled_at: Some(now),
+                ..found("web-1", "p2", "2026-06-02", Some("another-catalogue"), Some(job))
+            },
             found("gone-vm", "p9", "2026-06-02", None, None),
         ];
-        let s = c.rescan("main", &first, now).unwrap();
+        c.conn.execute("UPDATE jobs SET state = 'done'", []).unwrap();
+        let s = rescan(&mut c, &first, now);
         assert_eq!((s.found, s.added, s.updated, s.removed), (3, 3, 0, 0));
         let listed = c.points(None).unwrap();
         let job_of = |id: &str| listed.iter().find(|p| p.point == id).unwrap().job;
@@ -566,15 +708,36 @@ mod tests {
         let mut second = first.to_vec();
         second[1].deleted = true;
         second.pop();
-        let s = c.rescan("main", &second, now).unwrap();
+        let s = rescan(&mut c, &second, now);
         assert_eq!((s.found, s.added, s.updated, s.removed), (2, 0, 1, 1));
         let listed = c.points(None).unwrap();
         assert_eq!(listed.len(), 2);
         assert!(listed.iter().find(|p| p.point == "p2").unwrap().expired_at.is_some());
         // Points of another vault are not touched.
-        let s = c.rescan("other", &[], now).unwrap();
+        let known = c.points_of_vault("other").unwrap();
+        let s = c.rescan("other", &known, &[], now, false).unwrap();
         assert_eq!(s.removed, 0);
         assert_eq!(c.points(None).unwrap().len(), 2);
+        // A vault that lists nothing while the catalogue had points there: refused, unless
+        // forced.
+        let known = c.points_of_vault("main").unwrap();
+        let e = c.rescan("main", &known, &[], now, false).unwrap_err().to_string();
+        assert!(e.contains("--force"), "{e}");
+        assert_eq!(c.points(None).unwrap().len(), 2);
+        assert_eq!(c.rescan("main", &known, &[], now, true).unwrap().removed, 2);
+    }
+
+    #[test]
+    fn stopping_protection_cancels_queued_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-10T03:00:00Z");
+        c.back_up_now("web-1", None, now).unwrap();
+        assert_eq!(c.stop_protection("web-1", now).unwrap(), "main");
+        let jobs = c.jobs(Some("web-1")).unwrap();
+        assert_eq!(jobs[0].state, crate::JobState::Failed);
+        assert!(jobs[0].reason.as_deref().unwrap().contains("protection stopped"));
+        assert!(c.stop_protection("nobody", now).is_err());
     }
 
     #[test]
@@ -583,38 +746,35 @@ mod tests {
         let mut c = setup(&dir);
         // No point yet: nothing to say (failed jobs and missed schedules alert for that).
         assert!(c.check_rpo(at("2026-06-10T00:00:00Z")).unwrap().is_empty());
-        c.rescan(
-            "main",
+        rescan(
+            &mut c,
             &[found("web-1", "p1", "2026-06-01", None, None)],
             at("2026-06-01T03:00:00Z"),
-        )
-        .unwrap();
+        );
         // Daily schedule, 24 h transfer deadline: 48 h allowed.
         assert!(c.check_rpo(at("2026-06-03T02:00:00Z")).unwrap().is_empty());
         assert_eq!(c.check_rpo(at("2026-06-03T03:00:00Z")).unwrap(), ["web-1"]);
         assert!(c.check_rpo(at("2026-06-03T04:00:00Z")).unwrap().is_empty(), "raised once");
         assert_eq!(c.alerts().unwrap().iter().filter(|a| a.0 == "rpo").count(), 1);
-        c.rescan(
-            "main",
+        rescan(
+            &mut c,
             &[
                 found("web-1", "p1", "2026-06-01", None, None),
                 found("web-1", "p2", "2026-06-03", None, None),
             ],
             at("2026-06-03T03:00:00Z"),
-        )
-        .unwrap();
+        );
         c.check_rpo(at("2026-06-03T05:00:00Z")).unwrap();
         assert_eq!(c.alerts().unwrap().iter().filter(|a| a.0 == "rpo").count(), 0, "cleared");
         // A VM whose protection stopped raises none (old-1 has a week-old point).
-        c.rescan(
-            "main",
+        rescan(
+            &mut c,
             &[
                 found("web-1", "p2", "2026-06-03", None, None),
                 found("old-1", "o1", "2026-05-20", None, None),
             ],
             at("2026-06-03T05:00:00Z"),
-        )
-        .unwrap();
+        );
         assert!(c.check_rpo(at("2026-06-03T06:00:00Z")).unwrap().is_empty());
     }
 }

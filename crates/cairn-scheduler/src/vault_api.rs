@@ -6,10 +6,10 @@
 //!
 //! | call | role |
 //! |---|---|
-//! | `GET /api/v1/upkeep` (the runs, newest first) | viewer |
+//! | `GET /api/v1/upkeep` (the runs, newest first), `GET /api/v1/upkeep/ID` (one, with each point's fate) | viewer |
 //! | `POST /api/v1/vms/NAME/stop` (`{"delete_data": bool}`) | operator; admin to delete data |
 //! | `POST /api/v1/upkeep` (`{"vault": NAME}` or every vault; answers when done) | admin |
-//! | `POST /api/v1/rescan` (`{"vault": NAME}` or every vault) | admin |
+//! | `POST /api/v1/rescan` (`{"vault": NAME, "force": bool}` or every vault) | admin |
 //!
 //! [`VaultKeeper`]: crate::VaultKeeper
 
@@ -44,6 +44,7 @@ impl VaultLocks {
 pub(crate) fn router() -> Router<Api> {
     Router::new()
         .route("/api/v1/upkeep", get(runs).post(upkeep_now))
+        .route("/api/v1/upkeep/{id}", get(run))
         .route("/api/v1/rescan", post(rescan))
         .route("/api/v1/vms/{name}/stop", post(stop))
 }
@@ -72,7 +73,7 @@ fn chosen(keeper: &Keeper, vault: Option<String>) -> Result<Vec<String>, ApiErro
 }
 
 /// Runs the upkeep of `vault` (waiting for the vault's lock), records it, and returns its
-/// run id, its state and its summary.
+/// run id and outcome. The run is recorded whatever happens after it started.
 pub(crate) async fn run_upkeep(
     api: &Shared,
     keeper: &Keeper,
@@ -87,6 +88,7 @@ pub(crate) async fn run_upkeep(
     let schedule = keeper.0.schedule();
     let (id, rules) = {
         let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+        let rules = catalogue.upkeep_rules(vault, keeper.0.grace(), now);
         let id = catalogue.start_upkeep(
             vault,
             scheduled_at,
@@ -94,7 +96,14 @@ pub(crate) async fn run_upkeep(
             scheduled.then_some(&schedule),
             now,
         )?;
-        (id, catalogue.upkeep_rules(vault)?)
+        match rules {
+            Ok(rules) => (id, rules),
+            Err(e) => {
+                let outcome = Err(format!("reading the VMs' rules: {e}"));
+                catalogue.finish_upkeep(id, vault, &outcome, now)?;
+                return Ok((id, outcome));
+            }
+        }
     };
     tracing::info!(vault, run = id, vms = rules.len(), "upkeep starts");
     let outcome = keeper.0.upkeep(vault, &rules, now).await;
@@ -108,14 +117,19 @@ pub(crate) async fn run_upkeep(
             expired = r.count(&crate::Fate::Expired),
             purged = r.count(&crate::Fate::Purged),
             bytes_freed = r.bytes_freed,
-            "upkeep done"
+            errors = r.errors.len(),
+            "upkeep ended"
         ),
         Err(e) => tracing::error!(vault, run = id, "upkeep failed: {e}"),
     }
     Ok((id, outcome))
 }
 
-/// Every second: the upkeep of each vault whose time has come, and the RPO check.
+/// How often the RPO check runs (it reads every VM's newest point).
+const RPO_EVERY: Duration = Duration::from_secs(60);
+
+/// Every second: the upkeep of each vault whose time has come, each in its own task (a long
+/// gc on one vault holds up no other); every minute, the RPO check.
 pub(crate) async fn upkeep_loop(api: Api) {
     {
         let now = api.clock.now();
@@ -124,32 +138,47 @@ pub(crate) async fn upkeep_loop(api: Api) {
             tracing::error!("{e}");
         }
     }
+    let running: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_rpo: Option<tokio::time::Instant> = None;
     loop {
         every.tick().await;
         let now = api.clock.now();
-        let raised = {
-            let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
-            catalogue.check_rpo(now)
-        };
-        match raised {
-            Ok(vms) if !vms.is_empty() => tracing::warn!(?vms, "RPO exceeded"),
-            Ok(_) => {}
-            Err(e) => tracing::error!("{e}"),
+        if last_rpo.is_none_or(|t| t.elapsed() >= RPO_EVERY) {
+            last_rpo = Some(tokio::time::Instant::now());
+            let raised = {
+                let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+                catalogue.check_rpo(now)
+            };
+            match raised {
+                Ok(vms) if !vms.is_empty() => tracing::warn!(?vms, "RPO exceeded"),
+                Ok(_) => {}
+                Err(e) => tracing::error!("{e}"),
+            }
         }
         let Some(keeper) = api.settings.keeper.clone() else { continue };
         let schedule = keeper.0.schedule();
         for vault in keeper.0.vaults() {
+            if running.lock().unwrap_or_else(|p| p.into_inner()).contains(&vault) {
+                continue;
+            }
             let due = {
                 let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
                 catalogue.upkeep_due(&vault, &schedule, now)
             };
             match due {
                 Ok(Some(at)) => {
-                    if let Err(e) = run_upkeep(&api, &keeper, &vault, at, "schedule", true).await {
-                        tracing::error!(vault, "upkeep: {e}");
-                    }
+                    running.lock().unwrap_or_else(|p| p.into_inner()).insert(vault.clone());
+                    let (api, keeper, running) = (api.clone(), keeper.clone(), running.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            run_upkeep(&api, &keeper, &vault, at, "schedule", true).await
+                        {
+                            tracing::error!(vault, "upkeep: {e}");
+                        }
+                        running.lock().unwrap_or_else(|p| p.into_inner()).remove(&vault);
+                    });
                 }
                 Ok(None) => {}
                 Err(e) => tracing::error!(vault, "upkeep: {e}"),
@@ -169,6 +198,17 @@ struct VaultBody {
     vault: Option<String>,
 }
 
+async fn run(
+    State(api): State<Api>,
+    Path(id): Path<u64>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&api, &headers, Role::Viewer)?;
+    let run = lock(&api)?.upkeep_run(id)?;
+    let run = run.ok_or_else(|| refuse(StatusCode::NOT_FOUND, &format!("no upkeep run {id}")))?;
+    Ok(Json(json!(run)))
+}
+
 async fn upkeep_now(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -180,28 +220,51 @@ async fn upkeep_now(
     for vault in chosen(&keeper, body.and_then(|b| b.0.vault))? {
         let now = api.clock.now();
         lock(&api)?.audit(&who, "upkeep", &format!("vault {vault}"), now)?;
-        let (id, outcome) = run_upkeep(&api, &keeper, &vault, now, &who, false).await?;
-        let run = lock(&api)?.upkeep_runs(200)?.into_iter().find(|r| r.id == id);
-        out.push(json!({ "vault": vault, "ok": outcome.is_ok(), "run": run }));
+        // Its own task: a client that hangs up does not cut the run half way.
+        let task = {
+            let (api, keeper, vault, who) =
+                (api.clone(), keeper.clone(), vault.clone(), who.clone());
+            tokio::spawn(async move { run_upkeep(&api, &keeper, &vault, now, &who, false).await })
+        };
+        let (id, outcome) = task
+            .await
+            .map_err(|e| refuse(StatusCode::INTERNAL_SERVER_ERROR, &format!("upkeep: {e}")))??;
+        let run = lock(&api)?.upkeep_run(id)?;
+        let ok = outcome.is_ok_and(|r| r.errors.is_empty());
+        out.push(json!({ "vault": vault, "ok": ok, "run": run }));
     }
     Ok(Json(json!({ "upkeep": out })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RescanBody {
+    vault: Option<String>,
+    #[serde(default)]
+    force: bool,
 }
 
 async fn rescan(
     State(api): State<Api>,
     headers: HeaderMap,
-    body: Option<Json<VaultBody>>,
+    body: Option<Json<RescanBody>>,
 ) -> Result<Json<Value>, ApiError> {
     let who = authorize(&api, &headers, Role::Admin)?;
     let keeper = keeper(&api)?.clone();
+    let body = body.map(|b| b.0).unwrap_or_default();
     let mut out = vec![];
-    for vault in chosen(&keeper, body.and_then(|b| b.0.vault))? {
+    for vault in chosen(&keeper, body.vault.clone())? {
+        // No upkeep or deletion meanwhile; points agents report meanwhile are kept, since
+        // only the points known before the scan may be removed.
+        let vault_lock = api.vault_locks.of(&vault);
+        let _held = vault_lock.lock().await;
+        let known = lock(&api)?.points_of_vault(&vault)?;
         let found = keeper.0.scan(&vault).await.map_err(|e| {
             refuse(StatusCode::BAD_GATEWAY, &format!("rescanning vault {vault}: {e}"))
         })?;
         let now = api.clock.now();
         let mut catalogue = lock(&api)?;
-        let summary = catalogue.rescan(&vault, &found, now)?;
+        let summary = catalogue.rescan(&vault, &known, &found, now, body.force)?;
         catalogue.audit(
             &who,
             "rescan",
@@ -233,11 +296,12 @@ async fn stop(
     let who = authorize(&api, &headers, if delete_data { Role::Admin } else { Role::Operator })?;
     // Without a keeper, deleting data is refused before anything changes.
     let keeper = if delete_data { Some(keeper(&api)?.clone()) } else { None };
-    let now = api.clock.now();
     let vault = {
+        let now = api.clock.now();
         let mut catalogue = lock(&api)?;
-        let vault = catalogue.stop_protection(&name)?;
-        catalogue.audit(&who, "stop-protection", &format!("VM {name}"), now)?;
+        let vault = catalogue.stop_protection(&name, now)?;
+        let action = if delete_data { "stop-protection-delete-data" } else { "stop-protection" };
+        catalogue.audit(&who, action, &format!("VM {name}"), now)?;
         vault
     };
     let Some(keeper) = keeper else {
@@ -254,10 +318,14 @@ async fn stop(
     }
     let vault_lock = api.vault_locks.of(&vault);
     let _held = vault_lock.lock().await;
+    let now = api.clock.now();
     let deleted = keeper.0.delete_vm(&vault, &name, now).await.map_err(|e| {
         refuse(
             StatusCode::BAD_GATEWAY,
-            &format!("VM {name}'s protection is stopped, but deleting its data failed: {e}"),
+            &format!(
+                "VM {name}'s protection is stopped, but deleting its data failed: {e}; run the \
+                 same command again (points already deleted stay so)"
+            ),
         )
     })?;
     let mut catalogue = lock(&api)?;

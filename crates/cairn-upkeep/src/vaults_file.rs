@@ -75,9 +75,15 @@ impl VaultsFile {
         let mut text = String::new();
         std::fs::File::open(path)
             .map_err(read)?
-            .take(MAX_FILE)
+            .take(MAX_FILE + 1)
             .read_to_string(&mut text)
             .map_err(read)?;
+        if text.len() as u64 > MAX_FILE {
+            return Err(Error::Invalid {
+                path: shown,
+                message: format!("larger than {MAX_FILE} bytes: not a vaults file"),
+            });
+        }
         VaultsFile::parse(&text).map_err(|message| Error::Invalid { path: shown, message })
     }
 
@@ -89,6 +95,18 @@ impl VaultsFile {
         }
         for name in file.vaults.keys() {
             name.parse::<cairn_format::Name>().map_err(|e| format!("[vaults.{name}]: {e}"))?;
+        }
+        let mut urls = std::collections::BTreeSet::new();
+        for (name, entry) in &file.vaults {
+            // Two names for one vault would take two locks: a prune beside a gc.
+            if !urls.insert(entry.url.trim_end_matches('/')) {
+                return Err(format!(
+                    "[vaults.{name}]: url is the same as another vault's; name each vault once"
+                ));
+            }
+        }
+        if file.upkeep.grace_hours == Some(0) {
+            return Err("[upkeep] grace-hours must be at least 1: an expired point stays restorable (undelete) that long".into());
         }
         file.schedule().map_err(|e| format!("[upkeep] {e}"))?;
         Ok(file)
@@ -147,6 +165,11 @@ mod tests {
                 "schedule.times",
             ),
             ("[upkeep]\ngrace-hours = -1\n[vaults.m]\nurl = \"x\"\n", "grace-hours"),
+            ("[upkeep]\ngrace-hours = 0\n[vaults.m]\nurl = \"x\"\n", "at least 1"),
+            (
+                "[vaults.a]\nurl = \"s3://b/p\"\n[vaults.b]\nurl = \"s3://b/p/\"\n",
+                "[vaults.b]: url is the same",
+            ),
         ] {
             let e = VaultsFile::parse(text).unwrap_err();
             assert!(e.contains(needle), "{text:?}: {e}");

@@ -56,10 +56,16 @@ mod tests {
         assert_eq!(limit.debit(1000), Duration::ZERO);
         // The next 500 bytes are owed: half a second (less what passed meanwhile).
         let wait = limit.debit(500);
-        assert!(wait > Duration::from_millis(450) && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(450) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
         // Another caller waits for both debts.
         let wait = limit.debit(500);
-        assert!(wait > Duration::from_millis(950) && wait <= Duration::from_millis(1000), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(950) && wait <= Duration::from_millis(1000),
+            "{wait:?}"
+        );
         assert_eq!(UploadLimit::new(0).bytes_per_second(), 1);
     }
 }

@@ -18,6 +18,7 @@ pub async fn prune(args: PruneArgs, json: bool) -> anyhow::Result<Exit> {
         grace: args.grace,
         dry_run: args.dry_run,
         now: Timestamp::now(),
+        purge_only: None,
     };
     let report = cairn_backup::prune(&vault, &options)
         .await
@@ -43,6 +44,7 @@ fn action_words(action: &Action, dry_run: bool) -> (&'static str, String) {
             ("in grace", format!("soft-deleted, locked until {}", when(*until)))
         }
         Action::Unknown(why) => ("keep", format!("state unknown: {why}")),
+        Action::Unconfirmed => ("keep", "soft-deleted by another writer: not purged here".into()),
     }
 }
 

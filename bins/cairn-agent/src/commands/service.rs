@@ -176,7 +176,11 @@ impl Runner for BackupRunner {
         let mut options = super::backup::job_options(None, None).map_err(|e| format!("{e:#}"))?;
         options.retain_until = task.retain_until;
         if let Some(clock) = &self.simulated {
-            options.time_shift = clock.now().duration_since(jiff::Timestamp::now());
+            // An unreadable clock file reads as 1970: no shift rather than points 56 years old.
+            let simulated = clock.now();
+            if simulated > jiff::Timestamp::UNIX_EPOCH {
+                options.time_shift = simulated.duration_since(jiff::Timestamp::now());
+            }
         }
         options.origin = Some(Origin {
             catalogue: task.catalogue.clone(),

@@ -91,6 +91,7 @@ async fn months_of_daily_backups_keep_exactly_what_the_policy_says() {
             grace: cairn_vault::DEFAULT_GRACE,
             dry_run: false,
             now: at,
+            purge_only: None,
         };
         prune(&f.vault, &options).await.unwrap();
         if day % 30 == 29 {
@@ -107,6 +108,7 @@ async fn months_of_daily_backups_keep_exactly_what_the_policy_says() {
         grace: cairn_vault::DEFAULT_GRACE,
         dry_run: false,
         now: later,
+        purge_only: None,
     };
     let report = prune(&f.vault, &options).await.unwrap();
     let unsettled = |a: &Action| !matches!(a, Action::Keep(_) | Action::Purge);
@@ -179,6 +181,7 @@ async fn gc_beside_two_writers(vault: Vault, dir: &Path, rounds: usize, seed: u6
             grace: SignedDuration::ZERO,
             dry_run: false,
             now: Timestamp::now(),
+            purge_only: None,
         };
         prune(&vault, &options).await.unwrap();
         let report = vault.gc(&fast_gc(), &|_| {}).await.unwrap();
@@ -206,6 +209,7 @@ async fn gc_beside_two_writers(vault: Vault, dir: &Path, rounds: usize, seed: u6
         grace: SignedDuration::ZERO,
         dry_run: false,
         now: Timestamp::now(),
+        purge_only: None,
     };
     prune(&vault, &options).await.unwrap();
     vault.gc(&fast_gc(), &|_| {}).await.unwrap();
@@ -298,6 +302,7 @@ async fn locks_and_append_only_refuse_deletion() {
         grace: SignedDuration::ZERO,
         dry_run: false,
         now: Timestamp::now(),
+        purge_only: None,
     };
     let _second = backup_at(&f.vault, "vm", &disk, None).await;
     let report = prune(&f.vault, &options).await.unwrap();
