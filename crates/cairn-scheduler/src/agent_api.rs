@@ -45,10 +45,22 @@ fn check_point(p: &cairn_protocol::PointReport) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A capture time ahead of the coordinator's clock (past a few minutes of drift) is recorded
+/// as the clock's time: it would read as fresh and silence RPO alerts (the vault's manifest
+/// keeps what the host said).
+fn not_ahead(p: &mut cairn_protocol::PointReport, now: jiff::Timestamp) {
+    let drift = jiff::SignedDuration::from_mins(5);
+    if p.captured_at > now.checked_add(drift).unwrap_or(now) {
+        tracing::warn!(point = %p.id, captured = %p.captured_at, %now, "a point dated ahead of the coordinator's clock: recorded at the clock's time");
+        p.captured_at = now;
+    }
+}
+
 /// A report as kept: bounded, its point checked.
-fn checked_report(mut r: Report) -> Result<Report, ApiError> {
-    if let Some(p) = &r.point {
+fn checked_report(mut r: Report, now: jiff::Timestamp) -> Result<Report, ApiError> {
+    if let Some(p) = &mut r.point {
         check_point(p)?;
+        not_ahead(p, now);
     }
     if r.phase.as_ref().is_some_and(|p| p.len() > 32) {
         return Err(bad("a phase is at most 32 characters".into()));
@@ -158,7 +170,7 @@ async fn report(
     Json(body): Json<Report>,
 ) -> Result<Json<Value>, ApiError> {
     let host = agent(&api, &headers)?;
-    let body = checked_report(body)?;
+    let body = checked_report(body, api.clock.now())?;
     let now = api.clock.now();
     let outcome = lock(&api)?.report(&host, id, &body, now)?;
     answer(outcome, &format!("job {id}"))
@@ -170,8 +182,10 @@ async fn offline(
     Json(body): Json<OfflineRun>,
 ) -> Result<Json<Value>, ApiError> {
     let host = agent(&api, &headers)?;
+    let mut body = body;
     check_point(&body.point)?;
     let now = api.clock.now();
+    not_ahead(&mut body.point, now);
     let mut catalogue = lock(&api)?;
     let outcome = catalogue.record_offline(&host, &body, now)?;
     if outcome == ReportOutcome::Recorded {
