@@ -81,6 +81,10 @@ pub enum Command {
     /// Run as the coordinator's agent: enroll, pull jobs by long poll, back up, report; keep
     /// the schedule while the coordinator is away.
     Run(RunArgs),
+    /// Points whose views this host keeps (their snapshot tier): list them, or restore a disk
+    /// from its kept view at once, without reading the vault.
+    #[command(subcommand)]
+    Held(HeldCommand),
     /// The thaw watchdog the agent starts for itself while file systems are frozen.
     #[command(name = "watchdog-thaw", hide = true)]
     WatchdogThaw {
@@ -124,6 +128,35 @@ pub struct RunArgs {
     /// Tests only: read the time from this file (RFC 3339) instead of the clock.
     #[arg(long, hide = true)]
     pub fake_clock: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HeldCommand {
+    /// Lists the held points, their disks and when their views are released.
+    List {
+        /// The agent's configuration (its state folder holds the list).
+        #[arg(long, default_value = "/etc/cairn/agent.toml", value_name = "FILE")]
+        agent_config: PathBuf,
+    },
+    /// Copies a disk as it was at a held point from its kept view (a reflink clone where the
+    /// file system can, else a copy); the copy is the disk's image, byte for byte.
+    Restore {
+        /// The agent's configuration.
+        #[arg(long, default_value = "/etc/cairn/agent.toml", value_name = "FILE")]
+        agent_config: PathBuf,
+        /// The VM, by the coordinator's name.
+        #[arg(long)]
+        vm: String,
+        /// The point (default: the VM's newest held point).
+        #[arg(long)]
+        point: Option<String>,
+        /// The disk.
+        #[arg(long)]
+        disk: String,
+        /// Where to write it (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -5,6 +5,7 @@
 
 mod cli;
 mod commands;
+mod held;
 mod keys;
 mod memory;
 mod output;

@@ -58,6 +58,9 @@ pub struct BackupRequest {
     pub machine: Option<cairn_format::MachineRecord>,
     /// The coordinator's job that asked for the point, recorded in its manifest.
     pub origin: Option<cairn_format::Origin>,
+    /// The point's snapshot tier (its views kept on a host), recorded in a note before the
+    /// commit.
+    pub snapshot: Option<cairn_format::SnapshotTier>,
 }
 
 /// Disks read at once by default: on 2 cores two disks already keep both busy, and the job's
@@ -79,6 +82,7 @@ impl BackupRequest {
             retain_until: None,
             machine: None,
             origin: None,
+            snapshot: None,
         }
     }
 }
@@ -184,12 +188,18 @@ pub async fn backup(
         machine: request.machine,
         origin: request.origin,
     };
+    let mut changes = vec![];
     if let Some(until) = request.retain_until {
-        let change = cairn_format::Change::RetainUntil(Some(until));
-        if let Err(e) = vault.write_note(&manifest.vm, &manifest.point, "backup", &[change]).await {
-            writer.abandon().await;
-            return Err(e.into());
-        }
+        changes.push(cairn_format::Change::RetainUntil(Some(until)));
+    }
+    if let Some(tier) = request.snapshot {
+        changes.push(cairn_format::Change::Snapshot(Some(tier)));
+    }
+    if !changes.is_empty()
+        && let Err(e) = vault.write_note(&manifest.vm, &manifest.point, "backup", &changes).await
+    {
+        writer.abandon().await;
+        return Err(e.into());
     }
     writer.commit(&manifest).await?;
     tracing::info!(vm = %manifest.vm, point = %manifest.point, "recovery point committed");

@@ -31,6 +31,10 @@ pub struct JobOrder {
     pub retain_until: Option<Timestamp>,
     /// 1 for the first hand-out, more for a job handed out again.
     pub attempt: u32,
+    /// Hours the point's views are kept on the host for instant restores (the policy's
+    /// instant-restore days; 0: released after the transfer).
+    #[serde(default)]
+    pub keep_views_hours: u32,
 }
 
 /// What an agent reports about one job.
@@ -73,6 +77,10 @@ pub struct PointReport {
     pub bytes_stored: u64,
     /// How long the job took.
     pub duration_ms: u64,
+    /// Its views are kept on the host until then (tier snapshot and vault); before the
+    /// transfer committed, a running job's point is in the snapshot tier alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<Timestamp>,
 }
 
 impl PointReport {
@@ -88,6 +96,7 @@ impl PointReport {
             bytes_changed: sum(|d| d.stats.bytes_changed),
             bytes_stored: sum(|d| d.stats.bytes_sent),
             duration_ms: m.finished_at.duration_since(m.started_at).as_millis().max(0) as u64,
+            held_until: None,
         }
     }
 }
@@ -155,8 +164,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn point() -> impl Strategy<Value = PointReport> {
-        ("[a-z0-9.-]{0,30}", 0i64..4_000_000_000, "[a-z_]{0,12}", any::<[u64; 5]>()).prop_map(
-            |(id, secs, consistency, n)| PointReport {
+        ("[a-z0-9.-]{0,30}", 0i64..4_000_000_000, "[a-z_]{0,12}", any::<[u64; 5]>(), any::<bool>())
+            .prop_map(|(id, secs, consistency, n, held)| PointReport {
                 id,
                 captured_at: Timestamp::from_second(secs).unwrap(),
                 consistency,
@@ -165,8 +174,8 @@ mod tests {
                 bytes_changed: n[2],
                 bytes_stored: n[3],
                 duration_ms: n[4],
-            },
-        )
+                held_until: held.then(|| Timestamp::from_second(secs).unwrap()),
+            })
     }
 
     proptest! {

@@ -162,6 +162,7 @@ impl Catalogue {
                             policy: r.get(5)?,
                             retain_until: r.get::<_, Option<i64>>(6)?.map(parse_ts).transpose()?,
                             attempt: r.get(7)?,
+                            keep_views_hours: 0,
                         },
                         r.get::<_, Option<i64>>(8)?.is_some(),
                         r.get::<_, Option<String>>(9)?,
@@ -228,6 +229,12 @@ impl Catalogue {
             orders.schedule = rows.collect::<Result<_, _>>().map_err(Error::sql(what.clone()))?;
         }
         tx.commit().map_err(Error::sql(what))?;
+        for order in &mut orders.jobs {
+            if let Some(policy) = order.policy.as_deref().and_then(|p| self.policy(p).ok()) {
+                order.keep_views_hours =
+                    u32::try_from(policy.instant_restore.as_hours()).unwrap_or(0);
+            }
+        }
         Ok(orders)
     }
 
@@ -243,6 +250,25 @@ impl Catalogue {
         now: Timestamp,
     ) -> Result<ReportOutcome, Error> {
         let what = format!("recording agent {host}'s report on job {id}");
+        // The transfer's deadline, from the job's policy: a transfer that ends after it is late.
+        let deadline = {
+            let row: Option<(Option<String>, i64)> = self
+                .conn
+                .query_row(
+                    "SELECT policy, scheduled_at FROM jobs WHERE id = ?1",
+                    [id as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(Error::sql(what.clone()))?;
+            match row {
+                Some((Some(policy), at)) => self
+                    .policy(&policy)
+                    .ok()
+                    .and_then(|p| parse_ts(at).ok()?.checked_add(p.transfer_deadline).ok()),
+                _ => None,
+            }
+        };
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
         let job: Option<(String, String, String, String, Option<String>)> = tx
             .query_row(
@@ -270,17 +296,45 @@ impl Catalogue {
                     params![id as i64, report.phase, progress, ts(now)],
                 )
                 .map_err(Error::sql(what.clone()))?;
+                // The snapshot phase's point, restorable from the host's views before its
+                // transfer: recorded in the snapshot tier, once, while the job has no point.
+                if let Some(point) = report.point.as_ref().filter(|p| p.held_until.is_some()) {
+                    // A new attempt's snapshot replaces an earlier attempt's.
+                    tx.execute(
+                        "DELETE FROM points WHERE job = ?1 AND tier = 'snapshot' AND point != ?2",
+                        params![id as i64, point.id],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
+                    let has: bool = tx
+                        .query_row(
+                            "SELECT EXISTS (SELECT 1 FROM points WHERE job = ?1)",
+                            [id as i64],
+                            |r| r.get(0),
+                        )
+                        .map_err(Error::sql(what.clone()))?;
+                    if !has {
+                        insert_point_as(&tx, &vm, &vault, Some(id), point, "snapshot")
+                            .map_err(Error::sql(what.clone()))?;
+                    }
+                }
             }
             "done" => {
                 let Some(point) = &report.point else {
                     return Ok(ReportOutcome::Invalid("a done report names its point".into()));
                 };
+                // An earlier attempt's snapshot that never reached the vault is not a point.
+                tx.execute(
+                    "DELETE FROM points WHERE job = ?1 AND tier = 'snapshot' AND point != ?2",
+                    params![id as i64, point.id],
+                )
+                .map_err(Error::sql(what.clone()))?;
                 let existing: Option<String> = tx
                     .query_row("SELECT point FROM points WHERE job = ?1", [id as i64], |r| r.get(0))
                     .optional()
                     .map_err(Error::sql(what.clone()))?;
                 match existing {
-                    Some(p) if p == point.id => {}
+                    Some(p) if p == point.id => insert_point(&tx, &vm, &vault, Some(id), point)
+                        .map_err(Error::sql(what.clone()))?,
                     Some(p) => {
                         let message = format!(
                             "job {id} of VM {vm} reported a second point {} after {p}: the second \
@@ -297,6 +351,25 @@ impl Catalogue {
                     }
                     None => insert_point(&tx, &vm, &vault, Some(id), point)
                         .map_err(Error::sql(what.clone()))?,
+                }
+                if let Some(deadline) = deadline.filter(|d| now > *d) {
+                    let message = format!(
+                        "the transfer of VM {vm}'s backup (job {id}) ended at {now}, after its \
+                         deadline {deadline}: check the host's transfer queue, its bandwidth \
+                         and the vault"
+                    );
+                    tx.execute(
+                        "INSERT INTO alerts (kind, vm, message, raised_at)
+                         SELECT 'late-transfer', ?1, ?2, ?3 FROM jobs
+                         WHERE id = ?4 AND late_at IS NULL",
+                        params![vm, message, ts(now), id as i64],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
+                    tx.execute(
+                        "UPDATE jobs SET late_at = coalesce(late_at, ?2) WHERE id = ?1",
+                        params![id as i64, ts(now)],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
                 }
                 // Done whatever the job's state: a late report of a job failed for silence
                 // still has its point in the vault, which the catalogue follows.
@@ -319,6 +392,9 @@ impl Catalogue {
                     params![id as i64, reason, ts(now)],
                 )
                 .map_err(Error::sql(what.clone()))?;
+                // A snapshot whose transfer failed was never committed: its views are gone.
+                tx.execute("DELETE FROM points WHERE job = ?1 AND tier = 'snapshot'", [id as i64])
+                    .map_err(Error::sql(what.clone()))?;
                 if state != "failed" {
                     tx.execute(
                         "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
@@ -490,11 +566,34 @@ pub(crate) fn insert_point(
     job: Option<u64>,
     p: &PointReport,
 ) -> rusqlite::Result<()> {
+    insert_point_as(
+        tx,
+        vm,
+        vault,
+        job,
+        p,
+        if p.held_until.is_some() { "snapshot-and-vault" } else { "vault" },
+    )
+}
+
+/// Records a point in `tier`; a point recorded before (its snapshot tier, a report sent
+/// again) takes the newer figures and tier.
+pub(crate) fn insert_point_as(
+    tx: &rusqlite::Transaction<'_>,
+    vm: &str,
+    vault: &str,
+    job: Option<u64>,
+    p: &PointReport,
+    tier: &str,
+) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO points (vm, point, job, tier, captured_at, consistency, vault, size,
-             bytes_scanned, bytes_changed, bytes_stored, duration_ms)
-         VALUES (?1, ?2, ?3, 'vault', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-         ON CONFLICT (vm, point) DO UPDATE SET job = coalesce(points.job, excluded.job)",
+             bytes_scanned, bytes_changed, bytes_stored, duration_ms, held_until)
+         VALUES (?1, ?2, ?3, ?12, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?13)
+         ON CONFLICT (vm, point) DO UPDATE SET job = coalesce(points.job, excluded.job),
+             tier = excluded.tier, size = excluded.size, bytes_scanned = excluded.bytes_scanned,
+             bytes_changed = excluded.bytes_changed, bytes_stored = excluded.bytes_stored,
+             duration_ms = excluded.duration_ms, held_until = excluded.held_until",
         params![
             vm,
             p.id,
@@ -506,7 +605,9 @@ pub(crate) fn insert_point(
             p.bytes_scanned as i64,
             p.bytes_changed as i64,
             p.bytes_stored as i64,
-            p.duration_ms as i64
+            p.duration_ms as i64,
+            tier,
+            p.held_until.map(ts)
         ],
     )
     .map(|_| ())

@@ -133,6 +133,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
          summary TEXT,                -- what it did, or why it failed
          report TEXT                  -- JSON: each point's fate, what gc freed
      );",
+    // 6: two phases: a point's views kept on its host, a transfer past its deadline.
+    "ALTER TABLE points ADD COLUMN held_until INTEGER; -- views kept on the host until then
+     ALTER TABLE jobs ADD COLUMN late_at INTEGER;      -- late-transfer alert raised then",
 ];
 
 /// The coordinator's database, held exclusively.

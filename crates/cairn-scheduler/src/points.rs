@@ -37,6 +37,8 @@ pub struct PointRecord {
     /// Soft-deleted in the vault then (retention expired it, or its VM's data was deleted);
     /// purged once its grace has passed.
     pub expired_at: Option<Timestamp>,
+    /// Its views are kept on its host until then (instant restores).
+    pub held_until: Option<Timestamp>,
 }
 
 /// A VM's standing: its last good point and how old that is.
@@ -74,7 +76,8 @@ impl Catalogue {
             .conn
             .prepare(
                 "SELECT vm, point, job, tier, vault, captured_at, consistency, size,
-                        bytes_scanned, bytes_changed, bytes_stored, duration_ms, expired_at
+                        bytes_scanned, bytes_changed, bytes_stored, duration_ms, expired_at,
+                        held_until
                  FROM points WHERE ?1 IS NULL OR vm = ?1 ORDER BY captured_at, vm",
             )
             .map_err(Error::sql("listing points"))?;
@@ -94,6 +97,7 @@ impl Catalogue {
                     bytes_stored: r.get::<_, i64>(10)?.unsigned_abs(),
                     duration_ms: r.get::<_, i64>(11)?.unsigned_abs(),
                     expired_at: r.get::<_, Option<i64>>(12)?.map(parse_ts).transpose()?,
+                    held_until: r.get::<_, Option<i64>>(13)?.map(parse_ts).transpose()?,
                 })
             })
             .map_err(Error::sql("listing points"))?;
@@ -235,6 +239,60 @@ impl Catalogue {
             }
         }
         Ok(raised)
+    }
+
+    /// The two phases' bookkeeping at `now`: points whose views' time is over leave the
+    /// snapshot tier, and each running backup past its policy's transfer deadline raises one
+    /// `late-transfer` alert. Returns the jobs newly late.
+    pub fn check_transfers(&mut self, now: Timestamp) -> Result<Vec<u64>, Error> {
+        let what = "checking transfers against their deadlines";
+        self.conn
+            .execute(
+                "UPDATE points SET tier = 'vault'
+                 WHERE tier = 'snapshot-and-vault' AND held_until <= ?1",
+                [ts(now)],
+            )
+            .map_err(Error::sql(what))?;
+        let running: Vec<(i64, String, i64, String)> = {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT id, vm, scheduled_at, policy FROM jobs
+                     WHERE state = 'running' AND kind = 'backup' AND late_at IS NULL
+                         AND policy IS NOT NULL",
+                )
+                .map_err(Error::sql(what))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .map_err(Error::sql(what))?;
+            rows.collect::<Result<_, _>>().map_err(Error::sql(what))?
+        };
+        let mut late = vec![];
+        for (id, vm, scheduled, policy) in running {
+            let Ok(p) = self.policy(&policy) else { continue };
+            let scheduled = parse_ts(scheduled).map_err(Error::sql(what))?;
+            let Ok(deadline) = scheduled.checked_add(p.transfer_deadline) else { continue };
+            if now <= deadline {
+                continue;
+            }
+            let message = format!(
+                "the transfer of VM {vm}'s backup of {scheduled} (job {id}) has not ended by its \
+                 deadline {deadline} (policy {policy}): check the host's transfer queue, its \
+                 bandwidth and the vault"
+            );
+            let tx = self.conn.transaction().map_err(Error::sql(what))?;
+            tx.execute("UPDATE jobs SET late_at = ?2 WHERE id = ?1", params![id, ts(now)])
+                .map_err(Error::sql(what))?;
+            tx.execute(
+                "INSERT INTO alerts (kind, vm, message, raised_at)
+                 VALUES ('late-transfer', ?1, ?2, ?3)",
+                params![vm, message, ts(now)],
+            )
+            .map_err(Error::sql(what))?;
+            tx.commit().map_err(Error::sql(what))?;
+            late.push(id.unsigned_abs());
+        }
+        Ok(late)
     }
 
     /// Jobs counted per kind and state.

@@ -127,9 +127,13 @@ pub(crate) async fn run_upkeep(
 
 /// How often the RPO check runs (it reads every VM's newest point).
 const RPO_EVERY: Duration = Duration::from_secs(60);
+/// How often running transfers are checked against their deadline, and kept views' tiers
+/// against their time (they read only running jobs and held points).
+const TRANSFERS_EVERY: Duration = Duration::from_secs(5);
 
 /// Every second: the upkeep of each vault whose time has come, each in its own task (a long
-/// gc on one vault holds up no other); every minute, the RPO check.
+/// gc on one vault holds up no other); every 5 s, transfer deadlines and kept views' tiers;
+/// every minute, the RPO check.
 pub(crate) async fn upkeep_loop(api: Api) {
     {
         let now = api.clock.now();
@@ -142,9 +146,24 @@ pub(crate) async fn upkeep_loop(api: Api) {
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_rpo: Option<tokio::time::Instant> = None;
+    let mut last_transfers: Option<tokio::time::Instant> = None;
     loop {
         every.tick().await;
         let now = api.clock.now();
+        if last_transfers.is_none_or(|t| t.elapsed() >= TRANSFERS_EVERY) {
+            last_transfers = Some(tokio::time::Instant::now());
+            let late = {
+                let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
+                catalogue.check_transfers(now)
+            };
+            match late {
+                Ok(jobs) if !jobs.is_empty() => {
+                    tracing::warn!(?jobs, "transfers past their deadline")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
         if last_rpo.is_none_or(|t| t.elapsed() >= RPO_EVERY) {
             last_rpo = Some(tokio::time::Instant::now());
             let raised = {

@@ -112,6 +112,10 @@ pub fn take_noted(
 /// How a view is released: told whether the recovery point was committed.
 pub type Release = Box<dyn FnOnce(bool) -> Result<(), Error> + Send + Sync>;
 
+/// How a view is kept past its backup (renamed out of the agent's own, removed-on-crash
+/// names), given a tag (the point's id): what the kept view is, for its later release.
+pub type Keep = Box<dyn FnOnce(&str) -> Result<crate::KeptView, Error> + Send + Sync>;
+
 /// A disk as it was at the capture: what the backup reads.
 pub struct View {
     disk: Name,
@@ -119,12 +123,32 @@ pub struct View {
     kind: &'static str,
     point_in_time: bool,
     release: Option<Release>,
+    keep: Option<Keep>,
 }
 
 impl View {
     /// A point-in-time view readable at `path`; `release` removes it.
     pub fn snapshot(disk: &DiskSpec, kind: &'static str, path: PathBuf, release: Release) -> View {
-        View { disk: disk.name.clone(), path, kind, point_in_time: true, release: Some(release) }
+        View {
+            disk: disk.name.clone(),
+            path,
+            kind,
+            point_in_time: true,
+            release: Some(release),
+            keep: None,
+        }
+    }
+
+    /// This view, which may be kept past its backup by `keep` (a view that costs nothing
+    /// until the disk is written again: a reflink clone, a btrfs snapshot).
+    pub fn keepable(mut self, keep: Keep) -> View {
+        self.keep = Some(keep);
+        self
+    }
+
+    /// True if the view can be kept for instant restores.
+    pub fn can_keep(&self) -> bool {
+        self.keep.is_some()
     }
 
     /// The disk itself, read as it is: no point in time unless nothing writes to it.
@@ -135,6 +159,7 @@ impl View {
             kind: "live",
             point_in_time: false,
             release: None,
+            keep: None,
         }
     }
 
@@ -210,6 +235,52 @@ impl Capture {
     /// When the disks were captured.
     pub fn captured_at(&self) -> Timestamp {
         self.captured_at
+    }
+
+    /// True if every view can be kept (the point can have a snapshot tier).
+    pub fn can_keep(&self) -> bool {
+        !self.views.is_empty() && self.views.iter().all(View::can_keep)
+    }
+
+    /// Keeps every view under `tag` (after a committed point) instead of releasing it; a view
+    /// that cannot be kept is released. On a failure the views not yet kept are released and
+    /// those kept are released too: a snapshot tier is whole or absent.
+    pub fn keep(mut self, tag: &str) -> Result<Vec<crate::KeptView>, Error> {
+        let mut kept = vec![];
+        let mut failure = None;
+        for view in &mut self.views {
+            if failure.is_some() {
+                let _ = view.release(true);
+                continue;
+            }
+            match view.keep.take() {
+                Some(keep) => match keep(tag) {
+                    Ok(k) => {
+                        // The view now lives under its kept name: nothing to release.
+                        view.release = None;
+                        kept.push(k);
+                    }
+                    Err(e) => {
+                        let _ = view.release(true);
+                        failure = Some(e);
+                    }
+                },
+                None => {
+                    let _ = view.release(true);
+                }
+            }
+        }
+        match failure {
+            None => Ok(kept),
+            Some(e) => {
+                for k in &kept {
+                    if let Err(e) = k.release() {
+                        tracing::warn!("releasing a kept view after a failure: {e}");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Releases every view, telling providers whether the point was committed (VSS tells

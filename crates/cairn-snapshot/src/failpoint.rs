@@ -12,6 +12,8 @@
 
 /// Where a capture holds its quiescer: after the views are taken, before resuming.
 pub const WHILE_QUIESCED: &str = "while-quiesced";
+/// Where an agent's job waits between its snapshot and its transfer (a slow queue, in tests).
+pub const BEFORE_TRANSFER: &str = "before-transfer";
 
 /// Acts on `CAIRN_FAILPOINT` when it names `name` (only with the `failpoints` feature).
 #[cfg(feature = "failpoints")]

@@ -29,6 +29,7 @@ pub mod freeze;
 mod guest;
 #[cfg(unix)]
 pub mod guest_hook;
+mod held;
 #[cfg(unix)]
 mod loops;
 mod record;
@@ -45,12 +46,13 @@ pub mod vss;
 pub mod watchdog;
 
 pub use capture::{
-    Capture, DiskSpec, DiskViews, EachDisk, Hold, Quiescer, Release, View, ViewProvider, VmState,
-    capture, capture_with, take_noted,
+    Capture, DiskSpec, DiskViews, EachDisk, Hold, Keep, Quiescer, Release, View, ViewProvider,
+    VmState, capture, capture_with, take_noted,
 };
 #[cfg(unix)]
 pub use config::{DiskConfig, DiskFormat, QemuConfig, ViewKind, VmConfig};
 pub use error::Error;
 #[cfg(unix)]
 pub use guest::{GuestQuiescer, NoQuiescer};
+pub use held::KeptView;
 pub use record::Record;

@@ -180,6 +180,8 @@ impl ViewProvider for ReflinkClone {
             });
         }
         let path = clone.clone();
+        let (from, name) = (clone.clone(), disk.name.clone());
+        let dir = dir.to_path_buf();
         Ok(View::snapshot(
             disk,
             "reflink",
@@ -188,7 +190,20 @@ impl ViewProvider for ReflinkClone {
                 std::fs::remove_file(&path)
                     .map_err(|e| Error::io(format!("removing view {}", path.display()), e))
             }),
-        ))
+        )
+        .keepable(Box::new(move |tag| {
+            crate::held::check_tag(tag)?;
+            let held = dir.join(format!("{stem}{}{tag}", crate::held::HELD));
+            std::fs::rename(&from, &held).map_err(|e| {
+                Error::io(format!("keeping view {} as {}", from.display(), held.display()), e)
+            })?;
+            Ok(crate::KeptView {
+                disk: name,
+                kind: "reflink".into(),
+                path: held.clone(),
+                handle: held,
+            })
+        })))
     }
 }
 
@@ -251,7 +266,8 @@ impl ViewProvider for BtrfsSnapshot {
         sys::btrfs_snapshot(&parent, &source, &name).map_err(|e| {
             view_err(format!("snapshotting {} into {}", subvolume.display(), views.display()), e)
         })?;
-        let path = views.join(&name).join(relative);
+        let path = views.join(&name).join(&relative);
+        let (from, disk_name, views_dir) = (views.join(&name), disk.name.clone(), views.clone());
         Ok(View::snapshot(
             disk,
             "btrfs-snapshot",
@@ -261,7 +277,20 @@ impl ViewProvider for BtrfsSnapshot {
                     Error::io(format!("deleting snapshot {}", views.join(&name).display()), e)
                 })
             }),
-        ))
+        )
+        .keepable(Box::new(move |tag| {
+            crate::held::check_tag(tag)?;
+            let held = views_dir.join(format!("{}{tag}", &crate::held::HELD[1..]));
+            std::fs::rename(&from, &held).map_err(|e| {
+                Error::io(format!("keeping snapshot {} as {}", from.display(), held.display()), e)
+            })?;
+            Ok(crate::KeptView {
+                disk: disk_name,
+                kind: "btrfs-snapshot".into(),
+                path: held.join(&relative),
+                handle: held,
+            })
+        })))
     }
 }
 

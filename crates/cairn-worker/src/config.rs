@@ -7,6 +7,8 @@
 //! enroll-token-file = "/etc/cairn/enroll-token"  # read once, at the first contact
 //! coordinator-ca = "/etc/cairn/coordinator-ca.pem"  # for a coordinator with its own CA
 //! max-jobs = 2                         # jobs at once on this host
+//! max-transfers = 1                    # of those, transfers to vaults at once
+//! transfer-mib-per-second = 100        # uploads of every transfer together (default: no limit)
 //!
 //! [vms.web-1]                          # the VMs this host backs up, by the coordinator's name
 //! config = "/etc/cairn/vms/web-1.toml" # the VM's configuration (disks, freeze, scripts)
@@ -52,6 +54,12 @@ pub struct AgentConfig {
     /// How long a poll may wait at the coordinator for a job.
     #[serde(default = "default_poll_wait")]
     pub poll_wait_seconds: u64,
+    /// Transfers to vaults at once (a job's second phase); snapshots wait in a queue.
+    #[serde(default = "default_max_transfers")]
+    pub max_transfers: usize,
+    /// The host's upload bandwidth for all transfers together, MiB a second (none: no limit).
+    #[serde(default)]
+    pub transfer_mib_per_second: Option<u64>,
     /// The VMs this host backs up.
     #[serde(default)]
     pub vms: BTreeMap<String, VmEntry>,
@@ -91,6 +99,10 @@ fn default_state_dir() -> PathBuf {
 
 fn default_max_jobs() -> usize {
     2
+}
+
+fn default_max_transfers() -> usize {
+    1
 }
 
 fn default_poll_wait() -> u64 {
@@ -135,6 +147,14 @@ impl AgentConfig {
         }
         if !(1..=64).contains(&config.max_jobs) {
             return Err(bad(format!("max-jobs = {}: give 1 to 64", config.max_jobs)));
+        }
+        if !(1..=64).contains(&config.max_transfers) {
+            return Err(bad(format!("max-transfers = {}: give 1 to 64", config.max_transfers)));
+        }
+        if config.transfer_mib_per_second == Some(0) {
+            return Err(
+                bad("transfer-mib-per-second = 0: give at least 1, or leave it out".into()),
+            );
         }
         if config.poll_wait_seconds > 60 {
             return Err(bad(format!(
@@ -204,6 +224,11 @@ options = { aws_region = "eu-west-1" }
             (GOOD.replace("/etc/cairn/vms/web-1.toml", "web-1.toml"), "[vms.web-1] config"),
             (GOOD.replace("url = \"/srv/vault\"", "url = \"\""), "[vaults.main] url"),
             (GOOD.replace("[vms.web-1]", "max-jobs = 0\n[vms.web-1]"), "max-jobs"),
+            (GOOD.replace("[vms.web-1]", "max-transfers = 0\n[vms.web-1]"), "max-transfers"),
+            (
+                GOOD.replace("[vms.web-1]", "transfer-mib-per-second = 0\n[vms.web-1]"),
+                "transfer-mib-per-second",
+            ),
             (GOOD.replace("host =", "hots ="), "unknown field `hots`"),
             (GOOD.replace("[vms.web-1]", "[vms.\"../x\"]"), "not a VM name"),
         ];

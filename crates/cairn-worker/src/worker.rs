@@ -38,6 +38,8 @@ pub struct Task {
     pub retain_until: Option<Timestamp>,
     /// Hand-outs of the job so far.
     pub attempt: u32,
+    /// Hours its views are kept on the host for instant restores (0: none).
+    pub keep_views_hours: u32,
 }
 
 impl From<&JobOrder> for Task {
@@ -51,27 +53,42 @@ impl From<&JobOrder> for Task {
             policy: o.policy.clone(),
             retain_until: o.retain_until,
             attempt: o.attempt,
+            keep_views_hours: o.keep_views_hours,
         }
     }
 }
 
 /// Where a running task is, for the reports: a phase and the per-disk progress.
 #[derive(Clone)]
-pub struct JobProgress(watch::Sender<(Option<String>, Option<serde_json::Value>)>);
+pub struct JobProgress(watch::Sender<Progressed>);
+
+/// What a running task reports: its phase, per-disk progress, and its point once the
+/// snapshot phase made one (tier snapshot until the transfer commits).
+#[derive(Clone, Debug, Default)]
+struct Progressed {
+    phase: Option<String>,
+    value: Option<serde_json::Value>,
+    point: Option<PointReport>,
+}
 
 impl JobProgress {
     fn new() -> JobProgress {
-        JobProgress(watch::channel((None, None)).0)
+        JobProgress(watch::channel(Progressed::default()).0)
     }
 
-    /// The task entered `phase` (`snapshot`, `transfer`, `commit`).
+    /// The task entered `phase` (`snapshot`, `queued`, `transfer`).
     pub fn phase(&self, phase: &str) {
-        self.0.send_modify(|p| p.0 = Some(phase.to_owned()));
+        self.0.send_modify(|p| p.phase = Some(phase.to_owned()));
     }
 
     /// The per-disk progress now.
     pub fn progress(&self, value: serde_json::Value) {
-        self.0.send_modify(|p| p.1 = Some(value));
+        self.0.send_modify(|p| p.value = Some(value));
+    }
+
+    /// The snapshot phase made `point`: restorable from the host's views before its transfer.
+    pub fn snapshot_taken(&self, point: PointReport) {
+        self.0.send_modify(|p| p.point = Some(point));
     }
 }
 
@@ -91,6 +108,15 @@ impl Stop {
     }
 }
 
+/// Aborts a task when dropped (the loop's helpers end with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What runs a task: the agent's backup of one VM into one vault.
 #[async_trait]
 pub trait Runner: Send + Sync {
@@ -103,6 +129,10 @@ pub trait Runner: Send + Sync {
         progress: &JobProgress,
         stop: Stop,
     ) -> Result<PointReport, String>;
+
+    /// Called every few seconds with the agent's clock: the runner's own upkeep on the host
+    /// (releasing views whose instant-restore time is over).
+    async fn housekeeping(&self, _now: Timestamp) {}
 }
 
 /// The long-running agent.
@@ -228,6 +258,16 @@ impl Worker {
         let token = self.token().await?;
         let worker = Arc::new(self);
         tokio::pin!(shutdown);
+        let keeper = {
+            let worker = worker.clone();
+            tokio::spawn(async move {
+                loop {
+                    worker.runner.housekeeping(worker.clock.now()).await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            })
+        };
+        let _keeper = AbortOnDrop(keeper);
         let mut backoff = Backoff(Backoff::FIRST);
         loop {
             worker.deliver(&token).await;
@@ -417,11 +457,12 @@ impl Worker {
                     if !seen.has_changed().unwrap_or(false) {
                         continue;
                     }
-                    let (phase, value) = seen.borrow_and_update().clone();
+                    let p = seen.borrow_and_update().clone();
                     let report = Report {
                         state: "running".into(),
-                        phase,
-                        progress: value,
+                        phase: p.phase,
+                        progress: p.value,
+                        point: p.point,
                         ..Report::default()
                     };
                     // Ended (410) or no longer this agent's (403): stop.
@@ -542,6 +583,7 @@ impl Worker {
                     policy: Some(entry.policy.clone()),
                     retain_until: None,
                     attempt: 1,
+                    keep_views_hours: u32::try_from(policy.instant_restore.as_hours()).unwrap_or(0),
                 },
             );
         }

@@ -5,6 +5,7 @@ mod bench;
 mod config;
 mod copy;
 mod gc;
+mod held;
 mod init;
 mod key;
 mod lifecycle;
@@ -48,6 +49,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Install(args) => service::install(args, json),
         Command::Uninstall(args) => service::uninstall(args, json),
         Command::Run(args) => service::run(args).await,
+        Command::Held(cmd) => held::run(cmd, json),
         Command::Config(ConfigCommand::Check) => match config {
             Some(file) => config::check(&file, json),
             None => bail!("config check needs --config FILE"),

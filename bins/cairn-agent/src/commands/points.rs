@@ -116,6 +116,7 @@ fn state_json(states: &PointStates, m: &PointManifest) -> serde_json::Value {
             "locked_until": s.locked_until,
             "retain_until": s.retain_until,
             "verified": s.verified,
+            "snapshot": s.snapshot,
             "other": s.other,
         }),
     }

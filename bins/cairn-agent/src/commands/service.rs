@@ -12,7 +12,7 @@ use cairn_backup::{Cancel, DiskProgress, Progress, VmJob};
 use cairn_format::Origin;
 use cairn_protocol::{Clock, FileClock, PointReport, SystemClock};
 use cairn_snapshot::VmConfig;
-use cairn_vault::{OpenOptions, StoreOptions, Vault};
+use cairn_vault::{OpenOptions, StoreOptions, UploadLimit, Vault};
 use cairn_worker::{
     AgentConfig, HttpTransport, InstallOptions, JobProgress, Runner, State, Step, Stop, Task,
     Worker,
@@ -78,6 +78,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
         None => Arc::new(SystemClock),
     };
     let runner = Arc::new(BackupRunner {
+        transfers: Arc::new(tokio::sync::Semaphore::new(config.max_transfers)),
+        upload_limit: config
+            .transfer_mib_per_second
+            .map(|mib| Arc::new(UploadLimit::new(mib.saturating_mul(1 << 20)))),
+        held: crate::held::Registry::in_dir(&config.state_dir),
+        held_lock: tokio::sync::Mutex::new(()),
         config: config.clone(),
         file: args.agent_config,
         simulated: args.fake_clock.is_some().then(|| clock.clone()),
@@ -104,6 +110,14 @@ struct BackupRunner {
     file: PathBuf,
     /// The injected clock of a simulation: points are stamped with its time.
     simulated: Option<Arc<dyn Clock>>,
+    /// Transfers at once on this host (`max-transfers`): snapshots queue for a permit.
+    transfers: Arc<tokio::sync::Semaphore>,
+    /// The host's upload bandwidth, shared by every transfer (`transfer-mib-per-second`).
+    upload_limit: Option<Arc<UploadLimit>>,
+    /// The points whose views this host keeps.
+    held: crate::held::Registry,
+    /// One writer of the registry at a time.
+    held_lock: tokio::sync::Mutex<()>,
 }
 
 impl BackupRunner {
@@ -145,6 +159,10 @@ impl BackupRunner {
         let vault = Vault::open_with(&vault_entry.url, &options)
             .await
             .map_err(|e| format!("vault {} ({}): {e}", task.vault, vault_entry.url))?;
+        let vault = match &self.upload_limit {
+            Some(limit) => vault.with_upload_limit(limit.clone()),
+            None => vault,
+        };
         Ok((vm, vault))
     }
 }
@@ -155,7 +173,7 @@ impl Runner for BackupRunner {
         &self,
         task: &Task,
         progress: &JobProgress,
-        mut stop: Stop,
+        stop: Stop,
     ) -> Result<PointReport, String> {
         progress.phase("snapshot");
         let (config, vault) = self.open(task).await?;
@@ -173,6 +191,125 @@ impl Runner for BackupRunner {
                 return Ok(PointReport::of(m));
             }
         }
+        let cancel = Cancel::new();
+        let stopper = {
+            let cancel = cancel.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                stop.stopped().await;
+                cancel.cancel();
+            })
+        };
+        let result = self.two_phases(task, config, &vault, progress, stop, &cancel).await;
+        stopper.abort();
+        result
+    }
+
+    async fn housekeeping(&self, now: jiff::Timestamp) {
+        let _held = self.held_lock.lock().await;
+        let registry = &self.held;
+        match tokio::task::block_in_place(|| registry.release_due(now)) {
+            Ok(released) if !released.is_empty() => {
+                tracing::info!(?released, "views released: those points are in their vault alone")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("releasing held views: {e:#}"),
+        }
+    }
+}
+
+impl BackupRunner {
+    /// The job in its two phases: the snapshot (views held; the point restorable from them
+    /// at once when they can be kept), then, with a transfer permit, the transfer to the vault
+    /// under the host's bandwidth. A running QEMU VM (its views are QEMU's own) runs in one go
+    /// under a transfer permit.
+    async fn two_phases(
+        &self,
+        task: &Task,
+        config: VmConfig,
+        vault: &Vault,
+        progress: &JobProgress,
+        mut stop: Stop,
+        cancel: &Cancel,
+    ) -> Result<PointReport, String> {
+        let vm = task.vm.clone();
+        let failed = |e: cairn_backup::Error| format!("backing up VM {vm} to {}: {e}", vault.url());
+        let reporter = Arc::new(Reporter { progress: progress.clone(), disks: Mutex::default() });
+        let job = VmJob::new(config, self.options(task)?);
+        if job.config().qemu.is_some() {
+            let _permit = self.transfer_permit(progress, &mut stop).await?;
+            let manifest = job.run(vault, reporter, cancel).await.map_err(failed)?;
+            return Ok(PointReport::of(&manifest));
+        }
+        let snapshot = job.snapshot(vault, cancel).await.map_err(failed)?;
+        let hours = i64::from(task.keep_views_hours);
+        let keep = (hours > 0 && snapshot.can_keep()).then(|| cairn_format::SnapshotTier {
+            host: self.config.host.clone(),
+            until: snapshot
+                .captured_at()
+                .checked_add(jiff::SignedDuration::from_hours(hours))
+                .unwrap_or(jiff::Timestamp::MAX),
+        });
+        if let Some(tier) = &keep {
+            // Restorable from this host's views from now on; the vault follows.
+            progress.snapshot_taken(PointReport {
+                id: snapshot.point().to_string(),
+                captured_at: snapshot.captured_at(),
+                consistency: snapshot.level().as_str().to_owned(),
+                held_until: Some(tier.until),
+                ..PointReport::default()
+            });
+        }
+        let permit = match self.transfer_permit(progress, &mut stop).await {
+            Ok(p) => p,
+            Err(e) => {
+                snapshot.abandon().await;
+                return Err(e);
+            }
+        };
+        tokio::task::spawn_blocking(|| {
+            cairn_snapshot::failpoint::hit(cairn_snapshot::failpoint::BEFORE_TRANSFER)
+        })
+        .await
+        .ok();
+        progress.phase("transfer");
+        let (manifest, kept) =
+            snapshot.transfer(vault, reporter, cancel, keep.clone()).await.map_err(failed)?;
+        drop(permit);
+        let mut report = PointReport::of(&manifest);
+        if let (Some(tier), false) = (&keep, kept.is_empty()) {
+            report.held_until = Some(tier.until);
+            let held = crate::held::HeldPoint {
+                vm: task.vm.clone(),
+                point: manifest.point.to_string(),
+                captured_at: manifest.captured_at,
+                until: tier.until,
+                views: kept,
+            };
+            let _held = self.held_lock.lock().await;
+            if let Err(e) = tokio::task::block_in_place(|| self.held.add(held)) {
+                tracing::warn!(point = %manifest.point, "recording the kept views: {e:#}; they stay until removed by hand");
+            }
+        }
+        Ok(report)
+    }
+
+    /// Waits in the host's transfer queue.
+    async fn transfer_permit(
+        &self,
+        progress: &JobProgress,
+        stop: &mut Stop,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+        progress.phase("queued");
+        tokio::select! {
+            permit = self.transfers.clone().acquire_owned() => {
+                permit.map_err(|_| "the agent is stopping".to_owned())
+            }
+            _ = stop.stopped() => Err("stopped while queued for transfer".into()),
+        }
+    }
+
+    fn options(&self, task: &Task) -> Result<cairn_backup::JobOptions, String> {
         let mut options = super::backup::job_options(None, None).map_err(|e| format!("{e:#}"))?;
         options.retain_until = task.retain_until;
         if let Some(clock) = &self.simulated {
@@ -188,20 +325,7 @@ impl Runner for BackupRunner {
             scheduled_at: Some(task.scheduled_at),
             policy: task.policy.clone(),
         });
-        let cancel = Cancel::new();
-        let stopper = {
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                stop.stopped().await;
-                cancel.cancel();
-            })
-        };
-        let reporter = Arc::new(Reporter { progress: progress.clone(), disks: Mutex::default() });
-        let result = VmJob::new(config, options).run(&vault, reporter, &cancel).await;
-        stopper.abort();
-        let manifest =
-            result.map_err(|e| format!("backing up VM {} to {}: {e}", task.vm, vault.url()))?;
-        Ok(PointReport::of(&manifest))
+        Ok(options)
     }
 }
 

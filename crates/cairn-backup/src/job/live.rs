@@ -128,6 +128,7 @@ async fn back_up(
         retain_until: job.options.retain_until,
         machine: Some(machine),
         origin: job.options.origin.clone(),
+        snapshot: None,
     };
     crate::backup(vault, request, progress, cancel).await
 }

@@ -99,7 +99,22 @@ impl VmJob {
         if let Some(qemu) = &self.config.qemu {
             return live::run(self, qemu, vault, progress, cancel).await;
         }
+        let snapshot = self.snapshot(vault, cancel).await?;
+        Ok(snapshot.transfer(vault, progress, cancel, None).await?.0)
+    }
+
+    /// The job's first phase on its own: checks the images and captures the VM, holding the
+    /// views; nothing is sent yet. [`Snapshot::transfer`] is the second phase. A running
+    /// QEMU VM's views are QEMU's own and are not held apart from a transfer: use
+    /// [`VmJob::run`] for it.
+    pub async fn snapshot(&self, vault: &Vault, cancel: &Cancel) -> Result<Snapshot, Error> {
         let config = &self.config;
+        if config.qemu.is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "VM {} runs in QEMU: its views are QEMU's own and its job runs in one phase",
+                config.vm
+            )));
+        }
         check::names(config)?;
         check::images(config).await?;
         let point = vault
@@ -123,18 +138,18 @@ impl VmJob {
             finish(capture, rotations, false).await;
             return Err(Error::Cancelled);
         }
-        let result = self.back_up(vault, &capture, &rotations, point, progress, cancel).await;
-        finish(capture, rotations, result.is_ok()).await;
-        result
+        Ok(Snapshot { job: self.clone(), capture, rotations, point })
     }
 
     /// Reads the captured views into the vault and commits the point.
+    #[allow(clippy::too_many_arguments)]
     async fn back_up(
         &self,
         vault: &Vault,
         capture: &Capture,
         rotations: &tracking::Rotations,
         point: cairn_format::PointId,
+        snapshot: Option<cairn_format::SnapshotTier>,
         progress: Arc<dyn Progress>,
         cancel: &Cancel,
     ) -> Result<PointManifest, Error> {
@@ -158,8 +173,101 @@ impl VmJob {
             retain_until: self.options.retain_until,
             machine: None,
             origin: self.options.origin.clone(),
+            snapshot,
         };
         crate::backup(vault, request, progress, cancel).await
+    }
+}
+
+/// A captured VM whose views are held: the first phase of a job done, the second to come.
+/// Drop it only through [`Snapshot::transfer`] or [`Snapshot::abandon`] (dropped otherwise,
+/// its views are released and its dirty bitmaps left for the next backup to settle).
+pub struct Snapshot {
+    job: VmJob,
+    capture: Capture,
+    rotations: tracking::Rotations,
+    point: cairn_format::PointId,
+}
+
+impl Snapshot {
+    /// The point's id, reserved in the vault.
+    pub fn point(&self) -> &cairn_format::PointId {
+        &self.point
+    }
+
+    /// When the disks were captured (as the point records it).
+    pub fn captured_at(&self) -> jiff::Timestamp {
+        self.job.options.shifted(self.capture.captured_at())
+    }
+
+    /// The consistency reached.
+    pub fn level(&self) -> cairn_format::Consistency {
+        self.capture.level()
+    }
+
+    /// True if every view can be kept past the transfer (reflink clones, btrfs snapshots):
+    /// the point can have a snapshot tier.
+    pub fn can_keep(&self) -> bool {
+        self.capture.can_keep()
+    }
+
+    /// Each disk's view: where the disk reads as it was at the capture.
+    pub fn views(&self) -> Vec<(Name, std::path::PathBuf)> {
+        self.capture.views().iter().map(|v| (v.disk().clone(), v.path().to_owned())).collect()
+    }
+
+    /// The second phase: reads the views into the vault and commits the point, then rotates
+    /// the dirty bitmaps. With `keep` (and views that can be kept), the point's notes record
+    /// its snapshot tier before the commit and the views are kept under the point's id
+    /// afterwards, returned for their later release; otherwise they are released.
+    pub async fn transfer(
+        self,
+        vault: &Vault,
+        progress: Arc<dyn Progress>,
+        cancel: &Cancel,
+        keep: Option<cairn_format::SnapshotTier>,
+    ) -> Result<(PointManifest, Vec<cairn_snapshot::KeptView>), Error> {
+        let keep = keep.filter(|_| self.capture.can_keep());
+        let Snapshot { job, capture, rotations, point } = self;
+        let result = job
+            .back_up(vault, &capture, &rotations, point.clone(), keep.clone(), progress, cancel)
+            .await;
+        let manifest = match result {
+            Ok(m) => m,
+            Err(e) => {
+                finish(capture, rotations, false).await;
+                return Err(e);
+            }
+        };
+        let mut kept = vec![];
+        if keep.is_some() {
+            let tag = point.to_string();
+            match tokio::task::spawn_blocking(move || capture.keep(&tag)).await {
+                Ok(Ok(k)) => kept = k,
+                outcome => {
+                    let why = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    tracing::warn!(point = %point, "the views could not be kept ({why}): the point is in the vault alone");
+                    let gone = cairn_format::Change::Snapshot(None);
+                    if let Err(e) = vault.write_note(&manifest.vm, &point, "backup", &[gone]).await
+                    {
+                        tracing::warn!(point = %point, "recording that its views are gone: {e}");
+                    }
+                }
+            }
+            rotations.finish(true).await;
+        } else {
+            finish(capture, rotations, true).await;
+        }
+        Ok((manifest, kept))
+    }
+
+    /// Gives the snapshot up: views released, bitmaps rolled back; nothing was committed.
+    pub async fn abandon(self) {
+        finish(self.capture, self.rotations, false).await;
     }
 }
 

@@ -108,6 +108,7 @@ pub fn request(vm: &str, disks: Vec<DiskInput>, threads: usize) -> BackupRequest
         retain_until: None,
         machine: None,
         origin: None,
+        snapshot: None,
     }
 }
 

@@ -1,0 +1,149 @@
+//! The points whose views this host keeps for instant restores (their snapshot tier), in the
+//! state folder's `held.json`: what `cairn-agent run` kept after each transfer, released when
+//! the policy's instant-restore time is over, and what `cairn-agent held` lists and restores
+//! from. Written whole (a temporary file renamed over it, then the folder synced).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use cairn_snapshot::KeptView;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// The largest registry read (a host keeps a few hundred points at most).
+const MAX_FILE: u64 = 4 << 20;
+
+/// One point's kept views.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldPoint {
+    /// The VM, by the coordinator's name.
+    pub vm: String,
+    /// The point.
+    pub point: String,
+    /// When its disks were captured.
+    pub captured_at: Timestamp,
+    /// When its views are released.
+    pub until: Timestamp,
+    /// Each disk's kept view.
+    pub views: Vec<KeptView>,
+}
+
+/// The registry file of a state folder.
+pub struct Registry {
+    path: PathBuf,
+}
+
+impl Registry {
+    /// The registry in `state_dir`.
+    pub fn in_dir(state_dir: &Path) -> Registry {
+        Registry { path: state_dir.join("held.json") }
+    }
+
+    /// The held points (none if there is no file yet).
+    pub fn load(&self) -> anyhow::Result<Vec<HeldPoint>> {
+        use std::io::Read;
+        let file = match std::fs::File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e).with_context(|| format!("opening {}", self.path.display())),
+        };
+        let mut bytes = vec![];
+        file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+        anyhow::ensure!(bytes.len() as u64 <= MAX_FILE, "{} is too large", self.path.display());
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!("{} is not a list of held points; move it aside", self.path.display())
+        })
+    }
+
+    /// Replaces the registry with `points`.
+    pub fn save(&self, points: &[HeldPoint]) -> anyhow::Result<()> {
+        use std::io::Write;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("writing in {}", dir.display()))?;
+        tmp.write_all(&serde_json::to_vec_pretty(points)?)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&self.path).with_context(|| format!("writing {}", self.path.display()))?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).ok();
+        Ok(())
+    }
+
+    /// Adds `point` (after its transfer kept its views).
+    pub fn add(&self, point: HeldPoint) -> anyhow::Result<()> {
+        let mut points = self.load()?;
+        points.retain(|p| !(p.vm == point.vm && p.point == point.point));
+        points.push(point);
+        self.save(&points)
+    }
+
+    /// Releases the views of every point whose time is over at `now`; returns the points
+    /// released. A view that fails to release with an I/O error stays listed for a later try;
+    /// one whose record does not name a kept view is dropped (it deletes nothing).
+    pub fn release_due(&self, now: Timestamp) -> anyhow::Result<Vec<String>> {
+        let points = self.load()?;
+        let (due, keep): (Vec<HeldPoint>, Vec<HeldPoint>) =
+            points.into_iter().partition(|p| p.until <= now);
+        if due.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut kept = keep;
+        let mut released = vec![];
+        for mut p in due {
+            p.views.retain(|v| match v.release() {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::warn!(vm = %p.vm, point = %p.point, "releasing a kept view: {e}");
+                    e.to_string().contains("removing") || e.to_string().contains("deleting")
+                }
+            });
+            if p.views.is_empty() {
+                tracing::info!(vm = %p.vm, point = %p.point, "instant-restore time over: views released");
+                released.push(p.point);
+            } else {
+                kept.push(p);
+            }
+        }
+        self.save(&kept)?;
+        Ok(released)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn points_are_added_listed_and_released_when_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::in_dir(dir.path());
+        assert!(registry.load().unwrap().is_empty());
+        let clone = dir.path().join(".d.img.cairn-held-p1");
+        std::fs::write(&clone, b"view").unwrap();
+        let held = |point: &str, until: &str, views: Vec<KeptView>| HeldPoint {
+            vm: "web-1".into(),
+            point: point.into(),
+            captured_at: "2026-06-01T02:00:00Z".parse().unwrap(),
+            until: until.parse().unwrap(),
+            views,
+        };
+        let view = KeptView {
+            disk: "d".parse().unwrap(),
+            kind: "reflink".into(),
+            path: clone.clone(),
+            handle: clone.clone(),
+        };
+        registry.add(held("p1", "2026-06-03T02:00:00Z", vec![view])).unwrap();
+        registry.add(held("p2", "2026-06-04T02:00:00Z", vec![])).unwrap();
+        assert_eq!(registry.load().unwrap().len(), 2);
+        assert!(registry.release_due("2026-06-02T00:00:00Z".parse().unwrap()).unwrap().is_empty());
+        let released = registry.release_due("2026-06-03T02:00:00Z".parse().unwrap()).unwrap();
+        assert_eq!(released, ["p1"]);
+        assert!(!clone.exists());
+        assert_eq!(registry.load().unwrap().len(), 1);
+        // A damaged registry is an error naming the file.
+        std::fs::write(dir.path().join("held.json"), b"{").unwrap();
+        let e = format!("{:#}", registry.load().unwrap_err());
+        assert!(e.contains("held.json"), "{e}");
+    }
+}

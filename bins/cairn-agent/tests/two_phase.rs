@@ -1,0 +1,356 @@
+//! The two phases of a scheduled job, end to end as separate processes (root: a loop-mounted
+//! XFS gives the VM's disk reflink views). A policy with one instant-restore day and a
+//! one-hour transfer deadline; the agent's transfer held back by a test failpoint. The
+//! snapshot phase's point is in the catalogue (tier `snapshot`) before its transfer; the late
+//! transfer raises an alert; the committed point is `snapshot-and-vault`, its notes say which
+//! host keeps its views until when, and the kept view restores the disk at once,
+//! byte-identical to the vault's restore; a day later the views are released and the point is
+//! in the vault alone.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_testkit::{Loop, Mount, root_or_skip, sh};
+use serde_json::Value;
+
+fn agent_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_cairn-agent")
+}
+
+/// The coordinator's executable next to the agent's, built if needed (as in tests/fleet.rs).
+fn coordinator_exe() -> PathBuf {
+    let exe = Path::new(agent_exe()).with_file_name("cairn-coordinator");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "cairn-coordinator", "--bin", "cairn-coordinator"]);
+    if exe.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    assert!(build.status().unwrap().success(), "building cairn-coordinator");
+    exe
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Site {
+    dir: PathBuf,
+    url: String,
+    coordinator: PathBuf,
+}
+
+impl Site {
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = Command::new(&self.coordinator)
+            .args(["--url", &self.url, "--json", "--token-file"])
+            .arg(self.dir.join("admin.token"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn agent(&self, args: &[&str]) -> Value {
+        let out = Command::new(agent_exe()).arg("--json").args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn set_clock(&self, at: &str) {
+        let tmp = self.dir.join("clock.tmp");
+        std::fs::write(&tmp, at).unwrap();
+        std::fs::rename(tmp, self.dir.join("clock")).unwrap();
+    }
+
+    fn wait(&self, what: &str, mut f: impl FnMut(&Site) -> bool) {
+        let start = Instant::now();
+        while !f(self) {
+            let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "timed out waiting for {what}; jobs {:#}\nagent log (newest first):\n{}",
+                self.cli(&["jobs"]),
+                tail.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
+    }
+
+    fn point_of(&self, day: &str) -> Option<Value> {
+        let points = self.cli(&["points", "--vm", "web"]);
+        points["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["captured_at"].as_str().unwrap().starts_with(day))
+            .cloned()
+    }
+}
+
+const POLICY: &str = r#"name = "instant"
+instant-restore-days = 1
+transfer-deadline-hours = 1
+[schedule]
+kind = "daily"
+times = ["02:00"]
+[retention]
+keep-daily = 7
+"#;
+
+/// A disk whose bytes depend on `seed`.
+fn write_disk(path: &Path, mib: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let data: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn a_job_snapshots_then_transfers_and_its_views_serve_restores_until_released() {
+    if !root_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let xfs_img = dir.join("xfs.img");
+    std::fs::File::create(&xfs_img).unwrap().set_len(1 << 30).unwrap();
+    sh("mkfs.xfs", &["-q", "-m", "reflink=1", xfs_img.to_str().unwrap()]);
+    let xfs_loop = Loop::attach(&xfs_img);
+    let xfs = Mount::new(&xfs_loop.0, &dir.join("xfs"), &[]);
+    let disk = xfs.0.join("web.img");
+    write_disk(&disk, 8, 1);
+    let vault = dir.join("vault");
+    let init = Command::new(agent_exe())
+        .args(["init", "--no-encryption", "--vault", vault.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+
+    // The coordinator, on an injected clock after the day's backup time.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let site = Site {
+        dir: dir.clone(),
+        url: format!("http://127.0.0.1:{port}"),
+        coordinator: coordinator_exe(),
+    };
+    site.set_clock("2026-06-01T03:00:00Z");
+    let mut server = Command::new(&site.coordinator)
+        .arg("serve")
+        .arg("--db")
+        .arg(dir.join("catalogue.db"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--admin-token-file")
+        .arg(dir.join("admin.token"))
+        .arg("--fake-clock")
+        .arg(dir.join("clock"))
+        .args(["--agent-timeout-seconds", "3600"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    let _server = Proc(server);
+    std::fs::write(dir.join("instant.toml"), POLICY).unwrap();
+    site.cli(&["policy", "put", dir.join("instant.toml").to_str().unwrap()]);
+    site.cli(&[
+        "protect",
+        "web",
+        "--policy",
+        "instant",
+        "--host",
+        "kvm-1",
+        "--datastore",
+        "xfs",
+        "--vault",
+        "main",
+    ]);
+
+    // The agent: installed under a root folder, its VM's disk viewed by reflink clones, one
+    // transfer at a time under 1 MiB/s.
+    let root = dir.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let enroll = site.cli(&["enroll", "kvm-1"]);
+    std::fs::write(dir.join("enroll.token"), enroll["token"].as_str().unwrap()).unwrap();
+    site.agent(&[
+        "install",
+        "--coordinator",
+        &site.url,
+        "--host",
+        "kvm-1",
+        "--enroll-token-file",
+        dir.join("enroll.token").to_str().unwrap(),
+        "--root",
+        root.to_str().unwrap(),
+    ]);
+    let vm_config = dir.join("web.toml");
+    std::fs::write(
+        &vm_config,
+        format!(
+            "vm = \"web\"\n[[disk]]\nname = \"os\"\npath = {:?}\nview = \"reflink\"\n",
+            disk.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&vm_config, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    let state = root.join("var/lib/cairn");
+    let config = std::fs::read_to_string(root.join("etc/cairn/agent.toml"))
+        .unwrap()
+        .replace("\"/var/lib/cairn\"", &format!("{:?}", state.to_str().unwrap()))
+        .replace(
+            "\"/etc/cairn/enroll-token\"",
+            &format!("{:?}", root.join("etc/cairn/enroll-token").to_str().unwrap()),
+        )
+        + &format!(
+            "poll-wait-seconds = 2\nmax-transfers = 1\ntransfer-mib-per-second = 1\n\n[vms.web]\nconfig = {:?}\n\n[vaults.main]\nurl = {:?}\n",
+            vm_config.to_str().unwrap(),
+            vault.to_str().unwrap()
+        );
+    let agent_toml = dir.join("agent.toml");
+    std::fs::write(&agent_toml, &config).unwrap();
+    let agent = Command::new(agent_exe())
+        .env("CAIRN_FAILPOINT", "before-transfer=sleep:8000")
+        .args(["-v", "run", "--agent-config", agent_toml.to_str().unwrap(), "--fake-clock"])
+        .arg(dir.join("clock"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Proc(agent);
+
+    // Day 1: the snapshot phase's point is in the catalogue before its transfer ends.
+    site.set_clock("2026-06-02T02:30:00Z");
+    site.wait("the point in the snapshot tier", |s| {
+        s.point_of("2026-06-02").is_some_and(|p| p["tier"] == "snapshot")
+    });
+    let jobs = site.cli(&["jobs", "--vm", "web"]);
+    assert_eq!(jobs["jobs"][0]["state"], "running", "{jobs}");
+    // Past the deadline (02:00 + 1 h) with the transfer still held: one late-transfer alert
+    // (raised while it waits, or when it ends, whichever comes first).
+    site.set_clock("2026-06-02T03:30:00Z");
+    site.wait("the late-transfer alert", |s| {
+        s.cli(&["alerts"])["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "late-transfer" && a["vm"] == "web")
+    });
+    site.wait("the transfer committed", |s| {
+        s.point_of("2026-06-02").is_some_and(|p| p["tier"] == "snapshot-and-vault")
+    });
+    let first = site.point_of("2026-06-02").unwrap();
+    let id = first["point"].as_str().unwrap().to_owned();
+    assert!(first["held_until"].as_str().unwrap().starts_with("2026-06-03T02:30"), "{first}");
+    let alerts = site.cli(&["alerts"]);
+    assert_eq!(
+        alerts["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "late-transfer")
+            .count(),
+        1,
+        "{alerts}"
+    );
+    // The vault's notes say which host keeps the views, until when.
+    let listed = site.agent(&["points", "--vault", vault.to_str().unwrap(), "--vm", "web"]);
+    let in_vault = listed["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["point"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(in_vault["state"]["snapshot"]["host"], "kvm-1", "{in_vault}");
+
+    // An instant restore from the kept view: the disk as it was, byte for byte, the same as
+    // the vault's restore.
+    let held = site.agent(&["held", "list", "--agent-config", agent_toml.to_str().unwrap()]);
+    assert_eq!(held["held"][0]["point"], id.as_str(), "{held}");
+    let from_view = xfs.0.join("instant.img");
+    let restored = site.agent(&[
+        "held",
+        "restore",
+        "--agent-config",
+        agent_toml.to_str().unwrap(),
+        "--vm",
+        "web",
+        "--disk",
+        "os",
+        "--to",
+        from_view.to_str().unwrap(),
+    ]);
+    assert_eq!(restored["how"], "reflink clone", "{restored}");
+    let from_vault = dir.join("from-vault.img");
+    site.agent(&[
+        "restore",
+        "--vault",
+        vault.to_str().unwrap(),
+        "--vm",
+        "web",
+        "--point",
+        &id,
+        "--disk",
+        "os",
+        "--to",
+        from_vault.to_str().unwrap(),
+    ]);
+    let original = std::fs::read(&disk).unwrap();
+    assert!(std::fs::read(&from_view).unwrap() == original, "the kept view restores the disk");
+    assert!(std::fs::read(&from_vault).unwrap() == original, "the vault restores the same");
+    let kept_file = PathBuf::from(held["held"][0]["views"][0]["handle"].as_str().unwrap());
+    assert!(kept_file.exists());
+
+    // Day 2: a new point with its own views; the first one's day is over, so its views go and
+    // it is in the vault alone.
+    write_disk(&disk, 8, 2);
+    site.set_clock("2026-06-03T02:30:00Z");
+    site.wait("day 2's point committed", |s| {
+        s.point_of("2026-06-03").is_some_and(|p| p["tier"] == "snapshot-and-vault")
+    });
+    site.set_clock("2026-06-03T03:00:00Z");
+    site.wait("day 1's views released", |s| {
+        s.point_of("2026-06-02").is_some_and(|p| p["tier"] == "vault") && !kept_file.exists()
+    });
+    let held = site.agent(&["held", "list", "--agent-config", agent_toml.to_str().unwrap()]);
+    let held = held["held"].as_array().unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0]["captured_at"].as_str().unwrap().starts_with("2026-06-03"));
+    // The released point restores from its vault only, and says so.
+    let late = Command::new(agent_exe())
+        .args([
+            "held",
+            "restore",
+            "--agent-config",
+            agent_toml.to_str().unwrap(),
+            "--vm",
+            "web",
+            "--point",
+            &id,
+        ])
+        .args(["--disk", "os", "--to", dir.join("late.img").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!late.status.success());
+    let e = String::from_utf8_lossy(&late.stderr);
+    assert!(e.contains("no held point") && e.contains("vault"), "{e}");
+}

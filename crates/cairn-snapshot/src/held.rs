@@ -1,0 +1,125 @@
+//! Views kept past their backup: a point's snapshot tier. A kept view leaves the agent's
+//! per-process names (which a later agent removes as left by a crash) for a name carrying the
+//! point's id, and is released by the agent when the policy's instant-restore time is over.
+//! What release deletes is checked against those names, so a record read back from the state
+//! folder can delete nothing else.
+
+use std::path::{Path, PathBuf};
+
+use cairn_format::Name;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The marker in a kept view's name.
+pub(crate) const HELD: &str = ".cairn-held-";
+
+/// A view kept for instant restores.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptView {
+    /// The disk.
+    pub disk: Name,
+    /// `reflink` or `btrfs-snapshot`.
+    pub kind: String,
+    /// Where the disk's image reads, as it was at the capture.
+    pub path: PathBuf,
+    /// What release removes: the clone file, or the snapshot's subvolume.
+    pub handle: PathBuf,
+}
+
+/// A tag (a point id) fit for a file name.
+pub(crate) fn check_tag(tag: &str) -> Result<(), Error> {
+    let ok = !tag.is_empty()
+        && tag.len() <= 64
+        && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::io(
+            format!("keeping a view as {tag:?}"),
+            std::io::Error::other("not a point id"),
+        ))
+    }
+}
+
+impl KeptView {
+    /// Removes the kept view. Only a regular file named as a kept clone, or a subvolume named
+    /// as a kept snapshot in a `.cairn-views` folder, is removed; anything else is refused.
+    pub fn release(&self) -> Result<(), Error> {
+        let refuse = |why: &str| {
+            Err(Error::io(
+                format!("releasing kept view {}", self.handle.display()),
+                std::io::Error::other(why.to_owned()),
+            ))
+        };
+        let name =
+            self.handle.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        match self.kind.as_str() {
+            "reflink" => {
+                if !name.contains(HELD) {
+                    return refuse("not a kept clone's name");
+                }
+                match std::fs::symlink_metadata(&self.handle) {
+                    Ok(m) if m.is_file() => std::fs::remove_file(&self.handle).map_err(|e| {
+                        Error::io(format!("removing kept view {}", self.handle.display()), e)
+                    }),
+                    Ok(_) => refuse("not a regular file"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(Error::io(format!("reading {}", self.handle.display()), e)),
+                }
+            }
+            "btrfs-snapshot" => {
+                let parent = self.handle.parent().unwrap_or(Path::new("/"));
+                if !name.starts_with(&HELD[1..])
+                    || parent.file_name().is_none_or(|n| n != ".cairn-views")
+                {
+                    return refuse("not a kept snapshot's name");
+                }
+                if !self.handle.exists() {
+                    return Ok(());
+                }
+                let dir = std::fs::File::open(parent)
+                    .map_err(|e| Error::io(format!("opening {}", parent.display()), e))?;
+                crate::sys::btrfs_delete(&dir, &name).map_err(|e| {
+                    Error::io(format!("deleting kept snapshot {}", self.handle.display()), e)
+                })
+            }
+            other => refuse(&format!("unknown kind {other:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_removes_only_what_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join(format!(".disk.img{HELD}20261203T010203.000Z-0a1b2c3d"));
+        std::fs::write(&kept, b"view").unwrap();
+        let view = |handle: PathBuf, kind: &str| KeptView {
+            disk: "d".parse().unwrap(),
+            kind: kind.into(),
+            path: handle.clone(),
+            handle,
+        };
+        view(kept.clone(), "reflink").release().unwrap();
+        assert!(!kept.exists());
+        // Released twice: nothing left, nothing to do.
+        view(kept.clone(), "reflink").release().unwrap();
+        // A record naming another file (a tampered state folder) deletes nothing.
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, b"the VM's disk").unwrap();
+        assert!(view(image.clone(), "reflink").release().is_err());
+        assert!(view(image.clone(), "btrfs-snapshot").release().is_err());
+        assert!(view(image.clone(), "lvm").release().is_err());
+        assert!(image.exists());
+        let link = dir.path().join(format!("x{HELD}y"));
+        std::os::unix::fs::symlink(&image, &link).unwrap();
+        assert!(view(link, "reflink").release().is_err());
+        assert!(image.exists());
+        assert!(check_tag("20261203T010203.000Z-0a1b2c3d").is_ok());
+        assert!(check_tag("../x").is_err() && check_tag("").is_err());
+    }
+}
