@@ -132,6 +132,12 @@ if cargo tree -p cairn-worker -e normal --prefix none \
     echo "cairn-worker must not depend on the scheduler, the job, the vault or object_store" >&2
     exit 1
 fi
+# The scheduler decides when vault work runs; the keeper it is handed (cairn-upkeep) does it.
+if cargo tree -p cairn-scheduler -e normal --prefix none \
+    | grep -Eq '^(cairn-backup|cairn-vault|object_store) '; then
+    echo "cairn-scheduler must not depend on the job, the vault or object_store" >&2
+    exit 1
+fi
 
 echo
 echo "all checks passed"

@@ -5,41 +5,19 @@
 //! host's jobs failed saying why, agent and coordinator restarts in the middle of a job lose
 //! nothing and double nothing, and a coordinator away at backup time does not stop the backups.
 
+mod coordinator;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use coordinator::{Proc, coordinator_exe, free_port};
+
 fn agent_exe() -> &'static str {
     env!("CARGO_BIN_EXE_cairn-agent")
-}
-
-/// The coordinator's executable, next to the agent's, built if needed (cargo builds the bins of
-/// the package under test only).
-fn coordinator_exe() -> PathBuf {
-    let exe = Path::new(agent_exe()).with_file_name("cairn-coordinator");
-    let release = exe.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "cairn-coordinator", "--bin", "cairn-coordinator"]);
-    if release {
-        build.arg("--release");
-    }
-    let status = build.status().unwrap();
-    assert!(status.success(), "building cairn-coordinator for the fleet test");
-    assert!(exe.exists(), "{} is missing", exe.display());
-    exe
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 struct Fleet {
@@ -49,11 +27,6 @@ struct Fleet {
     server: Option<Proc>,
     agents: Vec<(String, Option<Proc>)>,
     vault: String,
-}
-
-/// A free loopback port (the coordinator must come back on the same one after a restart).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Waits for `f` to hold; on time out, fails showing the jobs and the processes' logs.

@@ -7,38 +7,20 @@
 //! byte-identical to the vault's restore; a day later the views are released and the point is
 //! in the vault alone.
 
+mod coordinator;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_testkit::{Loop, Mount, root_or_skip, sh};
 use serde_json::Value;
 
+use coordinator::{Proc, coordinator_exe, free_port};
+
 fn agent_exe() -> &'static str {
     env!("CARGO_BIN_EXE_cairn-agent")
-}
-
-/// The coordinator's executable next to the agent's, built if needed (as in tests/fleet.rs).
-fn coordinator_exe() -> PathBuf {
-    let exe = Path::new(agent_exe()).with_file_name("cairn-coordinator");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet", "-p", "cairn-coordinator", "--bin", "cairn-coordinator"]);
-    if exe.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") {
-        build.arg("--release");
-    }
-    assert!(build.status().unwrap().success(), "building cairn-coordinator");
-    exe
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 struct Site {
@@ -144,7 +126,7 @@ fn a_job_snapshots_then_transfers_and_its_views_serve_restores_until_released() 
     assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
 
     // The coordinator, on an injected clock after the day's backup time.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let site = Site {
         dir: dir.clone(),
         url: format!("http://127.0.0.1:{port}"),

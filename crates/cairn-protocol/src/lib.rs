@@ -7,6 +7,9 @@ mod clock;
 
 pub use clock::{Clock, FileClock, SystemClock};
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
@@ -99,6 +102,24 @@ impl PointReport {
             held_until: None,
         }
     }
+}
+
+/// A vault as a configuration names it: an agent's `[vaults.NAME]` (which it opens
+/// append-only) and the coordinator's vaults file (which it opens to prune and collect).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VaultEntry {
+    /// Its URL, as `cairn-agent --vault` takes it.
+    pub url: String,
+    /// The key file of an encrypted vault.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// A file holding the passphrase of an encrypted vault.
+    #[serde(default)]
+    pub passphrase_file: Option<PathBuf>,
+    /// object_store options (KEY = VALUE).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
 }
 
 /// A backup an agent ran from its cached schedule while the coordinator was away.

@@ -15,7 +15,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cairn_policy::{Schedule, ScheduleSpec};
 use jiff::SignedDuration;
@@ -49,22 +49,7 @@ pub struct UpkeepSection {
     pub grace_hours: Option<u32>,
 }
 
-/// `[vaults.NAME]`: a vault and its key, as the agent's configuration names one.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct VaultEntry {
-    /// Its URL.
-    pub url: String,
-    /// The key file of an encrypted vault.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// A file holding the passphrase of an encrypted vault.
-    #[serde(default)]
-    pub passphrase_file: Option<PathBuf>,
-    /// object_store options (KEY = VALUE).
-    #[serde(default)]
-    pub options: BTreeMap<String, String>,
-}
+pub use cairn_protocol::VaultEntry;
 
 impl VaultsFile {
     /// Reads and checks the file at `path`; errors name the field.

@@ -76,22 +76,7 @@ pub struct VmEntry {
     pub config: PathBuf,
 }
 
-/// One vault the agent writes to.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct VaultEntry {
-    /// Its URL, as `cairn-agent --vault` takes it.
-    pub url: String,
-    /// The key file of an encrypted vault.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// A file holding the passphrase of an encrypted vault.
-    #[serde(default)]
-    pub passphrase_file: Option<PathBuf>,
-    /// object_store options (KEY = VALUE).
-    #[serde(default)]
-    pub options: BTreeMap<String, String>,
-}
+pub use cairn_protocol::VaultEntry;
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/cairn")

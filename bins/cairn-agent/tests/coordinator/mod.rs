@@ -1,0 +1,36 @@
+//! What the tests that run a coordinator beside agents share (`fleet.rs`, `two_phase.rs`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+/// The coordinator's executable, next to the agent's, built if needed (cargo builds the bins of
+/// the package under test only).
+pub fn coordinator_exe() -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_cairn-agent")).with_file_name("cairn-coordinator");
+    let release = exe.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--quiet", "-p", "cairn-coordinator", "--bin", "cairn-coordinator"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().unwrap();
+    assert!(status.success(), "building cairn-coordinator for the test");
+    assert!(exe.exists(), "{} is missing", exe.display());
+    exe
+}
+
+/// A child process, killed and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
