@@ -30,6 +30,7 @@ pub struct HeldPoint {
 }
 
 /// The registry file of a state folder.
+#[derive(Clone)]
 pub struct Registry {
     path: PathBuf,
 }
@@ -77,35 +78,61 @@ impl Registry {
         self.save(&points)
     }
 
-    /// Releases the views of every point whose time is over at `now`; returns the points
-    /// released. A view that fails to release with an I/O error stays listed for a later try;
-    /// one whose record does not name a kept view is dropped (it deletes nothing).
+    /// Releases the views of every point whose time is over at `now`, and early, oldest
+    /// first, those on a file system with less than [`MIN_FREE`] of its space free (kept
+    /// views grow as their VMs write). Returns the points released. A record that does not
+    /// name a kept view is dropped (it deletes nothing); a view that fails to release stays
+    /// listed for a later try.
     pub fn release_due(&self, now: Timestamp) -> anyhow::Result<Vec<String>> {
-        let points = self.load()?;
-        let (due, keep): (Vec<HeldPoint>, Vec<HeldPoint>) =
-            points.into_iter().partition(|p| p.until <= now);
-        if due.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut kept = keep;
+        let mut points = self.load()?;
+        points.sort_by_key(|p| p.captured_at);
+        let mut kept = vec![];
         let mut released = vec![];
-        for mut p in due {
-            p.views.retain(|v| match v.release() {
-                Ok(()) => false,
-                Err(e) => {
-                    tracing::warn!(vm = %p.vm, point = %p.point, "releasing a kept view: {e}");
-                    e.to_string().contains("removing") || e.to_string().contains("deleting")
+        for mut p in points {
+            let short = p.views.iter().find(|v| low_on_space(&v.handle));
+            if p.until > now && short.is_none() {
+                kept.push(p);
+                continue;
+            }
+            if let Some(v) = short.filter(|_| p.until > now) {
+                tracing::warn!(vm = %p.vm, point = %p.point, path = %v.handle.display(), "less than 10% free where views are kept: releasing the oldest point's views early");
+            }
+            p.views.retain(|v| {
+                if !v.is_kept_name() {
+                    tracing::error!(vm = %p.vm, point = %p.point, path = %v.handle.display(), "a held record names no kept view: dropped, nothing deleted");
+                    return false;
+                }
+                match v.release() {
+                    Ok(()) => false,
+                    Err(e) => {
+                        tracing::warn!(vm = %p.vm, point = %p.point, "releasing a kept view: {e}");
+                        true
+                    }
                 }
             });
             if p.views.is_empty() {
-                tracing::info!(vm = %p.vm, point = %p.point, "instant-restore time over: views released");
+                tracing::info!(vm = %p.vm, point = %p.point, "views released: the point is in its vault alone");
                 released.push(p.point);
             } else {
                 kept.push(p);
             }
         }
-        self.save(&kept)?;
+        if !released.is_empty() {
+            self.save(&kept)?;
+        }
         Ok(released)
+    }
+}
+
+/// Below this fraction of free space where views are kept, the oldest are released early.
+pub const MIN_FREE: f64 = 0.10;
+
+/// True if the file system holding `path` has less than [`MIN_FREE`] of its space free.
+fn low_on_space(path: &Path) -> bool {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    match rustix::fs::statvfs(dir) {
+        Ok(s) if s.f_blocks > 0 => (s.f_bavail as f64) < MIN_FREE * s.f_blocks as f64,
+        _ => false,
     }
 }
 

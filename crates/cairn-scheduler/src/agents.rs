@@ -322,6 +322,21 @@ impl Catalogue {
                 let Some(point) = &report.point else {
                     return Ok(ReportOutcome::Invalid("a done report names its point".into()));
                 };
+                // A point another job made is not this one's.
+                let owner: Option<Option<i64>> = tx
+                    .query_row(
+                        "SELECT job FROM points WHERE vm = ?1 AND point = ?2",
+                        params![vm, point.id],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(Error::sql(what.clone()))?;
+                if let Some(Some(other)) = owner.filter(|o| o.is_some_and(|j| j != id as i64)) {
+                    return Ok(ReportOutcome::Invalid(format!(
+                        "point {} is job {other}'s, not job {id}'s",
+                        point.id
+                    )));
+                }
                 // An earlier attempt's snapshot that never reached the vault is not a point.
                 tx.execute(
                     "DELETE FROM points WHERE job = ?1 AND tier = 'snapshot' AND point != ?2",
@@ -533,6 +548,10 @@ impl Catalogue {
                 params![id, reason, ts(now)],
             )
             .map_err(Error::sql(what))?;
+            // Its snapshot, if any, was not committed by the job (a late report brings the
+            // point back if it was).
+            tx.execute("DELETE FROM points WHERE job = ?1 AND tier = 'snapshot'", [id])
+                .map_err(Error::sql(what))?;
             tx.execute(
                 "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
                 params![vm, format!("backup job {id} of VM {vm} failed: {reason}"), ts(now)],
@@ -593,7 +612,8 @@ pub(crate) fn insert_point_as(
          ON CONFLICT (vm, point) DO UPDATE SET job = coalesce(points.job, excluded.job),
              tier = excluded.tier, size = excluded.size, bytes_scanned = excluded.bytes_scanned,
              bytes_changed = excluded.bytes_changed, bytes_stored = excluded.bytes_stored,
-             duration_ms = excluded.duration_ms, held_until = excluded.held_until",
+             duration_ms = excluded.duration_ms, held_until = excluded.held_until
+         WHERE points.job IS NULL OR points.job = excluded.job",
         params![
             vm,
             p.id,
@@ -671,6 +691,51 @@ mod tests {
         assert!(c.claim("kvm-1", &[job.id], now).unwrap().cancel.is_empty());
         let done = Report { state: "done".into(), point: Some(point("p1")), ..Report::default() };
         assert_eq!(c.report("kvm-1", job.id, &done, now).unwrap(), ReportOutcome::Recorded);
+    }
+
+    #[test]
+    fn a_point_stays_its_own_jobs_and_a_snapshot_gives_way_to_the_committed_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-01T03:00:00Z");
+        let first = c.back_up_now("web-1", None, now).unwrap();
+        let second = c.back_up_now("web-1", None, at("2026-06-01T03:00:01Z")).unwrap();
+        let now = at("2026-06-01T03:00:02Z");
+        let limits = cairn_policy::Limits { per_host: 4, per_datastore: 4, per_vault: 4 };
+        dispatch(&mut c, &limits, now).unwrap();
+        c.claim("kvm-1", &[], now).unwrap();
+        let done =
+            |p: PointReport| Report { state: "done".into(), point: Some(p), ..Report::default() };
+        assert_eq!(
+            c.report("kvm-1", first, &done(point("p1")), now).unwrap(),
+            ReportOutcome::Recorded
+        );
+        // Another job naming p1: refused, and p1 stays the first job's.
+        let outcome = c.report("kvm-1", second, &done(point("p1")), now).unwrap();
+        assert!(matches!(outcome, ReportOutcome::Invalid(_)), "{outcome:?}");
+        let held = PointReport { held_until: Some(at("2026-06-02T03:00:00Z")), ..point("p1") };
+        let running = Report { state: "running".into(), point: Some(held), ..Report::default() };
+        c.report("kvm-1", second, &running, now).unwrap();
+        let points = c.points(Some("web-1")).unwrap();
+        assert_eq!(
+            (points.len(), points[0].job, points[0].tier.as_str()),
+            (1, Some(first), "vault")
+        );
+        // The second job's own snapshot is in the snapshot tier, then gives way to its
+        // committed point (a new attempt's snapshot would have replaced it).
+        let snap = PointReport { held_until: Some(at("2026-06-02T03:00:00Z")), ..point("p2") };
+        let running =
+            Report { state: "running".into(), point: Some(snap.clone()), ..Report::default() };
+        c.report("kvm-1", second, &running, now).unwrap();
+        let tier = |c: &Catalogue, id: &str| {
+            c.points(Some("web-1")).unwrap().into_iter().find(|p| p.point == id).map(|p| p.tier)
+        };
+        assert_eq!(tier(&c, "p2").as_deref(), Some("snapshot"));
+        assert_eq!(c.report("kvm-1", second, &done(snap), now).unwrap(), ReportOutcome::Recorded);
+        assert_eq!(tier(&c, "p2").as_deref(), Some("snapshot-and-vault"));
+        // Its views' time over: the vault alone.
+        c.check_transfers(at("2026-06-02T03:00:00Z")).unwrap();
+        assert_eq!(tier(&c, "p2").as_deref(), Some("vault"));
     }
 
     #[test]

@@ -144,11 +144,11 @@ impl Catalogue {
             .prepare(
                 "SELECT v.name, v.policy, v.protected,
                         (SELECT max(captured_at) FROM points p
-                             WHERE p.vm = v.name AND p.expired_at IS NULL),
-                        (SELECT point FROM points p WHERE p.vm = v.name AND p.expired_at IS NULL
+                             WHERE p.vm = v.name AND p.expired_at IS NULL AND p.tier != 'snapshot'),
+                        (SELECT point FROM points p WHERE p.vm = v.name AND p.expired_at IS NULL AND p.tier != 'snapshot'
                              ORDER BY captured_at DESC LIMIT 1),
                         (SELECT count(*) FROM points p
-                             WHERE p.vm = v.name AND p.expired_at IS NULL),
+                             WHERE p.vm = v.name AND p.expired_at IS NULL AND p.tier != 'snapshot'),
                         (SELECT state FROM jobs j WHERE j.vm = v.name
                              ORDER BY scheduled_at DESC, id DESC LIMIT 1)
                  FROM vms v ORDER BY v.name",
@@ -186,7 +186,7 @@ impl Catalogue {
                 .prepare(
                     "SELECT v.name, v.policy,
                         (SELECT max(captured_at) FROM points p
-                             WHERE p.vm = v.name AND p.expired_at IS NULL),
+                             WHERE p.vm = v.name AND p.expired_at IS NULL AND p.tier != 'snapshot'),
                         EXISTS (SELECT 1 FROM alerts a
                              WHERE a.vm = v.name AND a.kind = 'rpo' AND a.cleared_at IS NULL)
                      FROM vms v WHERE v.protected = 1 AND v.policy IS NOT NULL",

@@ -43,8 +43,25 @@ pub(crate) fn check_tag(tag: &str) -> Result<(), Error> {
 }
 
 impl KeptView {
-    /// Removes the kept view. Only a regular file named as a kept clone, or a subvolume named
-    /// as a kept snapshot in a `.cairn-views` folder, is removed; anything else is refused.
+    /// True if the record names a kept view: a kept clone's name (`.cairn-held-`), or a kept
+    /// snapshot's (`cairn-held-*`) in a `.cairn-views` folder. Nothing else is ever removed.
+    pub fn is_kept_name(&self) -> bool {
+        let name =
+            self.handle.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        match self.kind.as_str() {
+            "reflink" => name.contains(HELD),
+            "btrfs-snapshot" => {
+                let parent = self.handle.parent().unwrap_or(Path::new("/"));
+                name.starts_with(&HELD[1..])
+                    && parent.file_name().is_some_and(|n| n == ".cairn-views")
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the kept view (see [`KeptView::is_kept_name`]; anything else is refused). A
+    /// view already gone counts as released only when its folder is there (a datastore not
+    /// mounted right now is an error, to try again later).
     pub fn release(&self) -> Result<(), Error> {
         let refuse = |why: &str| {
             Err(Error::io(
@@ -52,39 +69,34 @@ impl KeptView {
                 std::io::Error::other(why.to_owned()),
             ))
         };
+        if !self.is_kept_name() {
+            return refuse("not a kept view's name");
+        }
+        let parent = self.handle.parent().unwrap_or(Path::new("/"));
         let name =
             self.handle.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound && parent.is_dir();
         match self.kind.as_str() {
-            "reflink" => {
-                if !name.contains(HELD) {
-                    return refuse("not a kept clone's name");
+            "reflink" => match std::fs::symlink_metadata(&self.handle) {
+                Ok(m) if m.is_file() => std::fs::remove_file(&self.handle).map_err(|e| {
+                    Error::io(format!("removing kept view {}", self.handle.display()), e)
+                }),
+                Ok(_) => refuse("not a regular file"),
+                Err(e) if gone(&e) => Ok(()),
+                Err(e) => Err(Error::io(format!("reading {}", self.handle.display()), e)),
+            },
+            _ => match std::fs::symlink_metadata(&self.handle) {
+                Ok(m) if m.is_dir() => {
+                    let dir = std::fs::File::open(parent)
+                        .map_err(|e| Error::io(format!("opening {}", parent.display()), e))?;
+                    crate::sys::btrfs_delete(&dir, &name).map_err(|e| {
+                        Error::io(format!("deleting kept snapshot {}", self.handle.display()), e)
+                    })
                 }
-                match std::fs::symlink_metadata(&self.handle) {
-                    Ok(m) if m.is_file() => std::fs::remove_file(&self.handle).map_err(|e| {
-                        Error::io(format!("removing kept view {}", self.handle.display()), e)
-                    }),
-                    Ok(_) => refuse("not a regular file"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(Error::io(format!("reading {}", self.handle.display()), e)),
-                }
-            }
-            "btrfs-snapshot" => {
-                let parent = self.handle.parent().unwrap_or(Path::new("/"));
-                if !name.starts_with(&HELD[1..])
-                    || parent.file_name().is_none_or(|n| n != ".cairn-views")
-                {
-                    return refuse("not a kept snapshot's name");
-                }
-                if !self.handle.exists() {
-                    return Ok(());
-                }
-                let dir = std::fs::File::open(parent)
-                    .map_err(|e| Error::io(format!("opening {}", parent.display()), e))?;
-                crate::sys::btrfs_delete(&dir, &name).map_err(|e| {
-                    Error::io(format!("deleting kept snapshot {}", self.handle.display()), e)
-                })
-            }
-            other => refuse(&format!("unknown kind {other:?}")),
+                Ok(_) => refuse("not a snapshot"),
+                Err(e) if gone(&e) => Ok(()),
+                Err(e) => Err(Error::io(format!("reading {}", self.handle.display()), e)),
+            },
         }
     }
 }
@@ -115,6 +127,9 @@ mod tests {
         assert!(view(image.clone(), "btrfs-snapshot").release().is_err());
         assert!(view(image.clone(), "lvm").release().is_err());
         assert!(image.exists());
+        // Its folder gone (a datastore not mounted): not released, to try again.
+        let unmounted = dir.path().join("gone").join(format!(".d{HELD}p"));
+        assert!(view(unmounted, "reflink").release().is_err());
         let link = dir.path().join(format!("x{HELD}y"));
         std::os::unix::fs::symlink(&image, &link).unwrap();
         assert!(view(link, "reflink").release().is_err());

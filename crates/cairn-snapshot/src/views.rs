@@ -280,7 +280,8 @@ impl ViewProvider for BtrfsSnapshot {
         )
         .keepable(Box::new(move |tag| {
             crate::held::check_tag(tag)?;
-            let held = views_dir.join(format!("{}{tag}", &crate::held::HELD[1..]));
+            // One snapshot per disk, so the disk's name is in the kept name too.
+            let held = views_dir.join(format!("{}{tag}-{disk_name}", &crate::held::HELD[1..]));
             std::fs::rename(&from, &held).map_err(|e| {
                 Error::io(format!("keeping snapshot {} as {}", from.display(), held.display()), e)
             })?;

@@ -79,7 +79,13 @@ pub fn run(cmd: HeldCommand, json: bool) -> anyhow::Result<Exit> {
 /// Copies the view at `from` to a new file `to`: a reflink clone where the file system
 /// shares blocks, else a sparse-unaware byte copy. Never over an existing file.
 fn copy_view(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<&'static str> {
-    let source = std::fs::File::open(from)
+    // Never through a link, never blocking on a FIFO: a kept view is a regular file or
+    // nothing.
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+    let source = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(from)
         .with_context(|| format!("opening the kept view {}", from.display()))?;
     if !source.metadata()?.is_file() {
         bail!("the kept view {} is not a regular file", from.display());

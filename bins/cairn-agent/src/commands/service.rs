@@ -207,13 +207,11 @@ impl Runner for BackupRunner {
 
     async fn housekeeping(&self, now: jiff::Timestamp) {
         let _held = self.held_lock.lock().await;
-        let registry = &self.held;
-        match tokio::task::block_in_place(|| registry.release_due(now)) {
-            Ok(released) if !released.is_empty() => {
-                tracing::info!(?released, "views released: those points are in their vault alone")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("releasing held views: {e:#}"),
+        let registry = self.held.clone();
+        match tokio::task::spawn_blocking(move || registry.release_due(now)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("releasing held views: {e:#}"),
+            Err(e) => tracing::warn!("releasing held views: {e}"),
         }
     }
 }
@@ -278,17 +276,37 @@ impl BackupRunner {
         drop(permit);
         let mut report = PointReport::of(&manifest);
         if let (Some(tier), false) = (&keep, kept.is_empty()) {
-            report.held_until = Some(tier.until);
             let held = crate::held::HeldPoint {
                 vm: task.vm.clone(),
                 point: manifest.point.to_string(),
                 captured_at: manifest.captured_at,
                 until: tier.until,
-                views: kept,
+                views: kept.clone(),
             };
             let _held = self.held_lock.lock().await;
-            if let Err(e) = tokio::task::block_in_place(|| self.held.add(held)) {
-                tracing::warn!(point = %manifest.point, "recording the kept views: {e:#}; they stay until removed by hand");
+            let registry = self.held.clone();
+            let added = tokio::task::spawn_blocking(move || registry.add(held))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r);
+            match added {
+                Ok(()) => report.held_until = Some(tier.until),
+                Err(e) => {
+                    // Unrecorded views would never be released: release them now, and say
+                    // in the point's notes that none are kept.
+                    tracing::warn!(point = %manifest.point, "recording the kept views: {e:#}; releasing them");
+                    for v in &kept {
+                        if let Err(e) = v.release() {
+                            tracing::warn!(point = %manifest.point, "releasing {}: {e}", v.handle.display());
+                        }
+                    }
+                    let gone = cairn_format::Change::Snapshot(None);
+                    if let Err(e) =
+                        vault.write_note(&manifest.vm, &manifest.point, "backup", &[gone]).await
+                    {
+                        tracing::warn!(point = %manifest.point, "recording that its views are gone: {e}");
+                    }
+                }
             }
         }
         Ok(report)
