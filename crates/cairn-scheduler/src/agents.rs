@@ -373,18 +373,8 @@ impl Catalogue {
                          deadline {deadline}: check the host's transfer queue, its bandwidth \
                          and the vault"
                     );
-                    tx.execute(
-                        "INSERT INTO alerts (kind, vm, message, raised_at)
-                         SELECT 'late-transfer', ?1, ?2, ?3 FROM jobs
-                         WHERE id = ?4 AND late_at IS NULL",
-                        params![vm, message, ts(now), id as i64],
-                    )
-                    .map_err(Error::sql(what.clone()))?;
-                    tx.execute(
-                        "UPDATE jobs SET late_at = coalesce(late_at, ?2) WHERE id = ?1",
-                        params![id as i64, ts(now)],
-                    )
-                    .map_err(Error::sql(what.clone()))?;
+                    crate::points::raise_late(&tx, id as i64, &vm, &message, now)
+                        .map_err(Error::sql(what.clone()))?;
                 }
                 // Done whatever the job's state: a late report of a job failed for silence
                 // still has its point in the vault, which the catalogue follows.
@@ -636,28 +626,12 @@ pub(crate) fn insert_point_as(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{VmRecord, dispatch, plan};
+    use crate::{dispatch, plan};
 
-    const DAILY: &str = "name = \"daily\"\n[schedule]\nkind = \"daily\"\ntimes = [\"02:00\"]\n[retention]\nkeep-daily = 7\n";
-
-    fn at(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
+    use crate::testing::{at, catalogue};
 
     fn setup(dir: &tempfile::TempDir) -> Catalogue {
-        let mut c = Catalogue::open(&dir.path().join("c.db")).unwrap();
-        c.put_policy(DAILY, at("2026-06-01T00:00:00Z")).unwrap();
-        let vm = VmRecord {
-            name: "web-1".into(),
-            host: "kvm-1".into(),
-            datastore: "ds".into(),
-            vault: "v".into(),
-            policy: Some("daily".into()),
-            protected: true,
-            planned_until: at("2026-06-01T00:00:00Z"),
-        };
-        c.protect(&vm, at("2026-06-01T00:00:00Z")).unwrap();
-        c
+        catalogue(dir, &[("web-1", true)], "v")
     }
 
     fn point(id: &str) -> PointReport {

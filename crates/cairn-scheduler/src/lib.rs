@@ -20,6 +20,8 @@ mod metrics;
 mod plan;
 mod points;
 mod service;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 mod upkeep;
 mod vault_api;

@@ -281,14 +281,7 @@ impl Catalogue {
                  bandwidth and the vault"
             );
             let tx = self.conn.transaction().map_err(Error::sql(what))?;
-            tx.execute("UPDATE jobs SET late_at = ?2 WHERE id = ?1", params![id, ts(now)])
-                .map_err(Error::sql(what))?;
-            tx.execute(
-                "INSERT INTO alerts (kind, vm, message, raised_at)
-                 VALUES ('late-transfer', ?1, ?2, ?3)",
-                params![vm, message, ts(now)],
-            )
-            .map_err(Error::sql(what))?;
+            raise_late(&tx, id, &vm, &message, now).map_err(Error::sql(what))?;
             tx.commit().map_err(Error::sql(what))?;
             late.push(id.unsigned_abs());
         }
@@ -345,4 +338,24 @@ impl Catalogue {
             .map(|_| ())
             .map_err(Error::sql("noting a sent alert"))
     }
+}
+
+/// Raises job `id`'s `late-transfer` alert, once (`jobs.late_at` remembers it).
+pub(crate) fn raise_late(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    vm: &str,
+    message: &str,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO alerts (kind, vm, message, raised_at)
+         SELECT 'late-transfer', ?1, ?2, ?3 FROM jobs WHERE id = ?4 AND late_at IS NULL",
+        params![vm, message, ts(now), id],
+    )?;
+    tx.execute(
+        "UPDATE jobs SET late_at = coalesce(late_at, ?2) WHERE id = ?1",
+        params![id, ts(now)],
+    )?;
+    Ok(())
 }

@@ -482,31 +482,13 @@ impl Catalogue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PointReport;
     use crate::keeper::PointFate;
-    use crate::{PointReport, VmRecord};
 
-    const DAILY: &str = "name = \"daily\"\n[schedule]\nkind = \"daily\"\ntimes = [\"02:00\"]\n[retention]\nkeep-daily = 7\n";
-
-    fn at(s: &str) -> Timestamp {
-        s.parse().unwrap()
-    }
+    use crate::testing::{at, catalogue};
 
     fn setup(dir: &tempfile::TempDir) -> Catalogue {
-        let mut c = Catalogue::open(&dir.path().join("c.db")).unwrap();
-        c.put_policy(DAILY, at("2026-06-01T00:00:00Z")).unwrap();
-        for (name, protected) in [("web-1", true), ("old-1", false)] {
-            let vm = VmRecord {
-                name: name.into(),
-                host: "kvm-1".into(),
-                datastore: "ds".into(),
-                vault: "main".into(),
-                policy: Some("daily".into()),
-                protected,
-                planned_until: at("2026-06-01T00:00:00Z"),
-            };
-            c.protect(&vm, at("2026-06-01T00:00:00Z")).unwrap();
-        }
-        c
+        catalogue(dir, &[("web-1", true), ("old-1", false)], "main")
     }
 
     fn found(

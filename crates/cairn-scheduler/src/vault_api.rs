@@ -131,6 +131,26 @@ const RPO_EVERY: Duration = Duration::from_secs(60);
 /// against their time (they read only running jobs and held points).
 const TRANSFERS_EVERY: Duration = Duration::from_secs(5);
 
+/// Runs `check` on the catalogue when `every` has passed since `last`, logging what it names.
+fn periodic(
+    api: &Shared,
+    last: &mut Option<tokio::time::Instant>,
+    every: Duration,
+    what: &str,
+    check: impl FnOnce(&mut crate::Catalogue) -> Result<Vec<String>, crate::Error>,
+) {
+    if last.is_some_and(|t| t.elapsed() < every) {
+        return;
+    }
+    *last = Some(tokio::time::Instant::now());
+    let found = check(&mut api.catalogue.lock().unwrap_or_else(|p| p.into_inner()));
+    match found {
+        Ok(names) if !names.is_empty() => tracing::warn!(?names, "{what}"),
+        Ok(_) => {}
+        Err(e) => tracing::error!("{e}"),
+    }
+}
+
 /// Every second: the upkeep of each vault whose time has come, each in its own task (a long
 /// gc on one vault holds up no other); every 5 s, transfer deadlines and kept views' tiers;
 /// every minute, the RPO check.
@@ -150,32 +170,14 @@ pub(crate) async fn upkeep_loop(api: Api) {
     loop {
         every.tick().await;
         let now = api.clock.now();
-        if last_transfers.is_none_or(|t| t.elapsed() >= TRANSFERS_EVERY) {
-            last_transfers = Some(tokio::time::Instant::now());
-            let late = {
-                let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
-                catalogue.check_transfers(now)
-            };
-            match late {
-                Ok(jobs) if !jobs.is_empty() => {
-                    tracing::warn!(?jobs, "transfers past their deadline")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!("{e}"),
-            }
-        }
-        if last_rpo.is_none_or(|t| t.elapsed() >= RPO_EVERY) {
-            last_rpo = Some(tokio::time::Instant::now());
-            let raised = {
-                let mut catalogue = api.catalogue.lock().unwrap_or_else(|p| p.into_inner());
-                catalogue.check_rpo(now)
-            };
-            match raised {
-                Ok(vms) if !vms.is_empty() => tracing::warn!(?vms, "RPO exceeded"),
-                Ok(_) => {}
-                Err(e) => tracing::error!("{e}"),
-            }
-        }
+        periodic(
+            &api,
+            &mut last_transfers,
+            TRANSFERS_EVERY,
+            "transfers past their deadline",
+            |c| c.check_transfers(now).map(|jobs| jobs.iter().map(u64::to_string).collect()),
+        );
+        periodic(&api, &mut last_rpo, RPO_EVERY, "RPO exceeded", |c| c.check_rpo(now));
         let Some(keeper) = api.settings.keeper.clone() else { continue };
         let schedule = keeper.0.schedule();
         for vault in keeper.0.vaults() {
