@@ -84,6 +84,16 @@ impl Registry {
     /// name a kept view is dropped (it deletes nothing); a view that fails to release stays
     /// listed for a later try.
     pub fn release_due(&self, now: Timestamp) -> anyhow::Result<Vec<String>> {
+        self.release_when(now, low_on_space)
+    }
+
+    /// [`Registry::release_due`] with the free-space test handed in (the tests' machines
+    /// may themselves be short of space).
+    fn release_when(
+        &self,
+        now: Timestamp,
+        low_on_space: impl Fn(&Path) -> bool,
+    ) -> anyhow::Result<Vec<String>> {
         let mut points = self.load()?;
         points.sort_by_key(|p| p.captured_at);
         let mut kept = vec![];
@@ -160,14 +170,25 @@ mod tests {
             path: clone.clone(),
             handle: clone.clone(),
         };
-        registry.add(held("p1", "2026-06-03T02:00:00Z", vec![view])).unwrap();
+        registry.add(held("p1", "2026-06-03T02:00:00Z", vec![view.clone()])).unwrap();
         registry.add(held("p2", "2026-06-04T02:00:00Z", vec![])).unwrap();
         assert_eq!(registry.load().unwrap().len(), 2);
-        assert!(registry.release_due("2026-06-02T00:00:00Z".parse().unwrap()).unwrap().is_empty());
-        let released = registry.release_due("2026-06-03T02:00:00Z".parse().unwrap()).unwrap();
+        let plenty = |_: &Path| false;
+        let at = |t: &str| t.parse::<Timestamp>().unwrap();
+        assert!(registry.release_when(at("2026-06-02T00:00:00Z"), plenty).unwrap().is_empty());
+        let released = registry.release_when(at("2026-06-03T02:00:00Z"), plenty).unwrap();
         assert_eq!(released, ["p1"]);
         assert!(!clone.exists());
         assert_eq!(registry.load().unwrap().len(), 1);
+        // Short of space, a point is released before its time.
+        let clone2 = dir.path().join(".d.img.cairn-held-p3");
+        std::fs::write(&clone2, b"view").unwrap();
+        let view2 = KeptView { path: clone2.clone(), handle: clone2.clone(), ..view };
+        registry.add(held("p3", "2026-06-09T02:00:00Z", vec![view2])).unwrap();
+        let short = |p: &Path| p == clone2;
+        let released = registry.release_when(at("2026-06-03T03:00:00Z"), short).unwrap();
+        assert_eq!(released, ["p3"]);
+        assert!(!clone2.exists());
         // A damaged registry is an error naming the file.
         std::fs::write(dir.path().join("held.json"), b"{").unwrap();
         let e = format!("{:#}", registry.load().unwrap_err());
