@@ -104,6 +104,18 @@ impl Fleet {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Runs a client command that must fail; returns what it printed on stderr.
+    fn cli_fails(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.coordinator)
+            .args(["--url", &self.url(), "--json", "--token-file"])
+            .arg(self.dir.join("admin.token"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     fn jobs(&self) -> Vec<Value> {
         self.cli(&["jobs"])["jobs"].as_array().unwrap().clone()
     }
@@ -444,6 +456,7 @@ fn a_fleet_backs_up_on_schedule_through_restarts_and_an_absent_coordinator() {
 
     retention_and_deletion_on_schedule(&mut fleet, &vms);
     points_rescanned_from_the_vault(&fleet);
+    restored_through_the_coordinator(&fleet);
 
     // A revoked agent is refused: its agent stops, saying why.
     fleet.cli(&["agent", "revoke", "kvm-c"]);
@@ -618,6 +631,51 @@ fn retention_and_deletion_on_schedule(fleet: &mut Fleet, vms: &[(&str, &str)]) {
             .any(|j| j["scheduled_at"].as_str().unwrap().starts_with("2026-06-07")),
         "a VM whose protection stopped got a job"
     );
+}
+
+/// A restore asked of the coordinator runs on the VM's host: its agent writes the point's
+/// disk into a new folder of its restore folder, byte for byte what a restore straight from
+/// the vault gives; the request and its end are in the audit log.
+fn restored_through_the_coordinator(fleet: &Fleet) {
+    let points = fleet.cli(&["points", "--vm", "vm-a"])["points"].as_array().unwrap().clone();
+    let oldest = points.iter().find(|p| p["expired_at"].is_null()).unwrap();
+    let point = oldest["point"].as_str().unwrap();
+    let job = fleet.cli(&["restore", "vm-a", "--point", point, "--to", "drill-1", "--wait"]);
+    assert_eq!(job["kind"], "restore");
+    assert_eq!(job["state"], "done", "{job}");
+    let disks = job["restored"]["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{job}");
+    let file = fleet.dir.join("kvm-a/root/var/lib/cairn/restores/drill-1/os");
+    assert_eq!(disks[0]["path"], file.to_str().unwrap());
+    let direct = fleet.dir.join("direct-os");
+    let out = Command::new(agent_exe())
+        .args([
+            "restore",
+            "--vault",
+            &fleet.vault,
+            "--vm",
+            "vm-a",
+            "--point",
+            point,
+            "--disk",
+            "os",
+        ])
+        .arg("--to")
+        .arg(&direct)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        std::fs::read(&file).unwrap() == std::fs::read(&direct).unwrap(),
+        "restored bytes differ"
+    );
+    // The folder is the job's own: another restore cannot name it.
+    let refused = fleet.cli_fails(&["restore", "vm-a", "--to", "drill-1"]);
+    assert!(refused.contains("already writes to folder drill-1"), "{refused}");
+    let log = fleet.cli(&["audit"])["audit"].as_array().unwrap().clone();
+    let asked = log.iter().any(|e| e["action"] == "restore" && e["who"] == "admin");
+    let ended = log.iter().any(|e| e["action"] == "restore-ended" && e["who"] == "kvm-a");
+    assert!(asked && ended, "{log:?}");
 }
 
 /// A second coordinator on an empty catalogue rebuilds the points from the vault alone.

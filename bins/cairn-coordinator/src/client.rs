@@ -113,6 +113,9 @@ pub async fn run(
         Command::Alerts => {
             (call(client, url, &token, get, "/api/v1/alerts", None).await?, Some("alerts"))
         }
+        Command::Audit => {
+            (call(client, url, &token, get.clone(), "/api/v1/audit", None).await?, Some("audit"))
+        }
         Command::Points { vm } => {
             let path = match vm {
                 Some(vm) => format!("/api/v1/points?vm={vm}"),
@@ -124,6 +127,40 @@ pub async fn run(
             let body = json!({ "retain_until": retain_until });
             let path = format!("/api/v1/vms/{vm}/backup");
             (call(client, url, &token, post, &path, json_body(body)).await?, None)
+        }
+        Command::Restore { vm, point, disk, to, wait } => {
+            let body = json!({ "point": point, "disk": disk, "to": to });
+            let path = format!("/api/v1/vms/{vm}/restore");
+            let queued = call(client, url, &token, post, &path, json_body(body)).await?;
+            if !wait {
+                (queued, None)
+            } else {
+                let id = queued["job"].as_u64().context("the coordinator named no job")?;
+                eprintln!("restore job {id} queued: waiting for the agent of {vm}'s host");
+                let job = loop {
+                    let jobs = call(
+                        client,
+                        url,
+                        &token,
+                        get.clone(),
+                        &format!("/api/v1/jobs?vm={vm}"),
+                        None,
+                    )
+                    .await?;
+                    let job = jobs["jobs"]
+                        .as_array()
+                        .and_then(|j| j.iter().find(|j| j["id"].as_u64() == Some(id)).cloned())
+                        .with_context(|| format!("job {id} is no longer listed"))?;
+                    if matches!(job["state"].as_str(), Some("done" | "failed")) {
+                        break job;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                };
+                if job["state"] == "failed" {
+                    bail!("restore job {id} failed: {}", job["reason"].as_str().unwrap_or("-"));
+                }
+                (job, None)
+            }
         }
         Command::Stop { vm, delete_data } => {
             let body = json!({ "delete_data": delete_data });
@@ -209,6 +246,7 @@ fn line(key: &str, row: &Value) -> String {
             s("reason")
         ),
         "alerts" => format!("{}\t{}\t{}", s("kind"), s("vm"), s("message")),
+        "audit" => format!("{}\t{}\t{}\t{}", s("at"), s("who"), s("action"), s("details")),
         "points" => {
             format!(
                 "{}\t{}\t{}\t{}\tjob={}\tstored={}",

@@ -114,6 +114,8 @@ enum Command {
     },
     /// Lists open alerts.
     Alerts,
+    /// Lists the audit log: every change and every restore, with who made it.
+    Audit,
     /// Lists recovery points.
     Points {
         /// Only this VM's.
@@ -149,6 +151,24 @@ enum Command {
         /// Keep this point until then, whatever the policy's retention (RFC 3339 time).
         #[arg(long)]
         retain_until: Option<String>,
+    },
+    /// Restores a point of a VM on its host: a restore job for the host's agent, which writes
+    /// the point's disks into a new folder of its restore folder (`restore-dir`).
+    Restore {
+        /// The VM.
+        vm: String,
+        /// The point (default: the newest in a vault).
+        #[arg(long)]
+        point: Option<String>,
+        /// Only this disk (default: every disk of the point).
+        #[arg(long)]
+        disk: Option<String>,
+        /// The new folder's name inside the agent's restore folder.
+        #[arg(long)]
+        to: String,
+        /// Wait until the job ends; print what it wrote (exit code 1 if it failed).
+        #[arg(long)]
+        wait: bool,
     },
     /// Users of the API and the dashboard.
     #[command(subcommand)]

@@ -375,6 +375,16 @@ fn agents_get_only_their_jobs_and_users_only_their_role() {
     assert!(metrics.ends_with("# EOF\n"), "{metrics}");
     let (code, _) = request(&c, "PUT", "/api/v1/policies/daily", Some(&viewer), Some(POLICY));
     assert_eq!(code, 403);
+    // Restores are an operator's: a viewer's is refused, and nothing is queued.
+    let restore = serde_json::json!({ "to": "drill" });
+    let (code, _) = post(&c, "/api/v1/vms/web-1/restore", Some(&viewer), restore.clone());
+    assert_eq!(code, 403);
+    assert!(!get(&c, "/api/v1/jobs", Some(&admin)).1.to_string().contains("restore"));
+    let (code, body) = post(&c, "/api/v1/vms/web-9/restore", Some(&admin), restore.clone());
+    assert_eq!(code, 404, "{body}");
+    let bad = serde_json::json!({ "to": "../../etc" });
+    let (code, body) = post(&c, "/api/v1/vms/web-1/restore", Some(&admin), bad);
+    assert_eq!((code, body["error"].as_str().unwrap().contains("folder")), (409, true), "{body}");
     ok(cli(&c, &["user", "revoke", "eve"]));
     assert_eq!(get(&c, "/api/v1/vms", Some(&viewer)).0, 401);
 

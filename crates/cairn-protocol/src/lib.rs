@@ -22,7 +22,7 @@ pub struct JobOrder {
     pub catalogue: String,
     /// The VM, as named on the agent's host.
     pub vm: String,
-    /// `backup`.
+    /// `backup` or `restore`.
     pub kind: String,
     /// The vault, by the name the agent's configuration gives it.
     pub vault: String,
@@ -38,6 +38,63 @@ pub struct JobOrder {
     /// instant-restore days; 0: released after the transfer).
     #[serde(default)]
     pub keep_views_hours: u32,
+    /// What a `restore` job restores, and where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreOrder>,
+}
+
+/// A restore job's order: a point's disks, from the job's vault, into a new folder of the
+/// agent's restore folder. The coordinator names the folder, never a path: only the agent's
+/// configuration says where restores go on its host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreOrder {
+    /// The point's id.
+    pub point: String,
+    /// One disk only (none: every disk of the point).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// The folder's name inside the agent's restore folder (a vault name: 1 to 64 of
+    /// A-Z a-z 0-9 . _ -, not starting with . or -).
+    pub to: String,
+}
+
+impl RestoreOrder {
+    /// Why the order cannot be carried out as written (names that are not names), if so.
+    pub fn problem(&self) -> Option<String> {
+        let name = |what: &str, s: &str| {
+            s.parse::<cairn_format::Name>().err().map(|e| format!("{what}: {e}"))
+        };
+        name("the restore's folder", &self.to)
+            .or_else(|| self.disk.as_deref().and_then(|d| name("the disk", d)))
+            .or_else(|| {
+                self.point.parse::<cairn_format::PointId>().err().map(|e| format!("the point: {e}"))
+            })
+    }
+}
+
+/// What a restore job wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreReport {
+    /// The point restored.
+    pub point: String,
+    /// Each disk's file on the agent's host.
+    pub disks: Vec<RestoredDisk>,
+}
+
+/// One restored disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoredDisk {
+    /// The disk's name.
+    pub disk: String,
+    /// The file it was restored to, on the agent's host.
+    pub path: String,
+    /// Its size.
+    pub size: u64,
+    /// Bytes of data written (holes and zeros are not).
+    pub bytes_written: u64,
 }
 
 /// What an agent reports about one job.
@@ -58,6 +115,9 @@ pub struct Report {
     /// Why a `failed` job failed.
     #[serde(default)]
     pub reason: Option<String>,
+    /// What a `done` restore job wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<RestoreReport>,
 }
 
 /// A committed point, as its agent reports it.
@@ -207,7 +267,11 @@ mod tests {
             reason in proptest::option::of(".{0,40}"),
             vm in "[a-z0-9-]{1,20}",
         ) {
-            let report = Report { state, phase: None, progress: None, point: Some(p.clone()), reason };
+            let restored = Some(RestoreReport {
+                point: p.id.clone(),
+                disks: vec![RestoredDisk { disk: vm.clone(), path: reason.clone().unwrap_or_default(), size: p.size, bytes_written: p.bytes_stored }],
+            });
+            let report = Report { state, phase: None, progress: None, point: Some(p.clone()), reason, restored };
             let again: Report = serde_json::from_slice(&serde_json::to_vec(&report).unwrap()).unwrap();
             prop_assert_eq!(again, report);
             let run = OfflineRun { vm, scheduled_at: p.captured_at, point: p };
@@ -221,6 +285,9 @@ mod tests {
             let _ = serde_json::from_slice::<Report>(&data);
             let _ = serde_json::from_slice::<OfflineRun>(&data);
             let _ = serde_json::from_slice::<Poll>(&data);
+            if let Ok(order) = serde_json::from_slice::<RestoreOrder>(&data) {
+                let _ = order.problem();
+            }
         }
     }
 

@@ -73,6 +73,12 @@ fn checked_report(mut r: Report, now: jiff::Timestamp) -> Result<Report, ApiErro
     if r.progress.as_ref().is_some_and(|p| p.to_string().len() > MAX_PROGRESS) {
         r.progress = None;
     }
+    if let Some(restored) = &r.restored
+        && (restored.disks.len() > 256
+            || restored.disks.iter().any(|d| d.path.len() > 4096 || d.disk.len() > 64))
+    {
+        return Err(bad("a restore report names at most 256 disks, by paths of 4096 bytes".into()));
+    }
     Ok(r)
 }
 

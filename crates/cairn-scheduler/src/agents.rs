@@ -144,7 +144,7 @@ impl Catalogue {
             let mut stmt = tx
                 .prepare_cached(
                     "SELECT j.id, j.vm, j.kind, v.vault, j.scheduled_at, j.policy, j.retain_until,
-                            j.attempt, j.claimed_at, j.claimed_by
+                            j.attempt, j.claimed_at, j.claimed_by, j.restore
                      FROM jobs j JOIN vms v ON v.name = j.vm
                      WHERE j.state = 'running' AND v.host = ?1",
                 )
@@ -163,6 +163,9 @@ impl Catalogue {
                             retain_until: r.get::<_, Option<i64>>(6)?.map(parse_ts).transpose()?,
                             attempt: r.get(7)?,
                             keep_views_hours: 0,
+                            restore: r
+                                .get::<_, Option<String>>(10)?
+                                .and_then(|o| serde_json::from_str(&o).ok()),
                         },
                         r.get::<_, Option<i64>>(8)?.is_some(),
                         r.get::<_, Option<String>>(9)?,
@@ -270,19 +273,26 @@ impl Catalogue {
             }
         };
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
-        let job: Option<(String, String, String, String, Option<String>)> = tx
+        type Row = (String, String, String, String, Option<String>, String);
+        let job: Option<Row> = tx
             .query_row(
-                "SELECT j.vm, v.host, j.state, v.vault, j.claimed_by FROM jobs j
+                "SELECT j.vm, v.host, j.state, v.vault, j.claimed_by, j.kind FROM jobs j
                  JOIN vms v ON v.name = j.vm WHERE j.id = ?1",
                 [id as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()
             .map_err(Error::sql(what.clone()))?;
-        let Some((vm, owner, state, vault, by)) = job else { return Err(unknown_job(id)) };
+        let Some((vm, owner, state, vault, by, kind)) = job else { return Err(unknown_job(id)) };
         // The agent that claimed the job, or the VM's host's when none did yet.
         if by.as_deref().unwrap_or(&owner) != host {
             return Ok(ReportOutcome::NotYours);
+        }
+        if kind == "restore" {
+            let outcome = crate::restores::record(&tx, id, &vm, &state, report, now)
+                .map_err(Error::sql(what.clone()))?;
+            tx.commit().map_err(Error::sql(what))?;
+            return Ok(outcome);
         }
         let progress = report.progress.as_ref().map(|p| p.to_string());
         match report.state.as_str() {
@@ -509,21 +519,23 @@ impl Catalogue {
     ) -> Result<Vec<u64>, Error> {
         let what = "failing the jobs of silent agents";
         let tx = self.conn.transaction().map_err(Error::sql(what))?;
-        let silent: Vec<(i64, String, String, Option<i64>)> = {
+        let silent: Vec<(i64, String, String, Option<i64>, String)> = {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT j.id, j.vm, v.host, a.last_seen FROM jobs j
+                    "SELECT j.id, j.vm, v.host, a.last_seen, j.kind FROM jobs j
                      JOIN vms v ON v.name = j.vm LEFT JOIN agents a ON a.name = v.host
                      WHERE j.state = 'running' AND j.updated_at < ?1
                        AND (a.last_seen IS NULL OR a.last_seen < ?1 OR a.revoked = 1)",
                 )
                 .map_err(Error::sql(what))?;
             let rows = stmt
-                .query_map([ts(silent_since)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .query_map([ts(silent_since)], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
                 .map_err(Error::sql(what))?;
             rows.collect::<Result<_, _>>().map_err(Error::sql(what))?
         };
-        for (id, vm, host, seen) in &silent {
+        for (id, vm, host, seen, kind) in &silent {
             let since = match seen.map(parse_ts).transpose().ok().flatten() {
                 Some(t) => format!("has not been heard from since {t}"),
                 None => "has never enrolled".into(),
@@ -544,7 +556,7 @@ impl Catalogue {
                 .map_err(Error::sql(what))?;
             tx.execute(
                 "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
-                params![vm, format!("backup job {id} of VM {vm} failed: {reason}"), ts(now)],
+                params![vm, format!("{kind} job {id} of VM {vm} failed: {reason}"), ts(now)],
             )
             .map_err(Error::sql(what))?;
         }

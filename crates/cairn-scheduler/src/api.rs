@@ -8,6 +8,7 @@
 //! | `GET /api/v1/policies`, `/vms`, `/jobs[?vm=NAME]`, `/points[?vm=NAME]`, `/alerts`, `/audit`, `/agents`, `/metrics` | viewer |
 //! | `PUT /api/v1/vms/NAME` (protect, change, stop protection) | operator |
 //! | `POST /api/v1/vms/NAME/backup` (back up now, `{"retain_until": TIME}`) | operator |
+//! | `POST /api/v1/vms/NAME/restore` (`{"point"?, "disk"?, "to"}`: a restore job for its host's agent) | operator |
 //! | `PUT /api/v1/policies/NAME` (TOML body) | admin |
 //! | `GET /api/v1/users`, `POST /api/v1/users` (`{"name", "role"}`), `POST /api/v1/users/NAME/revoke` | admin |
 //! | `POST /api/v1/enrollments` (`{"host"}`: a one-time token for that host's agent) | admin |
@@ -89,6 +90,7 @@ pub fn router(shared: Api) -> Router {
         .route("/api/v1/audit", get(audit))
         .route("/api/v1/points", get(points))
         .route("/api/v1/vms/{name}/backup", axum::routing::post(back_up_now))
+        .route("/api/v1/vms/{name}/restore", axum::routing::post(restore))
         .route("/api/v1/users", get(users).post(add_user))
         .route("/api/v1/users/{name}/revoke", axum::routing::post(revoke_user))
         .route("/api/v1/enrollments", axum::routing::post(new_enrollment))
@@ -318,6 +320,33 @@ async fn back_up_now(
     let id = catalogue.back_up_now(&name, body.retain_until, now)?;
     catalogue.audit(&who, "back-up-now", &format!("VM {name}, job {id}"), now)?;
     Ok(Json(json!({ "job": id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    /// None: the newest point in a vault.
+    point: Option<String>,
+    disk: Option<String>,
+    to: String,
+}
+
+async fn restore(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    Json(body): Json<RestoreBody>,
+) -> Result<Json<Value>, ApiError> {
+    let who = authorize(&api, &headers, Role::Operator)?;
+    let now = api.clock.now();
+    let mut catalogue = lock(&api)?;
+    let (id, order) =
+        catalogue.restore(&name, body.point.as_deref(), body.disk.as_deref(), &body.to, now)?;
+    let disk = order.disk.as_deref().unwrap_or("every disk");
+    let details =
+        format!("VM {name}, point {}, {disk}, to folder {}, job {id}", order.point, order.to);
+    catalogue.audit(&who, "restore", &details, now)?;
+    Ok(Json(json!({ "job": id, "point": order.point, "disk": order.disk, "to": order.to })))
 }
 
 async fn users(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {

@@ -136,6 +136,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 6: two phases: a point's views kept on its host, a transfer past its deadline.
     "ALTER TABLE points ADD COLUMN held_until INTEGER; -- views kept on the host until then
      ALTER TABLE jobs ADD COLUMN late_at INTEGER;      -- late-transfer alert raised then",
+    // 7: restores through the coordinator: a restore job's order, and what it wrote.
+    "ALTER TABLE jobs ADD COLUMN restore TEXT;        -- JSON: the point, disk, folder
+     ALTER TABLE jobs ADD COLUMN restored TEXT;       -- JSON: the files its agent wrote",
 ];
 
 /// The coordinator's database, held exclusively.
@@ -281,6 +284,12 @@ pub struct JobRecord {
     pub started_at: Option<Timestamp>,
     /// When it ended.
     pub finished_at: Option<Timestamp>,
+    /// A restore job's order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<cairn_protocol::RestoreOrder>,
+    /// What a done restore job wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored: Option<cairn_protocol::RestoreReport>,
 }
 
 pub(crate) fn ts(t: Timestamp) -> i64 {
@@ -720,7 +729,7 @@ impl Catalogue {
             .conn
             .prepare(
                 "SELECT id, vm, kind, scheduled_at, start_at, state, reason, phase, attempt,
-                        progress, started_at, finished_at FROM jobs
+                        progress, started_at, finished_at, restore, restored FROM jobs
                  WHERE ?1 IS NULL OR vm = ?1 ORDER BY scheduled_at, id",
             )
             .map_err(Error::sql("listing jobs"))?;
@@ -748,6 +757,12 @@ impl Catalogue {
                         .and_then(|p| serde_json::from_str(&p).ok()),
                     started_at: r.get::<_, Option<i64>>(10)?.map(parse_ts).transpose()?,
                     finished_at: r.get::<_, Option<i64>>(11)?.map(parse_ts).transpose()?,
+                    restore: r
+                        .get::<_, Option<String>>(12)?
+                        .and_then(|p| serde_json::from_str(&p).ok()),
+                    restored: r
+                        .get::<_, Option<String>>(13)?
+                        .and_then(|p| serde_json::from_str(&p).ok()),
                 })
             })
             .map_err(Error::sql("listing jobs"))?;

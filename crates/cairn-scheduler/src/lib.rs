@@ -19,6 +19,7 @@ mod keeper;
 mod metrics;
 mod plan;
 mod points;
+mod restores;
 mod service;
 #[cfg(test)]
 mod testing;

@@ -133,7 +133,9 @@ impl Catalogue {
                 params![vm, ts(now), retain_until.map(ts)],
                 |r| r.get(0),
             )
-            .map_err(Error::sql(format!("queueing a backup of VM {vm}")))?;
+            .map_err(|e| {
+                crate::restores::same_instant(e, vm, &format!("queueing a backup of VM {vm}"))
+            })?;
         Ok(id.unsigned_abs())
     }
 
@@ -149,7 +151,7 @@ impl Catalogue {
                              ORDER BY captured_at DESC LIMIT 1),
                         (SELECT count(*) FROM points p
                              WHERE p.vm = v.name AND p.expired_at IS NULL AND p.tier != 'snapshot'),
-                        (SELECT state FROM jobs j WHERE j.vm = v.name
+                        (SELECT state FROM jobs j WHERE j.vm = v.name AND j.kind = 'backup'
                              ORDER BY scheduled_at DESC, id DESC LIMIT 1)
                  FROM vms v ORDER BY v.name",
             )

@@ -9,6 +9,7 @@
 //! max-jobs = 2                         # jobs at once on this host
 //! max-transfers = 1                    # of those, transfers to vaults at once
 //! transfer-mib-per-second = 100        # uploads of every transfer together (default: no limit)
+//! restore-dir = "/var/lib/cairn/restores"  # restore jobs write here (default: state-dir/restores)
 //!
 //! [vms.web-1]                          # the VMs this host backs up, by the coordinator's name
 //! config = "/etc/cairn/vms/web-1.toml" # the VM's configuration (disks, freeze, scripts)
@@ -60,6 +61,10 @@ pub struct AgentConfig {
     /// The host's upload bandwidth for all transfers together, MiB a second (none: no limit).
     #[serde(default)]
     pub transfer_mib_per_second: Option<u64>,
+    /// Where restore jobs write, each into a new folder the coordinator names (default:
+    /// `restores` in the state folder).
+    #[serde(default)]
+    pub restore_dir: Option<PathBuf>,
     /// The VMs this host backs up.
     #[serde(default)]
     pub vms: BTreeMap<String, VmEntry>,
@@ -100,6 +105,11 @@ pub(crate) fn name_ok(name: &str) -> bool {
 }
 
 impl AgentConfig {
+    /// Where restore jobs write.
+    pub fn restore_dir(&self) -> PathBuf {
+        self.restore_dir.clone().unwrap_or_else(|| self.state_dir.join("restores"))
+    }
+
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<AgentConfig, Error> {
         let text = std::fs::read_to_string(path).map_err(Error::io("reading", path))?;
@@ -140,6 +150,9 @@ impl AgentConfig {
             return Err(
                 bad("transfer-mib-per-second = 0: give at least 1, or leave it out".into()),
             );
+        }
+        if config.restore_dir.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(bad("restore-dir: give an absolute path".into()));
         }
         if config.poll_wait_seconds > 60 {
             return Err(bad(format!(
@@ -215,6 +228,7 @@ options = { aws_region = "eu-west-1" }
                 "transfer-mib-per-second",
             ),
             (GOOD.replace("host =", "hots ="), "unknown field `hots`"),
+            (GOOD.replace("[vms.web-1]", "restore-dir = \"r\"\n[vms.web-1]"), "restore-dir"),
             (GOOD.replace("[vms.web-1]", "[vms.\"../x\"]"), "not a VM name"),
         ];
         for (text, field) in cases {

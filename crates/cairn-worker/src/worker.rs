@@ -12,14 +12,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cairn_protocol::{Clock, JobOrder, OfflineRun, Orders, PointReport, Poll, Report};
+use cairn_protocol::{
+    Clock, JobOrder, OfflineRun, Orders, PointReport, Poll, Report, RestoreOrder, RestoreReport,
+};
 use jiff::Timestamp;
 use tokio::sync::{Semaphore, watch};
 
 use crate::state::OfflineRecord;
 use crate::{AgentConfig, Error, State, Transport};
 
-/// A backup to run: a coordinator's job, or a time of the cached schedule.
+/// A job to run: a coordinator's backup or restore, or a backup at a time of the cached
+/// schedule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Task {
     /// The coordinator's job id (`None`: run from the cached schedule).
@@ -40,6 +43,8 @@ pub struct Task {
     pub attempt: u32,
     /// Hours its views are kept on the host for instant restores (0: none).
     pub keep_views_hours: u32,
+    /// A restore job's order (none: a backup).
+    pub restore: Option<RestoreOrder>,
 }
 
 impl From<&JobOrder> for Task {
@@ -54,8 +59,17 @@ impl From<&JobOrder> for Task {
             retain_until: o.retain_until,
             attempt: o.attempt,
             keep_views_hours: o.keep_views_hours,
+            restore: o.restore.clone(),
         }
     }
+}
+
+/// How a task ended well.
+enum Done {
+    /// A backup's point.
+    Point(PointReport),
+    /// What a restore wrote.
+    Restored(RestoreReport),
 }
 
 /// Where a running task is, for the reports: a phase and the per-disk progress.
@@ -129,6 +143,18 @@ pub trait Runner: Send + Sync {
         progress: &JobProgress,
         stop: Stop,
     ) -> Result<PointReport, String>;
+
+    /// Restores what `order` names from the task's VM and vault into the host's restore
+    /// folder. An error is the reason for the job's failure, for people.
+    async fn restore(
+        &self,
+        _task: &Task,
+        _order: &RestoreOrder,
+        _progress: &JobProgress,
+        _stop: Stop,
+    ) -> Result<RestoreReport, String> {
+        Err("this agent does not restore".into())
+    }
 
     /// Called every few seconds with the agent's clock: the runner's own upkeep on the host
     /// (releasing views whose instant-restore time is over).
@@ -384,10 +410,16 @@ impl Worker {
         match task.job {
             Some(id) => {
                 let report = match result {
-                    Ok(point) => Report {
+                    Ok(Done::Point(point)) => Report {
                         state: "done".into(),
                         phase: Some("done".into()),
                         point: Some(point),
+                        ..Report::default()
+                    },
+                    Ok(Done::Restored(restored)) => Report {
+                        state: "done".into(),
+                        phase: Some("done".into()),
+                        restored: Some(restored),
                         ..Report::default()
                     },
                     Err(reason) => {
@@ -401,7 +433,8 @@ impl Worker {
                 self.deliver_report(token, id, &report).await;
             }
             None => match result {
-                Ok(point) => {
+                Ok(Done::Restored(_)) => {}
+                Ok(Done::Point(point)) => {
                     let _held = lock(&self.offline);
                     let mut runs = self.state.offline();
                     runs.push(OfflineRecord {
@@ -434,8 +467,9 @@ impl Worker {
 
     /// Runs the task, or answers from the offline backup already made for the same VM and
     /// time; reports progress every two seconds meanwhile.
-    async fn outcome(&self, token: &str, task: &Task, stop: Stop) -> Result<PointReport, String> {
+    async fn outcome(&self, token: &str, task: &Task, stop: Stop) -> Result<Done, String> {
         if task.job.is_some()
+            && task.restore.is_none()
             && let Some(run) = self
                 .state
                 .offline()
@@ -443,7 +477,7 @@ impl Worker {
                 .find(|r| r.vm == task.vm && r.scheduled_at == task.scheduled_at)
         {
             tracing::info!(vm = %task.vm, point = %run.point.id, "already backed up offline for this time");
-            return Ok(run.point);
+            return Ok(Done::Point(run.point));
         }
         let progress = JobProgress::new();
         let reporter = task.job.map(|id| {
@@ -475,7 +509,12 @@ impl Worker {
                 }
             })
         });
-        let result = self.runner.run(task, &progress, stop).await;
+        let result = match &task.restore {
+            Some(order) => {
+                self.runner.restore(task, order, &progress, stop).await.map(Done::Restored)
+            }
+            None => self.runner.run(task, &progress, stop).await.map(Done::Point),
+        };
         if let Some(r) = reporter {
             r.abort();
         }
@@ -584,6 +623,7 @@ impl Worker {
                     retain_until: None,
                     attempt: 1,
                     keep_views_hours: u32::try_from(policy.instant_restore.as_hours()).unwrap_or(0),
+                    restore: None,
                 },
             );
         }

@@ -12,6 +12,7 @@ mod lifecycle;
 mod points;
 mod quickstart;
 mod restore;
+mod restore_job;
 mod sample;
 mod service;
 mod verify;

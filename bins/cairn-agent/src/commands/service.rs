@@ -10,7 +10,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use cairn_backup::{Cancel, DiskProgress, Progress, VmJob};
 use cairn_format::Origin;
-use cairn_protocol::{Clock, FileClock, PointReport, SystemClock};
+use cairn_protocol::{Clock, FileClock, PointReport, RestoreOrder, RestoreReport, SystemClock};
 use cairn_snapshot::VmConfig;
 use cairn_vault::{OpenOptions, StoreOptions, UploadLimit, Vault};
 use cairn_worker::{
@@ -105,9 +105,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<Exit> {
 
 /// Backs a VM up into a vault, both named by the coordinator and mapped by the agent's own
 /// configuration.
-struct BackupRunner {
-    config: AgentConfig,
-    file: PathBuf,
+pub(crate) struct BackupRunner {
+    pub(crate) config: AgentConfig,
+    pub(crate) file: PathBuf,
     /// The injected clock of a simulation: points are stamped with its time.
     simulated: Option<Arc<dyn Clock>>,
     /// Transfers at once on this host (`max-transfers`): snapshots queue for a permit.
@@ -145,6 +145,14 @@ impl BackupRunner {
                 task.vm
             ));
         }
+        Ok((vm, self.open_vault(task, vault_entry).await?))
+    }
+
+    pub(crate) async fn open_vault(
+        &self,
+        task: &Task,
+        vault_entry: &cairn_worker::VaultEntry,
+    ) -> Result<Vault, String> {
         let key = crate::keys::given(
             vault_entry.key_file.as_deref(),
             vault_entry.passphrase_file.as_deref(),
@@ -159,11 +167,10 @@ impl BackupRunner {
         let vault = Vault::open_with(&vault_entry.url, &options)
             .await
             .map_err(|e| format!("vault {} ({}): {e}", task.vault, vault_entry.url))?;
-        let vault = match &self.upload_limit {
+        Ok(match &self.upload_limit {
             Some(limit) => vault.with_upload_limit(limit.clone()),
             None => vault,
-        };
-        Ok((vm, vault))
+        })
     }
 }
 
@@ -205,6 +212,20 @@ impl Runner for BackupRunner {
         result
     }
 
+    async fn restore(
+        &self,
+        task: &Task,
+        order: &RestoreOrder,
+        progress: &JobProgress,
+        mut stop: Stop,
+    ) -> Result<RestoreReport, String> {
+        progress.phase("restore");
+        tokio::select! {
+            restored = super::restore_job::run(self, task, order, progress) => restored,
+            _ = stop.stopped() => Err("stopped before the restore ended: nothing was published".into()),
+        }
+    }
+
     async fn housekeeping(&self, now: jiff::Timestamp) {
         let _held = self.held_lock.lock().await;
         let registry = self.held.clone();
@@ -232,7 +253,7 @@ impl BackupRunner {
     ) -> Result<PointReport, String> {
         let vm = task.vm.clone();
         let failed = |e: cairn_backup::Error| format!("backing up VM {vm} to {}: {e}", vault.url());
-        let reporter = Arc::new(Reporter { progress: progress.clone(), disks: Mutex::default() });
+        let reporter = Reporter::new(progress, "transfer");
         let job = VmJob::new(config, self.options(task)?);
         if job.config().qemu.is_some() {
             let _permit = self.transfer_permit(progress, &mut stop).await?;
@@ -348,10 +369,17 @@ impl BackupRunner {
 }
 
 /// Per-disk progress, passed on to the worker's reports: once the first disk moves the job is
-/// in its transfer phase.
-struct Reporter {
+/// in its `phase` (`transfer`, `restore`).
+pub(crate) struct Reporter {
     progress: JobProgress,
+    phase: &'static str,
     disks: Mutex<BTreeMap<String, DiskProgress>>,
+}
+
+impl Reporter {
+    pub(crate) fn new(progress: &JobProgress, phase: &'static str) -> Arc<Reporter> {
+        Arc::new(Reporter { progress: progress.clone(), phase, disks: Mutex::default() })
+    }
 }
 
 impl Progress for Reporter {
@@ -378,7 +406,7 @@ impl Progress for Reporter {
             .collect();
         drop(disks);
         if first {
-            self.progress.phase("transfer");
+            self.progress.phase(self.phase);
         }
         self.progress.progress(serde_json::Value::Object(value));
     }
