@@ -74,13 +74,21 @@ pub async fn run(
     as_json: bool,
     command: Command,
 ) -> anyhow::Result<()> {
+    if let Command::Login { name, save, password_file } = command {
+        return login(client, url, &name, &save, password_file.as_deref(), as_json).await;
+    }
     let token = token(token_file)?;
     let get = reqwest::Method::GET;
     let put = reqwest::Method::PUT;
     let post = reqwest::Method::POST;
     let json_body = |v: Value| Some((v.to_string(), "application/json"));
     let (answer, list) = match command {
-        Command::Serve { .. } => unreachable_serve()?,
+        Command::Serve { .. } | Command::HashPassword | Command::Login { .. } => {
+            unreachable_serve()?
+        }
+        Command::Logout => {
+            (call(client, url, &token, post.clone(), "/api/v1/logout", None).await?, None)
+        }
         Command::Policy(PolicyCommand::Put { file }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
@@ -216,7 +224,66 @@ pub async fn run(
 }
 
 fn unreachable_serve() -> anyhow::Result<(Value, Option<&'static str>)> {
-    bail!("serve is not a client command")
+    bail!("not a client command")
+}
+
+/// Logs in and keeps the session's token in `save` (0600, never through a link).
+async fn login(
+    client: &reqwest::Client,
+    url: &str,
+    name: &str,
+    save: &Path,
+    password_file: Option<&Path>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let password = match password_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the password file {}", f.display()))?,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            line
+        }
+    };
+    let password = password.trim_end_matches(['\n', '\r']);
+    let body = json!({ "name": name, "password": password }).to_string();
+    let answer = call(
+        client,
+        url,
+        "",
+        reqwest::Method::POST,
+        "/api/v1/login",
+        Some((body, "application/json")),
+    )
+    .await?;
+    let token = answer["token"].as_str().context("the coordinator sent no token")?;
+    if std::fs::symlink_metadata(save).is_ok_and(|m| !m.is_file()) {
+        bail!("{} is not a regular file: give a file to write the token to", save.display());
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(save)
+        .with_context(|| format!("writing the session's token to {}", save.display()))?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(token.as_bytes())?;
+    let shown = json!({ "name": answer["name"], "role": answer["role"], "expires_at": answer["expires_at"], "token_file": save });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else {
+        println!(
+            "logged in as {} ({}) until {}: use --token-file {}",
+            name,
+            answer["role"].as_str().unwrap_or("-"),
+            answer["expires_at"].as_str().unwrap_or("-"),
+            save.display()
+        );
+    }
+    Ok(())
 }
 
 /// One row of a list, for people.

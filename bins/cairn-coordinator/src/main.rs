@@ -80,6 +80,10 @@ enum Command {
         /// data deletion are refused.
         #[arg(long, value_name = "FILE")]
         vaults: Option<PathBuf>,
+        /// People who log in with a name and password (TOML: [users.NAME] role and
+        /// password-hash; see docs/formats.md). Read again at each login.
+        #[arg(long, value_name = "FILE")]
+        users: Option<PathBuf>,
         /// Tests only: read the time from this file (RFC 3339) instead of the clock.
         #[arg(long, hide = true)]
         fake_clock: Option<PathBuf>,
@@ -114,6 +118,22 @@ enum Command {
     },
     /// Lists open alerts.
     Alerts,
+    /// Logs in as a user of the coordinator's users file: the session's token (12 h) is
+    /// written to FILE (mode 600), for --token-file.
+    Login {
+        /// The user.
+        name: String,
+        /// Where the session's token goes.
+        #[arg(long, value_name = "FILE")]
+        save: PathBuf,
+        /// A file holding the password (default: read from stdin).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Ends the session of --token-file.
+    Logout,
+    /// Prints the Argon2id hash of the password read from stdin, for a users file.
+    HashPassword,
     /// Lists the audit log: every change and every restore, with who made it.
     Audit,
     /// Lists recovery points.
@@ -269,6 +289,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Warns when a file of secrets may be read by others.
+fn warn_if_readable(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+        eprintln!("warning: {} may be read by other users: chmod 600 it", path.display());
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -284,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent_timeout_seconds,
             webhook,
             vaults,
+            users,
             fake_clock,
         } => {
             let tls = match (&tls_cert, &tls_key) {
@@ -304,6 +333,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let file = cairn_upkeep::VaultsFile::load(path)?;
                     let set = cairn_upkeep::VaultSet::new(&file, path)?;
                     Some(cairn_scheduler::Keeper(Arc::new(set)))
+                }
+                None => None,
+            };
+            let users = match &users {
+                Some(path) => {
+                    let file = cairn_scheduler::UsersFile::load(path)?;
+                    warn_if_readable(path);
+                    eprintln!("{} user(s) may log in from {}", file.len(), path.display());
+                    Some(file)
                 }
                 None => None,
             };
@@ -336,6 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 agent_timeout: std::time::Duration::from_secs(agent_timeout_seconds),
                 webhook,
                 keeper,
+                users,
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -349,6 +388,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     cairn_scheduler::serve(catalogue, listener, clock, settings, shutdown).await?
                 }
             }
+            Ok(())
+        }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            let password = line.trim_end_matches(['\n', '\r']);
+            println!("{}", cairn_scheduler::hash_password(password)?);
             Ok(())
         }
         command => {

@@ -684,3 +684,108 @@ impl MkDir for PathBuf {
         self
     }
 }
+
+/// Runs the CLI with `stdin` as its input.
+fn cli_with_input(c: &Coordinator, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-coordinator"))
+        .args(["--url", &c.url])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn people_log_in_from_the_users_file_with_their_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    // The hash for the file, from the CLI.
+    let out = cli_with_input(&c, &["hash-password"], "correct horse\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hash = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    drop(c);
+    let users = dir.path().join("users.toml");
+    // A bad file stops the coordinator before it serves, naming the entry.
+    std::fs::write(&users, "[users.alice]\nrole = \"root\"\npassword-hash = \"x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-coordinator"))
+        .arg("serve")
+        .arg("--db")
+        .arg(dir.path().join("catalogue.db"))
+        .args(["--listen", "127.0.0.1:0", "--users"])
+        .arg(&users)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("[users.alice] role"), "{e}");
+    std::fs::write(
+        &users,
+        format!(
+            "[users.alice]\nrole = \"operator\"\npassword-hash = {hash:?}\n\
+             [users.eve]\nrole = \"viewer\"\npassword-hash = {hash:?}\n"
+        ),
+    )
+    .unwrap();
+    let c = start_with(dir.path(), &["--users", users.to_str().unwrap()]);
+
+    // Wrong passwords and unknown names: 401; five in a row make the name wait.
+    let login = |name: &str, password: &str| {
+        post(&c, "/api/v1/login", None, serde_json::json!({ "name": name, "password": password }))
+    };
+    assert_eq!(login("mallory", "correct horse").0, 401);
+    for _ in 0..5 {
+        assert_eq!(login("eve", "wrong").0, 401);
+    }
+    assert_eq!(login("eve", "correct horse").0, 429, "eve waits after five failures");
+
+    // alice logs in with the CLI: the session's token works as an operator's, not an admin's.
+    let password = dir.path().join("password");
+    std::fs::write(&password, "correct horse\n").unwrap();
+    let session = dir.path().join("alice.token");
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-coordinator"))
+        .args(["--url", &c.url, "--json", "login", "alice", "--save"])
+        .arg(&session)
+        .arg("--password-file")
+        .arg(&password)
+        .output()
+        .unwrap();
+    let answer = ok(out);
+    assert_eq!(answer["role"], "operator");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&session).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let token = std::fs::read_to_string(&session).unwrap();
+    assert_eq!(get(&c, "/api/v1/vms", Some(&token)).0, 200);
+    let (code, _) = post(
+        &c,
+        "/api/v1/users",
+        Some(&token),
+        serde_json::json!({ "name": "x", "role": "admin" }),
+    );
+    assert_eq!(code, 403, "an operator's session does not add users");
+    // The session ends 12 hours later.
+    set_clock(&c.clock, "2026-06-01T12:00:01Z");
+    assert_eq!(get(&c, "/api/v1/vms", Some(&token)).0, 401);
+    set_clock(&c.clock, "2026-06-01T01:00:00Z");
+    assert_eq!(get(&c, "/api/v1/vms", Some(&token)).0, 200);
+    // Logout ends it at once; the login and logout are in the audit log.
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn-coordinator"))
+        .args(["--url", &c.url, "--token-file"])
+        .arg(&session)
+        .arg("logout")
+        .output()
+        .unwrap();
+    ok(out);
+    assert_eq!(get(&c, "/api/v1/vms", Some(&token)).0, 401);
+    let admin = std::fs::read_to_string(&c.token).unwrap();
+    let log = get(&c, "/api/v1/audit", Some(&admin)).1.to_string();
+    assert!(
+        log.contains("\"login\"") && log.contains("\"logout\"") && log.contains("alice"),
+        "{log}"
+    );
+}

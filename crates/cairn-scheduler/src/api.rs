@@ -1,10 +1,12 @@
-//! The HTTP/JSON API, versioned under `/api/v1/`. Every call but `health` carries
-//! `Authorization: Bearer TOKEN`; a missing, unknown or revoked token is 401 with nothing
-//! done, a role too low for the call is 403. Changes go to the audit log with who made them.
+//! The HTTP/JSON API, versioned under `/api/v1/`. Every call but `health` and `login` carries
+//! `Authorization: Bearer TOKEN` (a user's token, or a session's from a login); a missing,
+//! unknown, revoked or ended token is 401 with nothing done, a role too low for the call is
+//! 403. Changes and restores go to the audit log with who made them.
 //!
 //! | call | role |
 //! |---|---|
 //! | `GET /api/v1/health`, `GET /` and `/dashboard` (the dashboard page, which holds no data) | none |
+//! | `POST /api/v1/login` (`{"name", "password"}` of the users file: a session's token for 12 h), `POST /api/v1/logout` | none; the session's |
 //! | `GET /api/v1/policies`, `/vms`, `/jobs[?vm=NAME]`, `/points[?vm=NAME]`, `/alerts`, `/audit`, `/agents`, `/metrics` | viewer |
 //! | `PUT /api/v1/vms/NAME` (protect, change, stop protection) | operator |
 //! | `POST /api/v1/vms/NAME/backup` (back up now, `{"retain_until": TIME}`) | operator |
@@ -44,6 +46,8 @@ pub struct Shared {
     pub settings: Settings,
     /// One lock per vault for prune, gc and deletions.
     pub vault_locks: crate::vault_api::VaultLocks,
+    /// Failed logins per name.
+    pub login_failures: crate::sessions::Failures,
 }
 
 /// An error as the API answers it: a status and `{"error": ..., "field": ...}`.
@@ -81,6 +85,8 @@ pub(crate) type Api = Arc<Shared>;
 pub fn router(shared: Api) -> Router {
     Router::new()
         .route("/api/v1/health", get(health))
+        .route("/api/v1/login", axum::routing::post(crate::sessions::login))
+        .route("/api/v1/logout", axum::routing::post(crate::sessions::logout))
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/policies/{name}", axum::routing::put(put_policy))
         .route("/api/v1/vms", get(vms))
@@ -110,12 +116,14 @@ pub(crate) fn authorize(
     headers: &HeaderMap,
     needed: Role,
 ) -> Result<String, ApiError> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "give Authorization: Bearer TOKEN"))?;
-    let user = lock(api)?.user_of(token.trim())?;
+    let token = bearer(headers)?;
+    let user = {
+        let catalogue = lock(api)?;
+        match catalogue.user_of(token)? {
+            Some(user) => Some(user),
+            None => catalogue.session_of(token, api.clock.now())?,
+        }
+    };
     let (name, role) =
         user.ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "unknown or revoked token"))?;
     if role < needed {
@@ -125,6 +133,16 @@ pub(crate) fn authorize(
         ));
     }
     Ok(name)
+}
+
+/// The request's bearer token.
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "give Authorization: Bearer TOKEN"))
 }
 
 pub(crate) fn lock(api: &Shared) -> Result<std::sync::MutexGuard<'_, Catalogue>, ApiError> {

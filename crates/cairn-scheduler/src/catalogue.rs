@@ -139,6 +139,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 7: restores through the coordinator: a restore job's order, and what it wrote.
     "ALTER TABLE jobs ADD COLUMN restore TEXT;        -- JSON: the point, disk, folder
      ALTER TABLE jobs ADD COLUMN restored TEXT;       -- JSON: the files its agent wrote",
+    // 8: sessions opened by logging in from the local user file.
+    "CREATE TABLE sessions (
+         token_hash TEXT PRIMARY KEY,
+         name TEXT NOT NULL,
+         role TEXT NOT NULL,          -- the user's role at login
+         created_at INTEGER NOT NULL,
+         expires_at INTEGER NOT NULL
+     );",
 ];
 
 /// The coordinator's database, held exclusively.

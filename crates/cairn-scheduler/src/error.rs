@@ -39,6 +39,14 @@ pub enum Error {
     /// A request the catalogue refuses as it stands (the message says what to do).
     #[error("{0}")]
     Refused(String),
+    /// The local user file cannot be used.
+    #[error("the users file {path}: {message}")]
+    UsersFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong, and where.
+        message: String,
+    },
     /// The TLS certificate or key cannot be used.
     #[error("TLS: {0}")]
     Tls(String),

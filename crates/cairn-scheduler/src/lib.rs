@@ -21,10 +21,12 @@ mod plan;
 mod points;
 mod restores;
 mod service;
+mod sessions;
 #[cfg(test)]
 mod testing;
 pub mod tls;
 mod upkeep;
+mod users_file;
 mod vault_api;
 mod webhook;
 
@@ -41,3 +43,4 @@ pub use keeper::{Fate, FoundPoint, Keeper, PointFate, UpkeepReport, VaultKeeper,
 pub use plan::{PlanOutcome, plan};
 pub use service::{Clock, FileClock, Settings, SystemClock, serve};
 pub use upkeep::{RescanSummary, UpkeepRun, keep_everything};
+pub use users_file::{SESSION_HOURS, UsersFile, hash_password};

@@ -28,6 +28,8 @@ pub struct Settings {
     /// The coordinator's hands on its vaults (prune, gc, rescan, deletion); none: it holds
     /// no vault keys, and those calls are refused.
     pub keeper: Option<crate::Keeper>,
+    /// The local user file people log in from (none: tokens only).
+    pub users: Option<crate::UsersFile>,
 }
 
 impl Default for Settings {
@@ -37,6 +39,7 @@ impl Default for Settings {
             agent_timeout: Duration::from_secs(600),
             webhook: None,
             keeper: None,
+            users: None,
         }
     }
 }
@@ -59,6 +62,7 @@ where
         wakeup: tokio::sync::Notify::new(),
         settings,
         vault_locks: Default::default(),
+        login_failures: Default::default(),
     });
     let ticker = shared.clone();
     let pass = tokio::spawn(async move {
