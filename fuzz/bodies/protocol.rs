@@ -21,10 +21,27 @@ pub fn agent_protocol(data: &[u8]) {
             let _ = cairn_policy::Policy::parse(&entry.spec);
         }
     }
+    for order in orders_of(data) {
+        // A restore order the agent accepts names a folder and a disk that are plain names.
+        if order.problem().is_none() {
+            assert!(!order.to.contains('/') && !order.to.starts_with('.'));
+            assert!(order.disk.as_deref().is_none_or(|d| !d.contains('/') && !d.starts_with('.')));
+        }
+    }
     round_trip::<cairn_protocol::Report>(data);
     round_trip::<cairn_protocol::OfflineRun>(data);
     round_trip::<cairn_protocol::Poll>(data);
     round_trip::<cairn_protocol::Enrolled>(data);
+}
+
+/// The restore orders in `data`, alone or in a poll's jobs.
+fn orders_of(data: &[u8]) -> Vec<cairn_protocol::RestoreOrder> {
+    let mut found: Vec<_> =
+        serde_json::from_slice::<cairn_protocol::RestoreOrder>(data).ok().into_iter().collect();
+    if let Ok(orders) = serde_json::from_slice::<cairn_protocol::Orders>(data) {
+        found.extend(orders.jobs.into_iter().filter_map(|j| j.restore));
+    }
+    found
 }
 
 /// The agent's configuration file: parsing and checking never panic.

@@ -640,7 +640,9 @@ fn restored_through_the_coordinator(fleet: &Fleet) {
     let points = fleet.cli(&["points", "--vm", "vm-a"])["points"].as_array().unwrap().clone();
     let oldest = points.iter().find(|p| p["expired_at"].is_null()).unwrap();
     let point = oldest["point"].as_str().unwrap();
+    let asked = Instant::now();
     let job = fleet.cli(&["restore", "vm-a", "--point", point, "--to", "drill-1", "--wait"]);
+    eprintln!("restore through the coordinator: done {:?} after it was asked", asked.elapsed());
     assert_eq!(job["kind"], "restore");
     assert_eq!(job["state"], "done", "{job}");
     let disks = job["restored"]["disks"].as_array().unwrap();

@@ -267,6 +267,7 @@ async fn login(
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(save)
         .with_context(|| format!("writing the session's token to {}", save.display()))?;
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;

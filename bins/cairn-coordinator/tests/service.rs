@@ -768,6 +768,17 @@ fn people_log_in_from_the_users_file_with_their_role() {
         serde_json::json!({ "name": "x", "role": "admin" }),
     );
     assert_eq!(code, 403, "an operator's session does not add users");
+    // The session holds no more than the user's role in the file now: demoted, a viewer's;
+    // taken out of the file, nothing.
+    let restore = serde_json::json!({ "to": "drill" });
+    assert_eq!(post(&c, "/api/v1/vms/web-9/restore", Some(&token), restore.clone()).0, 404);
+    let file = std::fs::read_to_string(&users).unwrap();
+    std::fs::write(&users, file.replacen("operator", "viewer", 1)).unwrap();
+    assert_eq!(post(&c, "/api/v1/vms/web-9/restore", Some(&token), restore.clone()).0, 403);
+    std::fs::write(&users, "").unwrap();
+    assert_eq!(get(&c, "/api/v1/vms", Some(&token)).0, 401);
+    std::fs::write(&users, file).unwrap();
+    assert_eq!(post(&c, "/api/v1/vms/web-9/restore", Some(&token), restore).0, 404);
     // The session ends 12 hours later.
     set_clock(&c.clock, "2026-06-01T12:00:01Z");
     assert_eq!(get(&c, "/api/v1/vms", Some(&token)).0, 401);

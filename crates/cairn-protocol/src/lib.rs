@@ -237,6 +237,10 @@ pub struct Poll {
     /// How long the coordinator may hold the poll open when there is nothing to do.
     #[serde(default)]
     pub wait_seconds: u64,
+    /// The job kinds it runs besides `backup` (`restore`): an agent that does not list a
+    /// kind is never handed a job of it.
+    #[serde(default)]
+    pub kinds: Vec<String>,
 }
 
 #[cfg(test)]

@@ -159,7 +159,7 @@ async fn poll(
             return Err(refuse(StatusCode::UNAUTHORIZED, "the agent's token changed hands"));
         }
         let now = api.clock.now();
-        let orders = lock(&api)?.claim(&host, &body.running, now)?;
+        let orders = lock(&api)?.claim(&host, &body.running, &body.kinds, now)?;
         if !orders.jobs.is_empty() || !orders.cancel.is_empty() {
             return Ok(Json(orders));
         }

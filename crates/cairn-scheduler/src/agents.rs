@@ -135,7 +135,15 @@ impl Catalogue {
     /// What the agent of `host`, running `running`, is to do: the started jobs of its VMs that
     /// it does not run yet (claimed now, or again as a new attempt), the jobs it runs that
     /// ended meanwhile, and its VMs' schedules.
-    pub fn claim(&mut self, host: &str, running: &[u64], now: Timestamp) -> Result<Orders, Error> {
+    /// An agent that does not list a job's kind in `kinds` (besides `backup`) is not handed
+    /// the job: it fails, saying so.
+    pub fn claim(
+        &mut self,
+        host: &str,
+        running: &[u64],
+        kinds: &[String],
+        now: Timestamp,
+    ) -> Result<Orders, Error> {
         let what = format!("handing jobs to agent {host}");
         let catalogue_id = self.id().to_owned();
         let tx = self.conn.transaction().map_err(Error::sql(what.clone()))?;
@@ -143,7 +151,13 @@ impl Catalogue {
         {
             let mut stmt = tx
                 .prepare_cached(
-                    "SELECT j.id, j.vm, j.kind, v.vault, j.scheduled_at, j.policy, j.retain_until,
+                    "SELECT j.id, j.vm, j.kind,
+                            -- a restore reads the point's own vault (the VM may have moved)
+                            CASE WHEN j.kind = 'restore' THEN coalesce((SELECT p.vault FROM points p
+                                WHERE p.vm = j.vm AND p.point = json_extract(j.restore, '$.point')
+                                  AND p.vault != ''), v.vault)
+                            ELSE v.vault END,
+                            j.scheduled_at, j.policy, j.retain_until,
                             j.attempt, j.claimed_at, j.claimed_by, j.restore
                      FROM jobs j JOIN vms v ON v.name = j.vm
                      WHERE j.state = 'running' AND v.host = ?1",
@@ -184,6 +198,30 @@ impl Catalogue {
                 // A job another agent took (its VM moved here meanwhile) stays that agent's
                 // until it ends: two hosts never back one VM up at once.
                 if running.contains(&order.id) || by.as_deref().is_some_and(|b| b != host) {
+                    continue;
+                }
+                let unfit = match order.kind.as_str() {
+                    "backup" => None,
+                    kind if !kinds.iter().any(|k| k == kind) => Some(format!(
+                        "the agent of host {host} does not run {kind} jobs: upgrade it"
+                    )),
+                    "restore" if order.restore.is_none() => {
+                        Some("the restore job's order is damaged in the catalogue".into())
+                    }
+                    _ => None,
+                };
+                if let Some(reason) = unfit {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3,
+                             updated_at = ?3 WHERE id = ?1",
+                        params![order.id as i64, reason, ts(now)],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
+                    tx.execute(
+                        "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
+                        params![order.vm, format!("{} job {} of VM {} failed: {reason}", order.kind, order.id, order.vm), ts(now)],
+                    )
+                    .map_err(Error::sql(what.clone()))?;
                     continue;
                 }
                 claim
@@ -640,7 +678,7 @@ mod tests {
     use super::*;
     use crate::{dispatch, plan};
 
-    use crate::testing::{at, catalogue};
+    use crate::testing::{at, catalogue, restores};
 
     fn setup(dir: &tempfile::TempDir) -> Catalogue {
         catalogue(dir, &[("web-1", true)], "v")
@@ -662,19 +700,19 @@ mod tests {
         let now = at("2026-06-01T03:00:00Z");
         plan(&mut c, now).unwrap();
         dispatch(&mut c, &cairn_policy::Limits::default(), now).unwrap();
-        let job = c.claim("kvm-1", &[], now).unwrap().jobs[0].clone();
+        let job = c.claim("kvm-1", &[], &restores(), now).unwrap().jobs[0].clone();
         assert_eq!(job.catalogue, c.id());
         // The VM moves to kvm-2 while kvm-1 runs its job.
         let mut moved = c.vms().unwrap()[0].clone();
         moved.host = "kvm-2".into();
         c.protect(&moved, now).unwrap();
-        let other = c.claim("kvm-2", &[], now).unwrap();
+        let other = c.claim("kvm-2", &[], &restores(), now).unwrap();
         assert!(other.jobs.is_empty(), "not handed to a second host: {other:?}");
         let running = Report { state: "running".into(), ..Report::default() };
         assert_eq!(c.report("kvm-2", job.id, &running, now).unwrap(), ReportOutcome::NotYours);
         // kvm-1 still owns it: its report is taken, and its poll is not told to stop.
         assert_eq!(c.report("kvm-1", job.id, &running, now).unwrap(), ReportOutcome::Recorded);
-        assert!(c.claim("kvm-1", &[job.id], now).unwrap().cancel.is_empty());
+        assert!(c.claim("kvm-1", &[job.id], &restores(), now).unwrap().cancel.is_empty());
         let done = Report { state: "done".into(), point: Some(point("p1")), ..Report::default() };
         assert_eq!(c.report("kvm-1", job.id, &done, now).unwrap(), ReportOutcome::Recorded);
     }
@@ -689,7 +727,7 @@ mod tests {
         let now = at("2026-06-01T03:00:02Z");
         let limits = cairn_policy::Limits { per_host: 4, per_datastore: 4, per_vault: 4 };
         dispatch(&mut c, &limits, now).unwrap();
-        c.claim("kvm-1", &[], now).unwrap();
+        c.claim("kvm-1", &[], &restores(), now).unwrap();
         let done =
             |p: PointReport| Report { state: "done".into(), point: Some(p), ..Report::default() };
         assert_eq!(

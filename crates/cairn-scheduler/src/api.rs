@@ -117,12 +117,20 @@ pub(crate) fn authorize(
     needed: Role,
 ) -> Result<String, ApiError> {
     let token = bearer(headers)?;
-    let user = {
+    let (user, session) = {
         let catalogue = lock(api)?;
         match catalogue.user_of(token)? {
-            Some(user) => Some(user),
-            None => catalogue.session_of(token, api.clock.now())?,
+            Some(user) => (Some(user), false),
+            None => (catalogue.session_of(token, api.clock.now())?, true),
         }
+    };
+    // A session holds no more than its user's role in the users file now.
+    let user = match user {
+        Some((name, role)) if session => {
+            let now = api.settings.users.as_ref().and_then(|f| f.reload().ok()?.role_of(&name));
+            now.map(|current| (name, role.min(current)))
+        }
+        other => other,
     };
     let (name, role) =
         user.ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "unknown or revoked token"))?;

@@ -640,12 +640,17 @@ impl Catalogue {
         Ok(token)
     }
 
-    /// Revokes a user's token: their next call is refused.
+    /// Revokes a user's token and ends their sessions: their next call is refused.
     pub fn revoke_user(&mut self, name: &str) -> Result<(), Error> {
+        let what = format!("revoking user {name}");
         let changed = self
             .conn
             .execute("UPDATE users SET revoked = 1 WHERE name = ?1", [name])
-            .map_err(Error::sql(format!("revoking user {name}")))?;
+            .map_err(Error::sql(what.clone()))?
+            + self
+                .conn
+                .execute("DELETE FROM sessions WHERE name = ?1", [name])
+                .map_err(Error::sql(what))?;
         match changed {
             0 => Err(Error::Unknown {
                 kind: "user",

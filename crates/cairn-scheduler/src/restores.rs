@@ -242,7 +242,7 @@ mod tests {
     use cairn_protocol::{PointReport, RestoreReport, RestoredDisk};
 
     use super::*;
-    use crate::testing::{at, catalogue};
+    use crate::testing::{at, catalogue, restores};
     use crate::{JobState, dispatch};
 
     fn done(point: &str) -> Report {
@@ -269,7 +269,7 @@ mod tests {
         let backup = c.back_up_now("web-1", None, now).unwrap();
         let limits = cairn_policy::Limits { per_host: 4, per_datastore: 4, per_vault: 4 };
         dispatch(&mut c, &limits, now).unwrap();
-        c.claim("kvm-1", &[], now).unwrap();
+        c.claim("kvm-1", &[], &restores(), now).unwrap();
         let point = "20260601T020100.000Z-0123abcd";
         assert_eq!(c.report("kvm-1", backup, &done(point), now).unwrap(), ReportOutcome::Recorded);
 
@@ -294,8 +294,11 @@ mod tests {
         assert!(e.to_string().contains("already writes to folder drill-1"), "{e}");
 
         dispatch(&mut c, &limits, later).unwrap();
-        assert!(c.claim("kvm-2", &[], later).unwrap().jobs.is_empty(), "another host's");
-        let orders = c.claim("kvm-1", &[], later).unwrap();
+        assert!(
+            c.claim("kvm-2", &[], &restores(), later).unwrap().jobs.is_empty(),
+            "another host's"
+        );
+        let orders = c.claim("kvm-1", &[], &restores(), later).unwrap();
         assert_eq!(orders.jobs.len(), 1);
         assert_eq!(
             (orders.jobs[0].kind.as_str(), orders.jobs[0].restore.as_ref()),
@@ -355,12 +358,12 @@ mod tests {
         let backup = c.back_up_now("web-1", None, now).unwrap();
         let limits = cairn_policy::Limits { per_host: 4, per_datastore: 4, per_vault: 4 };
         dispatch(&mut c, &limits, now).unwrap();
-        c.claim("kvm-1", &[], now).unwrap();
+        c.claim("kvm-1", &[], &restores(), now).unwrap();
         let point = "20260601T020100.000Z-0123abcd";
         c.report("kvm-1", backup, &done(point), now).unwrap();
         let (id, _) = c.restore("web-1", Some(point), None, "drill-2", now).unwrap();
         dispatch(&mut c, &limits, now).unwrap();
-        c.claim("kvm-1", &[], now).unwrap();
+        c.claim("kvm-1", &[], &restores(), now).unwrap();
         let failed =
             Report { state: "failed".into(), reason: Some("no space".into()), ..Report::default() };
         assert_eq!(c.report("kvm-1", id, &failed, now).unwrap(), ReportOutcome::Recorded);
@@ -373,7 +376,14 @@ mod tests {
         );
         // The standing of the VM still follows its backups.
         assert_eq!(c.standings(now).unwrap()[0].last_job_state.as_deref(), Some("done"));
-        // The name may be used again.
-        c.restore("web-1", Some(point), None, "drill-2", at("2026-06-01T03:00:01Z")).unwrap();
+        // The name may be used again; an agent that does not say it restores is not handed
+        // the job, which fails saying why.
+        let later = at("2026-06-01T03:00:01Z");
+        let (old, _) = c.restore("web-1", Some(point), None, "drill-2", later).unwrap();
+        dispatch(&mut c, &limits, later).unwrap();
+        assert!(c.claim("kvm-1", &[], &[], later).unwrap().jobs.is_empty());
+        let job = c.jobs(Some("web-1")).unwrap().into_iter().find(|j| j.id == old).unwrap();
+        assert_eq!(job.state, JobState::Failed);
+        assert!(job.reason.unwrap().contains("does not run restore jobs"));
     }
 }

@@ -1,6 +1,8 @@
 //! Sessions: what a login from the local user file opens. A session's token is random, shown
-//! once and kept as its SHA-256, like every token; it lasts [`SESSION_HOURS`] or until logout.
-//! Five failed logins for one name in a row make that name wait half a minute.
+//! once and kept as its SHA-256, like every token; it lasts [`SESSION_HOURS`] or until logout,
+//! and holds the lower of the user's role at login and in the file now (a user taken out of
+//! the file, or revoked, has none). Five failed logins for one name in a row make that name
+//! wait half a minute, and two passwords are checked at a time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -74,19 +76,31 @@ impl Catalogue {
     }
 }
 
-/// Failed logins per name: how many in a row, and when the last was.
-#[derive(Default)]
-pub struct Failures(Mutex<HashMap<String, (u32, Instant)>>);
+/// Password checks at once: each costs an Argon2 hash (memory and a core), so more wait
+/// their turn or are told to come back.
+const CHECKS_AT_ONCE: usize = 2;
+
+/// Logins in progress and failed ones per name (how many in a row, and when the last was).
+pub struct Failures {
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
+    checks: tokio::sync::Semaphore,
+}
+
+impl Default for Failures {
+    fn default() -> Failures {
+        Failures { failures: Mutex::default(), checks: tokio::sync::Semaphore::new(CHECKS_AT_ONCE) }
+    }
+}
 
 impl Failures {
     /// Whether `name` must wait before trying again.
     fn waiting(&self, name: &str) -> bool {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         map.get(name).is_some_and(|(n, last)| *n >= MAX_FAILURES && last.elapsed() < LOCKOUT)
     }
 
     fn failed(&self, name: &str) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         // Names made up by the thousand do not grow the map without end.
         if map.len() > 10_000 {
             map.retain(|_, (_, last)| last.elapsed() < LOCKOUT);
@@ -100,7 +114,7 @@ impl Failures {
     }
 
     fn succeeded(&self, name: &str) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 }
 
@@ -125,12 +139,20 @@ pub(crate) async fn login(
     if body.name.len() > 64 || body.password.len() > 1024 {
         return Err(refuse(StatusCode::BAD_REQUEST, "a name is at most 64 bytes, a password 1024"));
     }
+    let Ok(_check) = api.login_failures.checks.try_acquire() else {
+        return Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "other logins are being checked: try again",
+        ));
+    };
     if api.login_failures.waiting(&body.name) {
         return Err(refuse(
             StatusCode::TOO_MANY_REQUESTS,
             &format!("too many failed logins for {}: wait half a minute", body.name),
         ));
     }
+    // Counted as failed until it succeeds: logins at once cannot pass the count together.
+    api.login_failures.failed(&body.name);
     let (name, password) = (body.name.clone(), body.password);
     let checked = tokio::task::spawn_blocking(move || {
         users.reload().map(|file| file.check(&name, &password))
@@ -140,12 +162,15 @@ pub(crate) async fn login(
     let role = match checked {
         Ok(role) => role,
         Err(e) => {
+            // The detail (which may quote the file) is for the coordinator's log only.
             tracing::error!("login: {e}");
-            return Err(e.into());
+            return Err(refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the coordinator cannot read its users file: see its log",
+            ));
         }
     };
     let Some(role) = role else {
-        api.login_failures.failed(&body.name);
         tracing::warn!(user = %body.name, "failed login");
         return Err(refuse(StatusCode::UNAUTHORIZED, "unknown user or wrong password"));
     };
@@ -203,6 +228,7 @@ mod tests {
         let f = Failures::default();
         for _ in 0..MAX_FAILURES {
             assert!(!f.waiting("bob"));
+            assert!(f.checks.try_acquire().is_ok());
             f.failed("bob");
         }
         assert!(f.waiting("bob"));

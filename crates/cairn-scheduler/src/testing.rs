@@ -7,6 +7,11 @@ use crate::{Catalogue, VmRecord};
 /// A daily policy at 02:00 keeping 7 days.
 pub const DAILY: &str = "name = \"daily\"\n[schedule]\nkind = \"daily\"\ntimes = [\"02:00\"]\n[retention]\nkeep-daily = 7\n";
 
+/// What a current agent says it runs besides backups.
+pub fn restores() -> Vec<String> {
+    vec!["restore".into()]
+}
+
 /// A time from its RFC 3339 text.
 pub fn at(s: &str) -> Timestamp {
     s.parse().unwrap()

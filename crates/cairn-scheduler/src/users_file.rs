@@ -58,12 +58,31 @@ impl UsersFile {
         use std::io::Read;
         let bad = |message: String| Error::UsersFile { path: path.to_owned(), message };
         let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot be read: {e}")))?;
+        // Whoever may change the file may make themselves an admin.
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(bad(format!(
+                "is owned by user {}, not by root or the coordinator's user: chown it",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(bad("may be changed by other users: chmod 600 it".into()));
+        }
         let mut text = String::new();
         file.take(MAX_FILE + 1).read_to_string(&mut text).map_err(|e| bad(e.to_string()))?;
         if text.len() as u64 > MAX_FILE {
             return Err(bad("is larger than 1 MiB".into()));
         }
-        let layout: Layout = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        UsersFile::parse(&text, path)
+    }
+
+    /// Parses and checks `text`, read from `path` (named in messages).
+    pub fn parse(text: &str, path: &Path) -> Result<UsersFile, Error> {
+        let bad = |message: String| Error::UsersFile { path: path.to_owned(), message };
+        let layout: Layout = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
         for (name, user) in &layout.users {
             if name.parse::<cairn_format::Name>().is_err() {
                 return Err(bad(format!(
@@ -95,6 +114,11 @@ impl UsersFile {
                 None
             }
         }
+    }
+
+    /// The role `name` has now (none: not listed).
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        self.users.get(name).and_then(|u| u.role.parse().ok())
     }
 
     /// How many users it lists.
@@ -165,6 +189,27 @@ mod tests {
         assert_eq!(users.check("alice", "Correct horse"), None);
         assert_eq!(users.check("bob", "correct horse"), None);
         assert!(check_hash(DUMMY_HASH).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_parsed_or_refused(text in ".{0,300}", name in "[a-z]{1,8}") {
+            let _ = UsersFile::parse(&text, Path::new("users.toml"));
+            let entry = format!("[users.{name}]\nrole = \"viewer\"\npassword-hash = {text:?}\n");
+            let _ = UsersFile::parse(&entry, Path::new("users.toml"));
+        }
+    }
+
+    #[test]
+    fn a_file_others_may_change_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(&dir, "");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = UsersFile::load(&path).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(UsersFile::load(&path).unwrap().is_empty());
     }
 
     #[test]

@@ -43,7 +43,9 @@ pub struct Task {
     pub attempt: u32,
     /// Hours its views are kept on the host for instant restores (0: none).
     pub keep_views_hours: u32,
-    /// A restore job's order (none: a backup).
+    /// `backup` or `restore` (the coordinator's job kind).
+    pub kind: String,
+    /// A restore job's order.
     pub restore: Option<RestoreOrder>,
 }
 
@@ -59,6 +61,7 @@ impl From<&JobOrder> for Task {
             retain_until: o.retain_until,
             attempt: o.attempt,
             keep_views_hours: o.keep_views_hours,
+            kind: o.kind.clone(),
             restore: o.restore.clone(),
         }
     }
@@ -154,6 +157,11 @@ pub trait Runner: Send + Sync {
         _stop: Stop,
     ) -> Result<RestoreReport, String> {
         Err("this agent does not restore".into())
+    }
+
+    /// Whether it runs restore jobs (told to the coordinator with every poll).
+    fn restores(&self) -> bool {
+        false
     }
 
     /// Called every few seconds with the agent's clock: the runner's own upkeep on the host
@@ -300,6 +308,7 @@ impl Worker {
             let poll = Poll {
                 running: worker.running_ids(),
                 wait_seconds: worker.config.poll_wait_seconds,
+                kinds: if worker.runner.restores() { vec!["restore".into()] } else { vec![] },
             };
             let outcome = tokio::select! {
                 _ = &mut shutdown => break,
@@ -469,7 +478,7 @@ impl Worker {
     /// time; reports progress every two seconds meanwhile.
     async fn outcome(&self, token: &str, task: &Task, stop: Stop) -> Result<Done, String> {
         if task.job.is_some()
-            && task.restore.is_none()
+            && task.kind == "backup"
             && let Some(run) = self
                 .state
                 .offline()
@@ -509,11 +518,17 @@ impl Worker {
                 }
             })
         });
-        let result = match &task.restore {
-            Some(order) => {
+        // By the job's kind: a restore without its order is not run as a backup.
+        let result = match (task.kind.as_str(), &task.restore) {
+            ("backup", None) => self.runner.run(task, &progress, stop).await.map(Done::Point),
+            ("restore", Some(order)) => {
                 self.runner.restore(task, order, &progress, stop).await.map(Done::Restored)
             }
-            None => self.runner.run(task, &progress, stop).await.map(Done::Point),
+            (kind, _) => Err(format!(
+                "a {kind} job{} is not one this agent runs: upgrade the agent, or check the \
+                 coordinator",
+                if task.restore.is_some() { " with a restore order" } else { "" }
+            )),
         };
         if let Some(r) = reporter {
             r.abort();
@@ -623,6 +638,7 @@ impl Worker {
                     retain_until: None,
                     attempt: 1,
                     keep_views_hours: u32::try_from(policy.instant_restore.as_hours()).unwrap_or(0),
+                    kind: "backup".into(),
                     restore: None,
                 },
             );

@@ -217,13 +217,14 @@ impl Runner for BackupRunner {
         task: &Task,
         order: &RestoreOrder,
         progress: &JobProgress,
-        mut stop: Stop,
+        stop: Stop,
     ) -> Result<RestoreReport, String> {
         progress.phase("restore");
-        tokio::select! {
-            restored = super::restore_job::run(self, task, order, progress) => restored,
-            _ = stop.stopped() => Err("stopped before the restore ended: nothing was published".into()),
-        }
+        super::restore_job::run(self, task, order, progress, stop).await
+    }
+
+    fn restores(&self) -> bool {
+        true
     }
 
     async fn housekeeping(&self, now: jiff::Timestamp) {
