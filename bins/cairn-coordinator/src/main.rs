@@ -186,7 +186,8 @@ enum Command {
         /// The new folder's name inside the agent's restore folder.
         #[arg(long)]
         to: String,
-        /// Wait until the job ends; print what it wrote (exit code 1 if it failed).
+        /// Wait until the job ends; print what it wrote (exit code 1 if it failed). Ctrl-C
+        /// stops the waiting, not the job.
         #[arg(long)]
         wait: bool,
     },

@@ -597,6 +597,13 @@ impl Catalogue {
                 params![vm, format!("{kind} job {id} of VM {vm} failed: {reason}"), ts(now)],
             )
             .map_err(Error::sql(what))?;
+            if kind == "restore" {
+                tx.execute(
+                    "INSERT INTO audit (at, who, action, details) VALUES (?1, 'coordinator', 'restore-ended', ?2)",
+                    params![ts(now), format!("VM {vm}, job {id}: failed: {reason}")],
+                )
+                .map_err(Error::sql(what))?;
+            }
         }
         tx.commit().map_err(Error::sql(what))?;
         Ok(silent.iter().map(|s| s.0.unsigned_abs()).collect())
