@@ -93,25 +93,25 @@ impl Fleet {
         self.server = Some(Proc(child));
     }
 
-    fn cli(&self, args: &[&str]) -> Value {
-        let out = Command::new(&self.coordinator)
+    /// A client command as the admin, in JSON.
+    fn run_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.coordinator)
             .args(["--url", &self.url(), "--json", "--token-file"])
             .arg(self.dir.join("admin.token"))
             .args(args)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = self.run_cli(args);
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     /// Runs a client command that must fail; returns what it printed on stderr.
     fn cli_fails(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.coordinator)
-            .args(["--url", &self.url(), "--json", "--token-file"])
-            .arg(self.dir.join("admin.token"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = self.run_cli(args);
         assert!(!out.status.success(), "{args:?} succeeded");
         String::from_utf8_lossy(&out.stderr).into_owned()
     }

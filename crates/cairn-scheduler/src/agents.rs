@@ -338,12 +338,7 @@ impl Catalogue {
                 if state != "running" {
                     return Ok(ReportOutcome::Ended);
                 }
-                tx.execute(
-                    "UPDATE jobs SET phase = ?2, progress = coalesce(?3, progress), updated_at = ?4
-                     WHERE id = ?1",
-                    params![id as i64, report.phase, progress, ts(now)],
-                )
-                .map_err(Error::sql(what.clone()))?;
+                record_progress(&tx, id, report, now).map_err(Error::sql(what.clone()))?;
                 // The snapshot phase's point, restorable from the host's views before its
                 // transfer: recorded in the snapshot tier, once, while the job has no point.
                 if let Some(point) = report.point.as_ref().filter(|p| p.held_until.is_some()) {
@@ -623,6 +618,22 @@ pub enum ReportOutcome {
     Duplicate(String),
     /// The report does not make sense.
     Invalid(String),
+}
+
+/// A running job's phase and progress, as its agent reported them.
+pub(crate) fn record_progress(
+    tx: &rusqlite::Transaction<'_>,
+    id: u64,
+    report: &Report,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    let progress = report.progress.as_ref().map(|p| p.to_string());
+    tx.execute(
+        "UPDATE jobs SET phase = ?2, progress = coalesce(?3, progress), updated_at = ?4
+         WHERE id = ?1",
+        params![id as i64, report.phase, progress, ts(now)],
+    )
+    .map(|_| ())
 }
 
 pub(crate) fn insert_point(

@@ -164,19 +164,16 @@ pub(crate) fn record(
     report: &Report,
     now: Timestamp,
 ) -> rusqlite::Result<ReportOutcome> {
+    if report.state == "running" {
+        if state != "running" {
+            return Ok(ReportOutcome::Ended);
+        }
+        crate::agents::record_progress(tx, id, report, now)?;
+        return Ok(ReportOutcome::Recorded);
+    }
     let id = id as i64;
     let progress = report.progress.as_ref().map(|p| p.to_string());
     match report.state.as_str() {
-        "running" => {
-            if state != "running" {
-                return Ok(ReportOutcome::Ended);
-            }
-            tx.execute(
-                "UPDATE jobs SET phase = ?2, progress = coalesce(?3, progress), updated_at = ?4
-                 WHERE id = ?1",
-                params![id, report.phase, progress, ts(now)],
-            )?;
-        }
         "done" => {
             let Some(restored) = &report.restored else {
                 return Ok(ReportOutcome::Invalid(
