@@ -211,17 +211,8 @@ impl Catalogue {
                     _ => None,
                 };
                 if let Some(reason) = unfit {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3,
-                             updated_at = ?3 WHERE id = ?1",
-                        params![order.id as i64, reason, ts(now)],
-                    )
-                    .map_err(Error::sql(what.clone()))?;
-                    tx.execute(
-                        "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
-                        params![order.vm, format!("{} job {} of VM {} failed: {reason}", order.kind, order.id, order.vm), ts(now)],
-                    )
-                    .map_err(Error::sql(what.clone()))?;
+                    fail_job(&tx, order.id, &order.kind, &order.vm, &reason, true, now)
+                        .map_err(Error::sql(what.clone()))?;
                     continue;
                 }
                 claim
@@ -434,22 +425,11 @@ impl Catalogue {
                     return Ok(ReportOutcome::Ended);
                 }
                 let reason = report.reason.clone().unwrap_or_else(|| "no reason given".into());
-                tx.execute(
-                    "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3, updated_at = ?3
-                     WHERE id = ?1",
-                    params![id as i64, reason, ts(now)],
-                )
-                .map_err(Error::sql(what.clone()))?;
+                fail_job(&tx, id, "backup", &vm, &reason, state != "failed", now)
+                    .map_err(Error::sql(what.clone()))?;
                 // A snapshot whose transfer failed was never committed: its views are gone.
                 tx.execute("DELETE FROM points WHERE job = ?1 AND tier = 'snapshot'", [id as i64])
                     .map_err(Error::sql(what.clone()))?;
-                if state != "failed" {
-                    tx.execute(
-                        "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
-                        params![vm, format!("backup job {id} of VM {vm} failed: {reason}"), ts(now)],
-                    )
-                    .map_err(Error::sql(what.clone()))?;
-                }
             }
             other => {
                 return Ok(ReportOutcome::Invalid(format!(
@@ -577,21 +557,12 @@ impl Catalogue {
                 "the agent of host {host} {since}: check that cairn-agent runs there \
                  (systemctl status cairn-agent) and reaches the coordinator"
             );
-            tx.execute(
-                "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3, updated_at = ?3
-                 WHERE id = ?1",
-                params![id, reason, ts(now)],
-            )
-            .map_err(Error::sql(what))?;
+            fail_job(&tx, id.unsigned_abs(), kind, vm, &reason, true, now)
+                .map_err(Error::sql(what))?;
             // Its snapshot, if any, was not committed by the job (a late report brings the
             // point back if it was).
             tx.execute("DELETE FROM points WHERE job = ?1 AND tier = 'snapshot'", [id])
                 .map_err(Error::sql(what))?;
-            tx.execute(
-                "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
-                params![vm, format!("{kind} job {id} of VM {vm} failed: {reason}"), ts(now)],
-            )
-            .map_err(Error::sql(what))?;
             if kind == "restore" {
                 tx.execute(
                     "INSERT INTO audit (at, who, action, details) VALUES (?1, 'coordinator', 'restore-ended', ?2)",
@@ -618,6 +589,31 @@ pub enum ReportOutcome {
     Duplicate(String),
     /// The report does not make sense.
     Invalid(String),
+}
+
+/// Fails job `id`, a `kind` job of `vm`, for `reason`; `alert`: with a `failed-job` alert
+/// (not when it had failed already).
+pub(crate) fn fail_job(
+    tx: &rusqlite::Transaction<'_>,
+    id: u64,
+    kind: &str,
+    vm: &str,
+    reason: &str,
+    alert: bool,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3, updated_at = ?3
+         WHERE id = ?1",
+        params![id as i64, reason, ts(now)],
+    )?;
+    if alert {
+        tx.execute(
+            "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
+            params![vm, format!("{kind} job {id} of VM {vm} failed: {reason}"), ts(now)],
+        )?;
+    }
+    Ok(())
 }
 
 /// A running job's phase and progress, as its agent reported them.

@@ -212,17 +212,10 @@ pub(crate) fn record(
                 return Ok(ReportOutcome::Ended);
             }
             let reason = report.reason.clone().unwrap_or_else(|| "no reason given".into());
-            tx.execute(
-                "UPDATE jobs SET state = 'failed', reason = ?2, finished_at = ?3, updated_at = ?3
-                 WHERE id = ?1",
-                params![id, reason, ts(now)],
-            )?;
-            if state != "failed" {
+            let first = state != "failed";
+            crate::agents::fail_job(tx, id.unsigned_abs(), "restore", vm, &reason, first, now)?;
+            if first {
                 audit(tx, vm, id, &format!("failed: {reason}"), now)?;
-                tx.execute(
-                    "INSERT INTO alerts (kind, vm, message, raised_at) VALUES ('failed-job', ?1, ?2, ?3)",
-                    params![vm, format!("restore job {id} of VM {vm} failed: {reason}"), ts(now)],
-                )?;
             }
         }
         other => {
