@@ -139,7 +139,8 @@ pub enum HeldCommand {
         agent_config: PathBuf,
     },
     /// Copies a disk as it was at a held point from its kept view (a reflink clone where the
-    /// file system can, else a copy); the copy is the disk's image, byte for byte.
+    /// file system can, else a copy); the copy is the disk's image file as it was, in its
+    /// own format (a running QEMU VM's qcow2 image stays qcow2).
     Restore {
         /// The agent's configuration.
         #[arg(long, default_value = "/etc/cairn/agent.toml", value_name = "FILE")]

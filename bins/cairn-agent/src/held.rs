@@ -169,6 +169,7 @@ mod tests {
             kind: "reflink".into(),
             path: clone.clone(),
             handle: clone.clone(),
+            format: None,
         };
         registry.add(held("p1", "2026-06-03T02:00:00Z", vec![view.clone()])).unwrap();
         registry.add(held("p2", "2026-06-04T02:00:00Z", vec![])).unwrap();

@@ -24,7 +24,7 @@ pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;
 pub use copy::{CopyOptions, CopyReport, copy_points};
 pub use error::Error;
-pub use job::{Check, JobOptions, VmJob, check};
+pub use job::{Captured, Check, JobOptions, Snapshot, VmJob, check};
 pub use progress::{DiskProgress, NoProgress, Progress};
 pub use prune::{Action, PointDecision, PruneOptions, PruneReport, prune};
 pub use restore::{RestoreOptions, RestoreStats, restore_disk, restore_point};

@@ -26,6 +26,8 @@ pub mod wire;
 
 pub use agent::GuestAgent;
 pub use error::Error;
-pub use live::{DEFAULT_CBW_TIMEOUT, FleeceOptions, LiveDiskSpec, LiveVm, MIN_QEMU};
+pub use live::{
+    DEFAULT_CBW_TIMEOUT, FleeceOptions, LiveDiskSpec, LiveVm, MAX_CLONE_EXTENTS, MIN_QEMU,
+};
 pub use qmp::{DEFAULT_TIMEOUT, Event, Qmp};
 pub use quiesce::{AgentQuiescer, DEFAULT_FREEZE_TIMEOUT, WATCHDOG_FLAG, serve_watchdog};

@@ -24,6 +24,17 @@
 //! beside its fleecing images before QEMU was touched) is undone by the next run, under the
 //! same per-VM lock, before it starts.
 //!
+//! **Kept views** ([`FleeceOptions::clone_images`], for a point's snapshot tier): while the
+//! vCPUs are paused at the instant, after QEMU drained and flushed every disk, each disk's
+//! image file is cloned by reflink beside itself (XFS, btrfs), the same instant as the
+//! fleecing view at the cost of a metadata copy. The clone is not what the backup reads (the
+//! previous bitmap lives in QEMU, on the export); it is what the job may keep afterwards and
+//! `cairn-agent held restore` copies. Cloned only where safe: an absolute path to a raw image
+//! of exactly the disk's size, or a qcow2 image with no backing file, data file or
+//! encryption, in folders no one else may change. The VM keeps running on its own image:
+//! nothing in QEMU's block graph outlives the backup (an external overlay would, and a QEMU
+//! restarted from its own configuration would then boot from the stale base).
+//!
 //! Needs QEMU 7.1 or later (`snapshot-access`, `on-cbw-error`, `cbw-timeout`; 7.2 is tested).
 
 use std::collections::BTreeMap;
@@ -41,6 +52,11 @@ use serde_json::{Value, json};
 
 use crate::vm::{self, QemuDisk};
 use crate::{Error, Qmp};
+
+/// The most extents an image may have to be cloned while the VM is paused: a reflink clone
+/// copies one record per extent (about 20 µs each on XFS), so this holds the pause near half
+/// a second. A more fragmented image gets no kept view (`xfs_fsr` defragments it).
+pub const MAX_CLONE_EXTENTS: u32 = 25_000;
 
 /// How long a guest write may wait for its old data to be copied before the view breaks
 /// instead (Proxmox uses 45 s: Windows storage drivers give up at 60 s).
@@ -69,6 +85,11 @@ pub struct FleeceOptions {
     pub quota: Option<u64>,
     /// How long a guest write may wait for copy-before-write.
     pub cbw_timeout: Duration,
+    /// Also clone each disk's image file at the instant (a reflink clone, made while the
+    /// vCPUs are paused and QEMU has flushed the image): a view that may be kept past the
+    /// backup for instant restores. A disk whose image cannot be cloned cheaply is noted and
+    /// read as usual; the point then has no snapshot tier.
+    pub clone_images: bool,
 }
 
 impl FleeceOptions {
@@ -173,6 +194,13 @@ pub struct LiveVm {
     granularity: u64,
     /// Whether the instant's transaction ran (the next bitmaps exist).
     bitmaps_started: bool,
+    /// Per disk, in order, when the images are to be cloned at the instant: whether this
+    /// one may be, or why not (checked before the pause). Empty: no clones wanted.
+    clone_plan: Vec<Result<(), String>>,
+    /// Per disk, in order: its image's clone made at the instant, if one was.
+    clones: Vec<Option<cairn_snapshot::View>>,
+    /// What the cloning did or why a disk has no clone, for the point's evidence.
+    clone_notes: Vec<(Name, String)>,
     state: State,
     state_file: PathBuf,
     socket: PathBuf,
@@ -278,6 +306,9 @@ impl LiveVm {
             disks: live,
             granularity,
             bitmaps_started: false,
+            clone_plan: Vec::new(),
+            clones: Vec::new(),
+            clone_notes: Vec::new(),
             state: State {
                 socket_dir: Some(socket_dir.path().to_path_buf()),
                 qemu,
@@ -303,6 +334,9 @@ impl LiveVm {
                     need >> 20
                 ),
             });
+        }
+        if options.clone_images {
+            this.clone_plan = this.disks.iter().map(|d| clonable(&d.qemu)).collect();
         }
         if let Err(e) = this.add_filters(&dir, point, options) {
             this.undo_logged();
@@ -483,6 +517,10 @@ impl LiveVm {
             stopped = self.qmp.execute("stop", json!({})).map(|_| ());
         }
         let switched = stopped.and_then(|()| self.switch_paused(actions));
+        if switched.is_ok() && !self.clone_plan.is_empty() {
+            // Paused and flushed: each image file holds the instant.
+            self.clone_paused();
+        }
         // Once `stop` was sent the VM runs on, whatever happened.
         let resumed = match running {
             true => self.qmp.execute("cont", json!({})).map(|_| ()),
@@ -495,7 +533,73 @@ impl LiveVm {
         let paused = started.elapsed();
         switched?;
         resumed?;
+        self.check_clones();
         Ok(paused)
+    }
+
+    /// Clones each disk's image file where that is safe and cheap (see the module's
+    /// documentation); a disk that cannot be cloned gets a note saying why.
+    fn clone_paused(&mut self) {
+        use cairn_snapshot::ViewProvider;
+        self.clones.clear();
+        for (d, plan) in self.disks.iter().zip(&self.clone_plan) {
+            let started = std::time::Instant::now();
+            let cloned = plan.clone().and_then(|()| {
+                let spec = cairn_snapshot::DiskSpec {
+                    name: d.spec.name.clone(),
+                    path: PathBuf::from(&d.qemu.file),
+                };
+                cairn_snapshot::views::ReflinkClone.take(&spec).map_err(|e| e.to_string())
+            });
+            let note = match &cloned {
+                Ok(view) => format!(
+                    "{} image {} cloned by reflink in {:.1} ms while paused: kept for instant restores once the point commits",
+                    d.qemu.format,
+                    view.path().display(),
+                    started.elapsed().as_secs_f64() * 1000.0
+                ),
+                Err(why) => format!("no view kept for instant restores: {why}"),
+            };
+            self.clone_notes.push((d.spec.name.clone(), note));
+            self.clones.push(cloned.ok());
+        }
+    }
+
+    /// After the VM runs on: each clone must read as the disk (a raw clone of exactly its
+    /// size; a qcow2 clone of its size that opens nothing besides itself). One that does not
+    /// is removed, with a note.
+    fn check_clones(&mut self) {
+        for (d, clone) in self.disks.iter().zip(self.clones.iter_mut()) {
+            let Some(view) = clone else { continue };
+            let fits = match d.qemu.format.as_str() {
+                "qcow2" => cairn_nbd::qcow2::check_image(view.path(), false)
+                    .map_err(|e| e.to_string())
+                    .and_then(|h| match h.virtual_size == d.qemu.size {
+                        true => Ok(()),
+                        false => Err(format!(
+                            "its clone's size ({} bytes) is not the disk's ({} bytes)",
+                            h.virtual_size, d.qemu.size
+                        )),
+                    }),
+                _ => match std::fs::symlink_metadata(view.path()) {
+                    Ok(m) if m.len() == d.qemu.size => Ok(()),
+                    Ok(m) => Err(format!(
+                        "the raw image's file has {} bytes, the disk {} (an offset or size \
+                         option?)",
+                        m.len(),
+                        d.qemu.size
+                    )),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            if let Err(why) = fits {
+                self.clone_notes.push((
+                    d.spec.name.clone(),
+                    format!("no view kept for instant restores: the clone was removed: {why}"),
+                ));
+                *clone = None;
+            }
+        }
     }
 
     fn switch_paused(&mut self, actions: Vec<Value>) -> Result<(), Error> {
@@ -978,6 +1082,42 @@ fn make_fleecing_image(path: &Path, size: u64, quota: u64) -> Result<(), Error> 
     Ok(())
 }
 
+/// Whether `disk`'s image file may be cloned as a view of it, and quickly enough to do it
+/// while the VM is paused: a plain file QEMU opened by an absolute path (not a `json:`
+/// description, a device or a protocol) through the raw or qcow2 driver, in folders no one
+/// else may change, of at most [`MAX_CLONE_EXTENTS`] extents.
+fn clonable(disk: &QemuDisk) -> Result<(), String> {
+    clonable_file(disk)?;
+    let image = Path::new(&disk.file);
+    cairn_snapshot::trusted::check_folders(image).map_err(|e| e.to_string())?;
+    match cairn_snapshot::views::extent_count(image) {
+        Ok(n) if n > MAX_CLONE_EXTENTS => Err(format!(
+            "{} has {n} extents, more than {MAX_CLONE_EXTENTS}: cloning it would hold the VM \
+             paused too long (defragment it, with `xfs_fsr` on XFS)",
+            image.display()
+        )),
+        Ok(_) => Ok(()),
+        // A file system that cannot map extents cannot clone either: taking the clone says so.
+        Err(_) => Ok(()),
+    }
+}
+
+/// The part of [`clonable`] that reads only QEMU's answer and the file's type.
+fn clonable_file(disk: &QemuDisk) -> Result<(), String> {
+    if !matches!(disk.format.as_str(), "raw" | "qcow2") {
+        return Err(format!("its {} node is neither a raw nor a qcow2 image", disk.format));
+    }
+    let image = Path::new(&disk.file);
+    if !image.is_absolute() || disk.file.contains(':') {
+        return Err(format!("QEMU opened it as {:?}, not an image file's path", disk.file));
+    }
+    match std::fs::symlink_metadata(image) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{} is not a regular file", image.display())),
+        Err(e) => Err(format!("{}: {e}", image.display())),
+    }
+}
+
 /// The capture's one step for a running VM: every disk's view at one instant.
 impl cairn_snapshot::DiskViews for LiveVm {
     fn disks(&self) -> Vec<cairn_snapshot::DiskSpec> {
@@ -1008,6 +1148,10 @@ impl cairn_snapshot::DiskViews for LiveVm {
                 paused.as_secs_f64() * 1000.0
             ),
         ));
+        for (disk, note) in std::mem::take(&mut self.clone_notes) {
+            record.note_disk("view", &disk, note);
+        }
+        let mut clones = std::mem::take(&mut self.clones).into_iter();
         let mut views = Vec::new();
         for spec in cairn_snapshot::DiskViews::disks(self) {
             let d = self.disks.iter().find(|d| d.spec.name == spec.name);
@@ -1020,6 +1164,11 @@ impl cairn_snapshot::DiskViews for LiveVm {
                         d.qemu.format
                     ),
                 );
+            }
+            if let Some(clone) = clones.next().flatten() {
+                // The clone can be kept; the backup reads the export all the same.
+                views.push(clone);
+                continue;
             }
             // Removed with the whole VM's view in `finish`, not disk by disk.
             views.push(cairn_snapshot::View::snapshot(
@@ -1034,5 +1183,46 @@ impl cairn_snapshot::DiskViews for LiveVm {
 
     fn one_instant(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_image_files_are_cloned() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("os.qcow2");
+        std::fs::write(&image, b"image").unwrap();
+        let disk = |format: &str, file: String| QemuDisk {
+            qdev: "/machine/peripheral/disk-os".into(),
+            drive: String::new(),
+            node: "disk0".into(),
+            format: format.into(),
+            file,
+            size: 5,
+            compat: String::new(),
+            bitmaps: vec![],
+        };
+        let path = image.to_str().unwrap().to_owned();
+        assert!(clonable_file(&disk("qcow2", path.clone())).is_ok());
+        assert!(clonable_file(&disk("raw", path.clone())).is_ok());
+        for (format, file, why) in [
+            ("luks", path.clone(), "neither a raw nor a qcow2"),
+            ("host_device", "/dev/sda".into(), "neither a raw nor a qcow2"),
+            ("raw", format!("json:{{\"file.filename\": {path:?}}}"), "not an image file's path"),
+            ("qcow2", "os.qcow2".into(), "not an image file's path"),
+            ("raw", "nbd://127.0.0.1/x".into(), "not an image file's path"),
+            ("raw", dir.path().to_str().unwrap().into(), "not a regular file"),
+            ("raw", format!("{path}.gone"), "No such file"),
+        ] {
+            let e = clonable_file(&disk(format, file.clone())).unwrap_err();
+            assert!(e.contains(why), "{format} {file}: {e}");
+        }
+        let link = dir.path().join("link.qcow2");
+        std::os::unix::fs::symlink(&image, &link).unwrap();
+        let e = clonable_file(&disk("qcow2", link.to_str().unwrap().into())).unwrap_err();
+        assert!(e.contains("not a regular file"), "a link is not followed: {e}");
     }
 }

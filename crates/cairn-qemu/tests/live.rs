@@ -9,16 +9,19 @@ use cairn_delta::{BlockSource, ChangeTracking, Extent};
 use cairn_format::{Name, PointId};
 use cairn_nbd::{NbdSource, Previous};
 use cairn_qemu::{FleeceOptions, LiveDiskSpec, LiveVm, Qmp};
+use cairn_snapshot::{NoQuiescer, VmState, capture_with};
 use cairn_testkit::qemu::{TestDisk, TestVm, qemu_or_skip};
-use cairn_testkit::sh;
+use cairn_testkit::{Loop, Mount, root_or_skip, sh};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    // Dropped in this order: QEMU, then the file system its image is on, then the folder.
     vm: TestVm,
+    _xfs: Option<(Mount, Loop)>,
+    _dir: tempfile::TempDir,
     root: PathBuf,
     /// What the disk holds, kept in step with every write.
     expected: Vec<u8>,
@@ -26,8 +29,24 @@ struct Fixture {
 }
 
 fn fixture(format: &'static str) -> Fixture {
+    fixture_on(format, false)
+}
+
+/// A fixture whose image is on a loop-mounted XFS with reflinks (`xfs`, as root), or in the
+/// test's temporary folder.
+fn fixture_on(format: &'static str, xfs: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
+    let mut root = dir.path().to_path_buf();
+    let mut mounted = None;
+    if xfs {
+        let file = root.join("xfs.img");
+        std::fs::File::create(&file).unwrap().set_len(1024 * MIB).unwrap();
+        sh("mkfs.xfs", &["-q", "-m", "reflink=1", file.to_str().unwrap()]);
+        let device = Loop::attach(&file);
+        let mount = Mount::new(&device.0, &root.join("xfs"), &[]);
+        root = mount.0.clone();
+        mounted = Some((mount, device));
+    }
     let image = root.join(format!("os.{format}"));
     sh("qemu-img", &["create", "-q", "-f", format, image.to_str().unwrap(), &SIZE.to_string()]);
     let mut expected = vec![0u8; SIZE as usize];
@@ -45,7 +64,7 @@ fn fixture(format: &'static str) -> Fixture {
         .unwrap()
         .qdev
         .clone();
-    Fixture { _dir: dir, vm, root, expected, qdev }
+    Fixture { vm, _xfs: mounted, _dir: dir, root, expected, qdev }
 }
 
 impl Fixture {
@@ -75,10 +94,24 @@ impl Fixture {
     }
 
     fn options(&self, quota: Option<u64>) -> FleeceOptions {
-        FleeceOptions { dir: self.root.join("fleece"), quota, cbw_timeout: Duration::from_secs(5) }
+        FleeceOptions {
+            dir: self.root.join("fleece"),
+            quota,
+            cbw_timeout: Duration::from_secs(5),
+            clone_images: false,
+        }
     }
 
     fn prepare(&self, point: &PointId, previous: Option<&PointId>, quota: Option<u64>) -> LiveVm {
+        self.prepare_with(point, previous, self.options(quota))
+    }
+
+    fn prepare_with(
+        &self,
+        point: &PointId,
+        previous: Option<&PointId>,
+        options: FleeceOptions,
+    ) -> LiveVm {
         let since: BTreeMap<Name, PointId> =
             previous.map(|p| (name("os"), p.clone())).into_iter().collect();
         LiveVm::prepare(
@@ -88,9 +121,18 @@ impl Fixture {
             &[LiveDiskSpec { name: name("os"), device: "disk-os".into() }],
             &since,
             65536,
-            &self.options(quota),
+            &options,
         )
         .unwrap()
+    }
+
+    /// Files beside the image that Cairn made (clones, kept or not).
+    fn clones(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.root)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().contains(".cairn-"))
+            .collect()
     }
 
     /// Names of the block nodes Cairn added, and files left in the fleecing folder.
@@ -338,4 +380,97 @@ fn leftovers_of_another_running_qemu_are_refused_and_of_a_dead_one_removed() {
         .filter(|n| !n.ends_with(".lock"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Kept views: with `clone_images`, each image is cloned at the instant where its file system
+/// can. On XFS (as root) the clone reads as the instant while the guest writes on, and is
+/// either kept under the point's id or removed with the other views; on the test folder's
+/// ext4 there is no clone, the evidence says why, and the capture has nothing to keep.
+#[test]
+fn images_are_cloned_at_the_instant_where_their_file_system_can() {
+    if !qemu_or_skip() {
+        return;
+    }
+    let f = fixture("qcow2");
+    let cloning = FleeceOptions { clone_images: true, ..f.options(Some(32 * MIB)) };
+    let mut live = f.prepare_with(&point(1), None, cloning);
+    let capture = capture_with(&mut NoQuiescer, &mut live, VmState::Running).unwrap();
+    let notes: Vec<&str> = capture.record().evidence().iter().map(|e| e.message.as_str()).collect();
+    assert!(!capture.can_keep(), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.contains("no view kept for instant restores")
+            && n.contains("cannot make reflink clones")),
+        "{notes:?}"
+    );
+    capture.release(true).unwrap();
+    live.finish(true).unwrap();
+    assert!(f.clones().is_empty());
+
+    if !root_or_skip() {
+        return;
+    }
+    let mut f = fixture_on("qcow2", true);
+    let cloning = FleeceOptions { clone_images: true, ..f.options(Some(32 * MIB)) };
+    // A backup that fails: its clone goes with its other views.
+    let mut live = f.prepare_with(&point(1), None, cloning.clone());
+    let capture = capture_with(&mut NoQuiescer, &mut live, VmState::Running).unwrap();
+    assert!(capture.can_keep());
+    assert_eq!(f.clones().len(), 1);
+    capture.release(false).unwrap();
+    live.finish(false).unwrap();
+    assert!(f.clones().is_empty(), "a released clone is removed");
+
+    // A backup that commits: the clone is the instant, kept under the point's id.
+    let at_instant = f.expected.clone();
+    let mut live = f.prepare_with(&point(2), None, cloning);
+    let capture = capture_with(&mut NoQuiescer, &mut live, VmState::Running).unwrap();
+    f.write(0x5a, 8 * MIB, 2 * MIB);
+    let kept = capture.keep(&point(2).to_string()).unwrap();
+    live.finish(true).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].kind, "reflink");
+    assert!(kept[0].is_kept_name() && kept[0].path.starts_with(&f.root));
+    assert_eq!(f.clones(), vec![kept[0].path.clone()]);
+    let raw = f.root.join("kept.raw");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            kept[0].path.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        std::fs::read(&raw).unwrap() == at_instant,
+        "the kept clone is the disk at the instant"
+    );
+    assert!(f.guest_reads(0x5a, 8 * MIB, 2 * MIB), "the guest runs on its own image");
+    assert_eq!(f.leftovers(), (vec![], vec![]));
+    kept[0].release().unwrap();
+    assert!(f.clones().is_empty());
+
+    // An image in more extents than a pause allows is not cloned: the evidence says why.
+    let image = f.root.join("os.qcow2");
+    let file = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+    let end = file.metadata().unwrap().len();
+    for i in 0..=cairn_qemu::MAX_CLONE_EXTENTS as u64 {
+        // Past the image's end, one block in two: one extent each (QEMU never reads there).
+        std::os::unix::fs::FileExt::write_at(&file, b"x", end + i * 8192).unwrap();
+    }
+    file.sync_all().unwrap();
+    let extents = cairn_snapshot::views::extent_count(&image).unwrap();
+    assert!(extents > cairn_qemu::MAX_CLONE_EXTENTS, "{extents}");
+    let cloning = FleeceOptions { clone_images: true, ..f.options(Some(32 * MIB)) };
+    let mut live = f.prepare_with(&point(3), None, cloning);
+    let capture = capture_with(&mut NoQuiescer, &mut live, VmState::Running).unwrap();
+    let notes: Vec<&str> = capture.record().evidence().iter().map(|e| e.message.as_str()).collect();
+    assert!(!capture.can_keep());
+    assert!(notes.iter().any(|n| n.contains("extents, more than")), "{notes:?}");
+    capture.release(true).unwrap();
+    live.finish(true).unwrap();
+    assert!(f.clones().is_empty());
 }

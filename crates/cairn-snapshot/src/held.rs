@@ -25,6 +25,10 @@ pub struct KeptView {
     pub path: PathBuf,
     /// What release removes: the clone file, or the snapshot's subvolume.
     pub handle: PathBuf,
+    /// The image format `path` holds, when the view knows it (a running QEMU's clone of a
+    /// `qcow2` image is itself a qcow2 image); else the disk's configured format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// A tag (a point id) fit for a file name.
@@ -115,6 +119,7 @@ mod tests {
             kind: kind.into(),
             path: handle.clone(),
             handle,
+            format: None,
         };
         view(kept.clone(), "reflink").release().unwrap();
         assert!(!kept.exists());

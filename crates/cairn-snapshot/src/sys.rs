@@ -1,5 +1,5 @@
-//! The Linux calls that no safe wrapper covers: FIFREEZE/FITHAW, btrfs snapshots, and
-//! ignoring termination signals in the thaw watchdog.
+//! The Linux calls that no safe wrapper covers: FIFREEZE/FITHAW, btrfs snapshots, a file's
+//! extent count (FIEMAP), and ignoring termination signals in the thaw watchdog.
 //!
 //! This is the crate's only `unsafe` on Linux. Each call passes an opcode from the kernel's
 //! uapi headers with the argument type that opcode expects, on a file descriptor we own.
@@ -9,7 +9,7 @@ use std::ffi::{CString, c_int};
 use std::io;
 use std::os::fd::AsFd;
 
-use rustix::ioctl::{Ioctl, NoArg, Setter, ioctl, opcode};
+use rustix::ioctl::{Ioctl, NoArg, Setter, Updater, ioctl, opcode};
 
 /// `FIFREEZE`: `_IOWR('X', 119, int)` in `linux/fs.h`.
 const FIFREEZE: rustix::ioctl::Opcode = opcode::read_write::<c_int>(b'X', 119);
@@ -110,6 +110,38 @@ pub fn btrfs_delete(parent: impl AsFd, name: &str) -> io::Result<()> {
     let args = VolArgs { fd: 0, name: name_bytes(name)? };
     // SAFETY: the opcode's argument type is exactly `VolArgs`.
     unsafe { call(parent, Setter::<SNAP_DESTROY, VolArgs>::new(args)) }
+}
+
+/// `struct fiemap` of `linux/fiemap.h` with no extent array: asked for zero extents, the
+/// kernel only counts them.
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+}
+
+/// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)` in `linux/fs.h`.
+const FIEMAP: rustix::ioctl::Opcode = opcode::read_write::<Fiemap>(b'f', 11);
+
+/// How many extents the file open as `file` has (what a reflink clone must copy, one record
+/// each).
+pub fn extent_count(file: impl AsFd) -> io::Result<u32> {
+    let mut map = Fiemap {
+        start: 0,
+        length: u64::MAX,
+        flags: 0,
+        mapped_extents: 0,
+        extent_count: 0,
+        reserved: 0,
+    };
+    // SAFETY: the opcode's argument type is exactly `Fiemap`, laid out as the kernel's struct;
+    // with `extent_count` 0 the kernel writes no extent past it, only `mapped_extents`.
+    unsafe { call(file, Updater::<FIEMAP, Fiemap>::new(&mut map)) }?;
+    Ok(map.mapped_extents)
 }
 
 /// # Safety

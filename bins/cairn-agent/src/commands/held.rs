@@ -59,13 +59,19 @@ pub fn run(cmd: HeldCommand, json: bool) -> anyhow::Result<Exit> {
             let started = std::time::Instant::now();
             let how = copy_view(&view.path, &to)?;
             let secs = started.elapsed().as_secs_f64();
+            // A running QEMU's kept view is a clone of its image, in the image's format.
+            let format = view.format.clone();
             if json {
                 print_json(
-                    &json!({ "vm": vm, "point": held.point, "disk": disk, "to": to, "how": how, "seconds": secs }),
+                    &json!({ "vm": vm, "point": held.point, "disk": disk, "to": to, "how": how, "seconds": secs, "format": format }),
                 );
             } else {
+                let image = match &format {
+                    Some(f) => format!(", a {f} image"),
+                    None => String::new(),
+                };
                 println!(
-                    "restored disk {disk} of VM {vm} at point {} ({}) to {} from this host's kept view ({how}, {secs:.2} s)",
+                    "restored disk {disk} of VM {vm} at point {} ({}) to {}{image} from this host's kept view ({how}, {secs:.2} s)",
                     held.point,
                     held.captured_at,
                     to.display()

@@ -241,8 +241,9 @@ impl Runner for BackupRunner {
 impl BackupRunner {
     /// The job in its two phases: the snapshot (views held; the point restorable from them
     /// at once when they can be kept), then, with a transfer permit, the transfer to the vault
-    /// under the host's bandwidth. A running QEMU VM (its views are QEMU's own) runs in one go
-    /// under a transfer permit.
+    /// under the host's bandwidth. A running QEMU VM runs both in one go under a transfer
+    /// permit (its fleecing image grows with every guest write until the transfer ends); its
+    /// kept views are reflink clones of its images made at the instant.
     async fn two_phases(
         &self,
         task: &Task,
@@ -255,21 +256,42 @@ impl BackupRunner {
         let vm = task.vm.clone();
         let failed = |e: cairn_backup::Error| format!("backing up VM {vm} to {}: {e}", vault.url());
         let reporter = Reporter::new(progress, "transfer");
-        let job = VmJob::new(config, self.options(task)?);
-        if job.config().qemu.is_some() {
-            let _permit = self.transfer_permit(progress, &mut stop).await?;
-            let manifest = job.run(vault, reporter, cancel).await.map_err(failed)?;
-            return Ok(PointReport::of(&manifest));
-        }
-        let snapshot = job.snapshot(vault, cancel).await.map_err(failed)?;
+        let options = self.options(task)?;
+        let time_shift = options.time_shift;
+        let job = VmJob::new(config, options);
         let hours = i64::from(task.keep_views_hours);
-        let keep = (hours > 0 && snapshot.can_keep()).then(|| cairn_format::SnapshotTier {
+        let tier_from = |at: jiff::Timestamp| cairn_format::SnapshotTier {
             host: self.config.host.clone(),
-            until: snapshot
-                .captured_at()
+            until: at
                 .checked_add(jiff::SignedDuration::from_hours(hours))
                 .unwrap_or(jiff::Timestamp::MAX),
-        });
+        };
+        if job.config().qemu.is_some() {
+            let _permit = self.transfer_permit(progress, &mut stop).await?;
+            // The instant comes within seconds: the views are kept from about now.
+            let now = jiff::Timestamp::now().checked_add(time_shift).unwrap_or_default();
+            let keep = (hours > 0).then(|| tier_from(now));
+            let until = keep.as_ref().map(|t| t.until);
+            let taken = progress.clone();
+            let on_captured = Box::new(move |c: cairn_backup::Captured| {
+                if c.keeps_views {
+                    taken.snapshot_taken(PointReport {
+                        id: c.point.to_string(),
+                        captured_at: c.captured_at,
+                        consistency: c.level.as_str().to_owned(),
+                        held_until: until,
+                        ..PointReport::default()
+                    });
+                }
+            });
+            let (manifest, kept) = job
+                .run_keeping(vault, reporter, cancel, keep.clone(), on_captured)
+                .await
+                .map_err(failed)?;
+            return Ok(self.hold(task, vault, &manifest, keep, kept).await);
+        }
+        let snapshot = job.snapshot(vault, cancel).await.map_err(failed)?;
+        let keep = (hours > 0 && snapshot.can_keep()).then(|| tier_from(snapshot.captured_at()));
         if let Some(tier) = &keep {
             // Restorable from this host's views from now on; the vault follows.
             progress.snapshot_taken(PointReport {
@@ -296,7 +318,21 @@ impl BackupRunner {
         let (manifest, kept) =
             snapshot.transfer(vault, reporter, cancel, keep.clone()).await.map_err(failed)?;
         drop(permit);
-        let mut report = PointReport::of(&manifest);
+        Ok(self.hold(task, vault, &manifest, keep, kept).await)
+    }
+
+    /// After a commit: records the point's kept views in the host's registry, for their
+    /// release when `keep` says. Views that cannot be recorded would never be released: they
+    /// are released now, and a note says the point has no snapshot tier.
+    async fn hold(
+        &self,
+        task: &Task,
+        vault: &Vault,
+        manifest: &cairn_format::PointManifest,
+        keep: Option<cairn_format::SnapshotTier>,
+        kept: Vec<cairn_snapshot::KeptView>,
+    ) -> PointReport {
+        let mut report = PointReport::of(manifest);
         if let (Some(tier), false) = (&keep, kept.is_empty()) {
             let held = crate::held::HeldPoint {
                 vm: task.vm.clone(),
@@ -331,7 +367,7 @@ impl BackupRunner {
                 }
             }
         }
-        Ok(report)
+        report
     }
 
     /// Waits in the host's transfer queue.

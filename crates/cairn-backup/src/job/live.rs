@@ -12,17 +12,20 @@ use cairn_qemu::{AgentQuiescer, FleeceOptions, LiveDiskSpec, LiveVm};
 use cairn_snapshot::{Capture, Hold, QemuConfig, Quiescer, Record, VmState};
 use cairn_vault::Vault;
 
-use super::VmJob;
+use super::{Captured, VmJob};
 use crate::{BackupRequest, Cancel, DiskInput, Error, Progress};
 
-/// Runs `job`, whose VM is in QEMU as `qemu` says.
+/// Runs `job`, whose VM is in QEMU as `qemu` says; with `keep`, each image is also cloned at
+/// the instant and the clones kept past the commit (see [`VmJob::run_keeping`]).
 pub(super) async fn run(
     job: &VmJob,
     qemu: &QemuConfig,
     vault: &Vault,
     progress: Arc<dyn Progress>,
     cancel: &Cancel,
-) -> Result<PointManifest, Error> {
+    keep: Option<cairn_format::SnapshotTier>,
+    on_captured: Box<dyn FnOnce(Captured) + Send>,
+) -> Result<(PointManifest, Vec<cairn_snapshot::KeptView>), Error> {
     let config = &job.config;
     super::check::names(config)?;
     let vm = config.vm.clone();
@@ -43,6 +46,7 @@ pub(super) async fn run(
         dir: qemu.fleece_dir.clone(),
         quota: qemu.fleece_quota,
         cbw_timeout: qemu.cbw_timeout,
+        clone_images: keep.is_some(),
     };
     let granularity = u64::from(vault.config().block_size);
     let (socket, for_vm, for_point) = (qemu.qmp.clone(), vm.clone(), point.clone());
@@ -85,9 +89,36 @@ pub(super) async fn run(
         finish(Some(capture), live, false).await;
         return Err(Error::Cancelled);
     }
-    let result = back_up(job, vault, &capture, &live, point, machine, progress, cancel).await;
-    finish(Some(capture), live, result.is_ok()).await;
-    result
+    let keep = keep.filter(|_| capture.can_keep());
+    on_captured(Captured {
+        point: point.clone(),
+        captured_at: job.options.shifted(capture.captured_at()),
+        level: capture.level(),
+        keeps_views: keep.is_some(),
+    });
+    let formats: BTreeMap<Name, String> =
+        live.disks().map(|(name, q)| (name.clone(), q.format.clone())).collect();
+    let result =
+        back_up(job, vault, &capture, &live, point, machine, keep.clone(), progress, cancel).await;
+    let manifest = match result {
+        Ok(m) => m,
+        Err(e) => {
+            finish(Some(capture), live, false).await;
+            return Err(e);
+        }
+    };
+    let mut kept = vec![];
+    match keep {
+        Some(_) => {
+            kept = super::keep_views(capture, vault, &manifest).await;
+            for view in &mut kept {
+                view.format = formats.get(&view.disk).cloned();
+            }
+            finish(None, live, true).await;
+        }
+        None => finish(Some(capture), live, true).await,
+    }
+    Ok((manifest, kept))
 }
 
 /// Reads every disk's export into the vault and commits the point.
@@ -99,6 +130,7 @@ async fn back_up(
     live: &LiveVm,
     point: PointId,
     machine: cairn_format::MachineRecord,
+    snapshot: Option<cairn_format::SnapshotTier>,
     progress: Arc<dyn Progress>,
     cancel: &Cancel,
 ) -> Result<PointManifest, Error> {
@@ -128,7 +160,7 @@ async fn back_up(
         retain_until: job.options.retain_until,
         machine: Some(machine),
         origin: job.options.origin.clone(),
-        snapshot: None,
+        snapshot,
     };
     crate::backup(vault, request, progress, cancel).await
 }

@@ -96,11 +96,34 @@ impl VmJob {
         progress: Arc<dyn Progress>,
         cancel: &Cancel,
     ) -> Result<PointManifest, Error> {
+        let nobody = Box::new(|_: Captured| {});
+        Ok(self.run_keeping(vault, progress, cancel, None, nobody).await?.0)
+    }
+
+    /// [`VmJob::run`], keeping the views past the commit under `keep` (the point's snapshot
+    /// tier, recorded in its notes before the commit) when every disk's view can be kept: a
+    /// reflink clone or btrfs snapshot, or for a running QEMU VM a reflink clone of each image
+    /// made at the instant. `captured` is told the point once the disks are captured, before
+    /// anything is read. Returns the kept views, for their later release.
+    pub async fn run_keeping(
+        &self,
+        vault: &Vault,
+        progress: Arc<dyn Progress>,
+        cancel: &Cancel,
+        keep: Option<cairn_format::SnapshotTier>,
+        captured: Box<dyn FnOnce(Captured) + Send>,
+    ) -> Result<(PointManifest, Vec<cairn_snapshot::KeptView>), Error> {
         if let Some(qemu) = &self.config.qemu {
-            return live::run(self, qemu, vault, progress, cancel).await;
+            return live::run(self, qemu, vault, progress, cancel, keep, captured).await;
         }
         let snapshot = self.snapshot(vault, cancel).await?;
-        Ok(snapshot.transfer(vault, progress, cancel, None).await?.0)
+        captured(Captured {
+            point: snapshot.point().clone(),
+            captured_at: snapshot.captured_at(),
+            level: snapshot.level(),
+            keeps_views: keep.is_some() && snapshot.can_keep(),
+        });
+        snapshot.transfer(vault, progress, cancel, keep).await
     }
 
     /// The job's first phase on its own: checks the images and captures the VM, holding the
@@ -179,6 +202,20 @@ impl VmJob {
     }
 }
 
+/// A job's disks, captured: what [`VmJob::run_keeping`] tells its caller before the transfer.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// The point's id, reserved in the vault.
+    pub point: cairn_format::PointId,
+    /// When the disks were captured (as the point records it).
+    pub captured_at: jiff::Timestamp,
+    /// The consistency reached.
+    pub level: cairn_format::Consistency,
+    /// Whether every disk's view will be kept (the point is restorable from this host's
+    /// views as soon as it commits, and meanwhile from the views themselves).
+    pub keeps_views: bool,
+}
+
 /// A captured VM whose views are held: the first phase of a job done, the second to come.
 /// Drop it only through [`Snapshot::transfer`] or [`Snapshot::abandon`] (dropped otherwise,
 /// its views are released and its dirty bitmaps left for the next backup to settle).
@@ -241,23 +278,7 @@ impl Snapshot {
         };
         let mut kept = vec![];
         if keep.is_some() {
-            let tag = point.to_string();
-            match tokio::task::spawn_blocking(move || capture.keep(&tag)).await {
-                Ok(Ok(k)) => kept = k,
-                outcome => {
-                    let why = match outcome {
-                        Ok(Err(e)) => e.to_string(),
-                        Err(e) => e.to_string(),
-                        Ok(Ok(_)) => String::new(),
-                    };
-                    tracing::warn!(point = %point, "the views could not be kept ({why}): the point is in the vault alone");
-                    let gone = cairn_format::Change::Snapshot(None);
-                    if let Err(e) = vault.write_note(&manifest.vm, &point, "backup", &[gone]).await
-                    {
-                        tracing::warn!(point = %point, "recording that its views are gone: {e}");
-                    }
-                }
-            }
+            kept = keep_views(capture, vault, &manifest).await;
             rotations.finish(true).await;
         } else {
             finish(capture, rotations, true).await;
@@ -269,6 +290,29 @@ impl Snapshot {
     pub async fn abandon(self) {
         finish(self.capture, self.rotations, false).await;
     }
+}
+
+/// After a commit whose notes give it a snapshot tier: keeps every view under the point's id.
+/// Views that cannot all be kept are released, and a note says the point is in its vault
+/// alone (a snapshot tier is whole or absent).
+async fn keep_views(
+    capture: Capture,
+    vault: &Vault,
+    manifest: &PointManifest,
+) -> Vec<cairn_snapshot::KeptView> {
+    let point = manifest.point.clone();
+    let tag = point.to_string();
+    let why = match tokio::task::spawn_blocking(move || capture.keep(&tag)).await {
+        Ok(Ok(kept)) => return kept,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(point = %point, "the views could not be kept ({why}): the point is in the vault alone");
+    let gone = cairn_format::Change::Snapshot(None);
+    if let Err(e) = vault.write_note(&manifest.vm, &point, "backup", &[gone]).await {
+        tracing::warn!(point = %point, "recording that its views are gone: {e}");
+    }
+    vec![]
 }
 
 /// Runs the capture on a blocking thread (scripts may run for minutes); a capture that fails
