@@ -9,6 +9,7 @@
 //! qcow2 image, made while QEMU holds the VM paused at the instant, is its kept view.
 
 mod coordinator;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use cairn_testkit::{Loop, Mount, root_or_skip, sh};
 use serde_json::{Value, json};
 
 use coordinator::{Proc, coordinator_exe, free_port};
+use support::{cairn_nodes, tool};
 
 fn agent_exe() -> &'static str {
     env!("CARGO_BIN_EXE_cairn-agent")
@@ -70,6 +72,33 @@ impl Site {
             std::thread::sleep(Duration::from_millis(200));
         }
         eprintln!("{what}: {:.1} s", start.elapsed().as_secs_f64());
+    }
+
+    /// `cairn-agent held restore` of the VM's disk `os` from its newest held point.
+    fn held_restore(&self, agent_toml: &Path, to: &Path) -> Value {
+        let config = agent_toml.to_str().unwrap();
+        let to = to.to_str().unwrap();
+        self.agent(&[
+            "held",
+            "restore",
+            "--agent-config",
+            config,
+            "--vm",
+            self.vm,
+            "--disk",
+            "os",
+            "--to",
+            to,
+        ])
+    }
+
+    /// `cairn-agent restore` of the VM's disk `os` at `point` from `vault`.
+    fn vault_restore(&self, vault: &Path, point: &str, to: &Path) {
+        let (vault, to) = (vault.to_str().unwrap(), to.to_str().unwrap());
+        self.agent(&[
+            "restore", "--vault", vault, "--vm", self.vm, "--point", point, "--disk", "os", "--to",
+            to,
+        ]);
     }
 
     fn point_of(&self, day: &str) -> Option<Value> {
@@ -292,33 +321,10 @@ fn a_job_snapshots_then_transfers_and_its_views_serve_restores_until_released() 
     let held = site.agent(&["held", "list", "--agent-config", agent_toml.to_str().unwrap()]);
     assert_eq!(held["held"][0]["point"], id.as_str(), "{held}");
     let from_view = xfs.0.join("instant.img");
-    let restored = site.agent(&[
-        "held",
-        "restore",
-        "--agent-config",
-        agent_toml.to_str().unwrap(),
-        "--vm",
-        "web",
-        "--disk",
-        "os",
-        "--to",
-        from_view.to_str().unwrap(),
-    ]);
+    let restored = site.held_restore(&agent_toml, &from_view);
     assert_eq!(restored["how"], "reflink clone", "{restored}");
     let from_vault = dir.join("from-vault.img");
-    site.agent(&[
-        "restore",
-        "--vault",
-        vault.to_str().unwrap(),
-        "--vm",
-        "web",
-        "--point",
-        &id,
-        "--disk",
-        "os",
-        "--to",
-        from_vault.to_str().unwrap(),
-    ]);
+    site.vault_restore(&vault, &id, &from_vault);
     let original = std::fs::read(&disk).unwrap();
     assert!(std::fs::read(&from_view).unwrap() == original, "the kept view restores the disk");
     assert!(std::fs::read(&from_vault).unwrap() == original, "the vault restores the same");
@@ -360,31 +366,6 @@ fn a_job_snapshots_then_transfers_and_its_views_serve_restores_until_released() 
     assert!(e.contains("no held point") && e.contains("vault"), "{e}");
 }
 
-/// The names of the block nodes QEMU has that Cairn made.
-fn cairn_nodes(harness: &Path) -> Vec<String> {
-    let mut qmp = cairn_qemu::Qmp::connect(harness).unwrap();
-    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true})).unwrap();
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|n| n.starts_with("cairn-"))
-        .map(str::to_owned)
-        .collect()
-}
-
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn a_running_qemu_vm_keeps_a_clone_of_its_image_for_instant_restores() {
     if !root_or_skip() || !qemu_or_skip() {
@@ -397,7 +378,7 @@ fn a_running_qemu_vm_keeps_a_clone_of_its_image_for_instant_restores() {
     let seed = dir.join("seed.raw");
     write_disk(&seed, 16, 3);
     let image = xfs.0.join("db.qcow2");
-    run("qemu-img", &["convert", "-O", "qcow2", seed.to_str().unwrap(), image.to_str().unwrap()]);
+    tool("qemu-img", &["convert", "-O", "qcow2", seed.to_str().unwrap(), image.to_str().unwrap()]);
     let qemu_dir = dir.join("qemu");
     std::fs::create_dir(&qemu_dir).unwrap();
     let vm = TestVm::start(
@@ -465,43 +446,20 @@ fn a_running_qemu_vm_keeps_a_clone_of_its_image_for_instant_restores() {
     // An instant restore from the kept view: a qcow2 image that reads as the point, the same
     // as the vault's restore and the disk before the guest's write.
     let from_view = xfs.0.join("instant.qcow2");
-    let restored = site.agent(&[
-        "held",
-        "restore",
-        "--agent-config",
-        agent_toml.to_str().unwrap(),
-        "--vm",
-        "db",
-        "--disk",
-        "os",
-        "--to",
-        from_view.to_str().unwrap(),
-    ]);
+    let restored = site.held_restore(&agent_toml, &from_view);
     assert_eq!(
         (restored["how"].as_str(), restored["format"].as_str()),
         (Some("reflink clone"), Some("qcow2"))
     );
     let from_vault = dir.join("from-vault.raw");
-    site.agent(&[
-        "restore",
-        "--vault",
-        vault.to_str().unwrap(),
-        "--vm",
-        "db",
-        "--point",
-        &id,
-        "--disk",
-        "os",
-        "--to",
-        from_vault.to_str().unwrap(),
-    ]);
+    site.vault_restore(&vault, &id, &from_vault);
     assert!(std::fs::read(&from_vault).unwrap() == std::fs::read(&seed).unwrap());
     let (view_s, vault_s) = (from_view.to_str().unwrap(), from_vault.to_str().unwrap());
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", view_s, vault_s]);
-    run("qemu-img", &["check", "-f", "qcow2", view_s]);
+    tool("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", view_s, vault_s]);
+    tool("qemu-img", &["check", "-f", "qcow2", view_s]);
     // The running image has the guest's write; the clone never had it.
     let now = dir.join("now.raw");
-    run(
+    tool(
         "qemu-img",
         &["convert", "-U", "-O", "raw", image.to_str().unwrap(), now.to_str().unwrap()],
     );

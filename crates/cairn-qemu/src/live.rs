@@ -31,7 +31,12 @@
 //! previous bitmap lives in QEMU, on the export); it is what the job may keep afterwards and
 //! `cairn-agent held restore` copies. Cloned only where safe: an absolute path to a raw image
 //! of exactly the disk's size, or a qcow2 image with no backing file, data file or
-//! encryption, in folders no one else may change. The VM keeps running on its own image:
+//! encryption, in folders no one else may change, on XFS or btrfs with 10 % free; cloned from
+//! a descriptor checked to be the very file QEMU holds open (a name QEMU reports never makes
+//! root clone another file); only when this run paused the VM itself and no block job runs;
+//! and within [`MAX_CLONE_EXTENTS`] for all disks (counted before the pause and again in it).
+//! Every disk is cloned or none is, and the clones' names are in the state file first, so a
+//! killed run's clones are removed by the next. The VM keeps running on its own image:
 //! nothing in QEMU's block graph outlives the backup (an external overlay would, and a QEMU
 //! restarted from its own configuration would then boot from the stale base).
 //!
@@ -194,9 +199,9 @@ pub struct LiveVm {
     granularity: u64,
     /// Whether the instant's transaction ran (the next bitmaps exist).
     bitmaps_started: bool,
-    /// Per disk, in order, when the images are to be cloned at the instant: whether this
-    /// one may be, or why not (checked before the pause). Empty: no clones wanted.
-    clone_plan: Vec<Result<(), String>>,
+    /// Per disk, in order, when the images are to be cloned at the instant: the image as
+    /// QEMU holds it open and the clone's name (checked before the pause). Empty: no clones.
+    clone_plan: Vec<PlannedClone>,
     /// Per disk, in order: its image's clone made at the instant, if one was.
     clones: Vec<Option<cairn_snapshot::View>>,
     /// What the cloning did or why a disk has no clone, for the point's evidence.
@@ -336,7 +341,7 @@ impl LiveVm {
             });
         }
         if options.clone_images {
-            this.clone_plan = this.disks.iter().map(|d| clonable(&d.qemu)).collect();
+            this.plan_clones();
         }
         if let Err(e) = this.add_filters(&dir, point, options) {
             this.undo_logged();
@@ -518,8 +523,12 @@ impl LiveVm {
         }
         let switched = stopped.and_then(|()| self.switch_paused(actions));
         if switched.is_ok() && !self.clone_plan.is_empty() {
-            // Paused and flushed: each image file holds the instant.
-            self.clone_paused();
+            if running {
+                // Paused and flushed by our `stop`: each image file holds the instant.
+                self.clone_paused();
+            } else {
+                self.no_clones("the VM was not running (paused or stopped by someone else, its disks maybe not flushed)".into());
+            }
         }
         // Once `stop` was sent the VM runs on, whatever happened.
         let resumed = match running {
@@ -537,39 +546,94 @@ impl LiveVm {
         Ok(paused)
     }
 
-    /// Clones each disk's image file where that is safe and cheap (see the module's
-    /// documentation); a disk that cannot be cloned gets a note saying why.
-    fn clone_paused(&mut self) {
-        use cairn_snapshot::ViewProvider;
-        self.clones.clear();
-        for (d, plan) in self.disks.iter().zip(&self.clone_plan) {
-            let started = std::time::Instant::now();
-            let cloned = plan.clone().and_then(|()| {
-                let spec = cairn_snapshot::DiskSpec {
-                    name: d.spec.name.clone(),
-                    path: PathBuf::from(&d.qemu.file),
-                };
-                cairn_snapshot::views::ReflinkClone.take(&spec).map_err(|e| e.to_string())
-            });
-            let note = match &cloned {
-                Ok(view) => format!(
-                    "{} image {} cloned by reflink in {:.1} ms while paused: kept for instant restores once the point commits",
-                    d.qemu.format,
-                    view.path().display(),
-                    started.elapsed().as_secs_f64() * 1000.0
-                ),
-                Err(why) => format!("no view kept for instant restores: {why}"),
-            };
-            self.clone_notes.push((d.spec.name.clone(), note));
-            self.clones.push(cloned.ok());
+    /// Plans each disk's clone (see [`plan_clone`]); a tier is whole or absent, so if one
+    /// disk cannot be cloned none is. The clones' names go into the state file (written by
+    /// `add_filters` before anything changes), so a later run removes a killed run's clones.
+    fn plan_clones(&mut self) {
+        let pid = self.qmp.peer_pid();
+        let mut plan = vec![];
+        for d in &self.disks {
+            match plan_clone(&d.qemu, pid) {
+                Ok(p) => plan.push(p),
+                Err(why) => {
+                    self.no_clones(format!("disk {}'s image cannot be: {why}", d.spec.name));
+                    return;
+                }
+            }
         }
+        for p in &plan {
+            cairn_snapshot::views::remove_stale_clones_of(&p.image);
+            self.state.files.push(p.clone_path.clone());
+        }
+        self.clone_plan = plan;
+    }
+
+    /// Gives the clones up, saying why in the point's evidence.
+    fn no_clones(&mut self, why: String) {
+        self.clone_plan.clear();
+        self.clones.clear();
+        for d in &self.disks {
+            self.clone_notes
+                .push((d.spec.name.clone(), format!("no view kept for instant restores: {why}")));
+        }
+    }
+
+    /// Clones each disk's image file, while the VM is paused, from the file QEMU holds open,
+    /// within [`MAX_CLONE_EXTENTS`] for all disks together (counted again now: the guest may
+    /// have written since the plan), and only while no block job writes to the disks.
+    fn clone_paused(&mut self) {
+        let jobs = self.qmp.execute("query-block-jobs", json!({}));
+        if !jobs.as_ref().is_ok_and(|j| j.as_array().is_some_and(Vec::is_empty)) {
+            return self.no_clones("a QEMU block job (mirror, stream, commit) is running".into());
+        }
+        let mut extents = 0u64;
+        for p in &self.clone_plan {
+            extents +=
+                u64::from(cairn_snapshot::views::extent_count(&p.source).unwrap_or(u32::MAX));
+        }
+        if extents > u64::from(MAX_CLONE_EXTENTS) {
+            return self.no_clones(format!(
+                "the images have {extents} extents together, more than {MAX_CLONE_EXTENTS}: \
+                 cloning them would hold the VM paused too long (defragment them, with \
+                 `xfs_fsr` on XFS)"
+            ));
+        }
+        let mut clones = vec![];
+        let mut notes = vec![];
+        for (d, p) in self.disks.iter().zip(&self.clone_plan) {
+            let started = std::time::Instant::now();
+            let spec =
+                cairn_snapshot::DiskSpec { name: d.spec.name.clone(), path: p.image.clone() };
+            match cairn_snapshot::views::clone_view(&spec, &p.source, p.clone_path.clone()) {
+                Ok(view) => {
+                    notes.push((
+                        d.spec.name.clone(),
+                        format!(
+                            "{} image {} cloned by reflink in {:.1} ms while paused, for instant restores",
+                            d.qemu.format,
+                            view.path().display(),
+                            started.elapsed().as_secs_f64() * 1000.0
+                        ),
+                    ));
+                    clones.push(Some(view));
+                }
+                Err(e) => {
+                    // Dropping the clones made removes them.
+                    drop(clones);
+                    return self.no_clones(format!("cloning disk {}: {e}", d.spec.name));
+                }
+            }
+        }
+        self.clone_notes.extend(notes);
+        self.clones = clones;
     }
 
     /// After the VM runs on: each clone must read as the disk (a raw clone of exactly its
     /// size; a qcow2 clone of its size that opens nothing besides itself). One that does not
     /// is removed, with a note.
     fn check_clones(&mut self) {
-        for (d, clone) in self.disks.iter().zip(self.clones.iter_mut()) {
+        let mut bad = None;
+        for (d, clone) in self.disks.iter().zip(self.clones.iter()) {
             let Some(view) = clone else { continue };
             let fits = match d.qemu.format.as_str() {
                 "qcow2" => cairn_nbd::qcow2::check_image(view.path(), false)
@@ -593,12 +657,12 @@ impl LiveVm {
                 },
             };
             if let Err(why) = fits {
-                self.clone_notes.push((
-                    d.spec.name.clone(),
-                    format!("no view kept for instant restores: the clone was removed: {why}"),
-                ));
-                *clone = None;
+                bad = Some(format!("disk {}'s clone was removed: {why}", d.spec.name));
+                break;
             }
+        }
+        if let Some(why) = bad {
+            self.no_clones(why);
         }
     }
 
@@ -1082,27 +1146,85 @@ fn make_fleecing_image(path: &Path, size: u64, quota: u64) -> Result<(), Error> 
     Ok(())
 }
 
-/// Whether `disk`'s image file may be cloned as a view of it, and quickly enough to do it
-/// while the VM is paused: a plain file QEMU opened by an absolute path (not a `json:`
-/// description, a device or a protocol) through the raw or qcow2 driver, in folders no one
-/// else may change, of at most [`MAX_CLONE_EXTENTS`] extents.
-fn clonable(disk: &QemuDisk) -> Result<(), String> {
+/// A disk's image, opened to be cloned at the instant.
+#[derive(Debug)]
+struct PlannedClone {
+    /// The image file as QEMU names it.
+    image: PathBuf,
+    /// The image, opened without following links and checked to be the very file QEMU
+    /// holds open: the clone is made from this descriptor, never from the name again.
+    source: File,
+    /// Where the clone goes (beside the image, under this agent's process id).
+    clone_path: PathBuf,
+}
+
+/// Whether `disk`'s image file may be cloned as a view of it, quickly and safely, while the
+/// VM is paused: a plain file QEMU opened by an absolute path (not a `json:` description, a
+/// device or a protocol) through the raw or qcow2 driver; the very file QEMU (process `pid`)
+/// holds open, so a name QEMU reports can never make root clone another file; in folders no
+/// one else may change, on XFS or btrfs, with at least 10 % of that file system free, and
+/// at most [`MAX_CLONE_EXTENTS`] extents.
+fn plan_clone(disk: &QemuDisk, pid: Option<u32>) -> Result<PlannedClone, String> {
+    use std::os::unix::fs::MetadataExt;
     clonable_file(disk)?;
-    let image = Path::new(&disk.file);
-    cairn_snapshot::trusted::check_folders(image).map_err(|e| e.to_string())?;
-    match cairn_snapshot::views::extent_count(image) {
+    let image = PathBuf::from(&disk.file);
+    let dir = image.parent().unwrap_or(Path::new("/"));
+    cairn_snapshot::trusted::check_folders(&image).map_err(|e| e.to_string())?;
+    if !cairn_snapshot::views::shares_blocks(dir) {
+        return Err(format!("{} is not on XFS or btrfs, which share blocks", dir.display()));
+    }
+    let source = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&image)
+        .map_err(|e| format!("opening {}: {e}", image.display()))?;
+    let meta = source.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", image.display()));
+    }
+    let pid = pid.ok_or("QEMU's process is not known from its QMP socket")?;
+    if !holds_open(pid, meta.dev(), meta.ino()) {
+        return Err(format!(
+            "{} is not the file QEMU (process {pid}) has open: was it renamed or replaced?",
+            image.display()
+        ));
+    }
+    let space = rustix::fs::statvfs(dir).map_err(|e| e.to_string())?;
+    if (space.f_bavail as f64) < MIN_FREE_TO_CLONE * space.f_blocks as f64 {
+        return Err(format!(
+            "{} has less than 10 % of its space free: a clone would make the guest's \
+             overwrites need space it may not have",
+            dir.display()
+        ));
+    }
+    match cairn_snapshot::views::extent_count(&source) {
         Ok(n) if n > MAX_CLONE_EXTENTS => Err(format!(
             "{} has {n} extents, more than {MAX_CLONE_EXTENTS}: cloning it would hold the VM \
              paused too long (defragment it, with `xfs_fsr` on XFS)",
             image.display()
         )),
-        Ok(_) => Ok(()),
-        // A file system that cannot map extents cannot clone either: taking the clone says so.
-        Err(_) => Ok(()),
+        Ok(_) => {
+            let clone_path = cairn_snapshot::views::clone_name(&image);
+            Ok(PlannedClone { image, source, clone_path })
+        }
+        Err(e) => Err(format!("cannot count {}'s extents: {e}", image.display())),
     }
 }
 
-/// The part of [`clonable`] that reads only QEMU's answer and the file's type.
+/// Below this fraction of free space on the image's file system, no clone is made (the
+/// agent releases kept views early below it, too).
+const MIN_FREE_TO_CLONE: f64 = 0.10;
+
+/// Whether process `pid` has a descriptor open on the file `(dev, ino)`.
+fn holds_open(pid: u32, dev: u64, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::metadata(fd.path()).is_ok_and(|m| m.is_file() && m.dev() == dev && m.ino() == ino)
+    })
+}
+
+/// The part of [`plan_clone`] that reads only QEMU's answer and the file's type.
 fn clonable_file(disk: &QemuDisk) -> Result<(), String> {
     if !matches!(disk.format.as_str(), "raw" | "qcow2") {
         return Err(format!("its {} node is neither a raw nor a qcow2 image", disk.format));

@@ -48,6 +48,12 @@ pub struct Qmp {
 }
 
 impl Qmp {
+    /// The process at the other end of the socket (`SO_PEERCRED`): the QEMU that answers.
+    pub fn peer_pid(&self) -> Option<u32> {
+        let cred = rustix::net::sockopt::socket_peercred(&self.writer).ok()?;
+        u32::try_from(cred.pid.as_raw_nonzero().get()).ok()
+    }
+
     /// Connects to the QMP socket at `socket` and negotiates capabilities.
     pub fn connect(socket: &Path) -> Result<Qmp, Error> {
         let io = |e| Error::io("QMP socket", socket)(e);

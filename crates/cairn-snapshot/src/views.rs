@@ -152,74 +152,102 @@ impl ViewProvider for ReflinkClone {
         if !meta.is_file() {
             return Err(no("a reflink clone needs an image file, and this is not a regular file (device snapshots through LVM or device-mapper are not built in)".into()));
         }
-        let dir = disk.path.parent().unwrap_or(Path::new("/"));
-        let stem =
-            format!(".{}", disk.path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
-        remove_stale_clones(dir, &stem);
-        let clone = dir.join(view_name(&stem));
-        let view_err = |detail, source| view_error(disk, detail, source);
+        remove_stale_clones_of(&disk.path);
         let source = File::open(&disk.path)
-            .map_err(|e| view_err(format!("opening {}", disk.path.display()), e))?;
-        let target = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&clone)
-            .map_err(|e| view_err(format!("creating {}", clone.display()), e))?;
-        if let Err(e) = rustix::fs::ioctl_ficlone(&target, &source) {
-            let _ = std::fs::remove_file(&clone);
-            let e = std::io::Error::from(e);
-            return Err(match e.raw_os_error() {
-                // EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: this file system cannot clone.
-                Some(95 | 18 | 22 | 25) => no(format!(
-                    "{} is on {}, which cannot make reflink clones ({e})",
-                    dir.display(),
-                    fs_name(dir)
-                )),
-                _ => view_err(format!("cloning into {}", clone.display()), e),
-            });
-        }
-        let path = clone.clone();
-        let (from, name) = (clone.clone(), disk.name.clone());
-        let dir = dir.to_path_buf();
-        Ok(View::snapshot(
-            disk,
-            "reflink",
-            clone,
-            Box::new(move |_| {
-                std::fs::remove_file(&path)
-                    .map_err(|e| Error::io(format!("removing view {}", path.display()), e))
-            }),
-        )
-        .keepable(Box::new(move |tag| {
-            crate::held::check_tag(tag)?;
-            let held = dir.join(format!("{stem}{}{tag}", crate::held::HELD));
-            std::fs::rename(&from, &held).map_err(|e| {
-                Error::io(format!("keeping view {} as {}", from.display(), held.display()), e)
-            })?;
-            Ok(crate::KeptView {
-                disk: name,
-                kind: "reflink".into(),
-                path: held.clone(),
-                handle: held,
-                format: None,
-            })
-        })))
+            .map_err(|e| view_error(disk, format!("opening {}", disk.path.display()), e))?;
+        clone_view(disk, &source, clone_name(&disk.path))
     }
 }
 
-/// How many extents the regular file at `path` has: what a reflink clone of it copies, one
-/// record each (about 20 µs an extent on XFS: a 1 GiB image fragmented into 36,000 extents
-/// clones in 0.7 s). Never follows a link.
-pub fn extent_count(path: &Path) -> std::io::Result<u32> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
+/// The name a running agent gives a clone of `image`: `.<image name>.cairn-view-<pid>-<nanos>`
+/// beside it (removed by a later agent once that process is gone).
+pub fn clone_name(image: &Path) -> PathBuf {
+    let dir = image.parent().unwrap_or(Path::new("/"));
+    dir.join(view_name(&clone_stem(image)))
+}
+
+fn clone_stem(image: &Path) -> String {
+    format!(".{}", image.file_name().map(|n| n.to_string_lossy()).unwrap_or_default())
+}
+
+/// Removes the clones of `image` whose agent process no longer exists.
+pub fn remove_stale_clones_of(image: &Path) {
+    remove_stale_clones(image.parent().unwrap_or(Path::new("/")), &clone_stem(image));
+}
+
+/// A reflink clone of `source` (the open image of `disk`) made at `clone`, a new file beside
+/// the image (see [`clone_name`]), as a keepable view: release deletes it, keeping renames it
+/// to `.<image name>.cairn-held-<point id>`.
+pub fn clone_view(disk: &DiskSpec, source: &File, clone: PathBuf) -> Result<View, Error> {
+    let no = |reason| no_snapshot(disk, reason);
+    let view_err = |detail, source| view_error(disk, detail, source);
+    let dir = disk.path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let stem = clone_stem(&disk.path);
+    if clone.parent() != Some(dir.as_path())
+        || view_owner(
+            &clone.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            &stem,
+        ) != Some(std::process::id())
+    {
+        return Err(no(format!("{} is not a clone name of this agent's", clone.display())));
     }
-    sys::extent_count(&file)
+    let target = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&clone)
+        .map_err(|e| view_err(format!("creating {}", clone.display()), e))?;
+    if let Err(e) = rustix::fs::ioctl_ficlone(&target, source) {
+        let _ = std::fs::remove_file(&clone);
+        let e = std::io::Error::from(e);
+        return Err(match e.raw_os_error() {
+            // EOPNOTSUPP, EXDEV, EINVAL, ENOTTY: this file system cannot clone.
+            Some(95 | 18 | 22 | 25) => no(format!(
+                "{} is on {}, which cannot make reflink clones ({e})",
+                dir.display(),
+                fs_name(&dir)
+            )),
+            _ => view_err(format!("cloning into {}", clone.display()), e),
+        });
+    }
+    let path = clone.clone();
+    let (from, name) = (clone.clone(), disk.name.clone());
+    Ok(View::snapshot(
+        disk,
+        "reflink",
+        clone,
+        Box::new(move |_| {
+            std::fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("removing view {}", path.display()), e))
+        }),
+    )
+    .keepable(Box::new(move |tag| {
+        crate::held::check_tag(tag)?;
+        let held = dir.join(format!("{stem}{}{tag}", crate::held::HELD));
+        std::fs::rename(&from, &held).map_err(|e| {
+            Error::io(format!("keeping view {} as {}", from.display(), held.display()), e)
+        })?;
+        Ok(crate::KeptView {
+            disk: name,
+            kind: "reflink".into(),
+            path: held.clone(),
+            handle: held,
+            format: None,
+        })
+    })))
+}
+
+/// Whether the folder `dir` is on a file system that shares blocks between files (XFS or
+/// btrfs; whether this XFS was made with reflinks shows only when cloning).
+pub fn shares_blocks(dir: &Path) -> bool {
+    matches!(rustix::fs::statfs(dir).map(|s| s.f_type as u64), Ok(XFS_MAGIC | BTRFS_MAGIC))
+}
+
+/// How many extents the open file `file` has: what a reflink clone of it copies, one record
+/// each (about 20 µs an extent on XFS: a 1 GiB image fragmented into 36,000 extents clones in
+/// 0.7 s).
+pub fn extent_count(file: &File) -> std::io::Result<u32> {
+    sys::extent_count(file)
 }
 
 /// Removes clones named for `stem` whose agent process no longer exists.
