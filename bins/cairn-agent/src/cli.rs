@@ -37,6 +37,9 @@ pub enum Command {
     Points(PointsArgs),
     /// Restore disks of a recovery point.
     Restore(RestoreArgs),
+    /// Serve a point's disk read-only over NBD straight from its vault (an instant restore):
+    /// `qemu-img`, `nbdcopy` or a QEMU guest read it at once, blocks fetched as they are read.
+    ServeNbd(ServeNbdArgs),
     /// Re-read every chunk of the chosen points and check it; exit 3 when anything is damaged.
     Verify(VerifyArgs),
     /// Try Cairn on generated sample disks: full backup, 1% change, incremental, restore, verify.
@@ -432,6 +435,34 @@ pub struct RestoreArgs {
     /// Overwrite an existing non-empty target.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("on").required(true).args(["socket", "listen"])))]
+pub struct ServeNbdArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// The disk to serve (the export's name).
+    #[arg(long)]
+    pub disk: String,
+    /// Serve on this unix socket (made 0600; it must not exist).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Serve on this TCP address: a loopback address only (the export has no TLS yet).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Memory for fetched blocks.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: u64,
+    /// How far ahead of a reader going in order blocks are fetched.
+    #[arg(long, default_value_t = 16)]
+    pub read_ahead_mib: u64,
 }
 
 #[derive(Args, Debug)]

@@ -12,9 +12,12 @@
 //!   disk's previous point, enabled and consistent; it is removed only after the point commits.
 //! - [`NbdSource`]: a [`cairn_delta::BlockSource`] that reads an export and reports its
 //!   allocation and its dirty ranges.
+//! - [`server`]: a read-only NBD server of one export ([`server::ExportSource`]), for
+//!   instant restores; [`server_proto`] decodes what clients send (fuzzed).
 //!
 //! The crate runs qemu's tools as processes and talks to them over unix sockets; it does not
-//! link qemu. It has no async runtime: the engine reads each disk from one thread.
+//! link qemu. It has no async runtime: the engine reads each disk from one thread, and the
+//! server answers from threads of its own.
 
 mod client;
 mod error;
@@ -22,6 +25,8 @@ pub mod proto;
 pub mod qcow2;
 pub mod qemu;
 mod rotation;
+pub mod server;
+pub mod server_proto;
 mod source;
 
 pub use client::{Client, Export, StatusExtent};

@@ -21,3 +21,8 @@ fn qemu_img_info() {
 fn qcow2_header() {
     replay("qcow2_header", bodies::qcow2_header);
 }
+
+#[test]
+fn nbd_server() {
+    replay("nbd_server", bodies::nbd_server);
+}

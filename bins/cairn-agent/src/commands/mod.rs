@@ -14,6 +14,7 @@ mod quickstart;
 mod restore;
 mod restore_job;
 mod sample;
+mod serve_nbd;
 mod service;
 mod verify;
 
@@ -33,6 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Backup(args) => backup::run(args, config, json).await,
         Command::Points(args) => points::run(args, json).await,
         Command::Restore(args) => restore::run(args, json).await,
+        Command::ServeNbd(args) => serve_nbd::run(args, json).await,
         Command::Verify(args) => verify::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
         Command::Prune(args) => lifecycle::prune(args, json).await,

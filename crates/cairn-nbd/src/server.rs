@@ -1,0 +1,509 @@
+//! A read-only NBD server for one export: what an instant restore serves a point's disk on,
+//! so that `qemu-img`, `nbdcopy` or a QEMU guest read it before anything has been copied.
+//!
+//! Fixed-newstyle negotiation with the options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`
+//! and `STRUCTURED_REPLY` (reads are then answered with one data or error chunk); anything
+//! else is answered "unsupported". In transmission, reads go to a few worker threads per connection and are answered
+//! as they complete, within a byte budget shared by every connection; `WRITE`, `TRIM` and
+//! `WRITE_ZEROES` are refused with `EPERM` (a guest booting from the export writes to its
+//! own overlay), `FLUSH` and `CACHE` succeed (`CACHE` is passed on as a read-ahead hint), and
+//! anything else is `EINVAL`. A client that breaks the protocol is disconnected; one that
+//! goes away mid-read costs only its own connection. The crate has no async runtime: an
+//! export backed by async code blocks on it from the server's threads.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+
+use crate::Error;
+use crate::proto::{
+    CMD_DISC, CMD_READ, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE,
+    INFO_EXPORT, NBD_MAGIC, OPT_ABORT, OPT_GO, OPT_STRUCTURED_REPLY, REP_ACK, REP_INFO,
+    REPLY_ERROR, REPLY_FLAG_DONE, STRUCTURED_REPLY_MAGIC,
+};
+use crate::server_proto::*;
+
+/// What an export serves: a fixed size of bytes, read at any offset.
+pub trait ExportSource: Send + Sync + 'static {
+    /// The export's size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` with the bytes at `offset` (the range is within the size). An error is
+    /// logged with its text, and the client gets `EIO` for that read.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// A hint that the range will be read soon (`CACHE`).
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
+}
+
+/// A connection the server can read from and write to at once.
+pub trait Stream: Read + Write + Send + 'static {
+    /// A second handle on the same connection (for the replies).
+    fn try_clone_stream(&self) -> io::Result<Self>
+    where
+        Self: Sized;
+    /// Ends the connection both ways.
+    fn shut(&self);
+}
+
+impl Stream for UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Stream for TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shut(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Reads served at once per connection.
+const WORKERS: usize = 4;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Bytes of reads in flight across every connection.
+const IN_FLIGHT_BYTES: u64 = 256 << 20;
+
+/// The server of one export.
+pub struct Server {
+    name: String,
+    export: Arc<dyn ExportSource>,
+    connections: Arc<AtomicUsize>,
+    budget: Arc<Budget>,
+}
+
+impl Server {
+    /// A server of `export` under the name `name` (a client asking for the empty name gets it
+    /// too).
+    pub fn new(name: &str, export: Arc<dyn ExportSource>) -> Server {
+        Server {
+            name: name.to_owned(),
+            export,
+            connections: Arc::new(AtomicUsize::new(0)),
+            budget: Arc::new(Budget { used: Mutex::new(0), freed: Condvar::new() }),
+        }
+    }
+
+    /// Serves every client that connects to `listener`, each on its own thread, until
+    /// accepting fails.
+    pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept()?;
+            self.spawn(stream);
+        }
+    }
+
+    /// [`Server::serve_unix`] over TCP.
+    pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, _) = listener.accept()?;
+            let _ = stream.set_nodelay(true);
+            self.spawn(stream);
+        }
+    }
+
+    fn spawn<S: Stream>(self: &Arc<Self>, stream: S) {
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("more than {MAX_CONNECTIONS} NBD clients at once: one refused");
+            stream.shut();
+            return;
+        }
+        let server = Arc::clone(self);
+        std::thread::spawn(move || {
+            if let Err(e) = server.serve_connection(stream) {
+                tracing::info!("NBD client: {e}");
+            }
+            server.connections.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    /// Serves one client to the end of its connection.
+    pub fn serve_connection<S: Stream>(&self, mut stream: S) -> Result<(), Error> {
+        let entered = self.negotiate(&mut stream);
+        match entered {
+            Ok(Some(structured)) => self.transmit(stream, structured),
+            Ok(None) => Ok(()),
+            Err(e) => {
+                stream.shut();
+                Err(e)
+            }
+        }
+    }
+
+    /// The handshake and the options, until the client chooses the export (whether it asked
+    /// for structured replies) or leaves (`None`).
+    fn negotiate<S: Stream>(&self, s: &mut S) -> Result<Option<bool>, Error> {
+        let mut structured = false;
+        let mut hello = NBD_MAGIC.to_be_bytes().to_vec();
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&hello).map_err(io_err)?;
+        let flags = u32::from_be_bytes(read_n::<4, S>(s)?);
+        if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+            return Err(Error::Protocol(format!("client sent unknown flags {flags:#x}")));
+        }
+        let no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+        let tx_flags = TX_HAS_FLAGS | TX_READ_ONLY | TX_SEND_FLUSH | TX_CAN_MULTI_CONN;
+        let size = self.export.size();
+        loop {
+            let header = parse_option_header(&read_n::<16, S>(s)?)?;
+            if header.len > MAX_OPTION_DATA {
+                return Err(Error::Protocol(format!(
+                    "client sent an option of {} bytes (at most {MAX_OPTION_DATA})",
+                    header.len
+                )));
+            }
+            let mut data = vec![0u8; header.len as usize];
+            s.read_exact(&mut data).map_err(io_err)?;
+            let reply = |s: &mut S, kind: u32, data: &[u8]| {
+                s.write_all(&option_reply(header.option, kind, data)).map_err(io_err)
+            };
+            match header.option {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    if !self.is_ours(&name) {
+                        return Err(Error::Protocol(format!("client asked for export {name:?}")));
+                    }
+                    let mut b = size.to_be_bytes().to_vec();
+                    b.extend_from_slice(&tx_flags.to_be_bytes());
+                    if !no_zeroes {
+                        b.extend_from_slice(&[0u8; 124]);
+                    }
+                    s.write_all(&b).map_err(io_err)?;
+                    return Ok(Some(structured));
+                }
+                OPT_ABORT => {
+                    reply(s, REP_ACK, &[])?;
+                    return Ok(None);
+                }
+                OPT_STRUCTURED_REPLY if data.is_empty() => {
+                    structured = true;
+                    reply(s, REP_ACK, &[])?;
+                }
+                OPT_LIST if data.is_empty() => {
+                    let mut b = (self.name.len() as u32).to_be_bytes().to_vec();
+                    b.extend_from_slice(self.name.as_bytes());
+                    reply(s, REP_SERVER, &b)?;
+                    reply(s, REP_ACK, &[])?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let request = match parse_info_request(&data) {
+                        Ok(r) => r,
+                        Err(_) => {
+                            reply(s, REP_ERR_INVALID, &[])?;
+                            continue;
+                        }
+                    };
+                    if !self.is_ours(&request.name) {
+                        reply(s, REP_ERR_UNKNOWN, b"no such export")?;
+                        continue;
+                    }
+                    let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+                    export.extend_from_slice(&size.to_be_bytes());
+                    export.extend_from_slice(&tx_flags.to_be_bytes());
+                    reply(s, REP_INFO, &export)?;
+                    if request.requests.contains(&INFO_BLOCK_SIZE) {
+                        let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                        for v in [1u32, 4096, MAX_REQUEST] {
+                            b.extend_from_slice(&v.to_be_bytes());
+                        }
+                        reply(s, REP_INFO, &b)?;
+                    }
+                    reply(s, REP_ACK, &[])?;
+                    if header.option == OPT_GO {
+                        return Ok(Some(structured));
+                    }
+                }
+                OPT_LIST | OPT_STRUCTURED_REPLY => reply(s, REP_ERR_INVALID, &[])?,
+                _ => reply(s, REP_ERR_UNSUP, &[])?,
+            }
+        }
+    }
+
+    fn is_ours(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+
+    /// Requests until the client disconnects.
+    fn transmit<S: Stream>(&self, mut s: S, structured: bool) -> Result<(), Error> {
+        let writer = Arc::new(Mutex::new(s.try_clone_stream().map_err(io_err)?));
+        let (to_workers, requests) = mpsc::sync_channel::<Request>(WORKERS * 2);
+        let requests = Arc::new(Mutex::new(requests));
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                let (requests, writer) = (Arc::clone(&requests), Arc::clone(&writer));
+                let (export, budget) = (Arc::clone(&self.export), Arc::clone(&self.budget));
+                std::thread::spawn(move || {
+                    serve_reads(&requests, &writer, &*export, &budget, structured)
+                })
+            })
+            .collect();
+        let size = self.export.size();
+        let outcome = loop {
+            let request = match read_n::<28, S>(&mut s).and_then(|b| parse_request(&b)) {
+                Ok(r) => r,
+                Err(e) => break Err(e),
+            };
+            let answer = |error: u32| reply(&writer, error, request.handle, &[]);
+            let done = match request.command {
+                CMD_READ => match check_read(&request, size) {
+                    Ok(()) => match to_workers.send(request) {
+                        Ok(()) => Ok(()),
+                        Err(_) => break Err(Error::Protocol("the readers stopped".into())),
+                    },
+                    Err(why) => {
+                        tracing::debug!("refused {why}");
+                        answer(EINVAL)
+                    }
+                },
+                CMD_WRITE => {
+                    if request.len > MAX_REQUEST {
+                        break Err(Error::Protocol("client sent a write over 32 MiB".into()));
+                    }
+                    // The payload is read and dropped: the export is read-only.
+                    let skipped =
+                        io::copy(&mut (&mut s).take(u64::from(request.len)), &mut io::sink());
+                    match skipped {
+                        Ok(n) if n == u64::from(request.len) => answer(EPERM),
+                        Ok(_) => break Ok(()),
+                        Err(e) => break Err(io_err(e)),
+                    }
+                }
+                CMD_DISC => break Ok(()),
+                CMD_FLUSH => answer(0),
+                CMD_CACHE => {
+                    let fits = request
+                        .offset
+                        .checked_add(u64::from(request.len))
+                        .is_some_and(|e| e <= size);
+                    if fits {
+                        self.export.prefetch(request.offset, u64::from(request.len));
+                        answer(0)
+                    } else {
+                        answer(EINVAL)
+                    }
+                }
+                CMD_TRIM | CMD_WRITE_ZEROES => answer(EPERM),
+                _ => answer(EINVAL),
+            };
+            if let Err(e) = done {
+                break Err(e);
+            }
+        };
+        drop(to_workers);
+        for w in workers {
+            let _ = w.join();
+        }
+        s.shut();
+        match outcome {
+            // The client went away: that is how many clients end.
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+/// A worker: reads requests from the queue, answers each.
+fn serve_reads<S: Stream>(
+    requests: &Mutex<mpsc::Receiver<Request>>,
+    writer: &Mutex<S>,
+    export: &dyn ExportSource,
+    budget: &Budget,
+    structured: bool,
+) {
+    loop {
+        let next = requests.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let Ok(request) = next else { return };
+        let len = u64::from(request.len);
+        budget.take(len);
+        let mut buf = vec![0u8; request.len as usize];
+        let read = export.read_at(request.offset, &mut buf);
+        let sent = match (read, structured) {
+            (Ok(()), false) => reply(writer, 0, request.handle, &buf),
+            (Ok(()), true) => {
+                let mut head = offset_data_chunk(request.handle, request.len).to_vec();
+                head.extend_from_slice(&request.offset.to_be_bytes());
+                send(writer, &head, &buf)
+            }
+            (Err(e), structured) => {
+                tracing::warn!(offset = request.offset, len, "NBD read failed: {e}");
+                match structured {
+                    false => reply(writer, EIO, request.handle, &[]),
+                    true => send(writer, &error_chunk(request.handle, EIO, &e), &[]),
+                }
+            }
+        };
+        drop(buf);
+        budget.give(len);
+        if sent.is_err() {
+            // The client is gone: the main loop sees it too.
+            writer.lock().unwrap_or_else(|p| p.into_inner()).shut();
+            return;
+        }
+    }
+}
+
+/// A simple reply, written whole under the writer's lock.
+fn reply<S: Stream>(writer: &Mutex<S>, error: u32, handle: u64, data: &[u8]) -> Result<(), Error> {
+    send(writer, &simple_reply(error, handle), data)
+}
+
+/// A reply's header and data, written whole under the writer's lock.
+fn send<S: Stream>(writer: &Mutex<S>, head: &[u8], data: &[u8]) -> Result<(), Error> {
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    w.write_all(head).map_err(io_err)?;
+    if !data.is_empty() {
+        w.write_all(data).map_err(io_err)?;
+    }
+    w.flush().map_err(io_err)
+}
+
+/// A structured reply's last chunk header: `kind` with `len` bytes of payload.
+fn chunk_header(handle: u64, kind: u16, len: u32) -> [u8; 20] {
+    let mut b = [0u8; 20];
+    b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    b[6..8].copy_from_slice(&kind.to_be_bytes());
+    b[8..16].copy_from_slice(&handle.to_be_bytes());
+    b[16..20].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// The header of a read's one data chunk (its offset follows, then the data).
+fn offset_data_chunk(handle: u64, len: u32) -> [u8; 20] {
+    chunk_header(handle, crate::proto::REPLY_OFFSET_DATA, len + 8)
+}
+
+/// A read's one error chunk: the errno and a message.
+fn error_chunk(handle: u64, errno: u32, message: &str) -> Vec<u8> {
+    let message = &message.as_bytes()[..message.len().min(1024)];
+    let mut b = chunk_header(handle, REPLY_ERROR, 6 + message.len() as u32).to_vec();
+    b.extend_from_slice(&errno.to_be_bytes());
+    b.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    b.extend_from_slice(message);
+    b
+}
+
+/// Bytes of reads in flight across connections, waited on when over [`IN_FLIGHT_BYTES`].
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn take(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        // One read alone always goes (a read is at most 32 MiB).
+        while *used > 0 && *used + n > IN_FLIGHT_BYTES {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += n;
+    }
+
+    fn give(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
+fn read_n<const N: usize, S: Read>(s: &mut S) -> Result<[u8; N], Error> {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b).map_err(io_err)?;
+    Ok(b)
+}
+
+fn io_err(source: io::Error) -> Error {
+    Error::Io { server: "client".into(), source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An export whose byte at offset `o` is `o % 251`, failing reads at 1 MiB.
+    struct Pattern;
+
+    impl ExportSource for Pattern {
+        fn size(&self) -> u64 {
+            8 << 20
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+            if offset == 1 << 20 {
+                return Err("a damaged chunk".into());
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 251) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    fn served() -> (Arc<Server>, std::path::PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = Arc::new(Server::new("os", Arc::new(Pattern)));
+        let s = Arc::clone(&server);
+        std::thread::spawn(move || s.serve_unix(listener));
+        (server, socket, dir)
+    }
+
+    #[test]
+    fn our_client_reads_what_the_export_holds_and_errors_are_per_read() {
+        let (_server, socket, _dir) = served();
+        let mut client = crate::Client::connect_unix(&socket, "os", &[]).unwrap();
+        assert_eq!(client.export().size, 8 << 20);
+        let mut buf = vec![0u8; 70_000];
+        client.read(5_000_000, &mut buf).unwrap();
+        assert!(buf.iter().enumerate().all(|(i, b)| *b == ((5_000_000 + i as u64) % 251) as u8));
+        let e = client.read(1 << 20, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("errno 5"), "{e}");
+        // The connection goes on after a failed read; past the end is refused.
+        client.read(0, &mut buf[..10]).unwrap();
+        assert!(client.read((8 << 20) - 5, &mut buf[..10]).is_err());
+        client.disconnect();
+        assert!(crate::Client::connect_unix(&socket, "other", &[]).is_err());
+    }
+
+    #[test]
+    fn a_client_that_leaves_mid_read_or_talks_nonsense_leaves_the_server_serving() {
+        let (_server, socket, _dir) = served();
+        // Handshake by hand, ask for 32 MiB... of an 8 MiB export, then a real read, and go.
+        let mut s = UnixStream::connect(&socket).unwrap();
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut go = IHAVEOPT.to_be_bytes().to_vec();
+        go.extend_from_slice(&OPT_GO.to_be_bytes());
+        go.extend_from_slice(&8u32.to_be_bytes());
+        go.extend_from_slice(&2u32.to_be_bytes());
+        go.extend_from_slice(b"os");
+        go.extend_from_slice(&0u16.to_be_bytes());
+        s.write_all(&go).unwrap();
+        let mut read = crate::proto::request(CMD_READ, 0, 1, 0, 4 << 20).to_vec();
+        read.extend_from_slice(&crate::proto::request(CMD_READ, 0, 2, 4 << 20, 4 << 20));
+        s.write_all(&read).unwrap();
+        drop(s);
+        // Garbage instead of a handshake.
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.write_all(&[0xff; 64]).unwrap();
+        drop(s);
+        let mut client = crate::Client::connect_unix(&socket, "", &[]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        client.read(4096, &mut buf).unwrap();
+        assert_eq!(buf[0], (4096 % 251) as u8);
+    }
+}
