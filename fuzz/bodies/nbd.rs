@@ -75,6 +75,13 @@ pub fn nbd_server(data: &[u8]) {
             Ok(Fake(Arc::clone(&self.0)))
         }
         fn shut(&self) {}
+        fn set_timeouts(
+            &self,
+            _: Option<std::time::Duration>,
+            _: Option<std::time::Duration>,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     let _ = cairn_nbd::server_proto::parse_option_header(data);

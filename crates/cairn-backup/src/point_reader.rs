@@ -3,8 +3,9 @@
 //! Nothing is copied ahead of the reader. A read looks up its blocks in the point's index (the
 //! root once, pages as they are needed, a few kept), then fetches each block's chunk (a
 //! patched block: its base and its patch) with one ranged get each, several at once, and
-//! checks it as a restore does. Blocks are kept in a cache bounded in bytes (the least
-//! recently used go first); holes and zero blocks cost nothing. A reader that goes through the
+//! checks it as a restore does. A block asked for twice at once is fetched once. Blocks are
+//! kept in a cache bounded in bytes (the least recently used go first), index pages in one
+//! bounded in entries; holes and zero blocks cost nothing. A reader that goes through the
 //! disk in order gets the blocks after its read fetched ahead of it. The vault is only read.
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +62,8 @@ struct Inner {
     options: ReaderOptions,
     blocks: Mutex<Lru<Arc<Vec<u8>>>>,
     pages: Mutex<Lru<Arc<Vec<BlockEntry>>>>,
+    /// Blocks being fetched: a second reader of one waits for the first fetch.
+    fetching: Mutex<HashMap<u64, Fetch>>,
     zeros: Arc<Vec<u8>>,
     /// Where the last read ended, to see a reader going in order.
     last_end: AtomicU64,
@@ -71,8 +74,11 @@ struct Inner {
     hits: AtomicU64,
 }
 
-/// Index pages kept.
-const PAGES_KEPT: u64 = 64;
+/// A block's fetch under way, shared by whoever asks for the block meanwhile.
+type Fetch = Arc<tokio::sync::OnceCell<Arc<Vec<u8>>>>;
+
+/// Index page entries kept (one per block; about 20 MiB of them).
+const PAGE_ENTRIES_KEPT: u64 = 256 * 1024;
 
 impl PointReader {
     /// A reader of disk `disk` of `point` in `vault`: reads the index root, nothing else.
@@ -96,14 +102,21 @@ impl PointReader {
             next = next.saturating_add(*n);
         }
         let block = u64::from(root.block_size);
-        let options = ReaderOptions { parallel: options.parallel.max(1), ..options };
+        // A cache that cannot hold one read's blocks, or read-ahead that evicts what it
+        // fetched, would fetch everything twice.
+        let parallel = options.parallel.clamp(1, 64);
+        let cache_bytes = options.cache_bytes.max(4 * parallel as u64 * block);
+        let read_ahead = options.read_ahead.min(cache_bytes / 2);
+        let options = ReaderOptions { parallel, cache_bytes, read_ahead };
+        let per_page = u64::from(root.blocks_per_page.max(1));
         Ok(PointReader(Arc::new(Inner {
             disk: disk.clone(),
             point: point.point.clone(),
             page_runs,
             block,
             blocks: Mutex::new(Lru::new(options.cache_bytes)),
-            pages: Mutex::new(Lru::new(PAGES_KEPT)),
+            pages: Mutex::new(Lru::new(PAGE_ENTRIES_KEPT.max(per_page))),
+            fetching: Mutex::new(HashMap::new()),
             zeros: Arc::new(vec![0u8; block as usize]),
             options,
             root,
@@ -124,6 +137,11 @@ impl PointReader {
     /// The point read.
     pub fn point(&self) -> &PointId {
         &self.0.point
+    }
+
+    /// The vault's block size: the size reads should come in.
+    pub fn block_size(&self) -> u32 {
+        self.0.root.block_size
     }
 
     /// What has been fetched so far.
@@ -163,19 +181,11 @@ impl PointReader {
         for (i, data) in blocks {
             let at = i * inner.block;
             let from = offset.max(at);
-            let to = end.min(at + inner.block);
+            let to = end.min(at.saturating_add(inner.block));
             let src = &data[(from - at) as usize..(to - at) as usize];
             buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
         }
         Ok(())
-    }
-
-    /// Fetches the blocks of `[offset, offset + len)` into the cache in the background (a
-    /// client's hint that it will read them).
-    pub fn prefetch(&self, offset: u64, len: u64) {
-        let first = offset / self.0.block;
-        let last = offset.saturating_add(len).min(self.size()).saturating_sub(1) / self.0.block;
-        self.fetch_in_background(first, last);
     }
 
     /// After an in-order read ending before block `next`: the blocks of the next
@@ -184,8 +194,10 @@ impl PointReader {
         let inner = &self.0;
         let count = (inner.options.read_ahead / inner.block).max(1);
         let until = next.saturating_add(count).min(inner.root.block_count());
-        let from = next.max(inner.ahead_until.load(Ordering::Relaxed));
-        if from >= until {
+        // Continue the window this reader is in; a reader elsewhere starts its own.
+        let asked = inner.ahead_until.load(Ordering::Relaxed);
+        let from = if (next..until).contains(&asked) { asked } else { next };
+        if from >= until || asked == until {
             return;
         }
         inner.ahead_until.store(until, Ordering::Relaxed);
@@ -214,13 +226,29 @@ impl PointReader {
         });
     }
 
-    /// Block `i`, whole (the last block of a disk may be shorter).
+    /// Block `i`, whole (the last block of a disk may be shorter): from the cache, from a
+    /// fetch of it already under way, or fetched now.
     async fn block(&self, i: u64) -> Result<Arc<Vec<u8>>, Error> {
         let inner = &self.0;
         if let Some(b) = inner.blocks.lock().unwrap_or_else(|p| p.into_inner()).get(i) {
             inner.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(b);
         }
+        let cell = {
+            let mut fetching = inner.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(fetching.entry(i).or_default())
+        };
+        let fetched = cell.get_or_try_init(|| self.fetch(i)).await.cloned();
+        let mut fetching = inner.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if fetching.get(&i).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fetching.remove(&i);
+        }
+        fetched
+    }
+
+    /// Fetches block `i` and puts it in the cache.
+    async fn fetch(&self, i: u64) -> Result<Arc<Vec<u8>>, Error> {
+        let inner = &self.0;
         let per_page = u64::from(inner.root.blocks_per_page.max(1));
         let page = self.page(i / per_page).await?;
         let at = i * inner.block;
@@ -295,7 +323,8 @@ impl PointReader {
         })?;
         let page = inner.vault.read_page_of(&inner.root, n, &digest).await?;
         let entries = Arc::new(page.entries().collect::<Vec<_>>());
-        inner.pages.lock().unwrap_or_else(|p| p.into_inner()).put(n, Arc::clone(&entries), 1);
+        let weight = entries.len() as u64;
+        inner.pages.lock().unwrap_or_else(|p| p.into_inner()).put(n, Arc::clone(&entries), weight);
         Ok(entries)
     }
 }

@@ -6,9 +6,12 @@
 //! else is answered "unsupported". In transmission, reads go to a few worker threads per connection and are answered
 //! as they complete, within a byte budget shared by every connection; `WRITE`, `TRIM` and
 //! `WRITE_ZEROES` are refused with `EPERM` (a guest booting from the export writes to its
-//! own overlay), `FLUSH` and `CACHE` succeed (`CACHE` is passed on as a read-ahead hint), and
-//! anything else is `EINVAL`. A client that breaks the protocol is disconnected; one that
-//! goes away mid-read costs only its own connection. The crate has no async runtime: an
+//! own overlay), `FLUSH` succeeds, and anything else (`CACHE` included: it is not offered)
+//! is `EINVAL`. A client that breaks the protocol is disconnected; one that goes away
+//! mid-read costs only its own connection; one that stops reading its replies is cut off
+//! after [`WRITE_TIMEOUT`], and one that does not finish negotiating after
+//! [`NEGOTIATION_TIMEOUT`]. A server may be private: then only its export's exact name
+//! reaches it and `LIST` names nothing (for TCP, where anyone on the host can connect). The crate has no async runtime: an
 //! export backed by async code blocks on it from the server's threads.
 
 use std::io::{self, Read, Write};
@@ -16,6 +19,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::Duration;
 
 use crate::Error;
 use crate::proto::{
@@ -32,9 +36,9 @@ pub trait ExportSource: Send + Sync + 'static {
     /// Fills `buf` with the bytes at `offset` (the range is within the size). An error is
     /// logged with its text, and the client gets `EIO` for that read.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
-    /// A hint that the range will be read soon (`CACHE`).
-    fn prefetch(&self, offset: u64, len: u64) {
-        let _ = (offset, len);
+    /// The size reads should come in (the export's block size), advertised to clients.
+    fn preferred_block(&self) -> u32 {
+        4096
     }
 }
 
@@ -46,6 +50,8 @@ pub trait Stream: Read + Write + Send + 'static {
         Self: Sized;
     /// Ends the connection both ways.
     fn shut(&self);
+    /// Limits how long a read or a write may wait (`None`: forever).
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for UnixStream {
@@ -54,6 +60,10 @@ impl Stream for UnixStream {
     }
     fn shut(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
     }
 }
 
@@ -64,7 +74,16 @@ impl Stream for TcpStream {
     fn shut(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
 }
+
+/// How long a client may take to negotiate.
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reply may wait for the client to read it before the connection is cut.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads served at once per connection.
 const WORKERS: usize = 4;
@@ -76,6 +95,8 @@ const IN_FLIGHT_BYTES: u64 = 256 << 20;
 /// The server of one export.
 pub struct Server {
     name: String,
+    /// Whether only the exact name reaches the export, and `LIST` names nothing.
+    private: bool,
     export: Arc<dyn ExportSource>,
     connections: Arc<AtomicUsize>,
     budget: Arc<Budget>,
@@ -87,27 +108,41 @@ impl Server {
     pub fn new(name: &str, export: Arc<dyn ExportSource>) -> Server {
         Server {
             name: name.to_owned(),
+            private: false,
             export,
             connections: Arc::new(AtomicUsize::new(0)),
             budget: Arc::new(Budget { used: Mutex::new(0), freed: Condvar::new() }),
         }
     }
 
-    /// Serves every client that connects to `listener`, each on its own thread, until
-    /// accepting fails.
+    /// This server, reachable only by its export's exact name (a name hard to guess is then
+    /// what a client must know), with `LIST` naming nothing.
+    pub fn private(mut self) -> Server {
+        self.private = true;
+        self
+    }
+
+    /// Serves every client that connects to `listener`, each on its own thread. A failure
+    /// to accept (too many open files, a connection aborted) is logged and waited out.
     pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
         loop {
-            let (stream, _) = listener.accept()?;
-            self.spawn(stream);
+            match listener.accept() {
+                Ok((stream, _)) => self.spawn(stream),
+                Err(e) => accept_failed(e),
+            }
         }
     }
 
     /// [`Server::serve_unix`] over TCP.
     pub fn serve_tcp(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
         loop {
-            let (stream, _) = listener.accept()?;
-            let _ = stream.set_nodelay(true);
-            self.spawn(stream);
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.spawn(stream);
+                }
+                Err(e) => accept_failed(e),
+            }
         }
     }
 
@@ -120,18 +155,25 @@ impl Server {
         }
         let server = Arc::clone(self);
         std::thread::spawn(move || {
+            // Given back however the connection ends, a panic included.
+            let _slot = Slot(&server.connections);
             if let Err(e) = server.serve_connection(stream) {
                 tracing::info!("NBD client: {e}");
             }
-            server.connections.fetch_sub(1, Ordering::SeqCst);
         });
     }
 
     /// Serves one client to the end of its connection.
     pub fn serve_connection<S: Stream>(&self, mut stream: S) -> Result<(), Error> {
+        stream.set_timeouts(Some(NEGOTIATION_TIMEOUT), Some(WRITE_TIMEOUT)).map_err(io_err)?;
         let entered = self.negotiate(&mut stream);
         match entered {
-            Ok(Some(structured)) => self.transmit(stream, structured),
+            Ok(Some(structured)) => {
+                // A client may sit idle between requests for as long as it likes (a booted
+                // guest does); a reply it does not read still times out.
+                stream.set_timeouts(None, Some(WRITE_TIMEOUT)).map_err(io_err)?;
+                self.transmit(stream, structured)
+            }
             Ok(None) => Ok(()),
             Err(e) => {
                 stream.shut();
@@ -191,9 +233,11 @@ impl Server {
                     reply(s, REP_ACK, &[])?;
                 }
                 OPT_LIST if data.is_empty() => {
-                    let mut b = (self.name.len() as u32).to_be_bytes().to_vec();
-                    b.extend_from_slice(self.name.as_bytes());
-                    reply(s, REP_SERVER, &b)?;
+                    if !self.private {
+                        let mut b = (self.name.len() as u32).to_be_bytes().to_vec();
+                        b.extend_from_slice(self.name.as_bytes());
+                        reply(s, REP_SERVER, &b)?;
+                    }
                     reply(s, REP_ACK, &[])?;
                 }
                 OPT_INFO | OPT_GO => {
@@ -214,7 +258,8 @@ impl Server {
                     reply(s, REP_INFO, &export)?;
                     if request.requests.contains(&INFO_BLOCK_SIZE) {
                         let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                        for v in [1u32, 4096, MAX_REQUEST] {
+                        let preferred = self.export.preferred_block().clamp(512, MAX_REQUEST);
+                        for v in [1u32, preferred, MAX_REQUEST] {
                             b.extend_from_slice(&v.to_be_bytes());
                         }
                         reply(s, REP_INFO, &b)?;
@@ -231,7 +276,7 @@ impl Server {
     }
 
     fn is_ours(&self, name: &str) -> bool {
-        name.is_empty() || name == self.name
+        (name.is_empty() && !self.private) || name == self.name
     }
 
     /// Requests until the client disconnects.
@@ -263,7 +308,11 @@ impl Server {
                     },
                     Err(why) => {
                         tracing::debug!("refused {why}");
-                        answer(EINVAL)
+                        // Once structured replies are agreed, a read is answered by chunks.
+                        match structured {
+                            true => send(&writer, &error_chunk(request.handle, EINVAL, why), &[]),
+                            false => answer(EINVAL),
+                        }
                     }
                 },
                 CMD_WRITE => {
@@ -281,18 +330,6 @@ impl Server {
                 }
                 CMD_DISC => break Ok(()),
                 CMD_FLUSH => answer(0),
-                CMD_CACHE => {
-                    let fits = request
-                        .offset
-                        .checked_add(u64::from(request.len))
-                        .is_some_and(|e| e <= size);
-                    if fits {
-                        self.export.prefetch(request.offset, u64::from(request.len));
-                        answer(0)
-                    } else {
-                        answer(EINVAL)
-                    }
-                }
                 CMD_TRIM | CMD_WRITE_ZEROES => answer(EPERM),
                 _ => answer(EINVAL),
             };
@@ -301,6 +338,11 @@ impl Server {
             }
         };
         drop(to_workers);
+        // Shut first on a failure: a worker stuck writing to a client that reads nothing is
+        // freed at once.
+        if outcome.is_err() {
+            s.shut();
+        }
         for w in workers {
             let _ = w.join();
         }
@@ -327,9 +369,12 @@ fn serve_reads<S: Stream>(
         let next = requests.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let Ok(request) = next else { return };
         let len = u64::from(request.len);
-        budget.take(len);
+        let _held = budget.take(len);
         let mut buf = vec![0u8; request.len as usize];
-        let read = export.read_at(request.offset, &mut buf);
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            export.read_at(request.offset, &mut buf)
+        }))
+        .unwrap_or_else(|_| Err("the read panicked".into()));
         let sent = match (read, structured) {
             (Ok(()), false) => reply(writer, 0, request.handle, &buf),
             (Ok(()), true) => {
@@ -338,15 +383,15 @@ fn serve_reads<S: Stream>(
                 send(writer, &head, &buf)
             }
             (Err(e), structured) => {
+                // The reason, which may name vault objects, stays in the server's log.
                 tracing::warn!(offset = request.offset, len, "NBD read failed: {e}");
                 match structured {
                     false => reply(writer, EIO, request.handle, &[]),
-                    true => send(writer, &error_chunk(request.handle, EIO, &e), &[]),
+                    true => send(writer, &error_chunk(request.handle, EIO, UNREADABLE), &[]),
                 }
             }
         };
         drop(buf);
-        budget.give(len);
         if sent.is_err() {
             // The client is gone: the main loop sees it too.
             writer.lock().unwrap_or_else(|p| p.into_inner()).shut();
@@ -386,9 +431,16 @@ fn offset_data_chunk(handle: u64, len: u32) -> [u8; 20] {
     chunk_header(handle, crate::proto::REPLY_OFFSET_DATA, len + 8)
 }
 
-/// A read's one error chunk: the errno and a message.
+/// What a client is told of a failed read.
+const UNREADABLE: &str = "this block could not be read from the vault (the server's log says why)";
+
+/// A read's one error chunk: the errno and a message (short, whole characters).
 fn error_chunk(handle: u64, errno: u32, message: &str) -> Vec<u8> {
-    let message = &message.as_bytes()[..message.len().min(1024)];
+    let mut cut = message.len().min(1024);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message.as_bytes()[..cut];
     let mut b = chunk_header(handle, REPLY_ERROR, 6 + message.len() as u32).to_vec();
     b.extend_from_slice(&errno.to_be_bytes());
     b.extend_from_slice(&(message.len() as u16).to_be_bytes());
@@ -403,20 +455,42 @@ struct Budget {
 }
 
 impl Budget {
-    fn take(&self, n: u64) {
+    /// Waits until `n` more bytes fit, and holds them until the returned guard is dropped.
+    fn take(&self, n: u64) -> Held<'_> {
         let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
         // One read alone always goes (a read is at most 32 MiB).
         while *used > 0 && *used + n > IN_FLIGHT_BYTES {
             used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
         }
         *used += n;
+        Held(self, n)
     }
+}
 
-    fn give(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used = used.saturating_sub(n);
-        self.freed.notify_all();
+/// Bytes of the budget held by one read; given back when dropped, however the read ends.
+struct Held<'a>(&'a Budget, u64);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut used = self.0.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used = used.saturating_sub(self.1);
+        self.0.freed.notify_all();
     }
+}
+
+/// A connection's place among [`MAX_CONNECTIONS`]; given back when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A failure to accept a connection: logged, and waited out a moment.
+fn accept_failed(e: io::Error) {
+    tracing::warn!("accepting an NBD client: {e}");
+    std::thread::sleep(Duration::from_millis(100));
 }
 
 fn read_n<const N: usize, S: Read>(s: &mut S) -> Result<[u8; N], Error> {
@@ -476,6 +550,21 @@ mod tests {
         assert!(client.read((8 << 20) - 5, &mut buf[..10]).is_err());
         client.disconnect();
         assert!(crate::Client::connect_unix(&socket, "other", &[]).is_err());
+    }
+
+    #[test]
+    fn a_private_server_answers_only_its_exact_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let server = Arc::new(Server::new("os-5eb1", Arc::new(Pattern)).private());
+        std::thread::spawn(move || server.serve_unix(listener));
+        assert!(crate::Client::connect_unix(&socket, "", &[]).is_err());
+        assert!(crate::Client::connect_unix(&socket, "os", &[]).is_err());
+        let mut client = crate::Client::connect_unix(&socket, "os-5eb1", &[]).unwrap();
+        let mut buf = [0u8; 16];
+        client.read(251, &mut buf).unwrap();
+        assert_eq!(buf[0], 0);
     }
 
     #[test]

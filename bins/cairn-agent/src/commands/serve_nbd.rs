@@ -28,9 +28,8 @@ impl ExportSource for Export {
         self.runtime.block_on(self.reader.read(offset, buf)).map_err(|e| e.to_string())
     }
 
-    fn prefetch(&self, offset: u64, len: u64) {
-        let _entered = self.runtime.enter();
-        self.reader.prefetch(offset, len);
+    fn preferred_block(&self) -> u32 {
+        self.reader.block_size()
     }
 }
 
@@ -41,24 +40,28 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
     let disk: cairn_format::Name =
         args.disk.parse().with_context(|| format!("--disk {:?}", args.disk))?;
     let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+    let mib = |n: u64, what: &str| {
+        n.checked_mul(1 << 20).with_context(|| format!("--{what} {n} is too large"))
+    };
     let options = ReaderOptions {
-        cache_bytes: args.cache_mib << 20,
-        read_ahead: args.read_ahead_mib << 20,
+        cache_bytes: mib(args.cache_mib, "cache-mib")?,
+        read_ahead: mib(args.read_ahead_mib, "read-ahead-mib")?,
         ..ReaderOptions::default()
     };
     let reader = PointReader::open(vault, &manifest, &disk, options).await?;
     let size = reader.size();
     let export =
         Arc::new(Export { reader: reader.clone(), runtime: tokio::runtime::Handle::current() });
-    let server = Arc::new(Server::new(disk.as_str(), export));
     // The server runs on threads of its own; its end (accepting failed) stops the command.
     let (ended, serving) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
+    let mut bound = None;
     let uri = match (&args.socket, args.listen) {
         (Some(path), _) => {
-            let listener = bind_private(path)?;
-            let server = Arc::clone(&server);
+            let (listener, identity) = bind_private(path)?;
+            bound = Some(identity);
+            let server = Arc::new(Server::new(disk.as_str(), export));
             std::thread::spawn(move || ended.send(server.serve_unix(listener)));
-            format!("nbd+unix:///{disk}?socket={}", path.display())
+            format!("nbd+unix:///{disk}?socket={}", uri_escape(&path.display().to_string()))
         }
         (None, Some(addr)) => {
             if !addr.ip().is_loopback() {
@@ -70,8 +73,13 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
             }
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("listening on {addr}"))?;
-            let uri = format!("nbd://{}/{disk}", listener.local_addr()?);
-            let server = Arc::clone(&server);
+            // Anyone on the host can connect to a loopback port: the export's name carries a
+            // random part, and only that exact name reaches it.
+            let secret: [u8; 16] = rand::RngExt::random(&mut rand::rng());
+            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            let name = format!("{disk}-{hex}");
+            let uri = format!("nbd://{}/{name}", listener.local_addr()?);
+            let server = Arc::new(Server::new(&name, export).private());
             std::thread::spawn(move || ended.send(server.serve_tcp(listener)));
             uri
         }
@@ -96,8 +104,11 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
             _ => "it stopped".to_owned(),
         }),
     };
-    if let Some(path) = &args.socket {
-        let _ = std::fs::remove_file(path);
+    if let (Some(path), Some(identity)) = (&args.socket, bound) {
+        // Only the socket we made: something put there since is not ours to remove.
+        if socket_identity(path) == Some(identity) {
+            let _ = std::fs::remove_file(path);
+        }
     }
     let stopped = stopped.map_err(|e| anyhow::anyhow!("the NBD server on {uri} failed: {e}"))?;
     let stats = reader.stats();
@@ -116,24 +127,54 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// Binds a unix socket at `path` (which must not exist), readable and writable by this user
-/// alone: whoever can connect can read the disk.
-fn bind_private(path: &std::path::Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if std::fs::symlink_metadata(path).is_ok() {
-        bail!(
-            "--socket {}: something is there already; remove it or choose another path",
-            path.display()
-        );
+/// Binds a unix socket at `path`, readable and writable by this user alone (whoever can
+/// connect can read the disk), in a folder no one else may change (no one can swap the
+/// socket for theirs). A socket left by a killed server (nothing answers on it) is replaced;
+/// anything else there is refused. Returns the listener and the socket's identity.
+fn bind_private(
+    path: &std::path::Path,
+) -> anyhow::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
+    use std::os::unix::fs::FileTypeExt;
+    cairn_snapshot::trusted::check_folders(path)
+        .with_context(|| format!("--socket {}", path.display()))?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let refused = std::os::unix::net::UnixStream::connect(path)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+        if !(meta.file_type().is_socket() && refused) {
+            bail!(
+                "--socket {}: something is there already (another server?); remove it or \
+                 choose another path",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    // Made with no permission for others from the start, then opened to this user.
+    // Made with no permission for others from the start (bind never follows a link).
     let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = std::os::unix::net::UnixListener::bind(path);
     rustix::process::umask(old);
     let listener = bound.with_context(|| format!("listening on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} private", path.display()))?;
-    Ok(listener)
+    let identity = socket_identity(path).context("the socket vanished")?;
+    Ok((listener, identity))
+}
+
+/// The device and inode of the socket at `path`.
+fn socket_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// `s` with what a URI's query cannot hold as is percent-encoded.
+fn uri_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'-' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Waits for Ctrl-C or SIGTERM; says which.
