@@ -176,63 +176,21 @@ fn a_point_is_served_over_nbd_as_it_is_read() {
     let log = served.stop();
     assert!(log.contains("NBD read failed") && log.contains("disk os"), "{log}");
 
-    // Bad arguments.
-    let missing = agent(&[
-        "serve-nbd",
-        "--vault",
-        &vault,
-        "--vm",
-        "web",
-        "--point",
-        "20200101T000000.000Z-00000000",
-        "--disk",
-        "os",
-        "--socket",
-        &s("x.sock"),
-    ]);
-    assert!(!missing.status.success());
-    let e = String::from_utf8_lossy(&missing.stderr);
-    assert!(e.contains("20200101T000000.000Z-00000000"), "{e}");
-    let wide = agent(&[
-        "serve-nbd",
-        "--vault",
-        &vault,
-        "--vm",
-        "web",
-        "--disk",
-        "os",
-        "--listen",
-        "0.0.0.0:10809",
-    ]);
-    let e = String::from_utf8_lossy(&wide.stderr);
-    assert!(!wide.status.success() && e.contains("TLS"), "{e}");
-    let no_disk = agent(&[
-        "serve-nbd",
-        "--vault",
-        &vault,
-        "--vm",
-        "web",
-        "--disk",
-        "data",
-        "--socket",
-        &s("y.sock"),
-    ]);
-    let e = String::from_utf8_lossy(&no_disk.stderr);
-    assert!(!no_disk.status.success() && e.contains("no disk data"), "{e}");
-    std::fs::write(s("taken.sock"), b"").unwrap();
-    let taken = agent(&[
-        "serve-nbd",
-        "--vault",
-        &vault,
-        "--vm",
-        "web",
-        "--disk",
-        "os",
-        "--socket",
-        &s("taken.sock"),
-    ]);
-    let e = String::from_utf8_lossy(&taken.stderr);
-    assert!(!taken.status.success() && e.contains("already"), "{e}");
+    // Bad arguments: each refused, saying what is wrong.
+    let refused = |extra: &[&str], says: &str| {
+        let mut args = vec!["serve-nbd", "--vault", &vault, "--vm", "web"];
+        args.extend_from_slice(extra);
+        let out = agent(&args);
+        let e = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && e.contains(says), "{extra:?}: {e}");
+    };
+    let (x, y, taken) = (s("x.sock"), s("y.sock"), s("taken.sock"));
+    let missing_point = "20200101T000000.000Z-00000000";
+    refused(&["--point", missing_point, "--disk", "os", "--socket", &x], missing_point);
+    refused(&["--disk", "os", "--listen", "0.0.0.0:10809"], "TLS");
+    refused(&["--disk", "data", "--socket", &y], "no disk data");
+    std::fs::write(&taken, b"").unwrap();
+    refused(&["--disk", "os", "--socket", &taken], "already");
 }
 
 /// The vault's pack files.

@@ -88,11 +88,7 @@ impl PointReader {
         disk: &Name,
         options: ReaderOptions,
     ) -> Result<PointReader, Error> {
-        let record = point.disks.get(disk).ok_or_else(|| Error::DiskNotInPoint {
-            disk: disk.clone(),
-            point: point.point.clone(),
-            available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
-        })?;
+        let record = crate::restore::disk_of(point, disk)?;
         // Checked against the manifest: a crafted root cannot make a read walk past the disk.
         let root = vault.read_disk_index(record).await?;
         let mut page_runs = Vec::with_capacity(root.pages.len());

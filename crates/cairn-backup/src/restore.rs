@@ -89,11 +89,7 @@ pub async fn restore_disk(
     options: &RestoreOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<RestoreStats, Error> {
-    let record = point.disks.get(disk).ok_or_else(|| Error::DiskNotInPoint {
-        disk: disk.clone(),
-        point: point.point.clone(),
-        available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
-    })?;
+    let record = disk_of(point, disk)?;
     // What other hosts committed or quarantined since this handle last looked: a copy
     // quarantined elsewhere is read from its good copy, not from the bad one.
     vault.refresh_chunk_map().await?;
@@ -109,6 +105,18 @@ pub async fn restore_disk(
         }
     }
     result
+}
+
+/// Disk `disk` of `point`, or an error listing the disks it has.
+pub(crate) fn disk_of<'a>(
+    point: &'a PointManifest,
+    disk: &Name,
+) -> Result<&'a cairn_format::DiskRecord, Error> {
+    point.disks.get(disk).ok_or_else(|| Error::DiskNotInPoint {
+        disk: disk.clone(),
+        point: point.point.clone(),
+        available: point.disks.keys().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+    })
 }
 
 /// Mode of a folder a restore creates.

@@ -54,31 +54,29 @@ pub trait Stream: Read + Write + Send + 'static {
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
 }
 
-impl Stream for UnixStream {
-    fn try_clone_stream(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shut(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(read)?;
-        self.set_write_timeout(write)
-    }
+/// The socket types the server listens with: their own methods do it all.
+macro_rules! socket_stream {
+    ($($t:ty),*) => {$(
+        impl Stream for $t {
+            fn try_clone_stream(&self) -> io::Result<Self> {
+                self.try_clone()
+            }
+            fn shut(&self) {
+                let _ = self.shutdown(std::net::Shutdown::Both);
+            }
+            fn set_timeouts(
+                &self,
+                read: Option<Duration>,
+                write: Option<Duration>,
+            ) -> io::Result<()> {
+                self.set_read_timeout(read)?;
+                self.set_write_timeout(write)
+            }
+        }
+    )*};
 }
 
-impl Stream for TcpStream {
-    fn try_clone_stream(&self) -> io::Result<Self> {
-        self.try_clone()
-    }
-    fn shut(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(read)?;
-        self.set_write_timeout(write)
-    }
-}
+socket_stream!(UnixStream, TcpStream);
 
 /// How long a client may take to negotiate.
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
