@@ -429,12 +429,33 @@ pub struct RestoreArgs {
     /// One disk; without it every disk is restored into the folder --to.
     #[arg(long)]
     pub disk: Option<String>,
-    /// Target file (with --disk) or folder.
+    /// Target file or block device (with --disk), or folder (one file per disk).
     #[arg(long)]
     pub to: PathBuf,
-    /// Overwrite an existing non-empty target.
+    /// Overwrite an existing non-empty target (a device always needs it).
     #[arg(long)]
     pub force: bool,
+    /// The format of a new target: raw, or qcow2 (a sparse version 3 image).
+    #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
+    pub format: FormatArg,
+    /// Write over the disk the point came from, only the blocks that differ (it reads and
+    /// hashes the whole target). Not atomic: a restore that stops halfway leaves it part old,
+    /// part new. Needs --force; refused while anything has the target open for writing.
+    #[arg(long, requires = "force")]
+    pub in_place: bool,
+    /// Where the vault's data for a block is damaged or missing, leave zeros, name the block
+    /// and go on with the rest (the command then exits 3), instead of stopping.
+    #[arg(long)]
+    pub keep_going: bool,
+}
+
+/// Image formats a restore writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatArg {
+    /// The disk's bytes as they are.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
 }
 
 #[derive(Args, Debug)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-use support::{agent, ok, tool};
+use support::{agent, ok, pack_files, tool};
 
 /// A running `serve-nbd`, stopped (SIGTERM) when dropped.
 struct Served {
@@ -191,24 +191,6 @@ fn a_point_is_served_over_nbd_as_it_is_read() {
     refused(&["--disk", "data", "--socket", &y], "no disk data");
     std::fs::write(&taken, b"").unwrap();
     refused(&["--disk", "os", "--socket", &taken], "already");
-}
-
-/// The vault's pack files.
-fn pack_files(vault: &Path) -> Vec<PathBuf> {
-    let mut found = vec![];
-    let mut dirs = vec![vault.join("packs")];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else {
-                found.push(p);
-            }
-        }
-    }
-    assert!(!found.is_empty(), "no packs under {}", vault.display());
-    found
 }
 
 /// The same from vaults in object storage (S3 and Azure Blob emulators): the first bytes come

@@ -11,7 +11,6 @@
 mod backup;
 mod cancel;
 mod copy;
-mod direct_write;
 mod error;
 mod job;
 mod point_reader;
@@ -19,7 +18,6 @@ mod previous;
 mod progress;
 mod prune;
 mod restore;
-mod target;
 
 pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;
@@ -29,7 +27,9 @@ pub use job::{Captured, Check, JobOptions, Snapshot, VmJob, check};
 pub use point_reader::{PointReader, ReaderOptions, ReaderStats};
 pub use progress::{DiskProgress, NoProgress, Progress};
 pub use prune::{Action, PointDecision, PruneOptions, PruneReport, prune};
-pub use restore::{RestoreOptions, RestoreStats, restore_disk, restore_point};
+pub use restore::{
+    Damage, ImageFormat, PARALLEL_DISKS, RestoreOptions, RestoreStats, restore_disk, restore_point,
+};
 
 /// The README's examples compile: this runs them as doc tests.
 #[doc = include_str!("../../../README.md")]

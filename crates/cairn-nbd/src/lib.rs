@@ -5,6 +5,7 @@
 //!   `READ` and `BLOCK_STATUS` for `base:allocation` and `qemu:dirty-bitmap:NAME`.
 //! - [`qcow2`]: the qcow2 header, read before qemu opens an image: backing files refused
 //!   unless allowed, `json:` backing names and external data files always.
+//! - [`qcow2_write`]: a qcow2 image written in one pass, for restores to qcow2.
 //! - [`qemu`]: `qemu-nbd` serving an image read-only on a private unix socket, and
 //!   `qemu-img` describing an image and adding or removing its bitmaps.
 //! - [`Rotation`]: one bitmap per disk and recovery point. The next is added at the moment of
@@ -23,6 +24,7 @@ mod client;
 mod error;
 pub mod proto;
 pub mod qcow2;
+pub mod qcow2_write;
 pub mod qemu;
 mod rotation;
 pub mod server;

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use cairn_backup::RestoreOptions;
+use cairn_backup::{ImageFormat, RestoreOptions};
 
-use crate::cli::RestoreArgs;
+use crate::cli::{FormatArg, RestoreArgs};
 use crate::output::{Bars, Exit, print_json};
 use crate::units::bytes;
 
@@ -14,7 +14,15 @@ pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<Exit> {
     let vm = super::vm_name(&args.vm)?;
     let point = super::point_id(&args.point)?;
     let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
-    let options = RestoreOptions { force: args.force };
+    let options = RestoreOptions {
+        force: args.force,
+        format: match args.format {
+            FormatArg::Raw => ImageFormat::Raw,
+            FormatArg::Qcow2 => ImageFormat::Qcow2,
+        },
+        in_place: args.in_place,
+        keep_going: args.keep_going,
+    };
     let bars = Arc::new(Bars::new(json, "restore"));
     let restored = match &args.disk {
         Some(disk) => {
@@ -29,19 +37,50 @@ pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<Exit> {
     if json {
         let disks: Vec<_> = restored
             .iter()
-            .map(|(d, p, s)| serde_json::json!({ "disk": d, "path": p, "size": s.size, "bytes_written": s.bytes_written, "chunks": s.chunks }))
+            .map(|(d, p, s)| {
+                let damaged: Vec<_> = s
+                    .damaged
+                    .iter()
+                    .map(|g| serde_json::json!({ "offset": g.offset, "len": g.len, "detail": g.detail }))
+                    .collect();
+                serde_json::json!({
+                    "disk": d, "path": p, "size": s.size, "bytes_written": s.bytes_written,
+                    "chunks": s.chunks, "blocks_kept": s.blocks_kept, "damaged": damaged,
+                })
+            })
             .collect();
         print_json(&serde_json::json!({ "vm": vm, "point": manifest.point, "disks": disks }));
     } else {
         for (disk, path, stats) in &restored {
+            let kept = if args.in_place {
+                format!(", {} blocks already right", stats.blocks_kept)
+            } else {
+                String::new()
+            };
             println!(
-                "restored disk {disk} of point {} to {} ({}, {} of data)",
+                "restored disk {disk} of point {} to {} ({}, {} of data written{kept})",
                 manifest.point,
                 path.display(),
                 bytes(stats.size),
                 bytes(stats.bytes_written)
             );
+            for gap in &stats.damaged {
+                println!(
+                    "  DAMAGED: {} at offset {} left as zeros: {}",
+                    bytes(gap.len),
+                    gap.offset,
+                    gap.detail
+                );
+            }
         }
+    }
+    let damaged: usize = restored.iter().map(|(_, _, s)| s.damaged.len()).sum();
+    if damaged > 0 {
+        eprintln!(
+            "{damaged} block(s) could not be restored and read as zeros (listed above); the \
+             rest of the point was restored. Verify the vault to see which points share them."
+        );
+        return Ok(Exit::Damaged);
     }
     Ok(Exit::Ok)
 }

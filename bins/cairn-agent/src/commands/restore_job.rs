@@ -100,7 +100,7 @@ async fn write_disks(
         .await
         .map_err(|e| format!("point {point} of VM {vm} in vault {}: {e}", task.vault))?;
     // The job's own folder: what an earlier attempt left there is overwritten.
-    let options = RestoreOptions { force: true };
+    let options = RestoreOptions { force: true, ..Default::default() };
     let reporter = Reporter::new(progress, "restore");
     let failed = |e: cairn_backup::Error| format!("restoring point {point} of VM {vm}: {e}");
     let restored = match &order.disk {

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test file uses some of them
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use cairn_testkit::qemu::{TestDisk, TestVm};
@@ -109,4 +109,22 @@ pub fn started_vm(dir: &Path, size: &str) -> (TestVm, String) {
         }],
     );
     (vm, image)
+}
+
+/// The vault's pack files.
+pub fn pack_files(vault: &Path) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let mut dirs = vec![vault.join("packs")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                found.push(p);
+            }
+        }
+    }
+    assert!(!found.is_empty(), "no packs under {}", vault.display());
+    found
 }

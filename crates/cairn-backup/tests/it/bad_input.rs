@@ -108,7 +108,7 @@ async fn a_restore_never_overwrites_without_force() {
     let err = f.restore(&m, "sda", &target).await.unwrap_err();
     assert!(matches!(err, cairn_backup::Error::TargetExists { .. }), "{err}");
     assert_eq!(std::fs::read(&target).unwrap(), b"precious");
-    let opts = RestoreOptions { force: true };
+    let opts = RestoreOptions { force: true, ..Default::default() };
     cairn_backup::restore_disk(&f.vault, &m, &name("sda"), &target, &opts, Arc::new(NoProgress))
         .await
         .unwrap();

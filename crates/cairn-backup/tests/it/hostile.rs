@@ -32,7 +32,7 @@ async fn a_planted_link_never_makes_restore_overwrite_another_file() {
 
     let link = f.path("link.raw");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
-    let opts = RestoreOptions { force: true };
+    let opts = RestoreOptions { force: true, ..Default::default() };
     let err =
         cairn_backup::restore_disk(&f.vault, &m, &name("sda"), &link, &opts, Arc::new(NoProgress))
             .await

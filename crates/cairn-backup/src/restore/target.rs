@@ -31,6 +31,8 @@ pub(crate) enum Kind {
         /// The partial file.
         partial: PathBuf,
     },
+    /// An existing file of the disk's size, written in place.
+    InPlace,
 }
 
 impl Kind {
@@ -40,8 +42,14 @@ impl Kind {
 }
 
 /// Opens the target of a disk of `size` bytes; `force` allows overwriting a non-empty file or
-/// a device.
-pub(crate) fn open(target: &Path, size: u64, force: bool) -> Result<(File, Kind), Error> {
+/// a device. A new file is made `size` bytes long (sparse) unless `empty`, for an image
+/// format that grows as it is written.
+pub(crate) fn open(
+    target: &Path,
+    size: u64,
+    force: bool,
+    empty: bool,
+) -> Result<(File, Kind), Error> {
     let io_err = |source| Error::Target { path: target.to_owned(), source };
     let refuse = |why: String| io_err(io::Error::other(why));
     let meta = match std::fs::symlink_metadata(target) {
@@ -51,22 +59,7 @@ pub(crate) fn open(target: &Path, size: u64, force: bool) -> Result<(File, Kind)
     };
     match meta {
         Some(m) if m.file_type().is_symlink() => {
-            cairn_snapshot::trusted::check_folders(target).map_err(|e| {
-                refuse(format!("it is a symbolic link in a folder others may change ({e})"))
-            })?;
-            let resolved = std::fs::canonicalize(target).map_err(|e| {
-                refuse(format!("it is a symbolic link that leads nowhere ({e}); give a real path"))
-            })?;
-            let leads_to_device =
-                std::fs::metadata(&resolved).is_ok_and(|m| m.file_type().is_block_device());
-            if !leads_to_device {
-                return Err(refuse(format!(
-                    "it is a symbolic link to {}, not to a block device; a restore never writes \
-                     through a link to a file: give the real path",
-                    resolved.display()
-                )));
-            }
-            open_device(target, &resolved, size, force)
+            open_device(target, &device_behind_link(target)?, size, force)
         }
         Some(m) if m.file_type().is_block_device() => open_device(target, target, size, force),
         Some(m) if m.is_dir() => Err(refuse("it is a folder; give a file path".into())),
@@ -77,7 +70,7 @@ pub(crate) fn open(target: &Path, size: u64, force: bool) -> Result<(File, Kind)
         Some(_) | None => {
             remove_stale_partials(target);
             let partial = partial_path(target);
-            let file = create_partial(&partial, size)
+            let file = create_partial(&partial, if empty { 0 } else { size })
                 .map_err(|source| Error::Target { path: partial.clone(), source })?;
             Ok((file, Kind::File { partial }))
         }
@@ -95,11 +88,24 @@ fn open_device(
     if !force {
         return Err(Error::TargetExists { path: target.to_owned() });
     }
+    // O_EXCL on a block device: the kernel refuses it while the device is mounted, or held
+    // by anything else that opened it so (a RAID, a device mapper, another restore).
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::EXCL).bits() as i32)
         .open(device)
-        .map_err(io_err)?;
+        .map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) {
+                io_err(io::Error::other(format!(
+                    "the device is in use (mounted, or held by a RAID, a device mapper or \
+                     another restore): unmount or release {} first",
+                    device.display()
+                )))
+            } else {
+                io_err(e)
+            }
+        })?;
     // What was opened is what was checked: a device, whatever happened to the name meanwhile.
     let opened = file.metadata().map_err(io_err)?;
     if !opened.file_type().is_block_device() {
@@ -112,6 +118,77 @@ fn open_device(
         ))));
     }
     Ok((file, Kind::Device))
+}
+
+/// The block device a symbolic link `target` leads to, if it lies in a folder only root may
+/// change and leads to a block device; an error saying why not otherwise.
+fn device_behind_link(target: &Path) -> Result<PathBuf, Error> {
+    let refuse =
+        |why: String| Error::Target { path: target.to_owned(), source: io::Error::other(why) };
+    cairn_snapshot::trusted::check_folders(target).map_err(|e| {
+        refuse(format!("it is a symbolic link in a folder others may change ({e})"))
+    })?;
+    let resolved = std::fs::canonicalize(target).map_err(|e| {
+        refuse(format!("it is a symbolic link that leads nowhere ({e}); give a real path"))
+    })?;
+    let leads_to_device =
+        std::fs::metadata(&resolved).is_ok_and(|m| m.file_type().is_block_device());
+    if !leads_to_device {
+        return Err(refuse(format!(
+            "it is a symbolic link to {}, not to a block device; a restore never writes \
+             through a link to a file: give the real path",
+            resolved.display()
+        )));
+    }
+    Ok(resolved)
+}
+
+/// Opens the target of an in-place restore of a disk of `size` bytes: the existing file the
+/// disk came from (exactly `size` bytes) or a block device at least that large, for reading
+/// and writing, refused while anything else holds it open for writing.
+pub(crate) fn open_in_place(target: &Path, size: u64) -> Result<(File, Kind), Error> {
+    let io_err = |source| Error::Target { path: target.to_owned(), source };
+    let refuse = |why: String| io_err(io::Error::other(why));
+    let meta = std::fs::symlink_metadata(target).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            refuse(
+                "it does not exist; an in-place restore goes over the disk the point came \
+                 from: restore without --in-place to make a new one"
+                    .into(),
+            )
+        } else {
+            io_err(e)
+        }
+    })?;
+    let (file, kind) = if meta.file_type().is_symlink() {
+        open_device(target, &device_behind_link(target)?, size, true)?
+    } else if meta.file_type().is_block_device() {
+        open_device(target, target, size, true)?
+    } else if meta.is_file() {
+        let file =
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32
+                )
+                .open(target)
+                .map_err(io_err)?;
+        (file, Kind::InPlace)
+    } else {
+        return Err(refuse("it is neither a regular file nor a block device".into()));
+    };
+    // What was opened, not what the name says now.
+    let opened = file.metadata().map_err(io_err)?;
+    if opened.is_file() && opened.len() != size {
+        return Err(refuse(format!(
+            "it holds {} bytes and the disk {size}: an in-place restore goes over the disk the \
+             point came from, which has the disk's size",
+            opened.len()
+        )));
+    }
+    super::in_place::refuse_if_written(target, &opened).map_err(io_err)?;
+    Ok((file, kind))
 }
 
 /// What every partial file of `target` is named after: `TARGET.cairn-partial`.
@@ -164,9 +241,33 @@ fn create_partial(partial: &Path, size: u64) -> io::Result<File> {
     Ok(file)
 }
 
-/// Renames a complete partial file over the target and syncs the folder, so that the new name
-/// survives a power cut.
-pub(crate) fn publish(partial: &Path, target: &Path) -> io::Result<()> {
+/// A restore's partial file: removed when dropped, unless published.
+pub(crate) struct PartialFile(Option<PathBuf>);
+
+impl PartialFile {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        PartialFile(Some(path))
+    }
+
+    /// Renames the complete partial file over the target and syncs the folder, so that the
+    /// new name survives a power cut.
+    pub(crate) fn publish(mut self, target: &Path) -> io::Result<()> {
+        match self.0.take() {
+            Some(partial) => publish(&partial, target),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(partial) = self.0.take() {
+            let _ = std::fs::remove_file(partial);
+        }
+    }
+}
+
+fn publish(partial: &Path, target: &Path) -> io::Result<()> {
     std::fs::rename(partial, target)?;
     let folder = folder_of(target);
     File::open(folder).and_then(|f| f.sync_all()).map_err(|e| {
@@ -211,7 +312,7 @@ mod tests {
         let dead = dir.path().join("disk.raw.cairn-partial-999999999-0badc0de");
         std::os::unix::fs::symlink(&victim, &old).unwrap();
         std::os::unix::fs::symlink(&victim, &dead).unwrap();
-        let (file, kind) = open(&target, 4096, false).unwrap();
+        let (file, kind) = open(&target, 4096, false, false).unwrap();
         drop(file);
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert!(std::fs::symlink_metadata(&old).is_err());
@@ -221,7 +322,7 @@ mod tests {
         assert!(meta.is_file() && meta.len() == 4096);
         assert_eq!(meta.mode() & 0o777, 0o600);
         // A second restore to the same target gets a partial file of its own.
-        let (_, second) = open(&target, 4096, false).unwrap();
+        let (_, second) = open(&target, 4096, false, false).unwrap();
         let Kind::File { partial: other } = second else { panic!("{second:?}") };
         assert_ne!(partial, other);
         assert!(partial.exists(), "a live restore's partial file is left alone");
@@ -234,7 +335,7 @@ mod tests {
         std::fs::write(&victim, b"").unwrap();
         let target = dir.path().join("disk.raw");
         std::os::unix::fs::symlink(&victim, &target).unwrap();
-        let err = open(&target, 4096, true).unwrap_err().to_string();
+        let err = open(&target, 4096, true, false).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
         // A link to a block device in a folder others may write to is refused too.
         let shared = dir.path().join("shared");
@@ -242,11 +343,11 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
         let planted = shared.join("disk.raw");
         std::os::unix::fs::symlink("/dev/null", &planted).unwrap();
-        let err = open(&planted, 4096, true).unwrap_err().to_string();
+        let err = open(&planted, 4096, true, false).unwrap_err().to_string();
         assert!(err.contains("others may change"), "{err}");
         let dangling = dir.path().join("dangling.raw");
         std::os::unix::fs::symlink(dir.path().join("nothing"), &dangling).unwrap();
-        let err = open(&dangling, 4096, true).unwrap_err().to_string();
+        let err = open(&dangling, 4096, true, false).unwrap_err().to_string();
         assert!(err.contains("leads nowhere"), "{err}");
         assert!(!dir.path().join("nothing").exists());
     }
