@@ -44,8 +44,10 @@ export CAIRN_REQUIRE_GUEST=1
 missing=()
 # systemd-analyze checks the unit `cairn-agent install` writes (systemd need not run);
 # openssl makes the coordinator's test CA and certificate; headless chromium loads the dashboard.
+# sfdisk, mkfs.ext4 and mkfs.xfs make the partitioned disks file-level recovery reads.
 for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin \
-            systemd-analyze:systemd openssl:openssl chromium:chromium; do
+            systemd-analyze:systemd openssl:openssl chromium:chromium \
+            sfdisk:fdisk mkfs.ext4:e2fsprogs mkfs.xfs:xfsprogs; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

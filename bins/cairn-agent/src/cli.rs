@@ -40,6 +40,10 @@ pub enum Command {
     /// Serve a point's disk read-only over NBD straight from its vault (an instant restore):
     /// `qemu-img`, `nbdcopy` or a QEMU guest read it at once, blocks fetched as they are read.
     ServeNbd(ServeNbdArgs),
+    /// Files of a point's disk, straight from the vault without restoring it: list
+    /// partitions, list folders, extract files and folders (ext2/3/4 in GPT, MBR or bare).
+    #[command(subcommand)]
+    Files(FilesCommand),
     /// Re-read every chunk of the chosen points and check it; exit 3 when anything is damaged.
     Verify(VerifyArgs),
     /// Try Cairn on generated sample disks: full backup, 1% change, incremental, restore, verify.
@@ -484,6 +488,82 @@ pub struct ServeNbdArgs {
     /// How far ahead of a reader going in order blocks are fetched.
     #[arg(long, default_value_t = 16)]
     pub read_ahead_mib: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FilesCommand {
+    /// The disk's partitions and the file system of each.
+    Partitions(FilesDiskArgs),
+    /// List a folder (or one file) of the point's disk, like `ls -l`.
+    Ls(FilesLsArgs),
+    /// Extract files, symlinks and folders under a host folder, with their mode, owner (as
+    /// root) and times; holes stay holes. Never overwrites; device nodes are skipped.
+    Get(FilesGetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FilesDiskArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// The disk.
+    #[arg(long)]
+    pub disk: String,
+    /// Memory for blocks fetched from the vault.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: u64,
+    /// How far ahead of a file read in order blocks are fetched (0: only what is read, the
+    /// fewest fetches; more: faster large files from object storage).
+    #[arg(long, default_value_t = 4)]
+    pub read_ahead_mib: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct FilesLsArgs {
+    #[command(flatten)]
+    pub disk: FilesDiskArgs,
+    /// The partition, numbered as Linux does (sda1 is 1); without it, the disk's only ext4
+    /// partition (`files partitions` lists them).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Everything under the folder, not only what it holds.
+    #[arg(short, long)]
+    pub recursive: bool,
+    /// Entries listed at most.
+    #[arg(long, default_value_t = 50_000_000)]
+    pub max_entries: u64,
+    /// The folder or file, an absolute path in the point's file system.
+    #[arg(default_value = "/")]
+    pub path: String,
+}
+
+#[derive(Args, Debug)]
+pub struct FilesGetArgs {
+    #[command(flatten)]
+    pub disk: FilesDiskArgs,
+    /// The partition, numbered as Linux does (sda1 is 1); without it, the disk's only ext4
+    /// partition.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// The host folder to extract into (made, private, if missing): /etc/hosts becomes
+    /// DIR/hosts, /etc becomes DIR/etc, / fills DIR.
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// Keep set-user-ID and set-group-ID bits (dropped by default, so that restoring a
+    /// guest's files cannot plant a set-user-ID program on the host).
+    #[arg(long)]
+    pub keep_setid: bool,
+    /// Entries extracted at most (a crafted file system can reach a folder many times).
+    #[arg(long, default_value_t = 50_000_000)]
+    pub max_entries: u64,
+    /// The files or folders, absolute paths in the point's file system.
+    #[arg(required = true)]
+    pub paths: Vec<String>,
 }
 
 #[derive(Args, Debug)]

@@ -4,6 +4,7 @@ mod backup;
 mod bench;
 mod config;
 mod copy;
+mod files;
 mod gc;
 mod held;
 mod init;
@@ -35,6 +36,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Points(args) => points::run(args, json).await,
         Command::Restore(args) => restore::run(args, json).await,
         Command::ServeNbd(args) => serve_nbd::run(args, json).await,
+        Command::Files(cmd) => files::run(cmd, json).await,
         Command::Verify(args) => verify::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
         Command::Prune(args) => lifecycle::prune(args, json).await,
