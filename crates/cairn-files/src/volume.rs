@@ -252,23 +252,25 @@ impl Volume {
         Ok(Entry::new(path.to_vec(), &meta, target))
     }
 
-    /// The entries of the folder `path`, sorted by name (`.` and `..` left out).
+    /// The entries of the folder `path`, sorted by name (`.` and `..` left out). Each entry's
+    /// inode is read from its directory entry, not looked up by path again.
     pub fn children(&self, path: &[u8]) -> Result<Vec<Entry>, Error> {
         let p = guest_path(path)?;
         let shown = escape(path);
-        let names = guarded(&shown, || -> Result<Vec<Vec<u8>>, Ext4Error> {
-            let mut names = Vec::new();
+        let found = guarded(&shown, || -> Result<Vec<(Vec<u8>, Metadata)>, Ext4Error> {
+            let mut found = Vec::new();
             for entry in self.fs.read_dir(p)? {
-                let name = entry?.file_name().as_ref().to_vec();
+                let entry = entry?;
+                let name = entry.file_name().as_ref().to_vec();
                 if name != b"." && name != b".." {
-                    names.push(name);
+                    found.push((name, entry.metadata()?));
                 }
             }
-            Ok(names)
+            Ok(found)
         })?
         .map_err(|e| fs_error(&shown, e))?;
-        let mut entries = Vec::with_capacity(names.len());
-        for name in names {
+        let mut entries = Vec::with_capacity(found.len());
+        for (name, meta) in found {
             if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
                 return Err(Error::Damaged { path: shown, detail: "a name is malformed".into() });
             }
@@ -277,7 +279,15 @@ impl Volume {
                 child.push(b'/');
             }
             child.extend_from_slice(&name);
-            entries.push(self.entry(&child)?);
+            let target = if meta.is_symlink() {
+                let c = guest_path(&child)?;
+                let link = guarded(&shown, || self.fs.read_link(c))?
+                    .map_err(|e| fs_error(&escape(&child), e))?;
+                Some(link.as_ref().to_vec())
+            } else {
+                None
+            };
+            entries.push(Entry::new(child, &meta, target));
         }
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(entries)
