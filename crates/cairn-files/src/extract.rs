@@ -138,8 +138,8 @@ impl Volume {
             }
             let name = child.path.rsplit(|b| *b == b'/').next().unwrap_or_default().to_vec();
             let host = frame.host.join(OsStr::from_bytes(&name));
-            let parent = frame.fd.try_clone().map_err(|e| Error::host(&frame.host, e))?;
-            if let Some(next) = self.place(&parent, &host, &name, child, options, &mut report)? {
+            let placed = self.place(&frame.fd, &host, &name, child, options, &mut report)?;
+            if let Some(next) = placed {
                 if stack.len() >= MAX_DEPTH {
                     return Err(Error::TooMany(format!(
                         "{}: folders nested more than {MAX_DEPTH} deep",
