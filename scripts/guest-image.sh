@@ -7,6 +7,8 @@
 # reused by every later run. Needs root (mmdebstrap's root mode) and network to a mirror.
 # Prints the cache folder.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/apt.sh
 cache="${CAIRN_GUEST_CACHE:-/var/cache/cairn-guest}"
 version=3   # bump when what goes into the image changes
 out="$cache/v$version"
@@ -18,7 +20,7 @@ for tool in mmdebstrap:mmdebstrap sfdisk:fdisk mkfs.ext4:e2fsprogs sqlite3:sqlit
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ -n "${missing[*]:-}" ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    apt_install "${missing[@]}"
 fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/cairn-guest.XXXXXX")"
 trap 'rm -rf "$work"' EXIT

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+source scripts/apt.sh
+
 step "toolchain"
 cargo --version
 rustc --version
@@ -22,7 +24,7 @@ if [ "$(id -u)" = 0 ]; then
         command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
     done
     if [ ${#missing[@]} -gt 0 ]; then
-        apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+        apt_install "${missing[@]}"
     fi
     losetup -f >/dev/null || { echo "no free loop device: the snapshot tests need two" >&2; exit 1; }
 else
@@ -32,10 +34,8 @@ fi
 # Running VMs: QEMU itself (Debian's qemu-system-x86, 7.2 on bookworm). It goes first: on a
 # machine with a newer qemu-utils from backports, installing it replaces qemu-utils, which the
 # next step then installs again at QEMU's own version. The live-VM tests must not skip here.
-sudo=""
-[ "$(id -u)" = 0 ] || sudo="sudo"
 if ! command -v qemu-system-x86_64 >/dev/null; then
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq qemu-system-x86
+    apt_install qemu-system-x86
 fi
 export CAIRN_REQUIRE_GUEST=1
 
@@ -51,7 +51,7 @@ for tool in qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdinfo:l
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"
+    apt_install "${missing[@]}"
 fi
 
 step "object-store emulators (Azurite, moto_server), on loopback"
