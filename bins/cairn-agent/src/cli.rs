@@ -46,6 +46,10 @@ pub enum Command {
     Files(FilesCommand),
     /// Re-read every chunk of the chosen points and check it; exit 3 when anything is damaged.
     Verify(VerifyArgs),
+    /// Prove a point restores: restore each disk to a temporary copy, compare sampled blocks
+    /// with their digests, check its ext2/3/4 file systems with e2fsck, and note the outcome
+    /// on the point (retention keeps the newest point a drill passed on); exit 3 if it failed.
+    Drill(DrillArgs),
     /// Try Cairn on generated sample disks: full backup, 1% change, incremental, restore, verify.
     Quickstart(QuickstartArgs),
     /// Generate or change seeded sample disks (for trials and benchmarks).
@@ -576,6 +580,31 @@ pub struct VerifyArgs {
     /// Only this point.
     #[arg(long)]
     pub point: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// A folder with room for the largest disk's data (the copy is sparse and removed after
+    /// each disk).
+    #[arg(long, default_value = "/var/tmp")]
+    pub work_dir: PathBuf,
+    /// Blocks per disk whose restored bytes are compared with their digests.
+    #[arg(long, default_value_t = 1024)]
+    pub sample_blocks: u64,
+    /// The e2fsck to run (default: the system's, from /usr/sbin or /sbin).
+    #[arg(long)]
+    pub e2fsck: Option<PathBuf>,
+    /// Do not note the outcome on the point (a trial run).
+    #[arg(long)]
+    pub no_record: bool,
 }
 
 #[derive(Args, Debug)]

@@ -680,8 +680,18 @@ fn restored_through_the_coordinator(fleet: &Fleet) {
     assert!(asked && ended, "{log:?}");
 }
 
-/// A second coordinator on an empty catalogue rebuilds the points from the vault alone.
+/// A second coordinator on an empty catalogue rebuilds the points from the vault alone, with
+/// the outcome of a restore drill run on one of them, which its dashboard shows.
 fn points_rescanned_from_the_vault(fleet: &Fleet) {
+    let newest =
+        fleet.points_in_vault("vm-a").last().unwrap()["point"].as_str().unwrap().to_owned();
+    let drill = Command::new(agent_exe())
+        .args(["--json", "drill", "--vault", &fleet.vault, "--vm", "vm-a", "--point", &newest])
+        .arg("--work-dir")
+        .arg(&fleet.dir)
+        .output()
+        .unwrap();
+    assert!(drill.status.success(), "{}", String::from_utf8_lossy(&drill.stderr));
     let mut fresh = Fleet {
         dir: fleet.dir.join("second"),
         coordinator: fleet.coordinator.clone(),
@@ -719,6 +729,34 @@ fn points_rescanned_from_the_vault(fleet: &Fleet) {
     let again = fresh.cli(&["rescan"]);
     assert_eq!(again["rescan"][0]["added"], 0, "{again}");
     assert_eq!(again["rescan"][0]["removed"], 0, "{again}");
+    // The drill came with the points: vm-a is known to restore to its newest point.
+    let drilled: Vec<Value> = fresh.cli(&["points"])["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["drilled_at"].is_null())
+        .cloned()
+        .collect();
+    assert_eq!(drilled.len(), 1, "{drilled:?}");
+    assert_eq!(
+        (drilled[0]["point"].as_str(), &drilled[0]["drill_passed"]),
+        (Some(&*newest), &Value::Bool(true))
+    );
+    // The first coordinator learns it from its next rescan, and shows it beside each VM.
+    fleet.cli(&["rescan"]);
+    let vms = fleet.cli(&["vms"])["vms"].as_array().unwrap().clone();
+    let a = vms.iter().find(|v| v["name"] == "vm-a").unwrap();
+    assert_eq!(a["known_good"], newest.as_str(), "{a}");
+    assert_eq!(a["last_drill"]["passed"], true, "{a}");
+    let b = vms.iter().find(|v| v["name"] == "vm-b").unwrap();
+    assert!(b["known_good"].is_null() && b["last_drill"].is_null(), "{b}");
+    let token = std::fs::read_to_string(fleet.dir.join("admin.token")).unwrap();
+    let url = format!("{}/dashboard?view=vms#token={}", fleet.url(), token.trim());
+    let dom = chromium(&url, None);
+    assert!(
+        dom.contains(&format!("data-known-good=\"{newest}\" data-drill=\"passed\"")),
+        "the dashboard does not show vm-a's drill:\n{dom}"
+    );
 }
 
 /// Headless Chromium (Debian `chromium`, installed by scripts/test.sh) on `url`: the DOM after

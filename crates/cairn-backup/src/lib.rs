@@ -4,13 +4,15 @@
 //! finds the previous point to compare against, runs every disk through the delta engine in
 //! parallel, stores changed blocks and index pages in the vault, and commits the recovery point.
 //! [`restore_disk`] and [`restore_point`] write a point's disks back, holes kept and every
-//! chunk checked. [`prune`] applies a retention policy: expired points are soft-deleted,
+//! chunk checked. [`drill()`] proves a point restores (a temporary copy, sampled digests,
+//! `e2fsck`) and notes the outcome on it. [`prune`] applies a retention policy: expired points are soft-deleted,
 //! then purged after their grace time. Data flows one way: source -> engine -> vault ->
 //! manifest.
 
 mod backup;
 mod cancel;
 mod copy;
+mod drill;
 mod error;
 mod job;
 mod point_reader;
@@ -22,6 +24,9 @@ mod restore;
 pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
 pub use cancel::Cancel;
 pub use copy::{CopyOptions, CopyReport, copy_points};
+pub use drill::{
+    CheckOutcome, DiskDrill, DrillOptions, DrillReport, VolumeCheck, drill, find_e2fsck,
+};
 pub use error::Error;
 pub use job::{Captured, Check, JobOptions, Snapshot, VmJob, check};
 pub use point_reader::{PointReader, ReaderOptions, ReaderStats};

@@ -139,6 +139,7 @@ pub async fn prune(vault: &Vault, options: &PruneOptions) -> Result<PruneReport,
                 retain_until: s.retain_until,
                 locked_until: s.locked_until,
                 verified: s.verified_clean(),
+                restores: s.drill_passed(),
             })
             .collect();
         let verdicts = cairn_policy::evaluate(&options.retention, &facts, options.now)?;

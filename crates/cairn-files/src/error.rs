@@ -42,7 +42,7 @@ pub enum Error {
         detail: String,
     },
     /// Writing on the host failed (a full disk, a permission).
-    #[error("writing {path} failed: {source}")]
+    #[error("writing {} failed: {source}", shown(path))]
     Host {
         /// The host path.
         path: PathBuf,
@@ -51,13 +51,20 @@ pub enum Error {
     },
     /// Something is already where a file would be extracted.
     #[error(
-        "{0} exists already: extraction never overwrites; choose an empty --to folder or \
-         move it away"
+        "{} exists already: extraction never overwrites; choose an empty --to folder or \
+         move it away",
+        shown(.0)
     )]
     Exists(PathBuf),
     /// A walk went past its limit (a directory reached twice in a crafted file system).
     #[error("{0}")]
     TooMany(String),
+}
+
+/// A host path made of guest names, shown without its control characters.
+fn shown(path: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    crate::text::escape(path.as_os_str().as_bytes())
 }
 
 impl Error {

@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
@@ -31,11 +31,19 @@ pub struct ExtractOptions {
     pub keep_setid: bool,
     /// Entries extracted at most: a crafted file system can reach one folder many times.
     pub max_entries: u64,
+    /// Bytes of data written at most: a crafted file system can map one block into a file
+    /// many times and fill the host. A volume's own size is a sound bound.
+    pub max_bytes: u64,
 }
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { same_owner: false, keep_setid: false, max_entries: 50_000_000 }
+        ExtractOptions {
+            same_owner: false,
+            keep_setid: false,
+            max_entries: 50_000_000,
+            max_bytes: u64::MAX,
+        }
     }
 }
 
@@ -83,13 +91,20 @@ struct Frame {
     host: PathBuf,
     entry: Option<Entry>,
     children: std::vec::IntoIter<Entry>,
+    /// The name extracted last: the children come sorted, so a name that comes twice (a
+    /// damaged folder) comes right after itself.
+    last: Vec<u8>,
 }
 
 impl Volume {
     /// Extracts `path` (a file, a symlink, or a folder and all it holds) into the host folder
     /// `to`, made (private) if it does not exist: `/etc/hosts` becomes `to/hosts`, `/etc`
     /// becomes `to/etc/...`, and `/` fills `to` itself. Stops at the first error; what was
-    /// extracted until then stays.
+    /// extracted until then stays, but for the file being written then, which is removed.
+    ///
+    /// `to` is reached without following a symbolic link in any of its components (an
+    /// earlier extraction may have recreated a guest's link there), and an existing `to` that
+    /// other users may write into is refused: they could swap what is being extracted.
     pub fn extract(
         &self,
         path: &[u8],
@@ -98,23 +113,13 @@ impl Volume {
     ) -> Result<ExtractReport, Error> {
         let path = normalize(path)?;
         let top = self.entry(&path)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(to)
-            .map_err(|e| Error::host(to, e))?;
-        let dest = rustix::fs::openat(
-            rustix::fs::CWD,
-            to,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::host(to, e.into()))?;
+        let dest = open_destination(to)?;
         let mut report = ExtractReport::default();
         let mut stack = Vec::new();
         if path == b"/" {
             let children = self.children(b"/")?.into_iter();
-            stack.push(Frame { fd: dest, host: to.to_path_buf(), entry: None, children });
+            let host = to.to_path_buf();
+            stack.push(Frame { fd: dest, host, entry: None, children, last: vec![] });
         } else {
             let name = path.rsplit(|b| *b == b'/').next().unwrap_or_default().to_vec();
             let host = to.join(OsStr::from_bytes(&name));
@@ -137,6 +142,16 @@ impl Volume {
                 return Err(too_many(options.max_entries));
             }
             let name = child.path.rsplit(|b| *b == b'/').next().unwrap_or_default().to_vec();
+            if name == frame.last {
+                report.skipped.push(Skipped {
+                    path: child.display_path(),
+                    why: "a second entry of the same name in its folder (the file system is \
+                          damaged): the first was extracted"
+                        .into(),
+                });
+                continue;
+            }
+            frame.last.clone_from(&name);
             let host = frame.host.join(OsStr::from_bytes(&name));
             let placed = self.place(&frame.fd, &host, &name, child, options, &mut report)?;
             if let Some(next) = placed {
@@ -185,7 +200,8 @@ impl Volume {
                 .map_err(|e| Error::host(host, e.into()))?;
                 report.dirs += 1;
                 let children = self.children(&entry.path)?.into_iter();
-                Ok(Some(Frame { fd, host: host.to_path_buf(), entry: Some(entry), children }))
+                let host = host.to_path_buf();
+                Ok(Some(Frame { fd, host, entry: Some(entry), children, last: vec![] }))
             }
             Kind::File => {
                 let fd = rustix::fs::openat(
@@ -200,11 +216,18 @@ impl Volume {
                 )
                 .map_err(created)?;
                 let file = File::from(fd);
-                let written = self.copy_file(&entry, &file, host)?;
+                let budget = options.max_bytes.saturating_sub(report.written);
+                let copied = self.copy_file(&entry, &file, host, budget).and_then(|written| {
+                    report.written += written;
+                    finish(&file.into(), host, &entry, options, report)
+                });
+                if let Err(e) = copied {
+                    // No partial file stays behind, looking whole (a full disk, damage).
+                    let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
+                    return Err(e);
+                }
                 report.files += 1;
                 report.bytes += entry.size;
-                report.written += written;
-                finish(&file.into(), host, &entry, options, report)?;
                 Ok(None)
             }
             Kind::Symlink => {
@@ -233,8 +256,9 @@ impl Volume {
         }
     }
 
-    /// Copies the file's bytes, leaving aligned zero runs as holes; returns the bytes written.
-    fn copy_file(&self, entry: &Entry, out: &File, host: &Path) -> Result<u64, Error> {
+    /// Copies the file's bytes, leaving aligned zero runs as holes; returns the bytes written,
+    /// at most `budget`.
+    fn copy_file(&self, entry: &Entry, out: &File, host: &Path, budget: u64) -> Result<u64, Error> {
         self.with_file(&entry.path, |file| {
             let mut buf = vec![0u8; READ_BYTES];
             let (mut at, mut written) = (0u64, 0u64);
@@ -248,6 +272,14 @@ impl Volume {
                 let mut offset = 0;
                 for piece in buf[..n].chunks(HOLE) {
                     if piece.iter().any(|b| *b != 0) {
+                        if written + piece.len() as u64 > budget {
+                            return Err(Error::TooMany(format!(
+                                "{}: extracting it would write more data than the volume \
+                                 holds; the file system may be crafted (one block mapped many \
+                                 times)",
+                                entry.display_path()
+                            )));
+                        }
                         out.write_all_at(piece, at + offset as u64)
                             .map_err(|e| Error::host(host, e))?;
                         written += piece.len() as u64;
@@ -296,12 +328,70 @@ fn times(entry: &Entry) -> Timestamps {
     Timestamps { last_access: at(entry.accessed), last_modification: at(entry.modified) }
 }
 
+/// Who owns what the guest's id `u32::MAX` owns: that id means "leave unchanged" to the
+/// host's chown, which would leave the file root's.
+const NOBODY: u32 = 65534;
+
 fn uid(raw: u32) -> Option<rustix::fs::Uid> {
-    Some(rustix::fs::Uid::from_raw(raw))
+    Some(rustix::fs::Uid::from_raw(if raw == u32::MAX { NOBODY } else { raw }))
 }
 
 fn gid(raw: u32) -> Option<rustix::fs::Gid> {
-    Some(rustix::fs::Gid::from_raw(raw))
+    Some(rustix::fs::Gid::from_raw(if raw == u32::MAX { NOBODY } else { raw }))
+}
+
+/// Opens (making what is missing, private) the destination folder `to`, one component at a
+/// time, never following a symbolic link; an existing folder that group or others may write
+/// into is refused.
+fn open_destination(to: &Path) -> Result<OwnedFd, Error> {
+    use std::path::Component;
+    let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let start = if to.is_absolute() { Path::new("/") } else { Path::new(".") };
+    let mut fd = rustix::fs::openat(rustix::fs::CWD, start, dir_flags, Mode::empty())
+        .map_err(|e| Error::host(start, e.into()))?;
+    let mut made = false;
+    let mut reached = PathBuf::from(start);
+    for component in to.components() {
+        let name: &OsStr = match component {
+            Component::RootDir | Component::CurDir => continue,
+            Component::ParentDir => OsStr::new(".."),
+            Component::Normal(n) => n,
+            Component::Prefix(_) => {
+                return Err(Error::host(to, std::io::Error::other("not a Unix path")));
+            }
+        };
+        reached.push(name);
+        match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => made = true,
+            Err(rustix::io::Errno::EXIST) => made = false,
+            Err(e) => return Err(Error::host(&reached, e.into())),
+        }
+        fd = rustix::fs::openat(&fd, name, dir_flags, Mode::empty()).map_err(|e| match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => Error::host(
+                &reached,
+                std::io::Error::other(
+                    "it is a symbolic link or not a folder; extraction never follows a link \
+                     on its way to --to (a guest's link may have been restored there): give \
+                     the real path of a folder",
+                ),
+            ),
+            e => Error::host(&reached, e.into()),
+        })?;
+    }
+    if !made {
+        let stat = rustix::fs::fstat(&fd).map_err(|e| Error::host(to, e.into()))?;
+        if stat.st_mode & 0o022 != 0 {
+            return Err(Error::host(
+                to,
+                std::io::Error::other(format!(
+                    "it is a folder others may write into (mode {:o}): they could swap what \
+                     is extracted; give a private folder, or a new one (it is made 0700)",
+                    stat.st_mode & 0o7777
+                )),
+            ));
+        }
+    }
+    Ok(fd)
 }
 
 /// `path` without trailing slashes; `.` and `..` components are refused (the last one would

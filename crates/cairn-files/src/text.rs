@@ -11,7 +11,7 @@ pub fn escape(bytes: &[u8]) -> String {
                 '\\' => out.push_str("\\\\"),
                 '\n' => out.push_str("\\n"),
                 '\t' => out.push_str("\\t"),
-                c if c.is_control() => {
+                c if c.is_control() || invisible(c) => {
                     for b in c.to_string().bytes() {
                         out.push_str(&format!("\\x{b:02x}"));
                     }
@@ -26,6 +26,12 @@ pub fn escape(bytes: &[u8]) -> String {
     out
 }
 
+/// Characters that change how the text around them looks (reordering it, or showing
+/// nothing): a name holding one could pass for another name.
+fn invisible(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::escape;
@@ -38,5 +44,9 @@ mod tests {
         assert_eq!(escape(b"new\nline\\"), "new\\nline\\\\");
         assert_eq!(escape(b"bad\xff\xfe"), "bad\\xff\\xfe");
         assert_eq!(escape("\u{85}".as_bytes()), "\\xc2\\x85");
+        // Characters that reorder or hide text: "evil\u{202E}txt.exe" must not read as
+        // "evilexe.txt".
+        assert_eq!(escape("evil\u{202E}txt.exe".as_bytes()), "evil\\xe2\\x80\\xaetxt.exe");
+        assert_eq!(escape("a\u{200B}b".as_bytes()), "a\\xe2\\x80\\x8bb");
     }
 }

@@ -243,6 +243,7 @@ impl Volume {
         let meta = guarded(&escape(path), || self.fs.symlink_metadata(p))?
             .map_err(|e| fs_error(&escape(path), e))?;
         let target = if meta.is_symlink() {
+            check_link_size(&escape(path), meta.len())?;
             let link = guarded(&escape(path), || self.fs.read_link(p))?
                 .map_err(|e| fs_error(&escape(path), e))?;
             Some(link.as_ref().to_vec())
@@ -257,18 +258,28 @@ impl Volume {
     pub fn children(&self, path: &[u8]) -> Result<Vec<Entry>, Error> {
         let p = guest_path(path)?;
         let shown = escape(path);
-        let found = guarded(&shown, || -> Result<Vec<(Vec<u8>, Metadata)>, Ext4Error> {
+        let found = guarded(&shown, || -> Result<Option<Vec<Named>>, Ext4Error> {
             let mut found = Vec::new();
             for entry in self.fs.read_dir(p)? {
                 let entry = entry?;
                 let name = entry.file_name().as_ref().to_vec();
                 if name != b"." && name != b".." {
+                    if found.len() >= MAX_FOLDER_ENTRIES {
+                        return Ok(None);
+                    }
                     found.push((name, entry.metadata()?));
                 }
             }
-            Ok(found)
+            Ok(Some(found))
         })?
-        .map_err(|e| fs_error(&shown, e))?;
+        .map_err(|e| fs_error(&shown, e))?
+        .ok_or_else(|| Error::Damaged {
+            path: shown.clone(),
+            detail: format!(
+                "the folder lists more than {MAX_FOLDER_ENTRIES} entries; the file system may \
+                 be crafted (one block mapped many times)"
+            ),
+        })?;
         let mut entries = Vec::with_capacity(found.len());
         for (name, meta) in found {
             if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
@@ -280,6 +291,7 @@ impl Volume {
             }
             child.extend_from_slice(&name);
             let target = if meta.is_symlink() {
+                check_link_size(&escape(&child), meta.len())?;
                 let c = guest_path(&child)?;
                 let link = guarded(&shown, || self.fs.read_link(c))?
                     .map_err(|e| fs_error(&escape(&child), e))?;
@@ -341,6 +353,28 @@ impl Volume {
     }
 }
 
+/// A folder entry's name and inode, as read from the folder.
+type Named = (Vec<u8>, Metadata);
+
+/// Entries one folder may list: ext4 folders hold a few million at most, and a crafted one
+/// that maps one block many times must not fill the agent's memory.
+const MAX_FOLDER_ENTRIES: usize = 4_000_000;
+
+/// The longest symbolic link target a file system may hold (Linux's PATH_MAX, less its NUL).
+const MAX_LINK: u64 = 4095;
+
+/// Refuses a symlink whose size is larger than any link can be, before it is read: the
+/// reader would allocate that size at once.
+fn check_link_size(path: &str, len: u64) -> Result<(), Error> {
+    if len > MAX_LINK {
+        return Err(Error::Damaged {
+            path: path.to_owned(),
+            detail: format!("a symbolic link of {len} bytes (a link holds at most {MAX_LINK})"),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn too_many(limit: u64) -> Error {
     Error::TooMany(format!(
         "more than {limit} entries: the file system may be damaged or crafted (a folder \
@@ -391,7 +425,7 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, Error> 
             .unwrap_or_else(|| "the reader failed".into());
         Error::Damaged {
             path: what.to_owned(),
-            detail: format!("the ext4 reader gave up ({detail})"),
+            detail: format!("the ext4 reader gave up ({})", escape(detail.as_bytes())),
         }
     })
 }

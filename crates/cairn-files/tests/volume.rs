@@ -225,6 +225,32 @@ fn extraction_keeps_content_mode_times_symlinks_and_holes() {
 }
 
 #[test]
+fn the_destination_is_reached_without_links_and_what_is_written_is_bounded() {
+    let f = fixture();
+    let vol = volume(&f.image);
+    let opts = ExtractOptions::default();
+    // A link on the way to --to (a guest's link an earlier extraction restored) is refused.
+    let real = f.out.join("real");
+    std::fs::create_dir_all(&real).unwrap();
+    symlink(&real, f.out.join("link")).unwrap();
+    let err = vol.extract(b"/etc/hostname", &f.out.join("link/sub"), &opts).unwrap_err();
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read_dir(&real).unwrap().count(), 0, "nothing made through the link");
+    // An existing folder others may write into is refused; a new one is made private.
+    let shared = f.out.join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = vol.extract(b"/etc/hostname", &shared, &opts).unwrap_err();
+    assert!(err.to_string().contains("others may write"), "{err}");
+    // More data than allowed: an error, and the file being written is not left behind.
+    let bounded = f.out.join("bounded");
+    let small = ExtractOptions { max_bytes: 1, ..ExtractOptions::default() };
+    let err = vol.extract(b"/etc/hostname", &bounded, &small).unwrap_err();
+    assert!(matches!(&err, Error::TooMany(m) if m.contains("more data than the volume")), "{err}");
+    assert_eq!(std::fs::read_dir(&bounded).unwrap().count(), 0, "no partial file");
+}
+
+#[test]
 fn bad_paths_and_unsupported_file_systems_are_named() {
     let f = fixture();
     let vol = volume(&f.image);

@@ -70,6 +70,22 @@ pub struct Verification {
     pub clean: bool,
 }
 
+/// The outcome of a restore drill over a point: restored (or read through the file reader),
+/// its file systems checked, a sample of its blocks compared with their digests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drill {
+    /// When the drill finished.
+    pub at: Timestamp,
+    /// True if the point restored, every file system found was checked clean and every
+    /// sampled block matched its digest.
+    pub passed: bool,
+    /// How: `restore` (to a temporary copy) or `files` (read through the file reader).
+    pub method: String,
+    /// One line for people: what was checked, or what failed.
+    #[serde(default)]
+    pub summary: String,
+}
+
 /// One change a note makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -85,6 +101,8 @@ pub enum Change {
     Verified(Verification),
     /// The views kept on a host for instant restores (`None`: released early).
     Snapshot(Option<SnapshotTier>),
+    /// A restore drill's outcome.
+    Drilled(Drill),
 }
 
 /// The state of a point: the fold of its notes.
@@ -100,6 +118,8 @@ pub struct PointState {
     pub verified: Option<Verification>,
     /// Its snapshot tier: where its views are kept, until when.
     pub snapshot: Option<SnapshotTier>,
+    /// The last restore drill's outcome.
+    pub drill: Option<Drill>,
     /// Keys this build does not know, with their latest value.
     pub other: BTreeMap<String, Value>,
 }
@@ -109,6 +129,7 @@ const RETAIN_UNTIL: &str = "retain_until";
 const LOCKED_UNTIL: &str = "locked_until";
 const VERIFIED: &str = "verified";
 const SNAPSHOT: &str = "snapshot";
+const DRILL: &str = "drill";
 
 impl PointNote {
     /// A note on `vm`/`point` making `changes`.
@@ -128,6 +149,7 @@ impl PointNote {
                 Change::LockUntil(t) => (LOCKED_UNTIL, serde_json::to_value(t)),
                 Change::Verified(v) => (VERIFIED, serde_json::to_value(v)),
                 Change::Snapshot(t) => (SNAPSHOT, serde_json::to_value(t)),
+                Change::Drilled(d) => (DRILL, serde_json::to_value(d)),
             };
             set.insert(key.to_string(), value.unwrap_or(Value::Null));
         }
@@ -167,6 +189,7 @@ impl PointState {
                 }
                 VERIFIED => self.verified = serde_json::from_value(value.clone()).map_err(bad)?,
                 SNAPSHOT => self.snapshot = serde_json::from_value(value.clone()).map_err(bad)?,
+                DRILL => self.drill = serde_json::from_value(value.clone()).map_err(bad)?,
                 _ => {
                     self.other.insert(key.clone(), value.clone());
                 }
@@ -197,6 +220,11 @@ impl PointState {
     /// True if verify last found the point whole.
     pub fn verified_clean(&self) -> bool {
         self.verified.as_ref().is_some_and(|v| v.clean)
+    }
+
+    /// True if the last restore drill over the point passed: it is known to restore.
+    pub fn drill_passed(&self) -> bool {
+        self.drill.as_ref().is_some_and(|d| d.passed)
     }
 }
 
@@ -286,6 +314,28 @@ mod tests {
         assert!(!state.held_at(ts("2026-12-02T01:00:00Z")));
         let mut bad = held.clone();
         bad.set.insert(SNAPSHOT.into(), serde_json::json!({ "host": 3 }));
+        assert!(PointNote::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn the_last_drill_decides_whether_a_point_is_known_to_restore() {
+        let drill = |at: &str, passed| Drill {
+            at: ts(at),
+            passed,
+            method: "restore".into(),
+            summary: "1 file system checked".into(),
+        };
+        let passed =
+            note("2026-12-01T00:00:00Z", &[Change::Drilled(drill("2026-12-01T00:00:00Z", true))]);
+        let back = PointNote::decode(&passed.encode()).unwrap();
+        assert!(PointState::fold([&back]).unwrap().drill_passed());
+        let failed =
+            note("2026-12-02T00:00:00Z", &[Change::Drilled(drill("2026-12-02T00:00:00Z", false))]);
+        let state = PointState::fold([&back, &failed]).unwrap();
+        assert!(!state.drill_passed());
+        assert_eq!(state.drill.unwrap().at, ts("2026-12-02T00:00:00Z"));
+        let mut bad = passed.clone();
+        bad.set.insert(DRILL.into(), serde_json::json!({ "passed": "yes" }));
         assert!(PointNote::decode(&bad.encode()).is_err());
     }
 

@@ -142,12 +142,20 @@ pub struct PointFacts {
     pub locked_until: Option<Timestamp>,
     /// Verify found it whole last time it ran over it.
     pub verified: bool,
+    /// Its last restore drill passed: it is known to restore.
+    pub restores: bool,
 }
 
 impl PointFacts {
     /// A point taken at `time` with no retain-until, lock or verification.
     pub fn at(time: Timestamp) -> Self {
-        PointFacts { time, retain_until: None, locked_until: None, verified: false }
+        PointFacts {
+            time,
+            retain_until: None,
+            locked_until: None,
+            verified: false,
+            restores: false,
+        }
     }
 }
 
@@ -174,6 +182,9 @@ pub enum Reason {
     Locked(Timestamp),
     /// The newest point verify found whole: never expired.
     NewestVerified,
+    /// The newest point a restore drill restored: never expired, so a VM always has a point
+    /// known to restore once one drill passed.
+    NewestRestored,
 }
 
 impl fmt::Display for Reason {
@@ -189,6 +200,7 @@ impl fmt::Display for Reason {
             Reason::RetainUntil(t) => write!(f, "retain-until {}", secs(t)),
             Reason::Locked(t) => write!(f, "locked until {}", secs(t)),
             Reason::NewestVerified => write!(f, "newest verified point"),
+            Reason::NewestRestored => write!(f, "newest point a restore drill passed on"),
         }
     }
 }
@@ -254,7 +266,8 @@ impl Period {
 /// whether `retention` keeps it at `now`. The verdicts are in the order of `points`.
 ///
 /// Besides the rules, a point is kept while its own retain-until or lock is later than `now`,
-/// and the newest verified point is always kept.
+/// and the newest verified point and the newest point a restore drill passed on are always
+/// kept.
 pub fn evaluate(
     retention: &Retention,
     points: &[PointFacts],
@@ -311,6 +324,11 @@ pub fn evaluate(
         && let Some(v) = verdicts.get_mut(i)
     {
         v.reasons.push(Reason::NewestVerified);
+    }
+    if let Some(&i) = order.iter().find(|&&i| points.get(i).is_some_and(|p| p.restores))
+        && let Some(v) = verdicts.get_mut(i)
+    {
+        v.reasons.push(Reason::NewestRestored);
     }
     Ok(verdicts)
 }

@@ -224,6 +224,11 @@ async fn vms(State(api): State<Api>, headers: HeaderMap) -> Result<Json<Value>, 
                 o.insert("rpo_seconds".into(), json!(s.rpo_seconds));
                 o.insert("points".into(), json!(s.points));
                 o.insert("last_job_state".into(), json!(s.last_job_state));
+                o.insert("known_good".into(), json!(s.known_good));
+                o.insert(
+                    "last_drill".into(),
+                    json!(s.last_drill.map(|(at, passed)| json!({ "at": at, "passed": passed }))),
+                );
             }
             v
         })

@@ -147,6 +147,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
          created_at INTEGER NOT NULL,
          expires_at INTEGER NOT NULL
      );",
+    // 9: restore drills: the last drill's outcome noted on each point in its vault.
+    "ALTER TABLE points ADD COLUMN drilled_at INTEGER;  -- the last drill (NULL: never drilled)
+     ALTER TABLE points ADD COLUMN drill_passed INTEGER; -- 1: it restored; 0: it failed",
 ];
 
 /// The coordinator's database, held exclusively.

@@ -137,4 +137,7 @@ pub struct FoundPoint {
     pub scheduled_at: Option<Timestamp>,
     /// Its views are kept on a host until then (tier snapshot and vault).
     pub held_until: Option<Timestamp>,
+    /// Its last restore drill: when, and whether it passed.
+    #[serde(default)]
+    pub drill: Option<(Timestamp, bool)>,
 }

@@ -39,6 +39,10 @@ pub struct PointRecord {
     pub expired_at: Option<Timestamp>,
     /// Its views are kept on its host until then (instant restores).
     pub held_until: Option<Timestamp>,
+    /// When a restore drill last ran over it (as of the last rescan of its vault).
+    pub drilled_at: Option<Timestamp>,
+    /// Whether that drill passed: the point is known to restore.
+    pub drill_passed: Option<bool>,
 }
 
 /// A VM's standing: its last good point and how old that is.
@@ -58,6 +62,10 @@ pub struct VmStanding {
     pub rpo_seconds: Option<i64>,
     /// Its live points (not soft-deleted).
     pub points: u64,
+    /// Its newest live point a restore drill passed on (known to restore).
+    pub known_good: Option<String>,
+    /// Its last drill (over any live point): when, and whether it passed.
+    pub last_drill: Option<(Timestamp, bool)>,
     /// State of its latest job.
     pub last_job_state: Option<String>,
 }
@@ -77,7 +85,7 @@ impl Catalogue {
             .prepare(
                 "SELECT vm, point, job, tier, vault, captured_at, consistency, size,
                         bytes_scanned, bytes_changed, bytes_stored, duration_ms, expired_at,
-                        held_until
+                        held_until, drilled_at, drill_passed
                  FROM points WHERE ?1 IS NULL OR vm = ?1 ORDER BY captured_at, vm",
             )
             .map_err(Error::sql("listing points"))?;
@@ -98,6 +106,8 @@ impl Catalogue {
                     duration_ms: r.get::<_, i64>(11)?.unsigned_abs(),
                     expired_at: r.get::<_, Option<i64>>(12)?.map(parse_ts).transpose()?,
                     held_until: r.get::<_, Option<i64>>(13)?.map(parse_ts).transpose()?,
+                    drilled_at: r.get::<_, Option<i64>>(14)?.map(parse_ts).transpose()?,
+                    drill_passed: r.get(15)?,
                 })
             })
             .map_err(Error::sql("listing points"))?;
@@ -152,7 +162,13 @@ impl Catalogue {
                         (SELECT count(*) FROM points p
                              WHERE p.vm = v.name AND p.expired_at IS NULL AND p.tier != 'snapshot'),
                         (SELECT state FROM jobs j WHERE j.vm = v.name AND j.kind = 'backup'
-                             ORDER BY scheduled_at DESC, id DESC LIMIT 1)
+                             ORDER BY scheduled_at DESC, id DESC LIMIT 1),
+                        (SELECT point FROM points p WHERE p.vm = v.name AND p.expired_at IS NULL
+                             AND p.drill_passed = 1 ORDER BY captured_at DESC LIMIT 1),
+                        (SELECT drilled_at FROM points p WHERE p.vm = v.name AND p.expired_at IS NULL
+                             AND p.drilled_at IS NOT NULL ORDER BY drilled_at DESC LIMIT 1),
+                        (SELECT drill_passed FROM points p WHERE p.vm = v.name AND p.expired_at IS NULL
+                             AND p.drilled_at IS NOT NULL ORDER BY drilled_at DESC LIMIT 1)
                  FROM vms v ORDER BY v.name",
             )
             .map_err(Error::sql("reading the VMs' standing"))?;
@@ -170,6 +186,11 @@ impl Catalogue {
                     rpo_seconds: last.map(|t| now.duration_since(t).as_secs().max(0)),
                     points: r.get::<_, i64>(5)?.unsigned_abs(),
                     last_job_state: r.get(6)?,
+                    known_good: r.get(7)?,
+                    last_drill: match (r.get::<_, Option<i64>>(8)?, r.get::<_, Option<bool>>(9)?) {
+                        (Some(at), Some(passed)) => Some((parse_ts(at)?, passed)),
+                        _ => None,
+                    },
                 })
             })
             .map_err(Error::sql("reading the VMs' standing"))?;

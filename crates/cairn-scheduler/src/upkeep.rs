@@ -415,6 +415,17 @@ impl Catalogue {
                     summary.added += 1;
                 }
             }
+            // The last drill's outcome, noted on the point in the vault since the last look.
+            let (drilled_at, passed) = match f.drill {
+                Some((at, passed)) => (Some(ts(at)), Some(passed)),
+                None => (None, None),
+            };
+            tx.execute(
+                "UPDATE points SET drilled_at = ?3, drill_passed = ?4
+                 WHERE vm = ?1 AND point = ?2 AND (drilled_at IS NOT ?3 OR drill_passed IS NOT ?4)",
+                params![f.vm, f.point.id, drilled_at, passed],
+            )
+            .map_err(Error::sql(what.clone()))?;
         }
         for (vm, point) in gone {
             summary.removed += tx
@@ -511,6 +522,7 @@ mod tests {
             job,
             scheduled_at: None,
             held_until: None,
+            drill: None,
         }
     }
 

@@ -198,6 +198,10 @@ impl VaultKeeper for VaultSet {
                     .get(&m.vm, &m.point)
                     .ok()
                     .and_then(|s| s.snapshot.map(|t| t.until)),
+                drill: states
+                    .get(&m.vm, &m.point)
+                    .ok()
+                    .and_then(|s| s.drill.map(|d| (d.at, d.passed))),
             })
             .collect())
     }

@@ -113,11 +113,15 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
                 same_owner: rustix::process::geteuid().is_root(),
                 keep_setid: args.keep_setid,
                 max_entries: args.max_entries,
+                max_bytes: u64::MAX,
             };
             let (to, paths, number) = (args.to.clone(), args.paths.clone(), args.partition);
             let reports = on_disk(&opened.reader, move |disk| {
                 let at = locate(disk.as_ref(), number)?;
                 let volume = Volume::open(disk, &at)?;
+                // A volume holds no more data than its size: more means blocks mapped many
+                // times by a crafted file system, which must not fill the host.
+                let options = ExtractOptions { max_bytes: at.len, ..options };
                 let mut reports = Vec::new();
                 for path in &paths {
                     reports.push((path.clone(), volume.extract(path.as_bytes(), &to, &options)?));

@@ -4,6 +4,7 @@ mod backup;
 mod bench;
 mod config;
 mod copy;
+mod drill;
 mod files;
 mod gc;
 mod held;
@@ -38,6 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::ServeNbd(args) => serve_nbd::run(args, json).await,
         Command::Files(cmd) => files::run(cmd, json).await,
         Command::Verify(args) => verify::run(args, json).await,
+        Command::Drill(args) => drill::run(args, json).await,
         Command::Quickstart(args) => quickstart::run(args, json).await,
         Command::Prune(args) => lifecycle::prune(args, json).await,
         Command::Delete(args) => lifecycle::delete(args, json).await,

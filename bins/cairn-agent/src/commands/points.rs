@@ -83,7 +83,7 @@ pub async fn run(args: PointsArgs, json: bool) -> anyhow::Result<Exit> {
     Ok(Exit::Ok)
 }
 
-/// The STATE column: deleted (until when), locked, retained, verified.
+/// The STATE column: deleted (until when), locked, retained, verified, drilled.
 fn state_words(state: Result<PointState, cairn_vault::Error>) -> String {
     let state = match state {
         Ok(s) => s,
@@ -105,6 +105,11 @@ fn state_words(state: Result<PointState, cairn_vault::Error>) -> String {
         Some(_) => words.push("DAMAGED".into()),
         None => {}
     }
+    match &state.drill {
+        Some(d) if d.passed => words.push(format!("drill passed {}", when(d.at))),
+        Some(d) => words.push(format!("DRILL FAILED {}", when(d.at))),
+        None => {}
+    }
     words.join("; ")
 }
 
@@ -117,6 +122,7 @@ fn state_json(states: &PointStates, m: &PointManifest) -> serde_json::Value {
             "retain_until": s.retain_until,
             "verified": s.verified,
             "snapshot": s.snapshot,
+            "drill": s.drill,
             "other": s.other,
         }),
     }

@@ -257,6 +257,17 @@ fn cases() -> Vec<Case> {
             ],
             kept: vec![0, 1],
         },
+        Case {
+            name: "the newest point a drill restored is kept whatever the rules say, older ones are not",
+            retention: Retention { keep_last: Some(1), ..Default::default() },
+            points: vec![
+                PointFacts::at(ts("2029-12-31T00:00:00Z")),
+                PointFacts::at(ts("2029-09-01T00:00:00Z")),
+                PointFacts { restores: true, ..PointFacts::at(ts("2029-06-01T00:00:00Z")) },
+                PointFacts { restores: true, ..PointFacts::at(ts("2029-01-01T00:00:00Z")) },
+            ],
+            kept: vec![0, 2],
+        },
     ]
 }
 
@@ -338,8 +349,8 @@ fn any_retention() -> impl Strategy<Value = Retention> {
 
 fn any_points() -> impl Strategy<Value = Vec<PointFacts>> {
     // Three years from 2026, on the hour scale that makes buckets collide often.
-    let one = (0i64..3 * 365 * 24 * 4, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
-        |(q, retain, lock, verified)| {
+    let one = (0i64..3 * 365 * 24 * 4, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>())
+        .prop_map(|(q, retain, lock, verified, restores)| {
             let time = Timestamp::from_second(1_767_225_600 + q * 900).unwrap();
             let later = Timestamp::from_second(1_767_225_600 + 3 * 365 * 86_400 + q).unwrap();
             PointFacts {
@@ -347,9 +358,9 @@ fn any_points() -> impl Strategy<Value = Vec<PointFacts>> {
                 retain_until: retain.then_some(later),
                 locked_until: lock.then_some(later),
                 verified,
+                restores,
             }
-        },
-    );
+        });
     proptest::collection::vec(one, 0..60)
 }
 
@@ -388,11 +399,18 @@ proptest! {
             .filter(|(_, p)| p.verified)
             .max_by(|(i, a), (j, b)| a.time.cmp(&b.time).then(j.cmp(i)))
             .map(|(i, _)| i);
+        let newest_restored = points
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.restores)
+            .max_by(|(i, a), (j, b)| a.time.cmp(&b.time).then(j.cmp(i)))
+            .map(|(i, _)| i);
         for (i, p) in points.iter().enumerate() {
             let by_rule = singles.iter().any(|v| v[i].keep());
             let by_point = p.retain_until.is_some_and(|u| u > now)
                 || p.locked_until.is_some_and(|u| u > now)
-                || newest_verified == Some(i);
+                || newest_verified == Some(i)
+                || newest_restored == Some(i);
             prop_assert_eq!(all[i].keep(), by_rule || by_point, "point {}", i);
         }
     }

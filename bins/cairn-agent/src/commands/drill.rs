@@ -1,0 +1,111 @@
+//! `cairn-agent drill`.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use cairn_backup::{CheckOutcome, DrillOptions, DrillReport};
+
+use crate::cli::DrillArgs;
+use crate::output::{Bars, Exit, print_json};
+use crate::units::bytes;
+
+pub async fn run(args: DrillArgs, json: bool) -> anyhow::Result<Exit> {
+    let e2fsck = match args.e2fsck {
+        Some(path) => path,
+        None => cairn_backup::find_e2fsck().context(
+            "e2fsck was not found in /usr/sbin or /sbin: install e2fsprogs, or give --e2fsck PATH",
+        )?,
+    };
+    if !e2fsck.is_file() {
+        anyhow::bail!(
+            "the file system checker {} does not exist: install e2fsprogs, or give --e2fsck PATH",
+            e2fsck.display()
+        );
+    }
+    let vault = super::open_vault(&args.vault).await?;
+    let vm = super::vm_name(&args.vm)?;
+    let point = super::point_id(&args.point)?;
+    let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+    let options = DrillOptions {
+        work_dir: args.work_dir,
+        sample_blocks: args.sample_blocks,
+        e2fsck,
+        record: !args.no_record,
+    };
+    let bars = Arc::new(Bars::new(json, "drill"));
+    let report = cairn_backup::drill(&vault, &manifest, &options, bars).await?;
+    if json {
+        print_json(&report_json(&report));
+    } else {
+        print_report(&report);
+    }
+    Ok(if report.passed { Exit::Ok } else { Exit::Damaged })
+}
+
+fn report_json(r: &DrillReport) -> serde_json::Value {
+    let disks: Vec<_> = r
+        .disks
+        .iter()
+        .map(|d| {
+            let volumes: Vec<_> = d
+                .volumes
+                .iter()
+                .map(|v| {
+                    let (outcome, detail) = match &v.outcome {
+                        CheckOutcome::Clean => ("clean", String::new()),
+                        CheckOutcome::Failed(why) => ("failed", why.clone()),
+                        CheckOutcome::NotChecked(why) => ("not-checked", why.clone()),
+                    };
+                    serde_json::json!({
+                        "volume": v.volume, "fs": v.fs, "outcome": outcome, "detail": detail,
+                    })
+                })
+                .collect();
+            let (restored, error, damaged) = match &d.restore {
+                Ok(s) => (Some(s.bytes_written), None, s.damaged.len()),
+                Err(e) => (None, Some(e.clone()), 0),
+            };
+            serde_json::json!({
+                "disk": d.disk, "passed": d.passed(), "bytes_restored": restored,
+                "restore_error": error, "damaged_ranges": damaged, "sampled_blocks": d.sampled,
+                "mismatched_offsets": d.mismatched, "volumes": volumes,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "vm": r.vm, "point": r.point, "passed": r.passed, "summary": r.summary,
+        "recorded": r.recorded, "disks": disks,
+    })
+}
+
+fn print_report(r: &DrillReport) {
+    for d in &r.disks {
+        match &d.restore {
+            Ok(s) => println!(
+                "disk {}: restored ({} of data), {} sampled block(s) compared, {} differ",
+                d.disk,
+                bytes(s.bytes_written),
+                d.sampled,
+                d.mismatched.len()
+            ),
+            Err(e) => println!("disk {}: DID NOT RESTORE: {e}", d.disk),
+        }
+        if let Ok(s) = &d.restore {
+            for gap in &s.damaged {
+                println!("  DAMAGED: {} at offset {}: {}", bytes(gap.len), gap.offset, gap.detail);
+            }
+        }
+        for v in &d.volumes {
+            match &v.outcome {
+                CheckOutcome::Clean => println!("  {} ({}): e2fsck clean", v.volume, v.fs),
+                CheckOutcome::Failed(why) => println!("  {} ({}): FAILED: {why}", v.volume, v.fs),
+                CheckOutcome::NotChecked(why) => {
+                    println!("  {} ({}): not checked: {why}", v.volume, v.fs)
+                }
+            }
+        }
+    }
+    let verdict = if r.passed { "PASSED" } else { "FAILED" };
+    let noted = if r.recorded { "noted on the point" } else { "not noted (--no-record)" };
+    println!("drill of point {} of VM {}: {verdict} ({}); {noted}", r.point, r.vm, r.summary);
+}

@@ -1,0 +1,355 @@
+//! Restore drills: proving that a point restores before the day it is needed.
+//!
+//! A drill restores each disk of a point to a sparse temporary copy (every chunk checked on
+//! the way, as any restore does), compares a random sample of the copy's blocks with the
+//! digests the point's index records (so the bytes that landed on the disk are the ones
+//! backed up), finds the disk's partitions and checks every ext2/3/4 file system on it with
+//! `e2fsck` ([`fsck`]), then removes the copy before the next disk, so a drill needs room for
+//! its largest disk only. The outcome is written on the point as a note
+//! ([`cairn_format::Drill`]), which retention reads (the newest point a drill passed on is
+//! always kept) and the coordinator's rescan shows.
+//!
+//! The copy holds guest bytes: the checker reads them, never the agent's own code. As root,
+//! `e2fsck` runs as `nobody` with no new privileges, on a copy handed to it alone.
+
+mod fsck;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cairn_format::index::BlockEntry;
+use cairn_format::{Change, Drill, Name, PointId, PointManifest};
+use cairn_vault::Vault;
+use jiff::Timestamp;
+
+use crate::{Error, Progress, RestoreOptions, RestoreStats};
+
+pub use fsck::find_e2fsck;
+
+/// How to run a drill.
+#[derive(Clone, Debug)]
+pub struct DrillOptions {
+    /// A folder on a file system with room for the largest disk's data (its copy is sparse):
+    /// the drill makes a private folder inside it and removes it when done.
+    pub work_dir: PathBuf,
+    /// Blocks per disk whose restored bytes are compared with their digests.
+    pub sample_blocks: u64,
+    /// The `e2fsck` to run ([`find_e2fsck`] finds Debian's).
+    pub e2fsck: PathBuf,
+    /// Write the outcome on the point as a note.
+    pub record: bool,
+}
+
+/// What a drill found on one volume (a partition, or a disk with no table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeCheck {
+    /// "partition 1", or "the whole disk".
+    pub volume: String,
+    /// Its file system, as detected.
+    pub fs: String,
+    /// The check's outcome.
+    pub outcome: CheckOutcome,
+}
+
+/// A file system check's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// The checker found nothing wrong (after replaying the journal on the copy).
+    Clean,
+    /// The checker found damage, or could not finish: what it said.
+    Failed(String),
+    /// No checker for this file system (or nothing to check): why.
+    NotChecked(String),
+}
+
+/// What a drill found on one disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskDrill {
+    /// The disk.
+    pub disk: Name,
+    /// The restore's figures, or why it failed.
+    pub restore: Result<RestoreStats, String>,
+    /// Blocks compared with their digests.
+    pub sampled: u64,
+    /// Disk offsets of sampled blocks whose restored bytes did not match.
+    pub mismatched: Vec<u64>,
+    /// Its file systems.
+    pub volumes: Vec<VolumeCheck>,
+}
+
+impl DiskDrill {
+    /// True if the disk restored whole, every sampled block matched and no check failed.
+    pub fn passed(&self) -> bool {
+        self.restore.as_ref().is_ok_and(|s| s.damaged.is_empty())
+            && self.mismatched.is_empty()
+            && !self.volumes.iter().any(|v| matches!(v.outcome, CheckOutcome::Failed(_)))
+    }
+}
+
+/// A drill's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DrillReport {
+    /// The VM.
+    pub vm: Name,
+    /// The point drilled.
+    pub point: PointId,
+    /// Each disk.
+    pub disks: Vec<DiskDrill>,
+    /// True if every disk passed.
+    pub passed: bool,
+    /// One line: what was checked, or what failed (the note's summary).
+    pub summary: String,
+    /// The outcome was written on the point.
+    pub recorded: bool,
+}
+
+/// Drills `point`: restores each disk, samples its blocks, checks its file systems, and (with
+/// `options.record`) notes the outcome on the point. An `Err` means the drill could not run
+/// (no room, no vault): nothing is recorded then. A point that fails its drill is an `Ok`
+/// report that says so.
+pub async fn drill(
+    vault: &Vault,
+    point: &PointManifest,
+    options: &DrillOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<DrillReport, Error> {
+    let work = WorkFolder::create(&options.work_dir)?;
+    let mut disks = Vec::new();
+    for disk in point.disks.keys() {
+        let copy = work.path.join(disk.as_str());
+        let result = drill_disk(vault, point, disk, &copy, options, Arc::clone(&progress)).await;
+        // The copy goes before the next disk is restored: room for the largest disk is enough.
+        let _ = std::fs::remove_file(&copy);
+        disks.push(result?);
+    }
+    drop(work);
+    let passed = disks.iter().all(DiskDrill::passed);
+    let summary = summarize(&disks);
+    let mut report = DrillReport {
+        vm: point.vm.clone(),
+        point: point.point.clone(),
+        disks,
+        passed,
+        summary,
+        recorded: false,
+    };
+    if options.record {
+        let change = Change::Drilled(Drill {
+            at: Timestamp::now(),
+            passed,
+            method: "restore".into(),
+            summary: report.summary.clone(),
+        });
+        vault.write_note(&point.vm, &point.point, "drill", &[change]).await?;
+        report.recorded = true;
+    }
+    Ok(report)
+}
+
+/// One disk: restore, sample, check. Errors that say nothing of the point (the work folder
+/// is full, the vault is unreachable) stop the drill; damage in the point is the report's.
+async fn drill_disk(
+    vault: &Vault,
+    point: &PointManifest,
+    disk: &Name,
+    copy: &Path,
+    options: &DrillOptions,
+    progress: Arc<dyn Progress>,
+) -> Result<DiskDrill, Error> {
+    let mut out = DiskDrill {
+        disk: disk.clone(),
+        restore: Err(String::new()),
+        sampled: 0,
+        mismatched: vec![],
+        volumes: vec![],
+    };
+    let restore_options = RestoreOptions { keep_going: true, ..RestoreOptions::default() };
+    match crate::restore_disk(vault, point, disk, copy, &restore_options, progress).await {
+        Ok(stats) => out.restore = Ok(stats),
+        Err(e) if is_point_damage(&e) => {
+            out.restore = Err(e.to_string());
+            return Ok(out);
+        }
+        Err(e) => return Err(e),
+    }
+    let record = crate::restore::disk_of(point, disk)?;
+    let (sampled, mismatched) = sample_blocks(vault, record, copy, options.sample_blocks).await?;
+    out.sampled = sampled;
+    out.mismatched = mismatched;
+    out.volumes = fsck::check_volumes(copy, &options.e2fsck).await?;
+    Ok(out)
+}
+
+/// Whether a restore error is the point's fault (damaged or missing data, a corrupt index)
+/// rather than the drill's surroundings (a full work folder, an unreachable backend).
+fn is_point_damage(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Corrupt { .. }
+            | Error::Format(_)
+            | Error::Vault(
+                cairn_vault::Error::Corrupt { .. }
+                    | cairn_vault::Error::ChunkMissing { .. }
+                    | cairn_vault::Error::ChunkTruncated { .. }
+            )
+    )
+}
+
+/// Compares up to `count` random blocks of the restored `copy` with the digests the index
+/// records: (blocks compared, offsets that differ).
+async fn sample_blocks(
+    vault: &Vault,
+    record: &cairn_format::DiskRecord,
+    copy: &Path,
+    count: u64,
+) -> Result<(u64, Vec<u64>), Error> {
+    let root = vault.read_disk_index(record).await?;
+    let blocks = root.block_count();
+    let per_page = u64::from(root.blocks_per_page).max(1);
+    let block = u64::from(root.block_size);
+    let amount = count.min(blocks);
+    let mut chosen: Vec<u64> = {
+        let mut rng = rand::rng();
+        let total = usize::try_from(blocks).unwrap_or(usize::MAX);
+        let amount = usize::try_from(amount).unwrap_or(usize::MAX);
+        rand::seq::index::sample(&mut rng, total, amount).into_iter().map(|i| i as u64).collect()
+    };
+    chosen.sort_unstable();
+    let file = std::fs::File::open(copy)
+        .map_err(|source| Error::Target { path: copy.to_owned(), source })?;
+    let file = Arc::new(file);
+    let ids = vault.crypto().ids().clone();
+    let pages: Vec<(u64, cairn_format::Digest)> =
+        root.page_digests().enumerate().map(|(i, d)| (i as u64, d)).collect();
+    let mut mismatched = Vec::new();
+    let mut at = 0usize;
+    while at < chosen.len() {
+        let page_no = chosen[at] / per_page;
+        let end = chosen[at..]
+            .iter()
+            .position(|b| b / per_page != page_no)
+            .map_or(chosen.len(), |n| at + n);
+        let Some((_, id)) = pages.get(page_no as usize) else {
+            break;
+        };
+        let page = vault.read_page_of(&root, page_no, id).await?;
+        let entries: Vec<BlockEntry> = page.entries().collect();
+        let wanted: Vec<(u64, Option<cairn_format::Digest>)> = chosen[at..end]
+            .iter()
+            .filter_map(|b| {
+                let entry = entries.get((b - page_no * per_page) as usize)?;
+                Some((b * block, entry.content().copied()))
+            })
+            .collect();
+        let (file, ids, size) = (Arc::clone(&file), ids.clone(), record.size);
+        let bad = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; block as usize];
+            let mut bad = Vec::new();
+            for (offset, digest) in wanted {
+                let len = block.min(size.saturating_sub(offset)) as usize;
+                let bytes = &mut buf[..len];
+                file.read_exact_at(bytes, offset)?;
+                let same = match digest {
+                    Some(d) => ids.of(bytes) == d,
+                    None => bytes.iter().all(|b| *b == 0),
+                };
+                if !same {
+                    bad.push(offset);
+                }
+            }
+            Ok::<_, std::io::Error>(bad)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("sampling blocks: {e}")))?
+        .map_err(|source| Error::Target { path: copy.to_owned(), source })?;
+        mismatched.extend(bad);
+        at = end;
+    }
+    Ok((amount, mismatched))
+}
+
+/// The note's line: what passed, or the first things that failed.
+fn summarize(disks: &[DiskDrill]) -> String {
+    let mut failures = Vec::new();
+    let (mut clean, mut unchecked, mut sampled) = (0, 0, 0);
+    for d in disks {
+        sampled += d.sampled;
+        match &d.restore {
+            Err(e) => failures.push(format!("disk {} did not restore: {e}", d.disk)),
+            Ok(s) if !s.damaged.is_empty() => failures.push(format!(
+                "disk {}: {} damaged range(s), first at offset {}",
+                d.disk,
+                s.damaged.len(),
+                s.damaged[0].offset
+            )),
+            Ok(_) => {}
+        }
+        if let Some(first) = d.mismatched.first() {
+            failures.push(format!(
+                "disk {}: {} sampled block(s) differ from their digests, first at offset {first}",
+                d.disk,
+                d.mismatched.len()
+            ));
+        }
+        for v in &d.volumes {
+            match &v.outcome {
+                CheckOutcome::Clean => clean += 1,
+                CheckOutcome::NotChecked(_) => unchecked += 1,
+                CheckOutcome::Failed(why) => failures.push(format!(
+                    "disk {} {} ({}): {}",
+                    d.disk,
+                    v.volume,
+                    v.fs,
+                    why.lines().last().unwrap_or("the check failed")
+                )),
+            }
+        }
+    }
+    if failures.is_empty() {
+        format!(
+            "{} disk(s) restored, {sampled} sampled block(s) matched, {clean} file system(s) \
+             checked clean, {unchecked} not checkable",
+            disks.len()
+        )
+    } else {
+        failures.join("; ")
+    }
+}
+
+/// The drill's private folder, removed with everything in it when dropped.
+struct WorkFolder {
+    path: PathBuf,
+}
+
+impl WorkFolder {
+    fn create(parent: &Path) -> Result<Self, Error> {
+        let bad = |detail: &str| {
+            Error::InvalidRequest(format!("drill work folder {}: {detail}", parent.display()))
+        };
+        let meta = std::fs::metadata(parent)
+            .map_err(|source| Error::Target { path: parent.to_owned(), source })?;
+        if !meta.is_dir() {
+            return Err(bad("it is not a folder"));
+        }
+        let path = parent.join(format!(
+            "cairn-drill-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| Error::Target { path: path.clone(), source })?;
+        Ok(WorkFolder { path })
+    }
+}
+
+impl Drop for WorkFolder {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), "the drill's work folder could not be removed: {e}");
+        }
+    }
+}
