@@ -11,30 +11,11 @@ mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use cairn_testkit::walk;
 use std::time::Instant;
 
 use support::{agent, ok, pack_files, tool};
-
-/// Every path under `root`, relative and sorted, with `lost+found` left out.
-fn walk(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_path_buf();
-            if rel == Path::new("lost+found") {
-                continue;
-            }
-            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
-                pending.push(p.clone());
-            }
-            out.push(rel);
-        }
-    }
-    out.sort();
-    out
-}
 
 /// Asserts `got` holds what `want` holds: the same paths, kinds, sizes, contents, modes
 /// (set-ID bits dropped as extraction does), symlink targets and modification seconds, and

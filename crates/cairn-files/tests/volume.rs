@@ -8,6 +8,8 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+
+use cairn_testkit::walk;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -101,26 +103,6 @@ fn volume(image: &Path) -> Volume {
     let at = locate(disk.as_ref(), None).unwrap();
     assert_eq!((at.fs, at.start, at.partition.is_none()), (FsKind::Ext4, 0, true));
     Volume::open(disk, &at).unwrap()
-}
-
-/// Every path under `root`, relative, with `lost+found` left out.
-fn walk(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.file_name() == Some(OsStr::new("lost+found")) {
-                continue;
-            }
-            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
-                pending.push(p.clone());
-            }
-            out.push(p.strip_prefix(root).unwrap().to_path_buf());
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

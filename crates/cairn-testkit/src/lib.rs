@@ -138,3 +138,25 @@ pub fn object_store_urls() -> Vec<(&'static str, String)> {
 }
 
 pub mod qemu;
+
+/// Every path under `root`, relative and sorted, links not followed, with a top-level
+/// `lost+found` (which `mkfs.ext4` adds) left out: the tree a file-level recovery test compares.
+pub fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if rel == std::path::Path::new("lost+found") {
+                continue;
+            }
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                pending.push(p.clone());
+            }
+            out.push(rel);
+        }
+    }
+    out.sort();
+    out
+}

@@ -8,69 +8,33 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use cairn_backup::{PointReader, ReaderOptions};
 use cairn_files::{Entry, ExtractOptions, ReadAt, Volume, escape, locate};
-use cairn_format::PointManifest;
 use serde_json::json;
 
+use super::point_disk::{PointDisk, Request};
 use crate::cli::{FilesCommand, FilesDiskArgs};
 use crate::output::{Exit, print_json};
 use crate::units::bytes;
 
-/// The point's disk as the file reader sees it.
-struct VaultDisk {
-    reader: PointReader,
-    runtime: tokio::runtime::Handle,
-}
-
-impl ReadAt for VaultDisk {
-    fn size(&self) -> u64 {
-        self.reader.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.runtime.block_on(self.reader.read(offset, buf)).map_err(std::io::Error::other)
-    }
-}
-
-struct Opened {
-    manifest: PointManifest,
-    disk_name: cairn_format::Name,
-    reader: PointReader,
-    /// Blocks of the disk holding data (neither holes nor zeros).
-    data_blocks: u64,
-}
-
-async fn open(args: &FilesDiskArgs) -> anyhow::Result<Opened> {
-    let vault = super::open_vault(&args.vault).await?;
-    let vm = super::vm_name(&args.vm)?;
-    let point = super::point_id(&args.point)?;
-    let disk_name: cairn_format::Name =
-        args.disk.parse().with_context(|| format!("--disk {:?}", args.disk))?;
-    let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
-    let mib = |n: u64, what: &str| {
-        n.checked_mul(1 << 20).with_context(|| format!("--{what} {n} is too large"))
-    };
-    let options = ReaderOptions {
-        cache_bytes: mib(args.cache_mib, "cache-mib")?,
-        read_ahead: mib(args.read_ahead_mib, "read-ahead-mib")?,
-        ..Default::default()
-    };
-    let reader = PointReader::open(vault, &manifest, &disk_name, options).await?;
-    let data_blocks = manifest
-        .disks
-        .get(&disk_name)
-        .map(|d| d.stats.blocks.saturating_sub(d.stats.hole_blocks + d.stats.zero_blocks))
-        .unwrap_or(0);
-    Ok(Opened { manifest, disk_name, reader, data_blocks })
+/// Opens the disk the arguments name.
+async fn open(args: &FilesDiskArgs) -> anyhow::Result<PointDisk> {
+    PointDisk::open(Request {
+        vault: &args.vault,
+        vm: &args.vm,
+        point: &args.point,
+        disk: &args.disk,
+        cache_mib: args.cache_mib,
+        read_ahead_mib: args.read_ahead_mib,
+    })
+    .await
 }
 
 /// Runs `work` on the disk, on a blocking thread.
 async fn on_disk<T: Send + 'static>(
-    reader: &PointReader,
+    opened: &PointDisk,
     work: impl FnOnce(Arc<dyn ReadAt>) -> Result<T, cairn_files::Error> + Send + 'static,
 ) -> anyhow::Result<T> {
-    let disk = VaultDisk { reader: reader.clone(), runtime: tokio::runtime::Handle::current() };
+    let disk = opened.blocking();
     let joined = tokio::task::spawn_blocking(move || work(Arc::new(disk))).await;
     Ok(joined.context("the file reader stopped")??)
 }
@@ -82,7 +46,7 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
             let opened = open(&args.disk).await?;
             let path = args.path.clone().into_bytes();
             let (recursive, limit, number) = (args.recursive, args.max_entries, args.partition);
-            let entries = on_disk(&opened.reader, move |disk| {
+            let entries = on_disk(&opened, move |disk| {
                 let at = locate(disk.as_ref(), number)?;
                 let volume = Volume::open(disk, &at)?;
                 let mut entries = Vec::new();
@@ -94,11 +58,11 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
             if json {
                 print_json(&json!({
                     "vm": opened.manifest.vm, "point": opened.manifest.point,
-                    "disk": opened.disk_name,
+                    "disk": opened.name,
                     "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
                     "chunks_fetched": fetched.chunks_fetched,
                     "bytes_fetched": fetched.bytes_fetched,
-                    "data_blocks": opened.data_blocks,
+                    "data_blocks": opened.data_blocks(),
                 }));
             } else {
                 for e in &entries {
@@ -116,7 +80,7 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
                 max_bytes: u64::MAX,
             };
             let (to, paths, number) = (args.to.clone(), args.paths.clone(), args.partition);
-            let reports = on_disk(&opened.reader, move |disk| {
+            let reports = on_disk(&opened, move |disk| {
                 let at = locate(disk.as_ref(), number)?;
                 let volume = Volume::open(disk, &at)?;
                 // A volume holds no more data than its size: more means blocks mapped many
@@ -137,7 +101,7 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
             if json {
                 print_json(&json!({
                     "vm": opened.manifest.vm, "point": opened.manifest.point,
-                    "disk": opened.disk_name, "to": args.to,
+                    "disk": opened.name, "to": args.to,
                     "files": sum(|r| r.files), "dirs": sum(|r| r.dirs),
                     "symlinks": sum(|r| r.symlinks), "bytes": sum(|r| r.bytes),
                     "written": sum(|r| r.written), "setid_dropped": sum(|r| r.setid_dropped),
@@ -145,7 +109,7 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
                         .map(|s| json!({"path": s.path, "why": s.why})).collect::<Vec<_>>(),
                     "chunks_fetched": fetched.chunks_fetched,
                     "bytes_fetched": fetched.bytes_fetched,
-                    "data_blocks": opened.data_blocks,
+                    "data_blocks": opened.data_blocks(),
                 }));
             } else {
                 for s in &skipped {
@@ -167,7 +131,7 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
                     args.to.display(),
                     fetched.chunks_fetched,
                     bytes(fetched.bytes_fetched),
-                    opened.data_blocks
+                    opened.data_blocks()
                 );
             }
             Ok(Exit::Ok)
@@ -177,7 +141,7 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
 
 async fn partitions(args: &FilesDiskArgs, json: bool) -> anyhow::Result<Exit> {
     let opened = open(args).await?;
-    let (table, found) = on_disk(&opened.reader, |disk| {
+    let (table, found) = on_disk(&opened, |disk| {
         let table = cairn_files::read_table(disk.as_ref())?;
         let mut found = Vec::new();
         for p in &table.partitions {

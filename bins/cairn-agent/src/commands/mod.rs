@@ -11,6 +11,7 @@ mod held;
 mod init;
 mod key;
 mod lifecycle;
+mod point_disk;
 mod points;
 mod quickstart;
 mod restore;

@@ -5,53 +5,26 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use cairn_backup::{PointReader, ReaderOptions};
-use cairn_nbd::server::{ExportSource, Server};
+use cairn_nbd::server::Server;
 
 use crate::cli::ServeNbdArgs;
 use crate::output::{Exit, print_json};
 use crate::units::bytes;
 
-/// The point's disk as the NBD server sees it: the async reader, driven from the server's
-/// threads on the agent's runtime.
-struct Export {
-    reader: PointReader,
-    runtime: tokio::runtime::Handle,
-}
-
-impl ExportSource for Export {
-    fn size(&self) -> u64 {
-        self.reader.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.runtime.block_on(self.reader.read(offset, buf)).map_err(|e| e.to_string())
-    }
-
-    fn preferred_block(&self) -> u32 {
-        self.reader.block_size()
-    }
-}
-
 pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
-    let vault = super::open_vault(&args.vault).await?;
-    let vm = super::vm_name(&args.vm)?;
-    let point = super::point_id(&args.point)?;
-    let disk: cairn_format::Name =
-        args.disk.parse().with_context(|| format!("--disk {:?}", args.disk))?;
-    let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
-    let mib = |n: u64, what: &str| {
-        n.checked_mul(1 << 20).with_context(|| format!("--{what} {n} is too large"))
-    };
-    let options = ReaderOptions {
-        cache_bytes: mib(args.cache_mib, "cache-mib")?,
-        read_ahead: mib(args.read_ahead_mib, "read-ahead-mib")?,
-        ..ReaderOptions::default()
-    };
-    let reader = PointReader::open(vault, &manifest, &disk, options).await?;
+    let opened = super::point_disk::PointDisk::open(super::point_disk::Request {
+        vault: &args.vault,
+        vm: &args.vm,
+        point: &args.point,
+        disk: &args.disk,
+        cache_mib: args.cache_mib,
+        read_ahead_mib: args.read_ahead_mib,
+    })
+    .await?;
+    let (manifest, disk, reader) = (&opened.manifest, &opened.name, &opened.reader);
+    let vm = &manifest.vm;
     let size = reader.size();
-    let export =
-        Arc::new(Export { reader: reader.clone(), runtime: tokio::runtime::Handle::current() });
+    let export = Arc::new(opened.blocking());
     // The server runs on threads of its own; its end (accepting failed) stops the command.
     let (ended, serving) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
     let mut bound = None;

@@ -1,0 +1,93 @@
+//! A point's disk read in place from its vault: what `serve-nbd` exports and `files` reads.
+//!
+//! Both open the same way (vault, VM, point, disk, a cache and a read-ahead in MiB) and both
+//! hand the async [`PointReader`] to synchronous code on threads of their own (the NBD
+//! server's, the ext4 reader's), which drive it on the agent's runtime: [`Blocking`].
+
+use anyhow::Context;
+use cairn_backup::{PointReader, ReaderOptions};
+use cairn_format::{Name, PointManifest};
+
+use crate::cli::VaultArg;
+
+/// Which disk of which point, and how much memory its reader may use.
+pub(crate) struct Request<'a> {
+    pub vault: &'a VaultArg,
+    pub vm: &'a str,
+    pub point: &'a str,
+    pub disk: &'a str,
+    pub cache_mib: u64,
+    pub read_ahead_mib: u64,
+}
+
+/// The disk, opened.
+pub(crate) struct PointDisk {
+    pub manifest: PointManifest,
+    pub name: Name,
+    pub reader: PointReader,
+}
+
+impl PointDisk {
+    /// Opens the vault, finds the point and opens a reader over its disk.
+    pub(crate) async fn open(r: Request<'_>) -> anyhow::Result<PointDisk> {
+        let vault = super::open_vault(r.vault).await?;
+        let vm = super::vm_name(r.vm)?;
+        let point = super::point_id(r.point)?;
+        let name: Name = r.disk.parse().with_context(|| format!("--disk {:?}", r.disk))?;
+        let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+        let mib = |n: u64, what: &str| {
+            n.checked_mul(1 << 20).with_context(|| format!("--{what} {n} is too large"))
+        };
+        let options = ReaderOptions {
+            cache_bytes: mib(r.cache_mib, "cache-mib")?,
+            read_ahead: mib(r.read_ahead_mib, "read-ahead-mib")?,
+            ..ReaderOptions::default()
+        };
+        let reader = PointReader::open(vault, &manifest, &name, options).await?;
+        Ok(PointDisk { manifest, name, reader })
+    }
+
+    /// Blocks of the disk holding data (neither holes nor zeros), as its backup counted them.
+    pub(crate) fn data_blocks(&self) -> u64 {
+        self.manifest
+            .disks
+            .get(&self.name)
+            .map(|d| d.stats.blocks.saturating_sub(d.stats.hole_blocks + d.stats.zero_blocks))
+            .unwrap_or(0)
+    }
+
+    /// The reader, for a thread that may block (not a runtime worker).
+    pub(crate) fn blocking(&self) -> Blocking {
+        Blocking { reader: self.reader.clone(), runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+/// The point's disk read from a thread that may block, through the agent's runtime.
+pub(crate) struct Blocking {
+    reader: PointReader,
+    runtime: tokio::runtime::Handle,
+}
+
+impl cairn_files::ReadAt for Blocking {
+    fn size(&self) -> u64 {
+        self.reader.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.runtime.block_on(self.reader.read(offset, buf)).map_err(std::io::Error::other)
+    }
+}
+
+impl cairn_nbd::server::ExportSource for Blocking {
+    fn size(&self) -> u64 {
+        self.reader.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.runtime.block_on(self.reader.read(offset, buf)).map_err(|e| e.to_string())
+    }
+
+    fn preferred_block(&self) -> u32 {
+        self.reader.block_size()
+    }
+}
