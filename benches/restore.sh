@@ -5,7 +5,8 @@
 #
 #   SIZE=2G RUNS=3 BENCH_DIR=/var/tmp/restore-bench benches/restore.sh
 #
-# Whole restore: `cairn-agent restore`, `restic restore --sparse`, `borg extract --sparse`,
+# Whole restore: `cairn-agent restore`, `restic restore` (`--sparse` where it has it),
+# `borg extract --sparse`,
 # each followed by `sync` and checked with `cmp`; page cache warm (the repository read once
 # before), median of RUNS. Time to first byte: Cairn starts `serve-nbd` on a unix socket and
 # `qemu-io` reads the first 4 KiB through it (polled every 10 ms: the figure is the time from
@@ -46,7 +47,10 @@ borg init --encryption=repokey-blake2 borg >/dev/null 2>&1
 borg create borg::full disk.img >/dev/null 2>&1
 
 now() { date +%s.%N; }
-seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+# Debian's restic 0.14 has no --sparse (it writes zeros in full); newer ones do.
+RESTIC_SPARSE=()
+if restic restore --help 2>/dev/null | grep -q -- '--sparse'; then RESTIC_SPARSE=(--sparse); fi
+seconds() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", b - a }'; }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 warm() { find "$1" -type f -exec cat {} + >/dev/null; }
 
@@ -58,7 +62,7 @@ restore_once() { # restore_once TOOL: seconds for a whole restore, checked
     t0=$(now)
     case $1 in
     cairn) "$AGENT" restore --vault cairn --key-file cairn.key --vm bench --disk disk --to "$out/disk.img" >/dev/null ;;
-    restic) restic -r restic restore latest --target "$out" --sparse -q >/dev/null ;;
+    restic) restic -r restic restore latest --target "$out" "${RESTIC_SPARSE[@]}" -q >/dev/null ;;
     borg) (cd "$out" && borg extract --sparse "$BENCH_DIR/borg::full") ;;
     esac
     sync
@@ -108,4 +112,5 @@ for tool in cairn restic borg; do
 done
 echo
 echo "Image: $SIZE seeded sample ($(du -h --apparent-size disk.img | cut -f1) apparent, $(du -h disk.img | cut -f1) allocated)."
+echo "restic restores $( ((${#RESTIC_SPARSE[@]})) && echo "with --sparse" || echo "without --sparse (not in this version): it writes the zeros")."
 echo "Versions: $("$AGENT" --version), restic $(restic version | awk '{ print $2 }'), borg $(borg --version | awk '{ print $2 }')."
