@@ -492,6 +492,13 @@ pub struct ServeNbdArgs {
     /// How far ahead of a reader going in order blocks are fetched.
     #[arg(long, default_value_t = 16)]
     pub read_ahead_mib: u64,
+    /// Note on the point, when the server stops, the blocks clients read first and in which
+    /// order (a guest booting from the export): later exports of the VM fetch them at once.
+    #[arg(long)]
+    pub record_reads: bool,
+    /// Do not fetch the blocks a guest read first at an earlier boot before they are asked.
+    #[arg(long)]
+    pub no_prefetch: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -25,12 +25,17 @@ struct Served {
 
 impl Served {
     fn start(vault: &str, point: &str, socket: &Path) -> Served {
+        Served::start_with(vault, point, socket, &[])
+    }
+
+    fn start_with(vault: &str, point: &str, socket: &Path, extra: &[&str]) -> Served {
         let started = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
             .env("CAIRN_PASSPHRASE", "running VM tests")
             .args(["serve-nbd", "--vault", vault, "--vm", "web", "--point", point, "--disk", "os"])
             .arg("--socket")
             .arg(socket)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -65,6 +70,89 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The numbers in serve-nbd's last words: (chunks fetched, reads from the cache).
+fn served_counts(log: &str) -> (u64, u64) {
+    let line = log.lines().find(|l| l.starts_with("served ")).expect(log);
+    let number = |before: &str| -> u64 {
+        let head = &line[..line.find(before).expect(line)];
+        head.rsplit(' ').find(|w| !w.is_empty()).unwrap().parse().unwrap()
+    };
+    (number(" chunks fetched"), number(" reads from the cache"))
+}
+
+#[test]
+fn the_blocks_a_guest_reads_first_are_noted_and_fetched_before_the_next_boot_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let (vault, disk) = (s("vault"), s("disk.raw"));
+    ok(agent(&["init", "--vault", &vault]));
+    ok(agent(&["sample", "create", &disk, "--size", "64M", "--seed", "5"]));
+    ok(agent(&["backup", "--vault", &vault, "--vm", "web", "--disk", &format!("os={disk}")]));
+    let image = std::fs::read(&disk).unwrap();
+    // A "boot": three scattered reads, out of order (no read-ahead), as a guest's would be.
+    let boot = |served: &Served| {
+        let mut client = cairn_nbd::Client::connect_unix(&served.socket, "os", &[]).unwrap();
+        for at in [40u64 << 20, 1 << 20, (2 << 20) + 4096] {
+            let mut got = vec![0u8; 4096];
+            client.read(at, &mut got).unwrap();
+            assert!(got == image[at as usize..at as usize + 4096]);
+        }
+    };
+
+    let served =
+        Served::start_with(&vault, "latest", &dir.path().join("a.sock"), &["--record-reads"]);
+    boot(&served);
+    let log = served.stop();
+    assert!(log.contains("the 3 blocks clients read first"), "{log}");
+    let (first_fetched, first_hits) = served_counts(&log);
+    assert_eq!(first_hits, 0, "{log}");
+    let listed = ok(agent(&["points", "--json", "--vault", &vault, "--vm", "web"]));
+    let noted = &listed["points"][0]["state"]["boot_reads"];
+    assert_eq!(noted["blocks"], 3, "{listed}");
+
+    // The next export fetches them before anyone asks; the boot then finds them cached.
+    let mut served = Served::start(&vault, "latest", &dir.path().join("b.sock"));
+    let (lines, said) = std::sync::mpsc::channel();
+    let stderr = served.child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut log = String::new();
+    loop {
+        let line = said.recv_timeout(std::time::Duration::from_secs(60)).expect("no prefetch");
+        log.push_str(&line);
+        log.push('\n');
+        if line.starts_with("prefetched") {
+            assert!(line.starts_with("prefetched 3 blocks"), "{line}");
+            break;
+        }
+    }
+    boot(&served);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(served.child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(served.child.wait().unwrap().success());
+    while let Ok(line) = said.recv_timeout(std::time::Duration::from_secs(10)) {
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let (fetched, hits) = served_counts(&log);
+    assert_eq!(fetched, first_fetched, "the same blocks, fetched once: {log}");
+    // (A block of zeros is never fetched nor cached: the sample disk has some.)
+    assert!(fetched > 0, "{log}");
+    assert_eq!(hits, fetched, "every block of the boot came from the cache: {log}");
+
+    // --no-prefetch: nothing fetched before the reads.
+    let served =
+        Served::start_with(&vault, "latest", &dir.path().join("c.sock"), &["--no-prefetch"]);
+    let log = served.stop();
+    assert_eq!(served_counts(&log).0, 0, "{log}");
 }
 
 #[test]

@@ -72,6 +72,15 @@ struct Inner {
     chunks: AtomicU64,
     bytes: AtomicU64,
     hits: AtomicU64,
+    /// While recording: the blocks clients read, in the order first read.
+    first_reads: Mutex<Option<FirstReads>>,
+}
+
+/// Blocks in the order clients first read them, at most `limit`.
+struct FirstReads {
+    order: Vec<u64>,
+    seen: std::collections::HashSet<u64>,
+    limit: usize,
 }
 
 /// A block's fetch under way, shared by whoever asks for the block meanwhile.
@@ -122,6 +131,7 @@ impl PointReader {
             chunks: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
+            first_reads: Mutex::new(None),
         })))
     }
 
@@ -138,6 +148,40 @@ impl PointReader {
     /// The vault's block size: the size reads should come in.
     pub fn block_size(&self) -> u32 {
         self.0.root.block_size
+    }
+
+    /// Starts noting the blocks clients read, in the order first read, up to `limit` blocks
+    /// (reads ahead and prefetches are not clients' reads and are not noted).
+    pub fn record_first_reads(&self, limit: usize) {
+        let record = FirstReads { order: Vec::new(), seen: Default::default(), limit };
+        *self.0.first_reads.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+    }
+
+    /// The blocks noted since [`PointReader::record_first_reads`], in the order first read.
+    pub fn first_reads(&self) -> Vec<u64> {
+        let noted = self.0.first_reads.lock().unwrap_or_else(|p| p.into_inner());
+        noted.as_ref().map(|r| r.order.clone()).unwrap_or_default()
+    }
+
+    /// Fetches `blocks` into the cache, in their order, `parallel` at a time, as many as the
+    /// cache holds (more would evict the first before they are read); returns how many were
+    /// asked for. A block that cannot be fetched is skipped: its reader gets the error.
+    pub async fn prefetch(&self, blocks: &[u64]) -> u64 {
+        let inner = &self.0;
+        let room = usize::try_from(inner.options.cache_bytes / inner.block).unwrap_or(usize::MAX);
+        let count = inner.root.block_count();
+        let wanted: Vec<u64> = blocks.iter().copied().filter(|b| *b < count).take(room).collect();
+        let n = wanted.len() as u64;
+        futures::stream::iter(wanted)
+            .map(|i| async move {
+                if let Err(e) = self.block(i).await {
+                    tracing::debug!("prefetching block {i}: {e}");
+                }
+            })
+            .buffered(inner.options.parallel)
+            .collect::<Vec<()>>()
+            .await;
+        n
     }
 
     /// What has been fetched so far.
@@ -166,6 +210,16 @@ impl PointReader {
             return Ok(());
         }
         let (first, last) = (offset / inner.block, (end - 1) / inner.block);
+        if let Some(r) = inner.first_reads.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            for i in first..=last {
+                if r.order.len() >= r.limit {
+                    break;
+                }
+                if r.seen.insert(i) {
+                    r.order.push(i);
+                }
+            }
+        }
         if inner.last_end.swap(end, Ordering::Relaxed) == offset {
             self.read_ahead(last + 1);
         }

@@ -45,7 +45,10 @@ pub use manifest::{
     MachineDisk, MachineRecord, Origin, PointManifest, ResumeRecord, SizedPack,
 };
 pub use name::Name;
-pub use note::{Change, Deletion, Drill, PointNote, PointState, SnapshotTier, Verification};
+pub use note::{
+    BootReads, Change, Deletion, Drill, MAX_BOOT_RUNS, PointNote, PointState, SnapshotTier,
+    Verification,
+};
 pub use point_id::PointId;
 
 /// The smallest block size a disk index may use: 4 KiB.

@@ -86,6 +86,56 @@ pub struct Drill {
     pub summary: String,
 }
 
+/// The blocks a client of an export read first (a guest booting from it), in the order it
+/// first read them, as runs of consecutive blocks: a later export of the VM fetches them
+/// before they are asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootReads {
+    /// When the export that recorded them stopped.
+    pub at: Timestamp,
+    /// The block size they are counted in.
+    pub block_size: u32,
+    /// `(first block, count)`, in the order first read.
+    pub runs: Vec<(u64, u64)>,
+}
+
+/// Runs a boot record may hold: a few thousand in practice.
+pub const MAX_BOOT_RUNS: usize = 65_536;
+
+impl BootReads {
+    /// The record of `blocks` (in the order first read), cut at [`MAX_BOOT_RUNS`] runs.
+    pub fn of(at: Timestamp, block_size: u32, blocks: &[u64]) -> Self {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &b in blocks {
+            if let Some((first, n)) = runs.last_mut()
+                && first.checked_add(*n) == Some(b)
+            {
+                *n += 1;
+            } else if runs.len() == MAX_BOOT_RUNS {
+                break;
+            } else {
+                runs.push((b, 1));
+            }
+        }
+        BootReads { at, block_size, runs }
+    }
+
+    /// The blocks, in order, below `block_count`, at most `limit` of them.
+    pub fn blocks(&self, block_count: u64, limit: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        for &(first, n) in &self.runs {
+            let end = first.saturating_add(n).min(block_count);
+            for b in first..end {
+                if out.len() >= limit {
+                    return out;
+                }
+                out.push(b);
+            }
+        }
+        out
+    }
+}
+
 /// One change a note makes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -103,6 +153,8 @@ pub enum Change {
     Snapshot(Option<SnapshotTier>),
     /// A restore drill's outcome.
     Drilled(Drill),
+    /// The blocks a guest booting from an export read first.
+    BootReads(BootReads),
 }
 
 /// The state of a point: the fold of its notes.
@@ -120,6 +172,8 @@ pub struct PointState {
     pub snapshot: Option<SnapshotTier>,
     /// The last restore drill's outcome.
     pub drill: Option<Drill>,
+    /// The blocks a guest booting from an export of the point read first.
+    pub boot_reads: Option<BootReads>,
     /// Keys this build does not know, with their latest value.
     pub other: BTreeMap<String, Value>,
 }
@@ -130,6 +184,7 @@ const LOCKED_UNTIL: &str = "locked_until";
 const VERIFIED: &str = "verified";
 const SNAPSHOT: &str = "snapshot";
 const DRILL: &str = "drill";
+const BOOT_READS: &str = "boot_reads";
 
 impl PointNote {
     /// A note on `vm`/`point` making `changes`.
@@ -150,6 +205,7 @@ impl PointNote {
                 Change::Verified(v) => (VERIFIED, serde_json::to_value(v)),
                 Change::Snapshot(t) => (SNAPSHOT, serde_json::to_value(t)),
                 Change::Drilled(d) => (DRILL, serde_json::to_value(d)),
+                Change::BootReads(r) => (BOOT_READS, serde_json::to_value(r)),
             };
             set.insert(key.to_string(), value.unwrap_or(Value::Null));
         }
@@ -190,6 +246,17 @@ impl PointState {
                 VERIFIED => self.verified = serde_json::from_value(value.clone()).map_err(bad)?,
                 SNAPSHOT => self.snapshot = serde_json::from_value(value.clone()).map_err(bad)?,
                 DRILL => self.drill = serde_json::from_value(value.clone()).map_err(bad)?,
+                BOOT_READS => {
+                    let reads: Option<BootReads> =
+                        serde_json::from_value(value.clone()).map_err(bad)?;
+                    if reads.as_ref().is_some_and(|r| r.runs.len() > MAX_BOOT_RUNS) {
+                        return Err(Error::Corrupt {
+                            what: "point note",
+                            detail: format!("key {key:?}: more than {MAX_BOOT_RUNS} runs"),
+                        });
+                    }
+                    self.boot_reads = reads;
+                }
                 _ => {
                     self.other.insert(key.clone(), value.clone());
                 }
@@ -337,6 +404,30 @@ mod tests {
         let mut bad = passed.clone();
         bad.set.insert(DRILL.into(), serde_json::json!({ "passed": "yes" }));
         assert!(PointNote::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn boot_reads_are_runs_in_first_read_order() {
+        let reads = BootReads::of(ts("2026-12-01T00:00:00Z"), 65536, &[7, 8, 9, 2, 3, 100]);
+        assert_eq!(reads.runs, vec![(7, 3), (2, 2), (100, 1)]);
+        assert_eq!(reads.blocks(1000, 100), vec![7, 8, 9, 2, 3, 100]);
+        assert_eq!(reads.blocks(9, 4), vec![7, 8, 2, 3], "past the disk's end left out");
+        let n = note("2026-12-01T00:00:00Z", &[Change::BootReads(reads.clone())]);
+        let back = PointNote::decode(&n.encode()).unwrap();
+        assert_eq!(PointState::fold([&back]).unwrap().boot_reads, Some(reads));
+        // A crafted record of runs over the limit is refused, and huge runs expand bounded.
+        let mut bad = n.clone();
+        let runs: Vec<(u64, u64)> = (0..=MAX_BOOT_RUNS as u64).map(|i| (i * 2, 1)).collect();
+        bad.set.insert(
+            BOOT_READS.into(),
+            serde_json::json!({ "at": "2026-12-01T00:00:00Z", "block_size": 65536, "runs": runs }),
+        );
+        assert!(PointNote::decode(&bad.encode()).is_err());
+        let huge = BootReads {
+            runs: vec![(0, u64::MAX)],
+            ..BootReads::of(ts("2026-12-01T00:00:00Z"), 65536, &[])
+        };
+        assert_eq!(huge.blocks(u64::MAX, 5).len(), 5);
     }
 
     #[test]

@@ -46,28 +46,32 @@ pub async fn run(cmd: FilesCommand, json: bool) -> anyhow::Result<Exit> {
             let opened = open(&args.disk).await?;
             let path = args.path.clone().into_bytes();
             let (recursive, limit, number) = (args.recursive, args.max_entries, args.partition);
+            // On a terminal each line is printed as the walk finds it (a large tree starts at
+            // once and is never held whole); JSON is one document, gathered first.
             let entries = on_disk(&opened, move |disk| {
                 let at = locate(disk.as_ref(), number)?;
                 let volume = Volume::open(disk, &at)?;
                 let mut entries = Vec::new();
-                volume.list(&path, recursive, limit, &mut |e| entries.push(e.clone()))?;
+                volume.list(&path, recursive, limit, &mut |e| {
+                    if json {
+                        entries.push(entry_json(e));
+                    } else {
+                        println!("{}", ls_line(e));
+                    }
+                })?;
                 Ok(entries)
             })
             .await?;
-            let fetched = opened.reader.stats();
             if json {
+                let fetched = opened.reader.stats();
                 print_json(&json!({
                     "vm": opened.manifest.vm, "point": opened.manifest.point,
                     "disk": opened.name,
-                    "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
+                    "entries": entries,
                     "chunks_fetched": fetched.chunks_fetched,
                     "bytes_fetched": fetched.bytes_fetched,
                     "data_blocks": opened.data_blocks(),
                 }));
-            } else {
-                for e in &entries {
-                    println!("{}", ls_line(e));
-                }
             }
             Ok(Exit::Ok)
         }

@@ -22,6 +22,7 @@ pub(crate) struct Request<'a> {
 
 /// The disk, opened.
 pub(crate) struct PointDisk {
+    pub vault: cairn_vault::Vault,
     pub manifest: PointManifest,
     pub name: Name,
     pub reader: PointReader,
@@ -43,8 +44,8 @@ impl PointDisk {
             read_ahead: mib(r.read_ahead_mib, "read-ahead-mib")?,
             ..ReaderOptions::default()
         };
-        let reader = PointReader::open(vault, &manifest, &name, options).await?;
-        Ok(PointDisk { manifest, name, reader })
+        let reader = PointReader::open(vault.clone(), &manifest, &name, options).await?;
+        Ok(PointDisk { vault, manifest, name, reader })
     }
 
     /// Blocks of the disk holding data (neither holes nor zeros), as its backup counted them.

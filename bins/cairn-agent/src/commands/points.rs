@@ -123,6 +123,11 @@ fn state_json(states: &PointStates, m: &PointManifest) -> serde_json::Value {
             "verified": s.verified,
             "snapshot": s.snapshot,
             "drill": s.drill,
+            "boot_reads": s.boot_reads.as_ref().map(|r| serde_json::json!({
+                "at": r.at,
+                "runs": r.runs.len(),
+                "blocks": r.runs.iter().map(|(_, n)| *n).fold(0u64, u64::saturating_add),
+            })),
             "other": s.other,
         }),
     }

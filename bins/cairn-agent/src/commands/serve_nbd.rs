@@ -5,6 +5,8 @@ use std::io::Write;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use cairn_backup::PointReader;
+use cairn_format::{BootReads, Change, Name};
 use cairn_nbd::server::Server;
 
 use crate::cli::ServeNbdArgs;
@@ -24,6 +26,9 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
     let (manifest, disk, reader) = (&opened.manifest, &opened.name, &opened.reader);
     let vm = &manifest.vm;
     let size = reader.size();
+    if args.record_reads {
+        reader.record_first_reads(RECORDED_BLOCKS);
+    }
     let export = Arc::new(opened.blocking());
     // The server runs on threads of its own; its end (accepting failed) stops the command.
     let (ended, serving) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
@@ -70,6 +75,11 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         );
     }
     std::io::stdout().flush().ok();
+    if !args.no_prefetch {
+        // In the background: the first reads are answered meanwhile, as without it.
+        let (vault, reader, vm) = (opened.vault.clone(), reader.clone(), vm.clone());
+        tokio::spawn(async move { prefetch_boot_reads(&vault, &reader, &vm).await });
+    }
     let stopped = tokio::select! {
         why = stop_signal() => Ok(why),
         ended = serving => Err(match ended {
@@ -81,6 +91,23 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         // Only the socket we made: something put there since is not ours to remove.
         if socket_identity(path) == Some(identity) {
             let _ = std::fs::remove_file(path);
+        }
+    }
+    if args.record_reads {
+        let blocks = reader.first_reads();
+        let reads = BootReads::of(jiff::Timestamp::now(), reader.block_size(), &blocks);
+        let noted = opened
+            .vault
+            .write_note(vm, &manifest.point, "serve-nbd", &[Change::BootReads(reads)])
+            .await;
+        match noted {
+            Ok(_) => eprintln!(
+                "noted on point {}: the {} blocks clients read first, for later exports to \
+                 prefetch",
+                manifest.point,
+                blocks.len()
+            ),
+            Err(e) => eprintln!("the blocks read first could not be noted on the point: {e}"),
         }
     }
     let stopped = stopped.map_err(|e| anyhow::anyhow!("the NBD server on {uri} failed: {e}"))?;
@@ -98,6 +125,31 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         stats.cache_hits
     );
     Ok(Exit::Ok)
+}
+
+/// Blocks noted with `--record-reads` at most (4 GiB of 64 KiB blocks).
+const RECORDED_BLOCKS: usize = 65_536;
+
+/// Fetches the blocks a guest read first when it last booted from an export of this VM (the
+/// newest such note on any of its points), if they were counted in this point's block size.
+async fn prefetch_boot_reads(vault: &cairn_vault::Vault, reader: &PointReader, vm: &Name) {
+    let states = match vault.point_states(Some(vm)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("no prefetch: the VM's point notes cannot be read: {e}");
+            return;
+        }
+    };
+    let newest = states
+        .states
+        .iter()
+        .filter_map(|((_, point), s)| Some((point, s.boot_reads.as_ref()?)))
+        .filter(|(_, r)| r.block_size == reader.block_size())
+        .max_by_key(|(_, r)| r.at);
+    let Some((point, reads)) = newest else { return };
+    let blocks = reads.blocks(u64::MAX, RECORDED_BLOCKS);
+    let fetched = reader.prefetch(&blocks).await;
+    eprintln!("prefetched {fetched} blocks a guest read first at boot (as noted on point {point})");
 }
 
 /// Binds a unix socket at `path`, readable and writable by this user alone (whoever can
