@@ -114,6 +114,8 @@ pub async fn drill(
     options: &DrillOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<DrillReport, Error> {
+    // The checker must run, and run unprivileged, before anything is restored.
+    fsck::preflight(&options.e2fsck).await?;
     let work = WorkFolder::create(&options.work_dir)?;
     let mut disks = Vec::new();
     for disk in point.disks.keys() {
@@ -124,7 +126,10 @@ pub async fn drill(
         disks.push(result?);
     }
     drop(work);
-    let passed = disks.iter().all(DiskDrill::passed);
+    // A point is known to restore only if something in it was checked: a point none of whose
+    // file systems could be checked (XFS alone, LVM, no table) restored, but proves no more.
+    let checked = disks.iter().flat_map(|d| &d.volumes).any(|v| v.outcome == CheckOutcome::Clean);
+    let passed = checked && disks.iter().all(DiskDrill::passed);
     let summary = summarize(&disks);
     let mut report = DrillReport {
         vm: point.vm.clone(),
@@ -196,6 +201,9 @@ fn is_point_damage(e: &Error) -> bool {
     )
 }
 
+/// Blocks sampled per disk at most (the choice is held in memory).
+const MAX_SAMPLE: u64 = 1 << 20;
+
 /// Compares up to `count` random blocks of the restored `copy` with the digests the index
 /// records: (blocks compared, offsets that differ).
 async fn sample_blocks(
@@ -208,7 +216,7 @@ async fn sample_blocks(
     let blocks = root.block_count();
     let per_page = u64::from(root.blocks_per_page).max(1);
     let block = u64::from(root.block_size);
-    let amount = count.min(blocks);
+    let amount = count.min(blocks).min(MAX_SAMPLE);
     let mut chosen: Vec<u64> = {
         let mut rng = rand::rng();
         let total = usize::try_from(blocks).unwrap_or(usize::MAX);
@@ -230,18 +238,18 @@ async fn sample_blocks(
             .iter()
             .position(|b| b / per_page != page_no)
             .map_or(chosen.len(), |n| at + n);
-        let Some((_, id)) = pages.get(page_no as usize) else {
-            break;
+        // A page or entry the root promises and does not give is a mismatch, not a skip.
+        let entries: Vec<BlockEntry> = match pages.get(page_no as usize) {
+            Some((_, id)) => vault.read_page_of(&root, page_no, id).await?.entries().collect(),
+            None => Vec::new(),
         };
-        let page = vault.read_page_of(&root, page_no, id).await?;
-        let entries: Vec<BlockEntry> = page.entries().collect();
-        let wanted: Vec<(u64, Option<cairn_format::Digest>)> = chosen[at..end]
-            .iter()
-            .filter_map(|b| {
-                let entry = entries.get((b - page_no * per_page) as usize)?;
-                Some((b * block, entry.content().copied()))
-            })
-            .collect();
+        let mut wanted: Vec<(u64, Option<cairn_format::Digest>)> = Vec::new();
+        for b in &chosen[at..end] {
+            match entries.get((b - page_no * per_page) as usize) {
+                Some(entry) => wanted.push((b * block, entry.content().copied())),
+                None => mismatched.push(b * block),
+            }
+        }
         let (file, ids, size) = (Arc::clone(&file), ids.clone(), record.size);
         let bad = tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
@@ -273,7 +281,7 @@ async fn sample_blocks(
 /// The note's line: what passed, or the first things that failed.
 fn summarize(disks: &[DiskDrill]) -> String {
     let mut failures = Vec::new();
-    let (mut clean, mut unchecked, mut sampled) = (0, 0, 0);
+    let (mut clean, mut unchecked, mut sampled) = (0, 0, 0u64);
     for d in disks {
         sampled += d.sampled;
         match &d.restore {
@@ -307,16 +315,35 @@ fn summarize(disks: &[DiskDrill]) -> String {
             }
         }
     }
-    if failures.is_empty() {
+    let mut line = if !failures.is_empty() {
+        failures.join("; ")
+    } else if clean == 0 {
+        format!(
+            "{} disk(s) restored and {sampled} sampled block(s) matched, but no file system \
+             could be checked ({unchecked} not checkable): not known to restore",
+            disks.len()
+        )
+    } else {
         format!(
             "{} disk(s) restored, {sampled} sampled block(s) matched, {clean} file system(s) \
              checked clean, {unchecked} not checkable",
             disks.len()
         )
-    } else {
-        failures.join("; ")
+    };
+    // The line is a note's: bounded whatever the checker printed.
+    if line.len() > MAX_SUMMARY {
+        let mut cut = MAX_SUMMARY;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str(" ...");
     }
+    line
 }
+
+/// Bytes of a drill's summary line at most.
+const MAX_SUMMARY: usize = 2000;
 
 /// The drill's private folder, removed with everything in it when dropped.
 struct WorkFolder {
@@ -333,6 +360,11 @@ impl WorkFolder {
         if !meta.is_dir() {
             return Err(bad("it is not a folder"));
         }
+        // Nobody else may change the folders on the way: a copy of a guest's disk is made
+        // there and handed to the checker.
+        cairn_snapshot::trusted::check_folders(&parent.join("cairn-drill"))
+            .map_err(|e| bad(&format!("{e}; give a folder only root (or this user) may change")))?;
+        remove_stale(parent);
         let path = parent.join(format!(
             "cairn-drill-{}-{:08x}",
             std::process::id(),
@@ -343,6 +375,25 @@ impl WorkFolder {
             .create(&path)
             .map_err(|source| Error::Target { path: path.clone(), source })?;
         Ok(WorkFolder { path })
+    }
+}
+
+/// Removes the work folders of drills whose process is gone (killed before it could).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("cairn-drill-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(folder = %entry.path().display(), "removing a dead drill's work folder");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

@@ -526,6 +526,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_rescan_brings_drill_outcomes_and_the_newest_point_known_to_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = setup(&dir);
+        let now = at("2026-06-10T03:00:00Z");
+        let drilled = |id: &str, day: &str, passed: bool| FoundPoint {
+            drill: Some((at(&format!("{day}T05:00:00Z")), passed)),
+            ..found("web-1", id, day, None, None)
+        };
+        // p1 passed, p2 failed, p3 never drilled.
+        let points = [
+            drilled("p1", "2026-06-01", true),
+            drilled("p2", "2026-06-02", false),
+            found("web-1", "p3", "2026-06-03", None, None),
+        ];
+        rescan(&mut c, &points, now);
+        let listed = c.points(Some("web-1")).unwrap();
+        let drill = |id: &str| {
+            let p = listed.iter().find(|p| p.point == id).unwrap();
+            (p.drilled_at.is_some(), p.drill_passed)
+        };
+        assert_eq!(drill("p1"), (true, Some(true)));
+        assert_eq!(drill("p2"), (true, Some(false)));
+        assert_eq!(drill("p3"), (false, None));
+        let web = c.standings(now).unwrap().into_iter().find(|s| s.vm == "web-1").unwrap();
+        assert_eq!(web.known_good.as_deref(), Some("p1"));
+        assert_eq!(web.last_drill, Some((at("2026-06-02T05:00:00Z"), false)));
+        // A later drill of p2 passes: it becomes the newest known to restore.
+        let again = [
+            drilled("p1", "2026-06-01", true),
+            FoundPoint {
+                drill: Some((at("2026-06-09T00:00:00Z"), true)),
+                ..found("web-1", "p2", "2026-06-02", None, None)
+            },
+            found("web-1", "p3", "2026-06-03", None, None),
+        ];
+        rescan(&mut c, &again, now);
+        let web = c.standings(now).unwrap().into_iter().find(|s| s.vm == "web-1").unwrap();
+        assert_eq!(web.known_good.as_deref(), Some("p2"));
+        assert_eq!(web.last_drill, Some((at("2026-06-09T00:00:00Z"), true)));
+    }
+
     fn rescan(c: &mut Catalogue, found: &[FoundPoint], now: Timestamp) -> RescanSummary {
         let known = c.points_of_vault("main").unwrap();
         c.rescan("main", &known, found, now, false).unwrap()

@@ -33,7 +33,12 @@ pub async fn run(args: DrillArgs, json: bool) -> anyhow::Result<Exit> {
         record: !args.no_record,
     };
     let bars = Arc::new(Bars::new(json, "drill"));
-    let report = cairn_backup::drill(&vault, &manifest, &options, bars).await?;
+    // Ctrl-C or SIGTERM drops the drill, which removes its copy and stops the checker.
+    let stop = super::stop_signal();
+    let report = tokio::select! {
+        report = cairn_backup::drill(&vault, &manifest, &options, bars) => report?,
+        why = stop => anyhow::bail!("drill {why}: its copy was removed, nothing noted"),
+    };
     if json {
         print_json(&report_json(&report));
     } else {

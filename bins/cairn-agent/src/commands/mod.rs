@@ -119,3 +119,22 @@ pub(crate) fn cancel_on_signal(cancel: cairn_backup::Cancel) {
         cancel.cancel();
     });
 }
+
+/// Waits for Ctrl-C or SIGTERM; says which. The handlers are in place when this returns, not
+/// when the future is first polled: a signal that comes in between is not fatal.
+pub(crate) fn stop_signal() -> impl std::future::Future<Output = &'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (int, term) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()));
+    async move {
+        match (int, term) {
+            (Ok(mut int), Ok(mut term)) => tokio::select! {
+                _ = int.recv() => "interrupted",
+                _ = term.recv() => "terminated",
+            },
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+                "interrupted"
+            }
+        }
+    }
+}

@@ -63,6 +63,8 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         }
         (None, None) => bail!("give --socket PATH or --listen ADDR"),
     };
+    // Before the line that tells clients (and scripts) it serves: a stop from then on is heard.
+    let stop = super::stop_signal();
     if json {
         print_json(&serde_json::json!({
             "vm": vm, "point": manifest.point, "disk": disk, "size": size, "uri": uri,
@@ -81,7 +83,7 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         tokio::spawn(async move { prefetch_boot_reads(&vault, &reader, &vm).await });
     }
     let stopped = tokio::select! {
-        why = stop_signal() => Ok(why),
+        why = stop => Ok(why),
         ended = serving => Err(match ended {
             Ok(Err(e)) => e.to_string(),
             _ => "it stopped".to_owned(),
@@ -200,19 +202,4 @@ fn uri_escape(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// Waits for Ctrl-C or SIGTERM; says which.
-async fn stop_signal() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "interrupted";
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "interrupted",
-        _ = term.recv() => "terminated",
-    }
 }

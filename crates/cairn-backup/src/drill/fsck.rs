@@ -1,13 +1,18 @@
 //! Checking the file systems of a restored copy with `e2fsck`.
 //!
-//! Each ext2/3/4 volume is checked in place inside the disk image, in two runs: one that only replays the journal on the copy (a
-//! crash-consistent point has one to replay; a frozen one does not), then a forced read-only
-//! check whose exit status is the verdict. The checker is found in the system's own folders,
-//! never through `PATH`, runs with a clean environment and a time limit, and as root drops to
-//! `nobody` (through util-linux's `setpriv`) on a copy handed to that user: a crafted file
-//! system that trips a bug in the checker gains nothing. The copy reaches it as its standard
-//! input (`e2fsck` opens `/dev/stdin?offset=N`), so the work folder stays private (0700) and
-//! no path of the operator's is ever parsed by the checker.
+//! Each ext2/3/4 volume is checked in place inside the disk image, in two runs: one in preen
+//! mode that replays the journal on the copy and makes only the fixes that are safe (a
+//! crash-consistent point has a journal to replay; anything more is damage, and fails), then a
+//! forced read-only check whose exit status is the verdict. A checker that ends without a
+//! verdict (its own failure, the time limit) is an error: nothing is noted on the point.
+//!
+//! The checker is found in the system's own folders, never through `PATH`, and runs with a
+//! clean environment, a time limit, a bounded tail of its output kept, in a session of its own
+//! (`setsid`: no terminal to type into), and as root as `nobody` with no new privileges and
+//! killed if the agent dies (util-linux's `setpriv`). The copy is opened once, without
+//! following links, handed to `nobody` by its descriptor and given to the checker as its
+//! standard input (`e2fsck` opens `/dev/stdin?offset=N`), so the work folder stays private
+//! and no path is parsed by the checker.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -46,17 +51,51 @@ fn privilege_drop() -> Option<PathBuf> {
     if is_root() { find_program("setpriv") } else { None }
 }
 
-/// Finds the volumes of the restored disk at `copy` and checks each ext2/3/4 one.
+/// Checks that the checker runs, and (as root) runs as `nobody`: a drill that could not
+/// check would restore a whole disk for nothing, and one that ran the checker as root on a
+/// guest's bytes would be a hole.
+pub(super) async fn preflight(e2fsck: &Path) -> Result<(), Error> {
+    if is_root() && privilege_drop().is_none() {
+        return Err(Error::InvalidRequest(
+            "as root, a drill runs e2fsck as nobody through util-linux's setpriv, which was not \
+             found in /usr/bin or /bin: install util-linux"
+                .into(),
+        ));
+    }
+    let input = std::fs::File::open("/dev/null")
+        .map_err(|source| Error::Target { path: "/dev/null".into(), source })?;
+    match run(e2fsck, input, &["-V"]).await? {
+        (Some(0), _) => Ok(()),
+        (code, said) => Err(Error::InvalidRequest(format!(
+            "the file system checker {} cannot run{} ({}: {said}): install e2fsprogs, or give \
+             an e2fsck that user may run",
+            e2fsck.display(),
+            if is_root() { " as nobody" } else { "" },
+            status(code)
+        ))),
+    }
+}
+
+/// Volumes of one disk checked at most (a crafted table may list thousands).
+const MAX_VOLUMES: usize = 128;
+
+/// Finds the volumes of the restored disk at `copy` and checks each ext2/3/4 one. The copy
+/// is opened once, never through a link, and that one descriptor is what is handed to the
+/// checker. `Err` means a check could not run (nothing of the point is to be concluded).
 pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<VolumeCheck>, Error> {
-    let file =
-        std::fs::File::open(copy).map_err(|source| Error::Target { path: copy.into(), source })?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(copy)
+        .map_err(|source| Error::Target { path: copy.into(), source })?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let volumes: Vec<(String, u64, u64)> = match cairn_files::read_table(&file) {
         Err(e) => {
             return Ok(vec![VolumeCheck {
                 volume: "the disk".into(),
                 fs: "unknown".into(),
-                outcome: CheckOutcome::NotChecked(format!("its partition table: {e}")),
+                outcome: CheckOutcome::Failed(format!("its partition table: {e}")),
             }]);
         }
         Ok(table) if table.kind == TableKind::None => vec![("the whole disk".into(), 0, size)],
@@ -67,6 +106,7 @@ pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<Volu
             .collect(),
     };
     let mut handed = false;
+    let mut checked = std::collections::HashSet::new();
     let mut out = Vec::new();
     for (volume, start, len) in volumes {
         let fs = match cairn_files::detect(&file, start, len) {
@@ -81,13 +121,24 @@ pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<Volu
             }
         };
         let outcome = match fs {
+            FsKind::Ext4 if !checked.insert(start) => {
+                CheckOutcome::NotChecked("it starts where another partition does".into())
+            }
+            FsKind::Ext4 if checked.len() > MAX_VOLUMES => {
+                CheckOutcome::NotChecked(format!("more than {MAX_VOLUMES} volumes on one disk"))
+            }
             FsKind::Ext4 => {
                 if !handed && privilege_drop().is_some() {
-                    std::os::unix::fs::chown(copy, Some(NOBODY), Some(NOBODY))
-                        .map_err(|source| Error::Target { path: copy.into(), source })?;
+                    rustix::fs::fchown(&file, Some(nobody_uid()), Some(nobody_gid()))
+                        .map_err(|e| Error::Target { path: copy.into(), source: e.into() })?;
                     handed = true;
                 }
-                e2fsck_volume(e2fsck, copy, start).await?
+                e2fsck_volume(e2fsck, &file, start).await.map_err(|e| match e {
+                    Error::InvalidRequest(why) => {
+                        Error::InvalidRequest(format!("{volume} of {}: {why}", copy.display()))
+                    }
+                    e => e,
+                })?
             }
             FsKind::Swap => CheckOutcome::NotChecked("swap space holds no files".into()),
             FsKind::Unknown => CheckOutcome::NotChecked("no file system found".into()),
@@ -101,23 +152,55 @@ pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<Volu
     Ok(out)
 }
 
-/// Replays the journal of the ext2/3/4 volume at byte `start` of `copy`, then checks it.
-async fn e2fsck_volume(e2fsck: &Path, copy: &Path, start: u64) -> Result<CheckOutcome, Error> {
+fn nobody_uid() -> rustix::fs::Uid {
+    rustix::fs::Uid::from_raw(NOBODY)
+}
+
+fn nobody_gid() -> rustix::fs::Gid {
+    rustix::fs::Gid::from_raw(NOBODY)
+}
+
+/// Replays the journal of the ext2/3/4 volume at byte `start` of `copy`, then checks it. A
+/// checker that could not run to a verdict (its own failure, no memory, the time limit) is an
+/// `Err`: the point is neither passed nor failed by it.
+async fn e2fsck_volume(
+    e2fsck: &Path,
+    copy: &std::fs::File,
+    start: u64,
+) -> Result<CheckOutcome, Error> {
     let target = format!("/dev/stdin?offset={start}");
-    // 0: nothing to do; 1: the journal was replayed (or errors fixed); 2: the same, "reboot".
-    let (code, said) = run(e2fsck, copy, &["-y", "-E", "journal_only", &target]).await?;
-    if !matches!(code, Some(0..=2)) {
-        return Ok(CheckOutcome::Failed(format!(
-            "replaying its journal, e2fsck {}: {said}",
+    let input = || {
+        copy.try_clone().map_err(|e| Error::Internal(format!("handing the copy to e2fsck: {e}")))
+    };
+    let inconclusive = |code: Option<i32>, said: &str| {
+        Error::InvalidRequest(format!(
+            "e2fsck {} without a verdict ({said}); nothing was noted on the point",
             status(code)
-        )));
+        ))
+    };
+    // Preen mode: the journal replayed and the safe fixes only (orphans); anything else is
+    // damage, which a forced fix (-y) would have repaired on the copy and hidden.
+    // Its exit status is a set of bits: 1 fixed (the journal replayed, an orphan), 2 the same
+    // ("reboot"), 4 errors left, 8 its own failure, 16 bad usage, 32 cancelled. Errors left
+    // are a verdict even when it then gave up (4 + 8: "cannot proceed without a root inode").
+    let (code, said) = run(e2fsck, input()?, &["-p", "-E", "journal_only", &target]).await?;
+    match code {
+        Some(c) if c & 4 != 0 => {
+            return Ok(CheckOutcome::Failed(format!(
+                "replaying its journal, e2fsck found damage it would not fix safely: {said}"
+            )));
+        }
+        Some(0..=3) => {}
+        other => return Err(inconclusive(other, &said)),
     }
-    let (code, said) = run(e2fsck, copy, &["-f", "-n", &target]).await?;
-    Ok(match code {
-        Some(0) => CheckOutcome::Clean,
-        Some(4) => CheckOutcome::Failed(format!("e2fsck found errors: {said}")),
-        other => CheckOutcome::Failed(format!("e2fsck {}: {said}", status(other))),
-    })
+    let (code, said) = run(e2fsck, input()?, &["-f", "-n", &target]).await?;
+    match code {
+        Some(0) => Ok(CheckOutcome::Clean),
+        Some(c) if c & 4 != 0 || c <= 3 => {
+            Ok(CheckOutcome::Failed(format!("e2fsck found errors: {said}")))
+        }
+        other => Err(inconclusive(other, &said)),
+    }
 }
 
 fn status(code: Option<i32>) -> String {
@@ -127,28 +210,40 @@ fn status(code: Option<i32>) -> String {
     }
 }
 
-/// Runs the checker with `args` and `copy` as its standard input: its exit code (None when
-/// killed or too slow) and the last lines it printed, made safe to show (the names in them
-/// are the guest's).
-async fn run(e2fsck: &Path, copy: &Path, args: &[&str]) -> Result<(Option<i32>, String), Error> {
-    let input =
-        std::fs::File::open(copy).map_err(|source| Error::Target { path: copy.into(), source })?;
-    let mut command = match privilege_drop() {
-        Some(setpriv) => {
-            let mut c = tokio::process::Command::new(setpriv);
-            c.args([
-                &format!("--reuid={NOBODY}"),
-                &format!("--regid={NOBODY}"),
-                "--clear-groups",
-                "--no-new-privs",
-                "--",
-            ])
-            .arg(e2fsck);
-            c
+/// Bytes of the checker's output kept (its last ones): a crafted file system can make it
+/// print without end.
+const OUTPUT_KEPT: usize = 64 << 10;
+
+/// Runs the checker with `args` and `input` as its standard input, in a session of its own
+/// (no controlling terminal to type into) and, as root, as `nobody`, killed if the agent dies:
+/// its exit code (None when killed or too slow) and the last lines it printed, made safe to
+/// show (the names in them are the guest's).
+async fn run(
+    e2fsck: &Path,
+    input: std::fs::File,
+    args: &[&str],
+) -> Result<(Option<i32>, String), Error> {
+    let mut chain: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(setsid) = find_program("setsid") {
+        chain.push(setsid.into());
+    }
+    if let Some(setpriv) = privilege_drop() {
+        chain.push(setpriv.into());
+        for flag in [
+            format!("--reuid={NOBODY}"),
+            format!("--regid={NOBODY}"),
+            "--clear-groups".into(),
+            "--no-new-privs".into(),
+            "--pdeathsig=KILL".into(),
+            "--".into(),
+        ] {
+            chain.push(flag.into());
         }
-        None => tokio::process::Command::new(e2fsck),
-    };
+    }
+    chain.push(e2fsck.into());
+    let mut command = tokio::process::Command::new(&chain[0]);
     command
+        .args(&chain[1..])
         .args(args)
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -157,30 +252,58 @@ async fn run(e2fsck: &Path, copy: &Path, args: &[&str]) -> Result<(Option<i32>, 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = command.spawn().map_err(|e| {
+    let mut child = command.spawn().map_err(|e| {
         Error::InvalidRequest(format!(
             "the file system checker {} could not be started ({e}): install e2fsprogs",
             e2fsck.display()
         ))
     })?;
-    match tokio::time::timeout(CHECK_TIME_LIMIT, child.wait_with_output()).await {
-        Ok(Ok(output)) => {
-            let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-            text.push_str(&String::from_utf8_lossy(&output.stderr));
-            Ok((output.status.code(), last_lines(&text)))
+    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let finished = async {
+        let (out, err) = tokio::join!(tail(out), tail(err));
+        let status = child.wait().await;
+        (out, err, status)
+    };
+    match tokio::time::timeout(CHECK_TIME_LIMIT, finished).await {
+        Ok((out, err, Ok(status))) => {
+            let mut text = String::from_utf8_lossy(&out).into_owned();
+            text.push_str(&String::from_utf8_lossy(&err));
+            Ok((status.code(), last_lines(&text)))
         }
-        Ok(Err(e)) => Err(Error::Internal(format!("waiting for e2fsck: {e}"))),
+        Ok((_, _, Err(e))) => Err(Error::Internal(format!("waiting for e2fsck: {e}"))),
         Err(_) => Ok((None, "no answer within the time limit".into())),
     }
 }
 
-/// The last few lines of the checker's output, control characters shown as `?`.
+/// The last [`OUTPUT_KEPT`] bytes `from` gives until its end.
+async fn tail(from: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let Some(mut from) = from else { return Vec::new() };
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > 2 * OUTPUT_KEPT {
+            kept.drain(..kept.len() - OUTPUT_KEPT);
+        }
+    }
+    if kept.len() > OUTPUT_KEPT {
+        kept.drain(..kept.len() - OUTPUT_KEPT);
+    }
+    kept
+}
+
+/// The last few lines of the checker's output, control and invisible characters escaped.
 fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = &lines[lines.len().saturating_sub(6)..];
     tail.iter()
         .map(|l| {
-            l.chars().take(200).map(|c| if c.is_control() { '?' } else { c }).collect::<String>()
+            let short: String = l.chars().take(200).collect();
+            cairn_files::escape(short.as_bytes())
         })
         .collect::<Vec<_>>()
         .join(" / ")
@@ -194,8 +317,8 @@ mod tests {
     fn checker_output_is_made_safe_and_short() {
         let text = "a\n\nb\x1b[31mred\n".to_owned() + &"x".repeat(500);
         let shown = last_lines(&text);
-        assert!(shown.starts_with("a / b?[31mred / "), "{shown}");
+        assert!(shown.starts_with("a / b\\x1b[31mred / "), "{shown}");
         assert!(!shown.contains('\x1b'));
-        assert!(shown.len() < 240);
+        assert!(shown.len() < 250, "{shown}");
     }
 }
