@@ -470,25 +470,13 @@ pub enum FormatArg {
 #[command(group(clap::ArgGroup::new("on").required(true).args(["socket", "listen"])))]
 pub struct ServeNbdArgs {
     #[command(flatten)]
-    pub vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    pub vm: String,
-    /// The point: an id, or `latest`.
-    #[arg(long, default_value = "latest")]
-    pub point: String,
-    /// The disk to serve (the export's name).
-    #[arg(long)]
-    pub disk: String,
+    pub disk: PointDiskArgs,
     /// Serve on this unix socket (made 0600; it must not exist).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Serve on this TCP address: a loopback address only (the export has no TLS yet).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::SocketAddr>,
-    /// Memory for fetched blocks.
-    #[arg(long, default_value_t = 256)]
-    pub cache_mib: u64,
     /// How far ahead of a reader going in order blocks are fetched.
     #[arg(long, default_value_t = 16)]
     pub read_ahead_mib: u64,
@@ -499,6 +487,25 @@ pub struct ServeNbdArgs {
     /// Do not fetch the blocks a guest read first at an earlier boot before they are asked.
     #[arg(long)]
     pub no_prefetch: bool,
+}
+
+/// A point's disk read in place from its vault (`serve-nbd`, `files`).
+#[derive(Args, Debug)]
+pub struct PointDiskArgs {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+    /// The disk (an export is named after it).
+    #[arg(long)]
+    pub disk: String,
+    /// Memory for blocks fetched from the vault.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -515,19 +522,7 @@ pub enum FilesCommand {
 #[derive(Args, Debug)]
 pub struct FilesDiskArgs {
     #[command(flatten)]
-    pub vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    pub vm: String,
-    /// The point: an id, or `latest`.
-    #[arg(long, default_value = "latest")]
-    pub point: String,
-    /// The disk.
-    #[arg(long)]
-    pub disk: String,
-    /// Memory for blocks fetched from the vault.
-    #[arg(long, default_value_t = 256)]
-    pub cache_mib: u64,
+    pub disk: PointDiskArgs,
     /// How far ahead of a file read in order blocks are fetched (0: only what is read, the
     /// fewest fetches; more: faster large files from object storage).
     #[arg(long, default_value_t = 4)]

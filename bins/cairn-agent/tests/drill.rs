@@ -64,8 +64,9 @@ fn states(vault: &str, vm: &str) -> Vec<serde_json::Value> {
     listed["points"].as_array().unwrap().iter().map(|p| p["state"].clone()).collect()
 }
 
-#[test]
-fn a_drill_restores_checks_and_notes_the_outcome_and_retention_keeps_the_drilled_point() {
+/// A folder holding an initialised vault, a small tree and a GPT disk made of it (not yet
+/// backed up): (folder, vault, disk).
+fn setup() -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
     let vault = s("vault");
@@ -73,6 +74,13 @@ fn a_drill_restores_checks_and_notes_the_outcome_and_retention_keeps_the_drilled
     make_tree(&dir.path().join("tree"));
     let disk = s("os.raw");
     make_disk(&disk, &dir.path().join("tree"));
+    (dir, vault, disk)
+}
+
+#[test]
+fn a_drill_restores_checks_and_notes_the_outcome_and_retention_keeps_the_drilled_point() {
+    let (dir, vault, disk) = setup();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
     let first = backup(&vault, "web", &disk);
     let work = s("work");
     std::fs::create_dir(&work).unwrap();
@@ -208,13 +216,8 @@ fn a_damaged_file_system_or_vault_fails_the_drill_and_the_failure_is_noted() {
 
 #[test]
 fn a_drill_refuses_what_it_cannot_run_with_and_notes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, vault, disk) = setup();
     let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
-    let vault = s("vault");
-    ok(agent(&["init", "--vault", &vault]));
-    make_tree(&dir.path().join("tree"));
-    let disk = s("os.raw");
-    make_disk(&disk, &dir.path().join("tree"));
     backup(&vault, "web", &disk);
 
     let out = drill(&vault, "web", &s("nowhere"), &[]);

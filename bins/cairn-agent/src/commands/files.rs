@@ -11,22 +11,14 @@ use anyhow::Context;
 use cairn_files::{Entry, ExtractOptions, ReadAt, Volume, escape, locate};
 use serde_json::json;
 
-use super::point_disk::{PointDisk, Request};
+use super::point_disk::PointDisk;
 use crate::cli::{FilesCommand, FilesDiskArgs};
 use crate::output::{Exit, print_json};
 use crate::units::bytes;
 
 /// Opens the disk the arguments name.
 async fn open(args: &FilesDiskArgs) -> anyhow::Result<PointDisk> {
-    PointDisk::open(Request {
-        vault: &args.vault,
-        vm: &args.vm,
-        point: &args.point,
-        disk: &args.disk,
-        cache_mib: args.cache_mib,
-        read_ahead_mib: args.read_ahead_mib,
-    })
-    .await
+    PointDisk::open(&args.disk, args.read_ahead_mib).await
 }
 
 /// Runs `work` on the disk, on a blocking thread.

@@ -8,17 +8,7 @@ use anyhow::Context;
 use cairn_backup::{PointReader, ReaderOptions};
 use cairn_format::{Name, PointManifest};
 
-use crate::cli::VaultArg;
-
-/// Which disk of which point, and how much memory its reader may use.
-pub(crate) struct Request<'a> {
-    pub vault: &'a VaultArg,
-    pub vm: &'a str,
-    pub point: &'a str,
-    pub disk: &'a str,
-    pub cache_mib: u64,
-    pub read_ahead_mib: u64,
-}
+use crate::cli::PointDiskArgs;
 
 /// The disk, opened.
 pub(crate) struct PointDisk {
@@ -29,11 +19,12 @@ pub(crate) struct PointDisk {
 }
 
 impl PointDisk {
-    /// Opens the vault, finds the point and opens a reader over its disk.
-    pub(crate) async fn open(r: Request<'_>) -> anyhow::Result<PointDisk> {
-        let vault = super::open_vault(r.vault).await?;
-        let vm = super::vm_name(r.vm)?;
-        let point = super::point_id(r.point)?;
+    /// Opens the vault, finds the point and opens a reader over its disk, reading ahead
+    /// `read_ahead_mib` of a reader going in order.
+    pub(crate) async fn open(r: &PointDiskArgs, read_ahead_mib: u64) -> anyhow::Result<PointDisk> {
+        let vault = super::open_vault(&r.vault).await?;
+        let vm = super::vm_name(&r.vm)?;
+        let point = super::point_id(&r.point)?;
         let name: Name = r.disk.parse().with_context(|| format!("--disk {:?}", r.disk))?;
         let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
         let mib = |n: u64, what: &str| {
@@ -41,7 +32,7 @@ impl PointDisk {
         };
         let options = ReaderOptions {
             cache_bytes: mib(r.cache_mib, "cache-mib")?,
-            read_ahead: mib(r.read_ahead_mib, "read-ahead-mib")?,
+            read_ahead: mib(read_ahead_mib, "read-ahead-mib")?,
             ..ReaderOptions::default()
         };
         let reader = PointReader::open(vault.clone(), &manifest, &name, options).await?;

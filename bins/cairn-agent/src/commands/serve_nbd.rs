@@ -14,15 +14,7 @@ use crate::output::{Exit, print_json};
 use crate::units::bytes;
 
 pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
-    let opened = super::point_disk::PointDisk::open(super::point_disk::Request {
-        vault: &args.vault,
-        vm: &args.vm,
-        point: &args.point,
-        disk: &args.disk,
-        cache_mib: args.cache_mib,
-        read_ahead_mib: args.read_ahead_mib,
-    })
-    .await?;
+    let opened = super::point_disk::PointDisk::open(&args.disk, args.read_ahead_mib).await?;
     let (manifest, disk, reader) = (&opened.manifest, &opened.name, &opened.reader);
     let vm = &manifest.vm;
     let size = reader.size();
