@@ -1108,14 +1108,23 @@ fn lock(dir: &Path, vm: &Name) -> Result<File, Error> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| fail(e.to_string()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(fail(format!("another backup of VM {vm} is running on this host; wait for it")))
+    // A lock just released can look held for a moment: a process forked by another thread
+    // holds a copy of the descriptor until it runs its program. A second is long enough for
+    // that and far too short to hide a real run.
+    for _ in 0..LOCK_TRIES {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(fail(e.to_string())),
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(fail(e.to_string())),
     }
+    Err(fail(format!("another backup of VM {vm} is running on this host; wait for it")))
 }
+
+/// Attempts at the per-VM lock, 50 ms apart.
+const LOCK_TRIES: u32 = 20;
 
 /// A qcow2 image of `size` virtual bytes whose file may grow to `quota` bytes.
 fn make_fleecing_image(path: &Path, size: u64, quota: u64) -> Result<(), Error> {
