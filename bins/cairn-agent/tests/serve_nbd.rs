@@ -91,7 +91,11 @@ fn the_blocks_a_guest_reads_first_are_noted_and_fetched_before_the_next_boot_ask
     ok(agent(&["sample", "create", &disk, "--size", "64M", "--seed", "5"]));
     ok(agent(&["backup", "--vault", &vault, "--vm", "web", "--disk", &format!("os={disk}")]));
     let image = std::fs::read(&disk).unwrap();
-    // A "boot": three scattered reads, out of order (no read-ahead), as a guest's would be.
+    // Another VM shares the vault: an export of web never needs its pack index.
+    let other = s("other.raw");
+    ok(agent(&["sample", "create", &other, "--size", "8M", "--seed", "6"]));
+    ok(agent(&["backup", "--vault", &vault, "--vm", "db", "--disk", &format!("os={other}")]));
+    // A "boot"": three scattered reads, out of order (no read-ahead), as a guest's would be.
     let boot = |served: &Served| {
         let mut client = cairn_nbd::Client::connect_unix(&served.socket, "os", &[]).unwrap();
         for at in [40u64 << 20, 1 << 20, (2 << 20) + 4096] {
@@ -106,6 +110,7 @@ fn the_blocks_a_guest_reads_first_are_noted_and_fetched_before_the_next_boot_ask
     boot(&served);
     let log = served.stop();
     assert!(log.contains("the 3 blocks clients read first"), "{log}");
+    assert!(log.contains("pack indexes loaded: 1 (only this point's and its VM's)"), "{log}");
     let (first_fetched, first_hits) = served_counts(&log);
     assert_eq!(first_hits, 0, "{log}");
     let listed = ok(agent(&["points", "--json", "--vault", &vault, "--vm", "web"]));

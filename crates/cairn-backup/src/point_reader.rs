@@ -98,6 +98,7 @@ impl PointReader {
         options: ReaderOptions,
     ) -> Result<PointReader, Error> {
         let record = crate::restore::disk_of(point, disk)?;
+        vault.prepare_to_read(&point.vm, &point.point).await?;
         // Checked against the manifest: a crafted root cannot make a read walk past the disk.
         let root = vault.read_disk_index(record).await?;
         let mut page_runs = Vec::with_capacity(root.pages.len());

@@ -9,15 +9,22 @@
 //! Only committed pack indexes are loaded, so a chunk is never "present" because of a backup
 //! that is still running or that failed: a point can reference only chunks whose place is
 //! durable in a pack index written before its manifest.
+//!
+//! A reader of one point need not wait for the whole map: [`Vault::focus_on_point`] makes
+//! lookups try that point's own pack index first, then those of its VM's earlier points, and
+//! load the rest only for a chunk found in none of them (one deduplicated against another VM,
+//! or moved by a collector). Each stage is loaded as the whole map is, quarantine included, so
+//! a partly loaded map places a chunk only where the whole map may place it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::PoisonError;
 use std::sync::atomic::Ordering;
 
-use cairn_format::Digest;
 use cairn_format::pack::{IndexedPack, decode_pack_index};
+use cairn_format::{Digest, Name, PointId};
 use futures::StreamExt;
 use object_store::ObjectStoreExt;
+use object_store::path::Path;
 
 use crate::place_table::{Keep, Place, PlaceTable};
 use crate::{Error, Vault, layout};
@@ -134,6 +141,15 @@ enum Load {
     All,
 }
 
+/// Pack indexes tried before the whole map, for a reader of one point.
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    /// The pack index the point wrote.
+    Own(PointId),
+    /// The pack indexes of the VM's points before `upto` (its chain, and its siblings).
+    Earlier { vm: Name, upto: PointId },
+}
+
 /// The map and whether it was ever loaded.
 #[derive(Debug, Default)]
 pub(crate) struct SharedChunkMap {
@@ -144,6 +160,8 @@ pub(crate) struct SharedChunkMap {
     /// buffered streams, where a future that was granted an async lock may not be polled
     /// again until the futures waiting behind it finish, a deadlock.
     loaded: std::sync::atomic::AtomicBool,
+    /// Stages still to load before the whole map, in order (see the module docs).
+    focus: std::sync::Mutex<VecDeque<Stage>>,
 }
 
 impl SharedChunkMap {
@@ -162,6 +180,85 @@ impl Vault {
     /// against everything committed before them.
     pub async fn refresh_chunk_map(&self) -> Result<(), Error> {
         self.load_chunk_map(Load::New).await
+    }
+
+    /// Until the whole map is needed, lookups try the pack index `point` of `vm` wrote, then
+    /// those of the VM's earlier points, before loading every pack index: an export or a file
+    /// read of one point starts after reading a few small objects, not the vault's every
+    /// index. Calls for other points add their stages after these. Nothing changes once the
+    /// whole map is loaded (a backup's handle).
+    pub fn focus_on_point(&self, vm: &Name, point: &PointId) {
+        if self.chunk_map.loaded.load(Ordering::Acquire) {
+            return;
+        }
+        let mut focus = self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner);
+        for stage in
+            [Stage::Own(point.clone()), Stage::Earlier { vm: vm.clone(), upto: point.clone() }]
+        {
+            if !focus.contains(&stage) {
+                focus.push_back(stage);
+            }
+        }
+    }
+
+    /// Makes ready to read point `point` of `vm`: a handle whose map is loaded refreshes it
+    /// (what other hosts committed or quarantined since it last looked); one that never
+    /// loaded it focuses on the point ([`Vault::focus_on_point`]) instead of loading it all.
+    pub async fn prepare_to_read(&self, vm: &Name, point: &PointId) -> Result<(), Error> {
+        if self.chunk_map.loaded.load(Ordering::Acquire) {
+            return self.refresh_chunk_map().await;
+        }
+        self.focus_on_point(vm, point);
+        Ok(())
+    }
+
+    /// Where each of `ids` is, through the focus stages while the whole map is not loaded:
+    /// stages are loaded in turn until every id is placed, then the whole map if one is not.
+    async fn locate_focused(&self, ids: &[Digest]) -> Result<Vec<Option<ChunkLocation>>, Error> {
+        loop {
+            let found: Vec<Option<ChunkLocation>> =
+                self.chunk_map.read(|m| ids.iter().map(|id| m.locate(id)).collect());
+            if self.chunk_map.loaded.load(Ordering::Acquire) || found.iter().all(Option::is_some) {
+                return Ok(found);
+            }
+            if !self.load_focus_stage(ids).await? {
+                self.ensure_chunk_map().await?;
+            }
+        }
+    }
+
+    /// Loads the next focus stage; false when none is left (the whole map is then needed).
+    async fn load_focus_stage(&self, wanted: &[Digest]) -> Result<bool, Error> {
+        let _one_at_a_time = self.chunk_map.refreshing.lock().await;
+        // Another reader may have loaded what this one misses while it waited.
+        if self.chunk_map.loaded.load(Ordering::Acquire)
+            || self.chunk_map.read(|m| wanted.iter().all(|id| m.locate(id).is_some()))
+        {
+            return Ok(true);
+        }
+        let next = self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+        let names = match next {
+            None => return Ok(false),
+            Some(Stage::Own(point)) => vec![layout::pack_index(&point)],
+            Some(Stage::Earlier { vm, upto }) => self
+                .list_paths(&layout::points(Some(&vm)))
+                .await?
+                .iter()
+                .filter_map(layout::parse_point_path)
+                // Started no later than the point (to the millisecond: the tail is random).
+                .filter(|(_, id)| id != &upto && id.as_str()[..19] <= upto.as_str()[..19])
+                .map(|(_, id)| layout::pack_index(&id))
+                .rev()
+                .collect(),
+        };
+        if self.load_indexes_into(None, Some(names)).await? {
+            // A copy this map placed was quarantined meanwhile: only a whole, fresh map is
+            // sure to find the good one.
+            self.chunk_map.write(|m| *m = ChunkMap::default());
+            self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Loads the map unless it was loaded before.
@@ -192,28 +289,35 @@ impl Vault {
             Load::IfNever if self.chunk_map.loaded.load(Ordering::Acquire) => return Ok(()),
             Load::All => {
                 let mut fresh = ChunkMap::default();
-                self.load_new_indexes_into(Some(&mut fresh)).await?;
+                self.load_indexes_into(Some(&mut fresh), None).await?;
                 // Swapped whole, so that readers never see a half-loaded map.
                 self.chunk_map.write(|m| *m = fresh);
             }
             Load::New | Load::IfNever => {
-                if self.load_new_indexes_into(None).await? {
+                if self.load_indexes_into(None, None).await? {
                     // Another host quarantined a copy this map points to: the good copy may
                     // be in an index loaded long ago, and only a fresh map finds it.
                     let mut fresh = ChunkMap::default();
-                    self.load_new_indexes_into(Some(&mut fresh)).await?;
+                    self.load_indexes_into(Some(&mut fresh), None).await?;
                     self.chunk_map.write(|m| *m = fresh);
                 }
             }
         }
+        self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).clear();
         self.chunk_map.loaded.store(true, Ordering::Release);
         Ok(())
     }
 
-    /// Loads pack indexes not loaded yet into `local`, or into the shared map when `None`.
-    /// Returns true if a quarantine marker that is new to the map names a copy the map uses,
-    /// or a pack index the map loaded is gone: the map must then be loaded again from scratch.
-    async fn load_new_indexes_into(&self, mut local: Option<&mut ChunkMap>) -> Result<bool, Error> {
+    /// Loads pack indexes not loaded yet into `local`, or into the shared map when `None`:
+    /// all those listed, or only those of `only` (a focus stage; one that does not exist is
+    /// skipped). Returns true if a quarantine marker that is new to the map names a copy the
+    /// map uses, or a pack index the map loaded is gone (known only from a whole listing):
+    /// the map must then be loaded again from scratch.
+    async fn load_indexes_into(
+        &self,
+        mut local: Option<&mut ChunkMap>,
+        only: Option<Vec<Path>>,
+    ) -> Result<bool, Error> {
         let mut apply = |f: &mut dyn FnMut(&mut ChunkMap)| match local.as_deref_mut() {
             Some(m) => f(m),
             None => self.chunk_map.write(|m| f(m)),
@@ -224,13 +328,17 @@ impl Vault {
             .iter()
             .filter_map(layout::parse_quarantined)
             .collect();
-        let mut names = self.list_paths(&layout::pack_indexes()).await?;
+        let whole = only.is_none();
+        let mut names = match only {
+            Some(names) => names,
+            None => self.list_paths(&layout::pack_indexes()).await?,
+        };
         let listed: HashSet<String> = names.iter().map(ToString::to_string).collect();
         let mut stale = false;
         apply(&mut |m| {
             // A pack index loaded before and gone now was rewritten by a collector: the
             // packs it named may be gone, and only a fresh map forgets them.
-            let removed = m.loaded.iter().any(|l| !listed.contains(l));
+            let removed = whole && m.loaded.iter().any(|l| !listed.contains(l));
             names.retain(|p| !m.loaded.contains(p.as_ref()));
             stale = removed
                 || quarantined.iter().any(|(id, pack)| {
@@ -274,14 +382,22 @@ impl Vault {
 
     /// Where chunk `id` is stored, if the vault holds it.
     pub async fn locate_chunk(&self, id: &Digest) -> Result<Option<ChunkLocation>, Error> {
-        self.ensure_chunk_map().await?;
-        Ok(self.chunk_map.read(|m| m.locate(id)))
+        Ok(self.locate_chunks(std::slice::from_ref(id)).await?.pop().flatten())
     }
 
     /// Where each of `ids` is stored: one lookup under one lock for a page's worth of chunks.
     pub async fn locate_chunks(&self, ids: &[Digest]) -> Result<Vec<Option<ChunkLocation>>, Error> {
-        self.ensure_chunk_map().await?;
+        if !self.chunk_map.loaded.load(Ordering::Acquire) {
+            return self.locate_focused(ids).await;
+        }
         Ok(self.chunk_map.read(|m| ids.iter().map(|id| m.locate(id)).collect()))
+    }
+
+    /// How many pack indexes the chunk map holds, and whether it holds them all (false while
+    /// a focused reader has loaded only its point's).
+    pub fn pack_indexes_loaded(&self) -> (usize, bool) {
+        let n = self.chunk_map.read(|m| m.loaded.len());
+        (n, self.chunk_map.loaded.load(Ordering::Acquire))
     }
 
     /// Pack indexes that could not be read, with the reason.

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_format::{Consistency, Digest, Name, PointManifest, encode_chunk};
+use cairn_format::{Consistency, Digest, Name, PointId, PointManifest, encode_chunk};
 use cairn_vault::{Durability, PointWriter, Stored, Vault};
 use object_store::memory::InMemory;
 
@@ -24,12 +24,12 @@ fn chunk(n: u8) -> (Digest, Bytes) {
     (Digest::of(&plain), encode_chunk(&plain, Some(1)).unwrap().into())
 }
 
-fn manifest(w: &PointWriter) -> PointManifest {
+fn manifest(w: &PointWriter, vm: &Name) -> PointManifest {
     let now = jiff::Timestamp::now();
     PointManifest {
         format: cairn_format::MANIFEST_FORMAT,
         point: w.point().clone(),
-        vm: vm(),
+        vm: vm.clone(),
         started_at: w.started_at(),
         captured_at: w.started_at(),
         finished_at: now,
@@ -44,16 +44,27 @@ fn manifest(w: &PointWriter) -> PointManifest {
 
 /// One backup that stores `chunks` through one pack writer and commits; what each store did.
 async fn commit(v: &Vault, chunks: &[(Digest, Bytes)]) -> Vec<Stored> {
-    let w = v.begin_point(&vm(), jiff::Timestamp::now()).await.unwrap();
+    commit_as(v, &vm(), jiff::Timestamp::now(), chunks).await.1
+}
+
+/// `commit` for VM `vm`, started at `at`; the point's id too.
+async fn commit_as(
+    v: &Vault,
+    vm: &Name,
+    at: jiff::Timestamp,
+    chunks: &[(Digest, Bytes)],
+) -> (PointId, Vec<Stored>) {
+    let w = v.begin_point(vm, at).await.unwrap();
     let mut packs = w.pack_writer();
     let mut stored = Vec::new();
     for (id, frame) in chunks {
         stored.push(packs.store(id, frame.clone()).await.unwrap());
     }
     packs.finish().await.unwrap();
-    let m = manifest(&w);
+    let m = manifest(&w, vm);
+    let point = w.point().clone();
     w.commit(&m).await.unwrap();
-    stored
+    (point, stored)
 }
 
 #[tokio::test]
@@ -102,7 +113,7 @@ async fn two_disks_of_one_backup_store_a_chunk_once() {
     assert_eq!(b.store(&id, frame).await.unwrap(), Stored::Present);
     a.finish().await.unwrap();
     b.finish().await.unwrap();
-    let m = manifest(&w);
+    let m = manifest(&w, &vm());
     w.commit(&m).await.unwrap();
 }
 
@@ -114,7 +125,7 @@ async fn a_point_with_an_unfinished_pack_writer_cannot_commit() {
     let mut packs = w.pack_writer();
     packs.store(&id, frame).await.unwrap();
     drop(packs);
-    let m = manifest(&w);
+    let m = manifest(&w, &vm());
     let err = w.commit(&m).await.unwrap_err();
     assert!(matches!(err, cairn_vault::Error::Unfinished { writers: 1 }), "{err}");
     assert!(v.list_points(None).await.unwrap().points.is_empty());
@@ -153,4 +164,51 @@ async fn a_damaged_pack_index_is_reported_and_its_chunks_are_stored_again() {
     assert_eq!(reopened.read_chunk(&id).await.unwrap(), vec![5u8; 4096]);
     let fresh = Vault::open_store(store.clone(), "memory://test", Durability::OnAck).await.unwrap();
     assert_eq!(fresh.read_chunk(&id).await.unwrap(), vec![5u8; 4096]);
+}
+
+#[tokio::test]
+async fn a_reader_of_one_point_loads_its_pack_indexes_first_and_the_rest_on_a_miss() {
+    let (v, store) = vault().await;
+    let (a, b, c): (Name, Name, Name) =
+        ("a".parse().unwrap(), "b".parse().unwrap(), "c".parse().unwrap());
+    let t = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + s).unwrap();
+    let shared = chunk(1);
+    commit_as(&v, &a, t(0), &[shared.clone(), chunk(2)]).await;
+    let (first_b, _) = commit_as(&v, &b, t(1), &[chunk(3), shared.clone()]).await;
+    let (second_b, _) = commit_as(&v, &b, t(2), &[chunk(3), chunk(4)]).await;
+    commit_as(&v, &b, t(3), &[chunk(6)]).await;
+    commit_as(&v, &c, t(4), &[chunk(5)]).await;
+    assert_ne!(first_b, second_b);
+    assert_eq!(v.pack_indexes_loaded(), (5, true), "the backups' own handle holds every index");
+
+    let open = || Vault::open_store(store.clone(), "memory://test", Durability::OnAck);
+    let reader = open().await.unwrap();
+    reader.focus_on_point(&b, &second_b);
+    // The point's own chunk: its own pack index only.
+    assert_eq!(reader.read_chunk(&chunk(4).0).await.unwrap(), vec![4u8; 4096]);
+    assert_eq!(reader.pack_indexes_loaded(), (1, false));
+    // One an earlier point of the VM stored: the VM's earlier points' indexes (not later ones).
+    assert_eq!(reader.read_chunk(&chunk(3).0).await.unwrap(), vec![3u8; 4096]);
+    assert_eq!(reader.pack_indexes_loaded(), (2, false));
+    assert!(reader.locate_chunk(&chunk(6).0).await.unwrap().is_some());
+    assert_eq!(reader.pack_indexes_loaded(), (5, true), "a miss loads the whole map");
+    // One deduplicated against another VM: found by the whole map.
+    assert_eq!(reader.read_chunk(&shared.0).await.unwrap(), vec![1u8; 4096]);
+
+    // A chunk of another VM, asked for first, loads every stage and then the whole map.
+    let reader = open().await.unwrap();
+    reader.focus_on_point(&b, &second_b);
+    assert_eq!(reader.read_chunk(&chunk(5).0).await.unwrap(), vec![5u8; 4096]);
+    assert_eq!(reader.pack_indexes_loaded(), (5, true));
+    assert!(reader.locate_chunk(&chunk(9).0).await.unwrap().is_none());
+
+    // A focused map honours quarantine: a bad copy is not placed, whichever stage names it.
+    v.quarantine_chunk(&chunk(4).0, "test").await.unwrap();
+    let reader = open().await.unwrap();
+    reader.focus_on_point(&b, &second_b);
+    assert!(reader.locate_chunk(&chunk(4).0).await.unwrap().is_none());
+    assert!(matches!(
+        reader.read_chunk(&chunk(4).0).await,
+        Err(cairn_vault::Error::ChunkMissing { .. })
+    ));
 }

@@ -112,11 +112,14 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         cache_hits = stats.cache_hits,
         "stopped ({stopped})"
     );
+    let (indexes, all) = opened.vault.pack_indexes_loaded();
     eprintln!(
-        "served {uri}: {} chunks fetched ({}), {} reads from the cache",
+        "served {uri}: {} chunks fetched ({}), {} reads from the cache; pack indexes loaded: \
+         {indexes} ({})",
         stats.chunks_fetched,
         bytes(stats.bytes_fetched),
-        stats.cache_hits
+        stats.cache_hits,
+        if all { "all of the vault's" } else { "only this point's and its VM's" }
     );
     Ok(Exit::Ok)
 }

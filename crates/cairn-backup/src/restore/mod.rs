@@ -157,8 +157,9 @@ pub async fn restore_disk(
         ));
     }
     // What other hosts committed or quarantined since this handle last looked: a copy
-    // quarantined elsewhere is read from its good copy, not from the bad one.
-    vault.refresh_chunk_map().await?;
+    // quarantined elsewhere is read from its good copy, not from the bad one. A fresh handle
+    // loads the point's own pack indexes first, and the rest only if it must.
+    vault.prepare_to_read(&point.vm, &point.point).await?;
     let io = |source| Error::Target { path: target.to_owned(), source };
     let qcow2 = options.format == ImageFormat::Qcow2;
     let (file, kind) = if options.in_place {
