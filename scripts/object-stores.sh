@@ -7,6 +7,8 @@
 # roots) and the stores' usual environment variables (AWS_*, AZURE_*), as a user would set them.
 
 OBJECT_STORES_DIR=""
+# This file's folder, so that a script sourcing it from elsewhere finds object_stores.py.
+OBJECT_STORES_SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OBJECT_STORE_PIDS=()
 
 free_port() {
@@ -28,7 +30,7 @@ start_object_stores() {
     azurite-blob --blobHost 127.0.0.1 --blobPort "$az_port" --location "$OBJECT_STORES_DIR/azurite" \
         --silent --disableTelemetry --skipApiVersionCheck >"$OBJECT_STORES_DIR/azurite.log" 2>&1 &
     OBJECT_STORE_PIDS+=($!)
-    python3 scripts/object_stores.py "http://127.0.0.1:$s3_port" "http://127.0.0.1:$az_port" cairn-test
+    python3 "$OBJECT_STORES_SCRIPTS/object_stores.py" "http://127.0.0.1:$s3_port" "http://127.0.0.1:$az_port" cairn-test
     export CAIRN_TEST_S3="s3://cairn-test"
     export AWS_ENDPOINT="http://127.0.0.1:$s3_port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
         AWS_ACCESS_KEY_ID=cairn AWS_SECRET_ACCESS_KEY=cairn-secret

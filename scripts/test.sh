@@ -118,6 +118,12 @@ if cargo tree -p cairn-snapshot -e normal --prefix none \
     echo "cairn-snapshot must not depend on tokio, object_store, the engine, the vault or the job" >&2
     exit 1
 fi
+# File-level recovery reads a volume through the ReadAt it is handed: no runtime, no vault.
+if cargo tree -p cairn-files -e normal --prefix none \
+    | grep -Eq '^(tokio|object_store|cairn-vault|cairn-backup) '; then
+    echo "cairn-files must not depend on tokio, object_store, the vault or the job" >&2
+    exit 1
+fi
 # The coordinator side and the agent side never depend on each other.
 if cargo tree -p cairn-scheduler -e normal --prefix none | grep -Eq '^cairn-backup '; then
     echo "cairn-scheduler must not depend on cairn-backup" >&2

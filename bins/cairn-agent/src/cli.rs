@@ -384,6 +384,19 @@ pub struct PruneArgs {
     pub dry_run: bool,
 }
 
+/// A point to read: the vault, the VM, and the point (the newest by default).
+#[derive(Args, Debug)]
+pub struct PointChoice {
+    #[command(flatten)]
+    pub vault: VaultArg,
+    /// The VM.
+    #[arg(long)]
+    pub vm: String,
+    /// The point: an id, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub point: String,
+}
+
 /// One point of one VM.
 #[derive(Args, Debug)]
 pub struct PointArg {
@@ -427,13 +440,7 @@ pub struct LockArgs {
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     #[command(flatten)]
-    pub vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    pub vm: String,
-    /// The point: an id, or `latest`.
-    #[arg(long, default_value = "latest")]
-    pub point: String,
+    pub from: PointChoice,
     /// One disk; without it every disk is restored into the folder --to.
     #[arg(long)]
     pub disk: Option<String>,
@@ -493,13 +500,7 @@ pub struct ServeNbdArgs {
 #[derive(Args, Debug)]
 pub struct PointDiskArgs {
     #[command(flatten)]
-    pub vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    pub vm: String,
-    /// The point: an id, or `latest`.
-    #[arg(long, default_value = "latest")]
-    pub point: String,
+    pub from: PointChoice,
     /// The disk (an export is named after it).
     #[arg(long)]
     pub disk: String,
@@ -587,13 +588,7 @@ pub struct VerifyArgs {
 #[derive(Args, Debug)]
 pub struct DrillArgs {
     #[command(flatten)]
-    pub vault: VaultArg,
-    /// The VM.
-    #[arg(long)]
-    pub vm: String,
-    /// The point: an id, or `latest`.
-    #[arg(long, default_value = "latest")]
-    pub point: String,
+    pub from: PointChoice,
     /// A folder with room for the largest disk's data (the copy is sparse and removed after
     /// each disk).
     #[arg(long, default_value = "/var/tmp")]

@@ -16,13 +16,7 @@ use support::{agent, ok, pack_files, tool};
 fn make_disk(path: &str, tree: &Path) {
     std::fs::File::create(path).unwrap().set_len(64 << 20).unwrap();
     let table = "label: gpt\nstart=2048, size=98304, type=L, name=root\nstart=100352, type=L\n";
-    let mut sfdisk = std::process::Command::new("sfdisk")
-        .args(["-q", path])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), table.as_bytes()).unwrap();
-    assert!(sfdisk.wait().unwrap().success());
+    cairn_testkit::partition(path, table);
     let offset = format!("offset={}", 2048 * 512);
     let tree = tree.to_str().unwrap();
     tool("mkfs.ext4", &["-q", "-F", "-b", "4096", "-E", &offset, "-d", tree, path, "12288"]);

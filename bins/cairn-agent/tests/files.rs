@@ -90,13 +90,7 @@ fn files_come_out_of_a_point_without_restoring_the_disk() {
     std::fs::File::create(&disk).unwrap().set_len((mib + 4) << 20).unwrap();
     let table = "label: gpt\nstart=2048, size=4096, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, \
                  name=efi\nstart=6144, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n";
-    let mut sfdisk = std::process::Command::new("sfdisk")
-        .args(["-q", &disk])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), table.as_bytes()).unwrap();
-    assert!(sfdisk.wait().unwrap().success());
+    cairn_testkit::partition(&disk, table);
     let offset = format!("offset={}", 6144 * 512);
     let blocks = (((mib + 4) << 20) - 6144 * 512 - (1 << 20)) / 4096;
     tool(

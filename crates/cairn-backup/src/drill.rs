@@ -189,16 +189,7 @@ async fn drill_disk(
 /// Whether a restore error is the point's fault (damaged or missing data, a corrupt index)
 /// rather than the drill's surroundings (a full work folder, an unreachable backend).
 fn is_point_damage(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::Corrupt { .. }
-            | Error::Format(_)
-            | Error::Vault(
-                cairn_vault::Error::Corrupt { .. }
-                    | cairn_vault::Error::ChunkMissing { .. }
-                    | cairn_vault::Error::ChunkTruncated { .. }
-            )
-    )
+    matches!(e, Error::Format(_)) || crate::restore::is_damage(e)
 }
 
 /// Blocks sampled per disk at most (the choice is held in memory).

@@ -74,6 +74,8 @@ struct Inner {
     hits: AtomicU64,
     /// While recording: the blocks clients read, in the order first read.
     first_reads: Mutex<Option<FirstReads>>,
+    /// True while first reads are noted: reads check it before taking `first_reads`'s lock.
+    recording: std::sync::atomic::AtomicBool,
 }
 
 /// Blocks in the order clients first read them, at most `limit`.
@@ -133,6 +135,7 @@ impl PointReader {
             bytes: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             first_reads: Mutex::new(None),
+            recording: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 
@@ -156,6 +159,7 @@ impl PointReader {
     pub fn record_first_reads(&self, limit: usize) {
         let record = FirstReads { order: Vec::new(), seen: Default::default(), limit };
         *self.0.first_reads.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+        self.0.recording.store(true, Ordering::Release);
     }
 
     /// The blocks noted since [`PointReader::record_first_reads`], in the order first read.
@@ -211,15 +215,8 @@ impl PointReader {
             return Ok(());
         }
         let (first, last) = (offset / inner.block, (end - 1) / inner.block);
-        if let Some(r) = inner.first_reads.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-            for i in first..=last {
-                if r.order.len() >= r.limit {
-                    break;
-                }
-                if r.seen.insert(i) {
-                    r.order.push(i);
-                }
-            }
+        if inner.recording.load(Ordering::Acquire) {
+            self.note_first_reads(first, last);
         }
         if inner.last_end.swap(end, Ordering::Relaxed) == offset {
             self.read_ahead(last + 1);
@@ -237,6 +234,20 @@ impl PointReader {
             buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(src);
         }
         Ok(())
+    }
+
+    /// Notes blocks `first..=last` as read, those not read before, up to the recording's limit.
+    fn note_first_reads(&self, first: u64, last: u64) {
+        let mut noted = self.0.first_reads.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(r) = noted.as_mut() else { return };
+        for i in first..=last {
+            if r.order.len() >= r.limit {
+                break;
+            }
+            if r.seen.insert(i) {
+                r.order.push(i);
+            }
+        }
     }
 
     /// After an in-order read ending before block `next`: the blocks of the next

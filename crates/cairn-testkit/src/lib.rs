@@ -160,3 +160,15 @@ pub fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+/// Writes the partition table `script` (sfdisk's input, e.g. `label: gpt\nstart=2048, type=L\n`)
+/// onto the image file or device `disk`.
+pub fn partition(disk: &str, script: &str) {
+    let mut sfdisk = std::process::Command::new("sfdisk")
+        .args(["-q", disk])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk (Debian fdisk) runs");
+    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk wrote the table of {disk}");
+}

@@ -22,10 +22,7 @@ pub async fn run(args: DrillArgs, json: bool) -> anyhow::Result<Exit> {
             e2fsck.display()
         );
     }
-    let vault = super::open_vault(&args.vault).await?;
-    let vm = super::vm_name(&args.vm)?;
-    let point = super::point_id(&args.point)?;
-    let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+    let (vault, manifest) = super::open_point(&args.from).await?;
     let options = DrillOptions {
         work_dir: args.work_dir,
         sample_blocks: args.sample_blocks,

@@ -87,6 +87,17 @@ pub(crate) async fn open_vault(arg: &crate::cli::VaultArg) -> anyhow::Result<Vau
     }
 }
 
+/// Opens the vault of `from` and reads the point it names (its newest for `latest`).
+pub(crate) async fn open_point(
+    from: &crate::cli::PointChoice,
+) -> anyhow::Result<(Vault, cairn_format::PointManifest)> {
+    let vault = open_vault(&from.vault).await?;
+    let vm = vm_name(&from.vm)?;
+    let point = point_id(&from.point)?;
+    let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+    Ok((vault, manifest))
+}
+
 pub(crate) fn vm_name(s: &str) -> anyhow::Result<Name> {
     s.parse().with_context(|| format!("--vm {s:?}"))
 }

@@ -22,11 +22,8 @@ impl PointDisk {
     /// Opens the vault, finds the point and opens a reader over its disk, reading ahead
     /// `read_ahead_mib` of a reader going in order.
     pub(crate) async fn open(r: &PointDiskArgs, read_ahead_mib: u64) -> anyhow::Result<PointDisk> {
-        let vault = super::open_vault(&r.vault).await?;
-        let vm = super::vm_name(&r.vm)?;
-        let point = super::point_id(&r.point)?;
         let name: Name = r.disk.parse().with_context(|| format!("--disk {:?}", r.disk))?;
-        let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+        let (vault, manifest) = super::open_point(&r.from).await?;
         let mib = |n: u64, what: &str| {
             n.checked_mul(1 << 20).with_context(|| format!("--{what} {n} is too large"))
         };

@@ -10,10 +10,7 @@ use crate::output::{Bars, Exit, print_json};
 use crate::units::bytes;
 
 pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<Exit> {
-    let vault = super::open_vault(&args.vault).await?;
-    let vm = super::vm_name(&args.vm)?;
-    let point = super::point_id(&args.point)?;
-    let manifest = vault.resolve_point(&vm, point.as_ref()).await?;
+    let (vault, manifest) = super::open_point(&args.from).await?;
     let options = RestoreOptions {
         force: args.force,
         format: match args.format {
@@ -49,7 +46,9 @@ pub async fn run(args: RestoreArgs, json: bool) -> anyhow::Result<Exit> {
                 })
             })
             .collect();
-        print_json(&serde_json::json!({ "vm": vm, "point": manifest.point, "disks": disks }));
+        print_json(
+            &serde_json::json!({ "vm": manifest.vm, "point": manifest.point, "disks": disks }),
+        );
     } else {
         for (disk, path, stats) in &restored {
             let kept = if args.in_place {

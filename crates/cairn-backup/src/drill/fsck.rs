@@ -76,6 +76,20 @@ pub(super) async fn preflight(e2fsck: &Path) -> Result<(), Error> {
     }
 }
 
+/// A read of the local copy that failed is the host's trouble (a failing disk, an I/O error),
+/// not the point's: it is an `Err`, and nothing is noted. A read past the copy's end is the
+/// point's (its table or volume claims more than the disk holds), and is returned to fail it.
+fn host_trouble(copy: &Path, e: cairn_files::Error) -> Result<cairn_files::Error, Error> {
+    match e {
+        cairn_files::Error::Read { source, .. }
+            if source.kind() != std::io::ErrorKind::UnexpectedEof =>
+        {
+            Err(Error::Target { path: copy.into(), source })
+        }
+        e => Ok(e),
+    }
+}
+
 /// Volumes of one disk checked at most (a crafted table may list thousands).
 const MAX_VOLUMES: usize = 128;
 
@@ -92,6 +106,7 @@ pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<Volu
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let volumes: Vec<(String, u64, u64)> = match cairn_files::read_table(&file) {
         Err(e) => {
+            let e = host_trouble(copy, e)?;
             return Ok(vec![VolumeCheck {
                 volume: "the disk".into(),
                 fs: "unknown".into(),
@@ -112,6 +127,7 @@ pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<Volu
         let fs = match cairn_files::detect(&file, start, len) {
             Ok(fs) => fs,
             Err(e) => {
+                let e = host_trouble(copy, e)?;
                 out.push(VolumeCheck {
                     volume,
                     fs: "unknown".into(),
@@ -320,5 +336,20 @@ mod tests {
         assert!(shown.starts_with("a / b\\x1b[31mred / "), "{shown}");
         assert!(!shown.contains('\x1b'));
         assert!(shown.len() < 250, "{shown}");
+    }
+
+    #[test]
+    fn a_failing_host_disk_is_an_error_and_a_short_copy_the_points_fault() {
+        let read = |kind| cairn_files::Error::Read {
+            what: "sector 0".into(),
+            source: std::io::Error::new(kind, "test"),
+        };
+        let copy = Path::new("/var/tmp/copy");
+        let host = host_trouble(copy, read(std::io::ErrorKind::Other));
+        assert!(matches!(host, Err(Error::Target { .. })), "{host:?}");
+        let short = host_trouble(copy, read(std::io::ErrorKind::UnexpectedEof));
+        assert!(matches!(short, Ok(cairn_files::Error::Read { .. })), "{short:?}");
+        let table = host_trouble(copy, cairn_files::Error::BadTable("crafted".into()));
+        assert!(matches!(table, Ok(cairn_files::Error::BadTable(_))), "{table:?}");
     }
 }

@@ -22,6 +22,7 @@ use cairn_nbd::qcow2_write::Qcow2Writer;
 use cairn_vault::Vault;
 use futures::{StreamExt, TryStreamExt};
 
+pub(crate) use self::plan::is_damage;
 use self::plan::{Plan, read_blocks};
 use self::sink::{Sink, Write};
 use crate::{DiskProgress, Error, Progress};

@@ -58,7 +58,7 @@ pub(crate) struct PagePlan {
 
 /// Whether an error is damage to one block's data, which `--keep-going` records and steps
 /// over; anything else (an unreachable backend, a full target) stops the restore.
-fn is_damage(e: &Error) -> bool {
+pub(crate) fn is_damage(e: &Error) -> bool {
     matches!(
         e,
         Error::Corrupt { .. }
