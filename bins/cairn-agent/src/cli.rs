@@ -602,6 +602,10 @@ pub struct DrillArgs {
     /// Do not note the outcome on the point (a trial run).
     #[arg(long)]
     pub no_record: bool,
+    /// Read every folder, link and file of each volume straight from the vault instead of
+    /// restoring a copy: needs no room in --work-dir and runs no e2fsck (it proves less).
+    #[arg(long)]
+    pub read_files: bool,
 }
 
 #[derive(Args, Debug)]

@@ -22,6 +22,34 @@ fn make_disk(path: &str, tree: &Path) {
     tool("mkfs.ext4", &["-q", "-F", "-b", "4096", "-E", &offset, "-d", tree, path, "12288"]);
 }
 
+/// Damages the ext4 file system of partition 1 of `disk` as a guest's could be: its root
+/// folder's inode cleared (`part` is a scratch file).
+fn clear_root_inode(disk: &str, part: &str) {
+    tool(
+        "dd",
+        &[
+            &format!("if={disk}"),
+            &format!("of={part}"),
+            "bs=512",
+            "skip=2048",
+            "count=98304",
+            "status=none",
+        ],
+    );
+    tool("debugfs", &["-w", "-R", "clri <2>", part]);
+    tool(
+        "dd",
+        &[
+            &format!("if={part}"),
+            &format!("of={disk}"),
+            "bs=512",
+            "seek=2048",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+}
+
 /// A folder of files with some content.
 fn make_tree(root: &Path) {
     for i in 0..40 {
@@ -144,30 +172,7 @@ fn a_damaged_file_system_or_vault_fails_the_drill_and_the_failure_is_noted() {
     // The guest's file system was damaged before the backup: its root folder's inode cleared.
     let disk = s("broken.raw");
     make_disk(&disk, &dir.path().join("tree"));
-    let part = s("part.raw");
-    tool(
-        "dd",
-        &[
-            &format!("if={disk}"),
-            &format!("of={part}"),
-            "bs=512",
-            "skip=2048",
-            "count=98304",
-            "status=none",
-        ],
-    );
-    tool("debugfs", &["-w", "-R", "clri <2>", &part]);
-    tool(
-        "dd",
-        &[
-            &format!("if={part}"),
-            &format!("of={disk}"),
-            "bs=512",
-            "seek=2048",
-            "conv=notrunc",
-            "status=none",
-        ],
-    );
+    clear_root_inode(&disk, &s("part.raw"));
     backup(&vault, "broken", &disk);
     let out = drill(&vault, "broken", &work, &[]);
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
@@ -229,4 +234,56 @@ fn a_drill_refuses_what_it_cannot_run_with_and_notes_nothing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(states(&vault, "web")[0]["drill"].is_null(), "nothing noted");
     assert_eq!(std::fs::read_dir(s("work")).unwrap().count(), 0);
+}
+
+#[test]
+fn a_drill_that_reads_every_file_needs_no_room_and_fails_on_damage() {
+    let (dir, vault, disk) = setup();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    backup(&vault, "web", &disk);
+    // No work folder at all: nothing is restored.
+    let out = drill(&vault, "web", &s("nowhere"), &["--read-files"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = json(&out);
+    assert_eq!(
+        (report["passed"].clone(), report["method"].clone()),
+        (true.into(), "read-files".into())
+    );
+    let volumes = report["disks"][0]["volumes"].as_array().unwrap();
+    assert_eq!(volumes[0]["outcome"], "clean", "{report}");
+    assert_eq!(volumes[1]["outcome"], "not-checked");
+    assert!(
+        report["summary"].as_str().unwrap().contains("1 file system(s) read whole"),
+        "{report}"
+    );
+    assert_eq!(report["disks"][0]["sampled_blocks"], 1024);
+    assert_eq!(states(&vault, "web")[0]["drill"]["method"], "read-files");
+    assert_eq!(states(&vault, "web")[0]["drill"]["passed"], true);
+
+    // A file system damaged in the guest fails.
+    clear_root_inode(&disk, &s("part.raw"));
+    backup(&vault, "broken", &disk);
+    let out = drill(&vault, "broken", &s("nowhere"), &["--read-files"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let report = json(&out);
+    assert_eq!(report["disks"][0]["volumes"][0]["outcome"], "failed", "{report}");
+    assert_eq!(states(&vault, "broken")[0]["drill"]["passed"], false);
+
+    // Chunks damaged in the vault fail the point too (a block sampled, or a file read).
+    let vault2 = s("vault2");
+    ok(agent(&["init", "--vault", &vault2]));
+    make_disk(&disk, &dir.path().join("tree"));
+    backup(&vault2, "web", &disk);
+    for pack in pack_files(Path::new(&vault2)) {
+        let mut bytes = std::fs::read(&pack).unwrap();
+        let n = bytes.len();
+        for b in &mut bytes[n / 4..n / 2] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&pack, bytes).unwrap();
+    }
+    let out = drill(&vault2, "web", &s("nowhere"), &["--read-files"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&out)["passed"], false);
+    assert_eq!(states(&vault2, "web")[0]["drill"]["passed"], false);
 }

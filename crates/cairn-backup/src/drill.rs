@@ -12,7 +12,9 @@
 //! The copy holds guest bytes: the checker reads them, never the agent's own code. As root,
 //! `e2fsck` runs as `nobody` with no new privileges, on a copy handed to it alone.
 
+mod files;
 mod fsck;
+mod volumes;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,29 @@ pub struct DrillOptions {
     pub e2fsck: PathBuf,
     /// Write the outcome on the point as a note.
     pub record: bool,
+    /// Restore a copy and run `e2fsck` on it, or read every file from the vault.
+    pub method: DrillMethod,
+}
+
+/// How a drill checks a point's file systems.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DrillMethod {
+    /// Restore each disk to a sparse copy in the work folder and check it with `e2fsck`.
+    #[default]
+    Restore,
+    /// Read every folder, link and file of each volume straight from the vault, keeping
+    /// nothing: no room needed, no checker run (see [`files`]).
+    ReadFiles,
+}
+
+impl DrillMethod {
+    /// Its name in the note (`drill.method`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DrillMethod::Restore => "restore",
+            DrillMethod::ReadFiles => "read-files",
+        }
+    }
 }
 
 /// What a drill found on one volume (a partition, or a disk with no table).
@@ -94,6 +119,8 @@ pub struct DrillReport {
     pub vm: Name,
     /// The point drilled.
     pub point: PointId,
+    /// How it was drilled.
+    pub method: DrillMethod,
     /// Each disk.
     pub disks: Vec<DiskDrill>,
     /// True if every disk passed.
@@ -114,26 +141,34 @@ pub async fn drill(
     options: &DrillOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<DrillReport, Error> {
-    // The checker must run, and run unprivileged, before anything is restored.
-    fsck::preflight(&options.e2fsck).await?;
-    let work = WorkFolder::create(&options.work_dir)?;
     let mut disks = Vec::new();
-    for disk in point.disks.keys() {
-        let copy = work.path.join(disk.as_str());
-        let result = drill_disk(vault, point, disk, &copy, options, Arc::clone(&progress)).await;
-        // The copy goes before the next disk is restored: room for the largest disk is enough.
-        let _ = std::fs::remove_file(&copy);
-        disks.push(result?);
+    if options.method == DrillMethod::ReadFiles {
+        for disk in point.disks.keys() {
+            disks.push(files::drill_disk(vault, point, disk, options.sample_blocks).await?);
+        }
+    } else {
+        // The checker must run, and run unprivileged, before anything is restored.
+        fsck::preflight(&options.e2fsck).await?;
+        let work = WorkFolder::create(&options.work_dir)?;
+        for disk in point.disks.keys() {
+            let copy = work.path.join(disk.as_str());
+            let result =
+                drill_disk(vault, point, disk, &copy, options, Arc::clone(&progress)).await;
+            // The copy goes before the next disk is restored: room for the largest disk is
+            // enough.
+            let _ = std::fs::remove_file(&copy);
+            disks.push(result?);
+        }
     }
-    drop(work);
     // A point is known to restore only if something in it was checked: a point none of whose
     // file systems could be checked (XFS alone, LVM, no table) restored, but proves no more.
     let checked = disks.iter().flat_map(|d| &d.volumes).any(|v| v.outcome == CheckOutcome::Clean);
     let passed = checked && disks.iter().all(DiskDrill::passed);
-    let summary = summarize(&disks);
+    let summary = summarize(&disks, options.method);
     let mut report = DrillReport {
         vm: point.vm.clone(),
         point: point.point.clone(),
+        method: options.method,
         disks,
         passed,
         summary,
@@ -143,7 +178,7 @@ pub async fn drill(
         let change = Change::Drilled(Drill {
             at: Timestamp::now(),
             passed,
-            method: "restore".into(),
+            method: options.method.name().into(),
             summary: report.summary.clone(),
         });
         vault.write_note(&point.vm, &point.point, "drill", &[change]).await?;
@@ -195,6 +230,18 @@ fn is_point_damage(e: &Error) -> bool {
 /// Blocks sampled per disk at most (the choice is held in memory).
 const MAX_SAMPLE: u64 = 1 << 20;
 
+/// Up to `count` of the `blocks` block numbers (at most [`MAX_SAMPLE`]), at random, sorted.
+fn choose_blocks(blocks: u64, count: u64) -> Vec<u64> {
+    let amount = count.min(blocks).min(MAX_SAMPLE);
+    let mut rng = rand::rng();
+    let total = usize::try_from(blocks).unwrap_or(usize::MAX);
+    let amount = usize::try_from(amount).unwrap_or(usize::MAX);
+    let mut chosen: Vec<u64> =
+        rand::seq::index::sample(&mut rng, total, amount).into_iter().map(|i| i as u64).collect();
+    chosen.sort_unstable();
+    chosen
+}
+
 /// Compares up to `count` random blocks of the restored `copy` with the digests the index
 /// records: (blocks compared, offsets that differ).
 async fn sample_blocks(
@@ -207,14 +254,8 @@ async fn sample_blocks(
     let blocks = root.block_count();
     let per_page = u64::from(root.blocks_per_page).max(1);
     let block = u64::from(root.block_size);
-    let amount = count.min(blocks).min(MAX_SAMPLE);
-    let mut chosen: Vec<u64> = {
-        let mut rng = rand::rng();
-        let total = usize::try_from(blocks).unwrap_or(usize::MAX);
-        let amount = usize::try_from(amount).unwrap_or(usize::MAX);
-        rand::seq::index::sample(&mut rng, total, amount).into_iter().map(|i| i as u64).collect()
-    };
-    chosen.sort_unstable();
+    let chosen = choose_blocks(blocks, count);
+    let amount = chosen.len() as u64;
     let file = std::fs::File::open(copy)
         .map_err(|source| Error::Target { path: copy.to_owned(), source })?;
     let file = Arc::new(file);
@@ -270,13 +311,21 @@ async fn sample_blocks(
 }
 
 /// The note's line: what passed, or the first things that failed.
-fn summarize(disks: &[DiskDrill]) -> String {
+fn summarize(disks: &[DiskDrill], method: DrillMethod) -> String {
+    let done = match method {
+        DrillMethod::Restore => "restored",
+        DrillMethod::ReadFiles => "read from the vault",
+    };
+    let checked = match method {
+        DrillMethod::Restore => "checked clean",
+        DrillMethod::ReadFiles => "read whole",
+    };
     let mut failures = Vec::new();
     let (mut clean, mut unchecked, mut sampled) = (0, 0, 0u64);
     for d in disks {
         sampled += d.sampled;
         match &d.restore {
-            Err(e) => failures.push(format!("disk {} did not restore: {e}", d.disk)),
+            Err(e) => failures.push(format!("disk {} was not {done}: {e}", d.disk)),
             Ok(s) if !s.damaged.is_empty() => failures.push(format!(
                 "disk {}: {} damaged range(s), first at offset {}",
                 d.disk,
@@ -310,14 +359,14 @@ fn summarize(disks: &[DiskDrill]) -> String {
         failures.join("; ")
     } else if clean == 0 {
         format!(
-            "{} disk(s) restored and {sampled} sampled block(s) matched, but no file system \
+            "{} disk(s) {done} and {sampled} sampled block(s) matched, but no file system \
              could be checked ({unchecked} not checkable): not known to restore",
             disks.len()
         )
     } else {
         format!(
-            "{} disk(s) restored, {sampled} sampled block(s) matched, {clean} file system(s) \
-             checked clean, {unchecked} not checkable",
+            "{} disk(s) {done}, {sampled} sampled block(s) matched, {clean} file system(s) \
+             {checked}, {unchecked} not checkable",
             disks.len()
         )
     };

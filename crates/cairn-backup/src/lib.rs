@@ -10,6 +10,7 @@
 //! manifest.
 
 mod backup;
+mod blocking_reader;
 mod cancel;
 mod copy;
 mod drill;
@@ -22,10 +23,12 @@ mod prune;
 mod restore;
 
 pub use backup::{BackupRequest, DEFAULT_PARALLEL_DISKS, DiskInput, backup};
+pub use blocking_reader::BlockingReader;
 pub use cancel::Cancel;
 pub use copy::{CopyOptions, CopyReport, copy_points};
 pub use drill::{
-    CheckOutcome, DiskDrill, DrillOptions, DrillReport, VolumeCheck, drill, find_e2fsck,
+    CheckOutcome, DiskDrill, DrillMethod, DrillOptions, DrillReport, VolumeCheck, drill,
+    find_e2fsck,
 };
 pub use error::Error;
 pub use job::{Captured, Check, JobOptions, Snapshot, VmJob, check};

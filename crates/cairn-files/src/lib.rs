@@ -5,7 +5,8 @@
 //! [`detect`] tells the file system of one, and [`Volume`] opens an ext2/3/4 one read-only
 //! (through the `ext4-view` crate, which replays the journal in memory and writes nothing),
 //! lists it, and extracts files and folders under a host folder with [`Volume::extract`]:
-//! mode, owner, times, symlinks and holes kept.
+//! mode, owner, times, symlinks and holes kept; [`Volume::scan`] reads it all and keeps
+//! nothing (a drill with no room for a copy).
 //!
 //! Every byte here comes from a guest. Tables and names are checked before use; the guest's
 //! symlinks are recreated, never followed on the host (each file is created relative to its
@@ -18,6 +19,7 @@ mod detect;
 mod error;
 mod extract;
 mod partition;
+mod scan;
 mod text;
 mod volume;
 
@@ -28,6 +30,7 @@ pub use partition::{
     GptLayout, MbrEntry, Partition, Table, TableKind, gpt_entries, gpt_header, mbr_entries,
     read_table,
 };
+pub use scan::ScanReport;
 pub use text::escape;
 pub use volume::{Entry, Kind, Located, Volume, locate};
 

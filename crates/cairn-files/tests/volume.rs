@@ -284,4 +284,31 @@ fn a_damaged_image_is_an_error_not_a_crash() {
     let out = f.out.join("damaged");
     let err = vol.extract(b"/", &out, &ExtractOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Damaged { .. }), "{err}");
+    let err = vol.scan(u64::MAX).unwrap_err();
+    assert!(matches!(err, Error::Damaged { .. }), "{err}");
+}
+
+#[test]
+fn a_scan_reads_every_file_and_stops_reading_data_at_its_budget() {
+    let f = fixture();
+    let vol = volume(&f.image);
+    let (mut files, mut bytes, mut links, mut folders, mut others) = (0u64, 0u64, 0u64, 1u64, 0u64);
+    for rel in walk(&f.tree) {
+        let meta = std::fs::symlink_metadata(f.tree.join(&rel)).unwrap();
+        match () {
+            _ if meta.is_file() => (files, bytes) = (files + 1, bytes + meta.len()),
+            _ if meta.is_symlink() => links += 1,
+            _ if meta.is_dir() => folders += 1,
+            _ => others += 1,
+        }
+    }
+    let report = vol.scan(u64::MAX).unwrap();
+    // lost+found is the volume's own folder, not the tree's.
+    assert_eq!(report.folders, folders + 1, "{report:?}");
+    assert_eq!((report.files, report.bytes, report.files_cut), (files, bytes, 0), "{report:?}");
+    assert_eq!((report.links, report.others), (links, others), "{report:?}");
+    // A budget smaller than the data: every entry still visited, data read up to it.
+    let cut = vol.scan(1 << 20).unwrap();
+    assert_eq!((cut.files, cut.bytes), (files, 1 << 20), "{cut:?}");
+    assert!(cut.files_cut >= 2, "the 3 MB and the 10 MiB sparse files are cut: {cut:?}");
 }

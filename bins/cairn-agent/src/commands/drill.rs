@@ -3,20 +3,26 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use cairn_backup::{CheckOutcome, DrillOptions, DrillReport};
+use std::path::PathBuf;
+
+use cairn_backup::{CheckOutcome, DrillMethod, DrillOptions, DrillReport};
 
 use crate::cli::DrillArgs;
 use crate::output::{Bars, Exit, print_json};
 use crate::units::bytes;
 
 pub async fn run(args: DrillArgs, json: bool) -> anyhow::Result<Exit> {
-    let e2fsck = match args.e2fsck {
-        Some(path) => path,
-        None => cairn_backup::find_e2fsck().context(
-            "e2fsck was not found in /usr/sbin or /sbin: install e2fsprogs, or give --e2fsck PATH",
+    let method = if args.read_files { DrillMethod::ReadFiles } else { DrillMethod::Restore };
+    // Only a drill that restores runs the checker.
+    let e2fsck = match (method, args.e2fsck) {
+        (DrillMethod::ReadFiles, _) => PathBuf::new(),
+        (DrillMethod::Restore, Some(path)) => path,
+        (DrillMethod::Restore, None) => cairn_backup::find_e2fsck().context(
+            "e2fsck was not found in /usr/sbin or /sbin: install e2fsprogs, or give --e2fsck \
+             PATH (or drill with --read-files, which runs no checker)",
         )?,
     };
-    if !e2fsck.is_file() {
+    if method == DrillMethod::Restore && !e2fsck.is_file() {
         anyhow::bail!(
             "the file system checker {} does not exist: install e2fsprogs, or give --e2fsck PATH",
             e2fsck.display()
@@ -28,6 +34,7 @@ pub async fn run(args: DrillArgs, json: bool) -> anyhow::Result<Exit> {
         sample_blocks: args.sample_blocks,
         e2fsck,
         record: !args.no_record,
+        method,
     };
     let bars = Arc::new(Bars::new(json, "drill"));
     // Ctrl-C or SIGTERM drops the drill, which removes its copy and stops the checker.
@@ -75,22 +82,31 @@ fn report_json(r: &DrillReport) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "vm": r.vm, "point": r.point, "passed": r.passed, "summary": r.summary,
+        "vm": r.vm, "point": r.point, "method": r.method.name(), "passed": r.passed,
+        "summary": r.summary,
         "recorded": r.recorded, "disks": disks,
     })
 }
 
 fn print_report(r: &DrillReport) {
     for d in &r.disks {
+        let read = match r.method {
+            DrillMethod::Restore => "restored",
+            DrillMethod::ReadFiles => "read from the vault",
+        };
         match &d.restore {
             Ok(s) => println!(
-                "disk {}: restored ({} of data), {} sampled block(s) compared, {} differ",
+                "disk {}: {read} ({}{} chunks), {} sampled block(s) compared, {} differ",
                 d.disk,
-                bytes(s.bytes_written),
+                match r.method {
+                    DrillMethod::Restore => format!("{} of data, ", bytes(s.bytes_written)),
+                    DrillMethod::ReadFiles => String::new(),
+                },
+                s.chunks,
                 d.sampled,
                 d.mismatched.len()
             ),
-            Err(e) => println!("disk {}: DID NOT RESTORE: {e}", d.disk),
+            Err(e) => println!("disk {}: NOT {}: {e}", d.disk, read.to_uppercase()),
         }
         if let Ok(s) = &d.restore {
             for gap in &s.damaged {
@@ -99,7 +115,12 @@ fn print_report(r: &DrillReport) {
         }
         for v in &d.volumes {
             match &v.outcome {
-                CheckOutcome::Clean => println!("  {} ({}): e2fsck clean", v.volume, v.fs),
+                CheckOutcome::Clean => match r.method {
+                    DrillMethod::Restore => println!("  {} ({}): e2fsck clean", v.volume, v.fs),
+                    DrillMethod::ReadFiles => {
+                        println!("  {} ({}): every file read back", v.volume, v.fs)
+                    }
+                },
                 CheckOutcome::Failed(why) => println!("  {} ({}): FAILED: {why}", v.volume, v.fs),
                 CheckOutcome::NotChecked(why) => {
                     println!("  {} ({}): not checked: {why}", v.volume, v.fs)

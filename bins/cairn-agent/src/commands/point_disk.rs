@@ -2,10 +2,10 @@
 //!
 //! Both open the same way (vault, VM, point, disk, a cache and a read-ahead in MiB) and both
 //! hand the async [`PointReader`] to synchronous code on threads of their own (the NBD
-//! server's, the ext4 reader's), which drive it on the agent's runtime: [`Blocking`].
+//! server's, the ext4 reader's), which drive it on the agent's runtime: [`BlockingReader`].
 
 use anyhow::Context;
-use cairn_backup::{PointReader, ReaderOptions};
+use cairn_backup::{BlockingReader, PointReader, ReaderOptions};
 use cairn_format::{Name, PointManifest};
 
 use crate::cli::PointDiskArgs;
@@ -46,37 +46,7 @@ impl PointDisk {
     }
 
     /// The reader, for a thread that may block (not a runtime worker).
-    pub(crate) fn blocking(&self) -> Blocking {
-        Blocking { reader: self.reader.clone(), runtime: tokio::runtime::Handle::current() }
-    }
-}
-
-/// The point's disk read from a thread that may block, through the agent's runtime.
-pub(crate) struct Blocking {
-    reader: PointReader,
-    runtime: tokio::runtime::Handle,
-}
-
-impl cairn_files::ReadAt for Blocking {
-    fn size(&self) -> u64 {
-        self.reader.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.runtime.block_on(self.reader.read(offset, buf)).map_err(std::io::Error::other)
-    }
-}
-
-impl cairn_nbd::server::ExportSource for Blocking {
-    fn size(&self) -> u64 {
-        self.reader.size()
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.runtime.block_on(self.reader.read(offset, buf)).map_err(|e| e.to_string())
-    }
-
-    fn preferred_block(&self) -> u32 {
-        self.reader.block_size()
+    pub(crate) fn blocking(&self) -> BlockingReader {
+        self.reader.blocking()
     }
 }

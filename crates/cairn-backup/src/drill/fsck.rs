@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use cairn_files::{FsKind, TableKind};
+use cairn_files::FsKind;
 
+use super::volumes::Step;
 use super::{CheckOutcome, VolumeCheck};
 use crate::Error;
 
@@ -90,9 +91,6 @@ fn host_trouble(copy: &Path, e: cairn_files::Error) -> Result<cairn_files::Error
     }
 }
 
-/// Volumes of one disk checked at most (a crafted table may list thousands).
-const MAX_VOLUMES: usize = 128;
-
 /// Finds the volumes of the restored disk at `copy` and checks each ext2/3/4 one. The copy
 /// is opened once, never through a link, and that one descriptor is what is handed to the
 /// checker. `Err` means a check could not run (nothing of the point is to be concluded).
@@ -104,66 +102,29 @@ pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<Volu
         .open(copy)
         .map_err(|source| Error::Target { path: copy.into(), source })?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let volumes: Vec<(String, u64, u64)> = match cairn_files::read_table(&file) {
-        Err(e) => {
-            let e = host_trouble(copy, e)?;
-            return Ok(vec![VolumeCheck {
-                volume: "the disk".into(),
-                fs: "unknown".into(),
-                outcome: CheckOutcome::Failed(format!("its partition table: {e}")),
-            }]);
-        }
-        Ok(table) if table.kind == TableKind::None => vec![("the whole disk".into(), 0, size)],
-        Ok(table) => table
-            .partitions
-            .iter()
-            .map(|p| (format!("partition {}", p.number), p.start, p.len))
-            .collect(),
-    };
+    let steps = super::volumes::plan(&file, size, &|e| host_trouble(copy, e))?;
     let mut handed = false;
-    let mut checked = std::collections::HashSet::new();
     let mut out = Vec::new();
-    for (volume, start, len) in volumes {
-        let fs = match cairn_files::detect(&file, start, len) {
-            Ok(fs) => fs,
-            Err(e) => {
-                let e = host_trouble(copy, e)?;
-                out.push(VolumeCheck {
-                    volume,
-                    fs: "unknown".into(),
-                    outcome: CheckOutcome::Failed(format!("its first sectors: {e}")),
-                });
+    for step in steps {
+        let volume = match step {
+            Step::Settled(check) => {
+                out.push(check);
                 continue;
             }
+            Step::Check(volume) => volume,
         };
-        let outcome = match fs {
-            FsKind::Ext4 if !checked.insert(start) => {
-                CheckOutcome::NotChecked("it starts where another partition does".into())
+        if !handed && privilege_drop().is_some() {
+            rustix::fs::fchown(&file, Some(nobody_uid()), Some(nobody_gid()))
+                .map_err(|e| Error::Target { path: copy.into(), source: e.into() })?;
+            handed = true;
+        }
+        let outcome = e2fsck_volume(e2fsck, &file, volume.start).await.map_err(|e| match e {
+            Error::InvalidRequest(why) => {
+                Error::InvalidRequest(format!("{} of {}: {why}", volume.name, copy.display()))
             }
-            FsKind::Ext4 if checked.len() > MAX_VOLUMES => {
-                CheckOutcome::NotChecked(format!("more than {MAX_VOLUMES} volumes on one disk"))
-            }
-            FsKind::Ext4 => {
-                if !handed && privilege_drop().is_some() {
-                    rustix::fs::fchown(&file, Some(nobody_uid()), Some(nobody_gid()))
-                        .map_err(|e| Error::Target { path: copy.into(), source: e.into() })?;
-                    handed = true;
-                }
-                e2fsck_volume(e2fsck, &file, start).await.map_err(|e| match e {
-                    Error::InvalidRequest(why) => {
-                        Error::InvalidRequest(format!("{volume} of {}: {why}", copy.display()))
-                    }
-                    e => e,
-                })?
-            }
-            FsKind::Swap => CheckOutcome::NotChecked("swap space holds no files".into()),
-            FsKind::Unknown => CheckOutcome::NotChecked("no file system found".into()),
-            other => CheckOutcome::NotChecked(format!(
-                "drills check ext2/3/4 today; {} comes with its reader",
-                other.name()
-            )),
-        };
-        out.push(VolumeCheck { volume, fs: fs.name().into(), outcome });
+            e => e,
+        })?;
+        out.push(VolumeCheck { volume: volume.name, fs: FsKind::Ext4.name().into(), outcome });
     }
     Ok(out)
 }
