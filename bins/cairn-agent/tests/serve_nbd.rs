@@ -95,7 +95,7 @@ fn the_blocks_a_guest_reads_first_are_noted_and_fetched_before_the_next_boot_ask
     let other = s("other.raw");
     ok(agent(&["sample", "create", &other, "--size", "8M", "--seed", "6"]));
     ok(agent(&["backup", "--vault", &vault, "--vm", "db", "--disk", &format!("os={other}")]));
-    // A "boot"": three scattered reads, out of order (no read-ahead), as a guest's would be.
+    // A "boot": three scattered reads, out of order (no read-ahead), as a guest's would be.
     let boot = |served: &Served| {
         let mut client = cairn_nbd::Client::connect_unix(&served.socket, "os", &[]).unwrap();
         for at in [40u64 << 20, 1 << 20, (2 << 20) + 4096] {

@@ -12,9 +12,16 @@
 //!
 //! A reader of one point need not wait for the whole map: [`Vault::focus_on_point`] makes
 //! lookups try that point's own pack index first, then those of its VM's earlier points, and
-//! load the rest only for a chunk found in none of them (one deduplicated against another VM,
-//! or moved by a collector). Each stage is loaded as the whole map is, quarantine included, so
-//! a partly loaded map places a chunk only where the whole map may place it.
+//! load the whole map (afresh) only for a chunk found in none of them (one deduplicated
+//! against another VM, or moved by a collector). Each stage honours quarantine as the whole
+//! map does. Where a chunk has two good copies, a focused map may pick the other one than the
+//! whole map (which keeps the oldest index's, the copy verify reads): a chunk read from a
+//! focused map's place that turns out bad is read again where the whole map places it before
+//! it counts as damaged ([`Vault::read_chunk`]).
+//!
+//! Every load runs as a task of its own: a lookup inside a buffered stream waits for the
+//! task, never holds the load lock itself, so a future its stream no longer polls cannot
+//! block the loads the others wait for.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::PoisonError;
@@ -135,19 +142,26 @@ impl ChunkMap {
 enum Load {
     /// Pack indexes not loaded yet.
     New,
-    /// Everything, unless the map was loaded before.
+    /// Everything afresh, unless the map was loaded whole before.
     IfNever,
     /// Everything again, from scratch.
     All,
 }
 
 /// Pack indexes tried before the whole map, for a reader of one point.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Stage {
     /// The pack index the point wrote.
     Own(PointId),
     /// The pack indexes of the VM's points before `upto` (its chain, and its siblings).
     Earlier { vm: Name, upto: PointId },
+}
+
+/// The focus stages still to load, and those loaded (never queued twice).
+#[derive(Debug, Default)]
+struct Focus {
+    pending: VecDeque<Stage>,
+    done: Vec<Stage>,
 }
 
 /// The map and whether it was ever loaded.
@@ -160,8 +174,8 @@ pub(crate) struct SharedChunkMap {
     /// buffered streams, where a future that was granted an async lock may not be polled
     /// again until the futures waiting behind it finish, a deadlock.
     loaded: std::sync::atomic::AtomicBool,
-    /// Stages still to load before the whole map, in order (see the module docs).
-    focus: std::sync::Mutex<VecDeque<Stage>>,
+    /// Stages to load before the whole map, in order (see the module docs).
+    focus: std::sync::Mutex<Focus>,
 }
 
 impl SharedChunkMap {
@@ -195,8 +209,8 @@ impl Vault {
         for stage in
             [Stage::Own(point.clone()), Stage::Earlier { vm: vm.clone(), upto: point.clone() }]
         {
-            if !focus.contains(&stage) {
-                focus.push_back(stage);
+            if !focus.pending.contains(&stage) && !focus.done.contains(&stage) {
+                focus.pending.push_back(stage);
             }
         }
     }
@@ -216,14 +230,22 @@ impl Vault {
     /// stages are loaded in turn until every id is placed, then the whole map if one is not.
     async fn locate_focused(&self, ids: &[Digest]) -> Result<Vec<Option<ChunkLocation>>, Error> {
         loop {
+            // Whether the map was whole is read before the map: a map made whole between the
+            // two reads would otherwise pass a partial answer off as final.
+            let whole = self.chunk_map.loaded.load(Ordering::Acquire);
             let found: Vec<Option<ChunkLocation>> =
                 self.chunk_map.read(|m| ids.iter().map(|id| m.locate(id)).collect());
-            if self.chunk_map.loaded.load(Ordering::Acquire) || found.iter().all(Option::is_some) {
+            if whole || found.iter().all(Option::is_some) {
                 return Ok(found);
             }
-            if !self.load_focus_stage(ids).await? {
-                self.ensure_chunk_map().await?;
-            }
+            let (vault, wanted) = (self.clone(), ids.to_vec());
+            in_own_task(async move {
+                if !vault.load_focus_stage(&wanted).await? {
+                    vault.load_chunk_map_now(Load::IfNever).await?;
+                }
+                Ok(())
+            })
+            .await?;
         }
     }
 
@@ -236,37 +258,52 @@ impl Vault {
         {
             return Ok(true);
         }
-        let next = self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-        let names = match next {
-            None => return Ok(false),
-            Some(Stage::Own(point)) => vec![layout::pack_index(&point)],
-            Some(Stage::Earlier { vm, upto }) => self
-                .list_paths(&layout::points(Some(&vm)))
-                .await?
-                .iter()
-                .filter_map(layout::parse_point_path)
-                // Started no later than the point (to the millisecond: the tail is random).
-                .filter(|(_, id)| id != &upto && id.as_str()[..19] <= upto.as_str()[..19])
-                .map(|(_, id)| layout::pack_index(&id))
-                .rev()
-                .collect(),
-        };
-        if self.load_indexes_into(None, Some(names)).await? {
-            // A copy this map placed was quarantined meanwhile: only a whole, fresh map is
-            // sure to find the good one.
-            self.chunk_map.write(|m| *m = ChunkMap::default());
-            self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).clear();
-            return Ok(false);
+        let next =
+            self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).pending.pop_front();
+        let Some(stage) = next else { return Ok(false) };
+        let loaded = self.load_stage(&stage).await;
+        let mut focus = self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner);
+        match loaded {
+            // Tried again by the next lookup.
+            Err(e) => {
+                focus.pending.push_front(stage);
+                Err(e)
+            }
+            Ok(true) => {
+                // A copy this map placed was quarantined meanwhile: only a whole, fresh map is
+                // sure to find the good one.
+                focus.pending.clear();
+                Ok(false)
+            }
+            Ok(false) => {
+                focus.done.push(stage);
+                Ok(true)
+            }
         }
-        Ok(true)
     }
 
-    /// Loads the map unless it was loaded before.
-    pub(crate) async fn ensure_chunk_map(&self) -> Result<(), Error> {
-        if self.chunk_map.loaded.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        self.load_chunk_map(Load::IfNever).await
+    /// Loads the pack indexes of `stage` into the shared map; true if the map went stale.
+    async fn load_stage(&self, stage: &Stage) -> Result<bool, Error> {
+        let names = match stage {
+            Stage::Own(point) => vec![layout::pack_index(point)],
+            Stage::Earlier { vm, upto } => {
+                // Only indexes that exist: after a collector folded old ones into its own,
+                // most earlier points have none.
+                let indexes: HashSet<Path> =
+                    self.list_paths(&layout::pack_indexes()).await?.into_iter().collect();
+                self.list_paths(&layout::points(Some(vm)))
+                    .await?
+                    .iter()
+                    .filter_map(layout::parse_point_path)
+                    // Ids begin with their start time to the millisecond (a guide, not a
+                    // rule: a point missed here is found by the whole map).
+                    .filter(|(_, id)| id != upto && id.as_str()[..19] <= upto.as_str()[..19])
+                    .map(|(_, id)| layout::pack_index(&id))
+                    .filter(|p| indexes.contains(p))
+                    .collect()
+            }
+        };
+        self.load_indexes_into(None, Some(names)).await
     }
 
     /// Forgets the map and loads it again (after a quarantine changed which places count).
@@ -283,17 +320,25 @@ impl Vault {
         Ok(())
     }
 
+    /// Loads the map as `how` says, in a task of its own (see the module docs).
     async fn load_chunk_map(&self, how: Load) -> Result<(), Error> {
+        let vault = self.clone();
+        in_own_task(async move { vault.load_chunk_map_now(how).await }).await
+    }
+
+    async fn load_chunk_map_now(&self, how: Load) -> Result<(), Error> {
         let _one_at_a_time = self.chunk_map.refreshing.lock().await;
         match how {
             Load::IfNever if self.chunk_map.loaded.load(Ordering::Acquire) => return Ok(()),
-            Load::All => {
+            // A map never loaded whole is loaded afresh: a focused map's places give way to
+            // the whole map's.
+            Load::All | Load::IfNever => {
                 let mut fresh = ChunkMap::default();
                 self.load_indexes_into(Some(&mut fresh), None).await?;
                 // Swapped whole, so that readers never see a half-loaded map.
                 self.chunk_map.write(|m| *m = fresh);
             }
-            Load::New | Load::IfNever => {
+            Load::New => {
                 if self.load_indexes_into(None, None).await? {
                     // Another host quarantined a copy this map points to: the good copy may
                     // be in an index loaded long ago, and only a fresh map finds it.
@@ -303,7 +348,8 @@ impl Vault {
                 }
             }
         }
-        self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        let mut focus = self.chunk_map.focus.lock().unwrap_or_else(PoisonError::into_inner);
+        *focus = Focus::default();
         self.chunk_map.loaded.store(true, Ordering::Release);
         Ok(())
     }
@@ -334,19 +380,7 @@ impl Vault {
             None => self.list_paths(&layout::pack_indexes()).await?,
         };
         let listed: HashSet<String> = names.iter().map(ToString::to_string).collect();
-        let mut stale = false;
-        apply(&mut |m| {
-            // A pack index loaded before and gone now was rewritten by a collector: the
-            // packs it named may be gone, and only a fresh map forgets them.
-            let removed = whole && m.loaded.iter().any(|l| !listed.contains(l));
-            names.retain(|p| !m.loaded.contains(p.as_ref()));
-            stale = removed
-                || quarantined.iter().any(|(id, pack)| {
-                    !m.quarantined.contains(&(*id, *pack))
-                        && m.locate(id).is_some_and(|loc| loc.pack == *pack)
-                });
-            m.quarantined.extend(quarantined.iter().copied());
-        });
+        apply(&mut |m| names.retain(|p| !m.loaded.contains(p.as_ref())));
         // New indexes go into a map of their own, settled once and absorbed whole: the shared
         // map is never seen half sorted.
         let mut incoming = ChunkMap { quarantined, ..ChunkMap::default() };
@@ -376,7 +410,21 @@ impl Vault {
                 }
             }
         }
-        apply(&mut |m| m.absorb(std::mem::take(&mut incoming)));
+        // The map learns of new quarantine markers only with the indexes, all loaded: a load
+        // that failed half-way leaves them new to the next, which then sees the map is stale.
+        let mut stale = false;
+        apply(&mut |m| {
+            // A pack index loaded before and gone now was rewritten by a collector: the
+            // packs it named may be gone, and only a fresh map forgets them.
+            let removed = whole && m.loaded.iter().any(|l| !listed.contains(l));
+            stale = removed
+                || incoming.quarantined.iter().any(|(id, pack)| {
+                    !m.quarantined.contains(&(*id, *pack))
+                        && m.locate(id).is_some_and(|loc| loc.pack == *pack)
+                });
+            m.quarantined.extend(incoming.quarantined.iter().copied());
+            m.absorb(std::mem::take(&mut incoming));
+        });
         Ok(stale)
     }
 
@@ -391,6 +439,16 @@ impl Vault {
             return self.locate_focused(ids).await;
         }
         Ok(self.chunk_map.read(|m| ids.iter().map(|id| m.locate(id)).collect()))
+    }
+
+    /// True while the map holds only a focused reader's pack indexes (see the module docs).
+    pub(crate) fn chunk_map_is_partial(&self) -> bool {
+        !self.chunk_map.loaded.load(Ordering::Acquire)
+    }
+
+    /// Where the map places `id` now, without loading anything.
+    pub(crate) fn placed(&self, id: &Digest) -> Option<ChunkLocation> {
+        self.chunk_map.read(|m| m.locate(id))
     }
 
     /// How many pack indexes the chunk map holds, and whether it holds them all (false while
@@ -427,5 +485,20 @@ impl Vault {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs `load` as a task of its own and waits for it (see the module docs). A load that
+/// panicked panics here; one the runtime dropped as it shut down is an error.
+async fn in_own_task(
+    load: impl std::future::Future<Output = Result<(), Error>> + Send + 'static,
+) -> Result<(), Error> {
+    match tokio::spawn(load).await {
+        Ok(done) => done,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(Error::Io {
+            path: "pack-index".into(),
+            source: std::io::Error::other(format!("loading the chunk map stopped: {e}")),
+        }),
     }
 }

@@ -54,8 +54,36 @@ impl Vault {
 
     /// The plaintext of chunk `id`, its CRC and SHA-256 checked.
     pub async fn read_chunk(&self, id: &Digest) -> Result<Vec<u8>, Error> {
-        let raw = self.read_chunk_raw(id).await?;
-        self.open_chunk(id, raw).await
+        let partial = self.chunk_map_is_partial();
+        let read = match self.read_chunk_raw(id).await {
+            Ok(raw) => self.open_chunk(id, raw).await,
+            Err(e) => Err(e),
+        };
+        match read {
+            Err(e @ (Error::Corrupt { .. } | Error::ChunkTruncated { .. })) if partial => {
+                self.read_where_the_whole_map_says(id, e).await
+            }
+            read => read,
+        }
+    }
+
+    /// A focused map may place a chunk at another good copy than the whole map, which
+    /// places it where verify reads it (see the chunk map's docs): before chunk `id` counts as
+    /// damaged (`damage`), the copy the whole map places is read, if it is another.
+    async fn read_where_the_whole_map_says(
+        &self,
+        id: &Digest,
+        damage: Error,
+    ) -> Result<Vec<u8>, Error> {
+        let was = self.placed(id);
+        self.reload_chunk_map().await?;
+        match self.placed(id) {
+            Some(loc) if Some(loc) != was => {
+                tracing::warn!(chunk = %id, pack = %loc.pack, "a copy of a chunk was damaged; another copy read");
+                self.read_chunk_at(id, &loc).await
+            }
+            _ => Err(damage),
+        }
     }
 
     /// Reads chunk `id` from the copy at `loc`, not where the chunk map places it (the

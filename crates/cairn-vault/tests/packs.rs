@@ -212,3 +212,57 @@ async fn a_reader_of_one_point_loads_its_pack_indexes_first_and_the_rest_on_a_mi
         Err(cairn_vault::Error::ChunkMissing { .. })
     ));
 }
+
+#[tokio::test]
+async fn a_focused_reader_that_finds_its_copy_damaged_reads_the_copy_the_whole_map_places() {
+    let (v, store) = vault().await;
+    let (a, b): (Name, Name) = ("a".parse().unwrap(), "b".parse().unwrap());
+    let t = |s: i64| jiff::Timestamp::from_second(1_800_000_000 + s).unwrap();
+    let open = || Vault::open_store(store.clone(), "memory://test", Durability::OnAck);
+    let shared = chunk(7);
+    // Two hosts store the same chunk at once: two copies, one in each VM's pack index.
+    let other_host = open().await.unwrap();
+    let w = other_host.begin_point(&b, t(1)).await.unwrap();
+    commit_as(&v, &a, t(0), std::slice::from_ref(&shared)).await;
+    let mut packs = w.pack_writer();
+    assert!(matches!(packs.store(&shared.0, shared.1.clone()).await.unwrap(), Stored::Written(_)));
+    for n in 20..60 {
+        let (id, frame) = chunk(n);
+        packs.store(&id, frame).await.unwrap();
+    }
+    packs.finish().await.unwrap();
+    let point_b = w.point().clone();
+    let m = manifest(&w, &b);
+    w.commit(&m).await.unwrap();
+    let whole_place = open().await.unwrap().locate_chunk(&shared.0).await.unwrap().unwrap();
+    let b_place = other_host.locate_chunk(&shared.0).await.unwrap().unwrap();
+    assert_ne!(whole_place.pack, b_place.pack, "two copies");
+
+    // The copy in b's pack rots; the whole map places the chunk in a's.
+    use object_store::ObjectStoreExt;
+    let path = object_store::path::Path::from(format!(
+        "packs/{}/{}",
+        &b_place.pack.to_hex()[..2],
+        b_place.pack.to_hex()
+    ));
+    let mut bytes = store.get(&path).await.unwrap().bytes().await.unwrap().to_vec();
+    bytes[b_place.offset as usize + 8] ^= 0xff;
+    store.put(&path, bytes.into()).await.unwrap();
+
+    let reader = open().await.unwrap();
+    reader.focus_on_point(&b, &point_b);
+    assert_eq!(reader.read_chunk(&chunk(30).0).await.unwrap(), vec![30u8; 4096]);
+    assert_eq!(reader.pack_indexes_loaded(), (1, false), "b's own index first");
+    assert_eq!(reader.read_chunk(&shared.0).await.unwrap(), vec![7u8; 4096]);
+    assert!(reader.pack_indexes_loaded().1, "the whole map was loaded to find the good copy");
+
+    // Many lookups at once through one focused handle, in buffered streams: all answered.
+    use futures::StreamExt;
+    let reader = open().await.unwrap();
+    reader.focus_on_point(&b, &point_b);
+    let ids: Vec<Digest> = (20..60).map(|n| chunk(n).0).chain([shared.0, chunk(99).0]).collect();
+    let read: Vec<_> =
+        futures::stream::iter(&ids).map(|id| reader.locate_chunk(id)).buffered(8).collect().await;
+    let found = read.into_iter().map(|r| r.unwrap().is_some()).filter(|f| *f).count();
+    assert_eq!(found, 41, "every stored chunk found, the unknown one not");
+}

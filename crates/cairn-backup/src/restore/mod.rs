@@ -158,9 +158,10 @@ pub async fn restore_disk(
         ));
     }
     // What other hosts committed or quarantined since this handle last looked: a copy
-    // quarantined elsewhere is read from its good copy, not from the bad one. A fresh handle
-    // loads the point's own pack indexes first, and the rest only if it must.
-    vault.prepare_to_read(&point.vm, &point.point).await?;
+    // quarantined elsewhere is read from its good copy, not from the bad one. The whole map,
+    // not a point's part of it (as exports load): a restore reads every block anyway, and
+    // reads each chunk where verify does.
+    vault.refresh_chunk_map().await?;
     let io = |source| Error::Target { path: target.to_owned(), source };
     let qcow2 = options.format == ImageFormat::Qcow2;
     let (file, kind) = if options.in_place {
