@@ -183,6 +183,21 @@ fn a_damaged_file_system_or_vault_fails_the_drill_and_the_failure_is_noted() {
     assert!(report["summary"].as_str().unwrap().contains("partition 1 (ext4)"), "{report}");
     assert_eq!(states(&vault, "broken")[0]["drill"]["passed"], false);
 
+    // A file system that claims more than its partition: e2fsck, handed the disk from the
+    // partition's start, would check the next partition's bytes as its own.
+    let spill = s("spill.raw");
+    make_disk(&spill, &dir.path().join("tree"));
+    cairn_testkit::partition(&spill, "label: gpt\nstart=2048, size=49152, type=L, name=root\n");
+    backup(&vault, "spill", &spill);
+    for method in [&[][..], &["--read-files"][..]] {
+        let out = drill(&vault, "spill", &work, method);
+        assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+        let report = json(&out);
+        let v = &report["disks"][0]["volumes"][0];
+        assert_eq!(v["outcome"], "failed", "{report}");
+        assert!(v["detail"].as_str().unwrap().contains("more than the 25165824 bytes"), "{report}");
+    }
+
     // A sound point whose chunks were damaged in the vault afterwards.
     let good = s("good.raw");
     make_disk(&good, &dir.path().join("tree"));

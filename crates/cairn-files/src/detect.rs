@@ -87,6 +87,30 @@ pub fn detect(disk: &dyn ReadAt, start: u64, len: u64) -> Result<FsKind, Error> 
     Ok(FsKind::Unknown)
 }
 
+/// The size in bytes an ext2/3/4 superblock says its file system spans, from the volume's
+/// first bytes (at least 2 KiB); `None` if they hold no such superblock or a size that makes
+/// no sense. A file system that claims more than its partition is damaged or crafted: its
+/// checker, handed the disk from the partition's start, would read the next partition as its
+/// own.
+pub fn ext4_size(head: &[u8]) -> Option<u64> {
+    let sb = head.get(1024..2048)?;
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    if sb[0x38..0x3a] != [0x53, 0xEF] {
+        return None;
+    }
+    let log = u32_at(0x18);
+    // Block sizes from 1 KiB to 64 KiB.
+    if log > 6 {
+        return None;
+    }
+    let mut blocks = u64::from(u32_at(0x04));
+    const INCOMPAT_64BIT: u32 = 0x80;
+    if u32_at(0x60) & INCOMPAT_64BIT != 0 {
+        blocks |= u64::from(u32_at(0x150)) << 32;
+    }
+    blocks.checked_mul(1024 << log)
+}
+
 /// Tells a file system from its first bytes (up to 8 KiB), as far as they show it.
 pub fn detect_head(head: &[u8]) -> FsKind {
     let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
@@ -108,5 +132,32 @@ pub fn detect_head(head: &[u8]) -> FsKind {
         FsKind::Swap
     } else {
         FsKind::Unknown
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn superblock(blocks_lo: u32, log: u32, incompat: u32, blocks_hi: u32) -> Vec<u8> {
+        let mut head = vec![0u8; 4096];
+        let mut put = |o: usize, v: u32| head[1024 + o..1028 + o].copy_from_slice(&v.to_le_bytes());
+        put(0x04, blocks_lo);
+        put(0x18, log);
+        put(0x60, incompat);
+        put(0x150, blocks_hi);
+        head[1024 + 0x38..1024 + 0x3a].copy_from_slice(&[0x53, 0xEF]);
+        head
+    }
+
+    #[test]
+    fn an_ext4_superblock_gives_its_size_and_nonsense_gives_none() {
+        assert_eq!(ext4_size(&superblock(12288, 2, 0, 7)), Some(12288 * 4096), "hi ignored");
+        assert_eq!(ext4_size(&superblock(1, 2, 0x80, 1)), Some(((1u64 << 32) + 1) * 4096));
+        assert_eq!(ext4_size(&superblock(100, 0, 0, 0)), Some(100 * 1024));
+        assert_eq!(ext4_size(&superblock(100, 7, 0, 0)), None, "128 KiB blocks");
+        assert_eq!(ext4_size(&superblock(u32::MAX, 6, 0x80, u32::MAX)), None, "overflow");
+        assert_eq!(ext4_size(&[0u8; 4096]), None);
+        assert_eq!(ext4_size(&[0u8; 100]), None, "too short");
     }
 }

@@ -23,7 +23,7 @@ mod scan;
 mod text;
 mod volume;
 
-pub use detect::{FsKind, detect, detect_head};
+pub use detect::{FsKind, detect, detect_head, ext4_size};
 pub use error::Error;
 pub use extract::{ExtractOptions, ExtractReport, Skipped};
 pub use partition::{

@@ -88,7 +88,16 @@ pub(super) fn plan(
             FsKind::Ext4 if starts.len() > MAX_VOLUMES => {
                 not_checked(format!("more than {MAX_VOLUMES} volumes on one disk"))
             }
-            FsKind::Ext4 => Step::Check(volume),
+            FsKind::Ext4 => match claims_more_than(disk, &volume)
+                .or_else(|e| host(e).map(|e| Some(format!("its superblock: {e}"))))?
+            {
+                Some(why) => Step::Settled(VolumeCheck {
+                    volume: volume.name.clone(),
+                    fs: fs.name().into(),
+                    outcome: CheckOutcome::Failed(why),
+                }),
+                None => Step::Check(volume),
+            },
             FsKind::Swap => not_checked("swap space holds no files".into()),
             FsKind::Unknown => not_checked("no file system found".into()),
             other => not_checked(format!(
@@ -99,4 +108,27 @@ pub(super) fn plan(
         steps.push(step);
     }
     Ok(steps)
+}
+
+/// Why the ext2/3/4 file system of `volume` is damaged, if its superblock claims more bytes
+/// than the volume holds (a checker given the disk from the volume's start would take what
+/// follows for its own).
+fn claims_more_than(
+    disk: &dyn ReadAt,
+    volume: &Volume,
+) -> Result<Option<String>, cairn_files::Error> {
+    let mut head = vec![0u8; 2048.min(volume.len) as usize];
+    disk.read_at(volume.start, &mut head).map_err(|e| cairn_files::Error::Read {
+        what: "the volume's superblock".into(),
+        source: e,
+    })?;
+    Ok(match cairn_files::ext4_size(&head) {
+        Some(size) if size > volume.len => Some(format!(
+            "its superblock says the file system spans {size} bytes, more than the {} bytes of \
+             its partition: damaged or crafted",
+            volume.len
+        )),
+        Some(_) => None,
+        None => Some("its superblock is unreadable (block size or count out of range)".into()),
+    })
 }
