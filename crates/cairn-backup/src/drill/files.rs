@@ -19,6 +19,10 @@ use crate::{BlockingReader, Error, PointReader, ReaderOptions, RestoreStats};
 /// Blocks read at once while sampling.
 const PARALLEL_SAMPLES: usize = 16;
 
+/// The reader's cache: a scan reads each file once, so a small cache does (and a host short
+/// of room is often short of memory too).
+const CACHE_BYTES: u64 = 64 << 20;
+
 /// Drills disk `disk` of `point` by reading it; see the module docs. Damage is the report's;
 /// an error that is not the point's (the backend is unreachable) is an `Err`.
 pub(super) async fn drill_disk(
@@ -34,8 +38,8 @@ pub(super) async fn drill_disk(
         mismatched: vec![],
         volumes: vec![],
     };
-    let reader = match PointReader::open(vault.clone(), point, disk, ReaderOptions::default()).await
-    {
+    let options = ReaderOptions { cache_bytes: CACHE_BYTES, ..ReaderOptions::default() };
+    let reader = match PointReader::open(vault.clone(), point, disk, options).await {
         Ok(r) => r,
         Err(e) if super::is_point_damage(&e) => {
             out.restore = Err(e.to_string());
