@@ -25,6 +25,11 @@ fn make_disk(path: &str, tree: &Path) {
 /// Damages the ext4 file system of partition 1 of `disk` as a guest's could be: its root
 /// folder's inode cleared (`part` is a scratch file).
 fn clear_root_inode(disk: &str, part: &str) {
+    debugfs_on_partition(disk, part, "clri <2>");
+}
+
+/// Runs debugfs `command` (writing) on the ext4 file system of partition 1 of `disk`.
+fn debugfs_on_partition(disk: &str, part: &str, command: &str) {
     tool(
         "dd",
         &[
@@ -36,7 +41,7 @@ fn clear_root_inode(disk: &str, part: &str) {
             "status=none",
         ],
     );
-    tool("debugfs", &["-w", "-R", "clri <2>", part]);
+    tool("debugfs", &["-w", "-R", command, part]);
     tool(
         "dd",
         &[
@@ -301,4 +306,64 @@ fn a_drill_that_reads_every_file_needs_no_room_and_fails_on_damage() {
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(json(&out)["passed"], false);
     assert_eq!(states(&vault2, "web")[0]["drill"]["passed"], false);
+}
+
+#[test]
+fn a_read_files_drill_leaves_what_its_reader_cannot_read_not_checked() {
+    let (dir, vault, disk) = setup();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    let volume = |out: &std::process::Output| {
+        assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+        let report = json(out);
+        assert!(report["summary"].as_str().unwrap().contains("not known to restore"), "{report}");
+        report["disks"][0]["volumes"][0].clone()
+    };
+    // A crash-consistent file system whose journal the reader cannot replay (no journal
+    // checksums): not checked, never failed; e2fsck on a copy replays it and passes.
+    debugfs_on_partition(&disk, &s("part.raw"), "feature needs_recovery");
+    backup(&vault, "journal", &disk);
+    let v = volume(&drill(&vault, "journal", &s("nowhere"), &["--read-files"]));
+    assert_eq!(v["outcome"], "not-checked", "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("without --read-files"), "{v}");
+    let work = s("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = drill(&vault, "journal", &work, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // A sparse file larger than twice the volume: left unread (every other file is read), so
+    // the volume is not "read whole".
+    let tree = dir.path().join("tree");
+    let sparse = std::fs::File::create(tree.join("sparse")).unwrap();
+    sparse.set_len(200 << 20).unwrap();
+    make_disk(&disk, &tree);
+    backup(&vault, "sparse", &disk);
+    let v = volume(&drill(&vault, "sparse", &s("nowhere"), &["--read-files"]));
+    assert_eq!(v["outcome"], "not-checked", "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("1 file(s) left unread"), "{v}");
+}
+
+#[test]
+fn a_crash_consistent_file_system_is_checked_after_its_journal_replays_wherever_it_starts() {
+    let (dir, vault, _) = setup();
+    let s = |n: &str| dir.path().join(n).to_str().unwrap().to_owned();
+    // Partition 1 at sector 2049, not 4 KiB-aligned: the copy cannot be cut before it, so it
+    // is copied to a file of its own for e2fsck; its journal needs recovery, as any mounted
+    // file system's does when its disk is captured.
+    let (disk, part) = (s("odd.raw"), s("odd-part.raw"));
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    cairn_testkit::partition(&disk, "label: gpt\nstart=2049, size=98304, type=L\n");
+    std::fs::File::create(&part).unwrap().set_len(48 << 20).unwrap();
+    let tree = dir.path().join("tree");
+    tool("mkfs.ext4", &["-q", "-F", "-b", "4096", "-d", tree.to_str().unwrap(), &part]);
+    tool("debugfs", &["-w", "-R", "feature needs_recovery", &part]);
+    let (from, to) = (format!("if={part}"), format!("of={disk}"));
+    tool("dd", &[&from, &to, "bs=512", "seek=2049", "conv=notrunc", "status=none"]);
+    backup(&vault, "odd", &disk);
+    let work = s("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = drill(&vault, "odd", &work, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let report = json(&out);
+    assert_eq!(report["disks"][0]["volumes"][0]["outcome"], "clean", "{report}");
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "no copy left behind");
 }

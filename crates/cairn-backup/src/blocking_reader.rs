@@ -7,6 +7,8 @@
 //! gives the first read error that was not damage (an unreachable backend), so a drill notes
 //! nothing rather than calling a sound point damaged.
 
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::{Error, PointReader};
@@ -16,6 +18,7 @@ pub struct BlockingReader {
     reader: PointReader,
     runtime: tokio::runtime::Handle,
     trouble: Mutex<Option<Error>>,
+    cancelled: AtomicBool,
 }
 
 impl PointReader {
@@ -26,6 +29,7 @@ impl PointReader {
             reader: self.clone(),
             runtime: tokio::runtime::Handle::current(),
             trouble: Mutex::new(None),
+            cancelled: AtomicBool::new(false),
         }
     }
 }
@@ -36,18 +40,42 @@ impl BlockingReader {
         self.trouble.lock().unwrap_or_else(PoisonError::into_inner).take()
     }
 
+    /// Makes every later read fail at once (its caller was dropped: Ctrl-C), so a thread
+    /// reading through this bridge ends soon.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// True once [`BlockingReader::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
     /// Reads through the runtime; an error is returned as text (what the readers served take)
-    /// and kept if it was not damage.
+    /// and kept if it was not damage. A panic under the read (the vault's, the runtime's as it
+    /// shuts down) is kept as trouble too: the reader it is handed to would take it for damage.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        let e = match self.runtime.block_on(self.reader.read(offset, buf)) {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let shown = e.to_string();
-        if !crate::restore::is_damage(&e) {
-            self.trouble.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+        if self.is_cancelled() {
+            return Err(self.keep(Error::Internal("the read was cancelled".into())));
         }
-        Err(shown)
+        let read = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.runtime.block_on(self.reader.read(offset, buf))
+        }));
+        match read {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if crate::restore::is_damage(&e) => Err(e.to_string()),
+            Ok(Err(e)) => Err(self.keep(e)),
+            Err(_) => {
+                Err(self.keep(Error::Internal(format!("a read at offset {offset} panicked"))))
+            }
+        }
+    }
+
+    /// Keeps `e` as the trouble if it is the first; returns its text.
+    fn keep(&self, e: Error) -> String {
+        let shown = e.to_string();
+        self.trouble.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert(e);
+        shown
     }
 }
 

@@ -59,6 +59,9 @@ pub enum Error {
     /// A walk went past its limit (a directory reached twice in a crafted file system).
     #[error("{0}")]
     TooMany(String),
+    /// A scan was stopped by its caller (a time limit, Ctrl-C): why.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 /// A host path made of guest names, shown without its control characters.

@@ -260,11 +260,14 @@ impl Volume {
         let shown = escape(path);
         let found = guarded(&shown, || -> Result<Option<Vec<Named>>, Ext4Error> {
             let mut found = Vec::new();
+            // The paths made of the names below, in bytes: bounded as well as their count.
+            let mut held = 0usize;
             for entry in self.fs.read_dir(p)? {
                 let entry = entry?;
                 let name = entry.file_name().as_ref().to_vec();
                 if name != b"." && name != b".." {
-                    if found.len() >= MAX_FOLDER_ENTRIES {
+                    held += path.len() + 1 + name.len();
+                    if found.len() >= MAX_FOLDER_ENTRIES || held > MAX_FOLDER_BYTES {
                         return Ok(None);
                     }
                     found.push((name, entry.metadata()?));
@@ -276,8 +279,9 @@ impl Volume {
         .ok_or_else(|| Error::Damaged {
             path: shown.clone(),
             detail: format!(
-                "the folder lists more than {MAX_FOLDER_ENTRIES} entries; the file system may \
-                 be crafted (one block mapped many times)"
+                "the folder lists more than {MAX_FOLDER_ENTRIES} entries or {} MiB of names; \
+                 the file system may be crafted (one block mapped many times)",
+                MAX_FOLDER_BYTES >> 20
             ),
         })?;
         let mut entries = Vec::with_capacity(found.len());
@@ -359,6 +363,10 @@ type Named = (Vec<u8>, Metadata);
 /// Entries one folder may list: ext4 folders hold a few million at most, and a crafted one
 /// that maps one block many times must not fill the agent's memory.
 const MAX_FOLDER_ENTRIES: usize = 4_000_000;
+
+/// Bytes of paths one folder's listing may hold (its entries' full paths): long paths times
+/// millions of entries must not fill the agent's memory either.
+const MAX_FOLDER_BYTES: usize = 1 << 30;
 
 /// The longest symbolic link target a file system may hold (Linux's PATH_MAX, less its NUL).
 const MAX_LINK: u64 = 4095;

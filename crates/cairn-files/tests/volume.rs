@@ -284,7 +284,7 @@ fn a_damaged_image_is_an_error_not_a_crash() {
     let out = f.out.join("damaged");
     let err = vol.extract(b"/", &out, &ExtractOptions::default()).unwrap_err();
     assert!(matches!(err, Error::Damaged { .. }), "{err}");
-    let err = vol.scan(u64::MAX).unwrap_err();
+    let err = vol.scan(u64::MAX, &|| None).unwrap_err();
     assert!(matches!(err, Error::Damaged { .. }), "{err}");
 }
 
@@ -302,13 +302,18 @@ fn a_scan_reads_every_file_and_stops_reading_data_at_its_budget() {
             _ => others += 1,
         }
     }
-    let report = vol.scan(u64::MAX).unwrap();
+    let report = vol.scan(u64::MAX, &|| None).unwrap();
     // lost+found is the volume's own folder, not the tree's.
     assert_eq!(report.folders, folders + 1, "{report:?}");
     assert_eq!((report.files, report.bytes, report.files_cut), (files, bytes, 0), "{report:?}");
     assert_eq!((report.links, report.others), (links, others), "{report:?}");
     // A budget smaller than the data: every entry still visited, data read up to it.
-    let cut = vol.scan(1 << 20).unwrap();
-    assert_eq!((cut.files, cut.bytes), (files, 1 << 20), "{cut:?}");
-    assert!(cut.files_cut >= 2, "the 3 MB and the 10 MiB sparse files are cut: {cut:?}");
+    let cut = vol.scan(1 << 20, &|| None).unwrap();
+    assert_eq!(cut.files, files, "{cut:?}");
+    assert_eq!(cut.files_cut, 2, "the 3 MB and the 10 MiB sparse files are not read: {cut:?}");
+    assert_eq!(cut.bytes, bytes - 3_000_000 - (10 << 20), "every other file read whole");
+    assert_eq!(cut.skipped, 0);
+    // The caller may stop it (a time limit, Ctrl-C).
+    let stopped = vol.scan(u64::MAX, &|| Some("time is up".into())).unwrap_err();
+    assert!(matches!(&stopped, Error::Stopped(why) if why == "time is up"), "{stopped}");
 }

@@ -55,30 +55,39 @@ impl Vault {
     /// The plaintext of chunk `id`, its CRC and SHA-256 checked.
     pub async fn read_chunk(&self, id: &Digest) -> Result<Vec<u8>, Error> {
         let partial = self.chunk_map_is_partial();
-        let read = match self.read_chunk_raw(id).await {
+        let loc = self.locate_chunk(id).await?.ok_or(Error::ChunkMissing { id: *id })?;
+        let read = match self.read_frame(id, &loc).await {
+            Err(Error::ChunkMissing { .. }) => self.read_moved(id, &loc).await,
+            read => read,
+        };
+        let opened = match read {
             Ok(raw) => self.open_chunk(id, raw).await,
             Err(e) => Err(e),
         };
-        match read {
+        match opened {
             Err(e @ (Error::Corrupt { .. } | Error::ChunkTruncated { .. })) if partial => {
-                self.read_where_the_whole_map_says(id, e).await
+                self.read_where_the_whole_map_says(id, &loc, e).await
             }
-            read => read,
+            opened => opened,
         }
     }
 
     /// A focused map may place a chunk at another good copy than the whole map, which
-    /// places it where verify reads it (see the chunk map's docs): before chunk `id` counts as
-    /// damaged (`damage`), the copy the whole map places is read, if it is another.
+    /// places it where verify reads it (see the chunk map's docs): before chunk `id`, read at
+    /// `was`, counts as damaged (`damage`), the copy the whole map places is read, if it is
+    /// another.
     async fn read_where_the_whole_map_says(
         &self,
         id: &Digest,
+        was: &ChunkLocation,
         damage: Error,
     ) -> Result<Vec<u8>, Error> {
-        let was = self.placed(id);
-        self.reload_chunk_map().await?;
+        // Once: a damaged point's many bad chunks find the map whole after the first.
+        if self.chunk_map_is_partial() {
+            self.reload_chunk_map().await?;
+        }
         match self.placed(id) {
-            Some(loc) if Some(loc) != was => {
+            Some(loc) if loc != *was => {
                 tracing::warn!(chunk = %id, pack = %loc.pack, "a copy of a chunk was damaged; another copy read");
                 self.read_chunk_at(id, &loc).await
             }

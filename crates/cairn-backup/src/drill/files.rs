@@ -23,6 +23,19 @@ const PARALLEL_SAMPLES: usize = 16;
 /// of room is often short of memory too).
 const CACHE_BYTES: u64 = 64 << 20;
 
+/// Read-ahead for files read in order: short, since most files are small and each read ahead
+/// is a fetch (on object storage, a paid request).
+const READ_AHEAD: u64 = 2 << 20;
+
+/// The longest a volume's scan may take (as long as `e2fsck` may): past it the volume is not
+/// checked, not failed.
+const SCAN_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// File data read per volume at most, in volume sizes: hard links are read once per name and
+/// sparse files' holes read as zeros, so a sound volume may need more than its size, but not
+/// without bound.
+const DATA_BUDGET: u64 = 2;
+
 /// Drills disk `disk` of `point` by reading it; see the module docs. Damage is the report's;
 /// an error that is not the point's (the backend is unreachable) is an `Err`.
 pub(super) async fn drill_disk(
@@ -38,7 +51,11 @@ pub(super) async fn drill_disk(
         mismatched: vec![],
         volumes: vec![],
     };
-    let options = ReaderOptions { cache_bytes: CACHE_BYTES, ..ReaderOptions::default() };
+    let options = ReaderOptions {
+        cache_bytes: CACHE_BYTES,
+        read_ahead: READ_AHEAD,
+        ..ReaderOptions::default()
+    };
     let reader = match PointReader::open(vault.clone(), point, disk, options).await {
         Ok(r) => r,
         Err(e) if super::is_point_damage(&e) => {
@@ -52,6 +69,8 @@ pub(super) async fn drill_disk(
     out.sampled = chosen.len() as u64;
     out.mismatched = sample(&reader, chosen).await?;
     let bridge = Arc::new(reader.blocking());
+    // A drill dropped (Ctrl-C) stops the thread reading for it at its next read or entry.
+    let _stop_when_dropped = CancelOnDrop(Arc::clone(&bridge));
     let disk_reader = Arc::clone(&bridge);
     out.volumes = tokio::task::spawn_blocking(move || scan_volumes(disk_reader))
         .await
@@ -108,8 +127,18 @@ fn scan_volumes(disk: Arc<BlockingReader>) -> Result<Vec<VolumeCheck>, Error> {
         };
         let at = Located { partition: v.partition, start: v.start, len: v.len, fs: FsKind::Ext4 };
         let read: Arc<dyn ReadAt> = Arc::clone(&disk) as Arc<dyn ReadAt>;
-        // File data read at most: the volume's size (sparse files may claim more).
-        let outcome = match Volume::open(read, &at).and_then(|vol| vol.scan(v.len)) {
+        let deadline = std::time::Instant::now() + SCAN_TIME_LIMIT;
+        let stop = || {
+            if disk.is_cancelled() {
+                Some("the drill was stopped".to_owned())
+            } else if std::time::Instant::now() > deadline {
+                Some(format!("reading it took longer than {} s", SCAN_TIME_LIMIT.as_secs()))
+            } else {
+                None
+            }
+        };
+        let budget = v.len.saturating_mul(DATA_BUDGET);
+        let outcome = match Volume::open(read, &at).and_then(|vol| vol.scan(budget, &stop)) {
             Ok(r) => {
                 tracing::info!(
                     volume = %v.name,
@@ -117,13 +146,45 @@ fn scan_volumes(disk: Arc<BlockingReader>) -> Result<Vec<VolumeCheck>, Error> {
                     files = r.files,
                     bytes = r.bytes,
                     cut = r.files_cut,
-                    "read whole"
+                    skipped = r.skipped,
+                    "read"
                 );
-                CheckOutcome::Clean
+                if r.files_cut > 0 || r.skipped > 0 {
+                    CheckOutcome::NotChecked(format!(
+                        "{} file(s) left unread (larger than what was left of twice the \
+                         volume's size: sparse files or hard links) and {} encrypted \
+                         entr(ies); drill without --read-files",
+                        r.files_cut, r.skipped
+                    ))
+                } else {
+                    CheckOutcome::Clean
+                }
             }
-            Err(e) => CheckOutcome::Failed(e.to_string()),
+            Err(e) => outcome_of(e),
         };
         out.push(VolumeCheck { volume: v.name, fs: FsKind::Ext4.name().into(), outcome });
     }
     Ok(out)
+}
+
+/// What a scan's error says of the volume: damage fails it; what the reader cannot do (a
+/// journal or feature it does not know, encryption, its own limits, a time limit) leaves it
+/// not checked, so a sound point is never noted failed for the reader's sake.
+fn outcome_of(e: cairn_files::Error) -> CheckOutcome {
+    use cairn_files::Error as E;
+    match e {
+        E::Unsupported { .. } | E::TooMany(_) | E::Stopped(_) | E::BadPath(_) => {
+            CheckOutcome::NotChecked(format!("{e}; drill without --read-files to check it"))
+        }
+        e => CheckOutcome::Failed(e.to_string()),
+    }
+}
+
+/// Cancels the bridge when dropped, so the blocking scan it feeds ends soon.
+struct CancelOnDrop(Arc<BlockingReader>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
 }

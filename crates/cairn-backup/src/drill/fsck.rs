@@ -11,7 +11,8 @@
 //! (`setsid`: no terminal to type into), and as root as `nobody` with no new privileges and
 //! killed if the agent dies (util-linux's `setpriv`). The copy is opened once, without
 //! following links, handed to `nobody` by its descriptor and given to the checker as its
-//! standard input (`e2fsck` opens `/dev/stdin?offset=N`), so the work folder stays private
+//! standard input (`e2fsck` opens `/dev/stdin`; each volume is first brought to the start of
+//! a file, see [`bring_to_front`]), so the work folder stays private
 //! and no path is parsed by the checker.
 
 use std::path::{Path, PathBuf};
@@ -96,37 +97,145 @@ fn host_trouble(copy: &Path, e: cairn_files::Error) -> Result<cairn_files::Error
 /// checker. `Err` means a check could not run (nothing of the point is to be concluded).
 pub(super) async fn check_volumes(copy: &Path, e2fsck: &Path) -> Result<Vec<VolumeCheck>, Error> {
     use std::os::unix::fs::OpenOptionsExt;
+    // Writable: the bytes before each volume are cut from it in turn.
     let file = std::fs::OpenOptions::new()
         .read(true)
+        .write(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(copy)
         .map_err(|source| Error::Target { path: copy.into(), source })?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     let steps = super::volumes::plan(&file, size, &|e| host_trouble(copy, e))?;
-    let mut handed = false;
-    let mut out = Vec::new();
-    for step in steps {
-        let volume = match step {
-            Step::Settled(check) => {
-                out.push(check);
-                continue;
+    let handed = privilege_drop().is_some();
+    if handed {
+        hand_over(&file, copy)?;
+    }
+    // Outcomes in the table's order; volumes checked in the order they start on the disk.
+    let mut out: Vec<Option<VolumeCheck>> = Vec::with_capacity(steps.len());
+    let mut checks = Vec::new();
+    for (i, step) in steps.into_iter().enumerate() {
+        match step {
+            Step::Settled(check) => out.push(Some(check)),
+            Step::Check(volume) => {
+                out.push(None);
+                checks.push((i, volume));
             }
-            Step::Check(volume) => volume,
-        };
-        if !handed && privilege_drop().is_some() {
-            rustix::fs::fchown(&file, Some(nobody_uid()), Some(nobody_gid()))
-                .map_err(|e| Error::Target { path: copy.into(), source: e.into() })?;
-            handed = true;
         }
-        let outcome = e2fsck_volume(e2fsck, &file, volume.start).await.map_err(|e| match e {
+    }
+    checks.sort_by_key(|(_, v)| v.start);
+    // Bytes cut from the copy's front so far: each volume is brought to offset 0 in turn.
+    let mut cut = 0u64;
+    for (i, volume) in checks {
+        let (outcome, scratch) = match bring_to_front(&file, copy, volume.start - cut)? {
+            Front::Collapsed => {
+                cut = volume.start;
+                (e2fsck_volume(e2fsck, &file).await, None)
+            }
+            Front::Copied(scratch, path) => {
+                if handed {
+                    hand_over(&scratch, &path)?;
+                }
+                (e2fsck_volume(e2fsck, &scratch).await, Some(path))
+            }
+        };
+        if let Some(path) = scratch {
+            let _ = std::fs::remove_file(path);
+        }
+        let outcome = outcome.map_err(|e| match e {
             Error::InvalidRequest(why) => {
                 Error::InvalidRequest(format!("{} of {}: {why}", volume.name, copy.display()))
             }
             e => e,
         })?;
-        out.push(VolumeCheck { volume: volume.name, fs: FsKind::Ext4.name().into(), outcome });
+        out[i] = Some(VolumeCheck { volume: volume.name, fs: FsKind::Ext4.name().into(), outcome });
     }
-    Ok(out)
+    Ok(out.into_iter().flatten().collect())
+}
+
+/// Gives the checker's user (`nobody`) the file it checks, by its descriptor.
+fn hand_over(file: &std::fs::File, path: &Path) -> Result<(), Error> {
+    rustix::fs::fchown(file, Some(nobody_uid()), Some(nobody_gid()))
+        .map_err(|e| Error::Target { path: path.into(), source: e.into() })
+}
+
+/// Where the volume to check now starts at offset 0.
+enum Front {
+    /// In the copy itself: what came before it was cut away.
+    Collapsed,
+    /// In a file of its own beside the copy (removed after the check).
+    Copied(std::fs::File, PathBuf),
+}
+
+/// Brings the volume that starts `shift` bytes into the copy to offset 0: e2fsck, once it has
+/// replayed a journal, opens its device again without the `offset=` it was given (e2fsprogs
+/// 1.47), so it must check a file the volume starts. The bytes before it are cut from the copy
+/// (`FALLOC_FL_COLLAPSE_RANGE`: no data moves; ext4 and XFS, block-aligned); where that cannot
+/// be done, the volume's data is copied into a sparse file of its own.
+fn bring_to_front(file: &std::fs::File, copy: &Path, shift: u64) -> Result<Front, Error> {
+    use rustix::fs::FallocateFlags;
+    let target = |source: std::io::Error| Error::Target { path: copy.into(), source };
+    if shift == 0 {
+        return Ok(Front::Collapsed);
+    }
+    match rustix::fs::fallocate(file, FallocateFlags::COLLAPSE_RANGE, 0, shift) {
+        Ok(()) => return Ok(Front::Collapsed),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL) => {}
+        Err(e) => return Err(target(e.into())),
+    }
+    let len = file.metadata().map_err(target)?.len().saturating_sub(shift);
+    let mut name = copy.as_os_str().to_owned();
+    name.push(".volume");
+    let path = PathBuf::from(name);
+    use std::os::unix::fs::OpenOptionsExt;
+    let scratch = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .map_err(|source| Error::Target { path: path.clone(), source })?;
+    if let Err(source) = copy_sparse(file, shift, len, &scratch) {
+        let _ = std::fs::remove_file(&path);
+        return Err(Error::Target { path, source });
+    }
+    Ok(Front::Copied(scratch, path))
+}
+
+/// Copies the `len` bytes at `start` of `from` to the start of `to`, holes left as holes.
+fn copy_sparse(
+    from: &std::fs::File,
+    start: u64,
+    len: u64,
+    to: &std::fs::File,
+) -> std::io::Result<()> {
+    use rustix::fs::SeekFrom;
+    to.set_len(len)?;
+    let end = start.saturating_add(len);
+    let mut at = start;
+    while at < end {
+        let data = match rustix::fs::seek(from, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            // No data past `at`: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            break;
+        }
+        let hole = rustix::fs::seek(from, SeekFrom::Hole(data))?.min(end);
+        let (mut off_in, mut off_out) = (data, data - start);
+        while off_in < hole {
+            let ask = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+            let n =
+                rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), ask)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        at = hole;
+    }
+    Ok(())
 }
 
 fn nobody_uid() -> rustix::fs::Uid {
@@ -140,12 +249,9 @@ fn nobody_gid() -> rustix::fs::Gid {
 /// Replays the journal of the ext2/3/4 volume at byte `start` of `copy`, then checks it. A
 /// checker that could not run to a verdict (its own failure, no memory, the time limit) is an
 /// `Err`: the point is neither passed nor failed by it.
-async fn e2fsck_volume(
-    e2fsck: &Path,
-    copy: &std::fs::File,
-    start: u64,
-) -> Result<CheckOutcome, Error> {
-    let target = format!("/dev/stdin?offset={start}");
+async fn e2fsck_volume(e2fsck: &Path, copy: &std::fs::File) -> Result<CheckOutcome, Error> {
+    // The volume starts the file (see `bring_to_front`).
+    let target = "/dev/stdin";
     let input = || {
         copy.try_clone().map_err(|e| Error::Internal(format!("handing the copy to e2fsck: {e}")))
     };
@@ -160,7 +266,7 @@ async fn e2fsck_volume(
     // Its exit status is a set of bits: 1 fixed (the journal replayed, an orphan), 2 the same
     // ("reboot"), 4 errors left, 8 its own failure, 16 bad usage, 32 cancelled. Errors left
     // are a verdict even when it then gave up (4 + 8: "cannot proceed without a root inode").
-    let (code, said) = run(e2fsck, input()?, &["-p", "-E", "journal_only", &target]).await?;
+    let (code, said) = run(e2fsck, input()?, &["-p", "-E", "journal_only", target]).await?;
     match code {
         Some(c) if c & 4 != 0 => {
             return Ok(CheckOutcome::Failed(format!(
@@ -170,7 +276,7 @@ async fn e2fsck_volume(
         Some(0..=3) => {}
         other => return Err(inconclusive(other, &said)),
     }
-    let (code, said) = run(e2fsck, input()?, &["-f", "-n", &target]).await?;
+    let (code, said) = run(e2fsck, input()?, &["-f", "-n", target]).await?;
     match code {
         Some(0) => Ok(CheckOutcome::Clean),
         Some(c) if c & 4 != 0 || c <= 3 => {
