@@ -104,6 +104,17 @@ pub struct DiskDrill {
 }
 
 impl DiskDrill {
+    /// A disk about to be drilled: nothing read yet.
+    fn new(disk: &Name) -> DiskDrill {
+        DiskDrill {
+            disk: disk.clone(),
+            restore: Err(String::new()),
+            sampled: 0,
+            mismatched: vec![],
+            volumes: vec![],
+        }
+    }
+
     /// True if the disk restored whole, every sampled block matched and no check failed.
     pub fn passed(&self) -> bool {
         self.restore.as_ref().is_ok_and(|s| s.damaged.is_empty())
@@ -197,13 +208,7 @@ async fn drill_disk(
     options: &DrillOptions,
     progress: Arc<dyn Progress>,
 ) -> Result<DiskDrill, Error> {
-    let mut out = DiskDrill {
-        disk: disk.clone(),
-        restore: Err(String::new()),
-        sampled: 0,
-        mismatched: vec![],
-        volumes: vec![],
-    };
+    let mut out = DiskDrill::new(disk);
     let restore_options = RestoreOptions { keep_going: true, ..RestoreOptions::default() };
     match crate::restore_disk(vault, point, disk, copy, &restore_options, progress).await {
         Ok(stats) => out.restore = Ok(stats),

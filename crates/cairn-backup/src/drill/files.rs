@@ -44,13 +44,7 @@ pub(super) async fn drill_disk(
     disk: &Name,
     sample_blocks: u64,
 ) -> Result<DiskDrill, Error> {
-    let mut out = DiskDrill {
-        disk: disk.clone(),
-        restore: Err(String::new()),
-        sampled: 0,
-        mismatched: vec![],
-        volumes: vec![],
-    };
+    let mut out = DiskDrill::new(disk);
     let options = ReaderOptions {
         cache_bytes: CACHE_BYTES,
         read_ahead: READ_AHEAD,
