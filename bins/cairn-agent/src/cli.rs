@@ -481,9 +481,16 @@ pub struct ServeNbdArgs {
     /// Serve on this unix socket (made 0600; it must not exist).
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Serve on this TCP address: a loopback address only (the export has no TLS yet).
+    /// Serve on this TCP address: a loopback address, or any with --tls-cert and --tls-key.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<std::net::SocketAddr>,
+    /// With --listen: clients must upgrade to TLS (NBD's STARTTLS) and are shown this PEM
+    /// certificate chain.
+    #[arg(long, value_name = "FILE", requires_all = ["listen", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// How far ahead of a reader going in order blocks are fetched.
     #[arg(long, default_value_t = 16)]
     pub read_ahead_mib: u64,

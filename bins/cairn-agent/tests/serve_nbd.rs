@@ -246,6 +246,54 @@ fn a_point_is_served_over_nbd_as_it_is_read() {
     let _ = tcp.kill();
     let _ = tcp.wait();
 
+    // Over TLS (NBD's STARTTLS), as an export on an address other hosts reach must be: qemu's
+    // client, trusting the test CA, reads the whole disk; a client without TLS is told so.
+    let (ca, cert, key) = cairn_testkit::tls_certificates(dir.path());
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::copy(&ca, creds.join("ca-cert.pem")).unwrap();
+    let mut tls = Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .env("CAIRN_PASSPHRASE", "running VM tests")
+        .args(["serve-nbd", "--vault", &vault, "--vm", "web", "--disk", "os", "--listen"])
+        .arg("127.0.0.1:0")
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(tls.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let uri = line.split(" on ").nth(1).and_then(|r| r.split(';').next()).unwrap().to_owned();
+    assert!(uri.starts_with("nbds://127.0.0.1:"), "{line}");
+    let (addr, name) = uri.trim_start_matches("nbds://").split_once('/').unwrap();
+    let (host, port) = addr.split_once(':').unwrap();
+    let copy = s("over-tls.raw");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "--object",
+            &format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()),
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=inet,server.host={host},server.port={port},\
+                 export={name},tls-creds=tls0"
+            ),
+            "-O",
+            "raw",
+            &copy,
+        ],
+    );
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(&disk).unwrap(), "the disk over TLS");
+    let plain = Command::new("qemu-img").args(["info", &format!("nbd://{addr}/{name}")]).output();
+    let said = String::from_utf8_lossy(&plain.unwrap().stderr).into_owned();
+    assert!(said.contains("TLS only"), "{said}");
+    let _ = tls.kill();
+    let _ = tls.wait();
+
     // A damaged pack: the reads of its blocks fail with EIO, the server names the block and
     // serves the rest.
     let packs = pack_files(&dir.path().join("vault"));
@@ -280,7 +328,8 @@ fn a_point_is_served_over_nbd_as_it_is_read() {
     let (x, y, taken) = (s("x.sock"), s("y.sock"), s("taken.sock"));
     let missing_point = "20200101T000000.000Z-00000000";
     refused(&["--point", missing_point, "--disk", "os", "--socket", &x], missing_point);
-    refused(&["--disk", "os", "--listen", "0.0.0.0:10809"], "TLS");
+    refused(&["--disk", "os", "--listen", "0.0.0.0:10809"], "--tls-cert");
+    refused(&["--disk", "os", "--listen", "0.0.0.0:10809", "--tls-cert", &x], "--tls-key");
     refused(&["--disk", "data", "--socket", &y], "no disk data");
     std::fs::write(&taken, b"").unwrap();
     refused(&["--disk", "os", "--socket", &taken], "already");

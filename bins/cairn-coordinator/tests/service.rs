@@ -411,84 +411,6 @@ fn agents_get_only_their_jobs_and_users_only_their_role() {
     }
 }
 
-/// A CA and a certificate it signed for 127.0.0.1, made with openssl: (CA, cert, key).
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let (ca_key, ca, key, csr, cert) = (
-        dir.join("ca.key"),
-        dir.join("ca.pem"),
-        dir.join("tls.key"),
-        dir.join("tls.csr"),
-        dir.join("tls.pem"),
-    );
-    let ext = dir.join("ext.cnf");
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
-    let p = |p: &PathBuf| p.to_str().unwrap().to_owned();
-    let runs: [Vec<String>; 3] = [
-        vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &p(&ca_key),
-            "-out",
-            &p(&ca),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Cairn test CA",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect(),
-        vec![
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &p(&key),
-            "-out",
-            &p(&csr),
-            "-subj",
-            "/CN=127.0.0.1",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect(),
-        vec![
-            "x509",
-            "-req",
-            "-in",
-            &p(&csr),
-            "-CA",
-            &p(&ca),
-            "-CAkey",
-            &p(&ca_key),
-            "-CAcreateserial",
-            "-out",
-            &p(&cert),
-            "-days",
-            "2",
-            "-extfile",
-            &p(&ext),
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect(),
-    ];
-    for args in runs {
-        let out = Command::new("openssl").args(&args).output().expect("openssl (Debian openssl)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    (ca, cert, key)
-}
-
 #[test]
 fn the_coordinator_serves_https_and_refuses_plain_http_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
@@ -505,7 +427,7 @@ fn the_coordinator_serves_https_and_refuses_plain_http_off_loopback() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("give --tls-cert and --tls-key"), "{err}");
 
-    let (ca, cert, key) = certificates(dir.path());
+    let (ca, cert, key) = cairn_testkit::tls_certificates(dir.path());
     let c = start_with(
         dir.path(),
         &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()],

@@ -30,6 +30,7 @@ mod rotation;
 pub mod server;
 pub mod server_proto;
 mod source;
+mod tls;
 
 pub use client::{Client, Export, StatusExtent};
 pub use error::Error;

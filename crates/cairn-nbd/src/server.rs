@@ -3,7 +3,9 @@
 //!
 //! Fixed-newstyle negotiation with the options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`
 //! and `STRUCTURED_REPLY` (reads are then answered with one data or error chunk); anything
-//! else is answered "unsupported". In transmission, reads go to a few worker threads per connection and are answered
+//! else is answered "unsupported". A server given a TLS configuration ([`Server::with_tls`])
+//! answers every option of a TCP client but `STARTTLS` and `ABORT` with "TLS required", and
+//! negotiates the rest over TLS (`tls.rs`). In transmission, reads go to a few worker threads per connection and are answered
 //! as they complete, within a byte budget shared by every connection; `WRITE`, `TRIM` and
 //! `WRITE_ZEROES` are refused with `EPERM` (a guest booting from the export writes to its
 //! own overlay), `FLUSH` succeeds, and anything else (`CACHE` included: it is not offered)
@@ -78,6 +80,16 @@ macro_rules! socket_stream {
 
 socket_stream!(UnixStream, TcpStream);
 
+/// How a negotiation ended.
+enum Negotiated {
+    /// The client chose the export; whether it asked for structured replies.
+    Go(bool),
+    /// The client left.
+    Left,
+    /// The client upgrades to TLS: negotiation goes on encrypted.
+    StartTls,
+}
+
 /// How long a client may take to negotiate.
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a reply may wait for the client to read it before the connection is cut.
@@ -98,6 +110,8 @@ pub struct Server {
     export: Arc<dyn ExportSource>,
     connections: Arc<AtomicUsize>,
     budget: Arc<Budget>,
+    /// Clients over TCP must upgrade to TLS (`STARTTLS`) before anything else.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Server {
@@ -110,7 +124,15 @@ impl Server {
             export,
             connections: Arc::new(AtomicUsize::new(0)),
             budget: Arc::new(Budget { used: Mutex::new(0), freed: Condvar::new() }),
+            tls: None,
         }
+    }
+
+    /// This server, over TCP, for clients that upgrade to TLS with `config` first: any other
+    /// option is answered "TLS required", and the export is reached only once encrypted.
+    pub fn with_tls(mut self, config: Arc<rustls::ServerConfig>) -> Server {
+        self.tls = Some(config);
+        self
     }
 
     /// This server, reachable only by its export's exact name (a name hard to guess is then
@@ -125,7 +147,7 @@ impl Server {
     pub fn serve_unix(self: &Arc<Self>, listener: UnixListener) -> io::Result<()> {
         loop {
             match listener.accept() {
-                Ok((stream, _)) => self.spawn(stream),
+                Ok((stream, _)) => self.spawn(stream, Server::serve_connection),
                 Err(e) => accept_failed(e),
             }
         }
@@ -137,14 +159,24 @@ impl Server {
             match listener.accept() {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    self.spawn(stream);
+                    match &self.tls {
+                        Some(config) => {
+                            let config = Arc::clone(config);
+                            self.spawn(stream, move |server, s| server.serve_tls(s, config));
+                        }
+                        None => self.spawn(stream, Server::serve_connection),
+                    }
                 }
                 Err(e) => accept_failed(e),
             }
         }
     }
 
-    fn spawn<S: Stream>(self: &Arc<Self>, stream: S) {
+    fn spawn<S: Stream>(
+        self: &Arc<Self>,
+        stream: S,
+        serve: impl FnOnce(&Server, S) -> Result<(), Error> + Send + 'static,
+    ) {
         if self.connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             self.connections.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!("more than {MAX_CONNECTIONS} NBD clients at once: one refused");
@@ -155,7 +187,7 @@ impl Server {
         std::thread::spawn(move || {
             // Given back however the connection ends, a panic included.
             let _slot = Slot(&server.connections);
-            if let Err(e) = server.serve_connection(stream) {
+            if let Err(e) = serve(&server, stream) {
                 tracing::info!("NBD client: {e}");
             }
         });
@@ -164,15 +196,55 @@ impl Server {
     /// Serves one client to the end of its connection.
     pub fn serve_connection<S: Stream>(&self, mut stream: S) -> Result<(), Error> {
         stream.set_timeouts(Some(NEGOTIATION_TIMEOUT), Some(WRITE_TIMEOUT)).map_err(io_err)?;
-        let entered = self.negotiate(&mut stream);
+        let flags = self.greet(&mut stream);
+        let entered = flags.and_then(|flags| self.negotiate(&mut stream, flags, false));
+        self.enter(stream, entered)
+    }
+
+    /// Serves one client over TCP that must upgrade to TLS with `config` first.
+    fn serve_tls(
+        &self,
+        mut tcp: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Result<(), Error> {
+        tcp.set_timeouts(Some(NEGOTIATION_TIMEOUT), Some(WRITE_TIMEOUT)).map_err(io_err)?;
+        let flags = match self.greet(&mut tcp) {
+            Ok(flags) => flags,
+            Err(e) => {
+                tcp.shut();
+                return Err(e);
+            }
+        };
+        match self.negotiate(&mut tcp, flags, true) {
+            Ok(Negotiated::StartTls) => {}
+            other => return self.enter(tcp, other),
+        }
+        let mut tls = match crate::tls::TlsStream::accept(config, tcp.try_clone().map_err(io_err)?)
+        {
+            Ok(tls) => tls,
+            Err(e) => {
+                tcp.shut();
+                return Err(Error::Protocol(format!("the TLS handshake failed: {e}")));
+            }
+        };
+        let entered = self.negotiate(&mut tls, flags, false);
+        self.enter(tls, entered)
+    }
+
+    /// After negotiating: serves the export the client chose, or ends the connection.
+    fn enter<S: Stream>(&self, stream: S, entered: Result<Negotiated, Error>) -> Result<(), Error> {
         match entered {
-            Ok(Some(structured)) => {
+            Ok(Negotiated::Go(structured)) => {
                 // A client may sit idle between requests for as long as it likes (a booted
                 // guest does); a reply it does not read still times out.
                 stream.set_timeouts(None, Some(WRITE_TIMEOUT)).map_err(io_err)?;
                 self.transmit(stream, structured)
             }
-            Ok(None) => Ok(()),
+            Ok(Negotiated::Left) => Ok(()),
+            Ok(Negotiated::StartTls) => {
+                stream.shut();
+                Err(Error::Protocol("client asked for TLS where none is offered".into()))
+            }
             Err(e) => {
                 stream.shut();
                 Err(e)
@@ -180,10 +252,8 @@ impl Server {
         }
     }
 
-    /// The handshake and the options, until the client chooses the export (whether it asked
-    /// for structured replies) or leaves (`None`).
-    fn negotiate<S: Stream>(&self, s: &mut S) -> Result<Option<bool>, Error> {
-        let mut structured = false;
+    /// The server's greeting and the client's flags.
+    fn greet<S: Stream>(&self, s: &mut S) -> Result<u32, Error> {
         let mut hello = NBD_MAGIC.to_be_bytes().to_vec();
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
         hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
@@ -192,6 +262,19 @@ impl Server {
         if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
             return Err(Error::Protocol(format!("client sent unknown flags {flags:#x}")));
         }
+        Ok(flags)
+    }
+
+    /// The options, until the client chooses the export (whether it asked for structured
+    /// replies), leaves, or, when `tls_first`, upgrades to TLS (only that or leaving is
+    /// allowed then).
+    fn negotiate<S: Stream>(
+        &self,
+        s: &mut S,
+        flags: u32,
+        tls_first: bool,
+    ) -> Result<Negotiated, Error> {
+        let mut structured = false;
         let no_zeroes = flags & CLIENT_NO_ZEROES != 0;
         let tx_flags = TX_HAS_FLAGS | TX_READ_ONLY | TX_SEND_FLUSH | TX_CAN_MULTI_CONN;
         let size = self.export.size();
@@ -208,6 +291,26 @@ impl Server {
             let reply = |s: &mut S, kind: u32, data: &[u8]| {
                 s.write_all(&option_reply(header.option, kind, data)).map_err(io_err)
             };
+            if tls_first {
+                match header.option {
+                    OPT_STARTTLS if data.is_empty() => {
+                        reply(s, REP_ACK, &[])?;
+                        return Ok(Negotiated::StartTls);
+                    }
+                    OPT_ABORT => {
+                        reply(s, REP_ACK, &[])?;
+                        return Ok(Negotiated::Left);
+                    }
+                    // Answered by closing: `EXPORT_NAME` has no error reply.
+                    OPT_EXPORT_NAME => {
+                        return Err(Error::Protocol(
+                            "client asked for the export without TLS".into(),
+                        ));
+                    }
+                    _ => reply(s, REP_ERR_TLS_REQD, b"this export is served over TLS only")?,
+                }
+                continue;
+            }
             match header.option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data);
@@ -220,11 +323,11 @@ impl Server {
                         b.extend_from_slice(&[0u8; 124]);
                     }
                     s.write_all(&b).map_err(io_err)?;
-                    return Ok(Some(structured));
+                    return Ok(Negotiated::Go(structured));
                 }
                 OPT_ABORT => {
                     reply(s, REP_ACK, &[])?;
-                    return Ok(None);
+                    return Ok(Negotiated::Left);
                 }
                 OPT_STRUCTURED_REPLY if data.is_empty() => {
                     structured = true;
@@ -264,7 +367,7 @@ impl Server {
                     }
                     reply(s, REP_ACK, &[])?;
                     if header.option == OPT_GO {
-                        return Ok(Some(structured));
+                        return Ok(Negotiated::Go(structured));
                     }
                 }
                 OPT_LIST | OPT_STRUCTURED_REPLY => reply(s, REP_ERR_INVALID, &[])?,

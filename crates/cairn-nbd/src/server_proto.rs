@@ -10,6 +10,8 @@ use crate::Error;
 pub const OPT_EXPORT_NAME: u32 = 1;
 /// Option: list the exports.
 pub const OPT_LIST: u32 = 3;
+/// Option: upgrade the connection to TLS.
+pub const OPT_STARTTLS: u32 = 5;
 /// Option: describe an export without entering transmission.
 pub const OPT_INFO: u32 = 6;
 
@@ -19,6 +21,8 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_ERR_UNSUP: u32 = 1 | crate::proto::REP_FLAG_ERROR;
 /// Option reply error: the option's data is malformed.
 pub const REP_ERR_INVALID: u32 = 3 | crate::proto::REP_FLAG_ERROR;
+/// Option reply error: the server serves only over TLS (`STARTTLS` first).
+pub const REP_ERR_TLS_REQD: u32 = 5 | crate::proto::REP_FLAG_ERROR;
 /// Option reply error: no export by that name.
 pub const REP_ERR_UNKNOWN: u32 = 6 | crate::proto::REP_FLAG_ERROR;
 

@@ -172,3 +172,41 @@ pub fn partition(disk: &str, script: &str) {
     std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), script.as_bytes()).unwrap();
     assert!(sfdisk.wait().unwrap().success(), "sfdisk wrote the table of {disk}");
 }
+
+/// A CA and a certificate it signed for 127.0.0.1 (EC P-256, two days), made with openssl in
+/// `dir`: (the CA's certificate, the certificate, its key), all PEM.
+pub fn tls_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let f = |name: &str| dir.join(name);
+    let s = |name: &str| f(name).to_str().unwrap().to_owned();
+    std::fs::write(f("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let runs: [Vec<String>; 3] = [
+        [&["req", "-x509"][..], &ec, &["-keyout", &s("ca.key"), "-out", &s("ca.pem")]]
+            .concat()
+            .iter()
+            .chain(&["-days", "2", "-subj", "/CN=Cairn test CA"])
+            .map(|a| a.to_string())
+            .collect(),
+        [&["req"][..], &ec, &["-keyout", &s("tls.key"), "-out", &s("tls.csr")]]
+            .concat()
+            .iter()
+            .chain(&["-subj", "/CN=127.0.0.1"])
+            .map(|a| a.to_string())
+            .collect(),
+        ["x509", "-req", "-in", &s("tls.csr"), "-CA", &s("ca.pem"), "-CAkey", &s("ca.key")]
+            .iter()
+            .chain(&["-CAcreateserial", "-out", &s("tls.pem"), "-days", "2"])
+            .chain(&["-extfile", &s("ext.cnf")])
+            .map(|a| a.to_string())
+            .collect(),
+    ];
+    for args in runs {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl (Debian openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (f("ca.pem"), f("tls.pem"), f("tls.key"))
+}

@@ -2,6 +2,7 @@
 //! as clients read it (an instant restore).
 
 use std::io::Write;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -34,11 +35,15 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
             format!("nbd+unix:///{disk}?socket={}", uri_escape(&path.display().to_string()))
         }
         (None, Some(addr)) => {
-            if !addr.ip().is_loopback() {
+            let tls = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+                _ => None,
+            };
+            if !addr.ip().is_loopback() && tls.is_none() {
                 bail!(
-                    "--listen {addr}: serve-nbd serves only on a unix socket or a loopback \
-                     address, since its NBD has no TLS yet; reach it from elsewhere through an \
-                     SSH tunnel"
+                    "--listen {addr}: an export on an address other hosts reach is served over \
+                     TLS only: give --tls-cert and --tls-key (or serve on a loopback address or \
+                     a unix socket)"
                 );
             }
             let listener = std::net::TcpListener::bind(addr)
@@ -48,8 +53,13 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
             let secret: [u8; 16] = rand::RngExt::random(&mut rand::rng());
             let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
             let name = format!("{disk}-{hex}");
-            let uri = format!("nbd://{}/{name}", listener.local_addr()?);
-            let server = Arc::new(Server::new(&name, export).private());
+            let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+            let uri = format!("{scheme}://{}/{name}", listener.local_addr()?);
+            let mut server = Server::new(&name, export).private();
+            if let Some(config) = tls {
+                server = server.with_tls(config);
+            }
+            let server = Arc::new(server);
             std::thread::spawn(move || ended.send(server.serve_tcp(listener)));
             uri
         }
@@ -122,6 +132,26 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
         if all { "all of the vault's" } else { "only this point's and its VM's" }
     );
     Ok(Exit::Ok)
+}
+
+/// The TLS configuration of an export: the PEM certificate chain `cert` and its key `key`.
+fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        bail!("--tls-cert {}: it holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("--tls-cert and --tls-key do not go together")?;
+    Ok(Arc::new(config))
 }
 
 /// Blocks noted with `--record-reads` at most (4 GiB of 64 KiB blocks).
