@@ -249,6 +249,7 @@ fn a_point_is_served_over_nbd_as_it_is_read() {
     // Over TLS (NBD's STARTTLS), as an export on an address other hosts reach must be: qemu's
     // client, trusting the test CA, reads the whole disk; a client without TLS is told so.
     let (ca, cert, key) = cairn_testkit::tls_certificates(dir.path());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let creds = dir.path().join("creds");
     std::fs::create_dir(&creds).unwrap();
     std::fs::copy(&ca, creds.join("ca-cert.pem")).unwrap();
@@ -330,6 +331,14 @@ fn a_point_is_served_over_nbd_as_it_is_read() {
     refused(&["--point", missing_point, "--disk", "os", "--socket", &x], missing_point);
     refused(&["--disk", "os", "--listen", "0.0.0.0:10809"], "--tls-cert");
     refused(&["--disk", "os", "--listen", "0.0.0.0:10809", "--tls-cert", &x], "--tls-key");
+    // A key others may read is refused, before the vault is opened.
+    let open_key = s("open.key");
+    std::fs::copy(&key, &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap();
+    let (cert, open_key) = (cert.to_str().unwrap(), open_key.as_str());
+    let tls = ["--tls-cert", cert, "--tls-key", open_key];
+    refused(&[&["--disk", "os", "--listen", "0.0.0.0:10809"][..], &tls].concat(), "chmod 600");
     refused(&["--disk", "data", "--socket", &y], "no disk data");
     std::fs::write(&taken, b"").unwrap();
     refused(&["--disk", "os", "--socket", &taken], "already");

@@ -52,6 +52,10 @@ pub trait Stream: Read + Write + Send + 'static {
         Self: Sized;
     /// Ends the connection both ways.
     fn shut(&self);
+    /// Ends the connection in good order (TLS says goodbye first); by default [`Stream::shut`].
+    fn close(&self) {
+        self.shut();
+    }
     /// Limits how long a read or a write may wait (`None`: forever).
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
 }
@@ -88,6 +92,34 @@ enum Negotiated {
     Left,
     /// The client upgrades to TLS: negotiation goes on encrypted.
     StartTls,
+}
+
+/// Options one negotiation may send: real clients send a handful.
+const MAX_OPTIONS: usize = 64;
+/// Options a client may send before it upgrades to TLS (STARTTLS is the first a client that
+/// knows sends).
+const MAX_OPTIONS_BEFORE_TLS: usize = 4;
+
+/// Shuts a connection that has not finished negotiating within [`NEGOTIATION_TIMEOUT`] in
+/// all (a timeout per read alone lets a client that sends a byte now and then hold its slot
+/// for ever).
+struct Watchdog(mpsc::Sender<()>);
+
+impl Watchdog {
+    fn start<S: Stream>(stream: S) -> Watchdog {
+        let (disarm, armed) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = armed.recv_timeout(NEGOTIATION_TIMEOUT) {
+                tracing::info!("an NBD client did not finish negotiating in time: cut off");
+                stream.shut();
+            }
+        });
+        Watchdog(disarm)
+    }
+
+    fn disarm(self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// How long a client may take to negotiate.
@@ -196,8 +228,10 @@ impl Server {
     /// Serves one client to the end of its connection.
     pub fn serve_connection<S: Stream>(&self, mut stream: S) -> Result<(), Error> {
         stream.set_timeouts(Some(NEGOTIATION_TIMEOUT), Some(WRITE_TIMEOUT)).map_err(io_err)?;
+        let watchdog = Watchdog::start(stream.try_clone_stream().map_err(io_err)?);
         let flags = self.greet(&mut stream);
         let entered = flags.and_then(|flags| self.negotiate(&mut stream, flags, false));
+        watchdog.disarm();
         self.enter(stream, entered)
     }
 
@@ -208,6 +242,8 @@ impl Server {
         config: Arc<rustls::ServerConfig>,
     ) -> Result<(), Error> {
         tcp.set_timeouts(Some(NEGOTIATION_TIMEOUT), Some(WRITE_TIMEOUT)).map_err(io_err)?;
+        // One deadline for the greeting, the handshake and the options together.
+        let watchdog = Watchdog::start(tcp.try_clone().map_err(io_err)?);
         let flags = match self.greet(&mut tcp) {
             Ok(flags) => flags,
             Err(e) => {
@@ -228,6 +264,7 @@ impl Server {
             }
         };
         let entered = self.negotiate(&mut tls, flags, false);
+        watchdog.disarm();
         self.enter(tls, entered)
     }
 
@@ -276,6 +313,7 @@ impl Server {
     ) -> Result<Negotiated, Error> {
         let mut structured = false;
         let no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+        let mut asked = 0usize;
         let tx_flags = TX_HAS_FLAGS | TX_READ_ONLY | TX_SEND_FLUSH | TX_CAN_MULTI_CONN;
         let size = self.export.size();
         loop {
@@ -285,6 +323,11 @@ impl Server {
                     "client sent an option of {} bytes (at most {MAX_OPTION_DATA})",
                     header.len
                 )));
+            }
+            asked += 1;
+            let most = if tls_first { MAX_OPTIONS_BEFORE_TLS } else { MAX_OPTIONS };
+            if asked > most {
+                return Err(Error::Protocol(format!("client sent more than {most} options")));
             }
             let mut data = vec![0u8; header.len as usize];
             s.read_exact(&mut data).map_err(io_err)?;
@@ -297,6 +340,7 @@ impl Server {
                         reply(s, REP_ACK, &[])?;
                         return Ok(Negotiated::StartTls);
                     }
+                    OPT_STARTTLS => reply(s, REP_ERR_INVALID, &[])?,
                     OPT_ABORT => {
                         reply(s, REP_ACK, &[])?;
                         return Ok(Negotiated::Left);
@@ -370,6 +414,8 @@ impl Server {
                         return Ok(Negotiated::Go(structured));
                     }
                 }
+                // STARTTLS once encrypted is invalid; without TLS offered, unsupported.
+                OPT_STARTTLS if self.tls.is_some() => reply(s, REP_ERR_INVALID, &[])?,
                 OPT_LIST | OPT_STRUCTURED_REPLY => reply(s, REP_ERR_INVALID, &[])?,
                 _ => reply(s, REP_ERR_UNSUP, &[])?,
             }
@@ -447,7 +493,7 @@ impl Server {
         for w in workers {
             let _ = w.join();
         }
-        s.shut();
+        s.close();
         match outcome {
             // The client went away: that is how many clients end.
             Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::UnexpectedEof => {

@@ -72,8 +72,11 @@ impl Read for TlsStream {
                 // The peer closed the socket without a close_notify.
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            conn.process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if let Err(e) = conn.process_new_packets() {
+                // The alert that says why goes out before the connection ends.
+                let _ = conn.write_tls(sock);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
             // Whatever the TLS layer must answer (an alert, a key update) goes out now.
             while conn.wants_write() {
                 conn.write_tls(sock)?;
@@ -121,6 +124,21 @@ impl Stream for TlsStream {
 
     fn shut(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Says goodbye (`close_notify`), as a client that disconnects must be answered, then shuts.
+    fn close(&self) {
+        {
+            let mut guard = self.lock();
+            let (conn, sock) = &mut *guard;
+            conn.send_close_notify();
+            while conn.wants_write() {
+                if conn.write_tls(sock).is_err() {
+                    break;
+                }
+            }
+        }
+        self.shut();
     }
 
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {

@@ -15,6 +15,11 @@ use crate::output::{Exit, print_json};
 use crate::units::bytes;
 
 pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
+    // Checked before the vault is opened: a bad certificate is said at once.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
+        _ => None,
+    };
     let opened = super::point_disk::PointDisk::open(&args.disk, args.read_ahead_mib).await?;
     let (manifest, disk, reader) = (&opened.manifest, &opened.name, &opened.reader);
     let vm = &manifest.vm;
@@ -26,19 +31,18 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
     // The server runs on threads of its own; its end (accepting failed) stops the command.
     let (ended, serving) = tokio::sync::oneshot::channel::<std::io::Result<()>>();
     let mut bound = None;
-    let uri = match (&args.socket, args.listen) {
+    // The URI, and how it is shown in the log: a TCP export's name is its only key.
+    let (uri, shown) = match (&args.socket, args.listen) {
         (Some(path), _) => {
             let (listener, identity) = bind_private(path)?;
             bound = Some(identity);
             let server = Arc::new(Server::new(disk.as_str(), export));
             std::thread::spawn(move || ended.send(server.serve_unix(listener)));
-            format!("nbd+unix:///{disk}?socket={}", uri_escape(&path.display().to_string()))
+            let uri =
+                format!("nbd+unix:///{disk}?socket={}", uri_escape(&path.display().to_string()));
+            (uri.clone(), uri)
         }
         (None, Some(addr)) => {
-            let tls = match (&args.tls_cert, &args.tls_key) {
-                (Some(cert), Some(key)) => Some(tls_config(cert, key)?),
-                _ => None,
-            };
             if !addr.ip().is_loopback() && tls.is_none() {
                 bail!(
                     "--listen {addr}: an export on an address other hosts reach is served over \
@@ -54,14 +58,22 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
             let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
             let name = format!("{disk}-{hex}");
             let scheme = if tls.is_some() { "nbds" } else { "nbd" };
-            let uri = format!("{scheme}://{}/{name}", listener.local_addr()?);
+            let local = listener.local_addr()?;
+            // A wildcard address is no address to connect to: the host's name is.
+            let host = if local.ip().is_unspecified() {
+                format!("{}:{}", rustix::system::uname().nodename().to_string_lossy(), local.port())
+            } else {
+                local.to_string()
+            };
+            let uri = format!("{scheme}://{host}/{name}");
+            let shown = format!("{scheme}://{host}/{disk}-...");
             let mut server = Server::new(&name, export).private();
             if let Some(config) = tls {
                 server = server.with_tls(config);
             }
             let server = Arc::new(server);
             std::thread::spawn(move || ended.send(server.serve_tcp(listener)));
-            uri
+            (uri, shown)
         }
         (None, None) => bail!("give --socket PATH or --listen ADDR"),
     };
@@ -114,7 +126,7 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
             Err(e) => eprintln!("the blocks read first could not be noted on the point: {e}"),
         }
     }
-    let stopped = stopped.map_err(|e| anyhow::anyhow!("the NBD server on {uri} failed: {e}"))?;
+    let stopped = stopped.map_err(|e| anyhow::anyhow!("the NBD server on {shown} failed: {e}"))?;
     let stats = reader.stats();
     tracing::info!(
         chunks = stats.chunks_fetched,
@@ -124,7 +136,7 @@ pub async fn run(args: ServeNbdArgs, json: bool) -> anyhow::Result<Exit> {
     );
     let (indexes, all) = opened.vault.pack_indexes_loaded();
     eprintln!(
-        "served {uri}: {} chunks fetched ({}), {} reads from the cache; pack indexes loaded: \
+        "served {shown}: {} chunks fetched ({}), {} reads from the cache; pack indexes loaded: \
          {indexes} ({})",
         stats.chunks_fetched,
         bytes(stats.bytes_fetched),
@@ -144,6 +156,17 @@ fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfi
         .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", cert.display()))?;
     if chain.is_empty() {
         bail!("--tls-cert {}: it holds no PEM certificate", cert.display());
+    }
+    use std::os::unix::fs::MetadataExt;
+    let mode =
+        std::fs::metadata(key).with_context(|| format!("--tls-key {}", key.display()))?.mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "--tls-key {}: others may read it (mode {:o}): chmod 600 it, and consider the key \
+             seen",
+            key.display(),
+            mode & 0o777
+        );
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| anyhow::anyhow!("--tls-key {}: {e}", key.display()))?;
