@@ -136,9 +136,15 @@ mod tests {
             .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait until the child has the file open (its fd 3 is there), without timing.
-        let fd3 = format!("/proc/{}/fd/3", child.id());
-        while std::fs::metadata(&fd3).is_err() {
+        // Wait until the shell has the file open as its fd 3, without timing. Until it execs,
+        // the child holds copies of this test's descriptors (fd 3 may be another file): the
+        // link must name the file, and the child must run the shell, not this test.
+        let (fd3, exe) =
+            (format!("/proc/{}/fd/3", child.id()), format!("/proc/{}/exe", child.id()));
+        let ours = std::env::current_exe().unwrap();
+        while std::fs::read_link(&fd3).ok().as_deref() != Some(path.as_path())
+            || std::fs::read_link(&exe).ok().as_deref() == Some(ours.as_path())
+        {
             assert!(child.try_wait().unwrap().is_none(), "the shell could not open the file");
             std::thread::yield_now();
         }
